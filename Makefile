@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh Debian 12 machine (root, python3 only):
+#   make demo   bring up the local lab, deploy Releasy to it, then a rolling deploy
+#   make test   the whole test suite, lab included
+# `make setup` is what both run first; it is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test unit lab-down clean
+
+setup: $(VENV)/.installed
+	@scripts/ensure-host-packages.sh
+
+$(VENV)/.installed: requirements.txt
+	@scripts/ensure-host-packages.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+demo: setup
+	@scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+lab-down: setup
+	$(VENV)/bin/inv lab.down
+
+clean: lab-down
+	rm -rf $(VENV) .lab .lab-*

@@ -1,0 +1,19 @@
+"""Releasy deploy tasks (`fab --list`). The inventory is ./hosts.yaml or $RELEASY_INVENTORY.
+
+Exit codes: 0 ok, 1 a step failed, 2 bad input (nothing touched), 3 deploy lock busy,
+4 host unreachable or host key rejected."""
+import sys
+from pathlib import Path
+
+# `fab -r fabfile` from elsewhere: make the library next to this package importable.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from invoke import Collection  # noqa: E402
+
+from fabfile import app, db, firewall, inventory, proxy  # noqa: E402
+
+ns = Collection()
+for module in (inventory, db, app, proxy, firewall):
+    ns.add_collection(Collection.from_module(module))

@@ -1,0 +1,64 @@
+"""firewall tier tasks: ufw on every host, rules derived from the topology.
+
+Rules that carry the ``releasy`` comment are ours: apply adds and removes them to match the
+plan. Rules someone added by hand are reported as "unexpected" and kept, unless
+``--prune-unmanaged``. apply refuses a host whose view of our SSH connection is outside
+admin_cidrs, and arms an automatic revert on every host it changes until a brand-new SSH
+connection gets through."""
+from invoke import Exit, task
+
+from releasy_deploy.cli import operator_task, session
+from releasy_deploy.tiers import firewall as fw
+
+
+@task
+@operator_task
+def plan(c):
+    """Show per host the firewall rules apply would add and remove (changes nothing)."""
+    with session(dry_run=True, need_secrets=False) as s:
+        try:
+            fw.plan(s)
+        finally:
+            s.reporter.summary()
+
+
+@task(help={
+    "dry-run": "show what would change and change nothing",
+    "revert-after": "seconds before a host restores its previous firewall unless a new SSH "
+                    "connection confirmed the change (default 60)",
+    "prune-unmanaged": "also remove rules that are not ours (no 'releasy' comment)",
+})
+@operator_task
+def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False):
+    """Converge every host's ufw firewall to the plan, with lockout protection."""
+    with session(dry_run=dry_run, need_secrets=False) as s:
+        try:
+            fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)
+        finally:
+            s.reporter.summary()
+
+
+@task
+@operator_task
+def status(c):
+    """Show per host ufw's state and rules, marked planned / unexpected / missing."""
+    with session(need_secrets=False) as s:
+        try:
+            fw.status(s)
+        finally:
+            s.reporter.summary()
+
+
+@task(help={"netns": "probe from this network namespace (the lab: labN-outside) instead "
+                     "of from here, the machine running the task"})
+@operator_task
+def audit(c, netns=None):
+    """Probe every host's ports from outside and compare with the plan (exit 1 on any difference)."""
+    with session(need_secrets=False) as s:
+        try:
+            ok = fw.audit(s, netns)
+        finally:
+            s.reporter.summary()
+    if not ok:
+        raise Exit("firewall audit: reachability differs from the plan (see ERROR lines)",
+                   code=1)

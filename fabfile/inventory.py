@@ -1,0 +1,35 @@
+"""Inspect the inventory and the hosts it names."""
+from invoke import task
+
+from releasy_deploy.cli import operator_task, session
+from releasy_deploy.inventory import TIERS
+from releasy_deploy.remote import facts
+
+
+@task
+@operator_task
+def check(c):
+    """Validate the inventory and secrets without connecting to any host."""
+    with session() as s:
+        inv = s.inventory
+        print(f"{inv.path}: ok ({inv.topology} topology, environment {inv.environment})")
+        for tier in TIERS:
+            names = ", ".join(h.name for h in inv.hosts_in(tier)) or "-"
+            print(f"  {tier:<6} {names}")
+        print(f"  secrets set: {', '.join(s.secrets.names) or 'none'}")
+
+
+@task
+@operator_task
+def ping(c):
+    """Connect to every host (verified host keys, sudo) and show OS, arch and login user."""
+    with session(need_secrets=False) as s:
+        def probe(conn):
+            found = facts(conn, ["os_release", "arch"], sudo=True)
+            return found["os_release"].get("PRETTY_NAME", "?"), found["arch"]
+        results = s.executor.each(s.inventory.hosts, probe)
+        for host in s.inventory.hosts:
+            os_name, arch = results[host.name]
+            print(f"{host.name:<12} {host.ssh_user + '@' + host.address:<28} {arch:<8} {os_name}")
+
+

@@ -1,0 +1,18 @@
+"""proxy tier tasks: nginx terminating TLS in front of the app hosts."""
+from invoke import task
+
+from releasy_deploy.cli import operator_task, session
+from releasy_deploy.tiers import proxy
+
+
+@task(help={"dry-run": "show what would change (with diffs) and touch nothing",
+            "reset-upstreams": "point nginx at every app host again (the inventory's default"
+                               " rotation), replacing the servers the last rollout left"})
+@operator_task
+def setup(c, dry_run=False, reset_upstreams=False):
+    """Install nginx with TLS and the Releasy site on the proxy hosts (nginx -t before reload)."""
+    with session(dry_run=dry_run) as s:
+        try:
+            proxy.setup(s, reset_upstreams=reset_upstreams)
+        finally:
+            s.reporter.summary()

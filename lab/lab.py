@@ -1,0 +1,287 @@
+"""Bring the lab up, down, report on it and probe it. The developer tasks in tasks.py and the
+pytest fixture both call these functions."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from . import image, machine, net
+from .config import HostSpec, LabIdentity, current_identity, topology_hosts
+from .sh import log, run
+
+BOOT_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class LabRequest:
+    topology: str = "split"
+    apps: int = 2
+    database: str = "postgres"
+
+    def normalized(self) -> "LabRequest":
+        if self.topology == "single":
+            if self.database not in ("postgres", "sqlite"):
+                raise SystemExit(f"--database must be postgres or sqlite, got {self.database!r}")
+            return LabRequest("single", 1, self.database)
+        if self.database != "postgres":
+            raise SystemExit("--database sqlite needs --topology single (app and db on one host)")
+        return LabRequest("split", self.apps, "postgres")
+
+
+def _state_file(ident: LabIdentity) -> Path:
+    return ident.run_dir / "state.json"
+
+
+def read_state(ident: LabIdentity) -> dict | None:
+    try:
+        return json.loads(_state_file(ident).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ssh_base(ident: LabIdentity) -> list[str]:
+    return ["ssh", "-F", str(ident.state_dir / "ssh_config"), "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=3"]
+
+
+def host_state(ident: LabIdentity, name: str, launcher_pid: int | None) -> str:
+    if not launcher_pid or not machine.pid_alive(launcher_pid):
+        return "stopped"
+    proc = subprocess.run([*ssh_base(ident), name, "systemctl", "is-system-running"],
+                          capture_output=True, text=True, timeout=15)
+    state = proc.stdout.strip()
+    return state or "unreachable"
+
+
+def _healthy(ident: LabIdentity, state: dict) -> bool:
+    if state.get("state_dir") != str(ident.state_dir):
+        return False
+    if not (ident.state_dir / "hosts.yaml").exists():
+        return False
+    if any(not net.netns_exists(ident.netns(n)) for n in state["hosts"]):
+        return False
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        states = list(pool.map(lambda n: host_state(ident, n, state["hosts"][n]["launcher"]),
+                               state["hosts"]))
+    return all(s in ("running", "degraded") for s in states)
+
+
+def up(request: LabRequest = LabRequest()) -> Path:
+    """Bring up the requested lab; a no-op when exactly that lab is already up and healthy.
+    Returns the path of the lab inventory."""
+    request = request.normalized()
+    ident = current_identity()
+    state = read_state(ident)
+    if state and state.get("request") == asdict(request) and _healthy(ident, state):
+        log(f"lab: already up ({request.topology}, {len(state['hosts'])} hosts)")
+        _build_releases(ident)
+        return ident.state_dir / "hosts.yaml"
+    if state or net.list_netns(ident.prefix) or machine.lab_mounts(ident):
+        log("lab: replacing the existing lab" if state else "lab: cleaning up a stale lab")
+        down()
+    started = time.monotonic()
+    base, repo = image.ensure_images()
+    specs = topology_hosts(request.topology, request.apps)
+    ident.state_dir.mkdir(parents=True, exist_ok=True)
+    ident.run_dir.mkdir(parents=True, exist_ok=True)
+    key = _ensure_ssh_key(ident)
+    net.create_switch(ident)
+    state = {"request": asdict(request), "state_dir": str(ident.state_dir), "hosts": {}}
+    for spec in specs:
+        address = ident.address(spec.last_octet)
+        net.attach(ident, spec.name, address)
+        root = machine.prepare_root(ident, spec, base, address, key)
+        pid = machine.launch(ident, spec, root, repo)
+        state["hosts"][spec.name] = {"address": address, "launcher": pid,
+                                     "tiers": list(spec.tiers), "ssh_user": spec.ssh_user}
+        # Recorded after every host so a failure half-way can still be cleaned up.
+        _state_file(ident).write_text(json.dumps(state, indent=2))
+    _write_client_files(ident, specs, request)
+    _wait_booted(ident, specs)
+    _build_releases(ident)
+    log(f"lab: {len(specs)} hosts up in {time.monotonic() - started:.1f} s")
+    return ident.state_dir / "hosts.yaml"
+
+
+def down() -> None:
+    """Stop every host and remove every namespace, mount, cgroup and process of this lab.
+    Works from the state file when there is one, and sweeps by name prefix and cgroup for
+    what a killed lab may have left behind."""
+    ident = current_identity()
+    started = time.monotonic()
+    state = read_state(ident) or {"hosts": {}}
+    launchers = {n: h["launcher"] for n, h in state["hosts"].items() if h.get("launcher")}
+    # Launcher PIDs are only ours while they are still in our cgroups (PIDs get reused).
+    ours = machine.cgroup_pids(ident)
+    launchers = {n: p for n, p in launchers.items() if p in ours}
+    machine.stop_all(ident, launchers)
+    machine.unmount_all(ident)
+    net.destroy(ident)
+    machine.remove_cgroups(ident)
+    names = list(state["hosts"]) or [p.name for p in (ident.run_dir / "hosts").glob("*")]
+    machine.remove_nspawn_leftovers(ident, names)
+    subprocess.run(["rm", "-rf", "--one-file-system", str(ident.run_dir)])
+    log(f"lab: down in {time.monotonic() - started:.1f} s")
+
+
+def status() -> list[dict]:
+    ident = current_identity()
+    state = read_state(ident)
+    if not state:
+        return []
+    rows = []
+    for name, h in state["hosts"].items():
+        rows.append({"host": name, "address": h["address"], "tiers": ",".join(h["tiers"]),
+                     "user": h["ssh_user"], "state": host_state(ident, name, h["launcher"])})
+    return rows
+
+
+PROBE_CODE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("open")
+except ConnectionRefusedError:
+    print("closed")
+except (socket.timeout, TimeoutError):
+    print("filtered")
+except OSError as e:
+    print("filtered" if e.errno in (113, 101) else "error: %s" % e)
+"""
+
+
+def probe(host: str, port: int, source: str = "outside", timeout: float = 1.5) -> str:
+    """open / closed / filtered, as seen from `source`: "outside" (the internet),
+    "operator" (this machine, the admin address) or another lab host's name."""
+    ident = current_identity()
+    state = read_state(ident)
+    if not state:
+        raise SystemExit("lab: not up (run: inv lab.up)")
+    hosts = state["hosts"]
+    target = hosts[host]["address"] if host in hosts else host
+    argv = [sys.executable, "-c", PROBE_CODE, target, str(port), str(timeout)]
+    if source == "outside":
+        argv = ["ip", "netns", "exec", ident.outside_ns, *argv]
+    elif source in hosts:
+        argv = ["ip", "netns", "exec", ident.netns(source), *argv]
+    elif source != "operator":
+        raise SystemExit(f"lab: unknown probe source {source!r}: outside, operator or a host")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10,
+                          ).stdout.strip() or "error"
+
+
+def _ensure_ssh_key(ident: LabIdentity) -> str:
+    key = ident.state_dir / "id_ed25519"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "releasy-lab", "-f", str(key)])
+    return (ident.state_dir / "id_ed25519.pub").read_text()
+
+
+def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
+                        request: LabRequest) -> None:
+    sd = ident.state_dir
+    known, config = [], []
+    for spec in specs:
+        address = ident.address(spec.last_octet)
+        root = machine.host_dir(ident, spec.name) / "root"
+        pub = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+        known.append(f"{address} {pub[0]} {pub[1]}")
+        config.append(
+            f"Host {spec.name}\n  HostName {address}\n  User {spec.ssh_user}\n"
+            f"  IdentityFile {sd / 'id_ed25519'}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {sd / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+            f"  LogLevel ERROR\n")
+    (sd / "known_hosts").write_text("\n".join(known) + "\n")
+    (sd / "ssh_config").write_text("\n".join(config))
+    (sd / "hosts.yaml").write_text(lab_inventory(ident, specs, request))
+    secrets_file = sd / "secrets.yaml"
+    if not secrets_file.exists():
+        fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump({"admin_api_key": "lab-admin-" + secrets.token_urlsafe(24),
+                            "api_key_pepper": "lab-pepper-" + secrets.token_urlsafe(24)}, f)
+    (sd / "topology").write_text(f"{request.topology}\n")
+
+
+def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabRequest) -> str:
+    """The inventory for exactly these hosts, in the schema of the example hosts.yaml."""
+    hosts = {}
+    for spec in specs:
+        entry: dict = {"address": ident.address(spec.last_octet)}
+        if spec.ssh_user != "root":
+            entry["ssh_user"] = spec.ssh_user
+        hosts[spec.name] = entry
+    tiers: dict[str, list[str]] = {"proxy": [], "app": [], "db": []}
+    for spec in specs:
+        for tier in spec.tiers:
+            tiers[tier].append(spec.name)
+    data = {
+        "environment": "lab",
+        "admin_cidrs": [f"{ident.operator_address}/32"],
+        "known_hosts": "known_hosts",
+        "ssh": {"user": "root", "identity_file": "id_ed25519", "connect_timeout": 5},
+        "hosts": hosts,
+        "tiers": tiers,
+        "database": {"kind": request.database},
+        "release": {"source": "releases", "arch": "x86_64"},
+        "tls": {"mode": "self-signed", "server_name": "releasy.lab.test"},
+        "secrets": {"file": "secrets.yaml"},
+    }
+    header = ("# Generated by `inv lab.up` for the local lab; rewritten on every lab.up.\n"
+              "# Same schema as the commented example ./hosts.yaml at the repository root.\n")
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def _wait_booted(ident: LabIdentity, specs: tuple[HostSpec, ...]) -> None:
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    pending = {s.name for s in specs}
+    last: dict[str, str] = {}
+    while pending and time.monotonic() < deadline:
+        def check(name: str) -> tuple[str, str]:
+            try:
+                proc = subprocess.run([*ssh_base(ident), name, "systemctl",
+                                       "is-system-running"], capture_output=True, text=True,
+                                      timeout=10)
+                return name, proc.stdout.strip() or proc.stderr.strip()[-200:]
+            except subprocess.TimeoutExpired:
+                return name, "ssh timed out"
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for name, answer in pool.map(check, sorted(pending)):
+                last[name] = answer
+                if answer in ("running", "degraded"):
+                    pending.discard(name)
+        if pending:
+            time.sleep(0.3)
+    if pending:
+        detail = ", ".join(f"{n}: {last.get(n, '?')}" for n in sorted(pending))
+        raise SystemExit(f"lab: hosts did not finish booting within {BOOT_TIMEOUT:.0f} s "
+                         f"({detail}); see {ident.run_dir}/hosts/NAME/console.log")
+
+
+def _build_releases(ident: LabIdentity) -> None:
+    from .standin.build import default_releases
+    default_releases(ident.state_dir / "releases")
+
+
+def operator_ssh(ident: LabIdentity, host: str, *argv: str, timeout: float = 60,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command on a lab host with the plain OpenSSH client (tests use it to look at
+    hosts independently of our executor)."""
+    proc = subprocess.run([*ssh_base(ident), host, *argv], capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ssh {host} {argv}: exit {proc.returncode}: {proc.stderr}")
+    return proc
+

@@ -1,0 +1,95 @@
+"""What every fab task shares: load the inventory once, build the executor, and turn expected
+failures into a short message and a documented exit code (no traceback unless --debug)."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from invoke import Exit
+
+from .errors import DeployError, HostKeyError, ParallelError, UnreachableError
+from .executor import Executor
+from .inventory import Inventory, InventoryError, load_inventory
+from .output import Reporter
+from .secrets import Secrets, load_secrets
+
+# Exit codes: documented in the README; cron wrappers rely on them.
+EXIT_OK = 0
+EXIT_FAILED = 1        # a step failed on a host (see the message)
+EXIT_BAD_INPUT = 2     # inventory, secrets, flags or release artifact are wrong: nothing touched
+EXIT_LOCK_BUSY = 3     # another deploy holds the environment's lock
+EXIT_UNREACHABLE = 4   # a host could not be reached or its host key did not verify
+
+JSON_LOG_ENV = "RELEASY_JSON_LOG"
+
+
+class BadInput(DeployError):
+    """Operator input (a flag, an artifact) is wrong; nothing was changed."""
+
+
+@dataclass
+class Session:
+    inventory: Inventory
+    secrets: Secrets
+    executor: Executor
+    reporter: Reporter
+
+    @property
+    def dry_run(self) -> bool:
+        return self.executor.dry_run
+
+
+@contextmanager
+def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Session]:
+    """Inventory and secrets validated before any connection is made."""
+    inventory = load_inventory()
+    secrets = load_secrets(inventory) if need_secrets else Secrets({})
+    reporter = Reporter(json_path=os.environ.get(JSON_LOG_ENV) or None)
+    executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets)
+    try:
+        yield Session(inventory, secrets, executor, reporter)
+    finally:
+        executor.close()
+        reporter.close()
+
+
+def _debug_enabled() -> bool:
+    # `fab --debug` turns on invoke's debug logging; we show tracebacks then.
+    return logging.getLogger().isEnabledFor(logging.DEBUG) or bool(
+        os.environ.get("RELEASY_DEBUG"))
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, (InventoryError, BadInput)):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, ParallelError):
+        codes = {exit_code_for(e) for e in exc.failures.values()}
+        return EXIT_UNREACHABLE if codes == {EXIT_UNREACHABLE} else EXIT_FAILED
+    if isinstance(exc, (UnreachableError, HostKeyError)):
+        return EXIT_UNREACHABLE
+    code = getattr(exc, "exit_code_hint", None)
+    return code if isinstance(code, int) else EXIT_FAILED
+
+
+def operator_task(fn: Callable) -> Callable:
+    """Wrap a task body: expected failures become `Exit(message, code)`, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (DeployError, InventoryError) as exc:
+            if _debug_enabled():
+                traceback.print_exc()
+            sys.stdout.flush()
+            raise Exit(f"error: {exc}", code=exit_code_for(exc)) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper

@@ -1,0 +1,10 @@
+"""Debian packages each tier installs: the one list. The lab's offline apt repository is
+built from exactly these (lab/config.py imports them)."""
+
+PROXY_PACKAGES = ("nginx", "openssl")
+APP_PACKAGES = ("sqlite3",)  # sqlite3: online backups of the SQLite topology's database
+DB_PACKAGES = ("postgresql-15", "postgresql-client-15")
+FIREWALL_PACKAGES = ("ufw",)
+
+ALL_PACKAGES = tuple(dict.fromkeys(
+    PROXY_PACKAGES + APP_PACKAGES + DB_PACKAGES + FIREWALL_PACKAGES))

@@ -1,0 +1,511 @@
+"""App tier: Releasy on every app host, as an unprivileged systemd service.
+
+`setup` works in two passes over the app hosts, each pass in parallel:
+
+1. look: ONE batched facts script per host reads everything the later steps compare
+   against (packages, account, directories, files, releases, unit state, readiness);
+2. act: each step compares with those facts and only acts on a difference, reporting
+   changed / ok / would change. A run that finds nothing to do costs that one round trip.
+
+Before either pass the release tarball is verified locally (`releases.fetch_release`), so a
+bad artifact fails with nothing changed on any host. Release switches follow Capistrano:
+unpack into ``/opt/releasy/releases/V`` via a temp dir + rename, then switch the
+``/opt/releasy/current`` symlink atomically. The service restarts only when something it
+uses changed (release, env file, unit), and is then polled on ``/ready`` from the host.
+
+The helpers below `setup` (`stage_release`, `activate_release`, `wait_ready`, ...) are the
+building blocks the rolling and blue/green rollouts reuse.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from ..cli import BadInput, Session
+from ..commands import app as cmd
+from ..commands import systemd
+from ..errors import DeployError
+from ..executor import HostConnection, tail
+from ..inventory import Inventory, check_version
+from ..packages import APP_PACKAGES
+from ..releases import LocalRelease, fetch_release
+from ..remote import Change, Probe, ensure_packages, facts, register_fact, render_diff
+
+__all__ = [
+    "setup", "stage_release", "activate_release", "current_release", "installed_releases",
+    "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
+    "SERVICE_UNIT",
+]
+
+SERVICE_UNIT = cmd.SERVICE
+bind_address = cmd.bind_address
+
+# curl runs the readiness probe on the host. It belongs in APP_PACKAGES; it is added here
+# instead because changing that list changes the lab image recipe, which rebuilds the
+# shared base image under labs that are running (see the report). The lab image has curl.
+PACKAGES = tuple(dict.fromkeys((*APP_PACKAGES, "curl")))
+
+JOURNAL_LINES = 30
+
+
+# ------------------------------------------------------------------------------ facts
+register_fact("releasy_account", arg=True)(
+    lambda name: Probe(cmd.account_probe(name), lambda out, code: cmd.parse_account(out)))
+register_fact("releasy_releases")(
+    lambda _: Probe(cmd.RELEASES_PROBE, lambda out, code: cmd.parse_releases(out)))
+register_fact("releasy_unit", arg=True)(
+    lambda unit: Probe(shlex.join(systemd.show_argv(unit)),
+                       lambda out, code: systemd.parse_show(out)))
+register_fact("releasy_ready", arg=True)(
+    lambda url: Probe(f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(url)}",
+                      lambda out, code: code == 0))
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    missing_packages: tuple[str, ...]
+    account: cmd.Account
+    stats: dict[str, dict[str, Any] | None]  # path -> file_stat fact
+    sums: dict[str, str | None]  # path -> sha256 of a regular file
+    releases: cmd.ReleaseState
+    unit: dict[str, str]  # systemctl show of releasy.service
+    ready: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    inv: Inventory
+    secrets: Any
+    version: str | None
+    release: LocalRelease | None
+    database_url: str
+
+    @property
+    def user(self) -> str:
+        return self.inv.app.service_user
+
+
+_MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}", f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
+
+
+def _fact_names(plan: _Plan, bind: str) -> list[str]:
+    names = [f"package_version:{p}" for p in PACKAGES]
+    names.append(f"releasy_account:{plan.user}")
+    names += [f"file_stat:{d.path}" for d in cmd.directories(plan.user, plan.user)]
+    for path in _MANAGED_FILES:
+        names += [f"file_stat:{path}", f"file_sha256:{path}"]
+    db_file = cmd.sqlite_path(plan.database_url)
+    if db_file:
+        names.append(f"file_stat:{db_file}")
+    names += ["releasy_releases", f"releasy_unit:{SERVICE_UNIT}",
+              f"releasy_ready:{cmd.ready_url(bind)}"]
+    return names
+
+
+def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
+    bind = bind_address(plan.inv, c.host)
+    found = facts(c, _fact_names(plan, bind), sudo=True)
+    return HostFacts(
+        missing_packages=tuple(p for p in PACKAGES if not found[f"package_version:{p}"]),
+        account=found[f"releasy_account:{plan.user}"],
+        stats={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_stat:")},
+        sums={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_sha256:")},
+        releases=found["releasy_releases"],
+        unit=found[f"releasy_unit:{SERVICE_UNIT}"],
+        ready=found[f"releasy_ready:{cmd.ready_url(bind)}"],
+    )
+
+
+# ------------------------------------------------------------------------------ reporting
+def _report(c: HostConnection, change: Change, *, path: str | None = None) -> Change:
+    if not change.changed:
+        c.reporter.unchanged(c.name, change.what)
+        return change
+    if c.dry_run:
+        c.reporter.would(c.name, f"change: {change.what}")
+    else:
+        c.reporter.changed(c.name, change.what)
+    if change.diff:
+        c.reporter.diff(c.name, path or change.what, change.diff)
+    return change
+
+
+def _run_script(c: HostConnection, script: str, label: str, *, hint: str) -> None:
+    """Run a mutating script as root; a failure names the step and what to do."""
+    res = c.run_script(script, sudo=True, check=False, label=label)
+    if res.ok or res.dry_run:
+        return
+    out = c.mask(res.stderr.strip() or res.stdout.strip()) or "(no output)"
+    raise DeployError(
+        f"{c.name}: {label} failed (exit code {res.exit_code}):\n"
+        + "\n".join(f"    {line}" for line in tail(out).splitlines())
+        + f"\n  {hint}",
+        host=c.name,
+    )
+
+
+# ------------------------------------------------------------------------------ the task
+def database_url(session: Session) -> str:
+    """RELEASY_DATABASE_URL, from the db tier (the one place that imports it).
+
+    Until the db tier provides ``releasy_deploy.tiers.db.database_url``, SQLite (single
+    host) works on its own: the database file lives in the data directory.
+    """
+    inv = session.inventory
+    url: str | None = None
+    if importlib.util.find_spec("releasy_deploy.tiers.db") is not None:
+        from . import db as db_tier  # noqa: PLC0415 - optional until the db tier lands
+
+        provider = getattr(db_tier, "database_url", None)
+        if provider is not None:
+            url = provider(session)
+    if url is None:
+        if inv.database.kind != "sqlite":
+            raise DeployError(
+                "the database URL for PostgreSQL comes from the db tier"
+                " (releasy_deploy.tiers.db.database_url), which this checkout does not have"
+                " yet: update the deploy toolkit, or use database.kind: sqlite on a single host"
+            )
+        url = cmd.SQLITE_URL
+    password = cmd.database_password(url)
+    if password:
+        session.executor.masker.add([password, quote(password, safe="")])
+    return url
+
+
+def setup(session: Session, version: str | None = None) -> None:
+    """Install and start Releasy on every app host (in parallel).
+
+    ``version``: the release to run; None keeps each host's current release (and fails
+    when a host has none). Raises BadInput before touching any host when the artifact is
+    missing, unpinned or does not verify.
+    """
+    inv = session.inventory
+    hosts = inv.hosts_in("app")
+    release = fetch_release(inv, version) if version is not None else None
+    plan = _Plan(inv, session.secrets, version, release, database_url(session))
+    ex = session.executor
+    found = ex.each(hosts, lambda c: _gather(c, plan))
+    if version is None:
+        bare = [h.name for h in hosts if found[h.name].releases.current is None]
+        if bare:
+            raise BadInput(f"no release installed on {', '.join(bare)}: pass --version")
+    ex.each(hosts, lambda c: _converge(c, plan, found[c.name]))
+
+
+def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
+    inv = plan.inv
+    if f.missing_packages:
+        ensure_packages(c, PACKAGES)
+    else:
+        _report(c, Change(False, f"packages {' '.join(PACKAGES)}"))
+    group = _ensure_account(c, plan.user, f.account)
+    _ensure_dirs(c, plan.user, group, f)
+    _ensure_sqlite_file(c, plan, group, f)
+
+    target = plan.version or f.releases.current
+    assert target is not None  # setup() refused hosts without a release
+    staged = False
+    if plan.release is not None:
+        staged = _stage(c, plan.release, f.releases).changed
+
+    env_changed = _ensure_env_file(c, plan, group, f).changed
+
+    activated = False
+    if f.releases.current is None:
+        # Nothing runs a release yet: switching first lets the units verify against it.
+        activated = _activate(c, target, f.releases.current).changed
+    units = cmd.render_units(plan.user, group)
+    changed_units = _ensure_units(c, units, f, probe_target=f"{cmd.RELEASES_DIR}/{target}")
+    if f.releases.current is not None:
+        activated = _activate(c, target, f.releases.current).changed
+
+    reasons = [why for why, hit in (
+        (f"release {target} staged", staged), (f"switched to {target}", activated),
+        ("env file changed", env_changed), (f"{SERVICE_UNIT} changed", SERVICE_UNIT in changed_units),
+    ) if hit]
+    restarted = _ensure_service(c, f.unit, reload=bool(changed_units), reasons=reasons)
+
+    bind = bind_address(inv, c.host)
+    if c.dry_run:
+        return
+    if restarted or not f.ready:
+        waited = wait_ready(c, bind, inv.app.ready_timeout)
+        c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready after {waited:.1f} s"
+                                f" (release {target})")
+    else:
+        c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready (release {target})")
+
+
+def _ensure_account(c: HostConnection, user: str, acct: cmd.Account) -> str:
+    """Create the service account if missing; returns its primary group."""
+    if acct.exists:
+        if acct.shell not in cmd.NO_SHELLS:
+            raise DeployError(
+                f"{c.name}: the service user {user} exists with login shell {acct.shell}; Releasy"
+                f" must run as an account without a shell. Run `usermod -s {cmd.NOLOGIN} {user}`"
+                f" on {c.name} if {user} is only used by Releasy, or set app.service_user to an"
+                f" unused name",
+                host=c.name,
+            )
+        group = acct.group or user
+        _report(c, Change(False, f"user {user} (uid {acct.uid}, group {group})"))
+        return group
+    commands = cmd.account_commands(user, acct)
+    uid = "uid 10001" if not acct.uid_taken else "system uid (10001 is taken)"
+    if not c.dry_run:
+        _run_script(c, cmd.script_of(commands), f"create user {user}",
+                    hint=f"check /etc/passwd and /etc/group on {c.name} for a conflicting {user}")
+    _report(c, Change(True, f"user {user} (created: {uid}, no login shell, home {cmd.DATA_DIR})"))
+    return user
+
+
+def _ensure_dirs(c: HostConnection, user: str, group: str, f: HostFacts) -> None:
+    commands: list[list[str]] = []
+    changes: list[Change] = []
+    for d in cmd.directories(user, group):
+        st = f.stats.get(d.path)
+        mode = f"{d.mode:04o}"
+        if st is None:
+            change = Change(True, f"dir {d.path} (created, {d.owner}:{d.group} {mode})")
+            commands.append(["mkdir", "-p", "--", d.path])
+        elif st["type"] != "directory":
+            raise DeployError(f"{c.name}: {d.path} exists but is a {st['type']}, not a directory;"
+                              f" move it away and re-run", host=c.name)
+        elif (st["owner"], st["group"], st["mode"]) != (d.owner, d.group, d.mode):
+            change = Change(True, f"dir {d.path} ({st['owner']}:{st['group']} {st['mode']:04o}"
+                                  f" -> {d.owner}:{d.group} {mode})")
+        else:
+            _report(c, Change(False, f"dir {d.path}"))
+            continue
+        commands += [["chown", "--", f"{d.owner}:{d.group}", d.path], ["chmod", "--", mode, d.path]]
+        changes.append(change)
+    if commands and not c.dry_run:
+        _run_script(c, cmd.script_of(commands), "create the app directories",
+                    hint=f"check the file systems under /opt, /etc and /var/lib on {c.name}")
+    for change in changes:
+        _report(c, change)
+
+
+def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> None:
+    """SQLite only: an empty database file owned by the service user, if none exists yet
+    (sqlx does not create one unless the URL says mode=rwc). An existing file is left as is."""
+    path = cmd.sqlite_path(plan.database_url)
+    if not path:
+        return
+    if f.stats.get(path) is not None:
+        _report(c, Change(False, f"sqlite database {path}"))
+        return
+    if not path.startswith(cmd.DATA_DIR + "/"):
+        raise DeployError(f"{c.name}: the SQLite database {path} does not exist and is outside"
+                          f" {cmd.DATA_DIR}, the only directory Releasy may write to", host=c.name)
+    if not c.dry_run:
+        argv = ["install", "-m", "0600", "-o", plan.user, "-g", group, "/dev/null", path]
+        _run_script(c, cmd.script_of([argv]), f"create {path}",
+                    hint=f"check that {cmd.DATA_DIR} exists on {c.name}")
+    _report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
+
+
+def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> Change:
+    path = cmd.ENV_FILE
+    text = cmd.render_env_file(
+        cmd.env_variables(plan.inv, c.host, plan.secrets, plan.database_url), group)
+    data = text.encode("utf-8")
+    st, current_sum = f.stats.get(path), f.sums.get(path)
+    if st is not None and not st["type"].startswith("regular"):
+        raise DeployError(f"{c.name}: {path} is a {st['type']}, not a file; move it away and re-run",
+                          host=c.name)
+    want = ("root", group, 0o640)
+    same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
+    same_attrs = st is not None and (st["owner"], st["group"], st["mode"]) == want
+    if same_content and same_attrs:
+        return _report(c, Change(False, f"file {path}"))
+    if same_content:
+        change = Change(True, f"file {path} ({st['owner']}:{st['group']} {st['mode']:04o}"
+                              f" -> root:{group} 0640)")
+        if not c.dry_run:
+            _run_script(c, cmd.script_of([["chown", "--", f"root:{group}", path],
+                                          ["chmod", "--", "0640", path]]),
+                        f"fix owner/mode of {path}", hint=f"check {path} on {c.name}")
+        return _report(c, change)
+    diff = None
+    if c.dry_run:
+        # Secret values are hidden by variable name, so even rotated-away ones never show.
+        old = c.read_file(path, sudo=True) if st is not None else None
+        shown_old, shown_new = cmd.redact_env_texts(
+            "" if old is None else old.decode("utf-8", "replace"), text)
+        diff = render_diff(None if old is None else shown_old.encode(), shown_new.encode(), path)
+    change = Change(True, f"file {path} ({'content' if st is not None else 'created'},"
+                          f" root:{group} 0640, secret values not shown)", diff)
+    if not c.dry_run:
+        c.put_bytes(data, path, owner="root", group=group, mode=0o640, secret=True)
+    return _report(c, change, path=path)
+
+
+def _ensure_units(c: HostConnection, units: dict[str, str], f: HostFacts, *,
+                  probe_target: str) -> set[str]:
+    """Install the unit files that differ (verified first); returns the changed names."""
+    changed: dict[str, str] = {}
+    changes: list[tuple[Change, str]] = []
+    for name, content in units.items():
+        path = f"{cmd.UNIT_DIR}/{name}"
+        st, current_sum = f.stats.get(path), f.sums.get(path)
+        data = content.encode("utf-8")
+        if (st is not None and current_sum == hashlib.sha256(data).hexdigest()
+                and (st["owner"], st["group"], st["mode"]) == ("root", "root", 0o644)):
+            _report(c, Change(False, f"unit {path}"))
+            continue
+        diff = None
+        if c.dry_run:
+            old = c.read_file(path, sudo=True) if st is not None else None
+            diff = render_diff(old, data, path)
+        verb = "updated" if st is not None else "created"
+        changes.append((Change(True, f"unit {path} ({verb}, verified with systemd-analyze)",
+                               diff), path))
+        changed[name] = content
+    if changed and not c.dry_run:
+        _run_script(
+            c, cmd.install_units_script(changed, probe_target=probe_target),
+            f"install {', '.join(changed)} (systemd-analyze verify)",
+            hint="the candidate unit files were NOT installed; fix the templates in"
+                 " files/systemd/ (or what the messages above point at) and re-run")
+    for change, path in changes:
+        _report(c, change, path=path)
+    return set(changed)
+
+
+def _ensure_service(c: HostConnection, unit: dict[str, str], *, reload: bool,
+                    reasons: list[str]) -> bool:
+    """daemon-reload / enable / (re)start as needed, in one round trip. True if (re)started."""
+    plan = cmd.service_plan(unit, units_changed=reload, reasons=reasons)
+    if plan.commands and not c.dry_run:
+        _run_script(c, cmd.script_of(plan.commands), f"systemctl ({SERVICE_UNIT})",
+                    hint=f"see `journalctl -u {SERVICE_UNIT}` and `systemctl status"
+                         f" {SERVICE_UNIT}` on {c.name}")
+    _report(c, Change(plan.enable, f"{SERVICE_UNIT} enabled"
+                                   + (" (starts at boot)" if plan.enable else "")))
+    if plan.start:
+        _report(c, Change(True, f"{SERVICE_UNIT} {plan.start}"))
+    else:
+        _report(c, Change(False, f"{SERVICE_UNIT} active (MainPID {unit.get('MainPID', '?')})"))
+    return plan.start is not None
+
+
+# ------------------------------------------------------------------------------ building blocks
+def _releases(c: HostConnection) -> cmd.ReleaseState:
+    return facts(c, ["releasy_releases"], sudo=True)["releasy_releases"]
+
+
+def current_release(c: HostConnection) -> str | None:
+    """The version ``/opt/releasy/current`` points at, or None."""
+    return _releases(c).current
+
+
+def installed_releases(c: HostConnection) -> list[str]:
+    """Complete releases under /opt/releasy/releases, oldest first."""
+    return _releases(c).installed()
+
+
+def stage_release(c: HostConnection, release: LocalRelease) -> Change:
+    """Upload and unpack ``release`` into /opt/releasy/releases/V (not activated).
+
+    Skipped when the host already holds it with the same sha256 (its ``.sha256`` marker).
+    """
+    return _stage(c, release, _releases(c))
+
+
+def _stage(c: HostConnection, release: LocalRelease, state: cmd.ReleaseState) -> Change:
+    target = f"{cmd.RELEASES_DIR}/{release.version}"
+    if state.holds(release.version, release.sha256):
+        return _report(c, Change(False, f"release {release.version} in {target}"))
+    how = ("replaces a different or incomplete copy" if release.version in state.releases
+           else "uploaded")
+    change = Change(True, f"release {release.version} ({how}, {release.size} bytes,"
+                          f" sha256 {release.sha256[:12]}... -> {target})")
+    if c.dry_run:
+        return _report(c, change)
+    data = release.path.read_bytes()
+    # Re-checked at upload time: the file could have changed since fetch_release verified it.
+    if hashlib.sha256(data).hexdigest() != release.sha256:
+        raise BadInput(f"{release.path} changed after it was verified (sha256 differs from"
+                       f" {release.sha256}); nothing was uploaded to {c.name}")
+    res = c.run(cmd.stage_argv(release.version, release.sha256), sudo=True, stdin=data,
+                check=False)
+    if not res.ok:
+        out = c.mask(res.stderr.strip() or res.stdout.strip()) or "(no output)"
+        raise DeployError(f"{c.name}: uploading release {release.version} failed (exit code"
+                          f" {res.exit_code}): {tail(out)}\n  Nothing was switched; re-run"
+                          f" (free space in {cmd.RELEASES_DIR}?)", host=c.name)
+    return _report(c, change)
+
+
+def activate_release(c: HostConnection, version: str) -> Change:
+    """Point /opt/releasy/current at releases/V atomically (the release must be staged).
+    Does not restart anything."""
+    check_version(version)
+    return _activate(c, version, current_release(c))
+
+
+def _activate(c: HostConnection, version: str, current: str | None) -> Change:
+    if current == version:
+        return _report(c, Change(False, f"current -> releases/{version}"))
+    change = Change(True, f"current -> releases/{version} (was {current or 'none'})")
+    if not c.dry_run:
+        _run_script(c, cmd.script_of([cmd.activate_argv(version)]),
+                    f"switch {cmd.CURRENT_LINK} to {version}",
+                    hint=f"stage the release first (fab app.setup --version {version})")
+    return _report(c, change)
+
+
+def restart_service(c: HostConnection, unit: str = SERVICE_UNIT) -> Change:
+    """Restart ``unit`` now (reset-failed first, so a unit that hit its start limit starts)."""
+    change = Change(True, f"{unit} restarted")
+    if not c.dry_run:
+        _run_script(c, cmd.script_of([systemd.systemctl("reset-failed", unit),
+                                      systemd.systemctl("restart", unit)]),
+                    f"restart {unit}", hint=f"see `journalctl -u {unit}` on {c.name}")
+    return _report(c, change)
+
+
+def journal_tail(c: HostConnection, unit: str, lines: int = JOURNAL_LINES) -> str:
+    """The last ``lines`` journal lines of ``unit`` (masked), or a note when there are none."""
+    res = c.run(systemd.journal_argv(unit, lines), sudo=True, mutates=False, check=False)
+    text = c.mask((res.stdout or res.stderr).rstrip("\n"))
+    return text or f"(no journal entries for {unit})"
+
+
+def wait_ready(c: HostConnection, bind: str, timeout: float, *, unit: str = SERVICE_UNIT) -> float:
+    """Poll ``http://BIND/ready`` from the host itself until it answers 2xx; returns the
+    seconds waited. Raises DeployError with the unit's journal tail on timeout, or sooner
+    when the unit failed."""
+    seconds = max(1, math.ceil(timeout))
+    started = time.monotonic()
+    res = c.run(cmd.wait_ready_argv(bind, unit, seconds), mutates=False, check=False,
+                timeout=seconds + 30)
+    if res.ok:
+        return time.monotonic() - started
+    said = c.mask(res.stdout.strip() or res.stderr.strip())
+    if res.exit_code == 3:
+        what = f"did not become ready within {seconds} s (GET {cmd.ready_url(bind)}; {said})"
+    elif res.exit_code == 4:
+        what = f"stopped before it became ready ({said})"
+    elif res.exit_code == 5:
+        raise DeployError(f"{c.name}: cannot probe readiness: {said}", host=c.name)
+    else:
+        raise DeployError(f"{c.name}: the readiness probe of {unit} failed (exit code"
+                          f" {res.exit_code}): {said or '(no output)'}", host=c.name)
+    journal = journal_tail(c, unit)
+    raise DeployError(
+        f"{c.name}: {unit} {what}.\n"
+        f"  Last {JOURNAL_LINES} lines of `journalctl -u {unit}`:\n"
+        + "\n".join(f"    {line}" for line in journal.splitlines())
+        + f"\n  Fix the cause above (settings in {cmd.ENV_FILE}, database reachable?) and re-run;"
+          f" `fab app.setup --version PREVIOUS` switches back to an earlier release.",
+        host=c.name,
+    )

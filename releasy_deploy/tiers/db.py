@@ -1,0 +1,334 @@
+"""The database tier: PostgreSQL 15 on the inventory's db host, ready for Releasy.
+
+`setup` reads everything it needs in ONE round trip (packages, the password file, the
+managed config files, the running server's settings, role and database, readiness), then
+acts only on differences: install, generate the password once, write the config files,
+restart only for a postmaster-context setting (listen_addresses, port) or else reload,
+create/fix the role and database. A second run costs that one round trip and changes
+nothing. With ``database.kind: sqlite`` there is no PostgreSQL at all.
+
+The role's password lives on the db host only (/etc/releasy/database-password, root 0600),
+so any operator machine gets the same one. It is read over SSH stdout, masked at once,
+checked against the role's SCRAM verifier locally, and set (when needed) as a verifier
+computed locally, on psql's stdin: it never appears in argv, output or the server's logs.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets as _random
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import quote
+
+from ..cli import BadInput, Session
+from ..commands import postgres as pg
+from ..errors import DeployError
+from ..executor import HostConnection
+from ..inventory import Inventory
+from ..packages import DB_PACKAGES
+from ..remote import Probe, ensure_dir, ensure_packages, facts, put_file, register_fact
+
+__all__ = ["setup", "database_url", "psql"]
+
+PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
+
+
+# --------------------------------------------------------------------------- probes
+
+register_fact("pg_server_state", arg=True)(
+    lambda a: Probe(pg.server_state_shell(*a.split(":", 1)), pg.parse_server_state))
+register_fact("pg_file_state", arg=True)(
+    lambda a: Probe(pg.file_state_shell(a), pg.parse_file_state))
+register_fact("pg_secret_file", arg=True)(
+    lambda a: Probe(pg.secret_file_shell(a), pg.parse_secret_file))
+register_fact("pg_ready", arg=True)(
+    lambda a: Probe(pg.pg_ready_shell(a), lambda out, code: code == 0))
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What one probe round trip saw on the db host."""
+
+    missing_packages: tuple[str, ...]
+    cluster_exists: bool
+    secrets_dir_exists: bool
+    password_file: pg.SecretFile | None = field(repr=False)
+    files: Mapping[str, pg.FileState | None]
+    ready: Mapping[str, bool]  # socket dir / address -> pg_isready answered
+    server: pg.ServerState | None  # None: not installed, stopped or not answering
+
+    @property
+    def config_stale(self) -> bool:
+        """A managed file is newer than the configuration the server last loaded."""
+        if self.server is None:
+            return False
+        return any(f is not None and f.mtime > self.server.conf_loaded_at
+                   for f in self.files.values())
+
+
+def _read_state(c: HostConnection, inv: Inventory) -> HostState:
+    db = inv.database
+    packages = {p: f"package_version:{p}" for p in DB_PACKAGES}
+    files = {f.path: f"pg_file_state:{f.path}" for f in pg.config_files(inv)}
+    ready = {h: f"pg_ready:{h}" for h in pg.ready_hosts(inv)}
+    server = f"pg_server_state:{db.name}:{db.user}"
+    names = [*packages.values(), f"path_exists:{pg.MAIN_CONF}", f"path_exists:{pg.SECRETS_DIR}",
+             f"pg_secret_file:{pg.PASSWORD_FILE}", *files.values(),
+             # readiness first: the state query then meets a server that finished starting
+             *ready.values(), server]
+    seen = facts(c, names, sudo=True)
+    secret = seen[f"pg_secret_file:{pg.PASSWORD_FILE}"]
+    if secret is not None:
+        c.mask.add([secret.content.strip()])  # before anything could print it
+    state = seen[server]
+    if state is not None and state.role is not None and state.role.verifier:
+        c.mask.add([state.role.verifier])
+    return HostState(
+        missing_packages=tuple(p for p, n in packages.items() if seen[n] is None),
+        cluster_exists=seen[f"path_exists:{pg.MAIN_CONF}"],
+        secrets_dir_exists=seen[f"path_exists:{pg.SECRETS_DIR}"],
+        password_file=secret,
+        files={path: seen[n] for path, n in files.items()},
+        ready={h: seen[n] for h, n in ready.items()},
+        server=state,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def psql(conn: HostConnection, sql: str, *, database: str | None = None,
+         mutates: bool = True) -> str:
+    """Run ``sql`` (on stdin, never argv) as the postgres superuser; return psql's
+    unaligned, tuples-only stdout. Stops at the first error (RemoteCommandError).
+    ``mutates=False`` marks a read-only query that also runs in dry-run."""
+    res = conn.run(pg.psql_argv(database), sudo=True, stdin=sql.encode("utf-8"),
+                   mutates=mutates, cwd="/")
+    return res.stdout
+
+
+def database_url(session: Session) -> str:
+    """RELEASY_DATABASE_URL for the app hosts. For PostgreSQL this reads the password from
+    the db host (one round trip) and registers it with the masker before returning."""
+    inv = session.inventory
+    if inv.database.kind == "sqlite":
+        return pg.SQLITE_URL
+    c = session.executor.conn(inv.db_host)
+    data = c.read_file(pg.PASSWORD_FILE, sudo=True)
+    if data is None:
+        if session.dry_run:
+            session.reporter.info(c.name, (
+                f"dry-run: {pg.PASSWORD_FILE} does not exist yet (`fab db.setup` generates "
+                f"it); the database URL uses the placeholder {PASSWORD_PLACEHOLDER}"))
+            return pg.postgres_url(inv, PASSWORD_PLACEHOLDER)
+        raise DeployError(
+            f"{c.name}: no database password at {pg.PASSWORD_FILE}: run `fab db.setup` first "
+            "(it generates the password and creates the database role)", host=c.name)
+    password = data.decode("utf-8", "replace").strip()
+    c.mask.add([password, quote(password, safe="")])
+    if not password:
+        raise DeployError(_empty_password_message(c.name), host=c.name)
+    return pg.postgres_url(inv, password)
+
+
+def setup(session: Session) -> None:
+    """PostgreSQL 15 installed and configured on the db host; role, database and password
+    in place; the cluster answering on every listen address. Honours session.dry_run."""
+    inv = session.inventory
+    host = inv.db_host
+    if inv.database.kind == "sqlite":
+        session.reporter.info(host.name, (
+            "database.kind is sqlite: nothing to do for the db tier (no PostgreSQL; the app "
+            f"tier owns {pg.SQLITE_PATH})"))
+        return
+    try:
+        pg.check_names(inv.database.name, inv.database.user)
+    except ValueError as exc:
+        raise BadInput(f"{inv.path}: {exc}") from None
+    session.executor.each([host], lambda c: _setup_host(c, inv))
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _setup_host(c: HostConnection, inv: Inventory) -> None:
+    state = _read_state(c, inv)
+    if _ensure_packages(c, state):
+        state = _read_state(c, inv)  # the package created and started the cluster
+    if not state.missing_packages and not state.cluster_exists:
+        raise DeployError(
+            f"{c.name}: PostgreSQL {pg.PG_VERSION} is installed but its cluster "
+            f"{pg.PG_VERSION}/{pg.CLUSTER} does not exist ({pg.MAIN_CONF} is missing). Create it "
+            f"with `pg_createcluster {pg.PG_VERSION} {pg.CLUSTER} --start` on {c.name} "
+            "(or restore it), then re-run.", host=c.name)
+    password = _ensure_password(c, state)
+    files_changed = _ensure_config_files(c, inv, state)
+    state = _ensure_service(c, inv, state, files_changed)
+    _check_ready(c, state)
+    _ensure_role_and_database(c, inv, state.server, password)
+
+
+def _ensure_packages(c: HostConnection, state: HostState) -> bool:
+    """True when packages were installed just now."""
+    if not state.missing_packages:
+        c.reporter.unchanged(c.name, f"packages {' '.join(DB_PACKAGES)}")
+        return False
+    ensure_packages(c, DB_PACKAGES)
+    return not c.dry_run
+
+
+def _empty_password_message(host: str) -> str:
+    return (f"{host}: {pg.PASSWORD_FILE} is empty. Put the role's password back in it, or "
+            "delete the file so that `fab db.setup` generates a new one and sets it on the "
+            "role (app hosts then need a redeploy to pick it up).")
+
+
+def _ensure_password(c: HostConnection, state: HostState) -> str | None:
+    """The role's password from the db host, generated once. None in a dry-run that would
+    generate it (nothing is stored, so there is no password to use yet)."""
+    found = state.password_file
+    if found is None:
+        if not state.secrets_dir_exists:
+            ensure_dir(c, pg.SECRETS_DIR)  # created only: other tiers may manage its mode
+        password = _random.token_urlsafe(32)
+        c.mask.add([password])
+        put_file(c, pg.PASSWORD_FILE, (password + "\n").encode(), owner="root", group="root",
+                 mode=0o600, secret=True)
+        return None if c.dry_run else password
+    password = found.content.strip()
+    if not password:
+        raise DeployError(_empty_password_message(c.name), host=c.name)
+    if (found.owner, found.group, found.mode) != ("root", "root", 0o600):
+        # Same content: put_file only fixes owner and mode.
+        put_file(c, pg.PASSWORD_FILE, found.content.encode(), owner="root", group="root",
+                 mode=0o600, secret=True)
+    else:
+        c.reporter.unchanged(c.name, f"file {pg.PASSWORD_FILE}")
+    return password
+
+
+def _ensure_config_files(c: HostConnection, inv: Inventory, state: HostState) -> bool:
+    changed = False
+    for f in pg.config_files(inv):
+        seen = state.files.get(f.path)
+        if (seen is not None and seen.sha256 == hashlib.sha256(f.content).hexdigest()
+                and (seen.owner, seen.group, seen.mode) == (f.owner, f.group, f.mode)):
+            c.reporter.unchanged(c.name, f"file {f.path}")
+            continue
+        put_file(c, f.path, f.content, owner=f.owner, group=f.group, mode=f.mode)
+        changed = True
+    return changed
+
+
+def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
+                    files_changed: bool) -> HostState:
+    """Restart, reload, start or leave the server; returns the state after any action."""
+    wanted = pg.desired_settings(inv)
+    server = state.server
+    if server is None and c.dry_run and state.missing_packages:
+        # The package would start the cluster with Debian's defaults; predict from those.
+        action = pg.service_action(pg.DEBIAN_DEFAULTS, wanted, files_changed=True,
+                                   config_stale=False)
+        if action:
+            why = ", ".join(pg.setting_changes(pg.DEBIAN_DEFAULTS, wanted)) or "config files"
+            c.reporter.would(c.name, f"{action} {pg.SERVICE} after installing ({why})")
+        return state
+    if server is None:
+        if c.dry_run:
+            c.reporter.would(c.name, f"start {pg.SERVICE} (it does not answer now)")
+            return state
+        c.run(pg.service_argv("start"), sudo=True)
+        c.reporter.changed(c.name, f"service {pg.SERVICE} started (it was not answering)")
+        return _read_state(c, inv)
+
+    action = pg.service_action(server.settings, wanted, files_changed=files_changed,
+                               config_stale=state.config_stale)
+    if action is None:
+        c.reporter.unchanged(c.name, f"service {pg.SERVICE} (running the managed settings)")
+        return state
+    if action == "restart":
+        why = ", ".join(pg.setting_changes(server.settings, wanted, pg.POSTMASTER_SETTINGS))
+    else:
+        reasons = pg.setting_changes(server.settings, wanted, pg.RELOADABLE_SETTINGS)
+        if files_changed:
+            reasons.append("config files changed")
+        elif state.config_stale:
+            reasons.append("config files are newer than the running configuration")
+        why = ", ".join(reasons)
+    if c.dry_run:
+        c.reporter.would(c.name, f"{action} {pg.SERVICE} ({why})")
+        return state
+    c.run(pg.service_argv(action), sudo=True)
+    c.reporter.changed(c.name, f"service {pg.SERVICE} {action}ed ({why})")
+    after = _read_state(c, inv)
+    if after.server is not None:
+        still = pg.setting_changes(after.server.settings, wanted)
+        if still:
+            raise DeployError(
+                f"{c.name}: after the {action}, PostgreSQL still runs with {'; '.join(still)}: "
+                f"a later file overrides {pg.DROPIN_PATH} (ALTER SYSTEM's postgresql.auto.conf "
+                "or another conf.d file). See `SELECT name, setting, sourcefile FROM "
+                f"pg_settings` as postgres on {c.name}, remove the override and re-run.",
+                host=c.name)
+    return after
+
+
+def _check_ready(c: HostConnection, state: HostState) -> None:
+    if c.dry_run:
+        return  # nothing was changed, so the current answers say nothing about the result
+    silent = [h for h, ok in state.ready.items() if not ok]
+    if state.server is None or silent:
+        where = ", ".join(silent) or "its socket"
+        raise DeployError(
+            f"{c.name}: PostgreSQL {pg.PG_VERSION}/{pg.CLUSTER} is not accepting connections on "
+            f"{where}. Check `systemctl status {pg.SERVICE}` and {pg.LOG_FILE} on {c.name}, "
+            "fix the cause and re-run.", host=c.name)
+    c.reporter.info(c.name, f"{pg.SERVICE} accepting connections on {', '.join(state.ready)}")
+
+
+def _ensure_role_and_database(c: HostConnection, inv: Inventory,
+                              server: pg.ServerState | None, password: str | None) -> None:
+    """Role (attributes, password) and database (owner), in one psql call when needed."""
+    db = inv.database
+    changes: list[str] = []
+    statements: list[str] = []
+    verifier = None
+    if password is not None:
+        verifier = pg.scram_verifier(password)
+        c.mask.add([verifier])
+    role = server.role if server is not None else None
+    if role is None:
+        changes.append(f"role {db.user} (created: {pg.role_clause()}, password from "
+                       f"{pg.PASSWORD_FILE})")
+        if verifier is not None:
+            statements.append(pg.create_role_sql(db.user, verifier))
+    else:
+        drift = pg.role_attribute_drift(role.attributes)
+        password_ok = password is not None and pg.scram_matches(password, role.verifier)
+        if drift or not password_ok:
+            what = ([f"attributes {' '.join(drift)}"] if drift else []) + (
+                [] if password_ok else [f"password set from {pg.PASSWORD_FILE}"])
+            changes.append(f"role {db.user} ({', '.join(what)})")
+            if verifier is not None or password_ok:
+                statements.append(pg.alter_role_sql(
+                    db.user, attributes=bool(drift), verifier=None if password_ok else verifier))
+        else:
+            c.reporter.unchanged(c.name, f"role {db.user}")
+    owner = server.database_owner if server is not None else None
+    if owner is None:
+        changes.append(f"database {db.name} (created, owner {db.user}, UTF8)")
+        statements.append(pg.create_database_sql(db.name, db.user))
+    elif owner != db.user:
+        changes.append(f"database {db.name} (owner {owner} -> {db.user})")
+        statements.append(pg.alter_database_owner_sql(db.name, db.user))
+    else:
+        c.reporter.unchanged(c.name, f"database {db.name} (owner {db.user})")
+    if not changes:
+        return
+    if c.dry_run:
+        for change in changes:
+            c.reporter.would(c.name, f"change: {change}")
+        return
+    psql(c, "\n".join(statements) + "\n")
+    for change in changes:
+        c.reporter.changed(c.name, change)

@@ -1,0 +1,668 @@
+"""The firewall on every host: ufw converged to `releasy_deploy.firewall.plan_rules`.
+
+`plan`, `apply`, `status` and `audit` all read a host in ONE round trip (ufw's rules,
+status and defaults, the address the host sees for our SSH connection, listening TCP
+ports, a pending revert), in parallel across hosts. A host that already matches the plan
+costs exactly that round trip in `apply` and runs no ufw command that changes anything.
+
+Lockout protection, two layers:
+
+1. Before touching a host (even installing ufw), `apply` checks the address and port the
+   host sees for our own SSH connection (``$SSH_CONNECTION``, read on the host): if the
+   address is not inside ``admin_cidrs`` or the port is not the host's ``ssh_port``, the
+   plan would shut us out, so it refuses and changes nothing on that host.
+2. Before changing ufw, `apply` saves the current rule files and arms a transient systemd
+   timer (``releasy-firewall-revert.timer``) that restores them after ``revert_after``
+   seconds. It then changes the rules, opens a brand-new SSH connection (a second
+   Executor: same host-key checks, a new TCP connection that must pass the new rules) and
+   disarms the timer over that connection. If the new connection fails, the timer stays
+   armed and the host reverts itself.
+
+`audit` checks reachability against the plan from a vantage point: a network namespace
+(``--netns``; the lab's "outside") or, without it, "from here" (the machine running the
+task). The vantage address each host sees is the namespace's source address, or, from
+here, the address the host sees for our SSH connection (right behind NAT too).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import secrets as _random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from .. import firewall as fw
+from ..cli import BadInput, Session
+from ..errors import DeployError, RemoteCommandError, UnreachableError
+from ..executor import Executor, HostConnection
+from ..firewall import HostDiff, LiveRule, Rule, UfwDefaults, UfwStatus
+from ..inventory import Host, Inventory
+from ..packages import FIREWALL_PACKAGES
+from ..remote import FILES_DIR, Probe, ensure_packages, facts, put_file, register_fact
+
+__all__ = [
+    "plan", "apply", "status", "audit", "converge", "read_state", "HostState",
+    "FirewallRefused", "FirewallLockout", "apply_script", "disarm_script", "probe_reachability",
+    "check_ssh_source", "REVERT_UNIT", "REVERT_SCRIPT", "STATE_DIR",
+]
+
+REVERT_UNIT = "releasy-firewall-revert"
+REVERT_SCRIPT = "/usr/local/sbin/releasy-firewall-revert"
+STATE_DIR = "/var/lib/releasy/firewall"
+SAVED_DIR = f"{STATE_DIR}/previous"
+REVERT_SOURCE = FILES_DIR / "firewall" / "releasy-firewall-revert"
+MIN_REVERT_AFTER = 5
+MAX_REVERT_AFTER = 3600
+PROBE_TIMEOUT = 1.5
+_NETNS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+class FirewallRefused(DeployError):
+    """apply refused to touch a host (it would lock us out, or a revert is pending)."""
+
+
+class FirewallLockout(DeployError):
+    """The rules were changed but a new SSH connection failed: the host reverts itself."""
+
+
+# --------------------------------------------------------------------------- probes
+
+# Who are we, as the host sees us? sudo resets the environment, so when $SSH_CONNECTION is
+# not ours directly, read it from the nearest ancestor that has it (sudo itself, or the
+# login shell): /proc/PID/environ is readable as root.
+_SSH_CLIENT_SHELL = r"""if [ -n "${SSH_CONNECTION:-}" ]; then printf '%s\n' "$SSH_CONNECTION"; exit 0; fi
+pid=$$
+while [ "${pid:-0}" -gt 1 ]; do
+  conn=$(tr '\0' '\n' < "/proc/$pid/environ" | sed -n 's/^SSH_CONNECTION=//p' | head -n 1)
+  if [ -n "$conn" ]; then printf '%s\n' "$conn"; exit 0; fi
+  pid=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$pid/status")
+done
+exit 1"""
+
+register_fact("fw_ssh_client")(lambda _: Probe(
+    _SSH_CLIENT_SHELL,
+    lambda out, code: fw.parse_ssh_connection(out.strip()) if code == 0 else None))
+# `ufw` missing: exit 127 -> None.
+register_fact("fw_ufw_status")(lambda _: Probe(
+    "LANG=C ufw status verbose", lambda out, code: fw.parse_status(out) if code == 0 else None))
+register_fact("fw_ufw_added")(lambda _: Probe(
+    "LANG=C ufw show added", lambda out, code: fw.parse_show_added(out) if code == 0 else None))
+register_fact("fw_ufw_defaults")(lambda _: Probe(
+    "cat /etc/default/ufw", lambda out, code: fw.parse_defaults(out) if code == 0 else None))
+register_fact("fw_tcp_listeners")(lambda _: Probe(
+    "ss -ltnH", lambda out, code: fw.parse_listeners(out) if code == 0 else []))
+register_fact("fw_revert_pending")(lambda _: Probe(
+    f"systemctl is-active {shlex.quote(REVERT_UNIT + '.timer')}",
+    lambda out, code: out.strip() in ("active", "activating")))
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What one probe round trip saw on a host."""
+
+    ssh_client: tuple[fw.Address, int] | None  # (our address as the host sees it, its port)
+    installed: bool
+    status: UfwStatus | None
+    rules: tuple[LiveRule, ...]
+    defaults: UfwDefaults | None
+    listeners: tuple[tuple[str, int], ...] = ()
+    revert_pending: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.status is not None and self.status.active
+
+
+_PROBES = ("fw_ssh_client", f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status",
+           "fw_ufw_added", "fw_ufw_defaults", "fw_tcp_listeners", "fw_revert_pending")
+
+
+def read_state(c: HostConnection) -> HostState:
+    """Everything the firewall tasks need from a host, in one round trip (read-only)."""
+    seen = facts(c, _PROBES, sudo=True)
+    installed = seen[f"package_version:{FIREWALL_PACKAGES[0]}"] is not None
+    status, added = seen["fw_ufw_status"], seen["fw_ufw_added"]
+    if installed and (status is None or added is None):
+        raise DeployError(
+            f"{c.name}: ufw is installed but `ufw status` / `ufw show added` failed; run "
+            f"`sudo ufw status verbose` on {c.name} to see why, fix it and re-run", host=c.name)
+    return HostState(seen["fw_ssh_client"], installed, status, tuple(added or ()),
+                     seen["fw_ufw_defaults"], tuple(seen["fw_tcp_listeners"]),
+                     seen["fw_revert_pending"])
+
+
+# --------------------------------------------------------------------------- lockout layer 1
+
+
+def check_ssh_source(host: Host, state: HostState, admin_cidrs) -> None:
+    """Refuse (FirewallRefused) when the plan would not let our own SSH connection in."""
+    cidrs = ", ".join(str(n) for n in admin_cidrs)
+    nothing = f"Nothing was changed on {host.name}."
+    if state.ssh_client is None:
+        raise FirewallRefused(
+            f"{host.name}: refusing to change the firewall: cannot tell which address the "
+            f"host sees for our SSH connection ($SSH_CONNECTION is not set in the login "
+            f"session), so it cannot check that admin_cidrs ({cidrs}) keep it open. "
+            f"{nothing}", host=host.name)
+    address, port = state.ssh_client
+    if not any(address.version == n.version and address in n for n in admin_cidrs):
+        raise FirewallRefused(
+            f"{host.name}: refusing to change the firewall: the host sees our SSH connection "
+            f"coming from {address}, which is not inside admin_cidrs ({cidrs}); the plan "
+            f"allows SSH only from admin_cidrs, so applying it would lock this machine out.\n"
+            f"  Add the network of {address} to admin_cidrs in the inventory, or run from an "
+            f"admin network. {nothing}", host=host.name)
+    if port != host.ssh_port:
+        raise FirewallRefused(
+            f"{host.name}: refusing to change the firewall: our SSH connection arrives on "
+            f"port {port} on the host, but the inventory's ssh_port for {host.name} is "
+            f"{host.ssh_port} (a port forward?); the plan allows SSH only on "
+            f"{host.ssh_port}, so applying it would lock this machine out.\n"
+            f"  Make ssh_port the port sshd listens on, as the host sees it. {nothing}",
+            host=host.name)
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def apply_script(commands: list[list[str]], *, token: str, revert_after: int) -> str:
+    """One script: save ufw's files, arm the revert timer, run the ufw commands.
+
+    Prints ``@armed`` once the timer is armed (so a failure after it is known to leave a
+    revert pending). ufw exits 0 when asked to delete a rule it does not have; that is
+    turned into a failure naming the command.
+    """
+    q = shlex.quote
+    lines = [
+        "set -eu",
+        "umask 077",
+        "export LANG=C",
+        f"state={q(STATE_DIR)}",
+        f"saved={q(SAVED_DIR)}",
+        'mkdir -p "$state"',
+        'rm -rf "$saved.new"',
+        'mkdir "$saved.new"',
+        "for f in /etc/ufw/user.rules /etc/ufw/user6.rules /etc/ufw/ufw.conf; do",
+        '  if [ -e "$f" ]; then cp -p "$f" "$saved.new/"; fi',
+        "done",
+        'cp -p /etc/default/ufw "$saved.new/default-ufw"',
+        'rm -rf "$saved"',
+        'mv "$saved.new" "$saved"',
+        'rm -f "$state/reverted"',
+        # A finished revert can leave a failed unit behind; its name must be free.
+        f"systemctl reset-failed {q(REVERT_UNIT + '.timer')} {q(REVERT_UNIT + '.service')}"
+        " 2>/dev/null || true",
+        # AccuracySec: the default (1 min) would let the timer fire up to a minute late.
+        # RemainAfterElapse=no: the transient timer unloads after firing, freeing its name.
+        shlex.join(["systemd-run", "--quiet", f"--unit={REVERT_UNIT}",
+                    "--description=releasy: restore the previous firewall unless disarmed",
+                    f"--on-active={int(revert_after)}s",
+                    "--timer-property=AccuracySec=1s",
+                    "--timer-property=RemainAfterElapse=no",
+                    "--", REVERT_SCRIPT, SAVED_DIR, token]),
+        "echo @armed",
+        # On failure: ufw's last words, then the command (the caller shows the last lines).
+        "ufw_do() {",
+        '  if ! out=$("$@" 2>&1); then',
+        "    printf '%s\\n' \"$out\" | tail -n 4 >&2",
+        "    printf 'failed: %s\\n' \"$*\" >&2; exit 1",
+        "  fi",
+        "  printf '%s\\n' \"$out\"",
+        '  case $out in *"Could not delete"*)',
+        "    printf 'ufw did not find the rule to delete: %s\\n' \"$*\" >&2; exit 1;;",
+        "  esac",
+        "}",
+    ]
+    lines += ["ufw_do " + shlex.join(argv) for argv in commands]
+    return "\n".join(lines) + "\n"
+
+
+def disarm_script(token: str) -> str:
+    """Stop the revert timer; print ``@disarmed``, or ``@fired`` if the revert already ran."""
+    q = shlex.quote
+    return "\n".join([
+        f"systemctl stop {q(REVERT_UNIT + '.timer')} 2>/dev/null || true",
+        f"if grep -qxF {q(token)} {q(STATE_DIR + '/reverted')} 2>/dev/null"
+        f" || systemctl is-active --quiet {q(REVERT_UNIT + '.service')}; then",
+        "  echo @fired",
+        "else",
+        "  echo @disarmed",
+        "fi",
+    ]) + "\n"
+
+
+def revert_now_argv(token: str) -> list[str]:
+    """Restore the saved firewall at once, then stop the timer (which would do the same)."""
+    return ["sh", "-c", '"$1" "$2" "$3" && systemctl stop "$4"', "releasy-fw-revert",
+            REVERT_SCRIPT, SAVED_DIR, token, REVERT_UNIT + ".timer"]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _policy_text(state: HostState) -> str:
+    if not state.installed:
+        return "ufw not installed"
+    d = state.defaults
+    incoming = d.incoming if d else "?"
+    outgoing = d.outgoing if d else "?"
+    active = "active" if state.active else "inactive"
+    return f"ufw {active}, default {incoming} incoming / {outgoing} outgoing"
+
+
+def _report_diff(c: HostConnection, diff: HostDiff, state: HostState, *,
+                 done: bool, prune_unmanaged: bool) -> None:
+    """changed/would lines for each change, ok lines for what already matches."""
+    r = c.reporter
+
+    def change(done_text: str, would_text: str) -> None:
+        if done:
+            r.changed(c.name, done_text)
+        else:
+            r.would(c.name, would_text)
+
+    for rule in diff.satisfied:
+        r.unchanged(c.name, f"firewall rule {rule}")
+    for rule in diff.add:
+        change(f"firewall rule added: {rule}", f"add firewall rule: {rule}")
+    for rule in diff.recomment:
+        change(f"firewall rule comment set: {rule}", f"set firewall rule comment: {rule}")
+    for rule in diff.remove:
+        why = "ours, no longer planned" if rule.managed else "not ours, --prune-unmanaged"
+        change(f"firewall rule removed ({why}): {rule}",
+               f"remove firewall rule ({why}): {rule}")
+    for direction, now, want in diff.defaults:
+        text = f"ufw default {direction}: {now or 'unknown'} -> {want}"
+        change(text, f"set {text}")
+    if diff.enable:
+        change("ufw enabled", "enable ufw")
+    if not diff.defaults and not diff.enable:
+        r.unchanged(c.name, _policy_text(state))
+    for rule in diff.unexpected:
+        hint = "" if prune_unmanaged else " (--prune-unmanaged removes it)"
+        r.info(c.name, f"unexpected firewall rule, not ours, kept{hint}: {rule}")
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _fresh_check(fresh: Executor, host: Host, token: str, revert_after: int,
+                 armed_at: float) -> None:
+    """Disarm the revert timer over a brand-new SSH connection, or leave it armed."""
+    by = time.strftime("%H:%M:%S", time.localtime(armed_at + revert_after))
+    conn = fresh.conn(host)
+    try:
+        res = conn.run_script(disarm_script(token), sudo=True, label="disarm firewall revert")
+    except DeployError as exc:  # unreachable, host key, sudo, the script itself
+        first = str(exc).splitlines()[0]
+        raise FirewallLockout(
+            f"{host.name}: after the firewall change a NEW SSH connection to "
+            f"{host.ssh_user}@{host.address}:{host.ssh_port} failed ({first}).\n"
+            f"  New connections may be locked out. The revert timer "
+            f"({REVERT_UNIT}.timer) stays armed: {host.name} restores its previous firewall by "
+            f"itself {revert_after} s after the change (by about {by}).\n"
+            f"  Check admin_cidrs and the host's SSH port, then re-run `fab firewall.apply`.",
+            host=host.name) from None
+    finally:
+        conn.close()
+    if "@fired" in res.stdout:
+        raise FirewallLockout(
+            f"{host.name}: the revert timer fired before the new SSH connection confirmed the "
+            f"change ({revert_after} s was not enough): {host.name} restored its previous "
+            f"firewall. Re-run with a larger --revert-after.", host=host.name)
+    if "@disarmed" not in res.stdout:
+        raise DeployError(f"{host.name}: unexpected answer while disarming the revert timer; "
+                          f"check `systemctl status {REVERT_UNIT}.timer` on the host",
+                          host=host.name)
+
+
+def converge(c: HostConnection, rules: list[Rule], *, admin_cidrs, fresh: Executor | None,
+             revert_after: int = 60, prune_unmanaged: bool = False) -> HostDiff:
+    """Make one host's ufw exactly ``rules`` (lockout-protected); returns what differed.
+
+    ``fresh`` opens the brand-new connection that confirms the change (None only in
+    dry-run). The building block of `apply`, usable with any rule list.
+    """
+    host = c.host
+    state = read_state(c)
+    check_ssh_source(host, state, admin_cidrs)
+    if state.revert_pending:
+        raise FirewallRefused(
+            f"{host.name}: a firewall revert is pending ({REVERT_UNIT}.timer, armed by an "
+            f"apply whose new-connection check failed or was interrupted). Wait for it to "
+            f"restore the previous rules (`systemctl list-timers {REVERT_UNIT}.timer` on the "
+            f"host), fix the cause and re-run; to keep the current rules instead, run "
+            f"`systemctl stop {REVERT_UNIT}.timer` there. Nothing was changed.",
+            host=host.name)
+    if any(r.source is not None and r.source.version == 6 for r in rules) and \
+            state.defaults is not None and not state.defaults.ipv6:
+        raise DeployError(
+            f"{host.name}: the plan has IPv6 rules (admin_cidrs) but ufw's IPv6 support is "
+            f"off: set IPV6=yes in /etc/default/ufw on {host.name} and re-run", host=host.name)
+    if not state.installed:
+        ensure_packages(c, FIREWALL_PACKAGES)
+        if not c.dry_run:
+            state = read_state(c)
+    else:
+        c.reporter.unchanged(c.name, f"packages {' '.join(FIREWALL_PACKAGES)}")
+    diff = fw.diff_host(host.name, rules, state.rules, active=state.active,
+                        defaults=state.defaults, prune_unmanaged=prune_unmanaged)
+    if not diff.changes or c.dry_run:
+        _report_diff(c, diff, state, done=False, prune_unmanaged=prune_unmanaged)
+        return diff
+    assert fresh is not None, "converge needs a fresh Executor outside dry-run"
+    put_file(c, REVERT_SCRIPT, REVERT_SOURCE.read_bytes(), mode=0o755)
+    token = _random.token_hex(8)
+    script = apply_script(fw.ufw_commands(diff), token=token, revert_after=revert_after)
+    armed_at = time.time()
+    try:
+        c.run_script(script, sudo=True, label="firewall: save, arm revert, apply ufw rules")
+    except UnreachableError as exc:
+        raise FirewallLockout(
+            f"{host.name}: lost the SSH connection while changing the firewall "
+            f"({str(exc).splitlines()[0]}). If the revert timer was armed, {host.name} "
+            f"restores its previous firewall by itself within {revert_after} s. Check the "
+            f"host, then re-run.", host=host.name) from None
+    except RemoteCommandError as exc:
+        # The change failed half-way: put the previous firewall back now.
+        try:
+            c.run(revert_now_argv(token), sudo=True)
+            restored = "the previous firewall was restored"
+        except DeployError:
+            restored = (f"restoring the previous firewall failed too; the revert timer "
+                        f"({REVERT_UNIT}.timer) restores it within {revert_after} s")
+        said = "\n".join(f"    {line}" for line in exc.stderr_tail.splitlines()[-6:])
+        raise DeployError(
+            f"{host.name}: changing the firewall failed; {restored}. ufw said:\n{said}\n"
+            f"  Fix the cause on {host.name} (`sudo ufw show added`) and re-run.",
+            host=host.name) from None
+    _report_diff(c, diff, state, done=True, prune_unmanaged=prune_unmanaged)
+    _fresh_check(fresh, host, token, revert_after, armed_at)
+    c.reporter.info(c.name, "a new SSH connection got through: revert timer disarmed")
+    after = read_state(c)
+    left = fw.diff_host(host.name, rules, after.rules, active=after.active,
+                        defaults=after.defaults, prune_unmanaged=prune_unmanaged)
+    if left.changes:
+        raise DeployError(
+            f"{host.name}: ufw did not converge to the plan (still to do: "
+            f"{'; '.join(' '.join(a) for a in fw.ufw_commands(left))}); run `sudo ufw show "
+            f"added` on {host.name} and report this", host=host.name)
+    return diff
+
+
+def _check_revert_after(revert_after: int) -> int:
+    if not isinstance(revert_after, int) or not \
+            MIN_REVERT_AFTER <= revert_after <= MAX_REVERT_AFTER:
+        raise BadInput(f"--revert-after must be {MIN_REVERT_AFTER}..{MAX_REVERT_AFTER} "
+                       f"seconds, got {revert_after!r}")
+    return revert_after
+
+
+def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = False) -> None:
+    """Converge every host's firewall to the plan, hosts in parallel (dry-run: report only)."""
+    _check_revert_after(revert_after)
+    inv = session.inventory
+    if revert_after <= inv.ssh.connect_timeout:
+        # Otherwise the host could revert before a failing new connection even times out.
+        raise BadInput(f"--revert-after ({revert_after} s) must be longer than "
+                       f"ssh.connect_timeout ({inv.ssh.connect_timeout:g} s)")
+    rules = fw.plan_rules(inv)
+    fresh = None
+    if not session.dry_run:
+        # Its own connections: each proves that a brand-new SSH session gets through.
+        fresh = Executor(inv, reporter=session.reporter, secrets=session.secrets)
+    try:
+        session.executor.each(inv.hosts, lambda c: converge(
+            c, rules[c.name], admin_cidrs=inv.admin_cidrs, fresh=fresh,
+            revert_after=revert_after, prune_unmanaged=prune_unmanaged))
+    finally:
+        if fresh is not None:
+            fresh.close()
+
+
+# --------------------------------------------------------------------------- plan / status
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    state: HostState
+    diff: HostDiff
+    refused: str | None  # why apply would refuse this host
+
+
+def _host_plan(c: HostConnection, inv: Inventory, rules: list[Rule]) -> HostPlan:
+    state = read_state(c)
+    refused = None
+    try:
+        check_ssh_source(c.host, state, inv.admin_cidrs)
+    except FirewallRefused as exc:
+        refused = str(exc)
+    diff = fw.diff_host(c.name, rules, state.rules, active=state.active,
+                        defaults=state.defaults)
+    return HostPlan(state, diff, refused)
+
+
+def plan(session: Session) -> dict[str, HostPlan]:
+    """Per host, the rules apply would add and remove against the live ufw state."""
+    inv = session.inventory
+    rules = fw.plan_rules(inv)
+
+    def one(c: HostConnection) -> HostPlan:
+        hp = _host_plan(c, inv, rules[c.name])
+        if not hp.state.installed:
+            c.reporter.would(c.name, f"install {' '.join(FIREWALL_PACKAGES)}")
+        _report_diff(c, hp.diff, hp.state, done=False, prune_unmanaged=False)
+        if hp.refused:
+            c.reporter.info(c.name, "WARNING: apply would refuse this host:\n" + hp.refused)
+        if hp.state.revert_pending:
+            c.reporter.info(c.name, f"WARNING: a firewall revert is pending ({REVERT_UNIT}.timer)")
+        return hp
+
+    return session.executor.each(inv.hosts, one)
+
+
+def status(session: Session) -> dict[str, HostPlan]:
+    """The live rules per host, each marked planned / unexpected / missing."""
+    inv = session.inventory
+    rules = fw.plan_rules(inv)
+
+    def one(c: HostConnection) -> HostPlan:
+        hp = _host_plan(c, inv, rules[c.name])
+        st, diff, say = hp.state, hp.diff, c.reporter.info
+        line = _policy_text(st)
+        if st.status is not None and st.status.active:
+            d = st.status.defaults
+            line += f", routed {d.get('routed', '?')}, logging {st.status.logging or '?'}"
+        say(c.name, line)
+        satisfied = {r.key for r in diff.satisfied}
+        recomment = {r.key: r for r in diff.recomment}
+        for live in st.rules:
+            if live.key in satisfied:
+                satisfied.discard(live.key)
+                say(c.name, f"  planned     {live}")
+            elif live.key in recomment:
+                planned_rule = recomment.pop(live.key)
+                say(c.name, f"  planned     {live}   (apply sets comment "
+                            f"{planned_rule.comment!r})")
+            elif live.managed:
+                say(c.name, f"  unexpected  {live}   (ours, not planned: apply removes it)")
+            else:
+                say(c.name, f"  unexpected  {live}   (not ours: apply keeps it; "
+                            f"--prune-unmanaged removes it)")
+        for rule in diff.add:
+            say(c.name, f"  missing     {rule}")
+        if st.revert_pending:
+            say(c.name, f"WARNING: a firewall revert is pending ({REVERT_UNIT}.timer)")
+        return hp
+
+    return session.executor.each(inv.hosts, one)
+
+
+# --------------------------------------------------------------------------- audit
+
+# Runs in the vantage network namespace (or here): for every target address, the source
+# address the kernel would use (UDP connect sends nothing), then a TCP connect to every
+# (address, port) pair in parallel. open = accepted, closed = RST (the firewall let it
+# through, nothing listens), filtered = no answer (dropped).
+PROBE_PROGRAM = r"""
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+req = json.loads(sys.argv[1])
+timeout = float(req["timeout"])
+def family(addr):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+def source(addr):
+    s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    try:
+        s.connect((addr, 9))
+        return s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+def probe(target):
+    addr, port = target
+    s = socket.socket(family(addr), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((addr, port))
+        return "open"
+    except ConnectionRefusedError:
+        return "closed"
+    except (socket.timeout, TimeoutError):
+        return "filtered"
+    except OSError as e:
+        return "filtered" if e.errno in (101, 113) else "error: %s" % e
+    finally:
+        s.close()
+targets = [tuple(t) for t in req["targets"]]
+with ThreadPoolExecutor(max_workers=max(1, min(128, len(targets)))) as pool:
+    states = list(pool.map(probe, targets))
+print(json.dumps({
+    "sources": {a: source(a) for a in sorted({t[0] for t in targets})},
+    "results": [[a, p, st] for (a, p), st in zip(targets, states)],
+}))
+"""
+
+
+def probe_argv(request: dict, netns: str | None) -> list[str]:
+    argv = [sys.executable, "-I", "-c", PROBE_PROGRAM, json.dumps(request)]
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+def probe_reachability(targets: list[tuple[str, int]], netns: str | None = None, *,
+                       timeout: float = PROBE_TIMEOUT) -> tuple[dict[str, str | None],
+                                                                 dict[tuple[str, int], str]]:
+    """-> (address -> our source address toward it, (address, port) -> state)."""
+    if netns is not None and not _NETNS_RE.fullmatch(netns):
+        raise BadInput(f"--netns {netns!r} is not a network namespace name")
+    request = {"targets": [list(t) for t in targets], "timeout": timeout}
+    try:
+        proc = subprocess.run(probe_argv(request, netns), capture_output=True, text=True,
+                              timeout=timeout * 4 + 30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DeployError(f"audit: the reachability probe failed to run: {exc}") from None
+    if proc.returncode != 0:
+        where = f"in network namespace {netns}" if netns else "here"
+        hint = (" (does the namespace exist? `ip netns list`; it needs root)"
+                if netns else "")
+        raise DeployError(f"audit: the reachability probe failed {where}{hint}: "
+                          f"{proc.stderr.strip()[-500:]}")
+    data = json.loads(proc.stdout)
+    results = {(a, int(p)): st for a, p, st in data["results"]}
+    return data["sources"], results
+
+
+def _resolve(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError as exc:
+        raise DeployError(f"audit: cannot resolve {address}: {exc}") from None
+
+
+def _explain(state: HostState, port: int, vantage: fw.Address, planned_keys: set) -> str:
+    """Which live rules not in the plan may open ``port`` (for the audit's messages)."""
+    if not state.active:
+        return "ufw is not active" if state.installed else "ufw is not installed"
+
+    def may_open(rule: LiveRule) -> bool:
+        if not rule.parsed:
+            return True
+        if rule.key in planned_keys or rule.direction != "in" or rule.action == "deny":
+            return False
+        if rule.source is not None and not (rule.source.version == vantage.version
+                                            and vantage in rule.source):
+            return False
+        return (port in rule.tcp_ports() or rule.app is not None
+                or (rule.port is None and rule.proto in (None, "tcp")))
+
+    suspects = [rule for rule in state.rules if may_open(rule)]
+    if not suspects:
+        return "no ufw rule outside the plan explains it (something bypassing ufw?)"
+    return "live rule(s) not in the plan: " + "; ".join(str(x) for x in suspects)
+
+
+def audit(session: Session, netns: str | None) -> bool:
+    """Check reachability of every relevant port of every host against the plan from the
+    vantage point (``netns``, or here); report every difference; True when none."""
+    inv = session.inventory
+    rules = fw.plan_rules(inv)
+    states = session.executor.each(inv.hosts, read_state)
+    targets: list[tuple[str, int]] = []
+    addresses: dict[str, str] = {}
+    for host in inv.hosts:
+        addresses[host.name] = _resolve(host.address)
+        st = states[host.name]
+        for port in fw.audit_ports(rules, st.rules, st.listeners):
+            targets.append((addresses[host.name], port))
+    targets = list(dict.fromkeys(targets))
+    sources, results = probe_reachability(targets, netns)
+    where = f"netns {netns}" if netns else "here"
+    r = session.reporter
+    ok = True
+    for host in inv.hosts:
+        st, addr = states[host.name], addresses[host.name]
+        if netns is None and st.ssh_client is not None:
+            vantage = st.ssh_client[0]  # what the host really sees, NAT included
+        else:
+            src = sources.get(addr)
+            if src is None:
+                r.error(host.name, f"no route from {where} to {addr}: cannot audit")
+                ok = False
+                continue
+            vantage = ipaddress.ip_address(src.split("%", 1)[0])
+        planned_keys = {rule.key for rule in rules[host.name]}
+        reachable, filtered = [], []
+        for (a, port), observed in results.items():
+            if a != addr:
+                continue
+            expected = fw.reachable_by_plan(rules[host.name], port, vantage)
+            got = observed in ("open", "closed")
+            (reachable if got else filtered).append(str(port))
+            if observed.startswith("error"):
+                r.error(host.name, f"port {port}/tcp: probe error from {vantage}: {observed}")
+                ok = False
+            elif got and not expected:
+                ok = False
+                r.error(host.name, f"port {port}/tcp is {observed} from {vantage} ({where}) "
+                                   f"but the plan keeps it filtered: "
+                                   f"{_explain(st, port, vantage, planned_keys)}")
+            elif expected and not got:
+                ok = False
+                r.error(host.name, f"port {port}/tcp is filtered from {vantage} ({where}) "
+                                   f"but the plan allows it (run `fab firewall.status`)")
+        if not st.active:
+            r.info(host.name, "ufw is not active" if st.installed else "ufw is not installed")
+        r.info(host.name, f"audit from {vantage} ({where}): reachable "
+                          f"{', '.join(reachable) or 'none'}; filtered "
+                          f"{', '.join(filtered) or 'none'}")
+    return ok

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make demo`: bring up the local lab, provision every tier with `fab site`, show that a
+# second run changes nothing, and tell the reader how to look around.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV_BIN=.venv/bin
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "lab: proxy1, app1, app2 (reached as a sudo user), db1 + an 'outside' namespace"
+inventory=$("$VENV_BIN/inv" lab.up | tail -n1)
+export RELEASY_INVENTORY="$inventory"
+"$VENV_BIN/inv" lab.status
+
+say "fab inventory.check (validation only, no connection)"
+"$VENV_BIN/fab" inventory.check
+
+say "fab site --version 1.0.0 (db -> app -> proxy -> firewall)"
+"$VENV_BIN/fab" site --version 1.0.0
+
+say "fab site again: nothing to change"
+"$VENV_BIN/fab" site | tail -n 3
+
+proxy=$(awk '/^  proxy1:/{getline; print $2}' "$inventory")
+say "through the proxy: https://$proxy/version"
+curl -ksS --max-time 5 "https://$proxy/version"; echo
+
+say "firewall, as seen from the 'outside' namespace"
+for port in 22 80 443 8080 5432; do
+  printf '  proxy1:%-5s %s\n' "$port" "$("$VENV_BIN/inv" lab.probe proxy1 "$port")"
+done
+printf '  db1:5432    %s\n' "$("$VENV_BIN/inv" lab.probe db1 5432)"
+
+cat <<MSG
+
+Done. Look around:
+  export RELEASY_INVENTORY=$inventory
+  .venv/bin/fab --list                     # every operator task
+  ssh -F .lab/ssh_config app1              # a shell on a lab host (also proxy1, app2, db1)
+  .venv/bin/inv lab.probe db1 5432         # open/closed/filtered from the outside
+  .venv/bin/fab firewall.audit --netns lab-outside
+  .venv/bin/inv lab.down                   # remove the lab
+MSG

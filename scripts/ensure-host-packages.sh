@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Debian packages the lab and the test suite need on the machine running them.
+# Idempotent: installs only what is missing, and runs apt-get update only then.
+set -euo pipefail
+packages=(mmdebstrap systemd-container dpkg-dev iproute2 openssh-client python3-venv curl)
+missing=()
+for p in "${packages[@]}"; do
+  if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+    missing+=("$p")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,100 @@
+"""The local lab for integration tests: brought up once per session (per topology), and
+always torn down at the end so no host, namespace or mount outlives the test run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lab import lab as lab_ops
+from lab.config import LabIdentity, current_identity
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).parent / "fab")
+
+
+@dataclass
+class LabHandle:
+    ident: LabIdentity
+    topology: str
+    inventory: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.ident.state_dir
+
+    @property
+    def releases(self) -> Path:
+        return self.ident.state_dir / "releases"
+
+    def host_root(self, host: str) -> Path:
+        """The host's root filesystem as seen from this machine (for test set-up only)."""
+        return lab_ops.machine.host_dir(self.ident, host) / "root"
+
+    def ssh(self, host: str, *argv: str, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        """Look at a host with the plain OpenSSH client, independently of our executor."""
+        return lab_ops.operator_ssh(self.ident, host, *argv, check=check, timeout=timeout)
+
+    def probe(self, host: str, port: int, source: str = "outside") -> str:
+        return lab_ops.probe(host, port, source)
+
+    def fab(self, *args: str, inventory: Path | None = None, check: bool = True,
+            env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run the operator CLI exactly as an operator would (a separate process)."""
+        full_env = {**os.environ, "RELEASY_INVENTORY": str(inventory or self.inventory),
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+        _CAPTURED.append(proc.stdout + proc.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"fab {' '.join(args)} exited {proc.returncode}\n"
+                                 f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        return proc
+
+
+# Every fab output the suite captured: the secrets test greps these for leaked values.
+_CAPTURED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def captured_outputs() -> list[str]:
+    return _CAPTURED
+
+
+class LabSession:
+    def __init__(self) -> None:
+        self.ident = current_identity()
+        self.current: tuple | None = None
+
+    def use(self, topology: str = "split", apps: int = 2,
+            database: str = "postgres") -> LabHandle:
+        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database))
+        self.current = (topology, apps, database)
+        return LabHandle(self.ident, topology, inventory)
+
+    def fresh(self, topology: str = "split", apps: int = 2,
+              database: str = "postgres") -> LabHandle:
+        """A lab whose hosts have never been provisioned (replaces any current lab)."""
+        lab_ops.down()
+        return self.use(topology, apps, database)
+
+
+@pytest.fixture(scope="session")
+def lab_session():
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root: the lab uses namespaces, mounts and nspawn")
+    session = LabSession()
+    try:
+        yield session
+    finally:
+        lab_ops.down()
+
+
+@pytest.fixture(scope="module")
+def split_lab(lab_session) -> LabHandle:
+    return lab_session.use("split", 2)

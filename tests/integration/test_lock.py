@@ -1,0 +1,397 @@
+"""The deploy lock on the lab: PostgreSQL (split topology) first, then flock (single host,
+SQLite). Holders are real separate processes taking the lock through the public API; the
+CLI is the real `fab deploy.lock`; hosts are inspected with plain OpenSSH."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from releasy_deploy import lock
+from releasy_deploy.cli import session
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).parent / "fab")
+FREE_WITHIN_S = 15.0
+
+# Takes the lock through the public API in its own process, prints "held ...", then holds
+# it until its stdin closes (a clean release) or it is killed. Errors: the CLI's exit code.
+HOLDER_CODE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from releasy_deploy.cli import exit_code_for, session
+from releasy_deploy.errors import DeployError
+from releasy_deploy.lock import deploy_lock
+version, wait = sys.argv[1], float(sys.argv[2])
+try:
+    with session() as s, deploy_lock(s, version=version, wait=wait) as info:
+        print("held", info.describe(), flush=True)
+        sys.stdin.read()
+except DeployError as exc:
+    print(f"error: {{exc}}", flush=True)
+    sys.exit(exit_code_for(exc))
+"""
+
+SCRATCH_FABFILE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from invoke import Collection
+from fabfile import deploy
+ns = Collection()
+ns.add_collection(Collection.from_module(deploy))
+"""
+
+
+class Holder:
+    """A separate process that takes (or tries to take) the deploy lock."""
+
+    def __init__(self, inventory: Path, version: str, wait: float = 0) -> None:
+        env = {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER_CODE, version, str(wait)], env=env, cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pid = self.proc.pid
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"holder {self.pid}: no {prefix!r} line within"
+                                     f" {timeout} s; got {self.output}") from None
+            if line is None:
+                raise AssertionError(f"holder {self.pid} exited ({self.proc.wait()}) without"
+                                     f" a {prefix!r} line: {self.output}")
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=5)) is not None:
+            self.output.append(line)
+        return code
+
+    def release(self) -> int:
+        self.proc.stdin.close()
+        return self.finish()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # only the process this test started
+        self.proc.wait(timeout=30)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+def fab_lock(lab, tmp_path_factory) -> subprocess.CompletedProcess:
+    """`fab deploy.lock` through the real fabfile once `deploy` is registered there, else
+    through a scratch collection holding only fabfile/deploy.py."""
+    import fabfile
+
+    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
+    if "deploy" in fabfile.ns.collections:
+        argv = [FAB, "-r", str(ROOT / "fabfile"), "deploy.lock"]
+    else:
+        scratch = tmp_path_factory.mktemp("fab")
+        (scratch / "lockfab.py").write_text(SCRATCH_FABFILE)
+        argv = [FAB, "-r", str(scratch), "-c", "lockfab", "deploy.lock"]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return proc
+
+
+def holder_now(inventory: Path) -> str | None:
+    os.environ["RELEASY_INVENTORY"] = str(inventory)
+    with session() as s:
+        return lock.lock_holder(s)
+
+
+def wait_free(inventory: Path, within: float) -> float:
+    """Poll `lock_holder` until the lock is free; return how long it took."""
+    started = time.monotonic()
+    while True:
+        holder = holder_now(inventory)
+        if holder is None:
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            raise AssertionError(f"still held after {within} s by {holder}")
+        time.sleep(0.3)
+
+
+def who(pid: int, version: str) -> str:
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname().split('.')[0]} pid={pid} version={version}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_inventory_env():
+    before = os.environ.get("RELEASY_INVENTORY")
+    yield
+    if before is None:
+        os.environ.pop("RELEASY_INVENTORY", None)
+    else:
+        os.environ["RELEASY_INVENTORY"] = before
+
+
+# ======================================================================================
+# PostgreSQL (split topology)
+# ======================================================================================
+@pytest.fixture(scope="module")
+def pg_lab(lab_session):
+    lab = lab_session.use("split", 2)
+    lab.fab("db.setup")
+    # The db tier's pg_hba (split topology) admits only the app hosts' private addresses;
+    # the lock's tunnel arrives on the db host's loopback. Until the db tier admits
+    # 127.0.0.1 for the app role, add that line by hand (reported to the lead).
+    hba = "/etc/postgresql/15/main/pg_hba.conf"
+    line = "host releasy releasy 127.0.0.1/32 scram-sha-256"
+    # (ssh joins its arguments into one remote shell command line: pass one string.)
+    lab.ssh("db1", f"grep -q '127.0.0.1/32' {hba} || "
+                   f"{{ echo '{line}' >> {hba} && systemctl reload postgresql@15-main; }}")
+    deadline = time.monotonic() + 30
+    while True:  # the reload is asynchronous: poll until the lock session can log in
+        try:
+            holder_now(lab.inventory)
+            break
+        except lock.LockUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    return lab
+
+
+def psql_db1(lab, sql: str) -> str:
+    """SQL as the postgres superuser on db1, in a session of its own (stdin, not argv)."""
+    proc = subprocess.run(
+        [*lab_ssh_base(lab), "db1", "runuser -u postgres -- psql -XAtq -d releasy"],
+        input=sql, capture_output=True, text=True, timeout=60, check=True)
+    return proc.stdout.strip()
+
+
+def lab_ssh_base(lab) -> list[str]:
+    from lab import lab as lab_ops
+
+    return lab_ops.ssh_base(lab.ident)
+
+
+def test_postgres_lock_busy_wait_and_release(pg_lab, tmp_path_factory):
+    assert fab_lock(pg_lab, tmp_path_factory).stdout.strip() == "deploy lock of lab: free"
+
+    first = Holder(pg_lab.inventory, "1.1.0")
+    waiter = None
+    try:
+        held = first.expect("held ")
+        assert held.startswith(f"held {who(first.pid, '1.1.0')} since 20")
+
+        shown = fab_lock(pg_lab, tmp_path_factory)
+        assert shown.returncode == 0
+        assert shown.stdout.startswith(
+            f"deploy lock of lab: held by {who(first.pid, '1.1.0')} since 20")
+        assert "(PostgreSQL on db1)" in shown.stdout
+
+        # A second deploy fails at once, exit code 3, naming the holder.
+        second = Holder(pg_lab.inventory, "1.2.0")
+        assert second.finish() == 3
+        error = "\n".join(second.output)
+        assert error.startswith(f"error: deploy of lab held by {who(first.pid, '1.1.0')} since")
+        assert "--wait SECONDS" in error
+
+        # ... and through the API in this process, with the holder attached.
+        os.environ["RELEASY_INVENTORY"] = str(pg_lab.inventory)
+        with session() as s:
+            with pytest.raises(lock.LockBusy) as busy:
+                with lock.deploy_lock(s, version="1.2.0"):
+                    pytest.fail("took a lock that another process holds")
+        assert busy.value.exit_code_hint == 3
+        assert busy.value.holder.pid == first.pid
+
+        # In pg_locks: our two-int key space (objsubid 2), class 'RLSY', objid crc32(env).
+        rows = psql_db1(pg_lab, "SELECT l.classid, l.objid, l.objsubid, a.application_name"
+                                " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                                " WHERE l.locktype = 'advisory' AND l.granted;")
+        assert len(rows.splitlines()) == 1, rows
+        classid, objid, objsubid, app_name = rows.split("|")
+        assert (int(classid), int(objid), int(objsubid)) == (
+            lock.LOCK_CLASSID, zlib.crc32(b"lab"), 2)
+        assert app_name.startswith("releasy-deploy ") and f" {first.pid} 1.1.0 " in app_name
+
+        # Upstream's migration key (a bigint) is not blocked by ours.
+        key = lock.upstream_migration_key("releasy")
+        assert psql_db1(pg_lab, f"SELECT pg_try_advisory_lock({key});") == "t"
+
+        # --wait queues behind the holder and gets the lock once it is released.
+        waiter = Holder(pg_lab.inventory, "1.1.1", wait=60)
+        assert waiter.running
+        assert first.release() == 0
+        assert waiter.expect("held ").startswith(f"held {who(waiter.pid, '1.1.1')} since 20")
+        assert f"pid={waiter.pid}" in fab_lock(pg_lab, tmp_path_factory).stdout
+    finally:
+        first.kill()
+        if waiter is not None:
+            waiter.kill()
+    assert wait_free(pg_lab.inventory, FREE_WITHIN_S) >= 0
+    assert fab_lock(pg_lab, tmp_path_factory).stdout.strip() == "deploy lock of lab: free"
+
+
+def test_postgres_lock_freed_when_the_holder_is_killed(pg_lab):
+    holder = Holder(pg_lab.inventory, "1.1.0")
+    try:
+        holder.expect("held ")
+        assert f"pid={holder.pid}" in holder_now(pg_lab.inventory)
+        holder.kill()  # SIGKILL: no unlock, no clean disconnect from our side
+        wait_free(pg_lab.inventory, FREE_WITHIN_S)
+    finally:
+        holder.kill()
+
+
+def test_postgres_lock_loss_is_detected_and_dry_run_only_reports(pg_lab, capsys):
+    os.environ["RELEASY_INVENTORY"] = str(pg_lab.inventory)
+    with session() as s, lock.deploy_lock(s, version="1.1.0") as info:
+        info.ensure_held()
+        assert info.pid == os.getpid() and info.where == "PostgreSQL on db1"
+        # Dry run while held: reports the holder, neither waits nor fails nor takes it.
+        with session(dry_run=True) as dry, lock.deploy_lock(dry, version="1.2.0") as seen:
+            assert seen.note == "dry run: lock not taken"
+        assert (f"[db1] would take the deploy lock of lab (now held by"
+                f" {who(os.getpid(), '1.1.0')} since") in capsys.readouterr().out
+        # The session behind the lock ends (a DBA, a db restart...): the holder must notice.
+        killed = psql_db1(pg_lab, "SELECT count(pg_terminate_backend(pid)) FROM"
+                                  " pg_stat_activity WHERE application_name LIKE"
+                                  " 'releasy-deploy %';")
+        assert killed == "1"
+        with pytest.raises(lock.LockLost, match="deploy lock of lab was lost"):
+            info.ensure_held()
+    out = capsys.readouterr().out
+    assert "[db1] ERROR: releasing the deploy lock of lab" in out
+    assert holder_now(pg_lab.inventory) is None
+
+
+def test_releasy_migrates_and_starts_while_the_deploy_lock_is_held(pg_lab):
+    """The stand-in takes upstream's blocking migration lock at start-up: it must not hang."""
+    holder = Holder(pg_lab.inventory, "1.0.0")
+    try:
+        holder.expect("held ")
+        # By hand until the app tier exists: the stand-in on app1 under systemd-run, its
+        # database URL (with the password) in a 0600 file, never on a command line.
+        tarball = pg_lab.releases / "releasy-server-1.0.0-linux-x86_64.tar.gz"
+        binary = subprocess.run(["tar", "-xzOf", str(tarball), "releasy-server"],
+                                capture_output=True, check=True).stdout
+        subprocess.run([*lab_ssh_base(pg_lab), "app1",
+                        "cat > /usr/local/bin/lock-test-standin"
+                        " && chmod 0755 /usr/local/bin/lock-test-standin"],
+                       input=binary, check=True, timeout=60)
+        os.environ["RELEASY_INVENTORY"] = str(pg_lab.inventory)
+        with session() as s:
+            from releasy_deploy.tiers.db import database_url
+            url = database_url(s)
+        subprocess.run([*lab_ssh_base(pg_lab), "app1",
+                        "umask 077 && cat > /root/lock-test-standin.env"],
+                       input=f"RELEASY_DATABASE_URL={url}\nRELEASY_BIND_ADDR=127.0.0.1:8090\n",
+                       text=True, check=True, timeout=60)
+        pg_lab.ssh("app1", "systemd-run", "--unit=lock-test-standin", "--collect",
+                   "-p", "EnvironmentFile=/root/lock-test-standin.env",
+                   "/usr/local/bin/lock-test-standin")
+        # Poll /ready on app1 (the port opens only after migrations are done).
+        ready = pg_lab.ssh("app1", "for i in $(seq 200); do"
+                                   " curl -fsS http://127.0.0.1:8090/ready && exit 0;"
+                                   " sleep 0.1; done; exit 1", check=False)
+        assert ready.returncode == 0, ready.stdout + ready.stderr
+        applied = psql_db1(pg_lab, "SELECT count(*) FROM _sqlx_migrations WHERE success;")
+        assert int(applied) >= 1
+        assert f"pid={holder.pid}" in holder_now(pg_lab.inventory)  # still ours throughout
+    finally:
+        holder.kill()
+        pg_lab.ssh("app1", "systemctl stop lock-test-standin 2>/dev/null;"
+                           " rm -f /root/lock-test-standin.env", check=False)
+
+
+# ======================================================================================
+# flock (single host, SQLite) -- last in this module: it replaces the split lab
+# ======================================================================================
+@pytest.fixture(scope="module")
+def sqlite_lab(lab_session):
+    return lab_session.use("single", database="sqlite")
+
+
+def test_flock_lock_busy_wait_and_release(sqlite_lab, tmp_path_factory):
+    assert fab_lock(sqlite_lab, tmp_path_factory).stdout.strip() == "deploy lock of lab: free"
+    first = Holder(sqlite_lab.inventory, "1.1.0")
+    waiter = None
+    try:
+        first.expect("held ")
+        shown = fab_lock(sqlite_lab, tmp_path_factory).stdout
+        assert shown.startswith(f"deploy lock of lab: held by {who(first.pid, '1.1.0')} since 20")
+        assert "(flock on solo)" in shown
+        on_host = sqlite_lab.ssh("solo", "cat", "/run/releasy-deploy.holder").stdout
+        assert on_host.startswith("releasy-deploy ") and f" {first.pid} 1.1.0 " in on_host
+
+        second = Holder(sqlite_lab.inventory, "1.2.0")
+        assert second.finish() == 3
+        assert "\n".join(second.output).startswith(
+            f"error: deploy of lab held by {who(first.pid, '1.1.0')} since")
+
+        waiter = Holder(sqlite_lab.inventory, "1.1.1", wait=60)
+        assert waiter.running
+        assert first.release() == 0
+        waiter.expect("held ")
+        assert f"pid={waiter.pid}" in fab_lock(sqlite_lab, tmp_path_factory).stdout
+        assert waiter.release() == 0
+    finally:
+        first.kill()
+        if waiter is not None:
+            waiter.kill()
+    assert fab_lock(sqlite_lab, tmp_path_factory).stdout.strip() == "deploy lock of lab: free"
+    # A clean release removes the holder file.
+    assert sqlite_lab.ssh("solo", "test", "-e", "/run/releasy-deploy.holder",
+                          check=False).returncode == 1
+
+
+def test_flock_lock_freed_when_the_holder_is_killed(sqlite_lab):
+    holder = Holder(sqlite_lab.inventory, "1.1.0")
+    try:
+        holder.expect("held ")
+        assert f"pid={holder.pid}" in holder_now(sqlite_lab.inventory)
+        holder.kill()
+        wait_free(sqlite_lab.inventory, FREE_WITHIN_S)
+    finally:
+        holder.kill()
+
+
+def test_flock_lock_loss_is_detected(sqlite_lab):
+    os.environ["RELEASY_INVENTORY"] = str(sqlite_lab.inventory)
+    with session() as s, lock.deploy_lock(s, version="1.1.0") as info:
+        info.ensure_held()
+        status = s.executor.conn("solo").run(lock.flock_status_argv(), mutates=False).stdout
+        flock_pid = status.split()[1]  # the flock process our lock command started
+        sqlite_lab.ssh("solo", f"kill -9 {int(flock_pid)}")
+        deadline = time.monotonic() + 10
+        while True:  # the exit status travels back asynchronously
+            try:
+                info.ensure_held()
+            except lock.LockLost:
+                break
+            assert time.monotonic() < deadline, "lock loss not noticed"
+            time.sleep(0.1)
+    assert holder_now(sqlite_lab.inventory) is None

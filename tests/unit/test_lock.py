@@ -1,0 +1,363 @@
+"""Deploy lock: keys, labels, messages and URL parsing (pure); the flock scripts run for
+real in a local shell; the SSH tunnel runs for real through the loopback sshd (conftest)."""
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import threading
+import zlib
+from datetime import datetime, timezone
+
+import pytest
+
+from releasy_deploy import lock
+from releasy_deploy.cli import EXIT_LOCK_BUSY, exit_code_for
+from releasy_deploy.errors import DeployError
+from releasy_deploy.executor import Executor
+from releasy_deploy.output import Reporter
+
+SINCE = datetime(2026, 11, 26, 7, 50, 1, tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------
+def test_classid_is_rlsy_as_int4():
+    assert lock.LOCK_CLASSID == int.from_bytes(b"RLSY", "big") == 1380733785
+
+
+@pytest.mark.parametrize("environment", ["lab", "production", "staging-2", "a", "x" * 32])
+def test_lock_key_is_two_signed_int4_with_crc32_objid(environment):
+    classid, objid = lock.lock_key(environment)
+    assert classid == lock.LOCK_CLASSID
+    assert -(2 ** 31) <= objid < 2 ** 31
+    assert objid & 0xFFFFFFFF == zlib.crc32(environment.encode())
+    # pg_locks shows both halves as unsigned oids.
+    assert lock.pg_locks_ids((classid, objid)) == (classid, zlib.crc32(environment.encode()))
+
+
+def test_lock_key_objid_wraps_to_negative_when_crc32_has_the_top_bit():
+    env = next(e for e in (f"env{i}" for i in range(100)) if zlib.crc32(e.encode()) >= 2 ** 31)
+    _, objid = lock.lock_key(env)
+    assert objid < 0
+    assert lock.pg_locks_ids(lock.lock_key(env))[1] == zlib.crc32(env.encode())
+
+
+def test_different_environments_get_different_keys():
+    assert lock.lock_key("production") != lock.lock_key("staging")
+
+
+def test_upstream_migration_key_matches_the_documented_value():
+    # /work/shared/docs/releasy-upstream.md: database "releasy" -> 2381881093274812060.
+    assert lock.upstream_migration_key("releasy") == 2381881093274812060
+
+
+# --------------------------------------------------------------------------------------
+# Holder labels
+# --------------------------------------------------------------------------------------
+def test_holder_label_format_and_round_trip():
+    label = lock.holder_label(user="alice", machine="laptop", pid=4242, version="1.2.3",
+                              since=SINCE)
+    assert label == "releasy-deploy 20261126T075001Z 4242 1.2.3 alice@laptop"
+    info = lock.parse_label(label, environment="lab", where="PostgreSQL on db1")
+    assert info is not None
+    assert (info.user, info.machine, info.pid, info.version, info.since) == (
+        "alice", "laptop", 4242, "1.2.3", SINCE)
+    assert info.describe() == "alice@laptop pid=4242 version=1.2.3 since 2026-11-26T07:50:01Z"
+
+
+def test_holder_label_without_version():
+    label = lock.holder_label(user="bob", machine="ci", pid=1, version=None, since=SINCE)
+    assert label.split()[3] == "-"
+    info = lock.parse_label(label, environment="lab", where="x")
+    assert info.version is None
+    assert info.describe() == "bob@ci pid=1 since 2026-11-26T07:50:01Z"
+
+
+def test_holder_label_fits_application_name_and_cuts_the_free_form_part_first():
+    label = lock.holder_label(user="a-very-long-user-name", machine="m" * 80, pid=4194304,
+                              version="1.20.30", since=SINCE)
+    assert len(label.encode()) == lock.MAX_LABEL_BYTES
+    info = lock.parse_label(label, environment="lab", where="x")
+    assert (info.pid, info.version, info.since) == (4194304, "1.20.30", SINCE)
+    assert (info.user, info.machine) == ("a-very-", "mmmmmmm")  # what is left, cut in half
+
+
+def test_holder_label_cuts_a_very_long_version_but_keeps_the_holder():
+    label = lock.holder_label(user="root", machine="ci-runner", pid=4194304,
+                              version="1.2.3-rc.1.build.20261126.abcdef", since=SINCE)
+    assert len(label.encode()) <= lock.MAX_LABEL_BYTES
+    info = lock.parse_label(label, environment="lab", where="x")
+    assert info.version == "1.2.3-rc.~"
+    assert (info.user, info.machine) == ("root", "ci-runn")
+
+
+@pytest.mark.parametrize("user,machine,expected", [
+    ("jérôme", "büro", "j?r?me@b?ro"),        # PostgreSQL would turn non-ASCII into '?'
+    ("ann smith", "lap top", "ann?smith@lap?top"),  # spaces would break the parse
+    ("x'y", 'm"$(id)', "x?y@m???id?"),
+])
+def test_holder_label_sanitizes_user_and_machine(user, machine, expected):
+    label = lock.holder_label(user=user, machine=machine, pid=7, version=None, since=SINCE)
+    assert label.endswith(" " + expected)
+    assert label.isascii()
+
+
+def test_holder_label_refuses_an_invalid_version():
+    with pytest.raises(ValueError, match="invalid release version"):
+        lock.holder_label(user="a", machine="b", pid=1, version="1.0; rm -rf /", since=SINCE)
+
+
+@pytest.mark.parametrize("text", [
+    "", "psql", "releasy-deploy waiting 123", "releasy-deploy notadate 1 - a@b",
+    "releasy-deploy 20261126T075001Z pid 1.0.0 a@b", "other 20261126T075001Z 1 - a@b",
+])
+def test_parse_label_rejects_foreign_text(text):
+    assert lock.parse_label(text, environment="lab", where="x") is None
+
+
+def test_busy_message_names_environment_holder_and_time_and_maps_to_exit_3():
+    holder = lock.parse_label("releasy-deploy 20261126T075001Z 99 1.1.0 carol@desk",
+                              environment="prod", where="PostgreSQL on db1")
+    err = lock.LockBusy(lock.busy_message("prod", holder), holder=holder)
+    first = str(err).splitlines()[0]
+    assert first.startswith("deploy of prod held by carol@desk pid=99 version=1.1.0"
+                            " since 2026-11-26T07:50:01Z (PostgreSQL on db1)")
+    assert "--wait SECONDS" in str(err)
+    assert isinstance(err, DeployError)
+    assert err.exit_code_hint == 3
+    assert exit_code_for(err) == EXIT_LOCK_BUSY == 3
+    waited = lock.busy_message("prod", holder, waited=30)
+    assert "(waited 30 s)" in waited.splitlines()[0]
+
+
+def test_foreign_holder_is_described_by_its_note():
+    info = lock.LockInfo("lab", "PostgreSQL on db1", note="PostgreSQL backend pid 7 (psql)")
+    assert info.describe() == "PostgreSQL backend pid 7 (psql) since an unknown time"
+
+
+# --------------------------------------------------------------------------------------
+# Database URL
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("url,user,password,dbname", [
+    ("postgres://releasy:s3cret@10.0.0.30:5432/releasy", "releasy", "s3cret", "releasy"),
+    ("postgresql://app:p%40ss%3Aw%2Fo%20rd%27%22@db:5432/app_db", "app", "p@ss:w/o rd'\"",
+     "app_db"),
+    ("postgres://u:%C3%A9t%C3%A9@127.0.0.1:5432/d", "u", "été", "d"),
+    ("postgres://u@127.0.0.1/d", "u", "", "d"),
+])
+def test_database_credentials(url, user, password, dbname):
+    creds = lock.database_credentials(url)
+    assert (creds.user, creds.password, creds.dbname) == (user, password, dbname)
+    assert password not in repr(creds) or not password
+
+
+@pytest.mark.parametrize("url", ["sqlite:///var/lib/releasy/releasy.db", "postgres://db/x",
+                                 "postgres://u:p@db:5432/"])
+def test_database_credentials_rejects(url):
+    with pytest.raises(ValueError):
+        lock.database_credentials(url)
+
+
+def test_keepalive_statements():
+    assert lock.keepalive_statements() == [
+        "SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 2",
+        "SET tcp_keepalives_count = 3"]
+
+
+# --------------------------------------------------------------------------------------
+# flock scripts: argv as data, then the scripts themselves in a real local shell
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("wait,seconds", [(0, "0"), (0.2, "1"), (5, "5"), (5.5, "6")])
+def test_flock_hold_argv(wait, seconds):
+    assert lock.flock_hold_argv(wait) == [
+        "sh", "-c", lock.FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
+        "/run/releasy-deploy.holder", seconds]
+
+
+def test_flock_status_argv():
+    assert lock.flock_status_argv() == [
+        "sh", "-c", lock.FLOCK_STATUS_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
+        "/run/releasy-deploy.holder"]
+
+
+@pytest.mark.parametrize("stdout,expected", [
+    ("FREE\n", None),
+    ("", None),
+    ("HELD 321\nreleasy-deploy 20261126T075001Z 55 - dan@pc\n",
+     "dan@pc pid=55 since 2026-11-26T07:50:01Z"),
+    ("HELD 321\n", "an unknown process (flock taken by pid 321; no holder file"
+                   " /run/releasy-deploy.holder) since an unknown time"),
+])
+def test_parse_flock_status(stdout, expected):
+    info = lock.parse_flock_status(stdout, environment="lab", where="flock on solo")
+    assert (None if info is None else info.describe()) == expected
+
+
+def test_parse_flock_status_rejects_garbage():
+    with pytest.raises(ValueError):
+        lock.parse_flock_status("what\n", environment="lab", where="x")
+
+
+def _local(argv: list[str], lockfile, holder) -> list[str]:
+    """Point the scripts' path arguments at temp files (same positions as on a host)."""
+    return [*argv[:4], str(lockfile), str(holder), *argv[6:]]
+
+
+def _status(lockfile, holder) -> str:
+    argv = _local(lock.flock_status_argv(), lockfile, holder)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
+
+
+def _hold(lockfile, holder, wait=0) -> subprocess.Popen:
+    argv = _local(lock.flock_hold_argv(wait), lockfile, holder)
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_flock_scripts_hold_report_and_release(tmp_path):
+    lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
+    assert _status(lockfile, holder) == "FREE\n"  # no lock file yet
+    label = lock.holder_label(user="eve", machine="box", pid=12, version="2.0.0", since=SINCE)
+    first = _hold(lockfile, holder)
+    try:
+        assert first.stdout.readline() == "ACQUIRED\n"
+        first.stdin.write(label + "\n")
+        first.stdin.flush()
+        assert first.stdout.readline() == "LOCKED\n"
+        status = _status(lockfile, holder)
+        # From /proc/locks: the pid is the `flock` child that took it for the shell.
+        assert status.splitlines()[0].startswith("HELD ")
+        assert status.splitlines()[1] == label
+
+        second = _hold(lockfile, holder)
+        out, _ = second.communicate(timeout=10)
+        assert second.returncode == 3
+        assert out.splitlines() == ["BUSY", label]
+    finally:
+        first.stdin.close()  # what our SSH channel closing looks like to the remote shell
+        first.wait(timeout=10)
+    assert first.returncode == 0
+    assert not holder.exists()
+    assert _status(lockfile, holder) == "FREE\n"
+
+
+def test_flock_hold_waits_for_the_holder_when_asked(tmp_path):
+    lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
+    first = _hold(lockfile, holder)
+    assert first.stdout.readline() == "ACQUIRED\n"
+    waiter = _hold(lockfile, holder, wait=20)
+    try:
+        first.stdin.write("first\n")
+        first.stdin.flush()
+        assert first.stdout.readline() == "LOCKED\n"
+        first.stdin.close()  # release: the waiter gets it (flock --wait, no polling)
+        assert waiter.stdout.readline() == "ACQUIRED\n"
+    finally:
+        waiter.stdin.close()
+        waiter.wait(timeout=10)
+        first.wait(timeout=10)
+    assert waiter.returncode == 5  # stdin closed before a label was sent: gave up at once
+
+
+def test_flock_lock_ends_with_the_flock_process(tmp_path):
+    """--close: the shell under flock does not keep the lock alive on its own."""
+    import os
+    import signal
+
+    lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
+    proc = _hold(lockfile, holder)
+    try:
+        assert proc.stdout.readline() == "ACQUIRED\n"
+        proc.stdin.write("x\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "LOCKED\n"
+        flock_pid = int(_status(lockfile, holder).split()[1])
+        os.kill(flock_pid, signal.SIGKILL)  # a child of the script this test started
+        assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+        assert _status(lockfile, holder) == "FREE\n"
+    finally:
+        proc.stdin.close()  # lets the orphaned inner shell finish too
+        proc.wait(timeout=10)
+
+
+def test_flock_status_ignores_a_stale_holder_file(tmp_path):
+    lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
+    lockfile.touch()
+    holder.write_text("releasy-deploy 20261126T075001Z 55 - crashed@pc\n")
+    assert _status(lockfile, holder) == "FREE\n"
+
+
+def test_flock_status_sees_a_lock_taken_by_another_program(tmp_path):
+    """The device:inode matching works for any flock on the file, not only ours."""
+    lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
+    proc = subprocess.Popen(["flock", str(lockfile), "sh", "-c", "echo go; read x"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "go\n"
+        first = _status(lockfile, holder).splitlines()[0]
+        assert first.startswith("HELD ")
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------
+# The SSH tunnel, through the real loopback sshd
+# --------------------------------------------------------------------------------------
+class _EchoServer:
+    """A TCP server on 127.0.0.1 that upper-cases what it gets; counts its clients."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        client, _ = self.sock.accept()
+        with client:
+            while data := client.recv(65536):
+                client.sendall(data.upper())
+        self.closed.set()  # the client side of the tunnel went away
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_tunnel_bridges_one_client_and_closes_the_remote_side(sshd):
+    echo = _EchoServer()
+    try:
+        with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
+            tunnel = lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
+            assert tunnel.alive
+            with socket.create_connection(("127.0.0.1", tunnel.port), timeout=5) as client:
+                payload = b"hello through ssh " * 5000  # several SSH packets each way
+                client.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    got += client.recv(65536)
+                assert got == payload.upper()
+                # Only one client: the listener is closed after the first accept.
+                with pytest.raises(OSError):
+                    socket.create_connection(("127.0.0.1", tunnel.port), timeout=2)
+            tunnel.close()
+            assert echo.closed.wait(5)
+            assert not tunnel.alive
+    finally:
+        echo.close()
+
+
+def test_tunnel_to_a_closed_port_is_a_clear_error(sshd):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
+        with pytest.raises(lock.LockUnavailable) as info:
+            lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", closed_port))
+    msg = str(info.value)
+    assert msg.startswith(f"loop: cannot open an SSH tunnel to 127.0.0.1:{closed_port}")
+    assert f"nothing accepts connections on 127.0.0.1:{closed_port}" in msg
