@@ -12,8 +12,11 @@ if _ROOT not in sys.path:
 
 from invoke import Collection  # noqa: E402
 
-from fabfile import app, db, firewall, inventory, proxy  # noqa: E402
+from fabfile import app, bluegreen, db, deploy, firewall, inventory, proxy, site  # noqa: E402
 
 ns = Collection()
-for module in (inventory, db, app, proxy, firewall):
+ns.add_task(site.site)
+for module in (inventory, db, app, proxy, firewall, deploy):
     ns.add_collection(Collection.from_module(module))
+# Blue/green lives in its own module but belongs with the other rollouts.
+ns.collections["deploy"].add_task(bluegreen.bluegreen)

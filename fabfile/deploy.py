@@ -1,8 +1,40 @@
-"""Rollouts and the deploy lock."""
+"""Rollouts and the deploy lock.
+
+Exit codes: 0 ok (also "nothing to do"), 1 the rollout failed (the message says where, and
+what was put back), 2 bad input or refused (nothing changed; also: a confirmation was
+needed but stdin is not a terminal and --yes was not given), 3 another deploy holds the
+lock, 4 a host is unreachable."""
+import os
+
 from invoke import task
 
-from releasy_deploy.cli import operator_task, session
+from releasy_deploy import rollout
+from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session
 from releasy_deploy.lock import holder_info
+
+_COMMON_HELP = {
+    "batch": "app hosts changed at a time after the first one (default 1; one host always"
+             " stays in rotation)",
+    "yes": "do not ask for confirmation (required when stdin is not a terminal, e.g. cron)",
+    "dry-run": "read every host's state and show the plan and what would change; change"
+               " nothing (the lock is not taken)",
+    "wait": "seconds to wait for the deploy lock if another deploy holds it (default 0: fail"
+            " at once with exit code 3)",
+    "ready-timeout": "seconds a started instance has to answer /ready (default:"
+                     " app.ready_timeout of the inventory)",
+    "json-log": f"also append one JSON object per event to this file (same as {JSON_LOG_ENV})",
+}
+
+
+def _json_log(path):
+    if path:
+        os.environ[JSON_LOG_ENV] = os.path.abspath(os.path.expanduser(path))
+
+
+def _summary(s):
+    tally = s.reporter.tally()
+    if any(h.name in tally for h in s.inventory.hosts):  # not for bad input: no host touched
+        s.reporter.summary()
 
 
 @task
@@ -16,3 +48,42 @@ def lock(c):
             print(f"deploy lock of {env}: free")
         else:
             print(f"deploy lock of {env}: held by {holder.describe()} ({holder.where})")
+
+
+@task(help={"version": "release to deploy, e.g. 1.2.3, or `newest`: the newest stable release"
+                       " the release source offers",
+            "only-if-newer": "do nothing (exit 0) unless some app host runs an older release"
+                             " than --version and none runs a newer one (for cron)",
+            **_COMMON_HELP})
+@operator_task
+def rolling(c, version, batch=1, yes=False, dry_run=False, wait=0, ready_timeout=None,
+            only_if_newer=False, json_log=None):
+    """Rolling deploy: preflight, stage, backup, migrate (first host alone), roll, finish."""
+    _json_log(json_log)
+    with session(dry_run=dry_run) as s:
+        try:
+            rollout.rolling(s, version, batch=batch, yes=yes, wait=float(wait),
+                            ready_timeout=ready_timeout, only_if_newer=only_if_newer)
+        finally:
+            _summary(s)
+
+
+@task(help={"to": "release to go back to (default: the newest installed release older than"
+                  " the current one)",
+            "restore-db": "if the database holds migrations the target does not know, restore"
+                          " the dump taken before them first (loses writes made since; all"
+                          " app hosts are stopped during the restore)",
+            "backup": "with --restore-db: the dump to restore (a file name in"
+                      " /var/backups/releasy on the db host) instead of the automatic choice",
+            **_COMMON_HELP})
+@operator_task
+def rollback(c, to=None, restore_db=False, backup=None, batch=1, yes=False, dry_run=False,
+             wait=0, ready_timeout=None, json_log=None):
+    """Roll back to the previous (or --to) release with the rolling mechanics; migration aware."""
+    _json_log(json_log)
+    with session(dry_run=dry_run) as s:
+        try:
+            rollout.rollback(s, to=to, restore_db=restore_db, backup=backup, yes=yes,
+                             batch=batch, wait=float(wait), ready_timeout=ready_timeout)
+        finally:
+            _summary(s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -279,8 +280,9 @@ def operator_ssh(ident: LabIdentity, host: str, *argv: str, timeout: float = 60,
                  check: bool = True) -> subprocess.CompletedProcess:
     """Run a command on a lab host with the plain OpenSSH client (tests use it to look at
     hosts independently of our executor)."""
-    proc = subprocess.run([*ssh_base(ident), host, *argv], capture_output=True, text=True,
-                          timeout=timeout)
+    # ssh joins its arguments into one shell line: quote them so they arrive as words.
+    proc = subprocess.run([*ssh_base(ident), host, shlex.join(argv)], capture_output=True,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise RuntimeError(f"ssh {host} {argv}: exit {proc.returncode}: {proc.stderr}")
     return proc

@@ -30,6 +30,7 @@ import http.client
 import ipaddress
 import json
 import os
+import select
 import signal
 import socket
 import ssl
@@ -119,6 +120,7 @@ def summarize(records: list[dict], *, started: float, ended: float, stopped_by: 
         "total": len(records),
         "ok": len(records) - len(failures),
         "failed": len(failures),
+        "retried_stale_connections": sum(1 for r in records if r.get("retried")),
         "requests_per_s": round(len(records) / duration, 1),
         "failure_kinds": dict(Counter(failure_kind(r) for r in failures)),
         "failed_by_method": dict(Counter(r["method"] for r in failures)),
@@ -134,6 +136,23 @@ def summarize(records: list[dict], *, started: float, ended: float, stopped_by: 
 # --------------------------------------------------------------------------------------
 # The generator process
 # --------------------------------------------------------------------------------------
+# A kept-alive connection the server closed under us, before any response byte came back.
+STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def _closed_while_idle(conn: http.client.HTTPConnection) -> bool:
+    """An idle kept-alive socket that is readable has been closed (or is closing) by the
+    server: checked before reuse, as well-behaved HTTP clients do."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
 class _Connection(http.client.HTTPSConnection):
     """HTTPS to an IP address with SNI = server_name (http.client would send the IP)."""
 
@@ -184,6 +203,17 @@ class Run:
             self.issued += 1
             return True
 
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
+                  body: str) -> tuple[http.client.HTTPResponse, bytes]:
+        headers = {"Host": self.server_name, "User-Agent": "releasy-lab-loadgen"}
+        if method == "POST":
+            headers["Content-Type"] = "application/json"
+            conn.request(method, path, body=body, headers=headers)
+        else:
+            conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        return resp, resp.read()
+
     def worker(self, index: int) -> None:
         interval = self.args.threads / self.args.rate if self.args.rate > 0 else 0.0
         # Stagger the threads across one interval so the total rate is steady.
@@ -207,16 +237,24 @@ class Run:
                                       "path": path, "status": None, "error": None,
                                       "version": None}
             try:
+                if conn is not None and _closed_while_idle(conn):
+                    conn.close()
+                    conn = None
+                reused = conn is not None
                 if conn is None:
                     conn = self._connection()
-                headers = {"Host": self.server_name, "User-Agent": "releasy-lab-loadgen"}
-                if method == "POST":
-                    headers["Content-Type"] = "application/json"
-                    conn.request(method, path, body=body, headers=headers)
-                else:
-                    conn.request(method, path, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
+                try:
+                    resp, data = self._exchange(conn, method, path, body)
+                except STALE_CONNECTION as exc:
+                    if not reused:
+                        raise
+                    # The server closed a kept-alive connection just as we reused it (nginx
+                    # does on every reload). Nothing reached the application: like curl,
+                    # browsers and urllib3, retry once on a fresh connection, and count it.
+                    record["retried"] = type(exc).__name__
+                    conn.close()
+                    conn = self._connection()
+                    resp, data = self._exchange(conn, method, path, body)
                 record["status"] = resp.status
                 try:
                     payload = json.loads(data) if data else None

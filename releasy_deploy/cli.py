@@ -59,6 +59,19 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
         reporter.close()
 
 
+def confirm(question: str, *, yes: bool) -> None:
+    """Ask before a destructive step. Never prompts without a terminal (cron): there it
+    fails unless --yes was given, instead of hanging."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise BadInput(f"{question}\n  stdin is not a terminal, so nobody can answer: "
+                       "re-run with --yes to confirm")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise BadInput("not confirmed; nothing was changed")
+
+
 def _debug_enabled() -> bool:
     # `fab --debug` turns on invoke's debug logging; we show tracebacks then.
     return logging.getLogger().isEnabledFor(logging.DEBUG) or bool(

@@ -454,6 +454,11 @@ class HostConnection:
                 host=self.name,
             )
 
+    def transport(self) -> paramiko.Transport:
+        """The connected SSH transport, for channels of our own (e.g. the deploy lock's
+        tunnel); connects first if needed."""
+        return self._transport()
+
     def _transport(self) -> paramiko.Transport:
         with self._lock:
             if self._conn is None or not self._conn.is_connected:
@@ -763,7 +768,9 @@ class Executor:
                 except Exception as exc:  # noqa: BLE001 - collected, re-raised below
                     failures[name] = exc
                     msg = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
-                    self.reporter.error(name, msg)
+                    # One line now; the full text comes once, in the final error.
+                    first = (msg.splitlines() or [""])[0].removeprefix(f"{name}: ")
+                    self.reporter.error(name, first + (" (details below)" if "\n" in msg else ""))
         if failures:
             raise ParallelError(failures, results, mask=self.masker)
         return {h.name: results[h.name] for h in targets}

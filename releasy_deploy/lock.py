@@ -364,9 +364,8 @@ def _holder_from_file(lines: list[str], *, environment: str, where: str,
 # The SSH tunnel
 # --------------------------------------------------------------------------------------
 def _transport(conn: HostConnection) -> paramiko.Transport:
-    # The executor has no public accessor for its (verified, lazily opened) transport yet;
-    # this is the one place outside executor.py that reaches for it.
-    return conn._transport()  # noqa: SLF001
+    # The executor's own verified, lazily opened connection: no second SSH login.
+    return conn.transport()
 
 
 class SshTunnel:
@@ -636,12 +635,14 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
 # --------------------------------------------------------------------------------------
 # flock variant (SQLite: one host)
 # --------------------------------------------------------------------------------------
-def _read_line(chan: paramiko.Channel, deadline: float) -> str | None:
-    """One line of the channel's stdout (None at EOF); stderr is collected separately."""
+def _read_line(chan: paramiko.Channel, deadline: float, err: bytearray) -> str | None:
+    """One line of the channel's stdout (None at EOF); stderr is appended to ``err``."""
     buf = bytearray()
     with selectors.DefaultSelector() as sel:
         sel.register(chan, selectors.EVENT_READ)
         while b"\n" not in buf:
+            while chan.recv_stderr_ready():  # drained, or the fd stays readable: a busy loop
+                err += chan.recv_stderr(65536)
             if chan.recv_ready():
                 data = chan.recv(1)  # byte by byte: the rest belongs to the next read
                 if not data:
@@ -661,8 +662,8 @@ def _read_line(chan: paramiko.Channel, deadline: float) -> str | None:
     return buf.decode("utf-8", "replace").rstrip("\n")
 
 
-def _read_rest(chan: paramiko.Channel, deadline: float) -> tuple[str, str]:
-    out, err = bytearray(), bytearray()
+def _read_rest(chan: paramiko.Channel, deadline: float, err: bytearray) -> tuple[str, str]:
+    out = bytearray()
     while not (chan.exit_status_ready() and not chan.recv_ready()
                and not chan.recv_stderr_ready()):
         if time.monotonic() > deadline:
@@ -691,16 +692,17 @@ def _flock_lock(session: Session, *, version: str | None, wait: float) -> Iterat
     deadline = time.monotonic() + budget
     chan: paramiko.Channel | None = None
     label = ""
+    err = bytearray()
     try:
         chan = transport.open_session(timeout=TUNNEL_TIMEOUT_S)
         chan.exec_command(render(argv))
-        first = _read_line(chan, deadline)
+        first = _read_line(chan, deadline, err)
         if first == "ACQUIRED":
             since = datetime.now(timezone.utc).replace(microsecond=0)
             label = holder_label(user=user, machine=machine, pid=pid, version=version,
                                  since=since)
             chan.sendall((label + "\n").encode())
-            first = _read_line(chan, deadline)
+            first = _read_line(chan, deadline, err)
     except TimeoutError:
         if chan is not None:
             chan.close()
@@ -712,14 +714,14 @@ def _flock_lock(session: Session, *, version: str | None, wait: float) -> Iterat
         raise UnreachableError(f"{host.name}: lost the SSH connection while taking the deploy"
                                f" lock ({type(exc).__name__}: {exc})", host=host.name) from None
     if first != "LOCKED":
-        out, err = _read_rest(chan, time.monotonic() + 5)
+        out, errors = _read_rest(chan, time.monotonic() + 5, err)
         code = chan.exit_status if chan.exit_status_ready() else None
         chan.close()
         if first == "BUSY":
             holder = _holder_from_file(out.splitlines(), environment=env, where=where)
             raise LockBusy(busy_message(env, holder, waited=wait), host=host.name,
                            holder=holder)
-        said = session.executor.masker(" ".join((err or out or first or "").split()))
+        said = session.executor.masker(" ".join((errors or out or first or "").split()))
         raise LockUnavailable(
             f"{host.name}: cannot take the deploy lock {FLOCK_PATH} (exit code {code}):"
             f" {said or 'no output'}\n  Check that {host.ssh_user} can run `sudo -n flock` on"

@@ -127,6 +127,10 @@ class Reporter:
         self._count(host, "errors")
         self._emit(host, "error", msg, prefix="ERROR: ")
 
+    def stage(self, host: str, stage: str, msg: str, **fields: object) -> None:
+        """A rollout pipeline event: ``[host] <stage> msg``; fields go to the JSON log."""
+        self._emit(host, "stage", msg, prefix=f"{stage}: ", extra={"stage": stage, **fields})
+
     def diff(self, host: str, path: str, unified_diff_text: str) -> None:
         self._emit(host, "diff", unified_diff_text, prefix="  ", extra={"path": path})
 

@@ -2,7 +2,7 @@
 built from exactly these (lab/config.py imports them)."""
 
 PROXY_PACKAGES = ("nginx", "openssl")
-APP_PACKAGES = ("sqlite3",)  # sqlite3: online backups of the SQLite topology's database
+APP_PACKAGES = ("sqlite3", "curl")  # sqlite3: online backups (SQLite topology); curl: readiness probes
 DB_PACKAGES = ("postgresql-15", "postgresql-client-15")
 FIREWALL_PACKAGES = ("ufw",)
 

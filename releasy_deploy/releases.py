@@ -100,7 +100,8 @@ def check_layout(path: Path) -> None:
     elif len(members) > 1 and not problems:
         problems.append(f"{len(members)} copies of {BINARY_NAME!r}")
     if problems:
-        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        shown = ", ".join(problems[:5]) + more
         raise BadInput(
             f"{path} does not look like an upstream release: it must hold exactly one regular"
             f" file named {BINARY_NAME!r} at the top level (no paths, no links); found {shown}"
@@ -139,7 +140,8 @@ def fetch_release(inv: Inventory, version: str, *, cache_dir: Path | None = None
 
 def _missing_local(path: Path, version: str, inv: Inventory) -> str:
     directory = path.parent
-    have = sorted(p.name for p in directory.glob("releasy-server-*.tar.gz")) if directory.is_dir() else []
+    have = (sorted(p.name for p in directory.glob("releasy-server-*.tar.gz"))
+            if directory.is_dir() else [])
     listing = ", ".join(have[:8]) + (" ..." if len(have) > 8 else "") if have else "none"
     return (f"release {version} not found: no file {path} (release.source in {inv.path});"
             f" tarballs there: {listing}")

@@ -30,6 +30,7 @@ UNIT_DIR = "/etc/systemd/system"
 SERVICE = "releasy.service"
 TEMPLATE_UNIT = "releasy@.service"
 MARKER = ".sha256"  # in each release dir: the sha256 of the tarball it was unpacked from
+# The SQLite database (single host). The URL itself comes from the db tier (same value).
 SQLITE_URL = f"sqlite://{DATA_DIR}/releasy.db"
 
 PREFERRED_UID = 10001  # what upstream's container image uses
@@ -327,7 +328,8 @@ def install_units_script(units: Mapping[str, str], *, probe_target: str,
         else:
             verify.append(f"\"$tmp\"/{shlex.quote(name)}")
     lines += [
-        f"if out=$(systemd-analyze verify --man=no {' '.join(verify)} 2>&1); then rc=0; else rc=$?; fi",
+        f"if out=$(systemd-analyze verify --man=no {' '.join(verify)} 2>&1); then rc=0;"
+        " else rc=$?; fi",
         "if [ \"$rc\" -ne 0 ] || printf '%s\\n' \"$out\" | grep -qF \"$tmp/\"; then",
         "  printf '%s\\n' \"$out\" | sed \"s|$tmp/|(candidate) |g\" >&2",
         "  exit 3",
@@ -413,18 +415,22 @@ def parse_releases(stdout: str) -> ReleaseState:
 # $1 version, $2 expected sha256.
 STAGE_SCRIPT = f"""set -eu
 releases={shlex.quote(RELEASES_DIR)}
-find "$releases" -mindepth 1 -maxdepth 1 -name '.stage-*' -mmin +60 -exec rm -rf {{}} + 2>/dev/null || true
+# staging dirs left by an upload that was cut off (older than an hour: not a running one)
+find "$releases" -mindepth 1 -maxdepth 1 -name '.stage-*' -mmin +60 \\
+  -exec rm -rf {{}} + 2>/dev/null || true
 tmp=$(mktemp -d "$releases/.stage-$1.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 cat > "$tmp/release.tar.gz"
 actual=$(sha256sum < "$tmp/release.tar.gz")
 actual=${{actual%% *}}
 if [ "$actual" != "$2" ]; then
-  echo "the uploaded tarball has sha256 $actual, expected $2: the transfer was corrupted; re-run" >&2
+  echo "the uploaded tarball has sha256 $actual, expected $2 (corrupted in transit?);" \\
+    "nothing was changed: re-run" >&2
   exit 3
 fi
 mkdir "$tmp/unpacked"
-tar -xzf "$tmp/release.tar.gz" -C "$tmp/unpacked" --no-same-owner --no-same-permissions {BINARY_NAME}
+tar -xzf "$tmp/release.tar.gz" -C "$tmp/unpacked" --no-same-owner --no-same-permissions \\
+  {BINARY_NAME}
 chown root:root "$tmp/unpacked" "$tmp/unpacked/{BINARY_NAME}"
 chmod 0755 "$tmp/unpacked" "$tmp/unpacked/{BINARY_NAME}"
 printf '%s\\n' "$2" > "$tmp/unpacked/{MARKER}"

@@ -403,6 +403,7 @@ def apply_script(
         "\t\tprintf '%s\\n' \"$out\" >&2",
         "\t\texit 10",
         "\tfi",
+        "\tprintf '%s\\n' \"$out\" | grep -F '[warn]' >&2",  # accepted, but worth a look
     ]
     if manage_service:
         changed = "1" if touched else ""

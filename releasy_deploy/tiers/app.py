@@ -19,7 +19,6 @@ building blocks the rolling and blue/green rollouts reuse.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import shlex
 import time
@@ -36,6 +35,7 @@ from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
 from ..remote import Change, Probe, ensure_packages, facts, register_fact, render_diff
+from . import db as db_tier
 
 __all__ = [
     "setup", "stage_release", "activate_release", "current_release", "installed_releases",
@@ -46,10 +46,7 @@ __all__ = [
 SERVICE_UNIT = cmd.SERVICE
 bind_address = cmd.bind_address
 
-# curl runs the readiness probe on the host. It belongs in APP_PACKAGES; it is added here
-# instead because changing that list changes the lab image recipe, which rebuilds the
-# shared base image under labs that are running (see the report). The lab image has curl.
-PACKAGES = tuple(dict.fromkeys((*APP_PACKAGES, "curl")))
+PACKAGES = APP_PACKAGES
 
 JOURNAL_LINES = 30
 
@@ -91,7 +88,8 @@ class _Plan:
         return self.inv.app.service_user
 
 
-_MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}", f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
+_MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}",
+                  f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
 
 
 def _fact_names(plan: _Plan, bind: str) -> list[str]:
@@ -152,27 +150,12 @@ def _run_script(c: HostConnection, script: str, label: str, *, hint: str) -> Non
 
 # ------------------------------------------------------------------------------ the task
 def database_url(session: Session) -> str:
-    """RELEASY_DATABASE_URL, from the db tier (the one place that imports it).
+    """RELEASY_DATABASE_URL, from the db tier: the one place the app tier asks for it.
 
-    Until the db tier provides ``releasy_deploy.tiers.db.database_url``, SQLite (single
-    host) works on its own: the database file lives in the data directory.
+    For PostgreSQL the URL holds the role's password; it is registered with the masker
+    (the db tier does so too) before anything could print it.
     """
-    inv = session.inventory
-    url: str | None = None
-    if importlib.util.find_spec("releasy_deploy.tiers.db") is not None:
-        from . import db as db_tier  # noqa: PLC0415 - optional until the db tier lands
-
-        provider = getattr(db_tier, "database_url", None)
-        if provider is not None:
-            url = provider(session)
-    if url is None:
-        if inv.database.kind != "sqlite":
-            raise DeployError(
-                "the database URL for PostgreSQL comes from the db tier"
-                " (releasy_deploy.tiers.db.database_url), which this checkout does not have"
-                " yet: update the deploy toolkit, or use database.kind: sqlite on a single host"
-            )
-        url = cmd.SQLITE_URL
+    url = db_tier.database_url(session)
     password = cmd.database_password(url)
     if password:
         session.executor.masker.add([password, quote(password, safe="")])
@@ -215,7 +198,7 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
     if plan.release is not None:
         staged = _stage(c, plan.release, f.releases).changed
 
-    env_changed = _ensure_env_file(c, plan, group, f).changed
+    env_changed = _ensure_env_file(c, plan, group, f)
 
     activated = False
     if f.releases.current is None:
@@ -228,7 +211,8 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
 
     reasons = [why for why, hit in (
         (f"release {target} staged", staged), (f"switched to {target}", activated),
-        ("env file changed", env_changed), (f"{SERVICE_UNIT} changed", SERVICE_UNIT in changed_units),
+        ("env file changed", env_changed),
+        (f"{SERVICE_UNIT} changed", SERVICE_UNIT in changed_units),
     ) if hit]
     restarted = _ensure_service(c, f.unit, reload=bool(changed_units), reasons=reasons)
 
@@ -312,20 +296,23 @@ def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts
     _report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
 
 
-def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> Change:
+def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> bool:
+    """The env file has the rendered content, root:GROUP 0640. True if its content changed
+    (an owner/mode fix alone does not need a restart)."""
     path = cmd.ENV_FILE
     text = cmd.render_env_file(
         cmd.env_variables(plan.inv, c.host, plan.secrets, plan.database_url), group)
     data = text.encode("utf-8")
     st, current_sum = f.stats.get(path), f.sums.get(path)
     if st is not None and not st["type"].startswith("regular"):
-        raise DeployError(f"{c.name}: {path} is a {st['type']}, not a file; move it away and re-run",
-                          host=c.name)
+        raise DeployError(f"{c.name}: {path} is a {st['type']}, not a file; move it away and"
+                          f" re-run", host=c.name)
     want = ("root", group, 0o640)
     same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
     same_attrs = st is not None and (st["owner"], st["group"], st["mode"]) == want
     if same_content and same_attrs:
-        return _report(c, Change(False, f"file {path}"))
+        _report(c, Change(False, f"file {path}"))
+        return False
     if same_content:
         change = Change(True, f"file {path} ({st['owner']}:{st['group']} {st['mode']:04o}"
                               f" -> root:{group} 0640)")
@@ -333,7 +320,8 @@ def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -
             _run_script(c, cmd.script_of([["chown", "--", f"root:{group}", path],
                                           ["chmod", "--", "0640", path]]),
                         f"fix owner/mode of {path}", hint=f"check {path} on {c.name}")
-        return _report(c, change)
+        _report(c, change)
+        return False
     diff = None
     if c.dry_run:
         # Secret values are hidden by variable name, so even rotated-away ones never show.
@@ -345,30 +333,36 @@ def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -
                           f" root:{group} 0640, secret values not shown)", diff)
     if not c.dry_run:
         c.put_bytes(data, path, owner="root", group=group, mode=0o640, secret=True)
-    return _report(c, change, path=path)
+    _report(c, change, path=path)
+    return True
 
 
 def _ensure_units(c: HostConnection, units: dict[str, str], f: HostFacts, *,
                   probe_target: str) -> set[str]:
-    """Install the unit files that differ (verified first); returns the changed names."""
+    """Install the unit files that differ (verified first). Returns the names whose content
+    changed: only those need a daemon-reload (an owner/mode fix does not)."""
     changed: dict[str, str] = {}
+    content_changed: set[str] = set()
     changes: list[tuple[Change, str]] = []
     for name, content in units.items():
         path = f"{cmd.UNIT_DIR}/{name}"
         st, current_sum = f.stats.get(path), f.sums.get(path)
         data = content.encode("utf-8")
-        if (st is not None and current_sum == hashlib.sha256(data).hexdigest()
-                and (st["owner"], st["group"], st["mode"]) == ("root", "root", 0o644)):
+        same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
+        if same_content and (st["owner"], st["group"], st["mode"]) == ("root", "root", 0o644):
             _report(c, Change(False, f"unit {path}"))
             continue
         diff = None
         if c.dry_run:
             old = c.read_file(path, sudo=True) if st is not None else None
             diff = render_diff(old, data, path)
-        verb = "updated" if st is not None else "created"
+        verb = ("owner/mode fixed" if same_content else "updated" if st is not None
+                else "created")
         changes.append((Change(True, f"unit {path} ({verb}, verified with systemd-analyze)",
                                diff), path))
         changed[name] = content
+        if not same_content:
+            content_changed.add(name)
     if changed and not c.dry_run:
         _run_script(
             c, cmd.install_units_script(changed, probe_target=probe_target),
@@ -377,7 +371,7 @@ def _ensure_units(c: HostConnection, units: dict[str, str], f: HostFacts, *,
                  " files/systemd/ (or what the messages above point at) and re-run")
     for change, path in changes:
         _report(c, change, path=path)
-    return set(changed)
+    return content_changed
 
 
 def _ensure_service(c: HostConnection, unit: dict[str, str], *, reload: bool,

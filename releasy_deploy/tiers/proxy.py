@@ -386,7 +386,10 @@ def _upload(c: HostConnection, uploads: Sequence[_Upload]) -> None:
             done.append(u.path)
     except BaseException:
         if done:  # best effort: do not leave staged copies behind
-            c.run(["rm", "-f", "--", *done], sudo=True, check=False)
+            try:
+                c.run(["rm", "-f", "--", *done], sudo=True, check=False)
+            except Exception:  # noqa: BLE001 - the original failure is the one to report
+                pass
         raise
 
 
@@ -398,6 +401,9 @@ def _apply(c: HostConnection, ops: Sequence[cmd.Op], *, enable: bool, fix_hint: 
                        label="swap nginx config, nginx -t, reload if changed")
     markers = cmd.parse_markers(res.stdout)
     if res.exit_code == 0:
+        for line in res.stderr.splitlines():
+            if "[warn]" in line:
+                c.reporter.info(c.name, "nginx -t: " + cmd.tidy_nginx_messages(c.mask(line)))
         return markers
     said = tail(cmd.tidy_nginx_messages(c.mask(res.stderr.strip() or res.stdout.strip())))
     quoted = "\n".join(f"    {line}" for line in said.splitlines()) or "    (no output)"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lab import lab as lab_ops
 from lab.config import LabIdentity, current_identity
@@ -51,14 +52,35 @@ class LabHandle:
         proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
         _CAPTURED.append(proc.stdout + proc.stderr)
+        _remember_secrets(self)
         if check and proc.returncode != 0:
             raise AssertionError(f"fab {' '.join(args)} exited {proc.returncode}\n"
                                  f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
         return proc
 
 
-# Every fab output the suite captured: the secrets test greps these for leaked values.
+# Every fab output the suite captured, and every secret value that existed at the time:
+# the last test greps the former for the latter.
 _CAPTURED: list[str] = []
+_SECRETS: set[str] = set()
+
+
+def _remember_secrets(lab: "LabHandle") -> None:
+    secrets_file = lab.state_dir / "secrets.yaml"
+    if secrets_file.exists():
+        values = yaml.safe_load(secrets_file.read_text()) or {}
+        _SECRETS.update(str(v) for v in values.values() if v)
+    state = lab_ops.read_state(lab.ident) or {"hosts": {}}
+    for host in state["hosts"]:
+        # Read from the host's filesystem directly: no SSH, nothing printed.
+        password = lab.host_root(host) / "etc/releasy/database-password"
+        if password.exists():
+            _SECRETS.add(password.read_text().strip())
+
+
+@pytest.fixture(scope="session")
+def known_secrets() -> set[str]:
+    return _SECRETS
 
 
 @pytest.fixture(scope="session")

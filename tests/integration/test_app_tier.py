@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 import shutil
 from pathlib import Path
 
@@ -31,8 +30,7 @@ def lab(lab_session):
 
 
 def remote(lab, *argv: str, check: bool = True):
-    # ssh joins its arguments with spaces for the remote shell: quote them first.
-    return lab.ssh(HOST, shlex.join(argv), check=check)
+    return lab.ssh(HOST, *argv, check=check)  # argv arrives as words (operator_ssh quotes)
 
 
 def sh(lab, *argv: str, check: bool = True) -> str:
@@ -153,6 +151,19 @@ def test_a_no_op_run_costs_one_round_trip(lab, monkeypatch, capsys):
     assert trips == {HOST: 1}, trips
 
 
+def test_owner_and_mode_drift_is_fixed_without_a_restart(lab):
+    sh(lab, "chmod", "0644", "/etc/releasy/releasy.env")
+    sh(lab, "chmod", "0600", "/etc/systemd/system/releasy@.service")
+    before = main_pid(lab)
+    proc = lab.fab("app.setup")
+    assert "changed: file /etc/releasy/releasy.env (root:releasy 0644 -> root:releasy 0640)" in proc.stdout
+    assert "changed: unit /etc/systemd/system/releasy@.service (owner/mode fixed" in proc.stdout
+    assert "restarted" not in proc.stdout
+    assert main_pid(lab) == before
+    assert sh(lab, "stat", "-c", "%a", "/etc/releasy/releasy.env",
+              "/etc/systemd/system/releasy@.service").split() == ["640", "644"]
+
+
 # ------------------------------------------------------------------------------ changes
 def test_dry_run_shows_a_masked_env_diff_and_changes_nothing(lab, tmp_path):
     inv = inventory_copy(lab, tmp_path, app={"log_level": "debug"})
@@ -254,7 +265,7 @@ def test_release_that_never_becomes_ready_fails_with_the_journal_tail(lab, tmp_p
 
 
 # ------------------------------------------------------------------------------ split topology
-def test_split_topology_with_postgres_and_a_sudo_user(lab_session, tmp_path):
+def test_split_topology_with_postgres_and_a_sudo_user(lab_session):
     """db.setup (the db tier) then app.setup on app1 (root) and app2 (`deploy` + sudo)."""
     split = lab_session.use("split", 2)
     split.fab("db.setup")
@@ -262,23 +273,27 @@ def test_split_topology_with_postgres_and_a_sudo_user(lab_session, tmp_path):
     for host, address in (("app1", "10.77.{}.21"), ("app2", "10.77.{}.22")):
         bind = address.format(split.ident.subnet_octet) + ":8080"
         # bound on the private address: the proxy host reaches it there
-        out = split.ssh("proxy1", shlex.join(["curl", "-fsS", f"http://{bind}/version"])).stdout
+        out = split.ssh("proxy1", "curl", "-fsS", f"http://{bind}/version").stdout
         assert yaml.safe_load(out)["version"] == "1.0.0" and yaml.safe_load(out)["host"] == host
-    assert split.ssh("app2", "id -un").stdout.strip() == "deploy"
-    assert split.ssh("app2", "sudo stat -c '%U %G %a' /etc/releasy/releasy.env"
+    assert split.ssh("app2", "id", "-un").stdout.strip() == "deploy"
+    assert split.ssh("app2", "sudo", "stat", "-c", "%U %G %a", "/etc/releasy/releasy.env"
                      ).stdout.strip() == "root releasy 640"
-    pids = {h: split.ssh(h, "systemctl show --property=MainPID --value releasy.service").stdout
-            for h in ("app1", "app2")}
+
+    def pids() -> dict[str, str]:
+        return {h: split.ssh(h, "systemctl", "show", "--property=MainPID", "--value",
+                             "releasy.service").stdout for h in ("app1", "app2")}
+
+    before = pids()
     proc = split.fab("app.setup")
     assert re.search(r"^app1\s+0 changed", proc.stdout, re.MULTILINE), proc.stdout
     assert re.search(r"^app2\s+0 changed", proc.stdout, re.MULTILINE), proc.stdout
-    assert pids == {h: split.ssh(h, "systemctl show --property=MainPID --value releasy.service"
-                                 ).stdout for h in ("app1", "app2")}
+    assert pids() == before
     # the database password (generated on db1) is in the env files, never in any output
-    password = split.ssh("db1", "cat /etc/releasy/database-password").stdout.strip()
+    password = split.ssh("db1", "cat", "/etc/releasy/database-password").stdout.strip()
     assert len(password) >= 16
-    assert split.ssh("app2", "sudo grep -c -F -- " + shlex.quote(password) +
-                     " /etc/releasy/releasy.env").stdout.strip() == "1"
+    url = split.ssh("app2", "sudo", "sed", "-n", "s/^RELEASY_DATABASE_URL=//p",
+                    "/etc/releasy/releasy.env").stdout  # the password stays out of any argv
+    assert url.startswith('"postgres') and password in url
     SEEN_SECRETS.append(password)
 
 

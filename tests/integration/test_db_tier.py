@@ -13,6 +13,8 @@ import subprocess
 
 import pytest
 
+from lab.config import current_identity
+
 from lab import lab as lab_ops
 from releasy_deploy.cli import session
 from releasy_deploy.tiers import db as db_tier
@@ -20,6 +22,8 @@ from releasy_deploy.tiers import db as db_tier
 pytestmark = pytest.mark.lab
 
 PASSWORD_FILE = "/etc/releasy/database-password"
+# db1's address in whichever lab runs the suite (LAB_ID picks the subnet).
+DB = current_identity().address(100)
 HBA = "/etc/postgresql/15/main/pg_hba.conf"
 DROPIN = "/etc/postgresql/15/main/conf.d/releasy.conf"
 
@@ -42,8 +46,8 @@ def lab(lab_session):
 
 
 def on(lab, host: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Plain OpenSSH, argv quoted word by word (ssh joins its arguments into one line)."""
-    return lab.ssh(host, *map(shlex.quote, argv), check=check)
+    """Plain OpenSSH (LabHandle.ssh quotes each word for the remote shell)."""
+    return lab.ssh(host, *argv, check=check)
 
 
 def ssh_input(lab, host: str, argv: list[str], data: str) -> str:
@@ -53,8 +57,8 @@ def ssh_input(lab, host: str, argv: list[str], data: str) -> str:
     return proc.stdout.strip()
 
 
-def connect(lab, source: str, password: str, target: str = "10.77.1.100") -> str:
-    return ssh_input(lab, source, ["python3", "-c", CONNECT, target], password)
+def connect(lab, source: str, password: str, target: str | None = None) -> str:
+    return ssh_input(lab, source, ["python3", "-c", CONNECT, target or DB], password)
 
 
 def sql(lab, host: str, query: str) -> str:
@@ -89,14 +93,14 @@ def test_dry_run_on_a_fresh_lab_reports_and_changes_nothing(lab, monkeypatch, ca
     monkeypatch.setenv("RELEASY_INVENTORY", str(lab.inventory))
     with session(dry_run=True) as s:
         url = db_tier.database_url(s)
-    assert url == "postgres://releasy:PASSWORD-NOT-GENERATED-YET@10.77.1.100:5432/releasy"
+    assert url == f"postgres://releasy:PASSWORD-NOT-GENERATED-YET@{DB}:5432/releasy"
     assert "does not exist yet" in capsys.readouterr().out
     proc = lab.fab("db.setup", "--dry-run")
     out = proc.stdout
     assert "[db1] would change: packages: install postgresql-15 postgresql-client-15" in out
     assert f"[db1] would change: file {PASSWORD_FILE} (created" in out
     assert "secret content changed (not shown)" in out
-    assert f"+++ {DROPIN} (new)" in out and "+listen_addresses = 'localhost,10.77.1.100'" in out
+    assert f"+++ {DROPIN} (new)" in out and f"+listen_addresses = 'localhost,{DB}'" in out
     assert "would restart postgresql@15-main" in out
     assert "would change: role releasy (created" in out
     assert "would change: database releasy (created" in out
@@ -109,9 +113,9 @@ def test_setup_listens_on_loopback_and_the_private_address_only(lab):
     proc = lab.fab("db.setup")
     assert "[db1] changed: packages: installed postgresql-15 postgresql-client-15" in proc.stdout
     assert "[db1] changed: role releasy (created" in proc.stdout
-    assert "accepting connections on /var/run/postgresql, 127.0.0.1, 10.77.1.100" in proc.stdout
+    assert f"accepting connections on /var/run/postgresql, 127.0.0.1, {DB}" in proc.stdout
     # "localhost" may also mean ::1 where /etc/hosts says so; never a wildcard.
-    assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", "10.77.1.100:5432"}
+    assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", f"{DB}:5432"}
 
 
 def test_password_file_is_root_only_and_strong(lab):
@@ -146,8 +150,8 @@ def test_database_url_reads_the_password_in_one_round_trip_and_masks_it(lab, mon
     with session() as s:
         url = db_tier.database_url(s)
         assert s.executor.round_trips == {"db1": 1}
-        assert url == f"postgres://releasy:{password(lab)}@10.77.1.100:5432/releasy"
-        assert s.executor.masker(url) == "postgres://releasy:****@10.77.1.100:5432/releasy"
+        assert url == f"postgres://releasy:{password(lab)}@{DB}:5432/releasy"
+        assert s.executor.masker(url) == f"postgres://releasy:****@{DB}:5432/releasy"
 
 
 def test_pg_hba_drift_and_a_changed_password_are_fixed_by_a_reload_not_a_restart(lab):
@@ -167,15 +171,15 @@ def test_pg_hba_drift_and_a_changed_password_are_fixed_by_a_reload_not_a_restart
 
 def test_a_listen_addresses_change_restarts(lab):
     # Someone narrowed listen_addresses and restarted: the app hosts are cut off.
-    on(lab, "db1", "sh", "-c", f"sed -i 's/localhost,10.77.1.100/localhost/' {DROPIN} && "
+    on(lab, "db1", "sh", "-c", f"sed -i 's/localhost,{DB}/localhost/' {DROPIN} && "
                                "systemctl restart postgresql@15-main")
     assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432"}
     pid, _, _ = server_clock(lab)
     proc = lab.fab("db.setup")
     assert ("[db1] changed: service postgresql@15-main restarted (listen_addresses "
-            "'localhost' -> 'localhost,10.77.1.100')") in proc.stdout
+            f"'localhost' -> 'localhost,{DB}')") in proc.stdout
     assert server_clock(lab)[0] != pid
-    assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", "10.77.1.100:5432"}
+    assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", f"{DB}:5432"}
     assert connect(lab, "app2", password(lab)) == "connected as releasy"
 
 

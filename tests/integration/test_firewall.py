@@ -47,7 +47,7 @@ def lab(lab_session):
 
 def sh(lab, host: str, script: str, check: bool = True):
     """A shell command as root on a lab host, over plain OpenSSH (not our executor)."""
-    return lab.ssh(host, "sudo", "sh", "-c", shlex.quote(script), check=check)
+    return lab.ssh(host, "sudo", "sh", "-c", script, check=check)
 
 
 def listen(lab, host: str, port: int) -> None:
@@ -172,7 +172,7 @@ def test_lockout_layer1_refuses_when_admin_cidrs_exclude_us(lab):
     proc = lab.fab("firewall.apply", inventory=other, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     for host in HOSTS:
-        assert (f"[{host}] ERROR: {host}: refusing to change the firewall: the host sees our "
+        assert (f"[{host}] ERROR: refusing to change the firewall: the host sees our "
                 f"SSH connection coming from {lab.ident.operator_address}, which is not inside "
                 f"admin_cidrs (192.0.2.0/24)") in proc.stdout
     after = {h: ufw_view(lab, h) for h in HOSTS}  # SSH still works...
@@ -195,8 +195,9 @@ def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
     assert "stays armed" in str(exc.value) or "fired before" in str(exc.value)
 
     def restored() -> bool:
-        proc = lab.ssh("app2", "sudo", "sh", "-c", shlex.quote(
-            "LANG=C ufw status verbose; LANG=C ufw show added"), check=False, timeout=20)
+        proc = lab.ssh("app2", "sudo", "sh", "-c",
+                       "LANG=C ufw status verbose; LANG=C ufw show added", check=False,
+                       timeout=20)
         return proc.returncode == 0 and proc.stdout == before
 
     poll(restored, "app2 to restore its previous firewall", timeout=90)

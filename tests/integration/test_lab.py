@@ -28,6 +28,7 @@ def launcher_pids(ident) -> dict[str, int]:
 
 
 def test_inv_lab_up_prints_inventory_and_every_host_runs_systemd(lab_session):
+    lab_session.fresh("split", 2)  # hosts no other module has provisioned (no firewall yet)
     proc = inv("lab.up")
     assert proc.returncode == 0, proc.stderr
     inventory = Path(proc.stdout.strip().splitlines()[-1])

@@ -106,17 +106,17 @@ def standin_on_app1(split_lab):
                     "cat > /usr/local/bin/loadgen-standin"
                     " && chmod 0755 /usr/local/bin/loadgen-standin"],
                    input=binary, check=True, timeout=60)
-    split_lab.ssh("app1", f"systemctl stop {STANDIN_UNIT} 2>/dev/null; rm -f /tmp/loadgen.db;"
-                          f" systemd-run --unit={STANDIN_UNIT} --collect"
-                          " --setenv=RELEASY_DATABASE_URL=sqlite:///tmp/loadgen.db?mode=rwc"
-                          " --setenv=RELEASY_BIND_ADDR=0.0.0.0:8080"
-                          " /usr/local/bin/loadgen-standin")
-    ready = split_lab.ssh("app1", "for i in $(seq 100); do"
-                                  " curl -fsS http://127.0.0.1:8080/ready && exit 0;"
-                                  " sleep 0.1; done; exit 1", check=False)
+    split_lab.ssh("app1", "sh", "-c", f"systemctl stop {STANDIN_UNIT} 2>/dev/null;"
+                                      " rm -f /tmp/loadgen.db")
+    split_lab.ssh("app1", "systemd-run", f"--unit={STANDIN_UNIT}", "--collect",
+                  "--setenv=RELEASY_DATABASE_URL=sqlite:///tmp/loadgen.db?mode=rwc",
+                  "--setenv=RELEASY_BIND_ADDR=0.0.0.0:8080", "/usr/local/bin/loadgen-standin")
+    ready = split_lab.ssh("app1", "sh", "-c", "for i in $(seq 100); do"
+                                              " curl -fsS http://127.0.0.1:8080/ready && exit 0;"
+                                              " sleep 0.1; done; exit 1", check=False)
     assert ready.returncode == 0, ready.stderr
     yield "http://" + lab_ops.read_state(split_lab.ident)["hosts"]["app1"]["address"] + ":8080/"
-    split_lab.ssh("app1", f"systemctl stop {STANDIN_UNIT} 2>/dev/null; true", check=False)
+    split_lab.ssh("app1", "systemctl", "stop", STANDIN_UNIT, check=False)
 
 
 def test_counts_ok_requests_and_versions_then_failures_when_the_server_stops(
@@ -126,7 +126,7 @@ def test_counts_ok_requests_and_versions_then_failures_when_the_server_stops(
         before = load.wait_until(lambda p: p["ok"] >= 60, timeout=20)
         assert before["failed"] == 0, load.stop()["first_failures"]
         assert before["last_version"] == "1.0.0"
-        split_lab.ssh("app1", f"systemctl stop {STANDIN_UNIT}")
+        split_lab.ssh("app1", "systemctl", "stop", STANDIN_UNIT)
         load.wait_until(lambda p: p["failed"] >= 10, timeout=20)
     summary = load.summary
     assert summary["stopped_by"] == "stop-file"

@@ -17,6 +17,7 @@ import pytest
 
 from releasy_deploy import lock
 from releasy_deploy.cli import session
+from releasy_deploy.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
@@ -162,23 +163,8 @@ def _restore_inventory_env():
 def pg_lab(lab_session):
     lab = lab_session.use("split", 2)
     lab.fab("db.setup")
-    # The db tier's pg_hba (split topology) admits only the app hosts' private addresses;
-    # the lock's tunnel arrives on the db host's loopback. Until the db tier admits
-    # 127.0.0.1 for the app role, add that line by hand (reported to the lead).
-    hba = "/etc/postgresql/15/main/pg_hba.conf"
-    line = "host releasy releasy 127.0.0.1/32 scram-sha-256"
-    # (ssh joins its arguments into one remote shell command line: pass one string.)
-    lab.ssh("db1", f"grep -q '127.0.0.1/32' {hba} || "
-                   f"{{ echo '{line}' >> {hba} && systemctl reload postgresql@15-main; }}")
-    deadline = time.monotonic() + 30
-    while True:  # the reload is asynchronous: poll until the lock session can log in
-        try:
-            holder_now(lab.inventory)
-            break
-        except lock.LockUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+    # The lock's tunnel arrives on db1's loopback: the db tier's pg_hba must admit it.
+    assert holder_now(lab.inventory) is None
     return lab
 
 
@@ -289,42 +275,22 @@ def test_postgres_lock_loss_is_detected_and_dry_run_only_reports(pg_lab, capsys)
 
 
 def test_releasy_migrates_and_starts_while_the_deploy_lock_is_held(pg_lab):
-    """The stand-in takes upstream's blocking migration lock at start-up: it must not hang."""
+    """Releasy takes upstream's blocking migration lock at start-up: it must not hang while
+    a deploy holds ours. `fab app.setup` starts it on both app hosts at once."""
     holder = Holder(pg_lab.inventory, "1.0.0")
     try:
         holder.expect("held ")
-        # By hand until the app tier exists: the stand-in on app1 under systemd-run, its
-        # database URL (with the password) in a 0600 file, never on a command line.
-        tarball = pg_lab.releases / "releasy-server-1.0.0-linux-x86_64.tar.gz"
-        binary = subprocess.run(["tar", "-xzOf", str(tarball), "releasy-server"],
-                                capture_output=True, check=True).stdout
-        subprocess.run([*lab_ssh_base(pg_lab), "app1",
-                        "cat > /usr/local/bin/lock-test-standin"
-                        " && chmod 0755 /usr/local/bin/lock-test-standin"],
-                       input=binary, check=True, timeout=60)
-        os.environ["RELEASY_INVENTORY"] = str(pg_lab.inventory)
-        with session() as s:
-            from releasy_deploy.tiers.db import database_url
-            url = database_url(s)
-        subprocess.run([*lab_ssh_base(pg_lab), "app1",
-                        "umask 077 && cat > /root/lock-test-standin.env"],
-                       input=f"RELEASY_DATABASE_URL={url}\nRELEASY_BIND_ADDR=127.0.0.1:8090\n",
-                       text=True, check=True, timeout=60)
-        pg_lab.ssh("app1", "systemd-run", "--unit=lock-test-standin", "--collect",
-                   "-p", "EnvironmentFile=/root/lock-test-standin.env",
-                   "/usr/local/bin/lock-test-standin")
-        # Poll /ready on app1 (the port opens only after migrations are done).
-        ready = pg_lab.ssh("app1", "for i in $(seq 200); do"
-                                   " curl -fsS http://127.0.0.1:8090/ready && exit 0;"
-                                   " sleep 0.1; done; exit 1", check=False)
-        assert ready.returncode == 0, ready.stdout + ready.stderr
+        setup = pg_lab.fab("app.setup", "--version", "1.0.0", timeout=300)
+        assert "app1" in setup.stdout and "app2" in setup.stdout
+        inv = load_inventory(pg_lab.inventory)
+        for host in ("app1", "app2"):  # /ready answers only after migrations are done
+            url = f"http://{inv.host(host).private_address}:{inv.app.bind_port}/ready"
+            assert '"ok"' in pg_lab.ssh(host, "curl", "-fsS", url).stdout
         applied = psql_db1(pg_lab, "SELECT count(*) FROM _sqlx_migrations WHERE success;")
         assert int(applied) >= 1
         assert f"pid={holder.pid}" in holder_now(pg_lab.inventory)  # still ours throughout
     finally:
         holder.kill()
-        pg_lab.ssh("app1", "systemctl stop lock-test-standin 2>/dev/null;"
-                           " rm -f /root/lock-test-standin.env", check=False)
 
 
 # ======================================================================================
@@ -385,7 +351,7 @@ def test_flock_lock_loss_is_detected(sqlite_lab):
         info.ensure_held()
         status = s.executor.conn("solo").run(lock.flock_status_argv(), mutates=False).stdout
         flock_pid = status.split()[1]  # the flock process our lock command started
-        sqlite_lab.ssh("solo", f"kill -9 {int(flock_pid)}")
+        sqlite_lab.ssh("solo", "kill", "-9", str(int(flock_pid)))
         deadline = time.monotonic() + 10
         while True:  # the exit status travels back asynchronously
             try:

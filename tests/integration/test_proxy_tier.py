@@ -203,7 +203,8 @@ def test_dry_run_on_a_fresh_lab_shows_diffs_and_touches_nothing(lab):
     assert "No such file" in state  # neither /etc/nginx nor our directory exists
 
 
-def test_setup_serves_https_redirects_http_and_disables_the_default_site(lab, apps_running):
+def test_setup_serves_https_redirects_http_and_disables_the_default_site(lab, apps_running,
+                                                                         tmp_path):
     proc = lab.fab("proxy.setup")
     assert "changed: nginx reloaded" in proc.stdout or "changed: nginx started" in proc.stdout
 
@@ -214,7 +215,7 @@ def test_setup_serves_https_redirects_http_and_disables_the_default_site(lab, ap
     assert redirect.stdout == f"308 https://{address(lab, 'proxy1')}/api/x?y=1"
 
     # The self-signed certificate verifies for the inventory's server name.
-    cert = lab.state_dir / "proxytest-cert.pem"
+    cert = tmp_path / "served.crt"
     cert.write_bytes(ssh(lab, "proxy1", "cat /etc/nginx/releasy/tls/self-signed.crt").stdout)
     verified = curl("--cacert", str(cert), "--resolve",
                     f"releasy.lab.test:443:{address(lab, 'proxy1')}", "-D", "-",
@@ -356,20 +357,26 @@ def test_wait_old_workers_gone_waits_for_an_in_flight_request(lab, apps_running)
         ssh(lab, "app1", "touch /run/hold-release; systemctl stop proxytest-hold", check=False)
 
 
-def test_files_mode_uploads_the_pair_and_refuses_a_key_that_does_not_match(lab, apps_running):
+def test_files_mode_uploads_the_pair_and_refuses_a_key_that_does_not_match(lab, apps_running,
+                                                                            tmp_path):
     from releasy_deploy.commands.nginx import self_signed_argv
 
-    tls = lab.state_dir / "proxytest-tls"
-    shutil.rmtree(tls, ignore_errors=True)
+    tls = tmp_path / "tls"
     tls.mkdir()
     for stem in ("site", "other"):
         subprocess.run(self_signed_argv(str(tls / f"{stem}.crt"), str(tls / f"{stem}.key"),
                                         "releasy.lab.test"), check=True, capture_output=True)
         (tls / f"{stem}.key").chmod(0o600)
+    # The lab's inventory in files mode, beside the TLS files; the lab's own files by
+    # absolute path.
     data = yaml.safe_load(lab.inventory.read_text())
+    data["known_hosts"] = str(lab.state_dir / data["known_hosts"])
+    data["ssh"]["identity_file"] = str(lab.state_dir / data["ssh"]["identity_file"])
+    data["release"]["source"] = str(lab.state_dir / data["release"]["source"])
+    data["secrets"]["file"] = str(lab.state_dir / data["secrets"]["file"])
     data["tls"] = {"mode": "files", "server_name": "releasy.lab.test",
-                   "certificate": "proxytest-tls/site.crt", "key": "proxytest-tls/site.key"}
-    inventory = lab.state_dir / "hosts-proxytest-files.yaml"
+                   "certificate": "tls/site.crt", "key": "tls/site.key"}
+    inventory = tmp_path / "hosts.yaml"
     inventory.write_text(yaml.safe_dump(data, sort_keys=False))
     key_lines = [ln for ln in (tls / "site.key").read_text().splitlines() if "-----" not in ln]
 
@@ -395,6 +402,6 @@ def test_files_mode_uploads_the_pair_and_refuses_a_key_that_does_not_match(lab, 
     bad = lab.fab("proxy.setup", inventory=inventory, check=False)
     assert bad.returncode == 1
     assert "key values mismatch" in bad.stderr
-    assert "proxytest-tls/site.key" in bad.stderr  # the hint names the inventory's files
+    assert str(tls / "site.key") in bad.stderr  # the hint names the inventory's files
     assert sha(lab, "/etc/nginx/releasy/tls/releasy.key") == good_key
     assert verifies()

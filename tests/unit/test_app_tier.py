@@ -22,6 +22,7 @@ from releasy_deploy.secrets import Secrets
 
 SECRET_KEY = "adm 'in' \"key\" $HOME `id` \\x é"
 PEPPER = "pepper-Zq9-secret"
+SQLITE_URL = "sqlite:///var/lib/releasy/releasy.db"
 
 
 # ------------------------------------------------------------------------------ inventories
@@ -93,7 +94,7 @@ def test_env_variables_single_host_sqlite(tmp_path):
     inv = make_inventory(tmp_path)
     host = inv.host("solo")
     got = cmd.env_variables(inv, host, secrets(admin_api_key=SECRET_KEY, api_key_pepper=PEPPER),
-                            cmd.SQLITE_URL)
+                            SQLITE_URL)
     assert got == [
         ("RELEASY_BIND_ADDR", "127.0.0.1:8080"),
         ("RELEASY_DATABASE_URL", "sqlite:///var/lib/releasy/releasy.db"),
@@ -142,7 +143,7 @@ def test_env_variables_split_with_every_optional_setting(tmp_path):
 def test_rendered_env_file(tmp_path):
     inv = make_inventory(tmp_path)
     text = cmd.render_env_file(cmd.env_variables(
-        inv, inv.host("solo"), secrets(admin_api_key=SECRET_KEY), cmd.SQLITE_URL), "releasy")
+        inv, inv.host("solo"), secrets(admin_api_key=SECRET_KEY), SQLITE_URL), "releasy")
     lines = text.splitlines()
     assert all(line.startswith("# ") for line in lines[:3])
     assert "root:releasy 0640" in lines[2]
@@ -519,6 +520,12 @@ def test_script_of_quotes_every_word():
 ])
 def test_sqlite_path(url, path):
     assert cmd.sqlite_path(url) == path
+
+
+def test_sqlite_location_agrees_with_the_db_tier():
+    from releasy_deploy.commands import postgres as pg
+    assert cmd.SQLITE_URL == pg.SQLITE_URL == SQLITE_URL
+    assert cmd.sqlite_path(cmd.SQLITE_URL).startswith(cmd.DATA_DIR + "/")
 
 
 def test_database_password_is_found_for_masking():

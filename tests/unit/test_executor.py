@@ -534,7 +534,7 @@ def test_each_is_bounded_and_collects_failures(sshd):
     assert set(err.failures) == {"bad"} and set(err.results) == {"n1", "n2", "n3", "n4"}
     assert isinstance(err.failures["bad"], RemoteCommandError)
     assert "- bad: remote command failed (exit code 3)" in str(err)
-    assert "[bad] ERROR: bad: remote command failed (exit code 3)" in out.getvalue()
+    assert "[bad] ERROR: remote command failed (exit code 3)" in out.getvalue()
 
 
 @pytest.fixture

@@ -3,11 +3,10 @@ remote scripts themselves, run for real with the local `sh` on a scratch directo
 swap/restore logic under test is shell; only `nginx` is stood in by a tiny script)."""
 from __future__ import annotations
 
-import copy
+import grp
 import os
 import pwd
 import re
-import grp
 import shlex
 import signal
 import subprocess

@@ -1,0 +1,184 @@
+"""Migration bookkeeping: which ``_sqlx_migrations`` level each release runs against.
+
+Upstream's binary embeds its migrations and refuses to start against a database holding a
+migration it does not know (sqlx "VersionMissing"). A rollback is therefore only safe when
+the database is not ahead of the target release. We record, per release, the highest
+successfully applied ``_sqlx_migrations.version`` it was running against, in a one-line
+file next to the release on every app host (``/opt/releasy/releases/V/.schema-version``):
+
+- after the first host of a rollout is ``/ready`` on V (its start ran the migrations), and
+  again when the rollout finishes: V's level is the database's level then;
+- the release a rollout starts FROM gets its level too, when every app host runs it, is
+  ready and it has none recorded yet (a release installed by ``fab app.setup``).
+
+The pre-deploy dumps (`releasy_deploy.backups`) carry the level in their names as well, so a
+release whose file is missing can still be judged from the dump taken when leaving it.
+
+Everything here is pure (probes, parsers, decisions) except `read_level`, one round trip.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .commands import app as appcmd
+from .errors import DeployError
+from .inventory import VERSION_RE, Host, Inventory, check_version
+from .remote import Probe, facts, register_fact
+
+__all__ = [
+    "SCHEMA_FILE", "schema_path", "level_fact", "level_host", "parse_level", "read_level",
+    "RECORDED_FACT", "parse_recorded", "record_script_argv", "known_level",
+    "postgres_level_shell", "sqlite_level_shell",
+]
+
+SCHEMA_FILE = ".schema-version"
+# Only successful rows count: sqlx marks a failed non-transactional migration success=false.
+LEVEL_SQL = "SELECT coalesce(max(version), 0) FROM public._sqlx_migrations WHERE success"
+TABLE_SQL = "SELECT to_regclass('public._sqlx_migrations') IS NOT NULL"
+SQLITE_LEVEL_SQL = "SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success"
+SQLITE_TABLE_SQL = ("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                    " AND name = '_sqlx_migrations'")
+
+
+def schema_path(version: str) -> str:
+    return f"{appcmd.RELEASES_DIR}/{check_version(version)}/{SCHEMA_FILE}"
+
+
+# ------------------------------------------------------------------------------ the database
+def postgres_level_shell(database: str) -> str:
+    """Prints the level (0 without a migrations table) as the postgres superuser."""
+    def psql(sql: str) -> str:
+        return shlex.join(["runuser", "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-q",
+                           "-v", "ON_ERROR_STOP=1", "-d", database, "-c", sql])
+    # cd /: runuser keeps root's cwd, which postgres may not enter (psql warns).
+    return (f"cd / && t=$({psql(TABLE_SQL)}) || exit 4\n"
+            f"if [ \"$t\" = t ]; then {psql(LEVEL_SQL)}; else echo 0; fi")
+
+
+def sqlite_level_shell(path: str) -> str:
+    """Prints the level of a SQLite database file (0 when absent or without the table)."""
+    q = shlex.quote(path)
+
+    def sqlite(sql: str) -> str:
+        return shlex.join(["sqlite3", "-readonly", path, sql])
+    return (f"[ -f {q} ] || {{ echo 0; exit 0; }}\n"
+            f"t=$({sqlite(SQLITE_TABLE_SQL)}) || exit 4\n"
+            f"if [ \"$t\" = 1 ]; then {sqlite(SQLITE_LEVEL_SQL)}; else echo 0; fi")
+
+
+def parse_level(out: str, code: int) -> int | None:
+    text = out.strip()
+    if code != 0 or not re.fullmatch(r"\d+", text):
+        return None
+    return int(text)
+
+
+def _level_probe(arg: str) -> Probe:
+    kind, _, where = arg.partition(":")
+    if kind == "postgres":
+        return Probe(postgres_level_shell(where), parse_level)
+    if kind == "sqlite":
+        return Probe(sqlite_level_shell(where), parse_level)
+    raise ValueError(f"unknown database kind {kind!r}")
+
+
+register_fact("releasy_schema_level", arg=True)(_level_probe)
+
+
+def level_fact(inv: Inventory) -> str:
+    """The fact name reading the database's migration level on `level_host`."""
+    if inv.database.kind == "sqlite":
+        path = appcmd.sqlite_path(appcmd.SQLITE_URL)
+        return f"releasy_schema_level:sqlite:{path}"
+    return f"releasy_schema_level:postgres:{inv.database.name}"
+
+
+def level_host(inv: Inventory) -> Host:
+    """Where the level is read: the db host (for SQLite, the one host carrying every tier)."""
+    return inv.db_host
+
+
+def read_level(session) -> int:
+    """The database's migration level now (one round trip, read-only: also in dry-run)."""
+    inv = session.inventory
+    conn = session.executor.conn(level_host(inv))
+    name = level_fact(inv)
+    level = facts(conn, [name], sudo=True)[name]
+    if level is None:
+        raise DeployError(
+            f"{conn.name}: cannot read the migration level of database {inv.database.name}"
+            f" (_sqlx_migrations). Is the database up? `fab db.setup` checks it.",
+            host=conn.name)
+    return level
+
+
+# ------------------------------------------------------------------------------ the app hosts
+RECORDED_PROBE = f"""cd {shlex.quote(appcmd.RELEASES_DIR)} 2>/dev/null || exit 0
+for f in */{SCHEMA_FILE}; do
+  [ -f "$f" ] || continue
+  printf '%s %s\\n' "${{f%%/*}}" "$(head -c 32 "$f" | tr -d '\\n')"
+done"""
+
+
+def parse_recorded(out: str, code: int = 0) -> dict[str, int]:
+    """``V LEVEL`` lines -> {version: level}; malformed lines are ignored."""
+    levels: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]) and parts[1].isdigit():
+            levels[parts[0]] = int(parts[1])
+    return levels
+
+
+RECORDED_FACT = "releasy_schema_levels"
+register_fact(RECORDED_FACT)(lambda _: Probe(RECORDED_PROBE, parse_recorded))
+
+# $1 releases dir, then pairs VERSION LEVEL. A release dir that is not there is skipped
+# (not staged on this host); the file is replaced atomically.
+_RECORD_SCRIPT = """set -eu
+dir=$1; shift
+while [ $# -ge 2 ]; do
+  if [ -d "$dir/$1" ]; then
+    printf '%s\\n' "$2" > "$dir/$1/.schema-version.new"
+    chmod 0644 "$dir/$1/.schema-version.new"
+    mv -f "$dir/$1/.schema-version.new" "$dir/$1/.schema-version"
+  fi
+  shift 2
+done"""
+
+
+def record_script_argv(levels: Mapping[str, int]) -> list[str]:
+    """argv writing ``.schema-version`` for each {version: level} (run as root)."""
+    args: list[str] = []
+    for version, level in levels.items():
+        check_version(version)
+        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            raise ValueError(f"invalid migration level {level!r} for {version}")
+        args += [version, str(level)]
+    if not args:
+        raise ValueError("no levels to record")
+    return ["sh", "-c", _RECORD_SCRIPT, "releasy-schema", appcmd.RELEASES_DIR, *args]
+
+
+# ------------------------------------------------------------------------------ decisions
+@dataclass(frozen=True)
+class LevelSource:
+    level: int | None
+    source: str  # where it came from, for messages
+
+
+def known_level(version: str, recorded: Iterable[Mapping[str, int]],
+                backups: Sequence = ()) -> LevelSource:
+    """The migration level ``version`` ran against, from the hosts' records (the highest
+    if they disagree), else from a dump taken when a rollout left that version."""
+    found = [r[version] for r in recorded if version in r]
+    if found:
+        return LevelSource(max(found), f"{appcmd.RELEASES_DIR}/{version}/{SCHEMA_FILE}")
+    leaving = [b for b in backups if getattr(b, "from_version", None) == version]
+    if leaving:
+        newest = max(leaving, key=lambda b: (b.taken_at, b.name))
+        return LevelSource(newest.level, f"the dump {newest.name}")
+    return LevelSource(None, "no record")

@@ -1,0 +1,139 @@
+"""`fab deploy.rollback` on the lab (proxy1, app1..app3, db1): back over releases with the
+same migrations, then across a migration, which is refused unless the pre-deploy dump is
+restored (--restore-db). The database is inspected with psql on db1 over plain OpenSSH.
+
+One provisioned lab for the module: `fab site --version 1.0.0` on a fresh database, then
+`fab deploy.rolling` to 1.1.0 and 1.1.1 (the lab's default releases: 1.0.0 has
+migrations 1-2, 1.1.0 and 1.1.1 add migration 3)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).parent / "fab")
+APPS = ("app1", "app2", "app3")
+
+
+def sudo(lab, host, *argv, check=True):
+    return lab.ssh(host, "sudo", "-n", *argv, check=check)
+
+
+def psql(lab, sql: str) -> list[list[str]]:
+    out = sudo(lab, "db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
+    return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def level(lab) -> int:
+    return int(psql(lab, "SELECT max(version) FROM _sqlx_migrations WHERE success")[0][0])
+
+
+def current(lab, host) -> str:
+    return lab.ssh(host, "readlink", "/opt/releasy/current").stdout.strip().rsplit("/", 1)[-1]
+
+
+def version_served(lab, host) -> str:
+    """/version of the running process, asked on the host itself."""
+    url = f"http://10.77.{lab.ident.subnet_octet}.{20 + int(host[-1])}:8080/version"
+    return json.loads(lab.ssh(host, "curl", "-fsS", "--max-time", "3", url).stdout)["version"]
+
+
+def rotation(lab) -> list[str]:
+    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
+    by_address = {f"10.77.{lab.ident.subnet_octet}.{20 + i}:8080": f"app{i}" for i in (1, 2, 3)}
+    return [by_address.get(w[1], w[1]) for line in text.splitlines()
+            if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"]
+
+
+def assert_all_on(lab, version):
+    assert {h: current(lab, h) for h in APPS} == {h: version for h in APPS}
+    assert {h: version_served(lab, h) for h in APPS} == {h: version for h in APPS}
+    assert rotation(lab) == list(APPS)
+
+
+def fab_without_terminal(lab, captured_outputs, *args) -> subprocess.CompletedProcess:
+    """Like lab.fab, with stdin that is not a terminal (as under cron)."""
+    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    captured_outputs.append(proc.stdout + proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lab(lab_session):
+    lab = lab_session.use("split", apps=3)
+    # A brand-new database, no dumps, no recorded levels left from earlier tests.
+    for host in APPS:
+        sudo(lab, host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
+                                    " rm -f /opt/releasy/releases/*/.schema-version", check=False)
+    sudo(lab, "db1", "sh", "-c",
+         "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq"
+         " -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi; rm -rf /var/backups/releasy")
+    lab.fab("site", "--version", "1.0.0", timeout=900)
+    lab.fab("proxy.setup", "--reset-upstreams")
+    for version in ("1.1.0", "1.1.1"):
+        lab.fab("deploy.rolling", "--version", version, "--yes")
+    assert_all_on(lab, "1.1.1")
+    assert level(lab) == 3
+    return lab
+
+
+def test_rollback_to_a_release_with_the_same_migrations(lab):
+    proc = lab.fab("deploy.rollback", "--yes")  # default target: the previous release
+    assert "rollback to 1.1.0 done: app1, app2, app3" in proc.stdout
+    assert_all_on(lab, "1.1.0")
+    assert level(lab) == 3
+    # No dump is taken for a rollback that restores nothing.
+    assert not any("from-1.1.1_to-1.1.0" in line for line in sudo(
+        lab, "db1", "ls", "/var/backups/releasy").stdout.split())
+    record = json.loads(sudo(lab, "app1", "tail", "-n1", "/var/log/releasy-deploy/audit.log"
+                             ).stdout)
+    assert (record["action"], record["to"], record["result"]) == ("deploy.rollback", "1.1.0",
+                                                                 "ok")
+    assert record["from_versions"] == {h: "1.1.1" for h in APPS}
+
+
+def test_rollback_across_a_migration_is_refused_then_restores_the_dump(lab,
+                                                                       captured_outputs):
+    assert_all_on(lab, "1.1.0")
+    # A write after the deploy that added migration 3: the restore loses it.
+    psql(lab, "INSERT INTO standin_m1 (id, label) VALUES (42, 'written after the dump')")
+
+    refused = lab.fab("deploy.rollback", check=False)  # default target: 1.0.0
+    out = refused.stdout + refused.stderr
+    assert refused.returncode == 2, out
+    assert ("error: refusing to roll back to 1.0.0: it ran against database migrations up to 2"
+            " (/opt/releasy/releases/1.0.0/.schema-version), but the database is at 3.") in out
+    assert "`fab deploy.rollback --to 1.0.0 --restore-db`" in out
+    assert "_from-1.0.0_to-1.1.0_m2.dump" in out and "loses every write made since" in out
+    assert "Nothing was changed." in out and " changed: " not in refused.stdout
+
+    unconfirmed = fab_without_terminal(lab, captured_outputs, "deploy.rollback", "--restore-db")
+    out = unconfirmed.stdout + unconfirmed.stderr
+    assert unconfirmed.returncode == 2, out
+    assert "every write made since" in out and "is LOST" in out
+    assert "stdin is not a terminal, so nobody can answer: re-run with --yes" in out
+    assert " changed: " not in unconfirmed.stdout
+    assert_all_on(lab, "1.1.0")
+    assert level(lab) == 3
+
+    restored = lab.fab("deploy.rollback", "--restore-db", "--yes")
+    assert "rollback to 1.0.0 done" in restored.stdout
+    assert_all_on(lab, "1.0.0")
+    assert level(lab) == 2  # the database is back at 1.0.0's migrations
+    assert psql(lab, "SELECT to_regclass('standin_m3') IS NULL,"
+                     " count(*) FILTER (WHERE id = 42) FROM standin_m1") == [["t", "0"]]
+    # What the database held just before the restore was saved first.
+    dumps = sudo(lab, "db1", "ls", "/var/backups/releasy").stdout.split()
+    assert [d for d in dumps if d.endswith("_from-1.1.0_to-1.0.0_m3.dump")], dumps
+    assert lab.ssh("app1", "cat", "/opt/releasy/releases/1.0.0/.schema-version"
+                   ).stdout.strip() == "2"
