@@ -104,15 +104,8 @@ class NotBlueGreenReady(DeployError):
 
 
 # ------------------------------------------------------------------------------ names
-def _port(port: int) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"invalid port {port!r}")
-    return port
-
-
-def instance_unit(port: int) -> str:
-    """``releasy@PORT.service``: the template unit's instance for that port."""
-    return f"releasy@{_port(port)}.service"
+_port = appcmd.check_port  # one validation for every instance name
+instance_unit = appcmd.instance_unit
 
 
 def instance_link(port: int) -> str:
@@ -125,9 +118,7 @@ def instance_env_file(port: int) -> str:
     return f"{appcmd.CONFIG_DIR}/instance-{_port(port)}.env"
 
 
-def instance_bind(port: int) -> str:
-    """Single host: the instances listen on loopback only (the proxy is local)."""
-    return f"{LOOPBACK}:{_port(port)}"
+instance_bind = appcmd.instance_bind
 
 
 def render_instance_env(port: int) -> str:

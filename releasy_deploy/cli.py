@@ -82,8 +82,9 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, (InventoryError, BadInput)):
         return EXIT_BAD_INPUT
     if isinstance(exc, ParallelError):
+        # Every host failed the same way (all unreachable, all bad input): say so.
         codes = {exit_code_for(e) for e in exc.failures.values()}
-        return EXIT_UNREACHABLE if codes == {EXIT_UNREACHABLE} else EXIT_FAILED
+        return codes.pop() if len(codes) == 1 else EXIT_FAILED
     if isinstance(exc, (UnreachableError, HostKeyError)):
         return EXIT_UNREACHABLE
     code = getattr(exc, "exit_code_hint", None)

@@ -534,3 +534,20 @@ def service_plan(props: Mapping[str, str], *, units_changed: bool,
 def script_of(commands: Sequence[Sequence[str]]) -> str:
     """A ``set -e`` script running argv lists in order (each rendered with shlex.join)."""
     return "set -e\n" + "\n".join(shlex.join(list(c)) for c in commands) + "\n"
+
+
+# ------------------------------------------------------------------------------ blue/green names
+def check_port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}")
+    return port
+
+
+def instance_unit(port: int) -> str:
+    """``releasy@PORT.service``: the template unit's instance for that port."""
+    return f"releasy@{check_port(port)}.service"
+
+
+def instance_bind(port: int) -> str:
+    """Single host: blue/green instances listen on loopback only (the proxy is local)."""
+    return f"127.0.0.1:{check_port(port)}"

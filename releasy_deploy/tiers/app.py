@@ -73,6 +73,8 @@ class HostFacts:
     releases: cmd.ReleaseState
     unit: dict[str, str]  # systemctl show of releasy.service
     ready: bool
+    instances: dict[int, dict[str, str]]  # blue/green port -> systemctl show (single host)
+    instances_ready: dict[int, bool]
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,26 @@ def _fact_names(plan: _Plan, bind: str) -> list[str]:
         names.append(f"file_stat:{db_file}")
     names += ["releasy_releases", f"releasy_unit:{SERVICE_UNIT}",
               f"releasy_ready:{cmd.ready_url(bind)}"]
+    if plan.inv.is_single_host:
+        # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
+        for port in plan.inv.app.bluegreen_ports:
+            names += [f"releasy_unit:{cmd.instance_unit(port)}",
+                      f"releasy_ready:{cmd.ready_url(cmd.instance_bind(port))}"]
     return names
+
+
+def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
+    """The port of the blue/green instance serving instead of releasy.service, if any.
+
+    After the first `fab deploy.bluegreen`, releasy.service is disabled and releasy@PORT
+    runs; app.setup must then leave the service alone rather than start a second copy."""
+    if f.unit.get("UnitFileState") == "enabled":
+        return None
+    for port in inv.app.bluegreen_ports:
+        props = f.instances.get(port, {})
+        if props.get("UnitFileState") == "enabled" or props.get("ActiveState") == "active":
+            return port
+    return None
 
 
 def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
@@ -117,6 +138,10 @@ def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
         releases=found["releasy_releases"],
         unit=found[f"releasy_unit:{SERVICE_UNIT}"],
         ready=found[f"releasy_ready:{cmd.ready_url(bind)}"],
+        instances={p: found[f"releasy_unit:{cmd.instance_unit(p)}"]
+                   for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
+        instances_ready={p: found[f"releasy_ready:{cmd.ready_url(cmd.instance_bind(p))}"]
+                         for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
     )
 
 
@@ -192,6 +217,11 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
     _ensure_dirs(c, plan.user, group, f)
     _ensure_sqlite_file(c, plan, group, f)
 
+    live = live_instance(inv, f)
+    if live is not None:
+        _converge_bluegreen(c, plan, f, group, live)
+        return
+
     target = plan.version or f.releases.current
     assert target is not None  # setup() refused hosts without a release
     staged = False
@@ -225,6 +255,34 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
                                 f" (release {target})")
     else:
         c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready (release {target})")
+
+
+def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,
+                        live: int) -> None:
+    """Blue/green owns the release and the running instance: keep config files right and
+    say when they take effect, but start, restart or switch nothing."""
+    unit = cmd.instance_unit(live)
+    if plan.version and plan.version != f.releases.current:
+        raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
+                       f"the release with `fab deploy.bluegreen --version {plan.version}`")
+    env_changed = _ensure_env_file(c, plan, group, f)
+    units = cmd.render_units(plan.user, group)
+    changed_units = _ensure_units(c, units, f,
+                                  probe_target=f"{cmd.RELEASES_DIR}/{f.releases.current}")
+    if changed_units and not c.dry_run:
+        _run_script(c, cmd.script_of([["systemctl", "daemon-reload"]]), "systemctl daemon-reload",
+                    hint=f"see `systemctl status {unit}` on {c.name}")
+    if env_changed or changed_units:
+        c.reporter.info(c.name, f"{unit} is live (blue/green): the changes take effect at the "
+                                "next `fab deploy.bluegreen`, which starts a fresh instance")
+    _report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
+    if c.dry_run:
+        return
+    bind = cmd.instance_bind(live)
+    if not f.instances_ready.get(live):
+        wait_ready(c, bind, plan.inv.app.ready_timeout, unit=unit)
+    c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready "
+                            f"(release {f.releases.current})")
 
 
 def _ensure_account(c: HostConnection, user: str, acct: cmd.Account) -> str:

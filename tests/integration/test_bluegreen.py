@@ -231,6 +231,17 @@ def test_deploying_the_live_version_again_changes_and_restarts_nothing(lab):
     assert last_audit(lab)["result"] == "already live"
 
 
+def test_app_setup_and_site_leave_the_live_instance_alone(lab):
+    pid = unit(lab, "releasy@8081.service")["MainPID"]
+    proc = fab(lab, "site")
+    assert "site: 0 changed" in proc.stdout, proc.stdout
+    assert "releasy.service left stopped: releasy@8081.service is live" in proc.stdout
+    assert running(lab, "releasy.service") == ("inactive", "disabled")
+    assert unit(lab, "releasy@8081.service")["MainPID"] == pid
+    refused = fab(lab, "app.setup", "--version", "1.1.1", check=False)
+    assert refused.returncode == 2 and "fab deploy.bluegreen --version 1.1.1" in refused.stderr
+
+
 def test_a_no_op_run_costs_at_most_three_round_trips(lab, monkeypatch):
     """facts + audit record (+ the database password for PostgreSQL's lock)."""
     monkeypatch.setenv("RELEASY_INVENTORY", str(lab.inventory))
