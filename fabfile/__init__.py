@@ -20,3 +20,6 @@ for module in (inventory, db, app, proxy, firewall, deploy):
     ns.add_collection(Collection.from_module(module))
 # Blue/green lives in its own module but belongs with the other rollouts.
 ns.collections["deploy"].add_task(bluegreen.bluegreen)
+from fabfile import adhoc, status  # noqa: E402  (top-level day-2 tasks: fab status, fab run)
+ns.add_task(status.status)
+ns.add_task(adhoc.run)

@@ -1,6 +1,8 @@
-"""App tier: Releasy itself on the app hosts."""
+"""App tier: Releasy itself on the app hosts: setup, and the day-2 tasks (restart, logs,
+drain, undrain)."""
 from invoke import task
 
+from releasy_deploy import maintenance
 from releasy_deploy.cli import operator_task, session
 from releasy_deploy.tiers import app
 
@@ -17,3 +19,77 @@ def setup(c, version=None, dry_run=False):
         finally:
             if s.reporter.tally():  # no summary when nothing was contacted (bad input)
                 s.reporter.summary()
+
+
+_SUMMARY_HELP = {
+    "dry-run": "read every host's state and show what would happen; change nothing (the lock"
+               " is not taken)",
+    "wait": "seconds to wait for the deploy lock if another deploy holds it (default 0: fail"
+            " at once with exit code 3)",
+}
+
+
+def _summary(s):
+    if any(h.name in s.reporter.tally() for h in s.inventory.hosts):  # not for bad input
+        s.reporter.summary()
+
+
+@task(help={"host": "restart only this app host (default: every app host)",
+            "batch": "app hosts restarted at a time (default 1; one host always stays in"
+                     " rotation)",
+            "yes": "do not ask for confirmation (required when stdin is not a terminal)",
+            "ready-timeout": "seconds a restarted host has to answer /ready (default:"
+                             " app.ready_timeout of the inventory)",
+            **_SUMMARY_HELP})
+@operator_task
+def restart(c, host=None, batch=1, yes=False, dry_run=False, wait=0, ready_timeout=None):
+    """Rolling restart of Releasy: per batch drain, restart, wait for /ready, re-add.
+
+    The same steps as a rolling deploy (no request fails), under the deploy lock. A host
+    drained by hand is restarted in place and stays drained. Exit codes: 0 ok, 1 a host did
+    not come back (the message says where everything stands), 2 bad input or refused (it
+    would leave no host serving), 3 lock busy, 4 unreachable.
+    """
+    with session(dry_run=dry_run) as s:
+        try:
+            maintenance.restart(s, host=host, batch=batch, yes=yes, wait=float(wait),
+                                ready_timeout=ready_timeout)
+        finally:
+            _summary(s)
+
+
+@task(help={"host": "only this app host (default: every app host)",
+            "lines": f"journal lines per host (default {maintenance.DEFAULT_LOG_LINES})",
+            "follow": "then keep streaming new lines from every host until Ctrl-C"})
+@operator_task
+def logs(c, host=None, lines=maintenance.DEFAULT_LOG_LINES, follow=False):
+    """Releasy's journal on the app hosts, every line prefixed by its host."""
+    with session() as s:
+        maintenance.logs(s, host=host, lines=lines, follow=follow)
+
+
+@task(help={"host": "the app host to take out of rotation (required)", **_SUMMARY_HELP})
+@operator_task
+def drain(c, host, dry_run=False, wait=0):
+    """Take an app host out of every proxy's rotation by hand (maintenance on it).
+
+    Returns once the requests it was serving have finished. It stays out (fab proxy.setup
+    keeps the live list) until `fab app.undrain`. Refuses to drain the last host in
+    rotation (exit 2). Under the deploy lock (exit 3 when busy).
+    """
+    with session(dry_run=dry_run) as s:
+        try:
+            maintenance.drain(s, host, wait=float(wait))
+        finally:
+            _summary(s)
+
+
+@task(help={"host": "the app host to put back into rotation (required)", **_SUMMARY_HELP})
+@operator_task
+def undrain(c, host, dry_run=False, wait=0):
+    """Put an app host back into every proxy's rotation, once it answers /ready."""
+    with session(dry_run=dry_run) as s:
+        try:
+            maintenance.undrain(s, host, wait=float(wait))
+        finally:
+            _summary(s)

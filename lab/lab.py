@@ -91,6 +91,7 @@ def up(request: LabRequest = LabRequest()) -> Path:
         log("lab: replacing the existing lab" if state else "lab: cleaning up a stale lab")
         down()
     started = time.monotonic()
+    _raise_inotify_limits()
     base, repo = image.ensure_images()
     specs = topology_hosts(request.topology, request.apps)
     ident.state_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,20 @@ def up(request: LabRequest = LabRequest()) -> Path:
     _build_releases(ident)
     log(f"lab: {len(specs)} hosts up in {time.monotonic() - started:.1f} s")
     return ident.state_dir / "hosts.yaml"
+
+
+# Every host's systemd holds inotify instances of the one machine-wide user (root); the
+# default of 128 runs out around a dozen hosts ("Too many open files" at boot).
+INOTIFY_LIMITS = {"/proc/sys/fs/inotify/max_user_instances": 8192,
+                  "/proc/sys/fs/inotify/max_user_watches": 524288}
+
+
+def _raise_inotify_limits() -> None:
+    for path, wanted in INOTIFY_LIMITS.items():
+        current = int(Path(path).read_text())
+        if current < wanted:
+            Path(path).write_text(f"{wanted}\n")
+            log(f"lab: raised {path.rsplit('/', 1)[1]} from {current} to {wanted}")
 
 
 def down() -> None:

@@ -3,12 +3,14 @@ failures into a short message and a documented exit code (no traceback unless --
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from invoke import Exit
@@ -27,6 +29,9 @@ EXIT_LOCK_BUSY = 3     # another deploy holds the environment's lock
 EXIT_UNREACHABLE = 4   # a host could not be reached or its host key did not verify
 
 JSON_LOG_ENV = "RELEASY_JSON_LOG"
+# With a JSON log: RELEASY_TRACE=1 adds one "command" event per SSH command (host, masked
+# command, start, seconds), for the benchmark.
+TRACE_ENV = "RELEASY_TRACE"
 
 
 class BadInput(DeployError):
@@ -50,13 +55,31 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
     """Inventory and secrets validated before any connection is made."""
     inventory = load_inventory()
     secrets = load_secrets(inventory) if need_secrets else Secrets({})
-    reporter = Reporter(json_path=os.environ.get(JSON_LOG_ENV) or None)
-    executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets)
+    json_path = os.environ.get(JSON_LOG_ENV) or None
+    reporter = Reporter(json_path=json_path)
+    executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
+                        trace=bool(json_path and os.environ.get(TRACE_ENV)))
     try:
         yield Session(inventory, secrets, executor, reporter)
     finally:
         executor.close()
         reporter.close()
+        if json_path:
+            _log_executor_facts(json_path, executor)
+
+
+def _log_executor_facts(path: str, executor: Executor) -> None:
+    """Append what the task cost in SSH terms to the JSON log: one ``round_trips`` event per
+    host contacted (exec requests, connections opened), then the trace if one was kept."""
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    hosts = dict.fromkeys([*executor.connections_opened, *executor.round_trips])
+    records = [{"ts": now, "host": h, "event": "round_trips",
+                "round_trips": executor.round_trips.get(h, 0),
+                "connections": executor.connections_opened.get(h, 0)} for h in hosts]
+    records += [{"ts": now, "event": "command", **asdict(t)} for t in executor.trace or ()]
+    if records:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def confirm(question: str, *, yes: bool) -> None:

@@ -165,6 +165,19 @@ class Result:
 
 
 @dataclass(frozen=True)
+class CommandTrace:
+    """When and how long one exec request (or, as ``(ssh connect)``, one connection set-up)
+    took on a host; recorded only by an `Executor` made with ``trace=True`` (the benchmark
+    splits a rollout's time with it)."""
+
+    host: str
+    command: str  # the masked display form, never the raw command line
+    started_s: float  # since the executor was created
+    seconds: float
+    exit_code: int | None  # None: connection set-up, time-out or lost connection
+
+
+@dataclass(frozen=True)
 class _Raw:
     exit_code: int
     stdout: bytes
@@ -464,7 +477,9 @@ class HostConnection:
             if self._conn is None or not self._conn.is_connected:
                 if self._conn is not None:
                     self._conn.close()  # dropped since last use: reconnect once, cleanly
+                started = time.monotonic()
                 self._conn = self._connect()
+                self._ex._trace(self.name, "(ssh connect)", started, None)
             return self._conn.transport
 
     def _connect(self) -> Connection:
@@ -575,6 +590,8 @@ class HostConnection:
     ) -> _Raw:
         transport = self._transport()
         self._ex._count(self._ex.round_trips, self.name)
+        started = time.monotonic()
+        code: int | None = None
         if echo:
             self.reporter.info(self.name, f"$ {display}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -656,6 +673,7 @@ class HostConnection:
         finally:
             if chan is not None:
                 chan.close()
+            self._ex._trace(self.name, display, started, code)
         if echo:
             emit(b"", False, final=True)
             emit(b"", True, final=True)
@@ -705,6 +723,7 @@ class Executor:
         reporter: Reporter | None = None,
         secrets: Any = None,
         max_parallel: int = 16,
+        trace: bool = False,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
@@ -720,12 +739,23 @@ class Executor:
         self.round_trips: dict[str, int] = {}
         #: host name -> SSH connections opened (1 per task unless a connection dropped).
         self.connections_opened: dict[str, int] = {}
+        #: with ``trace=True``: every connection set-up and exec request, in finishing order.
+        self.trace: list[CommandTrace] | None = [] if trace else None
+        self._created = time.monotonic()
         self._conns: dict[str, HostConnection] = {}
         self._lock = threading.Lock()
 
     def _count(self, counter: dict[str, int], name: str) -> None:
         with self._lock:
             counter[name] = counter.get(name, 0) + 1
+
+    def _trace(self, name: str, command: str, started: float, exit_code: int | None) -> None:
+        if self.trace is None:
+            return
+        record = CommandTrace(name, self.masker(command), round(started - self._created, 4),
+                              round(time.monotonic() - started, 4), exit_code)
+        with self._lock:
+            self.trace.append(record)
 
     def host(self, host_or_name: Any) -> Any:
         if not isinstance(host_or_name, str):

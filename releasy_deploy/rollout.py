@@ -1005,6 +1005,11 @@ class _Rollout:
                                       f" beyond {self.inv.app.releases_keep}, audit record")
 
 
+# Public name of the per-host steps (drain, start, /ready, re-add, recover), for
+# `releasy_deploy.maintenance` (app.restart), which reuses them.
+Rollout = _Rollout
+
+
 # ======================================================================================
 # Entry points
 # ======================================================================================

@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 VENV_BIN=.venv/bin
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "lab: proxy1, app1, app2 (reached as a sudo user), db1 + an 'outside' namespace"
-inventory=$("$VENV_BIN/inv" lab.up | tail -n1)
+say "lab: proxy1, app1, app2, app3 (app2 reached as a sudo user), db1 + an 'outside' namespace"
+# A fresh lab every time, so the demo always starts from unprovisioned hosts.
+"$VENV_BIN/inv" lab.down
+inventory=$("$VENV_BIN/inv" lab.up --apps 3 | tail -n1)
 export RELEASY_INVENTORY="$inventory"
 "$VENV_BIN/inv" lab.status
 
@@ -24,19 +26,30 @@ proxy=$(awk '/^  proxy1:/{getline; print $2}' "$inventory")
 say "through the proxy: https://$proxy/version"
 curl -ksS --max-time 5 "https://$proxy/version"; echo
 
+say "fab deploy.rolling --version 1.1.0 (drain, migrate once on the first host, roll the rest)"
+"$VENV_BIN/fab" deploy.rolling --version 1.1.0 --yes
+
+say "every app host now runs 1.1.0"
+for i in 1 2 3 4 5 6 7 8 9; do curl -ksS --max-time 5 "https://$proxy/version"; done |
+  sed -E 's/.*"version": ?"([^"]+)".*"host": ?"([^"]+)".*/  \2 answers \1/' | sort | uniq -c
+"$VENV_BIN/fab" deploy.lock
+
 say "firewall, as seen from the 'outside' namespace"
 for port in 22 80 443 8080 5432; do
   printf '  proxy1:%-5s %s\n' "$port" "$("$VENV_BIN/inv" lab.probe proxy1 "$port")"
 done
 printf '  db1:5432    %s\n' "$("$VENV_BIN/inv" lab.probe db1 5432)"
 
+state_dir=$(dirname "$inventory")
+outside_ns="lab${LAB_ID:-}-outside"
 cat <<MSG
 
 Done. Look around:
   export RELEASY_INVENTORY=$inventory
   .venv/bin/fab --list                     # every operator task
-  ssh -F .lab/ssh_config app1              # a shell on a lab host (also proxy1, app2, db1)
+  ssh -F $state_dir/ssh_config app1   # a shell on a lab host (also proxy1, app2, app3, db1)
   .venv/bin/inv lab.probe db1 5432         # open/closed/filtered from the outside
-  .venv/bin/fab firewall.audit --netns lab-outside
+  .venv/bin/fab firewall.audit --netns $outside_ns
+  .venv/bin/fab deploy.rollback --restore-db --yes   # back to 1.0.0 and its database
   .venv/bin/inv lab.down                   # remove the lab
 MSG

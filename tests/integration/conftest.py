@@ -49,8 +49,10 @@ class LabHandle:
         """Run the operator CLI exactly as an operator would (a separate process)."""
         full_env = {**os.environ, "RELEASY_INVENTORY": str(inventory or self.inventory),
                     "PYTHONUNBUFFERED": "1", **(env or {})}
+        # stdin from /dev/null, as under cron: nothing may wait for an answer.
         proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
-                              env=full_env, capture_output=True, text=True, timeout=timeout)
+                              env=full_env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
         _CAPTURED.append(proc.stdout + proc.stderr)
         _remember_secrets(self)
         if check and proc.returncode != 0:

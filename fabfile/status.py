@@ -1,0 +1,29 @@
+"""`fab status`: the whole inventory in one table (or one JSON document)."""
+import json as _json
+
+from invoke import Exit, task
+
+from releasy_deploy import status as status_ops
+from releasy_deploy.cli import EXIT_FAILED, operator_task, session
+
+
+@task(help={"json": "print one JSON document instead of the table (for scripts and"
+                    " monitoring); same exit codes"})
+@operator_task
+def status(c, json=False):
+    """Every host: release, service, /ready, rotation, firewall, disk, database; the lock.
+
+    Read-only: one round trip per host, all hosts in parallel (plus the lock query on the
+    db host). Exit codes: 0 everything healthy; 1 something is unhealthy, listed under the
+    table ("problems" in the JSON): a host unreachable (its row says so), a service down or
+    not ready, a host out of rotation, the firewall inactive or not as planned, PostgreSQL
+    down, a file system 90% full...; 2 bad inventory.
+    """
+    with session(need_secrets=False) as s:
+        report = status_ops.status(s)
+    if json:
+        print(_json.dumps(report.to_json(), indent=2), flush=True)
+    else:
+        print(status_ops.render_table(report), flush=True)
+    if not report.healthy:
+        raise Exit(code=EXIT_FAILED)

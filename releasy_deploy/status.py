@@ -1,0 +1,576 @@
+"""``fab status``: the whole inventory in one table, read in one round trip per host.
+
+Every host gets ONE batched facts script (`releasy_deploy.remote.facts`), all hosts in
+parallel, holding every probe its tiers need:
+
+- app hosts: the unit's state and MainPID, the release ``current`` points at and the one
+  the process actually runs (GET /version when the binary has it, else the release
+  directory of ``/proc/MainPID/exe``), ``/ready``, disk use of /opt/releasy and the data
+  directory. On a single host the blue/green instances (``releasy@PORT``) are read too and
+  the live one is the one the proxy lists (`releasy_deploy.bluegreen.find_live`);
+- proxy hosts: nginx's state and the servers the upstream file lists. An app host is "in
+  rotation" when every proxy lists it;
+- the db host: PostgreSQL answering and the size of the app's database (SQLite: the size
+  of the database file), disk use of the data directory;
+- every host: ufw's state and rules, compared with the plan (`releasy_deploy.firewall`).
+
+The deploy lock holder costs the db host a few more round trips (`lock.holder_info`: the
+same answer as ``fab deploy.lock``); it runs at the same time as the facts.
+
+Nothing here changes anything and no local secret is needed. An unreachable host is a
+row marked unreachable, not a failure of the task. `StatusReport.problems` lists what is
+unhealthy; the task exits 1 when there is anything in it (see `fabfile/status.py`).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import bluegreen
+from . import firewall as fw
+from .cli import Session
+from .commands import app as appcmd
+from .commands import nginx as nginxcmd
+from .commands import postgres as pgcmd
+from .errors import DeployError, HostKeyError, UnreachableError
+from .executor import HostConnection
+from .inventory import TIERS, VERSION_RE, Host, Inventory
+from .lock import holder_info
+from .remote import Probe, facts, register_fact
+from .rollout import parse_version_probe, version_probe_argv
+from .tiers import app as app_tier
+from .tiers import firewall as _fw_tier  # noqa: F401 - registers the fw_* facts
+from .tiers import proxy as proxy_tier
+
+__all__ = [
+    "Disk", "AppStatus", "ProxyStatus", "DbStatus", "FirewallStatus", "HostStatus",
+    "LockStatus", "StatusReport", "fact_names", "parse_disk", "parse_exe_release",
+    "parse_pg", "host_status", "build_report", "render_table", "gather", "status",
+    "DISK_FULL_PERCENT", "PG_DATA_DIR",
+]
+
+UNIT = app_tier.SERVICE_UNIT
+PG_DATA_DIR = "/var/lib/postgresql"
+#: a file system this full is reported as a problem.
+DISK_FULL_PERCENT = 90
+#: seconds each network probe (curl, pg_isready) may take: status must stay quick.
+PROBE_TIMEOUT_S = 3
+
+# ------------------------------------------------------------------------------ probes
+# $PATH -> "KB PERCENT": du of the directory, use% of its file system; exit 3 if absent.
+_DISK_SHELL = """[ -d {q} ] || exit 3
+set -- $(du -sk -- {q} 2>/dev/null | cut -f1) $(df -Pk -- {q} | awk 'NR == 2 {{ print $5 }}')
+echo "${{1:-?}} ${{2:-?}}\""""
+
+# The executable of the unit's main process (its release dir for a compiled binary).
+_EXE_SHELL = """pid=$(systemctl show --property=MainPID --value -- {q})
+[ "${{pid:-0}}" -gt 0 ] || exit 3
+readlink "/proc/$pid/exe\""""
+
+
+def _pg_shell(database: str) -> str:
+    """Prints "down", or "up SIZE" (bytes of the database; "up ?" when it cannot be read)."""
+    ready = pgcmd.pg_ready_shell(pgcmd.SOCKET_DIR, timeout=PROBE_TIMEOUT_S)
+    size = shlex.join([*pgcmd.psql_argv(database), "-c",
+                       "SELECT pg_database_size(current_database())"])
+    # cd /: runuser keeps root's cwd, which postgres may not enter.
+    return (f"cd / || exit 4\n{ready} || {{ echo down; exit 0; }}\n"
+            f"s=$({size} 2>/dev/null) && echo \"up $s\" || echo 'up ?'")
+
+
+def parse_disk(out: str, code: int) -> tuple[int | None, int | None] | None:
+    """``KB PERCENT`` -> (bytes used by the directory, use% of its file system); None when
+    the directory does not exist."""
+    if code != 0:
+        return None
+    words = out.split()
+    kb = int(words[0]) if words and words[0].isdigit() else None
+    pct = words[1].rstrip("%") if len(words) > 1 else ""
+    return (kb * 1024 if kb is not None else None, int(pct) if pct.isdigit() else None)
+
+
+def parse_exe_release(out: str, code: int) -> str | None:
+    """The release a process runs, from ``readlink /proc/PID/exe``:
+    ``/opt/releasy/releases/V/releasy-server`` -> V (None for anything else, e.g. an
+    interpreter running a script)."""
+    if code != 0:
+        return None
+    m = re.fullmatch(re.escape(appcmd.RELEASES_DIR) + r"/([^/]+)/[^/]+", out.strip())
+    return m.group(1) if m and VERSION_RE.fullmatch(m.group(1)) else None
+
+
+def parse_pg(out: str, code: int) -> tuple[bool, int | None] | None:
+    """(up, database size in bytes) from `_pg_shell`; None when the probe itself failed
+    (PostgreSQL not installed)."""
+    words = out.split()
+    if code != 0 or not words or words[0] not in ("up", "down"):
+        return None
+    if words[0] == "down":
+        return (False, None)
+    size = words[1] if len(words) > 1 else ""
+    return (True, int(size) if size.isdigit() else None)
+
+
+register_fact("status_disk", arg=True)(
+    lambda path: Probe(_DISK_SHELL.format(q=shlex.quote(path)), parse_disk))
+register_fact("status_exe", arg=True)(
+    lambda unit: Probe(_EXE_SHELL.format(q=shlex.quote(unit)), parse_exe_release))
+register_fact("status_version", arg=True)(
+    lambda bind: Probe(shlex.join(version_probe_argv(bind)),
+                       lambda out, code: parse_version_probe(out)[1]))
+register_fact("status_pg", arg=True)(lambda database: Probe(_pg_shell(database), parse_pg))
+
+
+# ------------------------------------------------------------------------------ model
+@dataclass(frozen=True)
+class Disk:
+    label: str  # "releasy" (/opt/releasy), "data", "pgdata"
+    path: str
+    used_bytes: int | None  # None: the directory does not exist
+    fs_used_percent: int | None
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    unit: str  # the live unit: releasy.service, or releasy@PORT.service on a single host
+    active_state: str  # systemd's ActiveState: active, failed, inactive, activating...
+    sub_state: str
+    main_pid: int | None
+    current: str | None  # the release /opt/releasy/current points at
+    running: str | None  # the release the live process runs (None: cannot tell)
+    ready: bool  # GET /ready answered 2xx
+    in_rotation: bool | None  # every proxy lists it (None: a proxy could not be read)
+
+    @property
+    def active(self) -> bool:
+        return self.active_state == "active"
+
+
+@dataclass(frozen=True)
+class ProxyStatus:
+    nginx_active: bool
+    servers: tuple[str, ...] | None  # the upstream file's servers; None: missing/unparsable
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class DbStatus:
+    kind: str  # postgres | sqlite
+    up: bool
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class FirewallStatus:
+    installed: bool
+    active: bool
+    missing: int = 0  # planned rules not there
+    stale: int = 0  # rules of ours that are not planned (apply removes them)
+    unmanaged: int = 0  # rules someone added by hand (apply keeps them)
+    policy_differs: bool = False
+
+    @property
+    def matches_plan(self) -> bool:
+        return self.installed and self.active and not (self.missing or self.stale
+                                                       or self.policy_differs)
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    name: str
+    tiers: tuple[str, ...]
+    reachable: bool
+    error: str | None = None  # why it was not reachable / could not be read
+    app: AppStatus | None = None
+    proxy: ProxyStatus | None = None
+    db: DbStatus | None = None
+    firewall: FirewallStatus | None = None
+    disks: tuple[Disk, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LockStatus:
+    holder: str | None  # "user@machine pid=N version=V since ..." or None when free
+    error: str | None = None  # could not be read (then holder is None)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    environment: str
+    topology: str
+    hosts: tuple[HostStatus, ...]
+    lock: LockStatus
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{h.name}: {p}" for h in self.hosts for p in h.problems]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """The machine-readable document printed by ``fab status --json``."""
+        return {
+            "environment": self.environment,
+            "topology": self.topology,
+            "healthy": self.healthy,
+            "problems": self.problems,
+            "lock": {"held": self.lock.holder is not None, "holder": self.lock.holder,
+                     "error": self.lock.error},
+            "hosts": [asdict(h) for h in self.hosts],
+        }
+
+
+# ------------------------------------------------------------------------------ what to read
+def _app_units(inv: Inventory, host: Host) -> dict[str, str]:
+    """unit -> bind address of every unit that may be the live Releasy on ``host``."""
+    units = {UNIT: app_tier.bind_address(inv, host)}
+    if inv.topology == "single":
+        for port in inv.app.bluegreen_ports:
+            units[bluegreen.instance_unit(port)] = bluegreen.instance_bind(port)
+    return units
+
+
+def _disk_paths(inv: Inventory, host: Host) -> list[tuple[str, str]]:
+    paths = []
+    if host.has("app"):
+        paths += [("releasy", appcmd.RELEASY_ROOT), ("data", appcmd.DATA_DIR)]
+    if host.has("db") and inv.database.kind == "postgres":
+        paths.append(("pgdata", PG_DATA_DIR))
+    return paths
+
+
+FIREWALL_FACTS = ("package_version:ufw", "fw_ufw_status", "fw_ufw_added", "fw_ufw_defaults")
+
+
+def fact_names(inv: Inventory, host: Host) -> list[str]:
+    """Every fact ``fab status`` reads on ``host``: ONE facts round trip."""
+    names: list[str] = list(FIREWALL_FACTS)
+    names += [f"status_disk:{path}" for _, path in _disk_paths(inv, host)]
+    if host.has("app"):
+        names.append("releasy_releases")
+        for unit, bind in _app_units(inv, host).items():
+            names += [f"releasy_unit:{unit}", f"releasy_ready:{appcmd.ready_url(bind)}",
+                      f"status_version:{bind}", f"status_exe:{unit}"]
+        if inv.topology == "single":
+            names += bluegreen.fact_names(inv)
+    if host.has("proxy"):
+        names += [f"proxy_text:{proxy_tier.UPSTREAM_FILE}", "service_active:nginx"]
+    if host.has("db"):
+        if inv.database.kind == "postgres":
+            names.append(f"status_pg:{inv.database.name}")
+        else:
+            names.append(f"file_stat:{pgcmd.SQLITE_PATH}")
+    return list(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------ pure assembly
+def app_server(inv: Inventory, host: Host) -> tuple[str, int]:
+    """How the proxies' upstream file names ``host`` (split topology)."""
+    return nginxcmd.check_servers([(host.private_address, inv.app.bind_port)])[0]
+
+
+def _servers(text: str | None) -> tuple[list[tuple[str, int]] | None, str | None]:
+    if text is None:
+        return None, f"{proxy_tier.UPSTREAM_FILE} does not exist (run `fab proxy.setup`)"
+    try:
+        return nginxcmd.check_servers(nginxcmd.parse_upstream_servers(text)), None
+    except ValueError as exc:
+        return None, f"{proxy_tier.UPSTREAM_FILE}: {exc}"
+
+
+def _firewall(inv: Inventory, host: Host, found: Mapping[str, Any]) -> FirewallStatus:
+    installed = found["package_version:ufw"] is not None
+    status, live = found["fw_ufw_status"], found["fw_ufw_added"]
+    active = bool(status is not None and status.active)
+    if not installed or live is None:
+        return FirewallStatus(installed, active)
+    diff = fw.diff_host(host.name, fw.plan_rules(inv)[host.name], live, active=active,
+                        defaults=found["fw_ufw_defaults"])
+    return FirewallStatus(installed, active, missing=len(diff.add) + len(diff.recomment),
+                          stale=len(diff.remove), unmanaged=len(diff.unexpected),
+                          policy_differs=bool(diff.defaults))
+
+
+def _live_on_single_host(inv: Inventory, host: Host, found: Mapping[str, Any]
+                         ) -> tuple[str, bool | None, str | None]:
+    """(live unit, in rotation, why not known) from the blue/green state."""
+    try:
+        live = bluegreen.find_live(bluegreen.parse_state(host.name, found, inv))
+    except DeployError as exc:
+        return UNIT, None, str(exc).removeprefix(f"{host.name}: ").splitlines()[0]
+    if live.unit is None:
+        return bluegreen.instance_unit(live.port), False, None
+    return live.unit, True, None
+
+
+def _app(inv: Inventory, host: Host, found: Mapping[str, Any],
+         rotation: Mapping[str, bool | None]) -> tuple[AppStatus, str | None]:
+    units = _app_units(inv, host)
+    note = None
+    if inv.topology == "single":
+        unit, in_rotation, note = _live_on_single_host(inv, host, found)
+    else:
+        unit, in_rotation = UNIT, rotation.get(host.name)
+    bind = units[unit]
+    props = found[f"releasy_unit:{unit}"]
+    pid = props.get("MainPID", "0")
+    running = found[f"status_version:{bind}"] or found[f"status_exe:{unit}"]
+    current = found["releasy_releases"].current
+    ports = {bluegreen.instance_unit(p): p for p in inv.app.bluegreen_ports}
+    if unit in ports:  # a blue/green instance runs the release its link names
+        running = running or bluegreen.version_of_link(
+            found.get(f"bluegreen_link:{bluegreen.instance_link(ports[unit])}"))
+    app = AppStatus(unit=unit, active_state=props.get("ActiveState") or "inactive",
+                    sub_state=props.get("SubState") or "", main_pid=int(pid) if pid.isdigit()
+                    and int(pid) > 0 else None, current=current, running=running,
+                    ready=bool(found[f"releasy_ready:{appcmd.ready_url(bind)}"]),
+                    in_rotation=in_rotation)
+    return app, note
+
+
+def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseException,
+                rotation: Mapping[str, bool | None]) -> HostStatus:
+    """One row: what ``found`` (the host's facts, or why they could not be read) says,
+    with the problems that make it unhealthy. Pure."""
+    if isinstance(found, BaseException):
+        reachable = not isinstance(found, (UnreachableError, HostKeyError))
+        text = str(found) if isinstance(found, DeployError) else f"{type(found).__name__}: {found}"
+        first = text.strip().splitlines()[0].removeprefix(f"{host.name}: ") if text.strip() else ""
+        what = "unreachable" if reachable is False else "could not be read"
+        return HostStatus(host.name, host.tiers, reachable, error=first,
+                          problems=(f"{what}: {first}",))
+    problems: list[str] = []
+    app = proxy = db = None
+    if host.has("app"):
+        app, note = _app(inv, host, found, rotation)
+        problems += _app_problems(app)
+        if note:
+            problems.append(note)
+    if host.has("proxy"):
+        servers, note = _servers(found[f"proxy_text:{proxy_tier.UPSTREAM_FILE}"])
+        proxy = ProxyStatus(bool(found["service_active:nginx"]),
+                            None if servers is None else tuple(
+                                nginxcmd.format_server(a, p) for a, p in servers), note)
+        if not proxy.nginx_active:
+            problems.append("nginx is not running")
+        if note:
+            problems.append(note)
+        elif inv.topology == "split":
+            known = {app_server(inv, h) for h in inv.hosts_in("app")}
+            unknown = [nginxcmd.format_server(a, p) for a, p in servers or () if (a, p) not in known]
+            if unknown:
+                problems.append(f"the upstream lists servers that are no app host of the"
+                                f" inventory: {', '.join(unknown)}")
+    if host.has("db"):
+        if inv.database.kind == "postgres":
+            pg = found[f"status_pg:{inv.database.name}"]
+            db = DbStatus("postgres", bool(pg and pg[0]), pg[1] if pg else None)
+            if not db.up:
+                problems.append("PostgreSQL does not answer" if pg is not None
+                                else "PostgreSQL is not installed (run `fab db.setup`)")
+        else:
+            st = found[f"file_stat:{pgcmd.SQLITE_PATH}"]
+            db = DbStatus("sqlite", st is not None, st["size"] if st else None)
+            if st is None:
+                problems.append(f"the SQLite database {pgcmd.SQLITE_PATH} does not exist")
+    firewall = _firewall(inv, host, found)
+    problems += _firewall_problems(firewall)
+    disks = tuple(Disk(label, path, *(found[f"status_disk:{path}"] or (None, None)))
+                  for label, path in _disk_paths(inv, host))
+    for d in disks:
+        if d.fs_used_percent is not None and d.fs_used_percent >= DISK_FULL_PERCENT:
+            problems.append(f"the file system of {d.path} is {d.fs_used_percent}% full")
+    problems = list(dict.fromkeys(problems))
+    return HostStatus(host.name, host.tiers, True, None, app, proxy, db, firewall, disks,
+                      tuple(problems))
+
+
+def _app_problems(app: AppStatus) -> list[str]:
+    problems = []
+    if not app.active:
+        state = app.active_state + (f" ({app.sub_state})" if app.sub_state else "")
+        problems.append(f"{app.unit} is {state}, not active")
+    if not app.ready:
+        problems.append("/ready does not answer 200")
+    if app.in_rotation is False:
+        problems.append("out of rotation (drained: `fab app.undrain --host` puts it back)")
+    if app.active and app.running and app.current and app.running != app.current:
+        problems.append(f"runs {app.running} but current points at {app.current}"
+                        f" (not restarted since the switch?)")
+    return problems
+
+
+def _firewall_problems(f: FirewallStatus) -> list[str]:
+    if not f.installed:
+        return ["the firewall (ufw) is not installed (run `fab firewall.apply`)"]
+    if not f.active:
+        return ["the firewall is not active (run `fab firewall.apply`)"]
+    parts = [what for what, hit in ((f"{f.missing} planned rule(s) missing", f.missing),
+                                    (f"{f.stale} stale rule(s) of ours", f.stale),
+                                    ("default policies differ", f.policy_differs)) if hit]
+    if parts:
+        return [f"the firewall differs from the plan: {', '.join(parts)} (`fab"
+                f" firewall.status` shows them, `fab firewall.apply` fixes them)"]
+    return []
+
+
+def rotation_of(inv: Inventory, found: Mapping[str, Mapping[str, Any] | BaseException]
+                ) -> dict[str, bool | None]:
+    """app host -> listed by every proxy (None when a proxy could not be read). Split
+    topology only: on a single host the live blue/green instance says it."""
+    if inv.topology != "split":
+        return {}
+    lists: list[list[tuple[str, int]] | None] = []
+    for p in inv.hosts_in("proxy"):
+        f = found.get(p.name)
+        lists.append(None if isinstance(f, BaseException) or f is None
+                     else _servers(f[f"proxy_text:{proxy_tier.UPSTREAM_FILE}"])[0])
+    out: dict[str, bool | None] = {}
+    for h in inv.hosts_in("app"):
+        server = app_server(inv, h)
+        if any(servers is not None and server not in servers for servers in lists):
+            out[h.name] = False
+        elif any(servers is None for servers in lists):
+            out[h.name] = None
+        else:
+            out[h.name] = True
+    return out
+
+
+def build_report(inv: Inventory, found: Mapping[str, Mapping[str, Any] | BaseException],
+                 lock: LockStatus) -> StatusReport:
+    """The report from every host's facts (or exception) and the lock state. Pure."""
+    rotation = rotation_of(inv, found)
+    hosts = tuple(host_status(inv, h, found[h.name], rotation) for h in inv.hosts)
+    return StatusReport(inv.environment, inv.topology, hosts, lock)
+
+
+# ------------------------------------------------------------------------------ rendering
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" or n >= 10 else f"{n:.1f}{unit}"
+        n /= 1024
+    return "?"
+
+
+def _cells(h: HostStatus) -> list[str]:
+    tiers = ",".join(t for t in TIERS if t in h.tiers)
+    if not h.reachable:
+        return [h.name, tiers, "UNREACHABLE"] + [""] * 7
+    if h.error is not None:
+        return [h.name, tiers, "ERROR"] + [""] * 7
+    release = service = ready = rotation = database = "-"
+    services = []
+    if h.app is not None:
+        a = h.app
+        release = a.running or "?"
+        if a.current != a.running:
+            release += f" (current {a.current or 'none'})"
+        unit = a.unit.removesuffix(".service")
+        pid = f" pid {a.main_pid}" if a.main_pid else ""
+        state = a.active_state if a.active else a.active_state.upper()
+        services.append(f"{unit} {state}{pid}")
+        ready = "yes" if a.ready else "NO"
+        rotation = {True: "in", False: "OUT", None: "?"}[a.in_rotation]
+        if h.proxy is not None and a.in_rotation:  # single host: say which instance
+            rotation = f"in ({unit})"
+    if h.proxy is not None:
+        services.append("nginx " + ("active" if h.proxy.nginx_active else "INACTIVE"))
+        if h.app is None:
+            rotation = "?" if h.proxy.servers is None else f"{len(h.proxy.servers)} server(s)"
+    if services:
+        service = ", ".join(services)
+    if h.db is not None:
+        if h.db.kind == "postgres":
+            database = f"postgres up {_size(h.db.size_bytes)}" if h.db.up else "postgres DOWN"
+        else:
+            database = f"sqlite {_size(h.db.size_bytes)}" if h.db.up else "sqlite MISSING"
+    f = h.firewall
+    if f is None or not f.installed:
+        firewall = "NOT INSTALLED"
+    elif not f.active:
+        firewall = "INACTIVE"
+    elif not f.matches_plan:
+        firewall = "DIFFERS"
+    else:
+        firewall = "ok"
+    if f is not None and f.unmanaged:
+        firewall += f" (+{f.unmanaged} by hand)"
+    parts = [f"{d.label} {_size(d.used_bytes)}" if d.used_bytes is not None
+             else f"{d.label} none" for d in h.disks]
+    pcts = [d.fs_used_percent for d in h.disks if d.fs_used_percent is not None]
+    disk = " ".join(parts) + (f" (fs {max(pcts)}%)" if pcts else "") if parts else "-"
+    return [h.name, tiers, "ok", release, service, ready, rotation, firewall, disk, database]
+
+
+HEADERS = ["HOST", "TIERS", "SSH", "RELEASE", "SERVICE", "READY", "ROTATION", "FIREWALL",
+           "DISK", "DATABASE"]
+
+
+def render_table(report: StatusReport) -> str:
+    """The table, the lock line and the verdict (problems listed one per line)."""
+    rows = [HEADERS] + [_cells(h) for h in report.hosts]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if report.lock.error is not None:
+        lines.append(f"deploy lock: unknown ({report.lock.error})")
+    elif report.lock.holder is None:
+        lines.append("deploy lock: free")
+    else:
+        lines.append(f"deploy lock: held by {report.lock.holder}")
+    if report.healthy:
+        lines.append(f"{report.environment}: healthy")
+    else:
+        lines.append(f"{report.environment}: UNHEALTHY")
+        lines += [f"  - {p}" for p in report.problems]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the task
+def gather(session: Session) -> dict[str, Mapping[str, Any] | BaseException]:
+    """host -> its facts, or the exception that stopped reading them; all hosts in
+    parallel, ONE round trip each."""
+    inv = session.inventory
+
+    def read(c: HostConnection) -> Mapping[str, Any] | BaseException:
+        try:
+            return facts(c, fact_names(inv, c.host), sudo=True)
+        except DeployError as exc:  # a row of the table, not a failure of the task
+            return exc
+
+    return session.executor.each(inv.hosts, read)
+
+
+def _lock_status(session: Session) -> LockStatus:
+    try:
+        info = holder_info(session)
+    except DeployError as exc:
+        return LockStatus(None, str(exc).strip().splitlines()[0])
+    return LockStatus(None if info is None else info.describe())
+
+
+def status(session: Session) -> StatusReport:
+    """Read every host (and the deploy lock, meanwhile) and build the report."""
+    lock: list[LockStatus] = []
+    reader = threading.Thread(target=lambda: lock.append(_lock_status(session)),
+                              name="releasy-status-lock", daemon=True)
+    reader.start()
+    found = gather(session)
+    reader.join()
+    return build_report(session.inventory, found,
+                        lock[0] if lock else LockStatus(None, "lock query did not finish"))
+
+
+def to_json_text(report: StatusReport) -> str:
+    return json.dumps(report.to_json(), indent=2, sort_keys=False)
