@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit lab-down clean
+.PHONY: setup demo test unit bench lab-down clean
 
 setup: $(VENV)/.installed
 	@scripts/ensure-host-packages.sh
@@ -26,6 +26,11 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit
+
+# Not part of `test`: brings up its own lab (LAB_ID like every lab command), measures what
+# the tasks cost against the SSH floor, prints a table, writes bench/results/latest.json.
+bench: setup
+	$(PY) bench/run.py
 
 lab-down: setup
 	$(VENV)/bin/inv lab.down

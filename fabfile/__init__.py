@@ -12,14 +12,14 @@ if _ROOT not in sys.path:
 
 from invoke import Collection  # noqa: E402
 
-from fabfile import app, bluegreen, db, deploy, firewall, inventory, proxy, site  # noqa: E402
+from fabfile import (  # noqa: E402
+    adhoc, app, bluegreen, db, deploy, firewall, inventory, proxy, site, status)
 
 ns = Collection()
 ns.add_task(site.site)
+ns.add_task(status.status)
+ns.add_task(adhoc.run)
 for module in (inventory, db, app, proxy, firewall, deploy):
     ns.add_collection(Collection.from_module(module))
 # Blue/green lives in its own module but belongs with the other rollouts.
 ns.collections["deploy"].add_task(bluegreen.bluegreen)
-from fabfile import adhoc, status  # noqa: E402  (top-level day-2 tasks: fab status, fab run)
-ns.add_task(status.status)
-ns.add_task(adhoc.run)

@@ -7,7 +7,7 @@ command to keep it one piece: ``fab run --tier app -- 'df -h / && uptime'``.
 
 Fabric itself would take the words after ``--`` as a command to run on ``-H`` hosts, and
 refuses them without ``-H``. `RemainderExecutor` hands them to this task instead (as its
-``command``); it is installed on the running ``fab`` program when this module is imported.
+``command``); ``fabric.yaml`` at the repository root makes it fab's executor.
 """
 from fabric import executor as _fabric_executor
 from invoke import Exit, task
@@ -51,16 +51,3 @@ class RemainderExecutor(_fabric_executor.Executor):
                 raise Exit(f"`-- {remainder}`: only `fab run --tier TIER -- COMMAND...` takes"
                            f" a command after `--`", code=EXIT_BAD_INPUT)
         return super().expand_calls(calls, apply_hosts=apply_hosts)
-
-
-def _install_remainder_executor() -> None:
-    # The `fab` script runs fabric.main.program; it imports this fabfile before it picks
-    # its executor class, so setting the class here is in time.
-    from fabric import main as fabric_main
-
-    program = getattr(fabric_main, "program", None)
-    if program is not None and program.executor_class is _fabric_executor.Executor:
-        program.executor_class = RemainderExecutor
-
-
-_install_remainder_executor()

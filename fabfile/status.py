@@ -1,6 +1,4 @@
 """`fab status`: the whole inventory in one table (or one JSON document)."""
-import json as _json
-
 from invoke import Exit, task
 
 from releasy_deploy import status as status_ops
@@ -22,7 +20,7 @@ def status(c, json=False):
     with session(need_secrets=False) as s:
         report = status_ops.status(s)
     if json:
-        print(_json.dumps(report.to_json(), indent=2), flush=True)
+        print(status_ops.to_json_text(report), flush=True)
     else:
         print(status_ops.render_table(report), flush=True)
     if not report.healthy:

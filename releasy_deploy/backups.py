@@ -605,23 +605,34 @@ class DbState:
         return currents.pop() if len(currents) == 1 else None
 
 
+def units_on_hosts(running: Mapping[str, Sequence[str]]) -> str:
+    """``releasy.service on app1, app2`` (hosts grouped by what runs on them)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for host, units in running.items():
+        if units:
+            groups.setdefault(tuple(units), []).append(host)
+    if not groups:
+        return "nothing (no Releasy unit is running)"
+    return "; ".join(f"{', '.join(units)} on {', '.join(hosts)}"
+                     for units, hosts in groups.items())
+
+
 def app_units(inv: Inventory) -> list[str]:
     """The Releasy units that may run on an app host (blue/green only on a single host)."""
     from .tiers import app as app_tier  # also registers the releasy_* facts gather_state reads
 
     units = [app_tier.SERVICE_UNIT]
     if inv.is_single_host:
-        units += [app_tier.instance_unit(p) for p in inv.app.bluegreen_ports]
+        units += [appcmd.instance_unit(p) for p in inv.app.bluegreen_ports]
     return units
 
 
 def unit_bind(inv: Inventory, host, unit: str) -> str:
-    from .tiers import app as app_tier
-
+    """Where ``unit`` listens on ``host`` (a blue/green instance: its own loopback port)."""
     for port in inv.app.bluegreen_ports if inv.is_single_host else ():
-        if unit == app_tier.instance_unit(port):
-            return app_tier.instance_bind(port)
-    return app_tier.bind_address(inv, host)
+        if unit == appcmd.instance_unit(port):
+            return appcmd.instance_bind(port)
+    return appcmd.bind_address(inv, host)
 
 
 def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False) -> DbState:
@@ -726,12 +737,9 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                 raise BadInput(problem)
         running = {h: a.running for h, a in st.apps.items()}
         stopped_before = [h for h, units in running.items() if not units]
-        what_runs = "; ".join(f"{', '.join(units)} on {h}" for h, units in running.items()
-                              if units) or "nothing (no Releasy unit is running)"
-        plan = (f"stop {what_runs} (Releasy is DOWN until the restore is done), save the"
-                f" current database (migration level {st.level}) to a new pre-restore dump,"
-                f" restore {dump.name} (level {dump.level}), start the same units again and"
-                f" wait for /ready")
+        plan = (f"stop {units_on_hosts(running)}, save the current database (migration level"
+                f" {st.level}) to a new pre-restore dump, restore {dump.name} (level"
+                f" {dump.level}), start the same units again and wait for /ready")
         session.reporter.info(pipe.name, f"plan: {plan}")
         if session.dry_run:
             take_snapshot(session, running=st.running_release, level=st.level or 0,
@@ -744,9 +752,8 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
             return dump
         with session.reporter.paused():
             confirm(f"Restore {inv.environment}'s database on {db} from {dump.name} (taken"
-                    f" {dump.when}, {dump.origin}, migration level {dump.level})? Every write"
-                    f" made since then is LOST, and Releasy is DOWN while it runs: {plan}.",
-                    yes=yes)
+                    f" {dump.when}, {dump.origin})? Every write made since then is LOST, and"
+                    f" Releasy is DOWN until it is done: {plan}.", yes=yes)
         with pipe.stage("backup", db, "save the current database first"):
             safety = take_snapshot(session, running=st.running_release, level=st.level or 0,
                                    purpose=PRE_RESTORE, existing=st.backups,
@@ -782,15 +789,18 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                 except DeployError as sexc:
                     note = (f" Starting Releasy again failed as well"
                             f" ({str(sexc).splitlines()[0]}): check the app hosts.")
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            first = lines[0].removeprefix(f"{db}: ").rstrip(":")
+            said = [line for line in lines[1:] if line.startswith("    ")]  # its output
             unchanged = ("The restore runs in one transaction, so the database is unchanged"
                          if dump.kind == "postgres" else
                          "SQLite's restore is one transaction as well: the database is"
                          " unchanged")
-            raise DeployError(
-                f"{db}: restoring {dump.name} failed: {first.removeprefix(db + ': ')}."
-                f" {unchanged}; what was running was started again.{note} The data as it"
-                f" was before is also in {safety.path}.", host=db) from None
+            raise DeployError("\n".join([
+                f"{db}: {first}" + (":" if said else ""), *said,
+                f"  {unchanged}, and what was running was started again.{note}",
+                f"  Check the dump (`fab db.backups`), or restore another one; the data as it"
+                f" was before is also in {safety.path}."]), host=db) from None
         try:
             with pipe.stage("start", what="start Releasy again, wait for /ready"):
                 if busy:

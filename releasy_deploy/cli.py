@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from invoke import Exit
 from .errors import DeployError, HostKeyError, ParallelError, UnreachableError
 from .executor import Executor
 from .inventory import Inventory, InventoryError, load_inventory
-from .output import Reporter
+from .output import Reporter, one_screen
 from .secrets import Secrets, load_secrets
 
 # Exit codes: documented in the README; cron wrappers rely on them.
@@ -71,15 +72,21 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
 def _log_executor_facts(path: str, executor: Executor) -> None:
     """Append what the task cost in SSH terms to the JSON log: one ``round_trips`` event per
     host contacted (exec requests, connections opened), then the trace if one was kept."""
-    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    now = _iso(time.time())
     hosts = dict.fromkeys([*executor.connections_opened, *executor.round_trips])
     records = [{"ts": now, "host": h, "event": "round_trips",
                 "round_trips": executor.round_trips.get(h, 0),
                 "connections": executor.connections_opened.get(h, 0)} for h in hosts]
-    records += [{"ts": now, "event": "command", **asdict(t)} for t in executor.trace or ()]
+    records += [{"ts": _iso(executor.created_at + t.started_s), "event": "command", **asdict(t)}
+                for t in executor.trace or ()]
     if records:
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def _iso(seconds: float) -> str:
+    # The Reporter's format, so events and commands sort together by "ts".
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def confirm(question: str, *, yes: bool) -> None:
@@ -122,10 +129,14 @@ def operator_task(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (DeployError, InventoryError) as exc:
-            if _debug_enabled():
+            debug = _debug_enabled()
+            if debug:
                 traceback.print_exc()
             sys.stdout.flush()
-            raise Exit(f"error: {exc}", code=exit_code_for(exc)) from None
+            # One screen: long detail blocks (journal tails of many hosts) are cut to their
+            # last lines; --debug shows everything.
+            text = str(exc) if debug else one_screen(str(exc))
+            raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 

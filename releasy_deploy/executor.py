@@ -49,6 +49,9 @@ T = TypeVar("T")
 SUDO_PREFIX: tuple[str, ...] = ("sudo", "-n", "--")
 STDERR_TAIL_LINES = 20
 KEEPALIVE_S = 15
+# Hosts worked on at once. Past the bound hosts wait for a free worker, a second wave of
+# connection set-ups: 20 lab hosts took 0.39 s with 16 workers, 0.29 s with 32.
+MAX_PARALLEL = 32
 # Up to this size stdin is sent before reading output; larger payloads go on a thread so a
 # command that writes a lot before reading its stdin cannot deadlock on the SSH window.
 INLINE_STDIN_MAX = 256 * 1024
@@ -722,7 +725,7 @@ class Executor:
         dry_run: bool = False,
         reporter: Reporter | None = None,
         secrets: Any = None,
-        max_parallel: int = 16,
+        max_parallel: int = MAX_PARALLEL,
         trace: bool = False,
     ) -> None:
         if max_parallel < 1:
@@ -741,6 +744,7 @@ class Executor:
         self.connections_opened: dict[str, int] = {}
         #: with ``trace=True``: every connection set-up and exec request, in finishing order.
         self.trace: list[CommandTrace] | None = [] if trace else None
+        self.created_at = time.time()  # wall clock; trace times are relative to it
         self._created = time.monotonic()
         self._conns: dict[str, HostConnection] = {}
         self._lock = threading.Lock()

@@ -270,13 +270,12 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
     return views
 
 
-def _split_only(inv: Inventory, what: str) -> None:
+def _split_only(inv: Inventory, what: str, advice: str) -> None:
     apps = inv.hosts_in("app")
     if inv.topology == "single" or len(apps) < 2:
         raise LastHostInRotation(
             f"{what}: {inv.path} has a single app host ({_names(h.name for h in apps)}), the"
-            f" only one in rotation; taking it out would fail every request. On a single host"
-            f" `fab deploy.bluegreen` switches instances without downtime.")
+            f" only one in rotation; taking it out would fail every request. {advice}")
 
 
 def _set_rotation(session: Session, names: Sequence[str]) -> None:
@@ -299,7 +298,8 @@ def drain(session: Session, host: str, *, wait: float = 0) -> None:
     serving have finished (old nginx workers gone). Idempotent."""
     inv = session.inventory
     target = app_host(inv, host).name
-    _split_only(inv, f"refusing to drain {target}")
+    _split_only(inv, f"refusing to drain {target}",
+                "On a single host `fab deploy.bluegreen` switches releases without downtime.")
     names = [h.name for h in inv.hosts_in("app")]
     r = session.reporter
     with deploy_lock(session, version=None, wait=wait):
@@ -359,6 +359,16 @@ def undrain(session: Session, host: str, *, wait: float = 0) -> None:
 
 
 # ------------------------------------------------------------------------------ restart
+class _RestartPipeline(Pipeline):
+    """The rollout's batch step announces "drain, switch to V, start, ..."; for a restart
+    the stage line says what really happens."""
+
+    def stage(self, stage: str, host: str | None = None, what: str = ""):
+        if stage == "restart" and what.startswith("drain "):
+            what = f"drain {host}, restart {UNIT}, wait for /ready, re-add"
+        return super().stage(stage, host, what)
+
+
 class _Restart(rollout.Rollout):
     """The rollout's per-host steps with "restart" in place of "switch to V and start"."""
 
@@ -423,8 +433,11 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
     timeout = float(inv.app.ready_timeout) if ready_timeout is None else float(
         _whole_number(ready_timeout, "--ready-timeout", 1, 3600))
     targets = [app_host(inv, host).name] if host else [h.name for h in inv.hosts_in("app")]
-    _split_only(inv, "refusing a rolling restart")
-    pipe = Pipeline("app.restart", session.reporter)
+    _split_only(inv, "refusing a rolling restart",
+                "Restarting it is downtime; if that is acceptable: `fab run --tier app --"
+                " systemctl restart UNIT` with the live unit `fab status` names. `fab"
+                " deploy.bluegreen` switches releases without downtime.")
+    pipe = _RestartPipeline("app.restart", session.reporter)
     with ExitStack() as stack:
         with pipe.stage("preflight", what="lock, every host's state"):
             lock = stack.enter_context(deploy_lock(session, version=None, wait=wait))
@@ -435,7 +448,14 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
             r = _Restart(session, pipe, lock, pre, action="app.restart",
                          label="Rolling restart", version=label, release=None, batch=batch,
                          ready_timeout=timeout, take_backup=False)
-        r.run_plan(plan, yes)
+        try:
+            r.run_plan(plan, yes)
+        except rollout.RolloutFailed as exc:
+            # The rollout's report says what is out of rotation; say how it comes back.
+            head, sep, journal = exc.message.partition("\nLast journal lines")
+            exc.message = (head + " Once a host left out is fixed, `fab app.undrain --host"
+                           " NAME` puts it back (it checks /ready first)." + sep + journal)
+            raise
     return plan
 
 
@@ -453,6 +473,7 @@ def logs(session: Session, *, host: str | None = None, lines: Any = DEFAULT_LOG_
     count = _whole_number(lines, "--lines", 1, MAX_LOG_LINES)
     targets = _log_targets(inv, host)
     if follow:
+        session.reporter.end_live()  # a stream of lines, not a progress view
         _follow(session, targets, count)
         return
     argv = logs_argv(count)
@@ -509,11 +530,11 @@ def _follow(session: Session, targets: Sequence[Host], lines: int) -> None:
             for t in threads:
                 t.join(0.2)
     except KeyboardInterrupt:
-        # Ctrl-C is how --follow ends. Closing the connections ends every remote journalctl
-        # (its output is gone); the readers are daemon threads and need no joining.
+        # Ctrl-C is how --follow ends (exit 0 unless a host failed before). Closing the
+        # connections ends every remote journalctl (its output is gone); the readers are
+        # daemon threads and need no joining.
         stopping.set()
         ex.close()
-        return
     if failures:
         raise ParallelError(failures, {}, mask=ex.masker)
 
@@ -532,7 +553,7 @@ def run_adhoc(session: Session, tier: str, command: str, *,
     if host is not None:
         hosts = [h for h in hosts if h.name == host]
         if not hosts:
-            raise BadInput(f"--host {host}: not a {tier} host in {inv.path}; {tier} hosts:"
+            raise BadInput(f"--host {host}: not one of the {tier} hosts in {inv.path}:"
                            f" {_names(h.name for h in inv.hosts_in(tier))}")
     started = time.monotonic()
 

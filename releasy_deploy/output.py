@@ -46,6 +46,7 @@ LIVE_TICK_S = 0.25
 ONE_SCREEN_LINES = 40
 
 _CSI = "\x1b["
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SPINNER = "|/-\\"
 
 
@@ -112,6 +113,8 @@ def live_wanted(stream: IO[str] | None, environ: Mapping[str, str] = os.environ)
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         return False  # `fab --debug`: log lines go to stderr behind our back
     target = stream if stream is not None else sys.stdout
+    if isinstance(target, _TerminalProxy):
+        return False  # another reporter's block is on the screen already
     try:
         return bool(target.isatty())
     except (AttributeError, ValueError, OSError):
@@ -119,8 +122,9 @@ def live_wanted(stream: IO[str] | None, environ: Mapping[str, str] = os.environ)
 
 
 def fit(text: str, width: int) -> str:
-    """``text`` on one line of at most ``width`` characters (cut with ``...``)."""
-    text = text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
+    """``text`` on one line of at most ``width`` characters (cut with ``...``); control
+    characters (line breaks, a remote program's colour codes) become spaces."""
+    text = _CONTROL.sub(" ", text)
     if width <= 0:
         return ""
     if len(text) <= width:
@@ -438,7 +442,8 @@ class Reporter:
             parts.append(f"FAILED ({t.errors} errors)" if t.errors else "ok")
             lines.append(f"{host.ljust(width)}  " + " / ".join(parts))
         failed = sum(1 for t in tally.values() if t.errors)
-        lines.append(f"{len(tally)} hosts, {failed} failed, {elapsed:.1f} s")
+        lines.append(f"{len(tally)} host{'' if len(tally) == 1 else 's'}, {failed} failed,"
+                     f" {elapsed:.1f} s")
         text = "\n".join(lines)
         with self._lock:
             out = self._out()

@@ -14,8 +14,9 @@ parallel, holding every probe its tiers need:
   of the database file), disk use of the data directory;
 - every host: ufw's state and rules, compared with the plan (`releasy_deploy.firewall`).
 
-The deploy lock holder costs the db host a few more round trips (`lock.holder_info`: the
-same answer as ``fab deploy.lock``); it runs at the same time as the facts.
+The deploy lock holder costs the db host one more round trip and a query through an SSH
+tunnel (`lock.holder_info`: the same answer as ``fab deploy.lock``), right after its facts
+while the other hosts are still being read.
 
 Nothing here changes anything and no local secret is needed. An unreachable host is a
 row marked unreachable, not a failure of the task. `StatusReport.problems` lists what is
@@ -26,9 +27,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import bluegreen
@@ -41,6 +41,7 @@ from .errors import DeployError, HostKeyError, UnreachableError
 from .executor import HostConnection
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
+from .packages import FIREWALL_PACKAGES
 from .remote import Probe, facts, register_fact
 from .rollout import parse_version_probe, version_probe_argv
 from .tiers import app as app_tier
@@ -51,6 +52,7 @@ __all__ = [
     "Disk", "AppStatus", "ProxyStatus", "DbStatus", "FirewallStatus", "HostStatus",
     "LockStatus", "StatusReport", "fact_names", "parse_disk", "parse_exe_release",
     "parse_pg", "host_status", "build_report", "render_table", "gather", "status",
+    "to_json_text", "app_server", "rotation_of",
     "DISK_FULL_PERCENT", "PG_DATA_DIR",
 ]
 
@@ -97,10 +99,11 @@ def parse_disk(out: str, code: int) -> tuple[int | None, int | None] | None:
 def parse_exe_release(out: str, code: int) -> str | None:
     """The release a process runs, from ``readlink /proc/PID/exe``:
     ``/opt/releasy/releases/V/releasy-server`` -> V (None for anything else, e.g. an
-    interpreter running a script)."""
+    interpreter running a script). A release directory removed since still names it."""
     if code != 0:
         return None
-    m = re.fullmatch(re.escape(appcmd.RELEASES_DIR) + r"/([^/]+)/[^/]+", out.strip())
+    path = out.strip().removesuffix(" (deleted)")
+    m = re.fullmatch(re.escape(appcmd.RELEASES_DIR) + r"/([^/]+)/[^/]+", path)
     return m.group(1) if m and VERSION_RE.fullmatch(m.group(1)) else None
 
 
@@ -224,8 +227,16 @@ class StatusReport:
             "problems": self.problems,
             "lock": {"held": self.lock.holder is not None, "holder": self.lock.holder,
                      "error": self.lock.error},
-            "hosts": [asdict(h) for h in self.hosts],
+            "hosts": [_host_json(h) for h in self.hosts],
         }
+
+
+def _host_json(h: HostStatus) -> dict[str, Any]:
+    data = asdict(h)
+    if h.firewall is not None:
+        data["firewall"]["matches_plan"] = h.firewall.matches_plan
+    data["healthy"] = not h.problems
+    return data
 
 
 # ------------------------------------------------------------------------------ what to read
@@ -247,7 +258,8 @@ def _disk_paths(inv: Inventory, host: Host) -> list[tuple[str, str]]:
     return paths
 
 
-FIREWALL_FACTS = ("package_version:ufw", "fw_ufw_status", "fw_ufw_added", "fw_ufw_defaults")
+FIREWALL_FACTS = (f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status", "fw_ufw_added",
+                  "fw_ufw_defaults")
 
 
 def fact_names(inv: Inventory, host: Host) -> list[str]:
@@ -287,7 +299,7 @@ def _servers(text: str | None) -> tuple[list[tuple[str, int]] | None, str | None
 
 
 def _firewall(inv: Inventory, host: Host, found: Mapping[str, Any]) -> FirewallStatus:
-    installed = found["package_version:ufw"] is not None
+    installed = found[FIREWALL_FACTS[0]] is not None
     status, live = found["fw_ufw_status"], found["fw_ufw_added"]
     active = bool(status is not None and status.active)
     if not installed or live is None:
@@ -351,7 +363,7 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
     app = proxy = db = None
     if host.has("app"):
         app, note = _app(inv, host, found, rotation)
-        problems += _app_problems(app)
+        problems += _app_problems(host.name, app)
         if note:
             problems.append(note)
     if host.has("proxy"):
@@ -393,7 +405,7 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
                       tuple(problems))
 
 
-def _app_problems(app: AppStatus) -> list[str]:
+def _app_problems(name: str, app: AppStatus) -> list[str]:
     problems = []
     if not app.active:
         state = app.active_state + (f" ({app.sub_state})" if app.sub_state else "")
@@ -401,7 +413,7 @@ def _app_problems(app: AppStatus) -> list[str]:
     if not app.ready:
         problems.append("/ready does not answer 200")
     if app.in_rotation is False:
-        problems.append("out of rotation (drained: `fab app.undrain --host` puts it back)")
+        problems.append(f"out of rotation (`fab app.undrain --host {name}` puts it back)")
     if app.active and app.running and app.current and app.running != app.current:
         problems.append(f"runs {app.running} but current points at {app.current}"
                         f" (not restarted since the switch?)")
@@ -474,7 +486,7 @@ def _cells(h: HostStatus) -> list[str]:
     services = []
     if h.app is not None:
         a = h.app
-        release = a.running or "?"
+        release = a.running or ("?" if a.active else "stopped" if a.current else "none")
         if a.current != a.running:
             release += f" (current {a.current or 'none'})"
         unit = a.unit.removesuffix(".service")
@@ -538,39 +550,44 @@ def render_table(report: StatusReport) -> str:
 
 
 # ------------------------------------------------------------------------------ the task
-def gather(session: Session) -> dict[str, Mapping[str, Any] | BaseException]:
-    """host -> its facts, or the exception that stopped reading them; all hosts in
-    parallel, ONE round trip each."""
+def gather(session: Session) -> tuple[dict[str, Mapping[str, Any] | BaseException],
+                                      LockStatus]:
+    """(host -> its facts, or the exception that stopped reading them; the lock state).
+    All hosts in parallel, ONE facts round trip each; the db host's worker then asks who
+    holds the deploy lock (not at all when the host could not be read: no second wait for
+    a connection time-out)."""
     inv = session.inventory
+    db = inv.db_host.name
+    lock = [LockStatus(None, f"{db} could not be read")]
 
     def read(c: HostConnection) -> Mapping[str, Any] | BaseException:
         try:
-            return facts(c, fact_names(inv, c.host), sudo=True)
+            found = facts(c, fact_names(inv, c.host), sudo=True)
         except DeployError as exc:  # a row of the table, not a failure of the task
             return exc
+        if c.name == db:
+            lock[0] = _lock_status(session)
+        return found
 
-    return session.executor.each(inv.hosts, read)
+    return session.executor.each(inv.hosts, read), lock[0]
 
 
 def _lock_status(session: Session) -> LockStatus:
     try:
         info = holder_info(session)
-    except DeployError as exc:
-        return LockStatus(None, str(exc).strip().splitlines()[0])
+    except Exception as exc:  # noqa: BLE001 - shown in the table; status goes on
+        text = str(exc).strip() if isinstance(exc, DeployError) else (
+            f"{type(exc).__name__}: {session.executor.masker(str(exc))}")
+        return LockStatus(None, (text.splitlines() or ["?"])[0])
     return LockStatus(None if info is None else info.describe())
 
 
 def status(session: Session) -> StatusReport:
-    """Read every host (and the deploy lock, meanwhile) and build the report."""
-    lock: list[LockStatus] = []
-    reader = threading.Thread(target=lambda: lock.append(_lock_status(session)),
-                              name="releasy-status-lock", daemon=True)
-    reader.start()
-    found = gather(session)
-    reader.join()
-    return build_report(session.inventory, found,
-                        lock[0] if lock else LockStatus(None, "lock query did not finish"))
+    """Read every host and the deploy lock, and build the report."""
+    found, lock = gather(session)
+    return build_report(session.inventory, found, lock)
 
 
 def to_json_text(report: StatusReport) -> str:
-    return json.dumps(report.to_json(), indent=2, sort_keys=False)
+    """``fab status --json``: the document, indented, one key order."""
+    return json.dumps(report.to_json(), indent=2)

@@ -281,6 +281,19 @@ def test_a_prompt_is_not_drawn_over_and_paused_hands_over_the_terminal(monkeypat
                                         "[db1] while paused: plain lines only"]
 
 
+def test_a_second_reporter_while_one_is_live_stays_plain(monkeypatch):
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.delenv("RELEASY_PROGRESS", raising=False)
+    rep = Reporter(clock=Clock(), terminal_size=lambda: (60, 20))
+    assert rep.live  # auto: stdout is a terminal
+    rep.info("app1", "first")
+    assert not Reporter().live  # would otherwise fight over the screen
+    rep.close()
+    assert not rep.live
+
+
 def test_secrets_are_masked_in_the_block_too():
     term = FakeTerminal()
     rep = live_reporter(term)
@@ -299,6 +312,7 @@ def test_format_elapsed(seconds, text):
 
 def test_fit_cuts_and_flattens():
     assert fit("a\nb\tc", 10) == "a b c"
+    assert fit("\x1b[31mred\x1b[0m", 20) == " [31mred [0m"  # no escape reaches the block
     assert fit("abcdefghij", 6) == "abc..."
     assert fit("abc", 0) == ""
 

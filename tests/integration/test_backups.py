@@ -1,0 +1,216 @@
+"""`fab db.backup / db.backups / db.restore / db.psql` on the lab.
+
+Split topology (proxy1, app1, app2 as `deploy`, db1), provisioned from a brand-new database
+with `fab site --version 1.0.0`: a row is added to a stand-in table, a dump is taken (and
+downloaded, checked byte for byte), the row is deleted, the dump is restored: the row is
+back, both app hosts answer /ready and are in the proxy's rotation, and the data that was
+replaced is kept in a pre-restore dump. `fab db.psql` runs in a real terminal (a local pty
+driving the real CLI). Then the same backup/restore round trip on the single-host SQLite
+topology, where the dump is SQLite's online backup of the live file."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).parent / "fab")
+APPS = ("app1", "app2")
+DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-1\.0\.0_m2\.(?:dump|sqlite3)")
+
+
+def sudo(lab, host, *argv, check=True):
+    return lab.ssh(host, "sudo", "-n", *argv, check=check)
+
+
+def psql(lab, sql: str) -> list[str]:
+    out = sudo(lab, "db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
+    return out.stdout.splitlines()
+
+
+def rotation(lab) -> set[str]:
+    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
+    return {w[1] for line in text.splitlines()
+            if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"}
+
+
+def app_address(lab, host: str) -> str:
+    return f"10.77.{lab.ident.subnet_octet}.{20 + int(host[-1])}:8080"
+
+
+def ready_on_host(lab, host: str) -> bool:
+    return lab.ssh(host, "curl", "-fsS", "--max-time", "3",
+                   f"http://{app_address(lab, host)}/ready", check=False).returncode == 0
+
+
+def through_proxy(address: str) -> int:
+    proc = subprocess.run(["curl", "-ksS", "--max-time", "10", "-o", "/dev/null", "-w",
+                           "%{http_code}", f"https://{address}/ready"],
+                          capture_output=True, text=True)
+    return int(proc.stdout or 0)
+
+
+def dump_name(output: str) -> str:
+    names = set(DUMP_RE.findall(output))
+    assert len(names) == 1, output
+    return names.pop()
+
+
+def fab_with_input(lab, captured_outputs, data: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT, env=env,
+                          input=data, capture_output=True, text=True, timeout=120)
+    captured_outputs.append(proc.stdout + proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def split(lab_session):
+    lab = lab_session.use("split", 2)
+    # A brand-new database and no dumps, whatever earlier modules left behind.
+    for host in APPS:
+        sudo(lab, host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
+                                    " rm -f /opt/releasy/releases/*/.schema-version", check=False)
+    sudo(lab, "db1", "sh", "-c",
+         "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq"
+         " -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi; rm -rf /var/backups/releasy")
+    lab.fab("site", "--version", "1.0.0")
+    return lab
+
+
+def test_backup_then_restore_brings_back_a_row_deleted_in_between(split, tmp_path):
+    lab = split
+    psql(lab, "INSERT INTO standin_m1 (id, label) VALUES (4242, 'kept by the dump')")
+    out = lab.fab("db.backup", "--download", str(tmp_path)).stdout
+    name = dump_name(out)
+    assert re.search(rf"\[db1\] changed: backup /var/backups/releasy/{name} \(pg_dump, \d+"
+                     r" bytes, migration level 2\)", out), out
+    assert re.search(r"^db1\s+\d+ changed / 0 unchanged / ok$", out, re.MULTILINE), out
+    # The download is the host's file, byte for byte, private, and a real custom-format dump.
+    local = tmp_path / name
+    remote = sudo(lab, "db1", "sha256sum", f"/var/backups/releasy/{name}").stdout.split()[0]
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == remote
+    assert local.read_bytes()[:5] == b"PGDMP" and local.stat().st_mode & 0o777 == 0o600
+    assert sudo(lab, "db1", "stat", "-c", "%U:%G %a", "/var/backups/releasy",
+                f"/var/backups/releasy/{name}").stdout.split("\n")[:2] == [
+        "postgres:postgres 700", "postgres:postgres 600"]
+
+    psql(lab, "DELETE FROM standin_m1 WHERE id = 4242")
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == []
+    proc = lab.fab("db.restore", "--file", name, "--yes")
+    assert proc.returncode == 0
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
+    for host in APPS:
+        assert f"[{host}] changed: stopped releasy.service (database restore)" in proc.stdout
+        assert ready_on_host(lab, host), host
+    assert rotation(lab) == {app_address(lab, h) for h in APPS}
+    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+    # The data it replaced was saved first, and the listing tells the dumps apart.
+    listing = lab.fab("db.backups").stdout
+    assert re.search(rf"^{name}\s+[\d.]+ KiB\s+\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\s+2\s+manual"
+                     r" \(1\.0\.0 running\)$", listing, re.MULTILINE), listing
+    assert re.search(r"^lab_\S+_pre-restore_at-1\.0\.0_m2\.dump .* pre-restore \(1\.0\.0"
+                     r" running\)$", listing, re.MULTILINE), listing
+
+
+def test_restore_asks_and_without_a_terminal_refuses(split):
+    name = dump_name(split.fab("db.backup").stdout)
+    before = psql(split, "SELECT count(*) FROM standin_m1")
+    proc = split.fab("db.restore", "--file", name, check=False)  # stdin: /dev/null
+    assert proc.returncode == 2, proc.stderr
+    assert "re-run with --yes" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert "DOWN" in proc.stderr  # the question says it is downtime
+    missing = split.fab("db.restore", "--file", name.replace("_m2.", "_m9."), "--yes",
+                        check=False)
+    assert missing.returncode == 2 and "no dump named" in missing.stderr
+    assert psql(split, "SELECT count(*) FROM standin_m1") == before
+    assert all(ready_on_host(split, h) for h in APPS)
+
+
+def read_until(fd: int, pattern: bytes, seen: bytearray, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while pattern not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"waited for {pattern!r}; got {bytes(seen)[-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                data = b""
+            assert data, f"EOF while waiting for {pattern!r}; got {bytes(seen)[-500:]!r}"
+            seen += data
+
+
+def test_psql_in_a_real_terminal_as_the_app_role(split, captured_outputs):
+    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "TERM": "vt100"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real CLI, its stdin/stdout a terminal
+        os.chdir(ROOT)
+        os.execve(FAB, [FAB, "-r", str(ROOT / "fabfile"), "db.psql"], env)
+    seen = bytearray()
+    try:
+        read_until(fd, b"releasy=> ", seen)
+        os.write(fd, b"SELECT current_user AS who, 6 * 7 AS answer;\n")
+        read_until(fd, b"(1 row)", seen)
+        os.write(fd, b"\\q\n")
+        while True:  # to EOF
+            ready, _, _ = select.select([fd], [], [], 30)
+            assert ready, "fab db.psql did not end after \\q"
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            seen += data
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = bytes(seen).decode("utf-8", "replace").replace("\r\n", "\n")
+    captured_outputs.append(text)
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert re.search(r"^ releasy \|\s+42$", text, re.MULTILINE), text
+    # The pty echoed what was "typed": psql really had a terminal.
+    assert "releasy=> SELECT current_user" in text
+    # The password file is gone, and the password was never on a command line there.
+    assert sudo(split, "db1", "sh", "-c", "ls /tmp/releasy-pgpass.* 2>/dev/null",
+                check=False).stdout == ""
+
+
+def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
+    lab = lab_session.fresh("single", database="sqlite")
+    lab.fab("site", "--version", "1.0.0")
+    db = "/var/lib/releasy/releasy.db"
+
+    def sql(statement: str) -> list[str]:
+        # As the service account: whatever SQLite creates next to the file stays its own.
+        return lab.ssh("solo", "runuser", "-u", "releasy", "--", "sqlite3", db,
+                       statement).stdout.splitlines()
+
+    sql("INSERT INTO standin_m1 (id, label) VALUES (4242, 'kept by the dump')")
+    name = dump_name(lab.fab("db.backup").stdout)
+    assert name.endswith(".sqlite3")
+    sql("DELETE FROM standin_m1 WHERE id = 4242")
+    proc = lab.fab("db.restore", "--file", name, "--yes")
+    assert "[solo] changed: stopped releasy.service (database restore)" in proc.stdout
+    assert sql("SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
+    owners = lab.ssh("solo", "sh", "-c", f"stat -c %U {db}*").stdout.split()
+    assert set(owners) == {"releasy"}, owners
+    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+    # The SQLite variant of db.psql: sqlite3 on the file, fed from a pipe.
+    shell = fab_with_input(lab, captured_outputs, "SELECT label FROM standin_m1 WHERE id = 4242;\n",
+                           "db.psql")
+    assert shell.returncode == 0, shell.stderr
+    assert "kept by the dump" in shell.stdout

@@ -1,0 +1,421 @@
+"""`fab status` without SSH: the probes' parsers, which facts each host gets, and the report
+(rows, problems, table, JSON) built from facts shaped exactly as the real probes return
+them (the real parsers are fed the hosts' real output formats)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from releasy_deploy import firewall as fw
+from releasy_deploy import status as st
+from releasy_deploy.commands import app as appcmd
+from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
+from releasy_deploy.inventory import parse_inventory
+from releasy_deploy.remote import build_facts_script, parse_facts_output, probe_for
+
+SPLIT = parse_inventory({
+    "environment": "prod", "admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
+    "hosts": {"proxy1": {"address": "10.9.0.10"}, "app1": {"address": "10.9.0.21"},
+              "app2": {"address": "10.9.0.22", "ssh_user": "deploy"},
+              "db1": {"address": "10.9.0.100"}},
+    "tiers": {"proxy": ["proxy1"], "app": ["app1", "app2"], "db": ["db1"]},
+    "release": {"source": "releases"},
+    "tls": {"mode": "self-signed", "server_name": "releasy.example.test"}},
+    "/nonexistent/hosts.yaml", check_files=False)
+SINGLE = parse_inventory({
+    "environment": "solo", "admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
+    "hosts": {"solo": {"address": "10.9.0.5"}},
+    "tiers": {"proxy": ["solo"], "app": ["solo"], "db": ["solo"]},
+    "database": {"kind": "sqlite"}, "release": {"source": "releases"},
+    "tls": {"mode": "self-signed", "server_name": "releasy.example.test"}},
+    "/nonexistent/hosts.yaml", check_files=False)
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM = "upstream releasy_app {\n%s    keepalive 32;\n}\n"
+FREE = st.LockStatus(None)
+
+
+def upstream(*servers: str) -> str:
+    return UPSTREAM % "".join(f"    server {s} max_fails=0;\n" for s in servers)
+
+
+# ------------------------------------------------------------------------------ parsers
+@pytest.mark.parametrize("out,code,expected", [
+    ("68 23%\n", 0, (68 * 1024, 23)),
+    ("0 100%", 0, (0, 100)),
+    ("? 5%", 0, (None, 5)),
+    ("12 ?", 0, (12 * 1024, None)),
+    ("", 3, None),
+])
+def test_parse_disk(out, code, expected):
+    assert st.parse_disk(out, code) == expected
+
+
+@pytest.mark.parametrize("out,code,expected", [
+    ("/opt/releasy/releases/1.2.3/releasy-server\n", 0, "1.2.3"),
+    ("/opt/releasy/releases/1.2.0-rc.1/releasy-server", 0, "1.2.0-rc.1"),
+    ("/opt/releasy/releases/1.2.3/releasy-server (deleted)", 0, "1.2.3"),  # pruned since
+    ("/usr/bin/python3.11", 0, None),  # a script: the interpreter, not the release
+    ("/opt/releasy/releases/../../etc/releasy-server", 0, None),
+    ("", 3, None),
+])
+def test_parse_exe_release(out, code, expected):
+    assert st.parse_exe_release(out, code) == expected
+
+
+@pytest.mark.parametrize("out,code,expected", [
+    ("up 7969251\n", 0, (True, 7969251)),
+    ("up ?\n", 0, (True, None)),
+    ("down\n", 0, (False, None)),
+    ("", 127, None),
+    ("garbage", 0, None),
+])
+def test_parse_pg(out, code, expected):
+    assert st.parse_pg(out, code) == expected
+
+
+def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
+    """The snippet itself (du + df) against a real directory, with a space in its name."""
+    d = tmp_path / "data dir"
+    d.mkdir()
+    (d / "f").write_bytes(b"x" * 40000)
+    probe = probe_for(f"status_disk:{d}")
+    res = subprocess.run(["sh", "-c", probe.shell], capture_output=True, text=True)
+    used, pct = probe.parse(res.stdout, res.returncode)
+    assert used >= 40000 and 0 <= pct <= 100
+    gone = subprocess.run(["sh", "-c", probe_for(f"status_disk:{d}-missing").shell],
+                          capture_output=True, text=True)
+    assert probe.parse(gone.stdout, gone.returncode) is None
+
+
+def test_every_fact_has_a_probe_and_values_are_quoted():
+    for inv in (SPLIT, SINGLE):
+        for host in inv.hosts:
+            names = st.fact_names(inv, host)
+            assert len(names) == len(set(names))
+            script = build_facts_script(names, "n0nce")  # raises on an unknown fact
+            assert "n0nce" in script
+    assert shlex.quote("/var/lib/releasy") in probe_for("status_disk:/var/lib/releasy").shell
+    weird = "releasy@it's.service"
+    assert shlex.quote(weird) in probe_for(f"status_exe:{weird}").shell
+
+
+def test_which_facts_each_host_gets():
+    by = {h.name: st.fact_names(SPLIT, h) for h in SPLIT.hosts}
+    assert "releasy_unit:releasy.service" in by["app1"]
+    assert "releasy_ready:http://10.9.0.21:8080/ready" in by["app1"]
+    assert "status_version:10.9.0.22:8080" in by["app2"]
+    assert "status_disk:/opt/releasy" in by["app1"]
+    assert "proxy_text:/etc/nginx/releasy/upstream.conf" in by["proxy1"]
+    assert "status_pg:releasy" in by["db1"] and "status_disk:/var/lib/postgresql" in by["db1"]
+    assert not any(n.startswith(("releasy_", "status_pg")) for n in by["proxy1"])
+    for names in by.values():
+        assert set(st.FIREWALL_FACTS) <= set(names)
+    solo = st.fact_names(SINGLE, SINGLE.hosts[0])
+    # One host, every tier: the blue/green instances, the proxy and the SQLite file.
+    assert {"releasy_unit:releasy@8080.service", "releasy_unit:releasy@8081.service",
+            "status_version:127.0.0.1:8081", "bluegreen_link:/opt/releasy/instances/8081",
+            "file_stat:/var/lib/releasy/releasy.db", "service_active:nginx"} <= set(solo)
+
+
+def test_facts_output_round_trip_of_the_status_probes():
+    """The parsers get what the facts framework frames: stdout and exit code."""
+    names = ["status_pg:releasy", "status_exe:releasy.service"]
+    out = ("@@releasy:n:0:begin@@\nup 123\n\n@@releasy:n:0:end:0@@\n"
+           "@@releasy:n:1:begin@@\n/opt/releasy/releases/1.1.0/releasy-server\n\n"
+           "@@releasy:n:1:end:0@@\n")
+    assert parse_facts_output(names, "n", out) == {
+        "status_pg:releasy": (True, 123), "status_exe:releasy.service": "1.1.0"}
+
+
+# ------------------------------------------------------------------------------ facts as found
+def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
+    planned = fw.plan_rules(inv)[host] if rules is None else rules
+    added = "Added user rules (see 'ufw status' for running firewall):\n" + "\n".join(
+        [shlex.join(fw.add_argv(r)) for r in planned] + list(extra))
+    return {
+        "package_version:ufw": "0.36.2-1",
+        "fw_ufw_status": fw.parse_status("Status: active\n" if active else "Status: inactive\n"),
+        "fw_ufw_added": fw.parse_show_added(added),
+        "fw_ufw_defaults": fw.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
+                                             'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
+    }
+
+
+def unit(state="active", pid=200, sub=None):
+    return {"ActiveState": state, "SubState": sub or ("running" if state == "active" else "dead"),
+            "MainPID": str(pid if state == "active" else 0), "UnitFileState": "enabled"}
+
+
+def releases(current="1.1.0", *installed):
+    lines = [f"current releases/{current}"] if current else []
+    lines += [f"release {v} {'a' * 64} yes" for v in (installed or [current])]
+    return appcmd.parse_releases("\n".join(lines) + "\n")
+
+
+def app_facts(bind, *, state="active", ready=True, running="1.1.0", current="1.1.0"):
+    return {
+        "releasy_releases": releases(current),
+        "releasy_unit:releasy.service": unit(state),
+        f"releasy_ready:http://{bind}/ready": ready,
+        f"status_version:{bind}": running if state == "active" else None,
+        "status_exe:releasy.service": None,  # a script: no release in /proc/PID/exe
+        "status_disk:/opt/releasy": (70 * 1024, 23),
+        "status_disk:/var/lib/releasy": (28 * 1024, 23),
+    }
+
+
+def split_facts(**over):
+    found = {
+        "proxy1": {**ufw_facts(SPLIT, "proxy1"), "service_active:nginx": True,
+                   "proxy_text:/etc/nginx/releasy/upstream.conf":
+                       upstream("10.9.0.21:8080", "10.9.0.22:8080")},
+        "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
+        "app2": {**ufw_facts(SPLIT, "app2"), **app_facts("10.9.0.22:8080")},
+        "db1": {**ufw_facts(SPLIT, "db1"), "status_pg:releasy": (True, 8_000_000),
+                "status_disk:/var/lib/postgresql": (42 * 2**20, 23)},
+    }
+    for host, changes in over.items():
+        if isinstance(changes, BaseException):
+            found[host] = changes
+        else:
+            found[host] = {**found[host], **changes}
+    # Every fact status reads is there (no more, no fewer).
+    for h in SPLIT.hosts:
+        if isinstance(found[h.name], dict):
+            assert set(found[h.name]) == set(st.fact_names(SPLIT, h)), h.name
+    return found
+
+
+# ------------------------------------------------------------------------------ the report
+def test_a_healthy_split_environment():
+    report = st.build_report(SPLIT, split_facts(), FREE)
+    assert report.healthy and report.problems == []
+    assert [h.name for h in report.hosts] == ["proxy1", "app1", "app2", "db1"]
+    app1 = report.hosts[1]
+    assert app1.app == st.AppStatus("releasy.service", "active", "running", 200, "1.1.0",
+                                    "1.1.0", True, True)
+    assert app1.firewall.matches_plan and report.hosts[3].db == st.DbStatus("postgres", True,
+                                                                            8_000_000)
+    table = st.render_table(report)
+    lines = table.splitlines()
+    assert lines[0].split() == st.HEADERS
+    assert [ln.split()[0] for ln in lines[1:5]] == ["proxy1", "app1", "app2", "db1"]
+    assert "deploy lock: free" in table and table.endswith("prod: healthy")
+    row = lines[2]
+    for cell in ("1.1.0", "releasy active pid 200", "yes", "in", "ok", "releasy 70K data 28K",
+                 "(fs 23%)"):
+        assert cell in row
+    assert "postgres up 7.6M" in lines[4] and "2 server(s)" in lines[1]
+    # Columns line up: every row starts its RELEASE cell at the same place.
+    col = lines[0].index("RELEASE")
+    assert lines[2][col:].startswith("1.1.0") and lines[1][col:].startswith("-")
+
+
+def test_a_stopped_service_marks_its_host_and_makes_it_unhealthy():
+    report = st.build_report(SPLIT, split_facts(app1=app_facts(
+        "10.9.0.21:8080", state="inactive", ready=False)), FREE)
+    assert not report.healthy
+    assert report.problems == ["app1: releasy.service is inactive (dead), not active",
+                               "app1: /ready does not answer 200"]
+    row = st.render_table(report).splitlines()[2]
+    assert "stopped (current 1.1.0)" in row and "INACTIVE" in row and " NO " in row
+    doc = json.loads(json.dumps(report.to_json()))
+    assert doc["healthy"] is False and doc["hosts"][1]["name"] == "app1"
+    assert doc["hosts"][1]["healthy"] is False and doc["hosts"][2]["healthy"] is True
+    assert doc["hosts"][1]["app"]["active_state"] == "inactive"
+
+
+def test_an_unreachable_host_is_a_row_not_a_crash():
+    down = UnreachableError("app2 (deploy@10.9.0.22:22): cannot connect: [Errno 111]"
+                            " Connection refused. Is the host up?", host="app2")
+    report = st.build_report(SPLIT, split_facts(app2=down), FREE)
+    app2 = report.hosts[2]
+    assert not app2.reachable and app2.app is None
+    assert report.problems == [
+        "app2: unreachable: app2 (deploy@10.9.0.22:22): cannot connect: [Errno 111] Connection"
+        " refused. Is the host up?"]
+    assert "UNREACHABLE" in st.render_table(report).splitlines()[3]
+    assert json.loads(st.to_json_text(report))["hosts"][2]["reachable"] is False
+    keys = st.build_report(SPLIT, split_facts(app2=HostKeyError("HOST KEY CHANGED for app2")),
+                           FREE)
+    assert not keys.hosts[2].reachable
+    # A host that answered but whose probe failed is reachable, and still a problem.
+    failed = RemoteCommandError("app1", "sudo -n -- sh -s", 1, "sudo: oops")
+    other = st.build_report(SPLIT, split_facts(app1=failed), FREE)
+    assert other.hosts[1].reachable and other.hosts[1].error.startswith("remote command failed")
+    assert other.problems[0].startswith("app1: could not be read: ")
+
+
+def test_rotation_comes_from_every_proxy():
+    drained = split_facts(proxy1={"proxy_text:/etc/nginx/releasy/upstream.conf":
+                                  upstream("10.9.0.22:8080")})
+    report = st.build_report(SPLIT, drained, FREE)
+    assert [h.app.in_rotation for h in report.hosts[1:3]] == [False, True]
+    assert report.problems == ["app1: out of rotation (`fab app.undrain --host app1` puts it"
+                               " back)"]
+    assert " OUT " in st.render_table(report).splitlines()[2]
+    # No proxy answer: unknown, not "out".
+    blind = st.build_report(SPLIT, split_facts(proxy1=UnreachableError("proxy1: down")), FREE)
+    assert [h.app.in_rotation for h in blind.hosts[1:3]] == [None, None]
+    stranger = split_facts(proxy1={"proxy_text:/etc/nginx/releasy/upstream.conf":
+                                   upstream("10.9.0.21:8080", "10.9.0.22:8080", "10.9.9.9:80")})
+    assert st.build_report(SPLIT, stranger, FREE).problems == [
+        "proxy1: the upstream lists servers that are no app host of the inventory: 10.9.9.9:80"]
+
+
+def test_release_drift_nginx_database_firewall_and_disk_problems():
+    found = split_facts(
+        app1={"status_version:10.9.0.21:8080": "1.0.0"},  # current says 1.1.0
+        proxy1={"service_active:nginx": False},
+        db1={"status_pg:releasy": (False, None), "status_disk:/var/lib/postgresql": (1, 95)},
+        app2=ufw_facts(SPLIT, "app2", rules=fw.plan_rules(SPLIT)["app2"][:1]),
+    )
+    report = st.build_report(SPLIT, found, FREE)
+    assert report.problems == [
+        "proxy1: nginx is not running",
+        "app1: runs 1.0.0 but current points at 1.1.0 (not restarted since the switch?)",
+        "app2: the firewall differs from the plan: 1 planned rule(s) missing (`fab"
+        " firewall.status` shows them, `fab firewall.apply` fixes them)",
+        "db1: PostgreSQL does not answer",
+        "db1: the file system of /var/lib/postgresql is 95% full",
+    ]
+    table = st.render_table(report)
+    assert "1.0.0 (current 1.1.0)" in table and "postgres DOWN" in table
+    assert "DIFFERS" in table and "nginx INACTIVE" in table
+    inactive = st.build_report(SPLIT, split_facts(db1=ufw_facts(SPLIT, "db1", active=False)),
+                               FREE)
+    assert inactive.problems == ["db1: the firewall is not active (run `fab firewall.apply`)"]
+
+
+def test_a_rule_added_by_hand_is_shown_but_not_a_problem():
+    facts = ufw_facts(SPLIT, "app1", extra=["ufw allow 8443/tcp comment 'by hand'"])
+    report = st.build_report(SPLIT, split_facts(app1=facts), FREE)
+    assert report.healthy, report.problems
+    assert report.hosts[1].firewall.unmanaged == 1
+    assert "ok (+1 by hand)" in st.render_table(report)
+    # One of ours that the plan no longer has: apply would remove it, so it differs.
+    stale = ufw_facts(SPLIT, "app1", extra=["ufw allow 9999/tcp comment 'releasy: old'"])
+    report = st.build_report(SPLIT, split_facts(app1=stale), FREE)
+    assert report.problems == ["app1: the firewall differs from the plan: 1 stale rule(s) of"
+                               " ours (`fab firewall.status` shows them, `fab firewall.apply`"
+                               " fixes them)"]
+
+
+def test_the_lock_line():
+    held = st.LockStatus("ana@laptop pid=4242 version=1.2.0 since 2026-11-26T08:00:00Z")
+    text = st.render_table(st.build_report(SPLIT, split_facts(), held))
+    assert "deploy lock: held by ana@laptop pid=4242 version=1.2.0" in text
+    unknown = st.LockStatus(None, "db1: cannot connect")
+    report = st.build_report(SPLIT, split_facts(), unknown)
+    assert "deploy lock: unknown (db1: cannot connect)" in st.render_table(report)
+    assert report.healthy  # the lock state itself is never a health problem
+    assert report.to_json()["lock"] == {"held": False, "holder": None,
+                                        "error": "db1: cannot connect"}
+
+
+# ------------------------------------------------------------------------------ single host
+def single_facts(live_port=8081, *, live_state="active", ready=True):
+    found = {**ufw_facts(SINGLE, "solo"),
+             "releasy_releases": releases("1.1.0", "1.0.0", "1.1.0"),
+             "proxy_text:/etc/nginx/releasy/upstream.conf": upstream(f"127.0.0.1:{live_port}"),
+             "service_active:nginx": True,
+             "file_stat:/etc/systemd/system/releasy@.service": {"type": "regular file",
+                                                                "owner": "root", "group": "root",
+                                                                "mode": 0o644, "size": 900},
+             "file_stat:/var/lib/releasy/releasy.db": {"type": "regular file", "owner": "releasy",
+                                                       "group": "releasy", "mode": 0o600,
+                                                       "size": 20480},
+             "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db": 3,
+             "releasy_schema_levels": {}, "releasy_backups": [],
+             "releasy_unit:releasy.service": unit("inactive"),
+             "status_exe:releasy.service": None,
+             "status_disk:/opt/releasy": (140 * 1024, 40),
+             "status_disk:/var/lib/releasy": (60 * 1024, 40)}
+    for port, version in ((8080, "1.0.0"), (8081, "1.1.0")):
+        live = port == live_port
+        bind = f"127.0.0.1:{port}"
+        found.update({
+            f"releasy_unit:releasy@{port}.service": unit(live_state if live else "inactive",
+                                                        pid=300 + port % 10),
+            f"bluegreen_link:/opt/releasy/instances/{port}": f"/opt/releasy/releases/{version}",
+            f"file_sha256:/etc/releasy/instance-{port}.env": "b" * 64,
+            f"bluegreen_listening:{port}": live and live_state == "active",
+            f"releasy_ready:http://{bind}/ready": live and ready,
+            f"status_version:{bind}": None,  # no /version: the link says which release
+            f"status_exe:releasy@{port}.service": None,
+        })
+    assert set(found) == set(st.fact_names(SINGLE, SINGLE.hosts[0]))
+    return {"solo": found}
+
+
+def test_single_host_shows_the_live_blue_green_instance():
+    report = st.build_report(SINGLE, single_facts(8081), FREE)
+    assert report.healthy, report.problems
+    solo = report.hosts[0]
+    assert solo.app.unit == "releasy@8081.service" and solo.app.running == "1.1.0"
+    assert solo.app.in_rotation is True and solo.app.main_pid == 301
+    assert solo.db == st.DbStatus("sqlite", True, 20480)
+    row = st.render_table(report).splitlines()[1]
+    assert "in (releasy@8081)" in row and "releasy@8081 active pid 301" in row
+    assert "nginx active" in row and "sqlite 20K" in row
+    # The other instance live: it runs the release its link names (1.0.0), not `current`.
+    other = st.build_report(SINGLE, single_facts(8080), FREE)
+    assert other.hosts[0].app.unit == "releasy@8080.service"
+    assert other.problems == ["solo: runs 1.0.0 but current points at 1.1.0 (not restarted"
+                              " since the switch?)"]
+
+
+def test_single_host_with_the_live_instance_down():
+    report = st.build_report(SINGLE, single_facts(8081, live_state="failed", ready=False), FREE)
+    assert report.problems[:2] == ["solo: releasy@8081.service is failed (dead), not active",
+                                   "solo: /ready does not answer 200"]
+    lost = single_facts()
+    lost["solo"]["proxy_text:/etc/nginx/releasy/upstream.conf"] = upstream("10.1.1.1:80")
+    problems = st.build_report(SINGLE, lost, FREE).problems
+    assert any("a blue/green deploy needs exactly one server" in p for p in problems)
+
+
+def test_sizes_are_short():
+    assert [st._size(n) for n in (None, 0, 900, 2048, 70 * 1024, 8_000_000, 3 * 2**40)] == [
+        "?", "0B", "900B", "2.0K", "70K", "7.6M", "3.0T"]
+
+
+# ------------------------------------------------------------------------------ for real
+def test_status_of_a_bare_machine_through_the_cli(sshd, tmp_path):
+    """`fab status` against the loopback sshd (this machine: no Releasy, no nginx, no ufw
+    as set up by us): every probe runs for real, nothing crashes, the row lists what is
+    missing, the exit code is 1; `--json` is a parsable document."""
+    if sshd.user != "root":
+        pytest.skip("the probes need root (sudo is not installed here)")
+    (tmp_path / "releases").mkdir()
+    inv = tmp_path / "hosts.yaml"
+    inv.write_text(f"""environment: unit
+admin_cidrs: [127.0.0.1/32]
+known_hosts: {sshd.known_hosts}
+ssh: {{user: root, port: {sshd.port}, identity_file: {sshd.client_key}}}
+hosts:
+  solo: {{address: 127.0.0.1}}
+tiers: {{proxy: [solo], app: [solo], db: [solo]}}
+database: {{kind: sqlite}}
+release: {{source: releases}}
+tls: {{mode: self-signed, server_name: releasy.unit.test}}
+""")
+    env = {**os.environ, "RELEASY_INVENTORY": str(inv), "RELEASY_PROGRESS": "plain"}
+    fab = [str(Path(sys.executable).parent / "fab"), "-r", str(ROOT / "fabfile"), "status"]
+    proc = subprocess.run(fab, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == st.HEADERS and lines[1].split()[:3] == ["solo",
+                                                                     "proxy,app,db", "ok"]
+    assert "unit: UNHEALTHY" in lines and "  - solo: /ready does not answer 200" in lines
+    doc = json.loads(subprocess.run([*fab, "--json"], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=60).stdout)
+    assert doc["healthy"] is False and doc["hosts"][0]["reachable"] is True
+    assert doc["hosts"][0]["app"]["ready"] is False
