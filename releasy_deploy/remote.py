@@ -37,7 +37,8 @@ class Change:
     diff: str | None = None
 
 
-def _report(c: HostConnection, change: Change, *, path: str | None = None) -> Change:
+def report(c: HostConnection, change: Change, *, path: str | None = None) -> Change:
+    """Tell the reporter about a change (or its absence); dry-run says "would"."""
     if not change.changed:
         c.reporter.unchanged(c.name, change.what)
         return change
@@ -173,14 +174,14 @@ def ensure_dir(
         change = Change(True, f"dir {path} (created, {owner}:{group} {_mode(mode)})")
         if not c.dry_run:
             c.run(["sh", "-c", _MKDIR, "releasy-mkdir", path, *attrs], sudo=True)
-        return _report(c, change, path=path)
+        return report(c, change, path=path)
     diffs = _attr_changes(st, owner, group, mode)
     if not diffs:
-        return _report(c, Change(False, f"dir {path}"), path=path)
+        return report(c, Change(False, f"dir {path}"), path=path)
     change = Change(True, f"dir {path} ({', '.join(diffs)})")
     if not c.dry_run:
         c.run(["sh", "-c", _SET_ATTRS, "releasy-attrs", path, *attrs], sudo=True)
-    return _report(c, change, path=path)
+    return report(c, change, path=path)
 
 
 def put_file(
@@ -221,7 +222,7 @@ def put_file(
         )
         if not c.dry_run:
             c.put_bytes(data, path, owner=owner, group=group, mode=mode, secret=secret)
-        return _report(c, change, path=path)
+        return report(c, change, path=path)
     if st.sha256 != new_sha:
         diff = None
         if show_diff:
@@ -232,17 +233,17 @@ def put_file(
         change = Change(True, what, diff)
         if not c.dry_run:
             c.put_bytes(data, path, owner=owner, group=group, mode=mode, secret=secret)
-        return _report(c, change, path=path)
+        return report(c, change, path=path)
     diffs = _attr_changes(st, owner, group, mode)
     if not diffs:
-        return _report(c, Change(False, f"file {path}"), path=path)
+        return report(c, Change(False, f"file {path}"), path=path)
     change = Change(True, f"file {path} ({', '.join(diffs)})")
     if not c.dry_run:
         c.run(
             ["sh", "-c", _SET_ATTRS, "releasy-attrs", path, f"{owner}:{group}", _mode(mode)],
             sudo=True,
         )
-    return _report(c, change, path=path)
+    return report(c, change, path=path)
 
 
 # --------------------------------------------------------------------------------------
@@ -361,10 +362,10 @@ def ensure_packages(c: HostConnection, packages: Sequence[str]) -> Change:
     installed, lists = parse_package_probe(probe.stdout)
     missing = missing_packages(wanted, installed)
     if not missing:
-        return _report(c, Change(False, f"packages {' '.join(wanted)}"))
+        return report(c, Change(False, f"packages {' '.join(wanted)}"))
     change = Change(True, f"packages: install {' '.join(missing)}")
     if c.dry_run:
-        return _report(c, change)
+        return report(c, change)
     updated = False
     if not lists:
         c.run(APT_UPDATE_ARGV, sudo=True)
@@ -383,7 +384,7 @@ def ensure_packages(c: HostConnection, packages: Sequence[str]) -> Change:
             hint=f"check the package names and the apt sources on {c.name}"
             f" (apt-get update; apt-cache policy {' '.join(missing)})",
         )
-    return _report(c, Change(True, f"packages: installed {' '.join(missing)}"))
+    return report(c, Change(True, f"packages: installed {' '.join(missing)}"))
 
 
 # --------------------------------------------------------------------------------------

@@ -617,8 +617,8 @@ class _Rollout:
         if all(servers == expected for servers in self.pre.upstreams.values()):
             return
         for n in back:
-            self.info(n, f"out of rotation (left there by an earlier rollout?) and ready:"
-                         f" putting it back")
+            self.info(n, "out of rotation (left there by an earlier rollout?) and ready:"
+                         " putting it back")
         self.set_rotation(want)
 
     def check_disk(self) -> None:

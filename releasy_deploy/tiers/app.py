@@ -34,7 +34,8 @@ from ..executor import HostConnection, tail
 from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
-from ..remote import Change, Probe, ensure_packages, facts, register_fact, render_diff
+from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
+                      report)
 from . import db as db_tier
 
 __all__ = [
@@ -145,20 +146,6 @@ def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
     )
 
 
-# ------------------------------------------------------------------------------ reporting
-def _report(c: HostConnection, change: Change, *, path: str | None = None) -> Change:
-    if not change.changed:
-        c.reporter.unchanged(c.name, change.what)
-        return change
-    if c.dry_run:
-        c.reporter.would(c.name, f"change: {change.what}")
-    else:
-        c.reporter.changed(c.name, change.what)
-    if change.diff:
-        c.reporter.diff(c.name, path or change.what, change.diff)
-    return change
-
-
 def _run_script(c: HostConnection, script: str, label: str, *, hint: str) -> None:
     """Run a mutating script as root; a failure names the step and what to do."""
     res = c.run_script(script, sudo=True, check=False, label=label)
@@ -212,7 +199,7 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
     if f.missing_packages:
         ensure_packages(c, PACKAGES)
     else:
-        _report(c, Change(False, f"packages {' '.join(PACKAGES)}"))
+        report(c, Change(False, f"packages {' '.join(PACKAGES)}"))
     group = _ensure_account(c, plan.user, f.account)
     _ensure_dirs(c, plan.user, group, f)
     _ensure_sqlite_file(c, plan, group, f)
@@ -275,7 +262,7 @@ def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str
     if env_changed or changed_units:
         c.reporter.info(c.name, f"{unit} is live (blue/green): the changes take effect at the "
                                 "next `fab deploy.bluegreen`, which starts a fresh instance")
-    _report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
+    report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
     if c.dry_run:
         return
     bind = cmd.instance_bind(live)
@@ -297,14 +284,14 @@ def _ensure_account(c: HostConnection, user: str, acct: cmd.Account) -> str:
                 host=c.name,
             )
         group = acct.group or user
-        _report(c, Change(False, f"user {user} (uid {acct.uid}, group {group})"))
+        report(c, Change(False, f"user {user} (uid {acct.uid}, group {group})"))
         return group
     commands = cmd.account_commands(user, acct)
     uid = "uid 10001" if not acct.uid_taken else "system uid (10001 is taken)"
     if not c.dry_run:
         _run_script(c, cmd.script_of(commands), f"create user {user}",
                     hint=f"check /etc/passwd and /etc/group on {c.name} for a conflicting {user}")
-    _report(c, Change(True, f"user {user} (created: {uid}, no login shell, home {cmd.DATA_DIR})"))
+    report(c, Change(True, f"user {user} (created: {uid}, no login shell, home {cmd.DATA_DIR})"))
     return user
 
 
@@ -324,7 +311,7 @@ def _ensure_dirs(c: HostConnection, user: str, group: str, f: HostFacts) -> None
             change = Change(True, f"dir {d.path} ({st['owner']}:{st['group']} {st['mode']:04o}"
                                   f" -> {d.owner}:{d.group} {mode})")
         else:
-            _report(c, Change(False, f"dir {d.path}"))
+            report(c, Change(False, f"dir {d.path}"))
             continue
         commands += [["chown", "--", f"{d.owner}:{d.group}", d.path], ["chmod", "--", mode, d.path]]
         changes.append(change)
@@ -332,7 +319,7 @@ def _ensure_dirs(c: HostConnection, user: str, group: str, f: HostFacts) -> None
         _run_script(c, cmd.script_of(commands), "create the app directories",
                     hint=f"check the file systems under /opt, /etc and /var/lib on {c.name}")
     for change in changes:
-        _report(c, change)
+        report(c, change)
 
 
 def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> None:
@@ -342,7 +329,7 @@ def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts
     if not path:
         return
     if f.stats.get(path) is not None:
-        _report(c, Change(False, f"sqlite database {path}"))
+        report(c, Change(False, f"sqlite database {path}"))
         return
     if not path.startswith(cmd.DATA_DIR + "/"):
         raise DeployError(f"{c.name}: the SQLite database {path} does not exist and is outside"
@@ -351,7 +338,7 @@ def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts
         argv = ["install", "-m", "0600", "-o", plan.user, "-g", group, "/dev/null", path]
         _run_script(c, cmd.script_of([argv]), f"create {path}",
                     hint=f"check that {cmd.DATA_DIR} exists on {c.name}")
-    _report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
+    report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
 
 
 def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> bool:
@@ -369,7 +356,7 @@ def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -
     same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
     same_attrs = st is not None and (st["owner"], st["group"], st["mode"]) == want
     if same_content and same_attrs:
-        _report(c, Change(False, f"file {path}"))
+        report(c, Change(False, f"file {path}"))
         return False
     if same_content:
         change = Change(True, f"file {path} ({st['owner']}:{st['group']} {st['mode']:04o}"
@@ -378,7 +365,7 @@ def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -
             _run_script(c, cmd.script_of([["chown", "--", f"root:{group}", path],
                                           ["chmod", "--", "0640", path]]),
                         f"fix owner/mode of {path}", hint=f"check {path} on {c.name}")
-        _report(c, change)
+        report(c, change)
         return False
     diff = None
     if c.dry_run:
@@ -391,7 +378,7 @@ def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -
                           f" root:{group} 0640, secret values not shown)", diff)
     if not c.dry_run:
         c.put_bytes(data, path, owner="root", group=group, mode=0o640, secret=True)
-    _report(c, change, path=path)
+    report(c, change, path=path)
     return True
 
 
@@ -408,7 +395,7 @@ def _ensure_units(c: HostConnection, units: dict[str, str], f: HostFacts, *,
         data = content.encode("utf-8")
         same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
         if same_content and (st["owner"], st["group"], st["mode"]) == ("root", "root", 0o644):
-            _report(c, Change(False, f"unit {path}"))
+            report(c, Change(False, f"unit {path}"))
             continue
         diff = None
         if c.dry_run:
@@ -428,7 +415,7 @@ def _ensure_units(c: HostConnection, units: dict[str, str], f: HostFacts, *,
             hint="the candidate unit files were NOT installed; fix the templates in"
                  " files/systemd/ (or what the messages above point at) and re-run")
     for change, path in changes:
-        _report(c, change, path=path)
+        report(c, change, path=path)
     return content_changed
 
 
@@ -440,12 +427,12 @@ def _ensure_service(c: HostConnection, unit: dict[str, str], *, reload: bool,
         _run_script(c, cmd.script_of(plan.commands), f"systemctl ({SERVICE_UNIT})",
                     hint=f"see `journalctl -u {SERVICE_UNIT}` and `systemctl status"
                          f" {SERVICE_UNIT}` on {c.name}")
-    _report(c, Change(plan.enable, f"{SERVICE_UNIT} enabled"
+    report(c, Change(plan.enable, f"{SERVICE_UNIT} enabled"
                                    + (" (starts at boot)" if plan.enable else "")))
     if plan.start:
-        _report(c, Change(True, f"{SERVICE_UNIT} {plan.start}"))
+        report(c, Change(True, f"{SERVICE_UNIT} {plan.start}"))
     else:
-        _report(c, Change(False, f"{SERVICE_UNIT} active (MainPID {unit.get('MainPID', '?')})"))
+        report(c, Change(False, f"{SERVICE_UNIT} active (MainPID {unit.get('MainPID', '?')})"))
     return plan.start is not None
 
 
@@ -475,13 +462,13 @@ def stage_release(c: HostConnection, release: LocalRelease) -> Change:
 def _stage(c: HostConnection, release: LocalRelease, state: cmd.ReleaseState) -> Change:
     target = f"{cmd.RELEASES_DIR}/{release.version}"
     if state.holds(release.version, release.sha256):
-        return _report(c, Change(False, f"release {release.version} in {target}"))
+        return report(c, Change(False, f"release {release.version} in {target}"))
     how = ("replaces a different or incomplete copy" if release.version in state.releases
            else "uploaded")
     change = Change(True, f"release {release.version} ({how}, {release.size} bytes,"
                           f" sha256 {release.sha256[:12]}... -> {target})")
     if c.dry_run:
-        return _report(c, change)
+        return report(c, change)
     data = release.path.read_bytes()
     # Re-checked at upload time: the file could have changed since fetch_release verified it.
     if hashlib.sha256(data).hexdigest() != release.sha256:
@@ -494,7 +481,7 @@ def _stage(c: HostConnection, release: LocalRelease, state: cmd.ReleaseState) ->
         raise DeployError(f"{c.name}: uploading release {release.version} failed (exit code"
                           f" {res.exit_code}): {tail(out)}\n  Nothing was switched; re-run"
                           f" (free space in {cmd.RELEASES_DIR}?)", host=c.name)
-    return _report(c, change)
+    return report(c, change)
 
 
 def activate_release(c: HostConnection, version: str) -> Change:
@@ -506,13 +493,13 @@ def activate_release(c: HostConnection, version: str) -> Change:
 
 def _activate(c: HostConnection, version: str, current: str | None) -> Change:
     if current == version:
-        return _report(c, Change(False, f"current -> releases/{version}"))
+        return report(c, Change(False, f"current -> releases/{version}"))
     change = Change(True, f"current -> releases/{version} (was {current or 'none'})")
     if not c.dry_run:
         _run_script(c, cmd.script_of([cmd.activate_argv(version)]),
                     f"switch {cmd.CURRENT_LINK} to {version}",
                     hint=f"stage the release first (fab app.setup --version {version})")
-    return _report(c, change)
+    return report(c, change)
 
 
 def restart_service(c: HostConnection, unit: str = SERVICE_UNIT) -> Change:
@@ -522,7 +509,7 @@ def restart_service(c: HostConnection, unit: str = SERVICE_UNIT) -> Change:
         _run_script(c, cmd.script_of([systemd.systemctl("reset-failed", unit),
                                       systemd.systemctl("restart", unit)]),
                     f"restart {unit}", hint=f"see `journalctl -u {unit}` on {c.name}")
-    return _report(c, change)
+    return report(c, change)
 
 
 def journal_tail(c: HostConnection, unit: str, lines: int = JOURNAL_LINES) -> str:
