@@ -36,6 +36,39 @@ class LabHandle:
         """The host's root filesystem as seen from this machine (for test set-up only)."""
         return lab_ops.machine.host_dir(self.ident, host) / "root"
 
+    def inventory_variant(self, directory: Path, change=None) -> Path:
+        """A copy of the lab inventory in ``directory`` (its relative paths made absolute, so
+        it works from there), changed in place by ``change(data)`` when given."""
+        data = yaml.safe_load(self.inventory.read_text())
+        base = self.inventory.parent
+        data["known_hosts"] = str(base / data["known_hosts"])
+        data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
+        data["release"]["source"] = str(base / data["release"]["source"])
+        data["secrets"]["file"] = str(base / data["secrets"]["file"])
+        if change is not None:
+            change(data)
+        path = directory / "hosts.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def sudo(self, host: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        """As root on any lab host (app2 logs in as the sudo user `deploy`)."""
+        return self.ssh(host, "sudo", "-n", *argv, check=check)
+
+    def reset_to(self, version: str, app_hosts, *, inventory: Path | None = None,
+                 timeout: float = 600) -> None:
+        """A brand-new database, no dumps and no recorded migration levels left by earlier
+        modules, then `fab site --version VERSION`."""
+        for host in app_hosts:
+            self.sudo(host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
+                                        " rm -f /opt/releasy/releases/*/.schema-version",
+                      check=False)
+        self.sudo("db1", "sh", "-c",
+                  "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql"
+                  " -XAtq -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi;"
+                  " rm -rf /var/backups/releasy")
+        self.fab("site", "--version", version, inventory=inventory, timeout=timeout)
+
     def ssh(self, host: str, *argv: str, check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess:
         """Look at a host with the plain OpenSSH client, independently of our executor."""

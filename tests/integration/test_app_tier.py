@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -49,22 +48,6 @@ def http(lab, port: int, path: str) -> str:
 def version_on(lab, port: int = 8080) -> str:
     out = sh(lab, "curl", "-fsS", f"http://127.0.0.1:{port}/version")
     return yaml.safe_load(out)["version"]  # JSON is YAML
-
-
-def inventory_copy(lab, tmp_path: Path, *, app: dict | None = None,
-                   release_source: Path | None = None) -> Path:
-    """The lab inventory with absolute paths, so it can live elsewhere, plus overrides."""
-    data = yaml.safe_load(lab.inventory.read_text())
-    base = lab.inventory.parent
-    data["known_hosts"] = str(base / data["known_hosts"])
-    data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
-    data["secrets"]["file"] = str(base / data["secrets"]["file"])
-    data["release"]["source"] = str(release_source or base / data["release"]["source"])
-    if app:
-        data["app"] = app
-    path = tmp_path / "hosts.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def changed_count(out: str) -> int:
@@ -166,7 +149,7 @@ def test_owner_and_mode_drift_is_fixed_without_a_restart(lab):
 
 # ------------------------------------------------------------------------------ changes
 def test_dry_run_shows_a_masked_env_diff_and_changes_nothing(lab, tmp_path):
-    inv = inventory_copy(lab, tmp_path, app={"log_level": "debug"})
+    inv = lab.inventory_variant(tmp_path, lambda d: d.update(app={"log_level": "debug"}))
     before_sum = sh(lab, "sha256sum", "/etc/releasy/releasy.env")
     before_pid = main_pid(lab)
     proc = lab.fab("app.setup", "--dry-run", inventory=inv,
@@ -239,7 +222,7 @@ def test_tampered_tarball_fails_before_any_upload(lab, tmp_path):
     expected = hashlib.sha256(data).hexdigest()
     data[len(data) // 2] ^= 0x01
     tarball.write_bytes(bytes(data))
-    inv = inventory_copy(lab, tmp_path, release_source=releases)
+    inv = lab.inventory_variant(tmp_path, lambda d: d["release"].update(source=str(releases)))
     before = main_pid(lab)
     proc = lab.fab("app.setup", "--version", "1.2.0-broken", inventory=inv, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -251,7 +234,7 @@ def test_tampered_tarball_fails_before_any_upload(lab, tmp_path):
 
 
 def test_release_that_never_becomes_ready_fails_with_the_journal_tail(lab, tmp_path):
-    inv = inventory_copy(lab, tmp_path, app={"ready_timeout": 3})
+    inv = lab.inventory_variant(tmp_path, lambda d: d.update(app={"ready_timeout": 3}))
     proc = lab.fab("app.setup", "--version", "1.2.0-neverready", inventory=inv, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     err = proc.stderr

@@ -29,12 +29,8 @@ APPS = ("app1", "app2")
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-1\.0\.0_m2\.(?:dump|sqlite3)")
 
 
-def sudo(lab, host, *argv, check=True):
-    return lab.ssh(host, "sudo", "-n", *argv, check=check)
-
-
 def psql(lab, sql: str) -> list[str]:
-    out = sudo(lab, "db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
                                        ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
     return out.stdout.splitlines()
 
@@ -79,13 +75,7 @@ def fab_with_input(lab, captured_outputs, data: str, *args) -> subprocess.Comple
 def split(lab_session):
     lab = lab_session.use("split", 2)
     # A brand-new database and no dumps, whatever earlier modules left behind.
-    for host in APPS:
-        sudo(lab, host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
-                                    " rm -f /opt/releasy/releases/*/.schema-version", check=False)
-    sudo(lab, "db1", "sh", "-c",
-         "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq"
-         " -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi; rm -rf /var/backups/releasy")
-    lab.fab("site", "--version", "1.0.0")
+    lab.reset_to("1.0.0", APPS)
     return lab
 
 
@@ -99,10 +89,10 @@ def test_backup_then_restore_brings_back_a_row_deleted_in_between(split, tmp_pat
     assert re.search(r"^db1\s+\d+ changed / 0 unchanged / ok$", out, re.MULTILINE), out
     # The download is the host's file, byte for byte, private, and a real custom-format dump.
     local = tmp_path / name
-    remote = sudo(lab, "db1", "sha256sum", f"/var/backups/releasy/{name}").stdout.split()[0]
+    remote = lab.sudo("db1", "sha256sum", f"/var/backups/releasy/{name}").stdout.split()[0]
     assert hashlib.sha256(local.read_bytes()).hexdigest() == remote
     assert local.read_bytes()[:5] == b"PGDMP" and local.stat().st_mode & 0o777 == 0o600
-    assert sudo(lab, "db1", "stat", "-c", "%U:%G %a", "/var/backups/releasy",
+    assert lab.sudo("db1", "stat", "-c", "%U:%G %a", "/var/backups/releasy",
                 f"/var/backups/releasy/{name}").stdout.split("\n")[:2] == [
         "postgres:postgres 700", "postgres:postgres 600"]
 
@@ -185,7 +175,7 @@ def test_psql_in_a_real_terminal_as_the_app_role(split, captured_outputs):
     # The pty echoed what was "typed": psql really had a terminal.
     assert "releasy=> SELECT current_user" in text
     # The password file is gone, and the password was never on a command line there.
-    assert sudo(split, "db1", "sh", "-c", "ls /tmp/releasy-pgpass.* 2>/dev/null",
+    assert split.sudo("db1", "sh", "-c", "ls /tmp/releasy-pgpass.* 2>/dev/null",
                 check=False).stdout == ""
 
 

@@ -81,20 +81,6 @@ def sql(lab, query: str) -> str:
               "-c", query)
 
 
-def inventory_copy(lab, tmp_path: Path, app: dict) -> Path:
-    """The lab inventory with absolute paths (so it can live elsewhere) and app overrides."""
-    data = yaml.safe_load(lab.inventory.read_text())
-    base = lab.inventory.parent
-    data["known_hosts"] = str(base / data["known_hosts"])
-    data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
-    data["secrets"]["file"] = str(base / data["secrets"]["file"])
-    data["release"]["source"] = str(base / data["release"]["source"])
-    data["app"] = app
-    path = tmp_path / "hosts.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def version_timeline(summary: dict) -> list[tuple[int, dict[str, int]]]:
     return [(int(second), split) for second, split in summary["per_second"].items()]
 
@@ -277,7 +263,7 @@ def test_a_release_older_than_the_database_is_refused_before_anything_changes(la
 
 
 def test_a_release_that_never_becomes_ready_fails_before_the_switch(lab, tmp_path):
-    inventory = inventory_copy(lab, tmp_path, {"ready_timeout": 4})
+    inventory = lab.inventory_variant(tmp_path, lambda d: d.update(app={"ready_timeout": 4}))
     pid = unit(lab, "releasy@8080.service")["MainPID"]
     with steady_load(lab, tmp_path / "load") as load:
         proc = fab(lab, "deploy.bluegreen", "--version", "1.2.0-neverready", inventory=inventory,

@@ -2,10 +2,8 @@
 sudo, packages from the offline repository, and the operator CLI's exit codes."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
-import yaml
 
 from releasy_deploy.errors import HostKeyError, ParallelError
 from releasy_deploy.executor import Executor
@@ -20,15 +18,10 @@ def inv(split_lab):
 
 
 def inventory_copy(split_lab, tmp_path, known_hosts_text: str):
-    """The lab inventory beside a different known_hosts file."""
-    data = yaml.safe_load(split_lab.inventory.read_text())
-    for name in ("id_ed25519", "secrets.yaml"):
-        shutil.copy2(split_lab.state_dir / name, tmp_path / name)
-    (tmp_path / "releases").symlink_to(split_lab.releases)
-    (tmp_path / "known_hosts").write_text(known_hosts_text)
-    path = tmp_path / "hosts.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    """The lab inventory with a different known_hosts file."""
+    known = tmp_path / "known_hosts"
+    known.write_text(known_hosts_text)
+    return split_lab.inventory_variant(tmp_path, lambda d: d.update(known_hosts=str(known)))
 
 
 def test_changed_host_key_is_rejected(split_lab, tmp_path):

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.lab
 
@@ -25,36 +24,12 @@ ONE_SCREEN = 40
 APPS = ("app1", "app2")
 
 
-def sudo(lab, host, *argv, check=True):
-    return lab.ssh(host, "sudo", "-n", *argv, check=check)
-
-
 @pytest.fixture(scope="module")
 def lab(lab_session):
     lab = lab_session.use("split", 2)
     # A brand-new database (earlier modules may have migrated it past 1.0.0), then 1.0.0.
-    for host in APPS:
-        sudo(lab, host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
-                                    " rm -f /opt/releasy/releases/*/.schema-version", check=False)
-    sudo(lab, "db1", "sh", "-c",
-         "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq"
-         " -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi")
-    lab.fab("site", "--version", "1.0.0")
+    lab.reset_to("1.0.0", APPS)
     return lab
-
-
-def variant(lab, tmp_path: Path, change) -> Path:
-    """A copy of the lab inventory (relative paths made absolute), changed by ``change``."""
-    data = yaml.safe_load(lab.inventory.read_text())
-    base = lab.inventory.parent
-    data["known_hosts"] = str(base / data["known_hosts"])
-    data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
-    data["release"]["source"] = str(base / data["release"]["source"])
-    data["secrets"]["file"] = str(base / data["secrets"]["file"])
-    change(data)
-    path = tmp_path / "hosts.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def expect_failure(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -74,7 +49,7 @@ def test_bad_inventory_names_the_file_and_the_key(lab, tmp_path):
     def change(d):
         d["hosts"]["app1"]["colour"] = "blue"
         d["database"]["kind"] = "mysql"
-    path = variant(lab, tmp_path, change)
+    path = lab.inventory_variant(tmp_path, change)
     proc = lab.fab("site", inventory=path, check=False)
     expect_failure(proc, EXIT_BAD_INPUT, f"{path}: hosts.app1.colour: unknown key",
                    "database.kind", "postgres, sqlite")
@@ -96,7 +71,7 @@ def test_checksum_mismatch_uploads_nothing(lab, tmp_path):
         (tampered / name).write_bytes((lab.releases / name).read_bytes())
     with open(tampered / "releasy-server-1.0.0-linux-x86_64.tar.gz", "ab") as f:
         f.write(b"one byte more")
-    path = variant(lab, tmp_path, lambda d: d["release"].update(source=str(tampered)))
+    path = lab.inventory_variant(tmp_path, lambda d: d["release"].update(source=str(tampered)))
     proc = lab.fab("app.setup", "--version", "1.0.0", inventory=path, check=False)
     expect_failure(proc, EXIT_BAD_INPUT,
                    f"checksum mismatch for {tampered}/releasy-server-1.0.0-linux-x86_64.tar.gz",
@@ -105,7 +80,7 @@ def test_checksum_mismatch_uploads_nothing(lab, tmp_path):
 
 def test_unreachable_host(lab, tmp_path):
     unused = f"10.77.{lab.ident.subnet_octet}.199"
-    path = variant(lab, tmp_path, lambda d: d["hosts"]["app1"].update(address=unused))
+    path = lab.inventory_variant(tmp_path, lambda d: d["hosts"]["app1"].update(address=unused))
     proc = lab.fab("inventory.ping", inventory=path, check=False)
     block = expect_failure(proc, EXIT_UNREACHABLE, f"app1 (root@{unused}:22)",
                            "Is the host up, the address right")
@@ -122,7 +97,7 @@ def test_changed_host_key_is_refused(lab, tmp_path):
              else line for line in (lab.state_dir / "known_hosts").read_text().splitlines()]
     known = tmp_path / "known_hosts"
     known.write_text("\n".join(lines) + "\n")
-    path = variant(lab, tmp_path, lambda d: d.update(known_hosts=str(known)))
+    path = lab.inventory_variant(tmp_path, lambda d: d.update(known_hosts=str(known)))
     proc = lab.fab("inventory.ping", inventory=path, check=False)
     expect_failure(proc, EXIT_UNREACHABLE, "HOST KEY CHANGED for app1", str(known),
                    f"ssh-keygen -R '{address}'")
@@ -170,7 +145,7 @@ def test_failed_health_check_is_one_screen_and_debug_shows_the_traceback(lab, tm
     # Repaired below with a dump of the database as it is now (1.0.0, migration level 2).
     backup = lab.fab("db.backup").stdout
     name = re.search(r"lab_\d+T\d+Z_manual_at-1\.0\.0_m2\.dump", backup).group(0)
-    fast = variant(lab, tmp_path, lambda d: d.setdefault("app", {}).update(ready_timeout=5))
+    fast = lab.inventory_variant(tmp_path, lambda d: d.setdefault("app", {}).update(ready_timeout=5))
     try:
         proc = lab.fab("app.setup", "--version", "1.2.0-neverready", inventory=fast,
                        check=False)
@@ -189,6 +164,6 @@ def test_failed_health_check_is_one_screen_and_debug_shows_the_traceback(lab, tm
         # 1.2.0-neverready ran migration 3, which 1.0.0 refuses: stop it, restore the dump
         # (nothing runs, so nothing is restarted), then 1.0.0 again.
         for host in APPS:
-            sudo(lab, host, "systemctl", "stop", "releasy.service")
+            lab.sudo(host, "systemctl", "stop", "releasy.service")
         lab.fab("db.restore", "--file", name, "--yes")
         lab.fab("app.setup", "--version", "1.0.0")

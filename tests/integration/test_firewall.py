@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import yaml
 
 from releasy_deploy import firewall as fwp
 from releasy_deploy.cli import Session
@@ -162,11 +160,8 @@ def test_audit_passes_then_flags_a_port_opened_by_hand(lab):
     lab.fab("firewall.audit", "--netns", netns)
 
 
-def test_lockout_layer1_refuses_when_admin_cidrs_exclude_us(lab):
-    data = yaml.safe_load(lab.inventory.read_text())
-    data["admin_cidrs"] = ["192.0.2.0/24"]
-    other = lab.state_dir / "hosts-firewall-lockout.yaml"  # beside it: same relative paths
-    other.write_text(yaml.safe_dump(data, sort_keys=False))
+def test_lockout_layer1_refuses_when_admin_cidrs_exclude_us(lab, tmp_path):
+    other = lab.inventory_variant(tmp_path, lambda d: d.update(admin_cidrs=["192.0.2.0/24"]))
     sh(lab, "app2", "ufw allow 7777/tcp")  # something apply would otherwise remove/keep
     before = {h: ufw_view(lab, h) for h in HOSTS}
     proc = lab.fab("firewall.apply", inventory=other, check=False)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from lab import lab as lab_ops
 from lab import machine, net

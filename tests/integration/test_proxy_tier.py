@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lab import lab as lab_ops
 
@@ -369,15 +368,9 @@ def test_files_mode_uploads_the_pair_and_refuses_a_key_that_does_not_match(lab, 
         (tls / f"{stem}.key").chmod(0o600)
     # The lab's inventory in files mode, beside the TLS files; the lab's own files by
     # absolute path.
-    data = yaml.safe_load(lab.inventory.read_text())
-    data["known_hosts"] = str(lab.state_dir / data["known_hosts"])
-    data["ssh"]["identity_file"] = str(lab.state_dir / data["ssh"]["identity_file"])
-    data["release"]["source"] = str(lab.state_dir / data["release"]["source"])
-    data["secrets"]["file"] = str(lab.state_dir / data["secrets"]["file"])
-    data["tls"] = {"mode": "files", "server_name": "releasy.lab.test",
-                   "certificate": "tls/site.crt", "key": "tls/site.key"}
-    inventory = tmp_path / "hosts.yaml"
-    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    inventory = lab.inventory_variant(tmp_path, lambda d: d.update(tls={
+        "mode": "files", "server_name": "releasy.lab.test",
+        "certificate": "tls/site.crt", "key": "tls/site.key"}))
     key_lines = [ln for ln in (tls / "site.key").read_text().splitlines() if "-----" not in ln]
 
     first = lab.fab("proxy.setup", inventory=inventory)

@@ -22,12 +22,8 @@ FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2", "app3")
 
 
-def sudo(lab, host, *argv, check=True):
-    return lab.ssh(host, "sudo", "-n", *argv, check=check)
-
-
 def psql(lab, sql: str) -> list[list[str]]:
-    out = sudo(lab, "db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
                                        ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
     return [line.split("|") for line in out.stdout.splitlines() if line]
 
@@ -72,13 +68,7 @@ def fab_without_terminal(lab, captured_outputs, *args) -> subprocess.CompletedPr
 def lab(lab_session):
     lab = lab_session.use("split", apps=3)
     # A brand-new database, no dumps, no recorded levels left from earlier tests.
-    for host in APPS:
-        sudo(lab, host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
-                                    " rm -f /opt/releasy/releases/*/.schema-version", check=False)
-    sudo(lab, "db1", "sh", "-c",
-         "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq"
-         " -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi; rm -rf /var/backups/releasy")
-    lab.fab("site", "--version", "1.0.0", timeout=900)
+    lab.reset_to("1.0.0", APPS, timeout=900)
     lab.fab("proxy.setup", "--reset-upstreams")
     for version in ("1.1.0", "1.1.1"):
         lab.fab("deploy.rolling", "--version", version, "--yes")
@@ -93,9 +83,9 @@ def test_rollback_to_a_release_with_the_same_migrations(lab):
     assert_all_on(lab, "1.1.0")
     assert level(lab) == 3
     # No dump is taken for a rollback that restores nothing.
-    assert not any("from-1.1.1_to-1.1.0" in line for line in sudo(
-        lab, "db1", "ls", "/var/backups/releasy").stdout.split())
-    record = json.loads(sudo(lab, "app1", "tail", "-n1", "/var/log/releasy-deploy/audit.log"
+    assert not any("from-1.1.1_to-1.1.0" in line for line in lab.sudo(
+        "db1", "ls", "/var/backups/releasy").stdout.split())
+    record = json.loads(lab.sudo("app1", "tail", "-n1", "/var/log/releasy-deploy/audit.log"
                              ).stdout)
     assert (record["action"], record["to"], record["result"]) == ("deploy.rollback", "1.1.0",
                                                                  "ok")
@@ -133,7 +123,7 @@ def test_rollback_across_a_migration_is_refused_then_restores_the_dump(lab,
     assert psql(lab, "SELECT to_regclass('standin_m3') IS NULL,"
                      " count(*) FILTER (WHERE id = 42) FROM standin_m1") == [["t", "0"]]
     # What the database held just before the restore was saved first.
-    dumps = sudo(lab, "db1", "ls", "/var/backups/releasy").stdout.split()
+    dumps = lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split()
     assert [d for d in dumps if d.endswith("_from-1.1.0_to-1.0.0_m3.dump")], dumps
     assert lab.ssh("app1", "cat", "/opt/releasy/releases/1.0.0/.schema-version"
                    ).stdout.strip() == "2"

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lab.loadgen import LoadGenerator
 from lab.standin.build import build_release
@@ -34,12 +33,8 @@ LOCK_FREE_WITHIN_S = 15
 
 
 # ------------------------------------------------------------------------------ helpers
-def sudo(lab, host, *argv, check=True):
-    return lab.ssh(host, "sudo", "-n", *argv, check=check)
-
-
 def psql(lab, sql: str) -> list[list[str]]:
-    out = sudo(lab, "db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
                                        ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
     return [line.split("|") for line in out.stdout.splitlines() if line]
 
@@ -75,13 +70,7 @@ def assert_all_on(lab, version):
 def provision(lab, inventory: Path) -> None:
     """Every app host on 1.0.0 against a brand-new database, all in rotation, no dumps and
     no recorded migration levels left from earlier tests."""
-    for host in APPS:
-        sudo(lab, host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
-                                    " rm -f /opt/releasy/releases/*/.schema-version", check=False)
-    sudo(lab, "db1", "sh", "-c",
-         "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq"
-         " -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi; rm -rf /var/backups/releasy")
-    lab.fab("site", "--version", "1.0.0", inventory=inventory, timeout=900)
+    lab.reset_to("1.0.0", APPS, inventory=inventory, timeout=900)
     lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
     assert_all_on(lab, "1.0.0")
 
@@ -125,14 +114,7 @@ def inventory(lab, tmp_path_factory) -> Path:
     for p in lab.releases.glob("releasy-server-1.[0-2].*"):
         shutil.copy2(p, releases / p.name)
     build_release("1.3.0", releases, migrations=4, migration_seconds=SLOW_MIGRATION_S)
-    data = yaml.safe_load(lab.inventory.read_text())
-    base = lab.inventory.parent
-    data["known_hosts"] = str(base / data["known_hosts"])
-    data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
-    data["secrets"]["file"] = str(base / data["secrets"]["file"])
-    data["release"]["source"] = str(releases)
-    path = tmp / "hosts.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = lab.inventory_variant(tmp, lambda d: d["release"].update(source=str(releases)))
     provision(lab, path)
     return path
 
@@ -143,7 +125,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     dry = lab.fab("deploy.rolling", "--version", "1.1.0", "--dry-run", inventory=inventory)
     assert "would migrate: drain app1" in dry.stdout and "would create backup" in dry.stdout
     assert_all_on(lab, "1.0.0")  # the dry run touched nothing
-    assert sudo(lab, "db1", "ls", "/var/backups/releasy", check=False).stdout == ""
+    assert lab.sudo("db1", "ls", "/var/backups/releasy", check=False).stdout == ""
 
     events = tmp_path / "events.jsonl"
     with load_through_proxy(lab, tmp_path / "load") as load:
@@ -184,7 +166,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
                and e["message"].startswith("done in"))
 
     # The pre-deploy dump: root/postgres only, named after what it is.
-    lines = sudo(lab, "db1", "sh", "-c", "stat -c '%U:%G %a %n' /var/backups/releasy"
+    lines = lab.sudo("db1", "sh", "-c", "stat -c '%U:%G %a %n' /var/backups/releasy"
                                          " /var/backups/releasy/*").stdout.splitlines()
     assert lines[0] == "postgres:postgres 700 /var/backups/releasy"
     assert len(lines) == 2 and lines[1].startswith("postgres:postgres 600 /var/backups/releasy/"
@@ -194,7 +176,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     assert lab.ssh("app2", "cat", "/opt/releasy/releases/1.0.0/.schema-version",
                    "/opt/releasy/releases/1.1.0/.schema-version").stdout.split() == ["2", "3"]
     for host in ("proxy1", "app2", "db1"):
-        record = json.loads(sudo(lab, host, "tail", "-n1",
+        record = json.loads(lab.sudo(host, "tail", "-n1",
                                  "/var/log/releasy-deploy/audit.log").stdout)
         assert (record["action"], record["to"], record["result"], record["host"]) == (
             "deploy.rolling", "1.1.0", "ok", host)

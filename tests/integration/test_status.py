@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-import yaml
 
 from releasy_deploy import status as status_ops
 from releasy_deploy.cli import session
@@ -100,16 +99,8 @@ def test_a_stopped_service_makes_status_fail_and_names_the_host(lab):
 
 def test_an_unreachable_host_is_a_marked_row(lab, tmp_path):
     """app2 through a port nothing listens on: its row says so, the rest is read."""
-    data = yaml.safe_load(lab.inventory.read_text())
-    base = lab.inventory.parent
-    for key in ("known_hosts",):
-        data[key] = str(base / data[key])
-    data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
-    data["secrets"]["file"] = str(base / data["secrets"]["file"])
-    data["release"]["source"] = str(base / data["release"]["source"])
-    data["hosts"]["app2"]["ssh_port"] = 2
-    inventory = tmp_path / "hosts.yaml"
-    inventory.write_text(yaml.safe_dump(data))
+    inventory = lab.inventory_variant(tmp_path,
+                                      lambda d: d["hosts"]["app2"].update(ssh_port=2))
     proc = lab.fab("status", inventory=inventory, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     table = rows(proc.stdout)
