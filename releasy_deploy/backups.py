@@ -122,19 +122,11 @@ class Backup:
 # ------------------------------------------------------------------------------ pure
 def backup_name(environment: str, taken_at: datetime, from_version: str | None,
                 to_version: str, level: int, kind: str) -> str:
-    if kind not in EXTENSIONS:
-        raise ValueError(f"unknown database kind {kind!r}")
     if from_version is not None:
         check_version(from_version)
     check_version(to_version)
-    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
-        raise ValueError(f"invalid migration level {level!r}")
-    stamp = taken_at.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
-    name = (f"{environment}_{stamp}_from-{from_version or NO_RELEASE}_to-{to_version}"
-            f"_m{level}.{EXTENSIONS[kind]}")
-    if parse_backup_name(name) is None:  # e.g. an environment name the regex refuses
-        raise ValueError(f"cannot build a backup name for environment {environment!r}")
-    return name
+    return _dump_name(environment, taken_at,
+                      f"from-{from_version or NO_RELEASE}_to-{to_version}", level, kind)
 
 
 def snapshot_name(environment: str, taken_at: datetime, running: str | None, level: int,
@@ -143,16 +135,21 @@ def snapshot_name(environment: str, taken_at: datetime, running: str | None, lev
     ``running``: the release the app hosts ran (None: none, or not one single release)."""
     if purpose not in SNAPSHOT_PURPOSES:
         raise ValueError(f"unknown dump purpose {purpose!r}")
-    if kind not in EXTENSIONS:
-        raise ValueError(f"unknown database kind {kind!r}")
     if running is not None:
         check_version(running)
+    return _dump_name(environment, taken_at, f"{purpose}_at-{running or NO_RELEASE}", level,
+                      kind)
+
+
+def _dump_name(environment: str, taken_at: datetime, what: str, level: int, kind: str) -> str:
+    """ENV_TIMESTAMP_WHAT_mLEVEL.EXT, checked by parsing it back."""
+    if kind not in EXTENSIONS:
+        raise ValueError(f"unknown database kind {kind!r}")
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
         raise ValueError(f"invalid migration level {level!r}")
     stamp = taken_at.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
-    name = (f"{environment}_{stamp}_{purpose}_at-{running or NO_RELEASE}_m{level}"
-            f".{EXTENSIONS[kind]}")
-    if parse_backup_name(name) is None:
+    name = f"{environment}_{stamp}_{what}_m{level}.{EXTENSIONS[kind]}"
+    if parse_backup_name(name) is None:  # e.g. an environment name the regex refuses
         raise ValueError(f"cannot build a backup name for environment {environment!r}")
     return name
 

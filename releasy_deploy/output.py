@@ -623,7 +623,9 @@ class Reporter:
                 out.flush()
             record = {"host": host, "event": event, "message": text}
             if extra:
-                record.update({k: self.masker(str(v)) for k, v in extra.items()})
+                # Numbers and flags stay JSON numbers and booleans; text is masked.
+                record.update({k: v if isinstance(v, (bool, int, float)) or v is None
+                               else self.masker(str(v)) for k, v in extra.items()})
             self._write_json(record)
 
     def _write_json(self, record: dict) -> None:
