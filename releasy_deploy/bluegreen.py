@@ -62,17 +62,17 @@ from typing import Any, Mapping
 
 from . import audit, schema
 from . import backups as backups_mod
-from .cli import BadInput, Session
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import DeployError
+from .errors import BadInput, DeployError
 from .executor import HostConnection, tail
 from .inventory import Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .remote import Probe, facts, register_fact
+from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 

@@ -57,10 +57,10 @@ from urllib.parse import unquote, urlsplit
 
 import paramiko
 
-from .cli import EXIT_LOCK_BUSY, Session
-from .errors import DeployError, UnreachableError
+from .errors import DeployError, LockHeld, UnreachableError
 from .executor import HostConnection, render, with_sudo
 from .inventory import check_version
+from .session import Session
 
 __all__ = [
     "LOCK_CLASSID", "UPSTREAM_MIGRATION_KEY_MULTIPLIER", "POLL_INTERVAL_S", "LockBusy",
@@ -91,10 +91,8 @@ SERVER_KEEPALIVES = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2,
 _LABEL_WORD = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
-class LockBusy(DeployError):
+class LockBusy(LockHeld):
     """Another deploy holds the environment's lock (exit code 3)."""
-
-    exit_code_hint = EXIT_LOCK_BUSY  # 3: cli.exit_code_for honours it
 
     def __init__(self, message: str, *, host: str | None = None,
                  holder: LockInfo | None = None) -> None:

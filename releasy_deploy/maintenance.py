@@ -30,16 +30,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import audit, rollout
-from .cli import EXIT_FAILED, EXIT_UNREACHABLE, BadInput, Session, confirm
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import DeployError, HostKeyError, ParallelError, RemoteCommandError, UnreachableError
+from .errors import (BadInput, DeployError, HostKeyError, ParallelError, RemoteCommandError,
+                     StepFailed, UnreachableError)
 from .executor import HostConnection, render_masked, tail
 from .inventory import TIERS, Host, Inventory
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .remote import facts
+from .session import Session
 from .status import app_server
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -63,10 +64,9 @@ class LastHostInRotation(BadInput):
     """Draining (or restarting) this host would leave no app host serving (exit 2)."""
 
 
-class AdhocFailed(DeployError):
-    """``fab run``: the command failed (or could not run) on at least one host."""
-
-    exit_code_hint = EXIT_FAILED
+class AdhocFailed(StepFailed):
+    """``fab run``: the command failed (or could not run) on at least one host (exit 1, or
+    4 when every failing host was unreachable)."""
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -405,7 +405,7 @@ class _Restart(rollout.Rollout):
                                              f" wait for /ready (up to"
                                              f" {self.ready_timeout:g} s), re-add")
             return
-        confirm(f"Rolling restart of {UNIT} in {self.inv.environment}: {plan.describe()}."
+        self.s.confirm(f"Rolling restart of {UNIT} in {self.inv.environment}: {plan.describe()}."
                 f" Go?", yes=yes)
         for n in plan.in_place:
             self.restart_in_place(n)
@@ -575,9 +575,7 @@ def run_adhoc(session: Session, tier: str, command: str, *,
           + run_summary(runs, time.monotonic() - started), flush=True)
     failed = [r for r in runs if not r.ok]
     if failed:
-        exc = AdhocFailed(f"the command failed on {_names(r.host for r in failed)} of"
-                          f" {len(runs)} {tier} host(s) (see the summary above)")
-        if all(r.unreachable for r in failed):
-            exc.exit_code_hint = EXIT_UNREACHABLE
-        raise exc
+        raise AdhocFailed(f"the command failed on {_names(r.host for r in failed)} of"
+                          f" {len(runs)} {tier} host(s) (see the summary above)",
+                          unreachable=all(r.unreachable for r in failed))
     return runs

@@ -53,17 +53,17 @@ from typing import Any
 from . import audit, schema
 from . import backups as backups_mod
 from .backups import Backup
-from .cli import EXIT_FAILED, EXIT_UNREACHABLE, BadInput, Session, confirm, exit_code_for
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import DeployError, ParallelError
+from .errors import BadInput, DeployError, ParallelError, StepFailed
 from .executor import HostConnection
 from .inventory import VERSION_RE, Host, Inventory, ReleaseSource, check_version
 from .lock import LockInfo, deploy_lock
 from .pipeline import Pipeline
 from .releases import LocalRelease, fetch_release
 from .remote import Probe, facts, register_fact
+from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
@@ -83,17 +83,9 @@ DISK_MARGIN_BYTES = 16 * 1024 * 1024
 _MIGRATION_FAILED = re.compile(r"migration[^\n]*fail|fail[^\n]*migration", re.IGNORECASE)
 
 
-class RolloutFailed(DeployError):
+class RolloutFailed(StepFailed):
     """A rollout stopped; the message is the explanation paragraph (exit code 1, or 4
     when the cause was an unreachable host)."""
-
-    exit_code_hint = EXIT_FAILED
-
-    def __init__(self, message: str, *, host: str | None = None,
-                 cause: BaseException | None = None) -> None:
-        super().__init__(message, host=host)
-        if cause is not None and exit_code_for(cause) == EXIT_UNREACHABLE:
-            self.exit_code_hint = EXIT_UNREACHABLE
 
 
 # ======================================================================================
@@ -967,7 +959,7 @@ class _Rollout:
             self.converge_rotation()
             self.dry_run_report(first, batches, from_version)
             return
-        confirm(f"{self.label} of {self.inv.environment} to {self.version}: {plan}. Go?",
+        self.s.confirm(f"{self.label} of {self.inv.environment} to {self.version}: {plan}. Go?",
                 yes=yes)
         self.converge_rotation()
         self.stage_release()
@@ -1189,7 +1181,7 @@ def _restore_and_start(r: _Rollout, verdict: RollbackVerdict, yes: bool) -> None
         for n in names:
             s.reporter.would(n, f"stop {UNIT}, switch {currents[n]} -> {r.version}, start")
         return
-    confirm(f"Roll {inv.environment} back to {r.version} restoring {dump.name}: every write"
+    s.confirm(f"Roll {inv.environment} back to {r.version} restoring {dump.name}: every write"
             f" made since {dump.when} is LOST, and Releasy is down while the database is"
             f" restored ({plan}). Go?", yes=yes)
     r.stage_release()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from .cli import Session
-from .tiers import app, db, firewall, proxy
 from .errors import DeployError
+from .session import Session
+from .tiers import app, db, firewall, proxy
 
 STEPS = ("db", "app", "proxy", "firewall")
 

@@ -33,7 +33,6 @@ from typing import Any
 
 from . import bluegreen
 from . import firewall as fw
-from .cli import Session
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
@@ -44,6 +43,7 @@ from .lock import holder_info
 from .packages import FIREWALL_PACKAGES
 from .remote import Probe, facts, register_fact
 from .rollout import parse_version_probe, version_probe_argv
+from .session import Session
 from .tiers import app as app_tier
 from .tiers import firewall as _fw_tier  # noqa: F401 - registers the fw_* facts
 from .tiers import proxy as proxy_tier

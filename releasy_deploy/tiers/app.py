@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import app as cmd
 from ..commands import systemd
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
 from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
                       report)
+from ..session import Session
 from . import db as db_tier
 
 __all__ = [

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import postgres as pg
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection
 from ..inventory import Inventory
 from ..packages import DB_PACKAGES
 from ..remote import Probe, ensure_dir, ensure_packages, facts, put_file, register_fact
+from ..session import Session
 
 __all__ = ["setup", "database_url", "psql"]
 

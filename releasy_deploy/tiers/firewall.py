@@ -37,13 +37,13 @@ import time
 from dataclasses import dataclass
 
 from .. import firewall as fw
-from ..cli import BadInput, Session
-from ..errors import DeployError, RemoteCommandError, UnreachableError
+from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError
 from ..executor import Executor, HostConnection
 from ..firewall import HostDiff, LiveRule, Rule, UfwDefaults, UfwStatus
 from ..inventory import Host, Inventory
 from ..packages import FIREWALL_PACKAGES
 from ..remote import FILES_DIR, Probe, ensure_packages, facts, put_file, register_fact
+from ..session import Session
 
 __all__ = [
     "plan", "apply", "status", "audit", "converge", "read_state", "HostState",
