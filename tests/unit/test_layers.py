@@ -18,9 +18,9 @@ EDGE, FLOWS, TIERS, HELPERS, COMMANDS, BASE = 5, 4, 3, 2, 1, 0
 LAYER_OF = {
     "cli": EDGE,
     "rollout": FLOWS, "maintenance": FLOWS, "bluegreen": FLOWS, "site": FLOWS,
-    "status": FLOWS, "interactive": FLOWS, "backups": FLOWS,
-    # The runner's parts: the lock and the tiers' steps.
-    "tiers": TIERS, "lock": TIERS,
+    "status": FLOWS, "interactive": FLOWS,
+    # The runner (engine), the lock, and the steps it runs: the tiers' and the backups'.
+    "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS,
     "commands": COMMANDS,
     "errors": BASE, "inventory": BASE, "packages": BASE, "templates": BASE,
 }
