@@ -48,7 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .commands import app as appcmd
-from .errors import BadInput, DeployError
+from .commands import systemd
+from .errors import BadInput, DeployError, first_line
 from .executor import tail
 from .inventory import VERSION_RE, Inventory, check_version
 from .remote import Probe, facts, register_fact
@@ -436,7 +437,7 @@ def restore(session, backup: Backup) -> None:
 
 # ====================================================================== day-2 tasks
 # `fab db.backup / db.backups / db.restore`: pure helpers first, then the tasks' bodies.
-RUNNING_STATES = ("active", "activating", "reloading")
+RUNNING_STATES = systemd.RUNNING_STATES
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -709,7 +710,6 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
     tables are replaced), the current data is saved to a pre-restore dump, NAME is
     restored (PostgreSQL: one transaction), the units start again and must answer /ready.
     The proxies' rotation is not touched (nothing is drained: everything is stopped)."""
-    from .commands import systemd
     from .lock import deploy_lock
     from .pipeline import Pipeline
     from .tiers import app as app_tier
@@ -782,7 +782,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                         session.executor.each(busy, start)
                 except DeployError as sexc:
                     note = (f" Starting Releasy again failed as well"
-                            f" ({str(sexc).splitlines()[0]}): check the app hosts.")
+                            f" ({first_line(sexc)}): check the app hosts.")
             lines = str(exc).splitlines() or [type(exc).__name__]
             first = lines[0].removeprefix(f"{db}: ").rstrip(":")
             said = [line for line in lines[1:] if line.startswith("    ")]  # its output

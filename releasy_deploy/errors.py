@@ -119,6 +119,16 @@ class ParallelError(DeployError):
         super().__init__(mask(text) if mask else text)
 
 
+def first_line(exc: BaseException, host: str | None = None) -> str:
+    """The first line of an error's message (its type name when it has none), without a
+    leading "HOST: " when ``host`` is given: for one-line summaries that name the host."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line.removeprefix(f"{host}: ") if host else line
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True when ``exc`` means "could not reach the host(s)" (bad host key included): for a
     parallel failure, when every host failed that way."""

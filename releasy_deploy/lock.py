@@ -57,9 +57,9 @@ from urllib.parse import unquote, urlsplit
 
 import paramiko
 
-from .errors import DeployError, LockHeld, UnreachableError
+from .errors import DeployError, LockHeld, UnreachableError, first_line
 from .executor import HostConnection, render, with_sudo
-from .inventory import check_version
+from .inventory import POSTGRES_PORT, check_version
 from .session import Session
 
 __all__ = [
@@ -78,7 +78,6 @@ LABEL_PREFIX = "releasy-deploy"
 MAX_LABEL_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1 (application_name is truncated there)
 MIN_WHO_BYTES = 12  # of user@machine kept in a label when the version is very long
 SINCE_FORMAT = "%Y%m%dT%H%M%SZ"
-POSTGRES_PORT = 5432
 FLOCK_PATH = "/run/releasy-deploy.lock"
 HOLDER_PATH = "/run/releasy-deploy.holder"
 TUNNEL_TIMEOUT_S = 10.0
@@ -802,7 +801,7 @@ def deploy_lock(session: Session, *, version: str | None,
             holder = holder_info(session)
             state = "free" if holder is None else f"now held by {holder.describe()}"
         except DeployError as exc:
-            state = f"state unknown: {str(exc).splitlines()[0]}"
+            state = f"state unknown: {first_line(exc)}"
         session.reporter.would(where, f"take the deploy lock of {inv.environment} ({state})")
         user, machine, pid = _identity()
         yield LockInfo(environment=inv.environment, where=f"dry run on {where}", user=user,

@@ -35,7 +35,7 @@ from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
 from .errors import (BadInput, DeployError, HostKeyError, ParallelError, RemoteCommandError,
-                     StepFailed, UnreachableError)
+                     StepFailed, UnreachableError, first_line)
 from .executor import HostConnection, render_masked, tail
 from .inventory import TIERS, Host, Inventory
 from .lock import deploy_lock
@@ -292,7 +292,7 @@ def _audit(session: Session, action: str, **fields: Any) -> None:
                     audit.record(action, session.inventory.environment, **fields))
     except DeployError as exc:
         session.reporter.error(session.inventory.environment,
-                               f"audit record not written everywhere: {str(exc).splitlines()[0]}")
+                               f"audit record not written everywhere: {first_line(exc)}")
 
 
 def drain(session: Session, host: str, *, wait: float = 0) -> None:
@@ -452,7 +452,7 @@ def _follow(session: Session, targets: Sequence[Host], lines: int) -> None:
             if not stopping.is_set():
                 failures[h.name] = exc
         if h.name in failures:
-            reporter.error(h.name, str(failures[h.name]).splitlines()[0])
+            reporter.error(h.name, first_line(failures[h.name]))
 
     threads = [threading.Thread(target=stream, args=(h,), name=f"releasy-logs-{h.name}",
                                 daemon=True) for h in targets]

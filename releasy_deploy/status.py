@@ -36,7 +36,7 @@ from . import firewall as fw
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
-from .errors import DeployError, HostKeyError, UnreachableError
+from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
@@ -317,7 +317,7 @@ def _live_on_single_host(inv: Inventory, host: Host, found: Mapping[str, Any]
     try:
         live = bluegreen.find_live(bluegreen.parse_state(host.name, found, inv))
     except DeployError as exc:
-        return UNIT, None, str(exc).removeprefix(f"{host.name}: ").splitlines()[0]
+        return UNIT, None, first_line(exc, host.name)
     if live.unit is None:
         return bluegreen.instance_unit(live.port), False, None
     return live.unit, True, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .. import errors
 from ..backups import Backup
 from .plan import CHANGING_STEPS, UNIT
 
@@ -75,14 +76,9 @@ def names(hosts: Iterable[str]) -> str:
 
 
 def first_line(exc: BaseException, host: str | None = None) -> str:
-    """The first line of an error, without a leading "HOST: " (the paragraph names it)."""
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
-    text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0].rstrip(".:")
-    if host and line.startswith(f"{host}: "):
-        line = line[len(host) + 2:]
-    return line
+    """An error's first line, without a leading "HOST: " (the paragraph names the host) or
+    closing punctuation (the paragraph adds its own)."""
+    return errors.first_line(exc, host).rstrip(".:")
 
 
 def explain_failure(r: FailureReport) -> str:

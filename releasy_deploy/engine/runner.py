@@ -41,8 +41,7 @@ __all__ = ["RolloutFailed", "Preflight", "RollingRunner", "DRAIN_TIMEOUT_S", "JO
            "recent_journal_argv", "version_probe_argv", "parse_version_probe", "disk_needed",
            "releases_to_prune", "server_of"]
 
-#: how long a drain waits for nginx's old workers to finish the host's in-flight requests.
-DRAIN_TIMEOUT_S = 90.0
+DRAIN_TIMEOUT_S = nginxcmd.DRAIN_TIMEOUT_S
 JOURNAL_LINES = 12
 DISK_MARGIN_BYTES = 16 * 1024 * 1024
 _MIGRATION_FAILED = re.compile(r"migration[^\n]*fail|fail[^\n]*migration", re.IGNORECASE)

@@ -137,7 +137,8 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     summary = load.summary
     report_load("deploy.rolling 1.0.0 -> 1.1.0 (3 app hosts)", summary)
     assert_no_failed_request(load, summary)
-    seconds = list(summary["per_second"].values())
+    # By second in time order: the JSON summary's keys may come back sorted as strings.
+    seconds = [v for _, v in sorted(summary["per_second"].items(), key=lambda kv: int(kv[0]))]
     assert set(seconds[0]) == {"1.0.0"} and set(seconds[-1]) == {"1.1.0"}
     assert_all_on(lab, "1.1.0")
     assert "rolling deploy to 1.1.0 done: app1, app2, app3" in proc.stdout
