@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import BadInput
 from .executor import Executor
@@ -29,6 +30,9 @@ class Session:
     reporter: Reporter
     #: ``confirm(question, yes=...)`` returns to go ahead, raises BadInput otherwise.
     confirm: Callable[..., None] = field(default=refuse_unconfirmed)
+    #: values read from the hosts once per task run, keyed by the function that reads
+    #: them (e.g. the database URL: the lock and the app tier both need it).
+    memo: dict[Callable[..., Any], Any] = field(default_factory=dict)
 
     @property
     def dry_run(self) -> bool:
