@@ -137,7 +137,9 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     summary = load.summary
     report_load("deploy.rolling 1.0.0 -> 1.1.0 (3 app hosts)", summary)
     assert_no_failed_request(load, summary)
-    seconds = list(summary["per_second"].values())
+    # The summary's keys are strings ("10" sorts before "9"): order them as numbers.
+    seconds = [split for _, split in sorted(summary["per_second"].items(),
+                                            key=lambda kv: int(kv[0]))]
     assert set(seconds[0]) == {"1.0.0"} and set(seconds[-1]) == {"1.1.0"}
     assert_all_on(lab, "1.1.0")
     assert "rolling deploy to 1.1.0 done: app1, app2, app3" in proc.stdout
