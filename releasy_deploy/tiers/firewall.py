@@ -39,16 +39,18 @@ from dataclasses import dataclass
 from .. import firewall as fw
 from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError, first_line
 from ..executor import Executor, HostConnection
+from ..facts import Fact, PackageVersion, read_facts
 from ..firewall import HostDiff, LiveRule, Rule, UfwDefaults, UfwStatus
 from ..inventory import Host, Inventory
 from ..packages import FIREWALL_PACKAGES
-from ..remote import FILES_DIR, Probe, ensure_packages, facts, put_file, register_fact
+from ..remote import FILES_DIR, ensure_packages, put_file
 from ..session import Session
 
 __all__ = [
     "plan", "apply", "status", "audit", "converge", "read_state", "HostState",
     "FirewallRefused", "FirewallLockout", "apply_script", "disarm_script", "probe_reachability",
-    "check_ssh_source", "REVERT_UNIT", "REVERT_SCRIPT", "STATE_DIR",
+    "check_ssh_source", "REVERT_UNIT", "REVERT_SCRIPT", "STATE_DIR", "SshClient",
+    "UfwStatusVerbose", "UfwShowAdded", "UfwDefaultsFile", "TcpListeners", "RevertPending",
 ]
 
 REVERT_UNIT = "releasy-firewall-revert"
@@ -84,21 +86,71 @@ while [ "${pid:-0}" -gt 1 ]; do
 done
 exit 1"""
 
-register_fact("fw_ssh_client")(lambda _: Probe(
-    _SSH_CLIENT_SHELL,
-    lambda out, code: fw.parse_ssh_connection(out.strip()) if code == 0 else None))
+@dataclass(frozen=True)
+class SshClient(Fact):
+    """(our address as the host sees it, its port), from $SSH_CONNECTION; None if unknown."""
+
+    def shell(self) -> str:
+        return _SSH_CLIENT_SHELL
+
+    def parse(self, out: str, code: int) -> tuple[fw.Address, int] | None:
+        return fw.parse_ssh_connection(out.strip()) if code == 0 else None
+
+
 # `ufw` missing: exit 127 -> None.
-register_fact("fw_ufw_status")(lambda _: Probe(
-    "LANG=C ufw status verbose", lambda out, code: fw.parse_status(out) if code == 0 else None))
-register_fact("fw_ufw_added")(lambda _: Probe(
-    "LANG=C ufw show added", lambda out, code: fw.parse_show_added(out) if code == 0 else None))
-register_fact("fw_ufw_defaults")(lambda _: Probe(
-    "cat /etc/default/ufw", lambda out, code: fw.parse_defaults(out) if code == 0 else None))
-register_fact("fw_tcp_listeners")(lambda _: Probe(
-    "ss -ltnH", lambda out, code: fw.parse_listeners(out) if code == 0 else []))
-register_fact("fw_revert_pending")(lambda _: Probe(
-    f"systemctl is-active {shlex.quote(REVERT_UNIT + '.timer')}",
-    lambda out, code: out.strip() in ("active", "activating")))
+@dataclass(frozen=True)
+class UfwStatusVerbose(Fact):
+    """``ufw status verbose`` (`firewall.UfwStatus`), or None when ufw cannot answer."""
+
+    def shell(self) -> str:
+        return "LANG=C ufw status verbose"
+
+    def parse(self, out: str, code: int) -> UfwStatus | None:
+        return fw.parse_status(out) if code == 0 else None
+
+
+@dataclass(frozen=True)
+class UfwShowAdded(Fact):
+    """The rules as ``ufw show added`` lists them (`firewall.LiveRule`s), or None."""
+
+    def shell(self) -> str:
+        return "LANG=C ufw show added"
+
+    def parse(self, out: str, code: int) -> list[LiveRule] | None:
+        return fw.parse_show_added(out) if code == 0 else None
+
+
+@dataclass(frozen=True)
+class UfwDefaultsFile(Fact):
+    """The default policies in /etc/default/ufw (`firewall.UfwDefaults`), or None."""
+
+    def shell(self) -> str:
+        return "cat /etc/default/ufw"
+
+    def parse(self, out: str, code: int) -> UfwDefaults | None:
+        return fw.parse_defaults(out) if code == 0 else None
+
+
+@dataclass(frozen=True)
+class TcpListeners(Fact):
+    """(address, port) of every listening TCP socket."""
+
+    def shell(self) -> str:
+        return "ss -ltnH"
+
+    def parse(self, out: str, code: int) -> list[tuple[str, int]]:
+        return fw.parse_listeners(out) if code == 0 else []
+
+
+@dataclass(frozen=True)
+class RevertPending(Fact):
+    """The lockout-revert timer is armed."""
+
+    def shell(self) -> str:
+        return f"systemctl is-active {shlex.quote(REVERT_UNIT + '.timer')}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return out.strip() in ("active", "activating")
 
 
 @dataclass(frozen=True)
@@ -118,22 +170,22 @@ class HostState:
         return self.status is not None and self.status.active
 
 
-_PROBES = ("fw_ssh_client", f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status",
-           "fw_ufw_added", "fw_ufw_defaults", "fw_tcp_listeners", "fw_revert_pending")
+_PROBES = (SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(), UfwShowAdded(),
+           UfwDefaultsFile(), TcpListeners(), RevertPending())
 
 
 def read_state(c: HostConnection) -> HostState:
     """Everything the firewall tasks need from a host, in one round trip (read-only)."""
-    seen = facts(c, _PROBES, sudo=True)
-    installed = seen[f"package_version:{FIREWALL_PACKAGES[0]}"] is not None
-    status, added = seen["fw_ufw_status"], seen["fw_ufw_added"]
+    seen = read_facts(c, _PROBES, sudo=True)
+    installed = seen[PackageVersion(FIREWALL_PACKAGES[0])] is not None
+    status, added = seen[UfwStatusVerbose()], seen[UfwShowAdded()]
     if installed and (status is None or added is None):
         raise DeployError(
             f"{c.name}: ufw is installed but `ufw status` / `ufw show added` failed; run "
             f"`sudo ufw status verbose` on {c.name} to see why, fix it and re-run", host=c.name)
-    return HostState(seen["fw_ssh_client"], installed, status, tuple(added or ()),
-                     seen["fw_ufw_defaults"], tuple(seen["fw_tcp_listeners"]),
-                     seen["fw_revert_pending"])
+    return HostState(seen[SshClient()], installed, status, tuple(added or ()),
+                     seen[UfwDefaultsFile()], tuple(seen[TcpListeners()]),
+                     seen[RevertPending()])
 
 
 # --------------------------------------------------------------------------- lockout layer 1
