@@ -660,7 +660,7 @@ class HostDiff:
     defaults: tuple[tuple[str, str | None, str], ...] = ()  # (direction, now, wanted)
     enable: bool = False
     ipv6: bool = False  # IPV6=no in /etc/default/ufw: turn IPv6 filtering on
-    reload: bool = False  # ufw is active and must reload to load the IPv6 rules
+    reload: bool = False  # ufw is active and must reload to load its IPv6 chains
 
     @property
     def changes(self) -> bool:
@@ -749,16 +749,17 @@ IPV6_ON_ARGV = ["sed", "-i", "s/^IPV6=.*/IPV6=yes/", "/etc/default/ufw"]
 
 def ufw_commands(diff: HostDiff) -> list[list[str]]:
     """The ufw commands that turn the live state into the plan, in a lockout-safe order:
-    IPv6 filtering on, allow rules, deletions, default policies, enabling (or reloading)
+    IPv6 filtering on (and loaded), allow rules, deletions, default policies, enabling
     last."""
     cmds = [list(IPV6_ON_ARGV)] if diff.ipv6 else []
+    if diff.reload:
+        # A running ufw without its IPv6 chains cannot add IPv6 rules: load them first.
+        cmds.append(list(RELOAD_ARGV))
     cmds += [add_argv(r) for r in (*diff.add, *diff.recomment)]
     cmds += [delete_argv(r) for r in diff.remove]
     cmds += [default_argv(direction, want) for direction, _, want in diff.defaults]
     if diff.enable:
         cmds.append(list(ENABLE_ARGV))
-    elif diff.reload:
-        cmds.append(list(RELOAD_ARGV))
     return cmds
 
 

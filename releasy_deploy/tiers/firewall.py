@@ -413,11 +413,11 @@ RulesFor = Callable[[HostState], list[Rule]]
 
 def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
              fresh: Executor | None, revert_after: int = 60, prune_unmanaged: bool = False,
-             wanted=fw.WANTED_DEFAULTS, resolve: tuple[str, ...] = ()) -> HostDiff:
+             policies=fw.WANTED_DEFAULTS, resolve: tuple[str, ...] = ()) -> HostDiff:
     """Make one host's ufw exactly ``rules`` (lockout-protected); returns what differed.
 
     ``rules``: the list, or a function of the host's probed state (egress depends on it).
-    ``wanted``: the default policies (`fw.wanted_defaults`); ``resolve``: names the rules
+    ``policies``: the default policies (`fw.wanted_defaults`); ``resolve``: names the rules
     function needs resolved on the host. ``fresh`` opens the brand-new connection that
     confirms the change (None only in dry-run). The building block of `apply`.
     """
@@ -442,7 +442,7 @@ def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
         c.reporter.unchanged(c.name, f"packages {' '.join(FIREWALL_PACKAGES)}")
     diff = fw.diff_host(host.name, planned, state.rules, active=state.active,
                         defaults=state.defaults, prune_unmanaged=prune_unmanaged,
-                        policies=wanted)
+                        policies=policies)
     if not diff.changes or c.dry_run:
         _report_diff(c, diff, state, done=False, prune_unmanaged=prune_unmanaged)
         return diff
@@ -478,7 +478,7 @@ def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
     after = read_state(c, resolve)
     left = fw.diff_host(host.name, planned, after.rules, active=after.active,
                         defaults=after.defaults, prune_unmanaged=prune_unmanaged,
-                        policies=wanted)
+                        policies=policies)
     if left.changes:
         raise DeployError(
             f"{host.name}: ufw did not converge to the plan (still to do: "
@@ -543,7 +543,7 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
             return rules
         return converge(c, rules_for, admin_cidrs=inv.admin_cidrs, fresh=fresh,
                         revert_after=revert_after, prune_unmanaged=prune_unmanaged,
-                        wanted=wanted, resolve=tuple(fw.names_to_resolve(inv, c.host)))
+                        policies=wanted, resolve=tuple(fw.names_to_resolve(inv, c.host)))
 
     try:
         session.executor.each(inv.hosts, one)
@@ -881,8 +881,9 @@ def audit(session: Session, netns: str | None, listener: str | None = None) -> b
             r.info(host.name, "ufw is not active" if st.installed else "ufw is not installed")
         elif st.defaults is not None and not st.defaults.ipv6:
             ok = False
-            r.error(host.name, "ufw does not filter IPv6 (IPV6=no): every IPv6 address of "
-                               "the host is unfiltered (run `fab firewall.apply`)")
+            r.error(host.name, "ufw's IPv6 support is off (IPV6=no in /etc/default/ufw): the "
+                               "plan is not applied to IPv6 (ufw 0.36 then drops all IPv6 "
+                               "but loopback); run `fab firewall.apply`")
     if target is not None:
         ok = _audit_egress(session, states, target) and ok
     return ok
