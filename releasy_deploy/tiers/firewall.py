@@ -816,6 +816,29 @@ def _audit_egress(session: Session, states: dict[str, HostState],
     return ok
 
 
+def _audit_applied_egress(session: Session, host: Host, st: HostState,
+                          planned: list[Rule]) -> bool:
+    """The applied outgoing policy and rules against the plan (what probes from outside
+    cannot see)."""
+    inv, r = session.inventory, session.reporter
+    diff = fw.diff_host(host.name, planned, st.rules, active=st.active, defaults=st.defaults,
+                        policies=fw.wanted_defaults(inv.egress.restrict))
+    problems = [f"outgoing rule missing: {rule}" for rule in (*diff.add, *diff.recomment)
+                if rule.direction == "out"]
+    problems += [f"outgoing rule not in the plan: {rule}" for rule in diff.remove
+                 if rule.direction == "out"]
+    problems += [f"default outgoing is {now or 'unknown'}, the plan says {want}"
+                 for direction, now, want in diff.defaults if direction == "outgoing"]
+    for text in problems:
+        r.error(host.name, f"egress: {text} (run `fab firewall.apply`)")
+    if not problems:
+        out = sum(1 for rule in diff.satisfied if rule.direction == "out")
+        r.info(host.name, "egress as planned: " + (f"default deny outgoing, {out} allow rule(s)"
+                                                    if inv.egress.restrict
+                                                    else "not restricted"))
+    return not problems
+
+
 def audit(session: Session, netns: str | None, listener: str | None = None) -> bool:
     """Check reachability of every relevant port of every host (its SSH address and its
     global IPv6 addresses) against the plan from the vantage point (``netns``, or here);
@@ -877,6 +900,8 @@ def audit(session: Session, netns: str | None, listener: str | None = None) -> b
             r.info(host.name, f"audit of {addr} from {vantage} ({where}): reachable "
                               f"{', '.join(reachable) or 'none'}; filtered "
                               f"{', '.join(filtered) or 'none'}")
+        if st.installed:
+            ok = _audit_applied_egress(session, host, st, rules[host.name]) and ok
         if not st.active:
             r.info(host.name, "ufw is not active" if st.installed else "ufw is not installed")
         elif st.defaults is not None and not st.defaults.ipv6:

@@ -93,6 +93,15 @@ def test_restricted_egress_after_site(lab, listener, restricted):
                     listener, inventory=restricted)
     assert f"[db1] egress to {listener}/tcp: filtered, as planned" in audit.stdout
     assert f"[app1] egress to {listener}/tcp: open, as planned" in audit.stdout
+    assert "[db1] egress as planned: default deny outgoing, 1 allow rule(s)" in audit.stdout
+    # An outgoing rule removed by hand: the audit compares the applied rules with the plan.
+    lab.sudo("db1", "ufw", "delete", "allow", "out", "123/udp")
+    drifted = lab.fab("firewall.audit", "--netns", lab.ident.outside_ns, inventory=restricted,
+                      check=False)
+    assert drifted.returncode == 1
+    assert "[db1] ERROR: egress: outgoing rule missing: allow out 123/udp to anywhere" in \
+        drifted.stdout, drifted.stdout
+    lab.fab("firewall.apply", inventory=restricted)
 
 
 def test_rolling_deploy_under_restricted_egress(lab, restricted):
