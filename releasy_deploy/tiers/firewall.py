@@ -538,6 +538,8 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
 
     def one(c: HostConnection) -> HostDiff:
         def rules_for(state: HostState) -> list[Rule]:
+            # Called by converge once the host passed the lockout checks; apt's proxy
+            # drop-in is kept in step here because it needs the same probed state.
             rules = host_rules(inv, c.host, state)
             _ensure_apt_proxy(c, inv, state)
             return rules
