@@ -347,11 +347,10 @@ def _firewall(inv: Inventory, host: Host, found: Mapping[Fact, Any]) -> Firewall
     active = bool(status is not None and status.active)
     if not installed or live is None:
         return FirewallStatus(installed, active)
-    diff = fw.diff_host(host.name, fw.plan_rules(inv)[host.name], live, active=active,
-                        defaults=found[UfwDefaultsFile()])
+    diff = fw.summary_diff(inv, host, live, active=active, defaults=found[UfwDefaultsFile()])
     return FirewallStatus(installed, active, missing=len(diff.add) + len(diff.recomment),
                           stale=len(diff.remove), unmanaged=len(diff.unexpected),
-                          policy_differs=bool(diff.defaults))
+                          policy_differs=bool(diff.defaults or diff.ipv6))
 
 
 def _live_on_single_host(inv: Inventory, host: Host, found: Mapping[Fact, Any]
