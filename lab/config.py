@@ -1,6 +1,7 @@
 """Everything the lab needs to know in one place: names, addresses, paths, packages."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,9 @@ class LabIdentity:
         return f"10.77.{self.subnet_octet}.{last_octet}"
 
     def address6(self, last_octet: int) -> str:
-        """The IPv6 ULA twin of `address` (fd77:0:LABID::LAST, /64 on the same bridge)."""
-        return f"fd77:0:{self.subnet_octet}::{last_octet}"
+        """The IPv6 ULA twin of `address` (fd77:0:LABID::LAST, /64 on the same bridge), in
+        the canonical text form tools print (fd77::10 for the default lab)."""
+        return str(ipaddress.IPv6Address(f"fd77:0:{self.subnet_octet}::{last_octet}"))
 
     @property
     def operator_address(self) -> str:
