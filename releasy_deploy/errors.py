@@ -96,3 +96,10 @@ class ParallelError(DeployError):
         text = "\n".join(lines)
         # Foreign exceptions (KeyError, OSError...) were not built by the executor: mask them.
         super().__init__(mask(text) if mask else text)
+
+
+class HostRefusedError(DeployError):
+    """What a host runs rules the request out (an unsupported release, a PostgreSQL major
+    its release does not offer): bad input found on the host, exit 2, nothing touched."""
+
+    exit_code_hint = 2

@@ -41,11 +41,13 @@ from .errors import DeployError, HostKeyError, UnreachableError
 from .executor import HostConnection
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
+from .hostos import OS_FACT, describe, parse_release, supported_list
 from .packages import FIREWALL_PACKAGES
 from .remote import Probe, facts, register_fact
 from .rollout import parse_version_probe, version_probe_argv
 from .tiers import app as app_tier
 from .tiers import firewall as _fw_tier  # noqa: F401 - registers the fw_* facts
+from .tiers import db as _db_tier  # noqa: F401 - registers the pg_host fact
 from .tiers import proxy as proxy_tier
 
 __all__ = [
@@ -166,6 +168,7 @@ class DbStatus:
     kind: str  # postgres | sqlite
     up: bool
     size_bytes: int | None
+    major: str | None = None  # PostgreSQL: the major of the host's cluster (None: none yet)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ class HostStatus:
     firewall: FirewallStatus | None = None
     disks: tuple[Disk, ...] = ()
     problems: tuple[str, ...] = ()
+    os: str | None = None  # "Debian 13", or what /etc/os-release says on another system
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,7 @@ FIREWALL_FACTS = (f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status", "f
 
 def fact_names(inv: Inventory, host: Host) -> list[str]:
     """Every fact ``fab status`` reads on ``host``: ONE facts round trip."""
-    names: list[str] = list(FIREWALL_FACTS)
+    names: list[str] = [OS_FACT, *FIREWALL_FACTS]
     names += [f"status_disk:{path}" for _, path in _disk_paths(inv, host)]
     if host.has("app"):
         names.append("releasy_releases")
@@ -277,7 +281,7 @@ def fact_names(inv: Inventory, host: Host) -> list[str]:
         names += [f"proxy_text:{proxy_tier.UPSTREAM_FILE}", "service_active:nginx"]
     if host.has("db"):
         if inv.database.kind == "postgres":
-            names.append(f"status_pg:{inv.database.name}")
+            names += [f"status_pg:{inv.database.name}", "pg_host"]
         else:
             names.append(f"file_stat:{pgcmd.SQLITE_PATH}")
     return list(dict.fromkeys(names))
@@ -384,7 +388,9 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
     if host.has("db"):
         if inv.database.kind == "postgres":
             pg = found[f"status_pg:{inv.database.name}"]
-            db = DbStatus("postgres", bool(pg and pg[0]), pg[1] if pg else None)
+            majors = found["pg_host"].cluster_majors
+            db = DbStatus("postgres", bool(pg and pg[0]), pg[1] if pg else None,
+                          "/".join(majors) or None)
             if not db.up:
                 problems.append("PostgreSQL does not answer" if pg is not None
                                 else "PostgreSQL is not installed (run `fab db.setup`)")
@@ -400,9 +406,13 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
     for d in disks:
         if d.fs_used_percent is not None and d.fs_used_percent >= DISK_FULL_PERCENT:
             problems.append(f"the file system of {d.path} is {d.fs_used_percent}% full")
+    release = parse_release(found[OS_FACT])
+    if release is None:
+        problems.append(f"runs {describe(found[OS_FACT])}: not supported ({supported_list()})")
     problems = list(dict.fromkeys(problems))
     return HostStatus(host.name, host.tiers, True, None, app, proxy, db, firewall, disks,
-                      tuple(problems))
+                      tuple(problems),
+                      release.short if release else describe(found[OS_FACT]))
 
 
 def _app_problems(name: str, app: AppStatus) -> list[str]:
@@ -479,9 +489,9 @@ def _size(n: int | None) -> str:
 def _cells(h: HostStatus) -> list[str]:
     tiers = ",".join(t for t in TIERS if t in h.tiers)
     if not h.reachable:
-        return [h.name, tiers, "UNREACHABLE"] + [""] * 7
+        return [h.name, tiers, "UNREACHABLE"] + [""] * 8
     if h.error is not None:
-        return [h.name, tiers, "ERROR"] + [""] * 7
+        return [h.name, tiers, "ERROR"] + [""] * 8
     release = service = ready = rotation = database = "-"
     services = []
     if h.app is not None:
@@ -505,7 +515,8 @@ def _cells(h: HostStatus) -> list[str]:
         service = ", ".join(services)
     if h.db is not None:
         if h.db.kind == "postgres":
-            database = f"postgres up {_size(h.db.size_bytes)}" if h.db.up else "postgres DOWN"
+            name = f"postgres {h.db.major}" if h.db.major else "postgres"
+            database = f"{name} up {_size(h.db.size_bytes)}" if h.db.up else f"{name} DOWN"
         else:
             database = f"sqlite {_size(h.db.size_bytes)}" if h.db.up else "sqlite MISSING"
     f = h.firewall
@@ -523,10 +534,11 @@ def _cells(h: HostStatus) -> list[str]:
              else f"{d.label} none" for d in h.disks]
     pcts = [d.fs_used_percent for d in h.disks if d.fs_used_percent is not None]
     disk = " ".join(parts) + (f" (fs {max(pcts)}%)" if pcts else "") if parts else "-"
-    return [h.name, tiers, "ok", release, service, ready, rotation, firewall, disk, database]
+    return [h.name, tiers, "ok", h.os or "?", release, service, ready, rotation, firewall, disk,
+            database]
 
 
-HEADERS = ["HOST", "TIERS", "SSH", "RELEASE", "SERVICE", "READY", "ROTATION", "FIREWALL",
+HEADERS = ["HOST", "TIERS", "SSH", "OS", "RELEASE", "SERVICE", "READY", "ROTATION", "FIREWALL",
            "DISK", "DATABASE"]
 
 

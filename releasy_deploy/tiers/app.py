@@ -32,6 +32,7 @@ from ..commands import systemd
 from ..errors import DeployError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory, check_version
+from ..hostos import OS_FACT, check_release
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
 from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
@@ -130,7 +131,8 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
 
 def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
-    found = facts(c, _fact_names(plan, bind), sudo=True)
+    found = facts(c, [OS_FACT, *_fact_names(plan, bind)], sudo=True)
+    check_release(c.name, found[OS_FACT])  # before anything is changed on it
     return HostFacts(
         missing_packages=tuple(p for p in PACKAGES if not found[f"package_version:{p}"]),
         account=found[f"releasy_account:{plan.user}"],

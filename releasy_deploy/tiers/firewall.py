@@ -42,6 +42,7 @@ from ..errors import DeployError, RemoteCommandError, UnreachableError
 from ..executor import Executor, HostConnection
 from ..firewall import HostDiff, LiveRule, Rule, UfwDefaults, UfwStatus
 from ..inventory import Host, Inventory
+from ..hostos import OS_FACT, check_release
 from ..packages import FIREWALL_PACKAGES
 from ..remote import FILES_DIR, Probe, ensure_packages, facts, put_file, register_fact
 
@@ -118,13 +119,14 @@ class HostState:
         return self.status is not None and self.status.active
 
 
-_PROBES = ("fw_ssh_client", f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status",
+_PROBES = (OS_FACT, "fw_ssh_client", f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status",
            "fw_ufw_added", "fw_ufw_defaults", "fw_tcp_listeners", "fw_revert_pending")
 
 
 def read_state(c: HostConnection) -> HostState:
     """Everything the firewall tasks need from a host, in one round trip (read-only)."""
     seen = facts(c, _PROBES, sudo=True)
+    check_release(c.name, seen[OS_FACT])  # before anything is changed on it
     installed = seen[f"package_version:{FIREWALL_PACKAGES[0]}"] is not None
     status, added = seen["fw_ufw_status"], seen["fw_ufw_added"]
     if installed and (status is None or added is None):

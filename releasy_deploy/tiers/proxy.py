@@ -53,6 +53,7 @@ from ..commands import nginx as cmd
 from ..errors import DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory
+from ..hostos import OS_FACT, check_release
 from ..packages import PROXY_PACKAGES
 from ..remote import (FILES_DIR, Probe, ensure_dir, ensure_packages, facts, register_fact,
                       render_diff, render_template)
@@ -221,7 +222,8 @@ def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
         names += [f"file_sha256:{cert}", f"file_sha256:{key}"]
     else:
         names.append(f"proxy_cert:{cert}")
-    got = facts(c, names, sudo=True)  # sudo: the key is root-only (only its hash is read)
+    got = facts(c, [OS_FACT, *names], sudo=True)  # sudo: the key is root-only (hash read)
+    check_release(c.name, got[OS_FACT])  # before anything is changed on it
     return _HostState(
         packages={p: got[f"package_version:{p}"] for p in PROXY_PACKAGES},
         stats={p: got[f"file_stat:{p}"] for p in stat_paths},

@@ -15,6 +15,7 @@ import pytest
 from releasy_deploy import firewall as fw
 from releasy_deploy import status as st
 from releasy_deploy.commands import app as appcmd
+from releasy_deploy.commands import postgres as pg
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.remote import build_facts_script, parse_facts_output, probe_for
@@ -134,11 +135,17 @@ def test_facts_output_round_trip_of_the_status_probes():
 
 
 # ------------------------------------------------------------------------------ facts as found
+DEBIAN_12 = {"ID": "debian", "VERSION_ID": "12", "VERSION_CODENAME": "bookworm",
+             "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"}
+PG_15 = pg.parse_pg_host("cluster|15|main\ninstalled|postgresql-15\n", 0)
+
+
 def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
     planned = fw.plan_rules(inv)[host] if rules is None else rules
     added = "Added user rules (see 'ufw status' for running firewall):\n" + "\n".join(
         [shlex.join(fw.add_argv(r)) for r in planned] + list(extra))
     return {
+        "os_release": DEBIAN_12,
         "package_version:ufw": "0.36.2-1",
         "fw_ufw_status": fw.parse_status("Status: active\n" if active else "Status: inactive\n"),
         "fw_ufw_added": fw.parse_show_added(added),
@@ -178,6 +185,7 @@ def split_facts(**over):
         "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
         "app2": {**ufw_facts(SPLIT, "app2"), **app_facts("10.9.0.22:8080")},
         "db1": {**ufw_facts(SPLIT, "db1"), "status_pg:releasy": (True, 8_000_000),
+                "pg_host": PG_15,
                 "status_disk:/var/lib/postgresql": (42 * 2**20, 23)},
     }
     for host, changes in over.items():
@@ -201,7 +209,7 @@ def test_a_healthy_split_environment():
     assert app1.app == st.AppStatus("releasy.service", "active", "running", 200, "1.1.0",
                                     "1.1.0", True, True)
     assert app1.firewall.matches_plan and report.hosts[3].db == st.DbStatus("postgres", True,
-                                                                            8_000_000)
+                                                                            8_000_000, "15")
     table = st.render_table(report)
     lines = table.splitlines()
     assert lines[0].split() == st.HEADERS
@@ -211,7 +219,7 @@ def test_a_healthy_split_environment():
     for cell in ("1.1.0", "releasy active pid 200", "yes", "in", "ok", "releasy 70K data 28K",
                  "(fs 23%)"):
         assert cell in row
-    assert "postgres up 7.6M" in lines[4] and "2 server(s)" in lines[1]
+    assert "postgres 15 up 7.6M" in lines[4] and "Debian 12" in lines[4] and "2 server(s)" in lines[1]
     # Columns line up: every row starts its RELEASE cell at the same place.
     col = lines[0].index("RELEASE")
     assert lines[2][col:].startswith("1.1.0") and lines[1][col:].startswith("-")
@@ -286,7 +294,7 @@ def test_release_drift_nginx_database_firewall_and_disk_problems():
         "db1: the file system of /var/lib/postgresql is 95% full",
     ]
     table = st.render_table(report)
-    assert "1.0.0 (current 1.1.0)" in table and "postgres DOWN" in table
+    assert "1.0.0 (current 1.1.0)" in table and "postgres 15 DOWN" in table
     assert "DIFFERS" in table and "nginx INACTIVE" in table
     inactive = st.build_report(SPLIT, split_facts(db1=ufw_facts(SPLIT, "db1", active=False)),
                                FREE)
