@@ -15,6 +15,9 @@ from .errors import HostRefusedError
 
 # VERSION_ID -> codename of the Debian releases this tool supports.
 SUPPORTED_DEBIAN = {"12": "bookworm", "13": "trixie"}
+# Their default PostgreSQL major: only what a dry-run predicts on a host whose apt lists are
+# not loaded yet. Real runs read it from the host (the `postgresql` metapackage).
+DEFAULT_PG_MAJOR = {"12": "15", "13": "17"}
 
 OS_FACT = "os_release"  # /etc/os-release, parsed (releasy_deploy.remote)
 
@@ -37,6 +40,11 @@ class HostRelease:
     @property
     def short(self) -> str:
         return f"{self.id.capitalize()} {self.version_id}"
+
+    @property
+    def default_pg_major(self) -> str:
+        """The release's default PostgreSQL major as shipped (a prediction, see above)."""
+        return DEFAULT_PG_MAJOR[self.version_id]
 
 
 def describe(os_release: Mapping[str, str]) -> str:

@@ -644,7 +644,7 @@ def select_major(host: str, release: str, pg: PgHost, pin: str | None) -> str | 
         names = ", ".join(f"{m}/{n}" for m, n in pg.clusters)
         if pin is not None and pin not in existing:
             raise PgMajorRefused(
-                f"{host} ({release}) runs PostgreSQL {' and '.join(existing)} (cluster "
+                f"{host}: runs PostgreSQL {' and '.join(existing)} on {release} (cluster "
                 f"{names}), but {pin_text}. This tool never installs a second major beside "
                 f"an existing cluster: set database.postgres_version to {existing[-1]} or "
                 f"remove it (a major upgrade is pg_upgradecluster's job, done by hand).",
@@ -653,14 +653,14 @@ def select_major(host: str, release: str, pg: PgHost, pin: str | None) -> str | 
             return pin
         if len(existing) > 1:
             raise PgMajorRefused(
-                f"{host} ({release}) has clusters of several PostgreSQL majors ({names}): set "
+                f"{host}: has clusters of several PostgreSQL majors on {release} ({names}): set "
                 "database.postgres_version to the one Releasy's database lives in.", host=host)
         return existing[0]
     servers = pg.server_majors
     if servers:
         if pin is not None and pin not in servers:
             raise PgMajorRefused(
-                f"{host} ({release}) has postgresql-{' postgresql-'.join(servers)} installed "
+                f"{host}: has postgresql-{' postgresql-'.join(servers)} installed on {release} "
                 f"(without a cluster), but {pin_text}: set database.postgres_version to "
                 f"{servers[-1]}, or remove that package first.", host=host)
         return pin or servers[-1]
@@ -671,14 +671,14 @@ def select_major(host: str, release: str, pg: PgHost, pin: str | None) -> str | 
             offer = (f"PostgreSQL {', '.join(pg.offered)}" if pg.offered
                      else "no PostgreSQL server package")
             raise PgMajorRefused(
-                f"{host} ({release}): {pin_text}, but the host's apt sources offer {offer}. "
+                f"{host}: {pin_text}, but {release} here offers {offer} (its apt sources). "
                 f"Nothing was installed. Remove the pin (the release's default is "
                 f"{pg.default or 'unknown'}), pin an offered major, or add an apt source "
                 f"that carries postgresql-{pin}.", host=host)
         return pin
     if pg.default is None:
         raise PgMajorRefused(
-            f"{host} ({release}): apt offers no `postgresql` package, so the release's default "
+            f"{host}: apt offers no `postgresql` package on {release}, so the release's default "
             "PostgreSQL major is unknown. Check the host's apt sources (apt-cache policy "
             "postgresql), or set database.postgres_version.", host=host)
     return pg.default

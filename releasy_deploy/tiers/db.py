@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets as _random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 from urllib.parse import quote
 
@@ -147,8 +147,9 @@ def database_url(session: Session) -> str:
 
 
 def setup(session: Session) -> None:
-    """PostgreSQL (the host's major) installed and configured on the db host; role, database and password
-    in place; the cluster answering on every listen address. Honours session.dry_run."""
+    """PostgreSQL (the major read from the host) installed and configured on the db host;
+    role, database and password in place; the cluster answering on every listen address.
+    Honours session.dry_run."""
     inv = session.inventory
     host = inv.db_host
     if inv.database.kind == "sqlite":
@@ -168,16 +169,11 @@ def setup(session: Session) -> None:
 
 def _setup_host(c: HostConnection, inv: Inventory) -> None:
     state = _read_state(c, inv)
-    if state.layout is None:
-        # A fresh host without apt lists: which majors its release offers is unknown yet.
-        if c.dry_run:
-            pin = inv.database.postgres_version
-            what = (f"PostgreSQL {pin}" if pin
-                    else f"PostgreSQL (the default major of {state.release.label})")
-            c.reporter.would(c.name, (
-                f"install {what} after apt-get update (the host's package lists are empty, "
-                "so nothing more can be predicted)"))
-            return
+    if state.layout is None and c.dry_run:
+        # A fresh host without apt lists: which majors it offers is unknown until
+        # apt-get update, which a dry-run does not run: predict from the release.
+        state = _predicted(c, inv, state)
+    elif state.layout is None:
         c.run(APT_UPDATE_ARGV, sudo=True)
         state = _read_state(c, inv)
         if state.layout is None:
@@ -201,6 +197,18 @@ def _setup_host(c: HostConnection, inv: Inventory) -> None:
     state = _ensure_service(c, inv, state, files_changed)
     _check_ready(c, state)
     _ensure_role_and_database(c, inv, state.server, password)
+
+
+def _predicted(c: HostConnection, inv: Inventory, state: HostState) -> HostState:
+    """The state a dry-run assumes on a host whose package lists were never loaded."""
+    pin = inv.database.postgres_version
+    layout = pg.Layout(pin or state.release.default_pg_major)
+    why = "database.postgres_version" if pin else f"the default of {state.release.short}"
+    c.reporter.info(c.name, (
+        f"the package lists are empty: `apt-get update` would run first, then PostgreSQL "
+        f"{layout.major} ({why}) be checked against what apt offers"))
+    return replace(state, layout=layout, missing_packages=layout.packages,
+                   files={f"{layout.conf_dir}/{rel}": None for rel in pg.MANAGED_RELS})
 
 
 def _why_major(inv: Inventory, state: HostState) -> str:

@@ -427,3 +427,22 @@ tls: {{mode: self-signed, server_name: releasy.unit.test}}
                                     text=True, timeout=60).stdout)
     assert doc["healthy"] is False and doc["hosts"][0]["reachable"] is True
     assert doc["hosts"][0]["app"]["ready"] is False
+
+
+def test_each_hosts_release_and_postgresql_major_are_shown_and_an_unsupported_one_flagged():
+    trixie = {"ID": "debian", "VERSION_ID": "13", "VERSION_CODENAME": "trixie"}
+    found = split_facts(
+        app1={"os_release": trixie},
+        app2={"os_release": {"ID": "ubuntu", "VERSION_ID": "24.04",
+                             "PRETTY_NAME": "Ubuntu 24.04.1 LTS"}},
+        db1={"os_release": trixie, "pg_host": pg.parse_pg_host("cluster|17|main\n", 0)})
+    report = st.build_report(SPLIT, found, FREE)
+    assert [h.os for h in report.hosts] == ["Debian 12", "Debian 13", "Ubuntu 24.04.1 LTS",
+                                            "Debian 13"]
+    assert report.hosts[3].db.major == "17"
+    assert report.problems == ["app2: runs Ubuntu 24.04.1 LTS: not supported (Debian 12 "
+                               "(bookworm), Debian 13 (trixie))"]
+    lines = st.render_table(report).splitlines()
+    assert "postgres 17 up" in lines[4] and "Ubuntu 24.04.1 LTS" in lines[3]
+    doc = report.to_json()
+    assert doc["hosts"][3]["os"] == "Debian 13" and doc["hosts"][3]["db"]["major"] == "17"
