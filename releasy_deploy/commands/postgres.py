@@ -23,7 +23,7 @@ from urllib.parse import quote
 from ..errors import HostRefusedError
 from ..inventory import POSTGRES_PORT, Inventory
 from ..packages import db_packages
-from ..remote import render_template
+from ..templates import render_template
 
 CLUSTER = "main"
 SOCKET_DIR = "/var/run/postgresql"

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import postgres as pg
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection
 from ..hostos import OS_FACT, HostRelease, check_release
 from ..inventory import Inventory
 from ..remote import (APT_UPDATE_ARGV, Probe, ensure_dir, ensure_packages, facts, put_file,
                       register_fact)
+from ..session import Session
 
 __all__ = ["setup", "database_url", "psql"]
 
@@ -128,6 +128,8 @@ def database_url(session: Session) -> str:
     inv = session.inventory
     if inv.database.kind == "sqlite":
         return pg.SQLITE_URL
+    if database_url in session.memo:
+        return session.memo[database_url]
     c = session.executor.conn(inv.db_host)
     data = c.read_file(pg.PASSWORD_FILE, sudo=True)
     if data is None:
@@ -143,7 +145,8 @@ def database_url(session: Session) -> str:
     c.mask.add([password, quote(password, safe="")])
     if not password:
         raise DeployError(_empty_password_message(c.name), host=c.name)
-    return pg.postgres_url(inv, password)
+    url = session.memo[database_url] = pg.postgres_url(inv, password)
+    return url
 
 
 def setup(session: Session) -> None:
