@@ -6,10 +6,9 @@ Debian 13: 17); paths, service and log file follow it (`commands.postgres.Layout
 
 `setup` reads everything it needs in ONE round trip (OS release, clusters and packages,
 the password file, the managed config files, the running server's settings, role and
-database, readiness), then
-acts only on differences: install, generate the password once, write the config files,
-restart only for a postmaster-context setting (listen_addresses, port) or else reload,
-create/fix the role and database. A second run costs that one round trip and changes
+database, readiness), then acts only on differences: install, generate the password once,
+write the config files, restart only for a postmaster-context setting (listen_addresses,
+port) or else reload, create/fix the role and database. A second run costs that one round trip and changes
 nothing. With ``database.kind: sqlite`` there is no PostgreSQL at all.
 
 The role's password lives on the db host only (/etc/releasy/database-password, root 0600),
