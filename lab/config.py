@@ -73,6 +73,10 @@ class LabIdentity:
     def address(self, last_octet: int) -> str:
         return f"10.77.{self.subnet_octet}.{last_octet}"
 
+    def address6(self, last_octet: int) -> str:
+        """The IPv6 ULA twin of `address` (fd77:0:LABID::LAST, /64 on the same bridge)."""
+        return f"fd77:0:{self.subnet_octet}::{last_octet}"
+
     @property
     def operator_address(self) -> str:
         return self.address(1)
@@ -80,6 +84,10 @@ class LabIdentity:
     @property
     def outside_address(self) -> str:
         return self.address(254)
+
+    @property
+    def outside_address6(self) -> str:
+        return self.address6(254)
 
     @property
     def uplink_if(self) -> str:

@@ -3,8 +3,8 @@
 The tool installs Debian packages and relies on Debian's layout (postgresql-common's
 clusters, nginx's sites, ufw), so only the Debian releases it is tested on are accepted:
 Debian 12 (bookworm) and Debian 13 (trixie), in any mix. Every tier reads the host's
-``/etc/os-release`` in the facts round trip it makes first anyway, and refuses an
-unsupported host before changing anything on it.
+``/etc/os-release`` (`facts.OsRelease`) in the facts round trip it makes first anyway, and
+refuses an unsupported host before changing anything on it.
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ SUPPORTED_DEBIAN = {"12": "bookworm", "13": "trixie"}
 # Their default PostgreSQL major: only what a dry-run predicts on a host whose apt lists are
 # not loaded yet. Real runs read it from the host (the `postgresql` metapackage).
 DEFAULT_PG_MAJOR = {"12": "15", "13": "17"}
-
-OS_FACT = "os_release"  # /etc/os-release, parsed (releasy_deploy.remote)
 
 
 class UnsupportedHostError(HostRefusedError):

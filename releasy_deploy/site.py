@@ -64,7 +64,13 @@ def change_lock(session: Session, *, version: str | None = None,
     LockBusy (exit 3) when another task holds it. Before the database exists (a first
     install, whose first step creates it) there is nothing to hold it in: None."""
     inv = session.inventory
-    if inv.database.kind != "sqlite" and not session.dry_run:
+    if session.dry_run:
+        # Read-only: the lock is not taken (nor reported as a change).
+        session.reporter.info(inv.db_host.name, "dry run: the deploy lock is not taken")
+        yield LockInfo(environment=inv.environment, where="dry run", version=version,
+                       note="dry run: lock not taken")
+        return
+    if inv.database.kind != "sqlite":
         try:
             db.database_url(session)
         except DeployError:

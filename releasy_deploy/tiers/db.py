@@ -8,8 +8,8 @@ Debian 13: 17); paths, service and log file follow it (`commands.postgres.Layout
 the password file, the managed config files, the running server's settings, role and
 database, readiness), then acts only on differences: install, generate the password once,
 write the config files, restart only for a postmaster-context setting (listen_addresses,
-port) or else reload, create/fix the role and database. A second run costs that one round trip and changes
-nothing. With ``database.kind: sqlite`` there is no PostgreSQL at all.
+port) or else reload, create/fix the role and database. A second run costs that one round
+trip and changes nothing. With ``database.kind: sqlite`` there is no PostgreSQL at all.
 
 The role's password lives on the db host only (/etc/releasy/database-password, root 0600),
 so any operator machine gets the same one. It is read over SSH stdout, masked at once,
@@ -27,28 +27,84 @@ from urllib.parse import quote
 from ..commands import postgres as pg
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection
-from ..hostos import OS_FACT, HostRelease, check_release
+from ..facts import Fact, OsRelease, PathExists, read_facts
+from ..hostos import HostRelease, check_release
 from ..inventory import Inventory
-from ..remote import (APT_UPDATE_ARGV, Probe, ensure_dir, ensure_packages, facts, put_file,
-                      register_fact)
+from ..remote import APT_UPDATE_ARGV, ensure_dir, ensure_packages, put_file
 from ..session import Session
 
-__all__ = ["setup", "database_url", "psql"]
+__all__ = ["setup", "database_url", "psql", "PgServerState", "PgFileState", "PgSecretFile",
+           "PgReady", "PgInstallation"]
 
 PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
 
 
 # --------------------------------------------------------------------------- probes
 
-register_fact("pg_server_state", arg=True)(
-    lambda a: Probe(pg.server_state_shell(*a.split(":", 1)), pg.parse_server_state))
-register_fact("pg_file_state", arg=True)(
-    lambda a: Probe(pg.file_state_shell(a), pg.parse_file_state))
-register_fact("pg_secret_file", arg=True)(
-    lambda a: Probe(pg.secret_file_shell(a), pg.parse_secret_file))
-register_fact("pg_ready", arg=True)(
-    lambda a: Probe(pg.pg_ready_shell(a), lambda out, code: code == 0))
-register_fact("pg_host")(lambda _: Probe(pg.PG_HOST_SHELL, pg.parse_pg_host))
+@dataclass(frozen=True)
+class PgServerState(Fact):
+    """The server's view of ``database`` and role ``user`` (`commands.postgres.ServerState`),
+    or None when it does not answer."""
+
+    database: str
+    user: str
+
+    def shell(self) -> str:
+        return pg.server_state_shell(self.database, self.user)
+
+    def parse(self, out: str, code: int) -> pg.ServerState | None:
+        return pg.parse_server_state(out, code)
+
+
+@dataclass(frozen=True)
+class PgFileState(Fact):
+    """sha256, owner, group, mode and mtime of a managed file (`commands.postgres.FileState`)."""
+
+    path: str
+
+    def shell(self) -> str:
+        return pg.file_state_shell(self.path)
+
+    def parse(self, out: str, code: int) -> pg.FileState | None:
+        return pg.parse_file_state(out, code)
+
+
+@dataclass(frozen=True)
+class PgSecretFile(Fact):
+    """A root-only secret file (`commands.postgres.SecretFile`), or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return pg.secret_file_shell(self.path)
+
+    def parse(self, out: str, code: int) -> pg.SecretFile | None:
+        return pg.parse_secret_file(out, code)
+
+
+@dataclass(frozen=True)
+class PgReady(Fact):
+    """pg_isready answers on ``host`` (a socket directory or an address)."""
+
+    host: str
+
+    def shell(self) -> str:
+        return pg.pg_ready_shell(self.host)
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class PgInstallation(Fact):
+    """The host's PostgreSQL clusters, packages and, without a cluster, what apt offers
+    (`commands.postgres.PgHost`): where the major comes from."""
+
+    def shell(self) -> str:
+        return pg.PG_HOST_SHELL
+
+    def parse(self, out: str, code: int) -> pg.PgHost:
+        return pg.parse_pg_host(out, code)
 
 
 @dataclass(frozen=True)
@@ -76,18 +132,18 @@ class HostState:
 
 def _read_state(c: HostConnection, inv: Inventory) -> HostState:
     db = inv.database
-    ready = {h: f"pg_ready:{h}" for h in pg.ready_hosts(inv)}
-    server = f"pg_server_state:{db.name}:{db.user}"
-    names = [OS_FACT, "pg_host", f"path_exists:{pg.SECRETS_DIR}",
-             f"pg_secret_file:{pg.PASSWORD_FILE}",
-             # readiness first: the state query then meets a server that finished starting
-             *ready.values(), server]
-    seen = facts(c, names, sudo=True)
-    release = check_release(c.name, seen[OS_FACT])  # before anything is changed
-    host: pg.PgHost = seen["pg_host"]
+    ready = {h: PgReady(h) for h in pg.ready_hosts(inv)}
+    server = PgServerState(db.name, db.user)
+    names: list[Fact] = [
+        OsRelease(), PgInstallation(), PathExists(pg.SECRETS_DIR), PgSecretFile(pg.PASSWORD_FILE),
+        # readiness first: the state query then meets a server that finished starting
+        *ready.values(), server]
+    seen = read_facts(c, names, sudo=True)
+    release = check_release(c.name, seen[OsRelease()])  # before anything is changed
+    host: pg.PgHost = seen[PgInstallation()]
     major = pg.select_major(c.name, release.label, host, db.postgres_version)
     layout = None if major is None else pg.Layout(major)
-    secret = seen[f"pg_secret_file:{pg.PASSWORD_FILE}"]
+    secret = seen[PgSecretFile(pg.PASSWORD_FILE)]
     if secret is not None:
         c.mask.add([secret.content.strip()])  # before anything could print it
     state = seen[server]
@@ -99,7 +155,7 @@ def _read_state(c: HostConnection, inv: Inventory) -> HostState:
         missing_packages=() if layout is None else tuple(
             p for p in layout.packages if p not in host.installed),
         cluster_exists=major is not None and (major, pg.CLUSTER) in host.clusters,
-        secrets_dir_exists=seen[f"path_exists:{pg.SECRETS_DIR}"],
+        secrets_dir_exists=seen[PathExists(pg.SECRETS_DIR)],
         password_file=secret,
         files={} if layout is None else {
             f"{layout.conf_dir}/{rel}": host.files.get((major, rel)) for rel in pg.MANAGED_RELS},
@@ -323,8 +379,8 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
         if still:
             raise DeployError(
                 f"{c.name}: after the {action}, PostgreSQL still runs with {'; '.join(still)}: "
-                f"a later file overrides {state.layout.dropin_path} (ALTER SYSTEM's postgresql.auto.conf "
-                "or another conf.d file). See `SELECT name, setting, sourcefile FROM "
+                f"a later file overrides {state.layout.dropin_path} (ALTER SYSTEM's "
+                "postgresql.auto.conf or another conf.d file). See `SELECT name, setting, sourcefile FROM "
                 f"pg_settings` as postgres on {c.name}, remove the override and re-run.",
                 host=c.name)
     return after

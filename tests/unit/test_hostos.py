@@ -13,7 +13,7 @@ from releasy_deploy.commands import postgres as pg
 from releasy_deploy.errors import ParallelError
 from releasy_deploy.inventory import InventoryError, parse_inventory
 from releasy_deploy.packages import REPO_PACKAGES, db_packages
-from releasy_deploy.remote import _parse_os_release
+from releasy_deploy.facts import OsRelease
 
 BOOKWORM = ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
             'VERSION_ID="12"\nVERSION="12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n')
@@ -26,7 +26,7 @@ SID = 'PRETTY_NAME="Debian GNU/Linux forky/sid"\nNAME="Debian GNU/Linux"\nID=deb
 
 
 def release(text: str) -> dict[str, str]:
-    return _parse_os_release(text, 0)
+    return OsRelease().parse(text, 0)
 
 
 # ------------------------------------------------------------------------------ the OS
