@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import image, machine, net
-from .config import HostSpec, LabIdentity, current_identity, topology_hosts
+from .config import SUITE, HostSpec, LabIdentity, check_suite, current_identity, topology_hosts
 from .sh import log, run
 
 BOOT_TIMEOUT = 90.0
@@ -27,15 +27,26 @@ class LabRequest:
     topology: str = "split"
     apps: int = 2
     database: str = "postgres"
+    suite: str = SUITE  # Debian suite of every host...
+    db_suite: str = ""  # ...except the db host's, when set (a fleet mid-upgrade)
 
     def normalized(self) -> "LabRequest":
+        suite = check_suite(self.suite)
+        db_suite = check_suite(self.db_suite, "--db-suite") if self.db_suite else suite
         if self.topology == "single":
             if self.database not in ("postgres", "sqlite"):
                 raise SystemExit(f"--database must be postgres or sqlite, got {self.database!r}")
-            return LabRequest("single", 1, self.database)
+            if db_suite != suite:
+                raise SystemExit("--db-suite needs --topology split (on one host the db host "
+                                 "is the only host: use --suite)")
+            return LabRequest("single", 1, self.database, suite, suite)
         if self.database != "postgres":
             raise SystemExit("--database sqlite needs --topology single (app and db on one host)")
-        return LabRequest("split", self.apps, "postgres")
+        return LabRequest("split", self.apps, "postgres", suite, db_suite)
+
+    def suite_of(self, spec: HostSpec) -> str:
+        """The Debian suite host ``spec`` runs (call on a normalized request)."""
+        return self.db_suite if "db" in spec.tiers and self.db_suite else self.suite
 
 
 def _state_file(ident: LabIdentity) -> Path:
@@ -93,8 +104,9 @@ def up(request: LabRequest = LabRequest()) -> Path:
         down()
     started = time.monotonic()
     _raise_inotify_limits()
-    base, repo = image.ensure_images()
     specs = topology_hosts(request.topology, request.apps)
+    images = {suite: image.ensure_images(suite)
+              for suite in dict.fromkeys(request.suite_of(s) for s in specs)}
     ident.state_dir.mkdir(parents=True, exist_ok=True)
     ident.run_dir.mkdir(parents=True, exist_ok=True)
     key = _ensure_ssh_key(ident)
@@ -103,18 +115,21 @@ def up(request: LabRequest = LabRequest()) -> Path:
     for spec in specs:
         address = ident.address(spec.last_octet)
         net.attach(ident, spec.name, address)
+        base, repo = images[request.suite_of(spec)]
         root = machine.prepare_root(ident, spec, base, address, key)
         pid = machine.launch(ident, spec, root, repo)
         state["hosts"][spec.name] = {"address": address,
                                      "address6": ident.address6(spec.last_octet),
                                      "launcher": pid,
-                                     "tiers": list(spec.tiers), "ssh_user": spec.ssh_user}
+                                     "tiers": list(spec.tiers), "ssh_user": spec.ssh_user,
+                                     "suite": request.suite_of(spec)}
         # Recorded after every host so a failure half-way can still be cleaned up.
         _state_file(ident).write_text(json.dumps(state, indent=2))
     _write_client_files(ident, specs, request)
     _wait_booted(ident, specs)
     _build_releases(ident)
-    log(f"lab: {len(specs)} hosts up in {time.monotonic() - started:.1f} s")
+    suites = ", ".join(f"{n} {h['suite']}" for n, h in state["hosts"].items())
+    log(f"lab: {len(specs)} hosts up in {time.monotonic() - started:.1f} s ({suites})")
     return ident.state_dir / "hosts.yaml"
 
 
@@ -161,7 +176,8 @@ def status() -> list[dict]:
     rows = []
     for name, h in state["hosts"].items():
         rows.append({"host": name, "address": h["address"], "tiers": ",".join(h["tiers"]),
-                     "user": h["ssh_user"], "state": host_state(ident, name, h["launcher"])})
+                     "user": h["ssh_user"], "suite": h.get("suite", SUITE),
+                     "state": host_state(ident, name, h["launcher"])})
     return rows
 
 

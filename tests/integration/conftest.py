@@ -128,17 +128,17 @@ class LabSession:
         self.ident = current_identity()
         self.current: tuple | None = None
 
-    def use(self, topology: str = "split", apps: int = 2,
-            database: str = "postgres") -> LabHandle:
-        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database))
-        self.current = (topology, apps, database)
+    def use(self, topology: str = "split", apps: int = 2, database: str = "postgres",
+            suite: str = "bookworm", db_suite: str = "") -> LabHandle:
+        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, suite, db_suite))
+        self.current = (topology, apps, database, suite, db_suite)
         return LabHandle(self.ident, topology, inventory)
 
-    def fresh(self, topology: str = "split", apps: int = 2,
-              database: str = "postgres") -> LabHandle:
+    def fresh(self, topology: str = "split", apps: int = 2, database: str = "postgres",
+              suite: str = "bookworm", db_suite: str = "") -> LabHandle:
         """A lab whose hosts have never been provisioned (replaces any current lab)."""
         lab_ops.down()
-        return self.use(topology, apps, database)
+        return self.use(topology, apps, database, suite, db_suite)
 
 
 @pytest.fixture(scope="session")
