@@ -9,13 +9,16 @@ from releasy_deploy.tiers import app
 
 @task(help={"version": "release to install and run, e.g. 1.2.3 (default: keep each host's"
                        " current release)",
-            "dry-run": "show what would change (with diffs) without changing anything"})
+            "dry-run": "show what would change (with diffs) without changing anything",
+            "rotate-secret": "replace this secret's value kept on the app hosts (repeatable;"
+                             " e.g. api_key_pepper: every API key stops working)"},
+      iterable=["rotate_secret"])
 @operator_task
-def setup(c, version=None, dry_run=False):
+def setup(c, version=None, dry_run=False, rotate_secret=None):
     """Install Releasy on the app hosts (user, release, env file, systemd units) and start it."""
     with session(dry_run=dry_run) as s:
         try:
-            app.setup(s, version)
+            app.setup(s, version, rotate=rotate_secret or ())
         finally:
             if s.reporter.tally():  # no summary when nothing was contacted (bad input)
                 s.reporter.summary()

@@ -6,6 +6,7 @@ finishing. Hosts of one tier run in parallel inside each tier's setup."""
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 from .cli import Session
 from .tiers import app, db, firewall, proxy
@@ -36,16 +37,21 @@ def smoke_test(session: Session) -> None:
     session.executor.each(session.inventory.hosts_in("proxy"), check)
 
 
-def run(session: Session, version: str | None = None) -> dict[str, int]:
-    """Converge the whole inventory; returns the change tally summed over hosts."""
+def run(session: Session, version: str | None = None, rotate: Iterable[str] = ()
+        ) -> dict[str, int]:
+    """Converge the whole inventory; returns the change tally summed over hosts.
+
+    The app hosts' secrets are checked first, so a secret that would drift is refused
+    (exit 2) before any tier is touched."""
     started = time.monotonic()
+    secrets = app.resolve_secrets(session, rotate)
     for step in STEPS:
         step_started = time.monotonic()
         session.reporter.info("site", f"--- {step} ---")
         if step == "db":
             db.setup(session)
         elif step == "app":
-            app.setup(session, version)
+            app.setup(session, version, secrets=secrets)
         elif step == "proxy":
             proxy.setup(session)
         else:

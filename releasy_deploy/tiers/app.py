@@ -22,18 +22,20 @@ import hashlib
 import math
 import shlex
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
 from ..cli import BadInput, Session
 from ..commands import app as cmd
+from ..commands import kept_secrets as kept
 from ..commands import systemd
 from ..errors import DeployError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
+from ..secret_policy import ROTATION_EFFECTS, Resolution, SecretDrift, resolve
 from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
                       report)
 from . import db as db_tier
@@ -41,7 +43,7 @@ from . import db as db_tier
 __all__ = [
     "setup", "stage_release", "activate_release", "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
-    "SERVICE_UNIT",
+    "resolve_secrets", "SERVICE_UNIT",
 ]
 
 SERVICE_UNIT = cmd.SERVICE
@@ -60,6 +62,8 @@ register_fact("releasy_releases")(
 register_fact("releasy_unit", arg=True)(
     lambda unit: Probe(shlex.join(systemd.show_argv(unit)),
                        lambda out, code: systemd.parse_show(out)))
+register_fact("kept_secrets")(
+    lambda _: Probe(kept.PROBE, lambda out, code: kept.parse_probe(out)))
 register_fact("releasy_ready", arg=True)(
     lambda url: Probe(f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(url)}",
                       lambda out, code: code == 0))
@@ -85,6 +89,7 @@ class _Plan:
     version: str | None
     release: LocalRelease | None
     database_url: str
+    kept: Mapping[str, kept.KeptState] = field(default_factory=dict)  # host -> kept secrets
 
     @property
     def user(self) -> str:
@@ -174,17 +179,49 @@ def database_url(session: Session) -> str:
     return url
 
 
-def setup(session: Session, version: str | None = None) -> None:
+def resolve_secrets(session: Session, rotate: Iterable[str] = ()
+                    ) -> tuple[Resolution, dict[str, kept.KeptState]]:
+    """The secrets every app host must run with, checked against what the hosts keep
+    (one round trip per app host, in parallel). Raises BadInput (exit 2, nothing changed)
+    when a value would change without ``--rotate-secret NAME``; warns what a requested
+    rotation breaks. Every value read is masked before anything could print it."""
+    inv = session.inventory
+    ex = session.executor
+    states = ex.each(inv.hosts_in("app"),
+                     lambda c: facts(c, ["kept_secrets"], sudo=True)["kept_secrets"])
+    for state in states.values():
+        ex.masker.add([*(state.kept or {}).values(), *state.env.values()])
+    try:
+        res = resolve(session.secrets.values, states, rotate)
+    except (SecretDrift, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    ex.masker.add(res.values.values())
+    ex.secrets.update(res.values)  # never in a command line either
+    for name in res.generated:
+        session.reporter.info("secrets", f"{name} generated (none was set or kept on the app"
+                                         f" hosts); kept in {kept.KEPT_FILE} on every app host")
+    for name in res.kept_from_hosts:
+        session.reporter.info("secrets", f"{name}: not set here, keeping the app hosts' value")
+    for name in res.rotated:
+        session.reporter.info("secrets", f"WARNING: rotating {name}: {ROTATION_EFFECTS[name]}")
+    return res, states
+
+
+def setup(session: Session, version: str | None = None, *, rotate: Iterable[str] = (),
+          secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None) -> None:
     """Install and start Releasy on every app host (in parallel).
 
     ``version``: the release to run; None keeps each host's current release (and fails
-    when a host has none). Raises BadInput before touching any host when the artifact is
-    missing, unpinned or does not verify.
+    when a host has none). ``rotate``: secret names whose value may change (see
+    `resolve_secrets`; ``secrets`` is its result when the caller already has it). Raises
+    BadInput before touching any host when the artifact is missing, unpinned or does not
+    verify, or when a secret would drift.
     """
     inv = session.inventory
     hosts = inv.hosts_in("app")
     release = fetch_release(inv, version) if version is not None else None
-    plan = _Plan(inv, session.secrets, version, release, database_url(session))
+    res, states = secrets if secrets is not None else resolve_secrets(session, rotate)
+    plan = _Plan(inv, res.values, version, release, database_url(session), states)
     ex = session.executor
     found = ex.each(hosts, lambda c: _gather(c, plan))
     if version is None:
@@ -215,6 +252,7 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
     if plan.release is not None:
         staged = _stage(c, plan.release, f.releases).changed
 
+    _ensure_kept_secrets(c, plan)
     env_changed = _ensure_env_file(c, plan, group, f)
 
     activated = False
@@ -252,6 +290,7 @@ def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str
     if plan.version and plan.version != f.releases.current:
         raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
                        f"the release with `fab deploy.bluegreen --version {plan.version}`")
+    _ensure_kept_secrets(c, plan)
     env_changed = _ensure_env_file(c, plan, group, f)
     units = cmd.render_units(plan.user, group)
     changed_units = _ensure_units(c, units, f,
@@ -339,6 +378,26 @@ def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts
         _run_script(c, cmd.script_of([argv]), f"create {path}",
                     hint=f"check that {cmd.DATA_DIR} exists on {c.name}")
     report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
+
+
+def _ensure_kept_secrets(c: HostConnection, plan: _Plan) -> None:
+    """The host keeps the secrets it runs with (root:root 0600 in a root 0700 directory),
+    written before the env file: a later run without them keeps them (secret_policy)."""
+    state = plan.kept.get(c.name, kept.KeptState())
+    values = dict(plan.secrets)
+    if state.kept == values and state.tidy:
+        report(c, Change(False, f"file {kept.KEPT_FILE} (secrets kept, not shown)"))
+        return
+    how = ("created" if state.kept is None else "owner/mode fixed" if state.kept == values
+           else "updated")
+    if not c.dry_run:
+        res = c.run(kept.write_argv(), sudo=True, stdin=kept.render(values), check=False)
+        if not res.ok:
+            out = c.mask(res.stderr.strip() or res.stdout.strip()) or "(no output)"
+            raise DeployError(f"{c.name}: writing {kept.KEPT_FILE} failed (exit code"
+                              f" {res.exit_code}): {tail(out)}", host=c.name)
+    report(c, Change(True, f"file {kept.KEPT_FILE} ({how}, root:root 0600, names: "
+                           f"{', '.join(sorted(values)) or 'none'}; values not shown)"))
 
 
 def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> bool:
