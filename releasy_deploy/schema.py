@@ -58,12 +58,15 @@ def postgres_level_shell(database: str) -> str:
             f"if [ \"$t\" = t ]; then {psql(LEVEL_SQL)}; else echo 0; fi")
 
 
-def sqlite_level_shell(path: str) -> str:
-    """Prints the level of a SQLite database file (0 when absent or without the table)."""
+def sqlite_level_shell(path: str, user: str) -> str:
+    """Prints the level of a SQLite database file (0 when absent or without the table).
+
+    sqlite3 runs as the service account ``user``: even read-only it opens ``-shm``/``-wal``
+    read-write, and those names sit in the service's own directory (symlinks to anything)."""
     q = shlex.quote(path)
 
     def sqlite(sql: str) -> str:
-        return shlex.join(["sqlite3", "-readonly", path, sql])
+        return shlex.join(["runuser", "-u", user, "--", "sqlite3", "-readonly", path, sql])
     return (f"[ -f {q} ] || {{ echo 0; exit 0; }}\n"
             f"t=$({sqlite(SQLITE_TABLE_SQL)}) || exit 4\n"
             f"if [ \"$t\" = 1 ]; then {sqlite(SQLITE_LEVEL_SQL)}; else echo 0; fi")
@@ -80,8 +83,11 @@ def _level_probe(arg: str) -> Probe:
     kind, _, where = arg.partition(":")
     if kind == "postgres":
         return Probe(postgres_level_shell(where), parse_level)
-    if kind == "sqlite":
-        return Probe(sqlite_level_shell(where), parse_level)
+    if kind == "sqlite":  # sqlite:USER:PATH
+        user, _, path = where.partition(":")
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]*", user) or not path.startswith("/"):
+            raise ValueError(f"releasy_schema_level:sqlite needs USER:PATH, got {where!r}")
+        return Probe(f"cd / && {sqlite_level_shell(path, user)}", parse_level)
     raise ValueError(f"unknown database kind {kind!r}")
 
 
@@ -92,7 +98,7 @@ def level_fact(inv: Inventory) -> str:
     """The fact name reading the database's migration level on `level_host`."""
     if inv.database.kind == "sqlite":
         path = appcmd.sqlite_path(appcmd.SQLITE_URL)
-        return f"releasy_schema_level:sqlite:{path}"
+        return f"releasy_schema_level:sqlite:{inv.app.service_user}:{path}"
     return f"releasy_schema_level:postgres:{inv.database.name}"
 
 

@@ -79,7 +79,7 @@ def test_every_fact_has_a_probe_and_the_script_quotes_its_arguments():
     assert "releasy_unit:releasy@8081.service" in names
     assert "bluegreen_listening:8080" in names
     assert "proxy_text:/etc/nginx/releasy/upstream.conf" in names
-    assert "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db" in names
+    assert "releasy_schema_level:sqlite:releasy:/var/lib/releasy/releasy.db" in names
     for name in names:
         probe_for(name)
     script = build_facts_script(names, "n0nce")
@@ -109,7 +109,7 @@ def found(*, plain=None, units=None, links=None, sums=None, listening=None, read
             UPSTREAM % upstream_port if upstream is None else (upstream or None),
         "file_stat:/etc/systemd/system/releasy@.service":
             {"type": "regular file"} if template else None,
-        "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db": db_level,
+        "releasy_schema_level:sqlite:releasy:/var/lib/releasy/releasy.db": db_level,
         "releasy_schema_levels": levels or {},
         "releasy_backups": list(backups),
     }

@@ -331,7 +331,7 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
              "file_stat:/var/lib/releasy/releasy.db": {"type": "regular file", "owner": "releasy",
                                                        "group": "releasy", "mode": 0o600,
                                                        "size": 20480},
-             "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db": 3,
+             "releasy_schema_level:sqlite:releasy:/var/lib/releasy/releasy.db": 3,
              "releasy_schema_levels": {}, "releasy_backups": [],
              "releasy_unit:releasy.service": unit("inactive"),
              "status_exe:releasy.service": None,
