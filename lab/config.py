@@ -27,7 +27,7 @@ BASE_PACKAGES = (
 REPO_PACKAGES = ALL_PACKAGES
 
 # Bump when the image recipe changes so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = "3"
+IMAGE_RECIPE_VERSION = "4"
 
 
 @dataclass(frozen=True)
