@@ -404,6 +404,25 @@ BACKEND_SQL = ("SELECT pid, extract(epoch FROM backend_start)::text FROM pg_stat
 TERMINATE_SQL = "SELECT pg_terminate_backend(%s)"
 
 
+CHECK_TIMEOUT_S = 10.0
+
+
+def _answers_within(seconds: float, fn: Callable[[], bool]) -> bool:
+    """``fn()`` on a daemon thread; False when it raises or takes longer than ``seconds``."""
+    result: list[bool] = []
+
+    def run() -> None:
+        try:
+            result.append(bool(fn()))
+        except Exception:  # noqa: BLE001 - any failure means the session is gone
+            result.append(False)
+
+    worker = threading.Thread(target=run, name="lock-check", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return bool(result and result[0])
+
+
 def watchdog_argv(pid: int, backend_start: str, quiet: int = WATCHDOG_QUIET_S) -> list[str]:
     if not re.fullmatch(r"\d+(\.\d+)?", backend_start):
         raise ValueError(f"not an epoch: {backend_start!r}")
@@ -740,6 +759,7 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
     env = session.inventory.environment
     pg = _PgLockSession(session, application_name=f"{LABEL_PREFIX} waiting {pid}")
     dog: Watchdog | None = None
+    lost: list[bool] = []
     try:
         # Before the lock is ours: if we vanish while waiting or holding, the watchdog
         # ends this session within WATCHDOG_QUIET_S, stock sshd or not.
@@ -763,11 +783,12 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
         assert info is not None
 
         def check() -> None:
-            try:
-                ok = pg.tunnel.alive and pg.held_by_us()
-            except Exception:  # noqa: BLE001 - any failure here means the session is gone
-                ok = False
+            # Bounded: with the network gone a query would wait for TCP to give up (minutes),
+            # while the watchdog has long freed the lock.
+            ok = not lost and pg.tunnel.alive and _answers_within(CHECK_TIMEOUT_S,
+                                                                  pg.held_by_us)
             if not ok:
+                lost.append(True)
                 raise LockLost(
                     f"{pg.db_host}: the deploy lock of {env} was lost (its PostgreSQL session"
                     f" through the SSH tunnel ended). Stop here: another deploy may have"
@@ -778,7 +799,11 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
             yield replace(info, _check=check)
         finally:
             try:
-                if pg.unlock():
+                if lost:
+                    pg.tunnel.close()  # a query may still hang on it: end that first
+                    session.reporter.error(pg.db_host, f"releasing the deploy lock of {env}:"
+                                                       " it was already lost (session ended)")
+                elif pg.unlock():
                     session.reporter.info(pg.db_host, f"deploy lock of {env} released")
                 else:
                     session.reporter.error(
@@ -788,6 +813,8 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
     finally:
         if dog is not None:
             dog.close()
+        if lost:
+            pg.tunnel.close()
         pg.close()  # ends the session: frees the lock even if the unlock above failed
 
 
