@@ -68,6 +68,10 @@ def restart(c, host=None, batch=1, yes=False, dry_run=False, wait=0, ready_timeo
 def logs(c, host=None, lines=maintenance.DEFAULT_LOG_LINES, follow=False):
     """Releasy's journal on the app hosts, every line prefixed by its host."""
     with session() as s:
+        # Journal lines can quote the environment (a crash dump, a debug log): hide the
+        # secrets that live only on the hosts too.
+        app.mask_host_secrets(s, [h for h in s.inventory.hosts_in("app")
+                                  if host in (None, h.name)])
         maintenance.logs(s, host=host, lines=lines, follow=follow)
 
 

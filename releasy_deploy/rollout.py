@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import audit, schema
+from . import audit, interrupts, schema
 from . import backups as backups_mod
 from .backups import Backup
 from .cli import EXIT_FAILED, EXIT_UNREACHABLE, BadInput, Session, confirm, exit_code_for
@@ -779,7 +779,8 @@ class _Rollout:
                 if readd_now:
                     self.readd_pending()
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure recovers
-            self.recover(stage, names, exc)
+            with interrupts.deferred("putting the hosts back and restoring the rotation"):
+                self.recover(stage, names, exc)
         self.done += list(names)
 
     # -- failure -----------------------------------------------------------------------------

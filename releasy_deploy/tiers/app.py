@@ -22,7 +22,7 @@ import hashlib
 import math
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
@@ -43,7 +43,7 @@ from . import db as db_tier
 __all__ = [
     "setup", "stage_release", "activate_release", "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
-    "resolve_secrets", "SERVICE_UNIT",
+    "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT",
 ]
 
 SERVICE_UNIT = cmd.SERVICE
@@ -80,6 +80,7 @@ class HostFacts:
     ready: bool
     instances: dict[int, dict[str, str]]  # blue/green port -> systemctl show (single host)
     instances_ready: dict[int, bool]
+    kept: kept.KeptState | None = None  # the host's kept secrets, when read in this batch
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,12 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
     return None
 
 
-def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
+def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
-    found = facts(c, _fact_names(plan, bind), sudo=True)
+    extra = ["kept_secrets"] if with_secrets else []
+    found = facts(c, [*_fact_names(plan, bind), *extra], sudo=True)
     return HostFacts(
+        kept=found.get("kept_secrets"),
         missing_packages=tuple(p for p in PACKAGES if not found[f"package_version:{p}"]),
         account=found[f"releasy_account:{plan.user}"],
         stats={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_stat:")},
@@ -185,10 +188,44 @@ def resolve_secrets(session: Session, rotate: Iterable[str] = ()
     (one round trip per app host, in parallel). Raises BadInput (exit 2, nothing changed)
     when a value would change without ``--rotate-secret NAME``; warns what a requested
     rotation breaks. Every value read is masked before anything could print it."""
+    states = session.executor.each(
+        session.inventory.hosts_in("app"),
+        lambda c: facts(c, ["kept_secrets"], sudo=True)["kept_secrets"])
+    return _resolve_states(session, states, rotate)
+
+
+def mask_host_secrets(session: Session, hosts: Iterable[Any] = ()) -> None:
+    """Register the secrets that live only on hosts with the masker before a task that
+    prints what hosts say (`fab app.logs`, `fab run`): the database password (PostgreSQL)
+    and the secrets kept on those of ``hosts`` that are app hosts (one round trip each,
+    in parallel). A host that cannot be read is skipped: the task itself will say why."""
     inv = session.inventory
+    if inv.database.kind == "postgres":
+        try:
+            database_url(session)
+        except DeployError:
+            pass
+    app_names = {h.name for h in inv.hosts_in("app")}
+    targets = [h for h in hosts if getattr(h, "name", h) in app_names]
+    if not targets:
+        return
+
+    def read(c: HostConnection) -> None:
+        try:
+            state = facts(c, ["kept_secrets"], sudo=True)["kept_secrets"]
+        except DeployError:
+            return
+        session.executor.masker.add([*(state.kept or {}).values(), *state.env.values()])
+
+    try:
+        session.executor.each(targets, read)
+    except DeployError:
+        pass
+
+
+def _resolve_states(session: Session, states: dict[str, kept.KeptState],
+                    rotate: Iterable[str]) -> tuple[Resolution, dict[str, kept.KeptState]]:
     ex = session.executor
-    states = ex.each(inv.hosts_in("app"),
-                     lambda c: facts(c, ["kept_secrets"], sudo=True)["kept_secrets"])
     for state in states.values():
         ex.masker.add([*(state.kept or {}).values(), *state.env.values()])
     try:
@@ -220,10 +257,13 @@ def setup(session: Session, version: str | None = None, *, rotate: Iterable[str]
     inv = session.inventory
     hosts = inv.hosts_in("app")
     release = fetch_release(inv, version) if version is not None else None
-    res, states = secrets if secrets is not None else resolve_secrets(session, rotate)
-    plan = _Plan(inv, res.values, version, release, database_url(session), states)
+    plan = _Plan(inv, {}, version, release, database_url(session))
     ex = session.executor
-    found = ex.each(hosts, lambda c: _gather(c, plan))
+    # Without a resolution from the caller, the kept secrets come in the same batch.
+    found = ex.each(hosts, lambda c: _gather(c, plan, with_secrets=secrets is None))
+    res, states = secrets if secrets is not None else _resolve_states(
+        session, {n: f.kept for n, f in found.items()}, rotate)
+    plan = replace(plan, secrets=res.values, kept=states)
     if version is None:
         bare = [h.name for h in hosts if found[h.name].releases.current is None]
         if bare:

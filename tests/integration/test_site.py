@@ -155,6 +155,19 @@ def test_secrets_never_drift(split, tmp_path):
     assert changed_total(split.fab("site").stdout) == 0
 
 
+def test_host_secrets_are_masked_in_ad_hoc_output_and_the_json_log_is_private(split,
+                                                                                tmp_path):
+    password = (split.host_root("db1") / "etc/releasy/database-password").read_text().strip()
+    log = tmp_path / "events.jsonl"
+    env = {"RELEASY_JSON_LOG": str(log)}
+    shown = split.fab("run", "--tier", "app", "--", "cat /etc/releasy/releasy.env", env=env)
+    assert "RELEASY_DATABASE_URL=" in shown.stdout
+    assert password not in shown.stdout + shown.stderr + log.read_text()
+    on_db = split.fab("run", "--tier", "db", "--", "cat /etc/releasy/database-password")
+    assert password not in on_db.stdout + on_db.stderr and "****" in on_db.stdout
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.parametrize("database", ["postgres", "sqlite"])
 def test_single_host_site(lab_session, database):
     lab = lab_session.fresh("single", database=database)
