@@ -414,7 +414,10 @@ def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts
         raise DeployError(f"{c.name}: the SQLite database {path} does not exist and is outside"
                           f" {cmd.DATA_DIR}, the only directory Releasy may write to", host=c.name)
     if not c.dry_run:
-        argv = ["install", "-m", "0600", "-o", plan.user, "-g", group, "/dev/null", path]
+        # Created by the service account itself, never replacing anything (noclobber): the
+        # directory is its own, so whatever it planted there root must not write through.
+        argv = ["runuser", "-u", plan.user, "--", "sh", "-c", 'umask 077; set -C; : > "$1"',
+                "releasy-create-db", path]
         _run_script(c, cmd.script_of([argv]), f"create {path}",
                     hint=f"check that {cmd.DATA_DIR} exists on {c.name}")
     report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
