@@ -7,6 +7,7 @@ admin_cidrs, and arms an automatic revert on every host it changes until a brand
 connection gets through."""
 from invoke import Exit, task
 
+from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
 from releasy_deploy.tiers import firewall as fw
 
@@ -27,13 +28,17 @@ def plan(c):
     "revert-after": "seconds before a host restores its previous firewall unless a new SSH "
                     "connection confirmed the change (default 60)",
     "prune-unmanaged": "also remove rules that are not ours (no 'releasy' comment)",
+    "wait": "seconds to wait for the deploy lock if another task holds it (default 0: fail at"
+    " once with exit code 3)",
 })
 @operator_task
-def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False):
-    """Converge every host's ufw firewall to the plan, with lockout protection."""
+def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False, wait=0):
+    """Converge every host's ufw firewall to the plan, with lockout protection (under the
+    deploy lock)."""
     with session(dry_run=dry_run, need_secrets=False) as s:
         try:
-            fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)
+            with site_ops.change_lock(s, wait=float(wait)):
+                fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)
         finally:
             s.reporter.summary()
 

@@ -48,7 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .commands import app as appcmd
-from .errors import DeployError
+from .commands import systemd
+from .errors import BadInput, DeployError, first_line
 from .executor import tail
 from .inventory import VERSION_RE, Inventory, check_version
 from .remote import Probe, facts, register_fact
@@ -461,7 +462,7 @@ def restore(session, backup: Backup) -> None:
 
 # ====================================================================== day-2 tasks
 # `fab db.backup / db.backups / db.restore`: pure helpers first, then the tasks' bodies.
-RUNNING_STATES = ("active", "activating", "reloading")
+RUNNING_STATES = systemd.RUNNING_STATES
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -490,7 +491,6 @@ def listing_rows(backups: Sequence[Backup]) -> list[str]:
 def find_backup(backups: Sequence[Backup], name: str, *, environment: str, kind: str,
                 host: str) -> Backup:
     """The dump called ``name`` in the listing; BadInput (nothing changed) otherwise."""
-    from .cli import BadInput  # late: cli imports the executor, which is fine, but keep light
 
     if "/" in name:
         raise BadInput(f"--file takes a dump's name, not a path: {name!r} (the dumps live in"
@@ -547,7 +547,6 @@ def download_target(path: str | os.PathLike, name: str | None = None) -> Path:
     """Where ``--download PATH`` writes: PATH itself, or PATH/NAME when PATH is a
     directory. Checked before anything runs (BadInput): the directory must exist, and an
     existing file is never overwritten. ``name`` None: only validate."""
-    from .cli import BadInput
 
     target = Path(path).expanduser()
     if target.is_dir():
@@ -736,8 +735,6 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
     tables are replaced), the current data is saved to a pre-restore dump, NAME is
     restored (PostgreSQL: one transaction), the units start again and must answer /ready.
     The proxies' rotation is not touched (nothing is drained: everything is stopped)."""
-    from .cli import BadInput, confirm
-    from .commands import systemd
     from .lock import deploy_lock
     from .pipeline import Pipeline
     from .tiers import app as app_tier
@@ -773,7 +770,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
             restore(session, dump)
             return dump
         with session.reporter.paused():
-            confirm(f"Restore {inv.environment}'s database on {db} from {dump.name} (taken"
+            session.confirm(f"Restore {inv.environment}'s database on {db} from {dump.name} (taken"
                     f" {dump.when}, {dump.origin})? Every write made since then is LOST, and"
                     f" Releasy is DOWN until it is done: {plan}.", yes=yes)
         with pipe.stage("backup", db, "save the current database first"):
@@ -810,7 +807,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                         session.executor.each(busy, start)
                 except DeployError as sexc:
                     note = (f" Starting Releasy again failed as well"
-                            f" ({str(sexc).splitlines()[0]}): check the app hosts.")
+                            f" ({first_line(sexc)}): check the app hosts.")
             lines = str(exc).splitlines() or [type(exc).__name__]
             first = lines[0].removeprefix(f"{db}: ").rstrip(":")
             said = [line for line in lines[1:] if line.startswith("    ")]  # its output

@@ -62,17 +62,17 @@ from typing import Any, Mapping
 
 from . import audit, schema
 from . import backups as backups_mod
-from .cli import BadInput, Session
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import DeployError
+from .errors import BadInput, DeployError
 from .executor import HostConnection, tail
 from .inventory import Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .remote import Probe, facts, register_fact
+from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
@@ -92,10 +92,10 @@ LOOPBACK = "127.0.0.1"
 WARMUP_SUCCESSES = 3
 WARMUP_INTERVAL_S = 0.3
 #: longest wait for in-flight requests of the old instance (nginx's proxy_read_timeout).
-DRAIN_TIMEOUT_S = 60
+DRAIN_TIMEOUT_S = nginxcmd.DRAIN_TIMEOUT_S
 AUDIT_ACTION = "deploy.bluegreen"
 
-_RUNNING_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+_RUNNING_STATES = systemd.RUNNING_STATES
 _ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "linked", "linked-runtime"})
 
 
@@ -590,7 +590,7 @@ def _drain(session: Session, host: str, old: str) -> None:
                                           f" ({time.monotonic() - started:.1f} s)")
         else:  # reported by wait_old_workers_gone with the pids
             conn.reporter.info(conn.name, f"stopping the old instance anyway: requests running"
-                                          f" longer than {DRAIN_TIMEOUT_S} s may be cut")
+                                          f" longer than {DRAIN_TIMEOUT_S:g} s may be cut")
         return gone
 
     session.executor.each(session.inventory.hosts_in("proxy"), drain)

@@ -34,10 +34,9 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
-if TYPE_CHECKING:
-    from .inventory import Host, Inventory
+from .inventory import POSTGRES_PORT, Host, Inventory
 
 __all__ = [
     "MANAGED_TAG", "HTTP_PORTS", "POSTGRES_PORT", "Network", "Rule", "LiveRule",
@@ -53,7 +52,6 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MANAGED_TAG = "releasy"
 HTTP_PORTS = (80, 443)
-POSTGRES_PORT = 5432
 # What `ufw default` takes, by the policy names /etc/default/ufw stores.
 WANTED_DEFAULTS = (("incoming", "deny"), ("outgoing", "allow"))
 _POLICY_NAMES = {"DROP": "deny", "ACCEPT": "allow", "REJECT": "reject"}

@@ -33,17 +33,17 @@ from typing import Any
 
 from . import bluegreen
 from . import firewall as fw
-from .cli import Session
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
-from .errors import DeployError, HostKeyError, UnreachableError
+from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
 from .packages import FIREWALL_PACKAGES
 from .remote import Probe, facts, register_fact
 from .rollout import parse_version_probe, version_probe_argv
+from .session import Session
 from .tiers import app as app_tier
 from .tiers import firewall as _fw_tier  # noqa: F401 - registers the fw_* facts
 from .tiers import proxy as proxy_tier
@@ -317,7 +317,7 @@ def _live_on_single_host(inv: Inventory, host: Host, found: Mapping[str, Any]
     try:
         live = bluegreen.find_live(bluegreen.parse_state(host.name, found, inv))
     except DeployError as exc:
-        return UNIT, None, str(exc).removeprefix(f"{host.name}: ").splitlines()[0]
+        return UNIT, None, first_line(exc, host.name)
     if live.unit is None:
         return bluegreen.instance_unit(live.port), False, None
     return live.unit, True, None

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import app as cmd
 from ..commands import kept_secrets as kept
 from ..commands import systemd
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
@@ -38,6 +37,7 @@ from ..releases import LocalRelease, fetch_release
 from ..secret_policy import ROTATION_EFFECTS, Resolution, SecretDrift, resolve
 from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
                       report)
+from ..session import Session
 from . import db as db_tier
 
 __all__ = [
@@ -244,8 +244,10 @@ def _resolve_states(session: Session, states: dict[str, kept.KeptState],
     return res, states
 
 
-def setup(session: Session, version: str | None = None, *, rotate: Iterable[str] = (),
-          secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None) -> None:
+def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,
+          rotate: Iterable[str] = (),
+          secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None
+          ) -> dict[str, list[str]]:
     """Install and start Releasy on every app host (in parallel).
 
     ``version``: the release to run; None keeps each host's current release (and fails
@@ -253,6 +255,11 @@ def setup(session: Session, version: str | None = None, *, rotate: Iterable[str]
     `resolve_secrets`; ``secrets`` is its result when the caller already has it). Raises
     BadInput before touching any host when the artifact is missing, unpinned or does not
     verify, or when a secret would drift.
+
+    ``defer_restarts`` (an environment that serves, see `releasy_deploy.site`): a host that
+    is ready and would need a restart (env file, unit) or a release switch gets its files
+    written and the release staged, but is neither switched nor restarted. Returns those
+    hosts with the reasons, for a rolling restart or deploy, one batch at a time.
     """
     inv = session.inventory
     hosts = inv.hosts_in("app")
@@ -268,10 +275,13 @@ def setup(session: Session, version: str | None = None, *, rotate: Iterable[str]
         bare = [h.name for h in hosts if found[h.name].releases.current is None]
         if bare:
             raise BadInput(f"no release installed on {', '.join(bare)}: pass --version")
-    ex.each(hosts, lambda c: _converge(c, plan, found[c.name]))
+    done = ex.each(hosts, lambda c: _converge(c, plan, found[c.name], defer_restarts))
+    return {h.name: done[h.name] for h in hosts if done[h.name]}
 
 
-def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
+def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False) -> list[str]:
+    """Converge one host; returns the reasons of a restart left to a rolling one ([]: none
+    was needed, or it was done here)."""
     inv = plan.inv
     if f.missing_packages:
         ensure_packages(c, PACKAGES)
@@ -284,7 +294,9 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
     live = live_instance(inv, f)
     if live is not None:
         _converge_bluegreen(c, plan, f, group, live)
-        return
+        return []
+    serving = (defer and f.ready and f.releases.current is not None
+               and f.unit.get("ActiveState") == "active")
 
     target = plan.version or f.releases.current
     assert target is not None  # setup() refused hosts without a release
@@ -301,7 +313,8 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
         activated = _activate(c, target, f.releases.current).changed
     units = cmd.render_units(plan.user, group)
     changed_units = _ensure_units(c, units, f, probe_target=f"{cmd.RELEASES_DIR}/{target}")
-    if f.releases.current is not None:
+    switch_later = serving and target != f.releases.current
+    if f.releases.current is not None and not switch_later:
         activated = _activate(c, target, f.releases.current).changed
 
     reasons = [why for why, hit in (
@@ -309,17 +322,27 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
         ("env file changed", env_changed),
         (f"{SERVICE_UNIT} changed", SERVICE_UNIT in changed_units),
     ) if hit]
-    restarted = _ensure_service(c, f.unit, reload=bool(changed_units), reasons=reasons)
+    if switch_later:
+        reasons.append(f"switch {f.releases.current} -> {target}")
+    deferred = reasons if serving else []
+    restarted = _ensure_service(c, f.unit, reload=bool(changed_units),
+                                reasons=[] if deferred else reasons)
+    if deferred:
+        verb = "would be" if c.dry_run else "is"
+        c.reporter.info(c.name, f"{SERVICE_UNIT} serves: its restart ({'; '.join(deferred)})"
+                                f" {verb} done one batch at a time, drained first")
+        return deferred
 
     bind = bind_address(inv, c.host)
     if c.dry_run:
-        return
+        return []
     if restarted or not f.ready:
         waited = wait_ready(c, bind, inv.app.ready_timeout)
         c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready after {waited:.1f} s"
                                 f" (release {target})")
     else:
         c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready (release {target})")
+    return []
 
 
 def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,

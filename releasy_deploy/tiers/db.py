@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import postgres as pg
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection
 from ..inventory import Inventory
 from ..packages import DB_PACKAGES
 from ..remote import Probe, ensure_dir, ensure_packages, facts, put_file, register_fact
+from ..session import Session
 
 __all__ = ["setup", "database_url", "psql"]
 
@@ -113,6 +113,8 @@ def database_url(session: Session) -> str:
     inv = session.inventory
     if inv.database.kind == "sqlite":
         return pg.SQLITE_URL
+    if database_url in session.memo:
+        return session.memo[database_url]
     c = session.executor.conn(inv.db_host)
     data = c.read_file(pg.PASSWORD_FILE, sudo=True)
     if data is None:
@@ -128,7 +130,8 @@ def database_url(session: Session) -> str:
     c.mask.add([password, quote(password, safe="")])
     if not password:
         raise DeployError(_empty_password_message(c.name), host=c.name)
-    return pg.postgres_url(inv, password)
+    url = session.memo[database_url] = pg.postgres_url(inv, password)
+    return url
 
 
 def setup(session: Session) -> None:

@@ -37,13 +37,13 @@ import time
 from dataclasses import dataclass
 
 from .. import firewall as fw
-from ..cli import BadInput, Session
-from ..errors import DeployError, RemoteCommandError, UnreachableError
+from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError, first_line
 from ..executor import Executor, HostConnection
 from ..firewall import HostDiff, LiveRule, Rule, UfwDefaults, UfwStatus
 from ..inventory import Host, Inventory
 from ..packages import FIREWALL_PACKAGES
 from ..remote import FILES_DIR, Probe, ensure_packages, facts, put_file, register_fact
+from ..session import Session
 
 __all__ = [
     "plan", "apply", "status", "audit", "converge", "read_state", "HostState",
@@ -299,7 +299,7 @@ def _fresh_check(fresh: Executor, host: Host, token: str, revert_after: int,
     try:
         res = conn.run_script(disarm_script(token), sudo=True, label="disarm firewall revert")
     except DeployError as exc:  # unreachable, host key, sudo, the script itself
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         raise FirewallLockout(
             f"{host.name}: after the firewall change a NEW SSH connection to "
             f"{host.ssh_user}@{host.address}:{host.ssh_port} failed ({first}).\n"
@@ -365,7 +365,7 @@ def converge(c: HostConnection, rules: list[Rule], *, admin_cidrs, fresh: Execut
     except UnreachableError as exc:
         raise FirewallLockout(
             f"{host.name}: lost the SSH connection while changing the firewall "
-            f"({str(exc).splitlines()[0]}). If the revert timer was armed, {host.name} "
+            f"({first_line(exc)}). If the revert timer was armed, {host.name} "
             f"restores its previous firewall by itself within {revert_after} s. Check the "
             f"host, then re-run.", host=host.name) from None
     except RemoteCommandError as exc:

@@ -48,9 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli import BadInput
 from ..commands import nginx as cmd
-from ..errors import DeployError, RemoteCommandError
+from ..errors import BadInput, DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory
 from ..packages import PROXY_PACKAGES

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from releasy_deploy import firewall as fwp
-from releasy_deploy.cli import Session
+from releasy_deploy.session import Session
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import load_inventory
 from releasy_deploy.output import Reporter

@@ -17,7 +17,8 @@ import pytest
 from releasy_deploy import backups as backups_mod
 from releasy_deploy import bluegreen as bg
 from releasy_deploy import schema
-from releasy_deploy.cli import BadInput, Session
+from releasy_deploy.errors import BadInput
+from releasy_deploy.session import Session
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import systemd
 from releasy_deploy.executor import Executor
