@@ -168,6 +168,36 @@ def test_host_secrets_are_masked_in_ad_hoc_output_and_the_json_log_is_private(sp
     assert log.stat().st_mode & 0o777 == 0o600
 
 
+def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
+    import os
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    fab = str(Path(sys.executable).parent / "fab")
+    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([fab, "-r", str(root / "fabfile"), "run", "--tier", "app", "--",
+                             "echo started; exec tail -f /dev/null"], cwd=root, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # both hosts are running it
+            seen.append(line)
+            if sum("| started" in x for x in seen) == 2:
+                break
+        pressed = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # once
+        assert proc.wait(timeout=10) == 130
+        assert time.monotonic() - pressed < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # only the process this test started
+            proc.wait()
+
+
 @pytest.mark.parametrize("database", ["postgres", "sqlite"])
 def test_single_host_site(lab_session, database):
     lab = lab_session.fresh("single", database=database)
