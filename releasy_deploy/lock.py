@@ -193,6 +193,8 @@ class LockInfo:
     since: datetime | None = None
     label: str = ""  # the raw stored label (application_name / holder file)
     note: str | None = None  # for holders that are not ours (a psql session by hand...)
+    #: the freeze marker seen while taking the lock (ours only); None: not frozen
+    frozen: dict[str, str] | None = field(default=None, repr=False, compare=False)
     _check: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -302,7 +304,8 @@ def keepalive_statements() -> list[str]:
 # $1 lock file, $2 holder file, $3 seconds to wait (0: don't). Prints BUSY plus the holder
 # file and exits 3; or takes the lock, prints ACQUIRED, reads the holder label from stdin
 # (so its "since" is the moment the lock was granted), writes it to the holder file, prints
-# LOCKED, then holds the lock until its stdin (our SSH channel) closes, says "release", or
+# LOCKED and the freeze marker ($5: "FROZEN <record>" or THAWED, read while holding the
+# lock), then holds the lock until its stdin (our SSH channel) closes, says "release", or
 # stays silent for $4 seconds (no heartbeat: we are gone). The holder file is
 # removed before the lock is released, so a stale one is only ever left by a crash (and
 # the status script trusts /proc/locks, not the file, for held vs free).
@@ -312,16 +315,17 @@ def keepalive_statements() -> list[str]:
 # status script reads /proc/locks. --close: COMMAND does not inherit the locked file, so
 # the lock ends with the flock process whatever happens to it.
 FLOCK_HOLD_SCRIPT = """set -u
-lock=$1 holder=$2 wait=$3 quiet=$4
+lock=$1 holder=$2 wait=$3 quiet=$4 frozen=$5
 hold='echo ACQUIRED
 IFS= read -r label || exit 5
 printf "%s\\n" "$label" > "$1.new" && mv -f -- "$1.new" "$1" || exit 4
 echo LOCKED
+if [ -f "$3" ]; then printf "FROZEN %s\\n" "$(head -c 2000 -- "$3" | tr -d "\\n")"; else echo THAWED; fi
 while IFS= read -r -t "$2" beat; do [ "$beat" = release ] && break; done
 rm -f -- "$1"'
 take() {
   flock "$@" --close --conflict-exit-code 75 "$lock" bash -c "$hold" releasy-deploy-lock \
-    "$holder" "$quiet"
+    "$holder" "$quiet" "$frozen"
 }
 if [ "$wait" = 0 ]; then take --nonblock; else take --wait "$wait"; fi
 rc=$?
@@ -348,7 +352,7 @@ cat -- "$2" 2>/dev/null || true
 def flock_hold_argv(wait: float) -> list[str]:
     seconds = max(0, int(-(-wait // 1)))  # whole seconds, rounded up
     return ["sh", "-c", FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", FLOCK_PATH, HOLDER_PATH,
-            str(seconds), str(WATCHDOG_QUIET_S)]
+            str(seconds), str(WATCHDOG_QUIET_S), FREEZE_FILE]
 
 
 def flock_status_argv() -> list[str]:
@@ -378,16 +382,23 @@ def _holder_from_file(lines: list[str], *, environment: str, where: str,
                          f" no holder file {HOLDER_PATH})")
 
 
-# $1 backend pid, $2 its backend_start (epoch text), $3 seconds of silence allowed. Reads
-# heartbeat lines; after $3 s without one, or at EOF, terminates that one backend (ending
-# the lock session); "release" ends it quietly. bash: for `read -t`.
+# $1 backend pid, $2 its backend_start (epoch text), $3 seconds of silence allowed, $4 the
+# freeze marker. Reads heartbeat lines; after $3 s without one, or at EOF, terminates that
+# one backend (ending the lock session); "release" ends it quietly; "frozen?" is answered
+# with "FROZEN <record>" or THAWED (no extra SSH command for it). bash: for `read -t`.
 WATCHDOG_SCRIPT = """set -u
-pid=$1 start=$2 quiet=$3
+pid=$1 start=$2 quiet=$3 frozen=$4
 case "$pid" in ''|*[!0-9]*) echo "bad backend pid" >&2; exit 2;; esac
 case "$start" in ''|*[!0-9.]*) echo "bad backend start" >&2; exit 2;; esac
 case "$quiet" in ''|*[!0-9]*) echo "bad timeout" >&2; exit 2;; esac
 echo WATCHING
-while IFS= read -r -t "$quiet" beat; do [ "$beat" = release ] && exit 0; done
+while IFS= read -r -t "$quiet" beat; do
+  case "$beat" in
+    release) exit 0;;
+    frozen?) if [ -f "$frozen" ]; then printf 'FROZEN %s\\n' "$(head -c 2000 -- "$frozen" | tr -d '\\n')"
+             else echo THAWED; fi;;
+  esac
+done
 cd /
 runuser -u postgres -- psql -X -A -t -q -d postgres -c "SELECT pg_terminate_backend(pid)
   FROM pg_stat_activity WHERE pid = $pid AND extract(epoch FROM backend_start)::text = '$start'"
@@ -422,7 +433,7 @@ def watchdog_argv(pid: int, backend_start: str, quiet: int = WATCHDOG_QUIET_S) -
     if not re.fullmatch(r"\d+(\.\d+)?", backend_start):
         raise ValueError(f"not an epoch: {backend_start!r}")
     return ["bash", "-c", WATCHDOG_SCRIPT, "releasy-deploy-watchdog", str(int(pid)),
-            backend_start, str(int(quiet))]
+            backend_start, str(int(quiet)), FREEZE_FILE]
 
 
 class Heartbeat:
@@ -474,6 +485,17 @@ class Watchdog:
                                   f" {said}\n  Check that {conn.host.ssh_user} can run"
                                   f" `sudo -n bash` and `runuser` there.", host=conn.name)
         self._beat = Heartbeat(self._chan)
+
+    def frozen(self) -> dict[str, str] | None:
+        """Ask the watchdog (as root on the lock host) for the freeze marker."""
+        err = bytearray()
+        try:
+            self._chan.sendall(b"frozen?\n")
+            line = _read_line(self._chan, time.monotonic() + TUNNEL_TIMEOUT_S, err)
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError) as exc:
+            raise LockLost(f"{self.host}: the deploy lock's watchdog stopped answering"
+                           f" ({type(exc).__name__})", host=self.host) from None
+        return parse_freeze_line(line)
 
     def close(self) -> None:
         self._beat.stop(release=True)
@@ -776,6 +798,7 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
         pg.set_label(label)
         info = parse_label(label, environment=env, where=pg.where)
         assert info is not None
+        info = replace(info, frozen=dog.frozen())  # read while holding the lock
 
         def check() -> None:
             # Bounded: with the network gone a query would wait for TCP to give up (minutes),
@@ -910,6 +933,13 @@ def _flock_lock(session: Session, *, version: str | None, wait: float) -> Iterat
 
     info = parse_label(label, environment=env, where=where)
     assert info is not None
+    try:
+        info = replace(info, frozen=parse_freeze_line(
+            _read_line(chan, time.monotonic() + TUNNEL_TIMEOUT_S, err)))
+    except (TimeoutError, LockUnavailable, paramiko.SSHException, EOFError, OSError):
+        chan.close()
+        raise LockUnavailable(f"{host.name}: the deploy lock command did not say whether"
+                              f" deploys are frozen", host=host.name) from None
     beat = Heartbeat(chan)
 
     def check() -> None:
@@ -1004,6 +1034,15 @@ def freeze_record(reason: str, *, since: datetime | None = None) -> bytes:
                         "since": when}) + "\n").encode()
 
 
+def parse_freeze_line(line: str | None) -> dict[str, str] | None:
+    """``FROZEN <record>`` / ``THAWED`` as the lock's remote helpers print them."""
+    if line is not None and line.startswith("FROZEN "):
+        return parse_freeze(line[len("FROZEN "):].encode())
+    if line == "THAWED":
+        return None
+    raise LockUnavailable(f"unexpected answer about the freeze marker: {line!r}")
+
+
 def parse_freeze(data: bytes | None) -> dict[str, str] | None:
     """The freeze record, or None (not frozen). An unreadable marker still freezes."""
     if data is None:
@@ -1089,8 +1128,9 @@ def deploy_lock(session: Session, *, version: str | None,
         return
     take = _flock_lock if inv.database.kind == "sqlite" else _postgres_lock
     with take(session, version=version, wait=wait) as info:
-        # Checked while holding the lock: a freeze cannot slip in between check and deploy.
-        record = frozen(session)
+        # Read while holding the lock (by the lock's own remote helper, no extra command):
+        # a freeze cannot slip in between the check and the deploy.
+        record = info.frozen
         if record is not None:
             raise DeployFrozen(frozen_message(inv.environment, record),
                                host=inv.db_host.name)

@@ -174,7 +174,8 @@ def test_keepalive_statements():
 def test_flock_hold_argv(wait, seconds):
     assert lock.flock_hold_argv(wait) == [
         "sh", "-c", lock.FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
-        "/run/releasy-deploy.holder", seconds, str(lock.WATCHDOG_QUIET_S)]
+        "/run/releasy-deploy.holder", seconds, str(lock.WATCHDOG_QUIET_S),
+        "/etc/releasy-deploy/frozen"]
 
 
 def test_flock_status_argv():
@@ -227,6 +228,7 @@ def test_flock_scripts_hold_report_and_release(tmp_path):
         first.stdin.write(label + "\n")
         first.stdin.flush()
         assert first.stdout.readline() == "LOCKED\n"
+        assert first.stdout.readline() == "THAWED\n"  # the freeze marker, read while held
         status = _status(lockfile, holder)
         # From /proc/locks: the pid is the `flock` child that took it for the shell.
         assert status.splitlines()[0].startswith("HELD ")
@@ -248,7 +250,7 @@ def test_flock_hold_frees_itself_when_the_heartbeat_stops(tmp_path):
     """A holder whose client went silent (network gone, channel still open) lets go."""
     lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
     argv = _local(lock.flock_hold_argv(0), lockfile, holder)
-    argv[-1] = "1"  # quiet seconds
+    argv[-2] = "1"  # quiet seconds
     first = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline() == "ACQUIRED\n"
@@ -422,7 +424,8 @@ def test_tunnel_socket_is_out_of_reach_of_other_local_users(sshd):
 def test_watchdog_argv_validates_what_reaches_the_sql():
     argv = lock.watchdog_argv(4242, "1764990000.123456")
     assert argv[0] == "bash" and argv[3:] == ["releasy-deploy-watchdog", "4242",
-                                              "1764990000.123456", str(lock.WATCHDOG_QUIET_S)]
+                                              "1764990000.123456", str(lock.WATCHDOG_QUIET_S),
+                                              "/etc/releasy-deploy/frozen"]
     for bad in ("1' OR true --", "", "1e9"):
         with pytest.raises(ValueError):
             lock.watchdog_argv(1, bad)
@@ -454,8 +457,18 @@ def test_watchdog_script_ends_on_silence_and_not_on_release(tmp_path):
     assert time.monotonic() - started < 4
     assert "pid = 77 AND" in log.read_text() and "'1.5'" in log.read_text()
     log.unlink()
+    frozen = tmp_path / "frozen"
+    argv[-1] = str(frozen)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     assert proc.stdout.readline() == b"WATCHING\n"
+    proc.stdin.write(b"frozen?\n")
+    proc.stdin.flush()
+    assert lock.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n")) is None
+    frozen.write_bytes(lock.freeze_record("books close"))
+    proc.stdin.write(b"frozen?\n")
+    proc.stdin.flush()
+    seen = lock.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n"))
+    assert seen["reason"] == "books close"
     proc.communicate(b"release\n", timeout=5)
     assert proc.returncode == 0 and not log.exists()
     assert shutil.which("bash")
