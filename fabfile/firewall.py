@@ -4,7 +4,8 @@ Rules that carry the ``releasy`` comment are ours: apply adds and removes them t
 plan. Rules someone added by hand are reported as "unexpected" and kept, unless
 ``--prune-unmanaged``. apply refuses a host whose view of our SSH connection is outside
 admin_cidrs, and arms an automatic revert on every host it changes until a brand-new SSH
-connection gets through."""
+connection gets through. With ``egress.restrict`` outgoing traffic is denied except the
+flows derived from the topology (see `fab firewall.plan`)."""
 from invoke import Exit, task
 
 from releasy_deploy import site as site_ops
@@ -55,13 +56,16 @@ def status(c):
 
 
 @task(help={"netns": "probe from this network namespace (the lab: labN-outside) instead "
-                     "of from here, the machine running the task"})
+                     "of from here, the machine running the task",
+            "listener": "ADDR:PORT of a TCP listener outside: every host connects to it and "
+                        "the result is checked against the egress plan"})
 @operator_task
-def audit(c, netns=None):
-    """Probe every host's ports from outside and compare with the plan (exit 1 on any difference)."""
+def audit(c, netns=None, listener=None):
+    """Probe every host's ports (IPv4 and IPv6) from outside, and optionally egress to a
+    listener, and compare with the plan (exit 1 on any difference)."""
     with session(need_secrets=False) as s:
         try:
-            ok = fw.audit(s, netns)
+            ok = fw.audit(s, netns, listener)
         finally:
             s.reporter.summary()
     if not ok:

@@ -1,6 +1,7 @@
 """Everything the lab needs to know in one place: names, addresses, paths, packages."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,11 @@ class LabIdentity:
     def address(self, last_octet: int) -> str:
         return f"10.77.{self.subnet_octet}.{last_octet}"
 
+    def address6(self, last_octet: int) -> str:
+        """The IPv6 ULA twin of `address` (fd77:0:LABID::LAST, /64 on the same bridge), in
+        the canonical text form tools print (fd77::10 for the default lab)."""
+        return str(ipaddress.IPv6Address(f"fd77:0:{self.subnet_octet}::{last_octet}"))
+
     @property
     def operator_address(self) -> str:
         return self.address(1)
@@ -69,6 +75,10 @@ class LabIdentity:
     @property
     def outside_address(self) -> str:
         return self.address(254)
+
+    @property
+    def outside_address6(self) -> str:
+        return self.address6(254)
 
     @property
     def uplink_if(self) -> str:

@@ -1,7 +1,9 @@
 """The lab network: a bridge in its own namespace, the operator's uplink from the root
 namespace, one namespace per host and an "outside" namespace that plays the internet.
 
-No default route anywhere and no forwarding: traffic stays between these addresses."""
+Every namespace has an IPv4 address (10.77.N.X/24) and its IPv6 ULA twin (fd77:0:N::X/64),
+so the hosts' IPv6 side is real and must be filtered like the IPv4 one. No default route
+anywhere and no forwarding: traffic stays between these addresses."""
 from __future__ import annotations
 
 import subprocess
@@ -32,6 +34,16 @@ def mac_for(address: str) -> str:
     return "02:77:%02x:%02x:%02x:%02x" % tuple(octets)
 
 
+def _last_octet(address: str) -> int:
+    return int(address.rsplit(".", 1)[1])
+
+
+def _add_v6(prefix: list[str], ident: LabIdentity, address: str, dev: str) -> None:
+    # nodad: usable at once (duplicate detection would delay it ~1 s; addresses are unique).
+    run([*prefix, "ip", "-6", "addr", "add",
+         f"{ident.address6(_last_octet(address))}/64", "dev", dev, "nodad"])
+
+
 def create_switch(ident: LabIdentity) -> None:
     sw = ident.switch_ns
     run(["ip", "netns", "add", sw])
@@ -45,6 +57,7 @@ def create_switch(ident: LabIdentity) -> None:
     run(["ip", "addr", "add", f"{ident.operator_address}/24", "dev", up])
     run(["ip", "link", "set", up, "address", mac_for(ident.operator_address)])
     run(["ip", "link", "set", up, "up"])
+    _add_v6([], ident, ident.operator_address, up)
     attach(ident, "outside", ident.outside_address)
 
 
@@ -61,6 +74,7 @@ def attach(ident: LabIdentity, name: str, address: str) -> str:
     run(_in(ns, "ip", "link", "set", inner, "name", "eth0"))
     run(_in(ns, "ip", "link", "set", "eth0", "address", mac_for(address)))
     run(_in(ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0"))
+    _add_v6(["ip", "netns", "exec", ns], ident, address, "eth0")
     run(_in(ns, "ip", "link", "set", "eth0", "up"))
     run(_in(ns, "ip", "link", "set", "lo", "up"))
     return ns

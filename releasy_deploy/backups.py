@@ -47,17 +47,20 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import schema
 from .commands import app as appcmd
 from .commands import systemd
 from .errors import BadInput, DeployError, first_line
 from .executor import tail
+from .facts import Fact, read_fact, read_facts
 from .inventory import VERSION_RE, Inventory, check_version
-from .remote import Probe, facts, register_fact
+from .tiers import app as app_tier
+from .tiers import proxy as proxy_tier
 
 __all__ = [
     "BACKUP_DIR", "Backup", "backup_name", "parse_backup_name", "parse_listing",
     "backups_to_prune", "choose_restore_point", "dump_argv", "restore_argv",
-    "list_backups", "create", "restore", "LISTING_FACT", "backup_host",
+    "list_backups", "create", "restore", "BackupListing", "backup_host",
     "PRE_DEPLOY", "MANUAL", "PRE_RESTORE", "snapshot_name", "take_snapshot", "find_backup",
     "download_target", "download", "format_size", "listing_rows", "restore_level_problem",
 ]
@@ -210,8 +213,18 @@ def choose_restore_point(backups: Iterable[Backup], max_level: int, environment:
 # ------------------------------------------------------------------------------ commands
 LISTING_PROBE = f"""[ -d {shlex.quote(BACKUP_DIR)} ] || exit 0
 find {shlex.quote(BACKUP_DIR)} -mindepth 1 -maxdepth 1 -type f -printf '%f %s\\n'"""
-LISTING_FACT = "releasy_backups"
-register_fact(LISTING_FACT)(lambda _: Probe(LISTING_PROBE, parse_listing))
+
+
+@dataclass(frozen=True)
+class BackupListing(Fact):
+    """Every dump in BACKUP_DIR (`Backup`), oldest first."""
+
+    def shell(self) -> str:
+        return LISTING_PROBE
+
+    def parse(self, out: str, code: int) -> list[Backup]:
+        return parse_listing(out, code)
+
 
 # $1 dir, $2 name, $3 database; then names to prune. Prints "@size N" and "@pruned NAME".
 _PG_DUMP_SCRIPT = """set -eu
@@ -349,7 +362,7 @@ def backup_host(inv: Inventory):
 def list_backups(session) -> list[Backup]:
     """Every dump in BACKUP_DIR on the db host, oldest first (one round trip, read-only)."""
     conn = session.executor.conn(backup_host(session.inventory))
-    return facts(conn, [LISTING_FACT], sudo=True)[LISTING_FACT]
+    return read_fact(conn, BackupListing(), sudo=True)
 
 
 def create(session, *, from_version: str | None, to_version: str, level: int,
@@ -640,8 +653,6 @@ def units_on_hosts(running: Mapping[str, Sequence[str]]) -> str:
 
 def app_units(inv: Inventory) -> list[str]:
     """The Releasy units that may run on an app host (blue/green only on a single host)."""
-    from .tiers import app as app_tier  # also registers the releasy_* facts gather_state reads
-
     units = [app_tier.SERVICE_UNIT]
     if inv.is_single_host:
         units += [appcmd.instance_unit(p) for p in inv.app.bluegreen_ports]
@@ -660,32 +671,31 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
     """ONE facts round trip per host, all in parallel (read-only: also in dry-run): the
     dumps and migration level on the db host, what runs on each app host, the proxies'
     upstream lists."""
-    from . import schema
     from .commands import nginx as nginxcmd
-    from .tiers import proxy as proxy_tier  # also registers the proxy_text fact
 
     inv = session.inventory
     db = backup_host(inv)
-    upstream_fact = f"proxy_text:{proxy_tier.UPSTREAM_FILE}"
-    wanted: dict[str, list[str]] = {db.name: [LISTING_FACT, schema.level_fact(inv)]}
+    upstream_fact = proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)
+    wanted: dict[str, list[Fact]] = {db.name: [BackupListing(), schema.level_fact(inv)]}
     if with_apps:
         for h in inv.hosts_in("app"):
             wanted.setdefault(h.name, []).extend(
-                ["releasy_releases", schema.RECORDED_FACT,
-                 *(f"releasy_unit:{u}" for u in app_units(inv))])
+                [app_tier.ReleasyReleases(), schema.RecordedLevels(),
+                 *(app_tier.ReleasyUnit(u) for u in app_units(inv))])
     if with_rotation and not inv.is_single_host:
         for h in inv.hosts_in("proxy"):
             wanted.setdefault(h.name, []).append(upstream_fact)
     found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: facts(c, wanted[c.name], sudo=True))
+                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
     apps = {}
     if with_apps:
         for h in inv.hosts_in("app"):
             f = found[h.name]
             apps[h.name] = AppUnits(
-                h.name, f["releasy_releases"].current,
-                {u: f[f"releasy_unit:{u}"].get("ActiveState", "unknown") for u in app_units(inv)},
-                f[schema.RECORDED_FACT])
+                h.name, f[app_tier.ReleasyReleases()].current,
+                {u: f[app_tier.ReleasyUnit(u)].get("ActiveState", "unknown")
+                 for u in app_units(inv)},
+                f[schema.RecordedLevels()])
     upstreams: dict[str, list[tuple[str, int]] | None] = {}
     for name, names in wanted.items():
         if upstream_fact in names:
@@ -694,7 +704,7 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
                 upstreams[name] = nginxcmd.parse_upstream_servers(text) if text else None
             except ValueError:
                 upstreams[name] = None
-    return DbState(found[db.name][LISTING_FACT], found[db.name][schema.level_fact(inv)],
+    return DbState(found[db.name][BackupListing()], found[db.name][schema.level_fact(inv)],
                    apps, upstreams)
 
 
@@ -737,7 +747,6 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
     The proxies' rotation is not touched (nothing is drained: everything is stopped)."""
     from .lock import deploy_lock
     from .pipeline import Pipeline
-    from .tiers import app as app_tier
 
     inv = session.inventory
     db = backup_host(inv).name

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from invoke import Exit
 
 from .errors import BadInput, DeployError, LockHeld, ParallelError, is_unreachable
-from .executor import Executor
+from .executor import Executor, FaultInjection
 from .inventory import InventoryError, load_inventory
 from .output import Reporter, one_screen
 from .secrets import Secrets, load_secrets
@@ -36,6 +36,9 @@ JSON_LOG_ENV = "RELEASY_JSON_LOG"
 # With a JSON log: RELEASY_TRACE=1 adds one "command" event per SSH command (host, masked
 # command, start, seconds), for the benchmark.
 TRACE_ENV = "RELEASY_TRACE"
+# Tests of the recovery paths: RELEASY_FAULT=N fails the task's N-th host-changing command
+# (0: only count them); the count is printed on stderr at the end.
+FAULT_ENV = "RELEASY_FAULT"
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
@@ -50,13 +53,17 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
     secrets = load_secrets(inventory) if need_secrets else Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
     reporter = Reporter(json_path=json_path)
+    fault_at = os.environ.get(FAULT_ENV, "")
+    faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
     executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
-                        trace=bool(json_path and os.environ.get(TRACE_ENV)))
+                        trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults)
     try:
         yield Session(inventory, secrets, executor, reporter, confirm=confirm)
     finally:
         executor.close()
         reporter.close()
+        if faults is not None:
+            print(faults.summary(), file=sys.stderr, flush=True)
         if json_path:
             _log_executor_facts(json_path, executor)
 

@@ -37,12 +37,12 @@ from .commands import systemd
 from .errors import (BadInput, DeployError, HostKeyError, ParallelError, RemoteCommandError,
                      StepFailed, UnreachableError, first_line)
 from .executor import HostConnection, render_masked, tail
+from .facts import Fact, read_facts
 from .inventory import TIERS, Host, Inventory
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .engine.plan import AppState, plan_restart
 from .engine.runner import DRAIN_TIMEOUT_S, JOURNAL_LINES, RollingRunner
-from .remote import facts
 from .session import Session
 from .status import app_server
 from .tiers import app as app_tier
@@ -240,18 +240,18 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
     """Every app host's place in the rotation and readiness: ONE round trip per proxy and
     per app host, in parallel (a host with both tiers gets one too)."""
     inv = session.inventory
-    wanted: dict[str, list[str]] = {}
+    wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts_in("proxy"):
-        wanted[h.name] = [f"proxy_text:{proxy_tier.UPSTREAM_FILE}"]
+        wanted[h.name] = [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
     for h in inv.hosts_in("app"):
         bind = app_tier.bind_address(inv, h)
         wanted.setdefault(h.name, []).extend(
-            [f"releasy_ready:{appcmd.ready_url(bind)}", f"releasy_unit:{UNIT}"])
+            [app_tier.ReleasyReady(appcmd.ready_url(bind)), app_tier.ReleasyUnit(UNIT)])
     found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: facts(c, wanted[c.name], sudo=True))
+                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
     lists = []
     for p in inv.hosts_in("proxy"):
-        text = found[p.name][f"proxy_text:{proxy_tier.UPSTREAM_FILE}"]
+        text = found[p.name][proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
         if text is None:
             raise DeployError(f"{p.name}: {proxy_tier.UPSTREAM_FILE} does not exist: nginx is"
                               f" not set up for Releasy there; run `fab proxy.setup` first",
@@ -267,8 +267,8 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
         server = app_server(inv, h)
         views[h.name] = RotationView(
             h.name, all(server in servers for servers in lists),
-            bool(f[f"releasy_ready:{appcmd.ready_url(app_tier.bind_address(inv, h))}"]),
-            f[f"releasy_unit:{UNIT}"].get("ActiveState", "unknown"))
+            bool(f[app_tier.ReleasyReady(appcmd.ready_url(app_tier.bind_address(inv, h)))]),
+            f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"))
     return views
 
 

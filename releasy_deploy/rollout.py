@@ -59,11 +59,11 @@ from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFail
                             version_probe_argv)
 from .errors import BadInput, DeployError, ParallelError
 from .executor import HostConnection
+from .facts import DiskFree, Fact, read_facts
 from .inventory import VERSION_RE, Host, Inventory, ReleaseSource, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
-from .remote import Probe, facts, register_fact
 from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -101,31 +101,39 @@ def parse_instance_links(out: str, code: int = 0) -> frozenset[str]:
     return frozenset(found)
 
 
-register_fact("releasy_instance_releases")(
-    lambda _: Probe(INSTANCES_PROBE, parse_instance_links))
+@dataclass(frozen=True)
+class InstanceReleases(Fact):
+    """The releases blue/green instance links use (kept by a prune)."""
+
+    def shell(self) -> str:
+        return INSTANCES_PROBE
+
+    def parse(self, out: str, code: int) -> frozenset[str]:
+        return parse_instance_links(out, code)
 
 
-def _app_facts(inv: Inventory, host: Host) -> list[str]:
+def _app_facts(inv: Inventory, host: Host) -> list[Fact]:
     bind = app_tier.bind_address(inv, host)
-    return ["releasy_releases", f"releasy_unit:{UNIT}", f"releasy_ready:{appcmd.ready_url(bind)}",
-            f"disk_free:{appcmd.RELEASY_ROOT}", schema.RECORDED_FACT, "releasy_instance_releases"]
+    return [app_tier.ReleasyReleases(), app_tier.ReleasyUnit(UNIT),
+            app_tier.ReleasyReady(appcmd.ready_url(bind)), DiskFree(appcmd.RELEASY_ROOT),
+            schema.RecordedLevels(), InstanceReleases()]
 
 
-def _proxy_facts() -> list[str]:
-    return [f"proxy_text:{proxy_tier.UPSTREAM_FILE}"]
+def _proxy_facts() -> list[Fact]:
+    return [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
 
 
-def _db_facts(inv: Inventory) -> list[str]:
-    return [schema.level_fact(inv), backups_mod.LISTING_FACT]
+def _db_facts(inv: Inventory) -> list[Fact]:
+    return [schema.level_fact(inv), backups_mod.BackupListing()]
 
 
 def gather(session: Session) -> Preflight:
     """ONE facts round trip per host (app, proxy and db facts of a host batched), all
     hosts in parallel; read-only, so it also runs in dry-run."""
     inv = session.inventory
-    wanted: dict[str, list[str]] = {}
+    wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts:
-        names: list[str] = []
+        names: list[Fact] = []
         if h.has("app"):
             names += _app_facts(inv, h)
         if h.has("proxy"):
@@ -135,11 +143,11 @@ def gather(session: Session) -> Preflight:
         if names:
             wanted[h.name] = names
     targets = [inv.host(n) for n in wanted]
-    found = session.executor.each(targets, lambda c: facts(c, wanted[c.name], sudo=True))
+    found = session.executor.each(targets, lambda c: read_facts(c, wanted[c.name], sudo=True))
 
     upstreams: dict[str, list[tuple[str, int]]] = {}
     for h in inv.hosts_in("proxy"):
-        text = found[h.name][f"proxy_text:{proxy_tier.UPSTREAM_FILE}"]
+        text = found[h.name][proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
         if text is None:
             raise DeployError(f"{h.name}: {proxy_tier.UPSTREAM_FILE} does not exist: nginx is not"
                               f" set up for Releasy there; run `fab proxy.setup` (or `fab"
@@ -153,15 +161,15 @@ def gather(session: Session) -> Preflight:
     apps: dict[str, AppState] = {}
     for h in inv.hosts_in("app"):
         f = found[h.name]
-        rel: appcmd.ReleaseState = f["releasy_releases"]
+        rel: appcmd.ReleaseState = f[app_tier.ReleasyReleases()]
         server = server_of(inv, h)
         apps[h.name] = AppState(
             name=h.name, current=rel.current, installed=tuple(rel.installed()),
             markers={v: m for v, (m, _) in rel.releases.items()},
-            active=f[f"releasy_unit:{UNIT}"].get("ActiveState", "unknown"),
-            ready=f[f"releasy_ready:{appcmd.ready_url(app_tier.bind_address(inv, h))}"],
-            free_bytes=f[f"disk_free:{appcmd.RELEASY_ROOT}"],
-            levels=f[schema.RECORDED_FACT], instance_releases=f["releasy_instance_releases"],
+            active=f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"),
+            ready=f[app_tier.ReleasyReady(appcmd.ready_url(app_tier.bind_address(inv, h)))],
+            free_bytes=f[DiskFree(appcmd.RELEASY_ROOT)],
+            levels=f[schema.RecordedLevels()], instance_releases=f[InstanceReleases()],
             in_rotation=all(server in servers for servers in upstreams.values()))
     db = found[inv.db_host.name]
     level = db[schema.level_fact(inv)]
@@ -169,7 +177,7 @@ def gather(session: Session) -> Preflight:
         raise DeployError(f"{inv.db_host.name}: cannot read the database's migration level"
                           f" (_sqlx_migrations in {inv.database.name}): is the database up?"
                           f" `fab db.setup` checks it", host=inv.db_host.name)
-    return Preflight(apps, upstreams, level, db[backups_mod.LISTING_FACT])
+    return Preflight(apps, upstreams, level, db[backups_mod.BackupListing()])
 
 
 # ======================================================================================

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import tarfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,8 @@ class RollingRunner:
         self.restarted_at: dict[str, float] = {}  # host -> when we restarted it (monotonic)
         self.backup: Backup | None = None
         self.started = time.monotonic()
+        # One database session checks the lock; the batch's threads take turns.
+        self._lock_check = threading.Lock()
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -178,6 +181,12 @@ class RollingRunner:
 
     def info(self, host: str, msg: str) -> None:
         self.s.reporter.info(host, msg)
+
+    def ensure_lock(self) -> None:
+        """LockLost unless our deploy lock is still held: checked before every step that
+        changes a host, so a lost lock stops the flow before the next change."""
+        with self._lock_check:
+            self.lock.ensure_held()
 
     # -- preflight follow-ups --------------------------------------------------------------
     def converge_rotation(self) -> None:
@@ -255,6 +264,8 @@ class RollingRunner:
                 return
         waited = 0.0
         for step in steps:
+            if step in ("switch", "start"):
+                self.ensure_lock()  # before the step is recorded: a lost lock changed nothing
             self.steps[name] = step
             if step == "switch":
                 app_tier.activate_release(c, self.plan.target)
@@ -315,7 +326,7 @@ class RollingRunner:
                 for n in hosts:
                     self.steps[n] = "lock check"
                 # Inside the recovered block: a lost lock still puts ready hosts back.
-                self.lock.ensure_held()
+                self.ensure_lock()
                 if batch.rotates:
                     for n in hosts:
                         self.steps[n] = "drain"

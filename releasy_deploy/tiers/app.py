@@ -31,19 +31,19 @@ from ..commands import kept_secrets as kept
 from ..commands import systemd
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
+from ..facts import Fact, FileSha256, FileStat, PackageVersion, read_fact, read_facts
 from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
 from ..secret_policy import ROTATION_EFFECTS, Resolution, SecretDrift, resolve
-from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
-                      report)
+from ..remote import Change, ensure_packages, render_diff, report
 from ..session import Session
 from . import db as db_tier
 
 __all__ = [
     "setup", "stage_release", "activate_release", "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
-    "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT",
+    "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT", "KeptSecrets", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
 ]
 
 SERVICE_UNIT = cmd.SERVICE
@@ -55,18 +55,66 @@ JOURNAL_LINES = 30
 
 
 # ------------------------------------------------------------------------------ facts
-register_fact("releasy_account", arg=True)(
-    lambda name: Probe(cmd.account_probe(name), lambda out, code: cmd.parse_account(out)))
-register_fact("releasy_releases")(
-    lambda _: Probe(cmd.RELEASES_PROBE, lambda out, code: cmd.parse_releases(out)))
-register_fact("releasy_unit", arg=True)(
-    lambda unit: Probe(shlex.join(systemd.show_argv(unit)),
-                       lambda out, code: systemd.parse_show(out)))
-register_fact("kept_secrets")(
-    lambda _: Probe(kept.PROBE, lambda out, code: kept.parse_probe(out)))
-register_fact("releasy_ready", arg=True)(
-    lambda url: Probe(f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(url)}",
-                      lambda out, code: code == 0))
+@dataclass(frozen=True)
+class ReleasyAccount(Fact):
+    """The service account ``name`` (`commands.app.Account`)."""
+
+    name: str
+
+    def shell(self) -> str:
+        return cmd.account_probe(self.name)
+
+    def parse(self, out: str, code: int) -> cmd.Account:
+        return cmd.parse_account(out)
+
+
+@dataclass(frozen=True)
+class ReleasyReleases(Fact):
+    """The installed releases and where ``current`` points (`commands.app.ReleaseState`)."""
+
+    def shell(self) -> str:
+        return cmd.RELEASES_PROBE
+
+    def parse(self, out: str, code: int) -> cmd.ReleaseState:
+        return cmd.parse_releases(out)
+
+
+@dataclass(frozen=True)
+class ReleasyUnit(Fact):
+    """``systemctl show`` of a Releasy unit, as {property: value}."""
+
+    unit: str
+
+    def shell(self) -> str:
+        return shlex.join(systemd.show_argv(self.unit))
+
+    def parse(self, out: str, code: int) -> dict[str, str]:
+        return systemd.parse_show(out)
+
+
+@dataclass(frozen=True)
+class ReleasyReady(Fact):
+    """GET ``url`` (a /ready URL) answered 2xx from the host itself."""
+
+    url: str
+
+    def shell(self) -> str:
+        return f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(self.url)}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class KeptSecrets(Fact):
+    """The secrets the host keeps (`commands.kept_secrets.KeptState`): the kept file, and
+    the secret lines of releasy.env (hosts set up before the file existed)."""
+
+    def shell(self) -> str:
+        return kept.PROBE
+
+    def parse(self, out: str, code: int) -> kept.KeptState:
+        return kept.parse_probe(out)
 
 
 @dataclass(frozen=True)
@@ -101,22 +149,21 @@ _MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}",
                   f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
 
 
-def _fact_names(plan: _Plan, bind: str) -> list[str]:
-    names = [f"package_version:{p}" for p in PACKAGES]
-    names.append(f"releasy_account:{plan.user}")
-    names += [f"file_stat:{d.path}" for d in cmd.directories(plan.user, plan.user)]
+def _fact_names(plan: _Plan, bind: str) -> list[Fact]:
+    names: list[Fact] = [PackageVersion(p) for p in PACKAGES]
+    names.append(ReleasyAccount(plan.user))
+    names += [FileStat(d.path) for d in cmd.directories(plan.user, plan.user)]
     for path in _MANAGED_FILES:
-        names += [f"file_stat:{path}", f"file_sha256:{path}"]
+        names += [FileStat(path), FileSha256(path)]
     db_file = cmd.sqlite_path(plan.database_url)
     if db_file:
-        names.append(f"file_stat:{db_file}")
-    names += ["releasy_releases", f"releasy_unit:{SERVICE_UNIT}",
-              f"releasy_ready:{cmd.ready_url(bind)}"]
+        names.append(FileStat(db_file))
+    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind))]
     if plan.inv.is_single_host:
         # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
         for port in plan.inv.app.bluegreen_ports:
-            names += [f"releasy_unit:{cmd.instance_unit(port)}",
-                      f"releasy_ready:{cmd.ready_url(cmd.instance_bind(port))}"]
+            names += [ReleasyUnit(cmd.instance_unit(port)),
+                      ReleasyReady(cmd.ready_url(cmd.instance_bind(port)))]
     return names
 
 
@@ -136,20 +183,20 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
 
 def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
-    extra = ["kept_secrets"] if with_secrets else []
-    found = facts(c, [*_fact_names(plan, bind), *extra], sudo=True)
+    extra = [KeptSecrets()] if with_secrets else []
+    found = read_facts(c, [*_fact_names(plan, bind), *extra], sudo=True)
     return HostFacts(
-        kept=found.get("kept_secrets"),
-        missing_packages=tuple(p for p in PACKAGES if not found[f"package_version:{p}"]),
-        account=found[f"releasy_account:{plan.user}"],
-        stats={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_stat:")},
-        sums={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_sha256:")},
-        releases=found["releasy_releases"],
-        unit=found[f"releasy_unit:{SERVICE_UNIT}"],
-        ready=found[f"releasy_ready:{cmd.ready_url(bind)}"],
-        instances={p: found[f"releasy_unit:{cmd.instance_unit(p)}"]
+        kept=found.get(KeptSecrets()),
+        missing_packages=tuple(p for p in PACKAGES if not found[PackageVersion(p)]),
+        account=found[ReleasyAccount(plan.user)],
+        stats={k.path: v for k, v in found.items() if isinstance(k, FileStat)},
+        sums={k.path: v for k, v in found.items() if isinstance(k, FileSha256)},
+        releases=found[ReleasyReleases()],
+        unit=found[ReleasyUnit(SERVICE_UNIT)],
+        ready=found[ReleasyReady(cmd.ready_url(bind))],
+        instances={p: found[ReleasyUnit(cmd.instance_unit(p))]
                    for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
-        instances_ready={p: found[f"releasy_ready:{cmd.ready_url(cmd.instance_bind(p))}"]
+        instances_ready={p: found[ReleasyReady(cmd.ready_url(cmd.instance_bind(p)))]
                          for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
     )
 
@@ -190,7 +237,7 @@ def resolve_secrets(session: Session, rotate: Iterable[str] = ()
     rotation breaks. Every value read is masked before anything could print it."""
     states = session.executor.each(
         session.inventory.hosts_in("app"),
-        lambda c: facts(c, ["kept_secrets"], sudo=True)["kept_secrets"])
+        lambda c: read_fact(c, KeptSecrets(), sudo=True))
     return _resolve_states(session, states, rotate)
 
 
@@ -212,7 +259,7 @@ def mask_host_secrets(session: Session, hosts: Iterable[Any] = ()) -> None:
 
     def read(c: HostConnection) -> None:
         try:
-            state = facts(c, ["kept_secrets"], sudo=True)["kept_secrets"]
+            state = read_fact(c, KeptSecrets(), sudo=True)
         except DeployError:
             return
         session.executor.masker.add([*(state.kept or {}).values(), *state.env.values()])
@@ -563,7 +610,7 @@ def _ensure_service(c: HostConnection, unit: dict[str, str], *, reload: bool,
 
 # ------------------------------------------------------------------------------ building blocks
 def _releases(c: HostConnection) -> cmd.ReleaseState:
-    return facts(c, ["releasy_releases"], sudo=True)["releasy_releases"]
+    return read_fact(c, ReleasyReleases(), sudo=True)
 
 
 def current_release(c: HostConnection) -> str | None:
