@@ -14,6 +14,8 @@ from invoke import Exit, task
 
 from releasy_deploy import maintenance
 from releasy_deploy.cli import EXIT_BAD_INPUT, operator_task, session
+from releasy_deploy.inventory import TIERS
+from releasy_deploy.tiers import app as tier_app
 
 
 @task(help={"tier": "proxy, app or db: every host of that tier (required)",
@@ -29,6 +31,11 @@ def run(c, tier, host=None, command=None):
     (4 when the failing hosts were all unreachable), 2 bad input.
     """
     with session() as s:
+        if tier in TIERS:
+            # `cat /etc/releasy/releasy.env` must not print the secrets that live only on
+            # the hosts (the database password, a kept pepper) in clear either.
+            tier_app.mask_host_secrets(s, [h for h in s.inventory.hosts_in(tier)
+                                           if host in (None, h.name)])
         maintenance.run_adhoc(s, tier, command or "", host=host)
 
 

@@ -5,15 +5,19 @@ from invoke import task
 from releasy_deploy import maintenance
 from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
+from releasy_deploy.tiers import app as tier_app
 
 
 @task(help={"version": "release to install and run, e.g. 1.2.3 (default: keep each host's"
                        " current release)",
             "dry-run": "show what would change (with diffs) without changing anything",
             "wait": "seconds to wait for the deploy lock if another task holds it (default 0: fail at"
-                    " once with exit code 3)",})
+                    " once with exit code 3)",
+            "rotate-secret": "replace this secret's value kept on the app hosts (repeatable;"
+                             " e.g. api_key_pepper: every API key stops working)"},
+      iterable=["rotate_secret"])
 @operator_task
-def setup(c, version=None, dry_run=False, wait=0):
+def setup(c, version=None, dry_run=False, wait=0, rotate_secret=None):
     """Install Releasy on the app hosts (user, release, env file, systemd units) and start it.
 
     Under the deploy lock. On an environment that serves, hosts whose settings or release
@@ -21,7 +25,7 @@ def setup(c, version=None, dry_run=False, wait=0):
     with session(dry_run=dry_run) as s:
         try:
             with site_ops.change_lock(s, version=version, wait=float(wait)) as lock:
-                site_ops.setup_app(s, version, lock)
+                site_ops.setup_app(s, version, lock, rotate=rotate_secret or ())
         finally:
             if s.reporter.tally():  # no summary when nothing was contacted (bad input)
                 s.reporter.summary()
@@ -71,6 +75,10 @@ def restart(c, host=None, batch=1, yes=False, dry_run=False, wait=0, ready_timeo
 def logs(c, host=None, lines=maintenance.DEFAULT_LOG_LINES, follow=False):
     """Releasy's journal on the app hosts, every line prefixed by its host."""
     with session() as s:
+        # Journal lines can quote the environment (a crash dump, a debug log): hide the
+        # secrets that live only on the hosts too.
+        tier_app.mask_host_secrets(s, [h for h in s.inventory.hosts_in("app")
+                                       if host in (None, h.name)])
         maintenance.logs(s, host=host, lines=lines, follow=follow)
 
 

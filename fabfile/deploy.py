@@ -9,7 +9,8 @@ import os
 from invoke import task
 
 from releasy_deploy import rollout
-from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session
+from releasy_deploy import lock as lock_ops
+from releasy_deploy.cli import JSON_LOG_ENV, BadInput, confirm, operator_task, session
 from releasy_deploy.lock import holder_info
 
 _COMMON_HELP = {
@@ -48,6 +49,62 @@ def lock(c):
             print(f"deploy lock of {env}: free")
         else:
             print(f"deploy lock of {env}: held by {holder.describe()} ({holder.where})")
+
+
+@task(help={"yes": "do not ask for confirmation (required when stdin is not a terminal)"})
+@operator_task
+def unlock(c, yes=False):
+    """End the session holding the deploy lock (a dead or stuck deploy), naming whom it ends.
+
+    The holder's rollout, if it is still running, stops at its next step (lock lost); hosts
+    it was changing may be left out of rotation: the next deploy puts them back."""
+    with session() as s:
+        env = s.inventory.environment
+        holder = holder_info(s)
+        if holder is None:
+            print(f"deploy lock of {env}: free; nothing to end")
+            return
+        confirm(f"End the deploy lock session of {holder.describe()} ({holder.where})?",
+                yes=yes)
+        ended = lock_ops.force_unlock(s)
+        if ended is None:
+            print(f"deploy lock of {env}: already free")
+        else:
+            print(f"deploy lock of {env}: ended the session of {ended.describe()}"
+                  f" ({ended.where})")
+
+
+@task(help={"reason": "why deploys are frozen (shown to everyone whose deploy is refused)"})
+@operator_task
+def freeze(c, reason=""):
+    """Freeze deploys of this environment: every deploy (cron's too) refuses with exit code 3
+    and the reason until `fab deploy.unfreeze`."""
+    try:
+        lock_ops.check_reason(reason)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    with session() as s:
+        env = s.inventory.environment
+        if lock_ops.freeze(s, reason):
+            print(f"deploys of {env} frozen: {' '.join(reason.split())}")
+        else:
+            record = lock_ops.frozen(s)
+            print(f"deploys of {env} were already frozen by {record['by']} since"
+                  f" {record['since']}: {record['reason']} (unchanged)")
+
+
+@task
+@operator_task
+def unfreeze(c):
+    """Lift `fab deploy.freeze`."""
+    with session() as s:
+        env = s.inventory.environment
+        record = lock_ops.unfreeze(s)
+        if record is None:
+            print(f"deploys of {env} were not frozen (unchanged)")
+        else:
+            print(f"deploys of {env} unfrozen (frozen by {record['by']} since"
+                  f" {record['since']}: {record['reason']})")
 
 
 @task(help={"version": "release to deploy, e.g. 1.2.3, or `newest`: the newest stable release"

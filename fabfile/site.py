@@ -9,9 +9,12 @@ from releasy_deploy.cli import operator_task, session
                        " an environment that serves it is rolled out host by host",
             "dry_run": "show what would change, with diffs; change nothing",
             "wait": "seconds to wait for the deploy lock if another task holds it (default 0:"
-                    " fail at once with exit code 3)"})
+                    " fail at once with exit code 3)",
+            "rotate-secret": "replace this secret's value kept on the app hosts (repeatable;"
+                             " e.g. api_key_pepper: every API key stops working)"},
+      iterable=["rotate_secret"])
 @operator_task
-def site(c, version=None, dry_run=False, wait=0):
+def site(c, version=None, dry_run=False, wait=0, rotate_secret=None):
     """Provision everything: db -> app -> proxy -> firewall; a second run changes nothing."""
     with session(dry_run=dry_run) as s:
-        site_ops.run(s, version, wait=float(wait))
+        site_ops.run(s, version, wait=float(wait), rotate=rotate_secret or ())

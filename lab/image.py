@@ -25,10 +25,8 @@ KbdInteractiveAuthentication no
 UseDNS no
 MaxStartups 100:30:200
 MaxSessions 64
-# A client that vanished (laptop lid closed, network gone) is dropped within ~15 s, which
-# ends its sessions on the hosts, e.g. the deploy lock's database session.
-ClientAliveInterval 5
-ClientAliveCountMax 3
+# No ClientAlive* here: stock sshd never drops a silent client, and the deploy lock must
+# free itself without that help (its watchdog, releasy_deploy/lock.py).
 """
 
 # nspawn with --network-namespace-path mounts /proc/sys/net read-only, which breaks ufw and

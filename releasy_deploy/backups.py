@@ -244,19 +244,26 @@ echo "@size $(stat -c %s -- "$dir/$name")"
 for old in "$@"; do rm -f -- "$dir/$old" && echo "@pruned $old"; done
 """
 
+# $1 dir, $2 name, $3 database file, $4 service account; then names to prune.
+# The service account owns the database's directory (and may plant symlinks there), so it
+# alone touches the database: sqlite3 runs as it, backs up into a private temp dir of its
+# own, and root only takes the bytes from its stdout into root's 0700 backup dir.
 _SQLITE_DUMP_SCRIPT = """set -eu
-dir=$1 name=$2 db=$3; shift 3
+dir=$1 name=$2 db=$3 user=$4; shift 4
 umask 077
+cd /
 mkdir -p -- "$dir"
 chown root:root "$dir"
 chmod 0700 "$dir"
 if [ -e "$dir/$name" ]; then echo "$dir/$name already exists" >&2; exit 3; fi
-if ! [ -f "$db" ]; then echo "no SQLite database at $db" >&2; exit 4; fi
+as() { runuser -u "$user" -- "$@"; }
+if ! as test -f "$db"; then echo "no SQLite database at $db" >&2; exit 4; fi
 tmp="$dir/.$name.partial"
-trap 'rm -f -- "$tmp"' EXIT
-sqlite3 "$db" ".backup $tmp"
+work=$(as mktemp -d /tmp/releasy-backup.XXXXXXXX)
+trap 'rm -f -- "$tmp"; as rm -rf -- "$work"' EXIT
+as sqlite3 "$db" ".backup $work/db"
+as cat -- "$work/db" > "$tmp"
 mv -f -- "$tmp" "$dir/$name"
-trap - EXIT
 echo "@size $(stat -c %s -- "$dir/$name")"
 for old in "$@"; do rm -f -- "$dir/$old" && echo "@pruned $old"; done
 """
@@ -279,16 +286,21 @@ runuser -u postgres -- pg_restore --file=- "$dump" >> "$sql"
 runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 --single-transaction -d "$db" < "$sql"
 """
 
-# Run as root: the database file keeps its owner (the service account), and so do WAL
-# files sqlite3 may leave next to it, or Releasy could no longer open its database.
+# $1 dump file, $2 database file, $3 service account. Root opens the dump (in its own
+# 0700 dir) and hands the bytes over on stdin; sqlite3 runs as the service account, so the
+# files it writes (the database, -wal, -shm) are its own and nothing is chowned: a symlink
+# planted there can lead it only where the service account could write anyway.
 _SQLITE_RESTORE_SCRIPT = """set -eu
-dump=$1 db=$2
+dump=$1 db=$2 user=$3
+cd /
 if ! [ -f "$dump" ]; then echo "no such dump: $dump" >&2; exit 3; fi
-owner=$(stat -c %u:%g -- "$db" 2>/dev/null || true)
-sqlite3 "$db" ".restore $dump"
-if [ -n "$owner" ]; then
-  for f in "$db" "$db-wal" "$db-shm"; do [ ! -e "$f" ] || chown -- "$owner" "$f"; done
-fi
+runuser -u "$user" -- sh -c 'set -u
+umask 077
+work=$(mktemp -d /tmp/releasy-restore.XXXXXXXX) || exit 5
+rc=0
+cat > "$work/dump" && sqlite3 "$1" ".restore $work/dump" || rc=$?
+rm -rf -- "$work"
+exit "$rc"' releasy-restore "$db" < "$dump"
 """
 
 
@@ -306,19 +318,30 @@ def _check_name(name: str) -> None:
         raise ValueError(f"not a backup name: {name!r}")
 
 
-def dump_argv(kind: str, target: str, name: str, prune: Sequence[str] = ()) -> list[str]:
+def dump_argv(kind: str, target: str, name: str, prune: Sequence[str] = (), *,
+              user: str | None = None) -> list[str]:
     """Dump ``target`` (database name / SQLite file) to BACKUP_DIR/NAME, then remove the
-    ``prune`` names. Run as root."""
+    ``prune`` names. Run as root; SQLite work runs as ``user`` (the service account)."""
     for n in (name, *prune):
         _check_name(n)
-    script = {"postgres": _PG_DUMP_SCRIPT, "sqlite": _SQLITE_DUMP_SCRIPT}[kind]
-    return ["sh", "-c", script, "releasy-backup", BACKUP_DIR, name, target, *prune]
+    if kind == "sqlite":
+        return ["sh", "-c", _SQLITE_DUMP_SCRIPT, "releasy-backup", BACKUP_DIR, name, target,
+                _service_user(user), *prune]
+    return ["sh", "-c", _PG_DUMP_SCRIPT, "releasy-backup", BACKUP_DIR, name, target, *prune]
 
 
-def restore_argv(kind: str, target: str, name: str) -> list[str]:
+def restore_argv(kind: str, target: str, name: str, *, user: str | None = None) -> list[str]:
     _check_name(name)
-    script = {"postgres": _PG_RESTORE_SCRIPT, "sqlite": _SQLITE_RESTORE_SCRIPT}[kind]
-    return ["sh", "-c", script, "releasy-restore", f"{BACKUP_DIR}/{name}", target]
+    if kind == "sqlite":
+        return ["sh", "-c", _SQLITE_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}",
+                target, _service_user(user)]
+    return ["sh", "-c", _PG_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}", target]
+
+
+def _service_user(user: str | None) -> str:
+    if not user or not re.fullmatch(r"[a-z_][a-z0-9_-]*", user):
+        raise ValueError(f"SQLite backups run as the service account; got {user!r}")
+    return user
 
 
 def _markers(stdout: str) -> dict[str, list[str]]:
@@ -400,7 +423,8 @@ def _dump(session, backup: Backup, existing: Sequence[Backup] | None,
             conn.reporter.would(conn.name, f"remove old backup {BACKUP_DIR}/{old} (keeping"
                                            f" {inv.database.backups_keep})")
         return backup
-    res = conn.run(dump_argv(kind, _target(inv), backup.name, prune), sudo=True, check=False,
+    res = conn.run(dump_argv(kind, _target(inv), backup.name, prune,
+                             user=inv.app.service_user), sudo=True, check=False,
                    timeout=DUMP_TIMEOUT_S)
     if not res.ok:
         said = tail(conn.mask(res.stderr.strip() or res.stdout.strip())) or "(no output)"
@@ -434,7 +458,8 @@ def restore(session, backup: Backup) -> None:
     if conn.dry_run:
         conn.reporter.would(conn.name, f"restore the database from {backup.path}")
         return
-    res = conn.run(restore_argv(backup.kind, _target(inv), backup.name), sudo=True,
+    res = conn.run(restore_argv(backup.kind, _target(inv), backup.name,
+                                user=inv.app.service_user), sudo=True,
                    check=False, timeout=DUMP_TIMEOUT_S)
     if not res.ok:
         said = tail(conn.mask(res.stderr.strip() or res.stdout.strip())) or "(no output)"

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -818,11 +818,15 @@ class Executor:
                 hc = self._conns[host.name] = HostConnection(host, self)
             return hc
 
-    def each(self, hosts: Iterable[Any], fn: Callable[[HostConnection], T]) -> dict[str, T]:
+    def each(self, hosts: Iterable[Any], fn: Callable[[HostConnection], T], *,
+             close_on_interrupt: bool = False) -> dict[str, T]:
         """Run ``fn(conn)`` for every host on a bounded thread pool.
 
         Every host runs to completion; failures are reported as they happen and then raised
         together as one `ParallelError`. Returns host name -> result in the given order.
+        ``close_on_interrupt``: on Ctrl-C, close these hosts' connections (ending commands
+        that would never end by themselves, e.g. `tail -f`) instead of waiting for them;
+        they reconnect on next use.
         """
         targets = [self.host(h) for h in hosts]
         if not targets:
@@ -832,19 +836,37 @@ class Executor:
         workers = min(self.max_parallel, len(targets))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="releasy-host") as pool:
             futures = {pool.submit(fn, self.conn(h)): h.name for h in targets}
-            for fut in as_completed(futures):
-                name = futures[fut]
-                try:
-                    results[name] = fut.result()
-                except Exception as exc:  # noqa: BLE001 - collected, re-raised below
-                    failures[name] = exc
-                    msg = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
-                    # One line now; the full text comes once, in the final error.
-                    first = (msg.splitlines() or [""])[0].removeprefix(f"{name}: ")
-                    self.reporter.error(name, first + (" (details below)" if "\n" in msg else ""))
+            try:
+                for fut in self._completed(futures):
+                    name = futures[fut]
+                    try:
+                        results[name] = fut.result()
+                    except Exception as exc:  # noqa: BLE001 - collected, re-raised below
+                        failures[name] = exc
+                        msg = (str(exc) if isinstance(exc, DeployError)
+                               else f"{type(exc).__name__}: {exc}")
+                        # One line now; the full text comes once, in the final error.
+                        first = (msg.splitlines() or [""])[0].removeprefix(f"{name}: ")
+                        self.reporter.error(name, first + (" (details below)" if "\n" in msg
+                                                           else ""))
+            except KeyboardInterrupt:
+                if close_on_interrupt:
+                    for fut in futures:
+                        fut.cancel()
+                    for h in targets:
+                        self.conn(h).close()
+                raise
         if failures:
             raise ParallelError(failures, results, mask=self.masker)
         return {h.name: results[h.name] for h in targets}
+
+    @staticmethod
+    def _completed(futures):
+        """as_completed, waking up regularly so Ctrl-C reaches the main thread at once."""
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            yield from finished
 
     def close(self) -> None:
         with self._lock:

@@ -9,17 +9,22 @@ the lock lives exactly as long as our session:
 - a clean exit unlocks and disconnects;
 - a crash or ``kill -9`` closes our TCP connection, sshd closes the channel, PostgreSQL sees
   EOF on its loopback socket and ends the session: the lock is free at once;
-- a laptop that vanishes (sleep, lost Wi-Fi) sends no FIN. What bounds the release then is
-  sshd's ``ClientAliveInterval`` x ``ClientAliveCountMax``: sshd probes the silent client,
-  gives up, closes the channel -> EOF on the loopback socket -> session ends -> lock freed.
-  Recommended on every host: ``ClientAliveInterval 5`` / ``ClientAliveCountMax 3`` (~15 s).
-  Without them (OpenSSH's default interval is 0: off) only the kernel's TCP keepalive
-  (``TCPKeepAlive yes``, 2 h idle by default) would ever notice. The server-side
-  ``tcp_keepalives_*`` we set on the lock session apply to the sshd->postgres loopback
-  socket, whose peer (sshd) stays alive, so they only matter if sshd itself hangs. The SSH
-  transport keepalive we set (every 5 s) keeps NAT/firewall state alive through the long
-  quiet stretches of a rollout (a live client also answers sshd's ClientAlive probes).
+- a laptop that vanishes (sleep, lost Wi-Fi) sends no FIN, and a stock sshd
+  (``ClientAliveInterval 0``) would keep its channels open until TCP keepalive gives up
+  (about two hours). So the lock does not rely on sshd: a watchdog runs on the db host
+  beside the session (`WATCHDOG_SCRIPT`, on its own SSH channel) and reads a heartbeat
+  line we send every `HEARTBEAT_S` seconds. After `WATCHDOG_QUIET_S` seconds without one
+  (or at EOF) it terminates exactly our backend (pid + backend_start), which frees the lock:
+  within ~15 s of the operator's network vanishing. A clean release tells it "release"
+  first. The server-side ``tcp_keepalives_*`` we set on the lock session apply to the
+  sshd->postgres loopback socket, whose peer (sshd) stays alive, so they only matter if sshd
+  itself hangs; the SSH transport keepalive (every 5 s) keeps NAT state alive.
 No lock files, no TTLs: nothing can go stale.
+
+`fab deploy.freeze --reason TEXT` leaves a marker (`FREEZE_FILE` on the lock's host, root
+0600 in a root 0700 directory): every deploy then refuses with exit code 3 and the reason
+once it holds the lock, until `fab deploy.unfreeze`. `fab deploy.unlock` ends another
+holder's lock session (its backend, or its flock process).
 
 Key: ``pg_advisory_lock(int4, int4)`` with classid = `LOCK_CLASSID` ('RLSY') and objid =
 crc32(environment) as a signed int4. Upstream's migrator locks the single bigint
@@ -29,7 +34,8 @@ Releasy's own migrations.
 
 SQLite environments (one host, no PostgreSQL): ``flock`` on ``/run/releasy-deploy.lock``,
 held by a ``flock`` process started on a dedicated SSH channel whose stdin we keep open; it
-exits (freeing the lock) when that channel closes for any of the reasons above. The holder
+exits (freeing the lock) when that channel closes, or when our heartbeat stops for
+`WATCHDOG_QUIET_S` seconds (the same watchdog rule as above, in the holding shell). The holder
 is written to ``/run/releasy-deploy.holder`` while held. Whether the lock is held is read
 from ``/proc/locks`` (read-only: probing with ``flock --nonblock`` would itself hold the
 lock for an instant and could make a concurrent deploy fail), so a stale holder file left
@@ -41,6 +47,7 @@ lock session (63 bytes at most) or the holder file's content, parsed back by `pa
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import selectors
@@ -66,7 +73,8 @@ __all__ = [
     "LOCK_CLASSID", "UPSTREAM_MIGRATION_KEY_MULTIPLIER", "POLL_INTERVAL_S", "LockBusy",
     "LockUnavailable", "LockLost", "LockInfo", "lock_key", "upstream_migration_key",
     "holder_label", "parse_label", "database_credentials", "deploy_lock", "lock_holder",
-    "holder_info", "SshTunnel",
+    "holder_info", "SshTunnel", "DeployFrozen", "force_unlock", "freeze", "unfreeze",
+    "frozen", "Watchdog", "Heartbeat",
 ]
 
 #: classid of our two-int advisory key: b"RLSY" read as a big-endian int4 (0x524C5359).
@@ -83,6 +91,13 @@ HOLDER_PATH = "/run/releasy-deploy.holder"
 TUNNEL_TIMEOUT_S = 10.0
 #: seconds between client->server SSH keepalives on the connection carrying the lock.
 SSH_KEEPALIVE_S = 5
+#: a heartbeat line every HEARTBEAT_S; the host's watchdog frees the lock after
+#: WATCHDOG_QUIET_S without one (so within ~15 s of our network vanishing).
+HEARTBEAT_S = 3
+WATCHDOG_QUIET_S = 12
+#: where `fab deploy.freeze` leaves its marker, on the lock's host (root only).
+STATE_DIR = "/etc/releasy-deploy"
+FREEZE_FILE = f"{STATE_DIR}/frozen"
 #: server-side TCP keepalives of the lock session (see the module docstring for their reach).
 SERVER_KEEPALIVES = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2,
                      "tcp_keepalives_count": 3}
@@ -101,6 +116,10 @@ class LockBusy(LockHeld):
 
 class LockUnavailable(DeployError):
     """The lock could not be checked or taken at all (database down, tunnel refused...)."""
+
+
+class DeployFrozen(LockHeld):
+    """`fab deploy.freeze` is in force: no deploy until `fab deploy.unfreeze` (exit 3)."""
 
 
 class LockLost(DeployError):
@@ -174,6 +193,8 @@ class LockInfo:
     since: datetime | None = None
     label: str = ""  # the raw stored label (application_name / holder file)
     note: str | None = None  # for holders that are not ours (a psql session by hand...)
+    #: the freeze marker seen while taking the lock (ours only); None: not frozen
+    frozen: dict[str, str] | None = field(default=None, repr=False, compare=False)
     _check: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -283,7 +304,9 @@ def keepalive_statements() -> list[str]:
 # $1 lock file, $2 holder file, $3 seconds to wait (0: don't). Prints BUSY plus the holder
 # file and exits 3; or takes the lock, prints ACQUIRED, reads the holder label from stdin
 # (so its "since" is the moment the lock was granted), writes it to the holder file, prints
-# LOCKED, then holds the lock until its stdin (our SSH channel) closes. The holder file is
+# LOCKED and the freeze marker ($5: "FROZEN <record>" or THAWED, read while holding the
+# lock), then holds the lock until its stdin (our SSH channel) closes, says "release", or
+# stays silent for $4 seconds (no heartbeat: we are gone). The holder file is
 # removed before the lock is released, so a stale one is only ever left by a crash (and
 # the status script trusts /proc/locks, not the file, for held vs free).
 # `flock --close FILE COMMAND` rather than `flock FD` in this shell: the lock must be held
@@ -292,15 +315,17 @@ def keepalive_statements() -> list[str]:
 # status script reads /proc/locks. --close: COMMAND does not inherit the locked file, so
 # the lock ends with the flock process whatever happens to it.
 FLOCK_HOLD_SCRIPT = """set -u
-lock=$1 holder=$2 wait=$3
+lock=$1 holder=$2 wait=$3 quiet=$4 frozen=$5
 hold='echo ACQUIRED
 IFS= read -r label || exit 5
 printf "%s\\n" "$label" > "$1.new" && mv -f -- "$1.new" "$1" || exit 4
 echo LOCKED
-cat > /dev/null
+if [ -f "$3" ]; then printf "FROZEN %s\\n" "$(head -c 2000 -- "$3" | tr -d "\\n")"; else echo THAWED; fi
+while IFS= read -r -t "$2" beat; do [ "$beat" = release ] && break; done
 rm -f -- "$1"'
 take() {
-  flock "$@" --close --conflict-exit-code 75 "$lock" sh -c "$hold" releasy-deploy-lock "$holder"
+  flock "$@" --close --conflict-exit-code 75 "$lock" bash -c "$hold" releasy-deploy-lock \
+    "$holder" "$quiet" "$frozen"
 }
 if [ "$wait" = 0 ]; then take --nonblock; else take --wait "$wait"; fi
 rc=$?
@@ -327,7 +352,7 @@ cat -- "$2" 2>/dev/null || true
 def flock_hold_argv(wait: float) -> list[str]:
     seconds = max(0, int(-(-wait // 1)))  # whole seconds, rounded up
     return ["sh", "-c", FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", FLOCK_PATH, HOLDER_PATH,
-            str(seconds)]
+            str(seconds), str(WATCHDOG_QUIET_S), FREEZE_FILE]
 
 
 def flock_status_argv() -> list[str]:
@@ -357,6 +382,132 @@ def _holder_from_file(lines: list[str], *, environment: str, where: str,
                          f" no holder file {HOLDER_PATH})")
 
 
+# $1 backend pid, $2 its backend_start (epoch text), $3 seconds of silence allowed, $4 the
+# freeze marker. Reads heartbeat lines; after $3 s without one, or at EOF, terminates that
+# one backend (ending the lock session); "release" ends it quietly; "frozen?" is answered
+# with "FROZEN <record>" or THAWED (no extra SSH command for it). bash: for `read -t`.
+WATCHDOG_SCRIPT = """set -u
+pid=$1 start=$2 quiet=$3 frozen=$4
+case "$pid" in ''|*[!0-9]*) echo "bad backend pid" >&2; exit 2;; esac
+case "$start" in ''|*[!0-9.]*) echo "bad backend start" >&2; exit 2;; esac
+case "$quiet" in ''|*[!0-9]*) echo "bad timeout" >&2; exit 2;; esac
+echo WATCHING
+while IFS= read -r -t "$quiet" beat; do
+  case "$beat" in
+    release) exit 0;;
+    frozen?) if [ -f "$frozen" ]; then printf 'FROZEN %s\\n' "$(head -c 2000 -- "$frozen" | tr -d '\\n')"
+             else echo THAWED; fi;;
+  esac
+done
+cd /
+runuser -u postgres -- psql -X -A -t -q -d postgres -c "SELECT pg_terminate_backend(pid)
+  FROM pg_stat_activity WHERE pid = $pid AND extract(epoch FROM backend_start)::text = '$start'"
+echo "no heartbeat for $quiet s: ended deploy lock session $pid" >&2
+"""
+
+BACKEND_SQL = ("SELECT pid, extract(epoch FROM backend_start)::text FROM pg_stat_activity"
+               " WHERE pid = pg_backend_pid()")
+TERMINATE_SQL = "SELECT pg_terminate_backend(%s)"
+
+
+CHECK_TIMEOUT_S = 10.0
+
+
+def _answers_within(seconds: float, fn: Callable[[], bool]) -> bool:
+    """``fn()`` on a daemon thread; False when it raises or takes longer than ``seconds``."""
+    result: list[bool] = []
+
+    def run() -> None:
+        try:
+            result.append(bool(fn()))
+        except Exception:  # noqa: BLE001 - any failure means the session is gone
+            result.append(False)
+
+    worker = threading.Thread(target=run, name="lock-check", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return bool(result and result[0])
+
+
+def watchdog_argv(pid: int, backend_start: str, quiet: int = WATCHDOG_QUIET_S) -> list[str]:
+    if not re.fullmatch(r"\d+(\.\d+)?", backend_start):
+        raise ValueError(f"not an epoch: {backend_start!r}")
+    return ["bash", "-c", WATCHDOG_SCRIPT, "releasy-deploy-watchdog", str(int(pid)),
+            backend_start, str(int(quiet)), FREEZE_FILE]
+
+
+class Heartbeat:
+    """Sends a line on ``chan`` every `HEARTBEAT_S` s (a daemon thread) until stopped."""
+
+    def __init__(self, chan: paramiko.Channel, interval: float = HEARTBEAT_S) -> None:
+        self._chan = chan
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,),
+                                        name="lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self._chan.sendall(b".\n")
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+
+    def stop(self, *, release: bool) -> None:
+        """Stop beating; ``release``: tell the remote side to let go quietly first."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if release:
+            try:
+                self._chan.sendall(b"release\n")
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+
+
+class Watchdog:
+    """`WATCHDOG_SCRIPT` on the db host for our lock backend, fed by a `Heartbeat`."""
+
+    def __init__(self, conn: HostConnection, pid: int, backend_start: str) -> None:
+        self.host = conn.name
+        argv = with_sudo(watchdog_argv(pid, backend_start), is_root=conn.host.is_root)
+        err = bytearray()
+        try:
+            self._chan = _transport(conn).open_session(timeout=TUNNEL_TIMEOUT_S)
+            self._chan.exec_command(render(argv))
+            first = _read_line(self._chan, time.monotonic() + TUNNEL_TIMEOUT_S, err)
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError) as exc:
+            raise LockUnavailable(f"{conn.name}: cannot start the deploy lock's watchdog"
+                                  f" ({type(exc).__name__}: {exc})", host=conn.name) from None
+        if first != "WATCHING":
+            self._chan.close()
+            said = " ".join(err.decode("utf-8", "replace").split()) or "no output"
+            raise LockUnavailable(f"{conn.name}: the deploy lock's watchdog did not start:"
+                                  f" {said}\n  Check that {conn.host.ssh_user} can run"
+                                  f" `sudo -n bash` and `runuser` there.", host=conn.name)
+        self._beat = Heartbeat(self._chan)
+
+    def frozen(self) -> dict[str, str] | None:
+        """Ask the watchdog (as root on the lock host) for the freeze marker."""
+        err = bytearray()
+        try:
+            self._chan.sendall(b"frozen?\n")
+            line = _read_line(self._chan, time.monotonic() + TUNNEL_TIMEOUT_S, err)
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError) as exc:
+            raise LockLost(f"{self.host}: the deploy lock's watchdog stopped answering"
+                           f" ({type(exc).__name__})", host=self.host) from None
+        return parse_freeze_line(line)
+
+    def close(self) -> None:
+        self._beat.stop(release=True)
+        try:
+            self._chan.shutdown_write()
+            self._chan.status_event.wait(5)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass
+        finally:
+            self._chan.close()
+
+
 # --------------------------------------------------------------------------------------
 # The SSH tunnel
 # --------------------------------------------------------------------------------------
@@ -366,27 +517,35 @@ def _transport(conn: HostConnection) -> paramiko.Transport:
 
 
 class SshTunnel:
-    """127.0.0.1:<ephemeral port> here -> ``dest`` as seen from the SSH server.
+    """A unix socket here (``path``, in a fresh 0700 directory of ours) -> ``dest`` as seen
+    from the SSH server.
 
     One direct-tcpip channel, opened at once (so a refused forward or a closed port is
     reported before any client tries), bridged to the first client that connects; the
-    listener is closed after that one accept, so nothing else can use the tunnel.
+    listener is closed after that one accept. Only our own user (and root) can reach the
+    socket at all: a TCP listener on 127.0.0.1 would take the first connection from any
+    local user. The socket is named the way libpq looks for one (``.s.PGSQL.PORT``), so
+    psycopg connects with ``host=directory``.
     """
 
     def __init__(self, conn: HostConnection, dest: tuple[str, int], *,
                  timeout: float = TUNNEL_TIMEOUT_S) -> None:
+        import tempfile
+
         self.host = conn.name
         transport = _transport(conn)
         transport.set_keepalive(SSH_KEEPALIVE_S)
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
+        self.port = dest[1]
+        self.directory = tempfile.mkdtemp(prefix="releasy-lock-")  # 0700
+        self.path = os.path.join(self.directory, f".s.PGSQL.{self.port}")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
         self._listener.listen(1)
-        self.port: int = self._listener.getsockname()[1]
         try:
             self._chan = transport.open_channel(
-                "direct-tcpip", dest, ("127.0.0.1", self.port), timeout=timeout)
+                "direct-tcpip", dest, ("127.0.0.1", 0), timeout=timeout)
         except paramiko.ChannelException as exc:
-            self._listener.close()
+            self._cleanup()
             why = exc.text or f"code {exc.code}"
             hint = (
                 "sshd refuses TCP forwarding: set `AllowTcpForwarding local` (or yes) in"
@@ -399,7 +558,7 @@ class SshTunnel:
                 host=conn.name,
             ) from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            self._listener.close()
+            self._cleanup()
             raise UnreachableError(
                 f"{conn.name}: lost the SSH connection while opening a tunnel"
                 f" ({type(exc).__name__}: {exc})", host=conn.name) from None
@@ -420,7 +579,7 @@ class SshTunnel:
             self._chan.close()
             return
         finally:
-            self._listener.close()
+            self._cleanup()
         self._client = client
         try:
             _bridge(client, self._chan)
@@ -428,8 +587,17 @@ class SshTunnel:
             client.close()
             self._chan.close()
 
-    def close(self) -> None:
+    def _cleanup(self) -> None:
+        """Close the listener and remove its socket and directory (idempotent)."""
         self._listener.close()
+        for remove in (lambda: os.unlink(self.path), lambda: os.rmdir(self.directory)):
+            try:
+                remove()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._cleanup()
         self._chan.close()
         if self._client is not None:
             try:
@@ -493,7 +661,7 @@ class _PgLockSession:
                 f" and starts it.", host=self.db_host) from None
         try:
             self.conn = psycopg.connect(
-                host="127.0.0.1", port=self.tunnel.port, user=creds.user,
+                host=self.tunnel.directory, port=self.tunnel.port, user=creds.user,
                 password=creds.password, dbname=creds.dbname,
                 application_name=application_name, connect_timeout=int(TUNNEL_TIMEOUT_S),
                 # SSH already encrypts the way here and the rest is the db host's loopback.
@@ -567,6 +735,30 @@ class _PgLockSession:
             note=f"PostgreSQL backend pid {pid} (role {usename}, application_name"
                  f" {app_name!r}, from {client or 'a local socket'})")
 
+    def backend(self) -> tuple[int, str]:
+        """Our backend's pid and start time (what the watchdog may terminate)."""
+        import psycopg
+
+        try:
+            pid, start = self.conn.execute(BACKEND_SQL).fetchone()
+        except psycopg.Error as exc:
+            raise self._query_error(exc) from None
+        return int(pid), str(start)
+
+    def terminate_holder(self) -> LockInfo | None:
+        """End the session holding the environment's key (not ours); its holder, or None."""
+        import psycopg
+
+        try:
+            rows = self.conn.execute(HOLDER_SQL, pg_locks_ids(self.key)).fetchall()
+            holder = self.holder() if rows else None
+            for row in rows:
+                if not row[5]:
+                    self.conn.execute(TERMINATE_SQL, (row[0],))
+        except psycopg.Error as exc:
+            raise self._query_error(exc) from None
+        return holder
+
     def held_by_us(self) -> bool:
         rows = self.conn.execute(HOLDER_SQL, pg_locks_ids(self.key)).fetchall()
         return any(row[5] for row in rows)
@@ -583,7 +775,12 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
     user, machine, pid = _identity()
     env = session.inventory.environment
     pg = _PgLockSession(session, application_name=f"{LABEL_PREFIX} waiting {pid}")
+    dog: Watchdog | None = None
+    lost: list[bool] = []
     try:
+        # Before the lock is ours: if we vanish while waiting or holding, the watchdog
+        # ends this session within WATCHDOG_QUIET_S, stock sshd or not.
+        dog = Watchdog(session.executor.conn(session.inventory.db_host), *pg.backend())
         deadline = time.monotonic() + max(0.0, wait)
         quick_retries = 0
         while not pg.try_lock():
@@ -601,13 +798,15 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
         pg.set_label(label)
         info = parse_label(label, environment=env, where=pg.where)
         assert info is not None
+        info = replace(info, frozen=dog.frozen())  # read while holding the lock
 
         def check() -> None:
-            try:
-                ok = pg.tunnel.alive and pg.held_by_us()
-            except Exception:  # noqa: BLE001 - any failure here means the session is gone
-                ok = False
+            # Bounded: with the network gone a query would wait for TCP to give up (minutes),
+            # while the watchdog has long freed the lock.
+            ok = not lost and pg.tunnel.alive and _answers_within(CHECK_TIMEOUT_S,
+                                                                  pg.held_by_us)
             if not ok:
+                lost.append(True)
                 raise LockLost(
                     f"{pg.db_host}: the deploy lock of {env} was lost (its PostgreSQL session"
                     f" through the SSH tunnel ended). Stop here: another deploy may have"
@@ -618,7 +817,11 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
             yield replace(info, _check=check)
         finally:
             try:
-                if pg.unlock():
+                if lost:
+                    pg.tunnel.close()  # a query may still hang on it: end that first
+                    session.reporter.error(pg.db_host, f"releasing the deploy lock of {env}:"
+                                                       " it was already lost (session ended)")
+                elif pg.unlock():
                     session.reporter.info(pg.db_host, f"deploy lock of {env} released")
                 else:
                     session.reporter.error(
@@ -626,6 +829,10 @@ def _postgres_lock(session: Session, *, version: str | None, wait: float) -> Ite
             except DeployError as exc:
                 session.reporter.error(pg.db_host, f"releasing the deploy lock of {env}: {exc}")
     finally:
+        if dog is not None:
+            dog.close()
+        if lost:
+            pg.tunnel.close()
         pg.close()  # ends the session: frees the lock even if the unlock above failed
 
 
@@ -726,6 +933,14 @@ def _flock_lock(session: Session, *, version: str | None, wait: float) -> Iterat
 
     info = parse_label(label, environment=env, where=where)
     assert info is not None
+    try:
+        info = replace(info, frozen=parse_freeze_line(
+            _read_line(chan, time.monotonic() + TUNNEL_TIMEOUT_S, err)))
+    except (TimeoutError, LockUnavailable, paramiko.SSHException, EOFError, OSError):
+        chan.close()
+        raise LockUnavailable(f"{host.name}: the deploy lock command did not say whether"
+                              f" deploys are frozen", host=host.name) from None
+    beat = Heartbeat(chan)
 
     def check() -> None:
         if chan.closed or chan.exit_status_ready() or not transport.is_active():
@@ -739,6 +954,7 @@ def _flock_lock(session: Session, *, version: str | None, wait: float) -> Iterat
     finally:
         # EOF on its stdin: the remote shell removes the holder file and exits, which
         # releases the flock. Wait briefly for that so the next deploy sees it free.
+        beat.stop(release=True)
         try:
             chan.shutdown_write()
             chan.status_event.wait(5)
@@ -776,6 +992,104 @@ def holder_info(session: Session) -> LockInfo | None:
         pg.close()
 
 
+def force_unlock(session: Session) -> LockInfo | None:
+    """End whichever session holds the environment's lock (`fab deploy.unlock`): its
+    PostgreSQL backend, or its flock process. Returns whom it ended, None when free."""
+    inv = session.inventory
+    if inv.database.kind == "sqlite":
+        conn = session.executor.conn(inv.db_host)
+        res = conn.run(flock_status_argv(), mutates=False)
+        first = (res.stdout.splitlines() or ["FREE"])[0].split()
+        holder = _flock_holder(session)
+        if holder is None or len(first) < 2 or not first[1].isdigit():
+            return None
+        conn.run(["kill", "-TERM", "--", first[1]], sudo=True)
+        return holder
+    pg = _PgLockSession(session, application_name=f"{LABEL_PREFIX} unlock")
+    try:
+        return pg.terminate_holder()
+    finally:
+        pg.close()
+
+
+# --------------------------------------------------------------------------------------
+# Freeze marker
+# --------------------------------------------------------------------------------------
+_REASON_MAX = 300
+
+
+def check_reason(reason: str) -> str:
+    text = " ".join((reason or "").split())
+    if not text:
+        raise ValueError("--reason is required: say why deploys are frozen")
+    if len(text) > _REASON_MAX or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError(f"--reason must be one line of at most {_REASON_MAX} characters")
+    return text
+
+
+def freeze_record(reason: str, *, since: datetime | None = None) -> bytes:
+    user, machine, _ = _identity()
+    when = (since or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (json.dumps({"reason": check_reason(reason), "by": f"{user}@{machine}",
+                        "since": when}) + "\n").encode()
+
+
+def parse_freeze_line(line: str | None) -> dict[str, str] | None:
+    """``FROZEN <record>`` / ``THAWED`` as the lock's remote helpers print them."""
+    if line is not None and line.startswith("FROZEN "):
+        return parse_freeze(line[len("FROZEN "):].encode())
+    if line == "THAWED":
+        return None
+    raise LockUnavailable(f"unexpected answer about the freeze marker: {line!r}")
+
+
+def parse_freeze(data: bytes | None) -> dict[str, str] | None:
+    """The freeze record, or None (not frozen). An unreadable marker still freezes."""
+    if data is None:
+        return None
+    try:
+        record = json.loads(data.decode("utf-8", "replace"))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return {"reason": "(unreadable marker)", "by": "?", "since": "?"}
+    return {k: str(record.get(k, "?")) for k in ("reason", "by", "since")}
+
+
+def frozen(session: Session) -> dict[str, str] | None:
+    """The freeze in force on the environment's lock host, or None. Read-only."""
+    conn = session.executor.conn(session.inventory.db_host)
+    return parse_freeze(conn.read_file(FREEZE_FILE, sudo=True))
+
+
+def frozen_message(environment: str, record: dict[str, str]) -> str:
+    return (f"deploys of {environment} are frozen since {record['since']} by {record['by']}:"
+            f" {record['reason']}\n  Nothing was changed. `fab deploy.unfreeze` lifts it.")
+
+
+def freeze(session: Session, reason: str) -> bool:
+    """Leave the freeze marker (True), or keep the one already there (False)."""
+    from .commands.kept_secrets import WRITE_SCRIPT
+
+    data = freeze_record(reason)
+    if frozen(session) is not None:
+        return False
+    conn = session.executor.conn(session.inventory.db_host)
+    if not conn.dry_run:
+        conn.run(["sh", "-c", WRITE_SCRIPT, "releasy-freeze", STATE_DIR, FREEZE_FILE],
+                 sudo=True, stdin=data)
+    return True
+
+
+def unfreeze(session: Session) -> dict[str, str] | None:
+    """Remove the freeze marker; returns the freeze lifted (None: there was none)."""
+    record = frozen(session)
+    conn = session.executor.conn(session.inventory.db_host)
+    if record is not None and not conn.dry_run:
+        conn.run(["rm", "-f", "--", FREEZE_FILE], sudo=True)
+    return record
+
+
 def lock_holder(session: Session) -> str | None:
     """``user@machine pid=N version=V since <ISO 8601>`` of the holder, or None when free."""
     info = holder_info(session)
@@ -803,14 +1117,21 @@ def deploy_lock(session: Session, *, version: str | None,
         except DeployError as exc:
             state = f"state unknown: {first_line(exc)}"
         session.reporter.would(where, f"take the deploy lock of {inv.environment} ({state})")
+        record = frozen(session)
+        if record is not None:
+            session.reporter.info(where, "a real run would refuse: "
+                                  + frozen_message(inv.environment, record).splitlines()[0])
         user, machine, pid = _identity()
         yield LockInfo(environment=inv.environment, where=f"dry run on {where}", user=user,
                        machine=machine, pid=pid, version=version,
                        note="dry run: lock not taken")
         return
-    if inv.database.kind == "sqlite":
-        with _flock_lock(session, version=version, wait=wait) as info:
-            yield info
-    else:
-        with _postgres_lock(session, version=version, wait=wait) as info:
-            yield info
+    take = _flock_lock if inv.database.kind == "sqlite" else _postgres_lock
+    with take(session, version=version, wait=wait) as info:
+        # Read while holding the lock (by the lock's own remote helper, no extra command):
+        # a freeze cannot slip in between the check and the deploy.
+        record = info.frozen
+        if record is not None:
+            raise DeployFrozen(frozen_message(inv.environment, record),
+                               host=inv.db_host.name)
+        yield info

@@ -501,7 +501,7 @@ def run_adhoc(session: Session, tier: str, command: str, *,
                            unreachable=isinstance(exc, (UnreachableError, HostKeyError)))
         return HostRun(c.name, res.exit_code, time.monotonic() - t0)
 
-    found = session.executor.each(hosts, one)
+    found = session.executor.each(hosts, one, close_on_interrupt=True)  # `tail -f`: one Ctrl-C
     runs = [found[h.name] for h in hosts]
     shown = session.executor.masker(command)
     print(f"summary of `{shown}` on the {tier} hosts:\n"

@@ -361,7 +361,9 @@ class Reporter:
         if json_path is not None:
             path = Path(json_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._json = path.open("a", encoding="utf-8")
+            # Created 0600: events name hosts, paths and versions, nothing for others to read.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._json = os.fdopen(fd, "a", encoding="utf-8")
         # Live view state (all under _lock).
         self._live_enabled = live_wanted(stream) if live is None else live
         self._live_on = False  # the block may be on screen (between start and end)

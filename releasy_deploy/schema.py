@@ -58,12 +58,15 @@ def postgres_level_shell(database: str) -> str:
             f"if [ \"$t\" = t ]; then {psql(LEVEL_SQL)}; else echo 0; fi")
 
 
-def sqlite_level_shell(path: str) -> str:
-    """Prints the level of a SQLite database file (0 when absent or without the table)."""
+def sqlite_level_shell(path: str, user: str) -> str:
+    """Prints the level of a SQLite database file (0 when absent or without the table).
+
+    sqlite3 runs as the service account ``user``: even read-only it opens ``-shm``/``-wal``
+    read-write, and those names sit in the service's own directory (symlinks to anything)."""
     q = shlex.quote(path)
 
     def sqlite(sql: str) -> str:
-        return shlex.join(["sqlite3", "-readonly", path, sql])
+        return shlex.join(["runuser", "-u", user, "--", "sqlite3", "-readonly", path, sql])
     return (f"[ -f {q} ] || {{ echo 0; exit 0; }}\n"
             f"t=$({sqlite(SQLITE_TABLE_SQL)}) || exit 4\n"
             f"if [ \"$t\" = 1 ]; then {sqlite(SQLITE_LEVEL_SQL)}; else echo 0; fi")
@@ -83,6 +86,7 @@ class SchemaLevel(Fact):
 
     kind: str
     where: str
+    user: str = ""  # sqlite: the service account, which alone opens the file
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,7 +96,9 @@ class SchemaLevel(Fact):
     def shell(self) -> str:
         if self.kind == "postgres":
             return postgres_level_shell(self.where)
-        return sqlite_level_shell(self.where)
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]*", self.user):
+            raise ValueError(f"SchemaLevel(sqlite) needs the service account, got {self.user!r}")
+        return f"cd / && {sqlite_level_shell(self.where, self.user)}"
 
     def parse(self, out: str, code: int) -> int | None:
         return parse_level(out, code)
@@ -101,7 +107,8 @@ class SchemaLevel(Fact):
 def level_fact(inv: Inventory) -> SchemaLevel:
     """The fact reading the database's migration level on `level_host`."""
     if inv.database.kind == "sqlite":
-        return SchemaLevel("sqlite", appcmd.sqlite_path(appcmd.SQLITE_URL))
+        return SchemaLevel("sqlite", appcmd.sqlite_path(appcmd.SQLITE_URL),
+                           inv.app.service_user)
     return SchemaLevel("postgres", inv.database.name)
 
 

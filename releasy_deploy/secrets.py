@@ -29,6 +29,8 @@ SECRET_ENV_VARS: Mapping[str, str] = MappingProxyType({
     "artifact_secret_key": "RELEASY_ARTIFACT_SECRET_KEY",
 })
 
+MIN_LENGTH = 16
+
 _NAME_SHAPE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -81,6 +83,10 @@ def _value_problem(value: Any) -> str | None:
         return "has leading or trailing whitespace (Releasy would trim it)"
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return "contains control characters (newline, tab, ...)"
+    if len(value) < MIN_LENGTH:
+        # Short values are guessable, and the masker could not hide them reliably.
+        return (f"is shorter than {MIN_LENGTH} characters; use a random value (e.g."
+                " `openssl rand -base64 32`)")
     return None
 
 

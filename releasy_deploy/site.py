@@ -7,7 +7,8 @@ finishing. Hosts of one tier run in parallel inside each tier's setup."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 from contextlib import ExitStack, contextmanager
 
 from . import rollout
@@ -82,7 +83,9 @@ def change_lock(session: Session, *, version: str | None = None,
         yield lock
 
 
-def setup_app(session: Session, version: str | None, lock: LockInfo | None) -> None:
+def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
+              rotate: Iterable[str] = (),
+              secrets: tuple[Any, Any] | None = None) -> None:
     """The app tier, safe on an environment that serves: files are written everywhere in
     parallel, but a host that serves and must restart (a changed env file or unit, another
     release) is restarted by the change engine, one batch at a time, drained first, with
@@ -90,7 +93,8 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None) -> N
     First installs (nothing serves yet) and single hosts start in parallel as before."""
     inv = session.inventory
     rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
-    deferred = app.setup(session, version, defer_restarts=rolling and lock is not None)
+    deferred = app.setup(session, version, defer_restarts=rolling and lock is not None,
+                         rotate=rotate, secrets=secrets)
     if not deferred or lock is None:
         return
     timeout = float(inv.app.ready_timeout)
@@ -116,14 +120,18 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None) -> N
                   ready_timeout=timeout).run(yes=True)
 
 
-def run(session: Session, version: str | None = None, *, wait: float = 0) -> dict[str, int]:
+def run(session: Session, version: str | None = None, *, wait: float = 0,
+        rotate: Iterable[str] = ()) -> dict[str, int]:
     """Converge the whole inventory; returns the change tally summed over hosts.
 
     Under the deploy lock from the app tier on (the database it lives in comes first); a
-    lock held elsewhere stops it before anything is touched (exit 3)."""
+    lock held elsewhere stops it before anything is touched (exit 3). The app hosts'
+    secrets are checked first too: one that would drift is refused (exit 2) before any
+    tier is touched."""
     started = time.monotonic()
     if not session.dry_run:
         refuse_if_locked(session)
+    secrets = app.resolve_secrets(session, rotate)
     with ExitStack() as stack:
         for step in STEPS:
             step_started = time.monotonic()
@@ -132,7 +140,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0) -> dic
                 db.setup(session)
                 lock = stack.enter_context(change_lock(session, version=version, wait=wait))
             elif step == "app":
-                setup_app(session, version, lock)
+                setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
                 proxy.setup(session)
             else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import audit, schema
+from .. import audit, interrupts, schema
 from .. import backups as backups_mod
 from ..backups import Backup
 from ..commands import app as appcmd
@@ -348,7 +348,9 @@ class RollingRunner:
                     if readd_now:
                         self.readd_pending()
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure recovers
-            self.recover(batch, exc)
+            # A second Ctrl-C must not leave hosts out of rotation: noted, obeyed after.
+            with interrupts.deferred("putting the hosts back and restoring the rotation"):
+                self.recover(batch, exc)
         self.done += hosts
 
     # -- failure -----------------------------------------------------------------------------

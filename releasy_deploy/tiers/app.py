@@ -22,11 +22,12 @@ import hashlib
 import math
 import shlex
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
 from ..commands import app as cmd
+from ..commands import kept_secrets as kept
 from ..commands import systemd
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
@@ -36,6 +37,7 @@ from ..inventory import Inventory, check_version
 from ..hostos import check_release
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
+from ..secret_policy import ROTATION_EFFECTS, Resolution, SecretDrift, resolve
 from ..remote import Change, ensure_packages, render_diff, report
 from ..session import Session
 from . import db as db_tier
@@ -43,7 +45,7 @@ from . import db as db_tier
 __all__ = [
     "setup", "stage_release", "activate_release", "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
-    "SERVICE_UNIT", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
+    "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT", "KeptSecrets", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
 ]
 
 SERVICE_UNIT = cmd.SERVICE
@@ -106,6 +108,18 @@ class ReleasyReady(Fact):
 
 
 @dataclass(frozen=True)
+class KeptSecrets(Fact):
+    """The secrets the host keeps (`commands.kept_secrets.KeptState`): the kept file, and
+    the secret lines of releasy.env (hosts set up before the file existed)."""
+
+    def shell(self) -> str:
+        return kept.PROBE
+
+    def parse(self, out: str, code: int) -> kept.KeptState:
+        return kept.parse_probe(out)
+
+
+@dataclass(frozen=True)
 class HostFacts:
     missing_packages: tuple[str, ...]
     account: cmd.Account
@@ -116,6 +130,7 @@ class HostFacts:
     ready: bool
     instances: dict[int, dict[str, str]]  # blue/green port -> systemctl show (single host)
     instances_ready: dict[int, bool]
+    kept: kept.KeptState | None = None  # the host's kept secrets, when read in this batch
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,7 @@ class _Plan:
     version: str | None
     release: LocalRelease | None
     database_url: str
+    kept: Mapping[str, kept.KeptState] = field(default_factory=dict)  # host -> kept secrets
 
     @property
     def user(self) -> str:
@@ -167,11 +183,13 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
     return None
 
 
-def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
+def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
-    found = read_facts(c, [OsRelease(), *_fact_names(plan, bind)], sudo=True)
+    extra = [KeptSecrets()] if with_secrets else []
+    found = read_facts(c, [OsRelease(), *_fact_names(plan, bind), *extra], sudo=True)
     check_release(c.name, found[OsRelease()])  # before anything is changed on it
     return HostFacts(
+        kept=found.get(KeptSecrets()),
         missing_packages=tuple(p for p in PACKAGES if not found[PackageVersion(p)]),
         account=found[ReleasyAccount(plan.user)],
         stats={k.path: v for k, v in found.items() if isinstance(k, FileStat)},
@@ -214,13 +232,79 @@ def database_url(session: Session) -> str:
     return url
 
 
-def setup(session: Session, version: str | None = None, *,
-          defer_restarts: bool = False) -> dict[str, list[str]]:
+def resolve_secrets(session: Session, rotate: Iterable[str] = ()
+                    ) -> tuple[Resolution, dict[str, kept.KeptState]]:
+    """The secrets every app host must run with, checked against what the hosts keep
+    (one round trip per app host, in parallel). Raises BadInput (exit 2, nothing changed)
+    when a value would change without ``--rotate-secret NAME``; warns what a requested
+    rotation breaks. Every value read is masked before anything could print it."""
+    states = session.executor.each(
+        session.inventory.hosts_in("app"),
+        lambda c: read_fact(c, KeptSecrets(), sudo=True))
+    return _resolve_states(session, states, rotate)
+
+
+def mask_host_secrets(session: Session, hosts: Iterable[Any] = ()) -> None:
+    """Register the secrets that live only on hosts with the masker before a task that
+    prints what hosts say (`fab app.logs`, `fab run`): the database password (PostgreSQL)
+    and the secrets kept on those of ``hosts`` that are app hosts (one round trip each,
+    in parallel). A host that cannot be read is skipped: the task itself will say why."""
+    inv = session.inventory
+    if inv.database.kind == "postgres":
+        try:
+            database_url(session)
+        except DeployError:
+            pass
+    app_names = {h.name for h in inv.hosts_in("app")}
+    targets = [h for h in hosts if getattr(h, "name", h) in app_names]
+    if not targets:
+        return
+
+    def read(c: HostConnection) -> None:
+        try:
+            state = read_fact(c, KeptSecrets(), sudo=True)
+        except DeployError:
+            return
+        session.executor.masker.add([*(state.kept or {}).values(), *state.env.values()])
+
+    try:
+        session.executor.each(targets, read)
+    except DeployError:
+        pass
+
+
+def _resolve_states(session: Session, states: dict[str, kept.KeptState],
+                    rotate: Iterable[str]) -> tuple[Resolution, dict[str, kept.KeptState]]:
+    ex = session.executor
+    for state in states.values():
+        ex.masker.add([*(state.kept or {}).values(), *state.env.values()])
+    try:
+        res = resolve(session.secrets.values, states, rotate)
+    except (SecretDrift, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    ex.masker.add(res.values.values())
+    ex.secrets.update(res.values)  # never in a command line either
+    for name in res.generated:
+        session.reporter.info("secrets", f"{name} generated (none was set or kept on the app"
+                                         f" hosts); kept in {kept.KEPT_FILE} on every app host")
+    for name in res.kept_from_hosts:
+        session.reporter.info("secrets", f"{name}: not set here, keeping the app hosts' value")
+    for name in res.rotated:
+        session.reporter.info("secrets", f"WARNING: rotating {name}: {ROTATION_EFFECTS[name]}")
+    return res, states
+
+
+def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,
+          rotate: Iterable[str] = (),
+          secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None
+          ) -> dict[str, list[str]]:
     """Install and start Releasy on every app host (in parallel).
 
     ``version``: the release to run; None keeps each host's current release (and fails
-    when a host has none). Raises BadInput before touching any host when the artifact is
-    missing, unpinned or does not verify.
+    when a host has none). ``rotate``: secret names whose value may change (see
+    `resolve_secrets`; ``secrets`` is its result when the caller already has it). Raises
+    BadInput before touching any host when the artifact is missing, unpinned or does not
+    verify, or when a secret would drift.
 
     ``defer_restarts`` (an environment that serves, see `releasy_deploy.site`): a host that
     is ready and would need a restart (env file, unit) or a release switch gets its files
@@ -230,9 +314,13 @@ def setup(session: Session, version: str | None = None, *,
     inv = session.inventory
     hosts = inv.hosts_in("app")
     release = fetch_release(inv, version) if version is not None else None
-    plan = _Plan(inv, session.secrets, version, release, database_url(session))
+    plan = _Plan(inv, {}, version, release, database_url(session))
     ex = session.executor
-    found = ex.each(hosts, lambda c: _gather(c, plan))
+    # Without a resolution from the caller, the kept secrets come in the same batch.
+    found = ex.each(hosts, lambda c: _gather(c, plan, with_secrets=secrets is None))
+    res, states = secrets if secrets is not None else _resolve_states(
+        session, {n: f.kept for n, f in found.items()}, rotate)
+    plan = replace(plan, secrets=res.values, kept=states)
     if version is None:
         bare = [h.name for h in hosts if found[h.name].releases.current is None]
         if bare:
@@ -266,6 +354,7 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
     if plan.release is not None:
         staged = _stage(c, plan.release, f.releases).changed
 
+    _ensure_kept_secrets(c, plan)
     env_changed = _ensure_env_file(c, plan, group, f)
 
     activated = False
@@ -314,6 +403,7 @@ def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str
     if plan.version and plan.version != f.releases.current:
         raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
                        f"the release with `fab deploy.bluegreen --version {plan.version}`")
+    _ensure_kept_secrets(c, plan)
     env_changed = _ensure_env_file(c, plan, group, f)
     units = cmd.render_units(plan.user, group)
     changed_units = _ensure_units(c, units, f,
@@ -397,10 +487,33 @@ def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts
         raise DeployError(f"{c.name}: the SQLite database {path} does not exist and is outside"
                           f" {cmd.DATA_DIR}, the only directory Releasy may write to", host=c.name)
     if not c.dry_run:
-        argv = ["install", "-m", "0600", "-o", plan.user, "-g", group, "/dev/null", path]
+        # Created by the service account itself, never replacing anything (noclobber): the
+        # directory is its own, so whatever it planted there root must not write through.
+        argv = ["runuser", "-u", plan.user, "--", "sh", "-c", 'umask 077; set -C; : > "$1"',
+                "releasy-create-db", path]
         _run_script(c, cmd.script_of([argv]), f"create {path}",
                     hint=f"check that {cmd.DATA_DIR} exists on {c.name}")
     report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
+
+
+def _ensure_kept_secrets(c: HostConnection, plan: _Plan) -> None:
+    """The host keeps the secrets it runs with (root:root 0600 in a root 0700 directory),
+    written before the env file: a later run without them keeps them (secret_policy)."""
+    state = plan.kept.get(c.name, kept.KeptState())
+    values = dict(plan.secrets)
+    if state.kept == values and state.tidy:
+        report(c, Change(False, f"file {kept.KEPT_FILE} (secrets kept, not shown)"))
+        return
+    how = ("created" if state.kept is None else "owner/mode fixed" if state.kept == values
+           else "updated")
+    if not c.dry_run:
+        res = c.run(kept.write_argv(), sudo=True, stdin=kept.render(values), check=False)
+        if not res.ok:
+            out = c.mask(res.stderr.strip() or res.stdout.strip()) or "(no output)"
+            raise DeployError(f"{c.name}: writing {kept.KEPT_FILE} failed (exit code"
+                              f" {res.exit_code}): {tail(out)}", host=c.name)
+    report(c, Change(True, f"file {kept.KEPT_FILE} ({how}, root:root 0600, names: "
+                           f"{', '.join(sorted(values)) or 'none'}; values not shown)"))
 
 
 def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> bool:

@@ -152,7 +152,7 @@ def test_dry_run_shows_a_masked_env_diff_and_changes_nothing(lab, tmp_path):
     inv = lab.inventory_variant(tmp_path, lambda d: d.update(app={"log_level": "debug"}))
     before_sum = sh(lab, "sha256sum", "/etc/releasy/releasy.env")
     before_pid = main_pid(lab)
-    proc = lab.fab("app.setup", "--dry-run", inventory=inv,
+    proc = lab.fab("app.setup", "--dry-run", "--rotate-secret", "admin_api_key", inventory=inv,
                    env={"RELEASY_ADMIN_API_KEY": WEIRD_KEY})
     out = proc.stdout
     assert '-RELEASY_LOG_LEVEL="info"' in out and '+RELEASY_LOG_LEVEL="debug"' in out
@@ -166,7 +166,8 @@ def test_dry_run_shows_a_masked_env_diff_and_changes_nothing(lab, tmp_path):
 
 def test_env_values_with_spaces_quotes_and_non_ascii_reach_the_process_exactly(lab):
     before = main_pid(lab)
-    proc = lab.fab("app.setup", env={"RELEASY_ADMIN_API_KEY": WEIRD_KEY})
+    proc = lab.fab("app.setup", "--rotate-secret", "admin_api_key",
+                   env={"RELEASY_ADMIN_API_KEY": WEIRD_KEY})
     assert "releasy.service restarted (env file changed)" in proc.stdout
     assert WEIRD_KEY not in proc.stdout + proc.stderr
     pid = main_pid(lab)
@@ -175,7 +176,7 @@ def test_env_values_with_spaces_quotes_and_non_ascii_reach_the_process_exactly(l
     assert f"RELEASY_ADMIN_API_KEY={WEIRD_KEY}" in environ
     assert "RELEASY_BIND_ADDR=127.0.0.1:8080" in environ
     # back to the lab's own secrets
-    lab.fab("app.setup")
+    lab.fab("app.setup", "--rotate-secret", "admin_api_key")
 
 
 def test_new_version_switches_current_and_restarts(lab):

@@ -204,3 +204,44 @@ def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
                            "db.psql")
     assert shell.returncode == 0, shell.stderr
     assert "kept by the dump" in shell.stdout
+
+
+def test_sqlite_backup_and_restore_never_follow_the_service_accounts_symlinks(lab_session):
+    """The service account owns /var/lib/releasy: it plants symlinks to a root-owned file at
+    every name there a root step could touch (the database, -wal, -shm, -journal). Backup
+    and restore either work or refuse; the root-owned file is untouched either way."""
+    lab = lab_session.use("single", database="sqlite")
+    canary, db = "/etc/releasy-canary", "/var/lib/releasy/releasy.db"
+    lab.sudo("solo", "sh", "-c", f"printf 'root only\\n' > {canary} && chmod 0644 {canary}")
+
+    def canary_state() -> str:
+        return lab.sudo("solo", "sh", "-c", f"stat -c '%U:%G %a %s' {canary};"
+                                            f" sha256sum < {canary}").stdout
+
+    before = canary_state()
+    name = dump_name(lab.fab("db.backup").stdout)  # a good dump, taken before the planting
+    as_service = ["runuser", "-u", "releasy", "--", "sh", "-c"]
+    lab.sudo("solo", "systemctl", "stop", "releasy.service")
+    lab.sudo("solo", *as_service, f"cp -p {db} {db}.keep")
+    try:
+        lab.sudo("solo", *as_service, f"cd /var/lib/releasy && for s in -wal -shm -journal; do"
+                                      f" rm -f releasy.db$s; ln -s {canary} releasy.db$s; done")
+        results = [lab.fab("db.backup", check=False),
+                   lab.fab("db.restore", "--file", name, "--yes", check=False)]
+        lab.sudo("solo", "systemctl", "stop", "releasy.service")
+        lab.sudo("solo", *as_service, f"rm -f {db} && ln -s {canary} {db}")
+        results += [lab.fab("db.backup", check=False),
+                    lab.fab("db.restore", "--file", name, "--yes", check=False)]
+        for proc in results:
+            print(proc.args[3:], proc.returncode, proc.stderr.strip()[-300:])
+            assert proc.returncode in (0, 1, 2), proc.stdout + proc.stderr
+            assert "Traceback" not in proc.stdout + proc.stderr
+            if proc.returncode == 1:
+                assert "solo" in proc.stderr + proc.stdout
+        assert canary_state() == before
+    finally:
+        lab.sudo("solo", "sh", "-c", f"rm -f {db} {db}-wal {db}-shm {db}-journal {canary}")
+        lab.sudo("solo", *as_service, f"mv {db}.keep {db}")
+        lab.sudo("solo", "systemctl", "start", "releasy.service")
+    lab.fab("db.restore", "--file", name, "--yes")  # the tasks work again
+    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200

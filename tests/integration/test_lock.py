@@ -293,6 +293,107 @@ def test_releasy_migrates_and_starts_while_the_deploy_lock_is_held(pg_lab):
         holder.kill()
 
 
+def test_freeze_refuses_every_deploy_with_exit_3_until_unfrozen(pg_lab):
+    frozen = pg_lab.fab("deploy.freeze", "--reason", "quarter-end books close")
+    assert "deploys of lab frozen: quarter-end books close" in frozen.stdout
+    assert "unchanged" in pg_lab.fab("deploy.freeze", "--reason", "again").stdout
+    assert pg_lab.sudo("db1", "stat", "-c", "%U:%G %a", "/etc/releasy-deploy",
+                       lock.FREEZE_FILE).stdout.split("\n")[:2] == ["root:root 700",
+                                                                  "root:root 600"]
+    try:
+        holder = Holder(pg_lab.inventory, "1.1.0")  # what every deploy does first
+        assert holder.finish() == 3
+        assert "frozen" in "\n".join(holder.output)
+        rolling = pg_lab.fab("deploy.rolling", "--version", "1.0.0", "--yes", check=False)
+        assert rolling.returncode == 3
+        assert "quarter-end books close" in rolling.stderr + rolling.stdout
+        assert holder_now(pg_lab.inventory) is None  # refused, and the lock let go
+    finally:
+        lifted = pg_lab.fab("deploy.unfreeze")
+    assert "unfrozen" in lifted.stdout and "quarter-end books close" in lifted.stdout
+    assert "were not frozen" in pg_lab.fab("deploy.unfreeze").stdout
+    holder = Holder(pg_lab.inventory, "1.1.0")
+    try:
+        holder.expect("held ")
+    finally:
+        holder.kill()
+    wait_free(pg_lab.inventory, FREE_WITHIN_S)
+
+
+def test_unlock_ends_the_holders_session_naming_it(pg_lab):
+    holder = Holder(pg_lab.inventory, "1.1.0")
+    try:
+        holder.expect("held ")
+        refused = pg_lab.fab("deploy.unlock", check=False)  # no terminal, no --yes
+        assert refused.returncode == 2 and holder_now(pg_lab.inventory) is not None
+        ended = pg_lab.fab("deploy.unlock", "--yes")
+        assert f"ended the session of {who(holder.pid, '1.1.0')}" in ended.stdout
+        assert holder_now(pg_lab.inventory) is None
+    finally:
+        holder.kill()
+    assert "free; nothing to end" in pg_lab.fab("deploy.unlock", "--yes").stdout
+
+
+def _ssh_ports_of(pid: int, address: str) -> list[int]:
+    """Local ports of the established SSH connections process ``pid`` has to ``address``."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dst", f"{address}:22"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines()
+            if f"pid={pid}," in line]
+
+
+def test_lock_frees_itself_when_the_operators_network_vanishes(pg_lab):
+    """Stock sshd (no ClientAlive in the lab image): a rolling deploy holds the lock in a
+    slow migration; every packet between it and db1 is dropped (in db1's own netfilter,
+    for its connection only); a second deploy gets the lock within 30 s."""
+    from lab.standin.build import build_release
+
+    sshd_settings = pg_lab.sudo("db1", "sshd", "-T").stdout
+    assert "clientaliveinterval 0" in sshd_settings  # what real hosts have
+    pg_lab.reset_to("1.0.0", ["app1", "app2"])
+    build_release("1.3.0", pg_lab.releases, migrations=4, migration_seconds=30)
+    env = {**os.environ, "RELEASY_INVENTORY": str(pg_lab.inventory), "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.rolling", "--version",
+                              "1.3.0", "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    db1 = load_inventory(pg_lab.inventory).host("db1").address
+    operator = pg_lab.ident.address(1)
+    rules: list[list[str]] = []
+    second = None
+    try:
+        seen = []
+        for line in first.stdout:  # until it is migrating on app1, holding the lock
+            seen.append(line)
+            locked = any("deploy lock of lab taken" in x for x in seen)
+            if locked and line.startswith("[app1] migrate"):
+                break
+        else:
+            raise AssertionError("".join(seen))
+        ports = _ssh_ports_of(first.pid, db1)
+        assert ports, "no SSH connection from the deploy to db1"
+        for port in ports:
+            rules += [["INPUT", "-p", "tcp", "-s", operator, "--sport", str(port), "--dport",
+                       "22", "-j", "DROP"],
+                      ["OUTPUT", "-p", "tcp", "-d", operator, "--dport", str(port), "--sport",
+                       "22", "-j", "DROP"]]
+        for rule in rules:
+            pg_lab.sudo("db1", "iptables", "-I", *rule)
+        dropped = time.monotonic()
+        second = Holder(pg_lab.inventory, "1.3.0", wait=60)
+        second.expect("held ", timeout=60)
+        took = time.monotonic() - dropped
+        print(f"lock taken by the second deploy {took:.1f} s after the network vanished")
+        assert took < 30
+    finally:
+        for rule in rules:
+            pg_lab.sudo("db1", "iptables", "-D", *rule, check=False)
+        if first.poll() is None:
+            first.kill()  # only the process this test started
+        first.wait(timeout=30)
+        if second is not None:
+            second.kill()
+
+
 # ======================================================================================
 # flock (single host, SQLite) -- last in this module: it replaces the split lab
 # ======================================================================================

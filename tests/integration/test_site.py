@@ -7,6 +7,7 @@ import re
 import subprocess
 
 import pytest
+import yaml
 
 from releasy_deploy.inventory import load_inventory
 
@@ -99,6 +100,102 @@ def test_split_audit_agrees_then_flags_a_port_opened_by_hand(split):
 def test_dry_run_on_a_provisioned_lab_reports_nothing_to_do(split):
     proc = split.fab("site", "--dry-run")
     assert "site: 0 would change" in proc.stdout
+
+
+def _env_sums(lab) -> dict[str, str]:
+    return {h: lab.sudo(h, "sha256sum", "/etc/releasy/releasy.env").stdout.split()[0]
+            for h in ("app1", "app2")}
+
+
+def test_secrets_never_drift(split, tmp_path):
+    """The pepper (like every secret) stays what the hosts have: kept when the operator's
+    side lacks it, a different value refused, replaced only by an explicit rotation."""
+    for host in ("app1", "app2"):
+        attrs = split.sudo(host, "stat", "-c", "%U:%G %a", "/etc/releasy-deploy",
+                           "/etc/releasy-deploy/secrets.json").stdout.split("\n")[:2]
+        assert attrs == ["root:root 700", "root:root 600"], host
+    lab_secrets = yaml.safe_load((split.state_dir / "secrets.yaml").read_text())
+    without = tmp_path / "secrets.yaml"
+    without.write_text(yaml.safe_dump({"admin_api_key": lab_secrets["admin_api_key"]}))
+    without.chmod(0o600)
+    inv = split.inventory_variant(tmp_path, lambda d: d["secrets"].update(file=str(without)))
+    pids, sums = {h: service_pids(split, h) for h in ("app1", "app2")}, _env_sums(split)
+
+    # Unset on the operator's side (cron without the variable, a second operator): kept.
+    kept = split.fab("site", inventory=inv)
+    assert changed_total(kept.stdout) == 0, kept.stdout
+    assert "api_key_pepper: not set here, keeping the app hosts' value" in kept.stdout
+    assert _env_sums(split) == sums
+    assert {h: service_pids(split, h) for h in ("app1", "app2")} == pids
+
+    # A different value: refused, exit 2, naming the secret; nothing changed.
+    other = "another-pepper-0123456789abcdef"
+    refused = split.fab("site", inventory=inv, env={"RELEASY_API_KEY_PEPPER": other},
+                        check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2, said
+    assert "api_key_pepper" in said and "--rotate-secret api_key_pepper" in said
+    assert other not in said and lab_secrets["api_key_pepper"] not in said
+    assert _env_sums(split) == sums
+    assert {h: service_pids(split, h) for h in ("app1", "app2")} == pids
+
+    # An explicit rotation: applied, with the warning of what it breaks.
+    try:
+        rotated = split.fab("app.setup", "--rotate-secret", "api_key_pepper", inventory=inv,
+                            env={"RELEASY_API_KEY_PEPPER": other})
+        assert ("WARNING: rotating api_key_pepper: every API key issued so far stops working"
+                in rotated.stdout)
+        assert other not in rotated.stdout + rotated.stderr
+        for host in ("app1", "app2"):
+            pid = service_pids(split, host)["releasy"]
+            environ = split.sudo(host, "cat", f"/proc/{pid}/environ").stdout.split("\0")
+            assert f"RELEASY_API_KEY_PEPPER={other}" in environ, host
+    finally:  # back to the lab's own pepper, the same way
+        split.fab("app.setup", "--rotate-secret", "api_key_pepper")
+    assert changed_total(split.fab("site").stdout) == 0
+
+
+def test_host_secrets_are_masked_in_ad_hoc_output_and_the_json_log_is_private(split,
+                                                                                tmp_path):
+    password = (split.host_root("db1") / "etc/releasy/database-password").read_text().strip()
+    log = tmp_path / "events.jsonl"
+    env = {"RELEASY_JSON_LOG": str(log)}
+    shown = split.fab("run", "--tier", "app", "--", "cat /etc/releasy/releasy.env", env=env)
+    assert "RELEASY_DATABASE_URL=" in shown.stdout
+    assert password not in shown.stdout + shown.stderr + log.read_text()
+    on_db = split.fab("run", "--tier", "db", "--", "cat /etc/releasy/database-password")
+    assert password not in on_db.stdout + on_db.stderr and "****" in on_db.stdout
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
+    import os
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    fab = str(Path(sys.executable).parent / "fab")
+    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([fab, "-r", str(root / "fabfile"), "run", "--tier", "app", "--",
+                             "echo started; exec tail -f /dev/null"], cwd=root, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # both hosts are running it
+            seen.append(line)
+            if sum("| started" in x for x in seen) == 2:
+                break
+        pressed = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # once
+        assert proc.wait(timeout=10) == 130
+        assert time.monotonic() - pressed < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # only the process this test started
+            proc.wait()
 
 
 @pytest.mark.parametrize("database", ["postgres", "sqlite"])

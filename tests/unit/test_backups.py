@@ -10,6 +10,7 @@ import pwd
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -191,21 +192,51 @@ needs_root_sqlite3 = pytest.mark.skipif(shutil.which("sqlite3") is None or os.ge
                                         reason="needs the sqlite3 CLI and root (chown)")
 
 
-@needs_root_sqlite3
-def test_sqlite_restore_keeps_the_service_account_as_owner(tmp_path):
+@pytest.fixture
+def service_dir():
+    """A directory owned by `nobody` (standing in for the service account) that nobody
+    can reach: outside pytest's root-only 0700 tmp tree."""
+    if os.geteuid() != 0 or shutil.which("sqlite3") is None or shutil.which("runuser") is None:
+        pytest.skip("needs root, runuser and the sqlite3 CLI")
     nobody = pwd.getpwnam("nobody")
-    db = tmp_path / "releasy.db"
-    with sqlite3.connect(db) as c:
-        c.execute("PRAGMA journal_mode = WAL")
-        c.execute("CREATE TABLE t (v TEXT)")
-        c.execute("INSERT INTO t VALUES ('kept')")
+    d = Path(tempfile.mkdtemp(prefix="releasy-unit-"))
+    os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    try:
+        yield d, nobody
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _as_nobody(nobody, fn):
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            fn()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@needs_root_sqlite3
+def test_sqlite_restore_runs_as_the_service_account(service_dir, tmp_path):
+    d, nobody = service_dir
+    db = d / "releasy.db"
+
+    def make():
+        with sqlite3.connect(db) as c:
+            c.execute("PRAGMA journal_mode = WAL")
+            c.execute("CREATE TABLE t (v TEXT)")
+            c.execute("INSERT INTO t VALUES ('kept')")
+    _as_nobody(nobody, make)
     name = backups.snapshot_name("lab", T0, "1.0.0", 1, "sqlite")
     dump = tmp_path / name
     subprocess.run(["sqlite3", str(db), f".backup {dump}"], check=True)
-    with sqlite3.connect(db) as c:
-        c.execute("DELETE FROM t")
-    os.chown(db, nobody.pw_uid, nobody.pw_gid)
-    argv = backups.restore_argv("sqlite", str(db), name)
+    _as_nobody(nobody, lambda: sqlite3.connect(db).execute("DELETE FROM t").connection.commit())
+    argv = backups.restore_argv("sqlite", str(db), name, user="nobody")
     argv[4] = str(dump)  # the dump's path: here, not in /var/backups/releasy
     res = subprocess.run(argv, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -214,6 +245,39 @@ def test_sqlite_restore_keeps_the_service_account_as_owner(tmp_path):
             assert (f.stat().st_uid, f.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), f
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT v FROM t").fetchall() == [("kept",)]
+
+
+@needs_root_sqlite3
+def test_sqlite_dump_and_restore_never_write_through_planted_symlinks(service_dir, tmp_path):
+    """The service account plants symlinks to a root-owned file at every name next to the
+    database: the dump and the restore either work or fail, and the file is untouched."""
+    d, nobody = service_dir
+    canary = tmp_path / "canary"
+    canary.write_text("root's file\n")
+    canary.chmod(0o644)
+    before = (canary.read_bytes(), canary.stat().st_mode, canary.stat().st_uid)
+    db = d / "releasy.db"
+    _as_nobody(nobody, lambda: sqlite3.connect(db).execute("CREATE TABLE t (v)").connection
+               .commit())
+    name = backups.snapshot_name("lab", T0, "1.0.0", 1, "sqlite")
+    store = tmp_path / "store"
+    dump = backups.dump_argv("sqlite", str(db), name, user="nobody")
+    dump[4] = str(store)
+    assert subprocess.run(dump, capture_output=True, text=True).returncode == 0
+    for suffix in ("-wal", "-shm", "-journal"):
+        Path(f"{db}{suffix}").symlink_to(canary)
+    os.lchown(f"{db}-wal", nobody.pw_uid, nobody.pw_gid)
+    restore = backups.restore_argv("sqlite", str(db), name, user="nobody")
+    restore[4] = str(store / name)
+    subprocess.run(restore, capture_output=True, text=True)
+    db.unlink()
+    db.symlink_to(canary)
+    subprocess.run(restore, capture_output=True, text=True)
+    dump2 = backups.dump_argv("sqlite", str(db), backups.snapshot_name(
+        "lab", T0 + timedelta(hours=1), "1.0.0", 1, "sqlite"), user="nobody")
+    dump2[4] = str(store)
+    subprocess.run(dump2, capture_output=True, text=True)
+    assert (canary.read_bytes(), canary.stat().st_mode, canary.stat().st_uid) == before
 
 
 def test_pgpass_line_escapes_separators():

@@ -82,7 +82,7 @@ def test_every_fact_has_a_probe_and_the_script_quotes_its_arguments():
     assert ReleasyUnit("releasy@8081.service") in names
     assert bg.Listening(8080) in names
     assert ProxyText("/etc/nginx/releasy/upstream.conf") in names
-    assert schema.SchemaLevel("sqlite", "/var/lib/releasy/releasy.db") in names
+    assert schema.SchemaLevel("sqlite", "/var/lib/releasy/releasy.db", "releasy") in names
     assert len(names) == len(set(names))
     script = build_facts_script(names, "n0nce")
     assert "ss -Hltn 'sport = :8081'" in script
@@ -111,7 +111,7 @@ def found(*, plain=None, units=None, links=None, sums=None, listening=None, read
             UPSTREAM % upstream_port if upstream is None else (upstream or None),
         FileStat("/etc/systemd/system/releasy@.service"):
             {"type": "regular file"} if template else None,
-        schema.SchemaLevel("sqlite", "/var/lib/releasy/releasy.db"): db_level,
+        schema.SchemaLevel("sqlite", "/var/lib/releasy/releasy.db", "releasy"): db_level,
         schema.RecordedLevels(): levels or {},
         backups_mod.BackupListing(): list(backups),
     }

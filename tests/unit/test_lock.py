@@ -3,6 +3,7 @@ real in a local shell; the SSH tunnel runs for real through the loopback sshd (c
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import threading
@@ -173,7 +174,8 @@ def test_keepalive_statements():
 def test_flock_hold_argv(wait, seconds):
     assert lock.flock_hold_argv(wait) == [
         "sh", "-c", lock.FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
-        "/run/releasy-deploy.holder", seconds]
+        "/run/releasy-deploy.holder", seconds, str(lock.WATCHDOG_QUIET_S),
+        "/etc/releasy-deploy/frozen"]
 
 
 def test_flock_status_argv():
@@ -226,6 +228,7 @@ def test_flock_scripts_hold_report_and_release(tmp_path):
         first.stdin.write(label + "\n")
         first.stdin.flush()
         assert first.stdout.readline() == "LOCKED\n"
+        assert first.stdout.readline() == "THAWED\n"  # the freeze marker, read while held
         status = _status(lockfile, holder)
         # From /proc/locks: the pid is the `flock` child that took it for the shell.
         assert status.splitlines()[0].startswith("HELD ")
@@ -241,6 +244,26 @@ def test_flock_scripts_hold_report_and_release(tmp_path):
     assert first.returncode == 0
     assert not holder.exists()
     assert _status(lockfile, holder) == "FREE\n"
+
+
+def test_flock_hold_frees_itself_when_the_heartbeat_stops(tmp_path):
+    """A holder whose client went silent (network gone, channel still open) lets go."""
+    lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
+    argv = _local(lock.flock_hold_argv(0), lockfile, holder)
+    argv[-2] = "1"  # quiet seconds
+    first = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "ACQUIRED\n"
+        first.stdin.write("label\n")
+        first.stdin.flush()
+        assert first.stdout.readline() == "LOCKED\n"
+        first.stdin.write(".\n")  # one heartbeat, then silence with stdin still open
+        first.stdin.flush()
+        first.wait(timeout=5)
+        assert _status(lockfile, holder) == "FREE\n"
+    finally:
+        first.stdin.close()
+        first.kill()
 
 
 def test_flock_hold_waits_for_the_holder_when_asked(tmp_path):
@@ -334,16 +357,22 @@ def test_tunnel_bridges_one_client_and_closes_the_remote_side(sshd):
         with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
             tunnel = lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
             assert tunnel.alive
-            with socket.create_connection(("127.0.0.1", tunnel.port), timeout=5) as client:
+            # A unix socket in a directory only we can enter: no other local user gets in.
+            assert os.stat(tunnel.directory).st_mode & 0o777 == 0o700
+            assert tunnel.path.endswith(f"/.s.PGSQL.{echo.port}")
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(5)
+                client.connect(tunnel.path)
                 payload = b"hello through ssh " * 5000  # several SSH packets each way
                 client.sendall(payload)
                 got = b""
                 while len(got) < len(payload):
                     got += client.recv(65536)
                 assert got == payload.upper()
-                # Only one client: the listener is closed after the first accept.
-                with pytest.raises(OSError):
-                    socket.create_connection(("127.0.0.1", tunnel.port), timeout=2)
+                # Only one client: the listener is closed (and removed) after the first accept.
+                with pytest.raises(OSError), socket.socket(socket.AF_UNIX) as second:
+                    second.connect(tunnel.path)
+                assert not os.path.exists(tunnel.directory)
             tunnel.close()
             assert echo.closed.wait(5)
             assert not tunnel.alive
@@ -361,3 +390,97 @@ def test_tunnel_to_a_closed_port_is_a_clear_error(sshd):
     msg = str(info.value)
     assert msg.startswith(f"loop: cannot open an SSH tunnel to 127.0.0.1:{closed_port}")
     assert f"nothing accepts connections on 127.0.0.1:{closed_port}" in msg
+
+
+def test_tunnel_socket_is_out_of_reach_of_other_local_users(sshd):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    echo = _EchoServer()
+    try:
+        with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
+            tunnel = lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child: another local user tries the tunnel
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                try:
+                    with socket.socket(socket.AF_UNIX) as other:
+                        other.connect(tunnel.path)
+                    os._exit(1)  # got in: the bug
+                except PermissionError:
+                    os._exit(0)
+                except BaseException:
+                    os._exit(2)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert tunnel.alive  # still waiting for its one legitimate client
+            tunnel.close()
+    finally:
+        echo.close()
+
+
+def test_watchdog_argv_validates_what_reaches_the_sql():
+    argv = lock.watchdog_argv(4242, "1764990000.123456")
+    assert argv[0] == "bash" and argv[3:] == ["releasy-deploy-watchdog", "4242",
+                                              "1764990000.123456", str(lock.WATCHDOG_QUIET_S),
+                                              "/etc/releasy-deploy/frozen"]
+    for bad in ("1' OR true --", "", "1e9"):
+        with pytest.raises(ValueError):
+            lock.watchdog_argv(1, bad)
+    assert lock.WATCHDOG_QUIET_S + lock.HEARTBEAT_S < 30
+
+
+def test_watchdog_script_ends_on_silence_and_not_on_release(tmp_path):
+    """The script itself, on a real bash, with psql/runuser replaced by a recorder."""
+    import shutil
+    import subprocess
+    import time
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "terminated"
+    (bin_dir / "runuser").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (bin_dir / "runuser").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    argv = lock.watchdog_argv(77, "1.5", quiet=1)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline() == b"WATCHING\n"
+    started = time.monotonic()
+    for _ in range(3):  # heartbeats keep it quiet
+        proc.stdin.write(b".\n")
+        proc.stdin.flush()
+        time.sleep(0.5)
+    assert proc.poll() is None and not log.exists()
+    proc.wait(timeout=5)  # then silence: it acts within ~1 s
+    assert time.monotonic() - started < 4
+    assert "pid = 77 AND" in log.read_text() and "'1.5'" in log.read_text()
+    log.unlink()
+    frozen = tmp_path / "frozen"
+    argv[-1] = str(frozen)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout.readline() == b"WATCHING\n"
+    proc.stdin.write(b"frozen?\n")
+    proc.stdin.flush()
+    assert lock.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n")) is None
+    frozen.write_bytes(lock.freeze_record("books close"))
+    proc.stdin.write(b"frozen?\n")
+    proc.stdin.flush()
+    seen = lock.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n"))
+    assert seen["reason"] == "books close"
+    proc.communicate(b"release\n", timeout=5)
+    assert proc.returncode == 0 and not log.exists()
+    assert shutil.which("bash")
+
+
+def test_freeze_record_round_trip_and_reason_checks():
+    record = lock.parse_freeze(lock.freeze_record("  release  party\tfriday "))
+    assert record["reason"] == "release party friday" and "@" in record["by"]
+    assert lock.parse_freeze(None) is None
+    assert lock.parse_freeze(b"garbage")["reason"] == "(unreadable marker)"
+    for bad in ("", "   ", "x" * 400):
+        with pytest.raises(ValueError):
+            lock.check_reason(bad)
+    text = lock.frozen_message("prod", record)
+    assert "frozen" in text and "release party friday" in text and "unfreeze" in text

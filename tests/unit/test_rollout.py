@@ -253,8 +253,12 @@ def test_dump_and_restore_argv_are_lists_and_refuse_foreign_names():
     argv = backups.dump_argv("postgres", "my db", name, [name])
     assert argv[:2] == ["sh", "-c"] and argv[3:] == ["releasy-backup", "/var/backups/releasy",
                                                       name, "my db", name]
-    assert backups.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name)[3:] == [
-        "releasy-restore", f"/var/backups/releasy/{name}", "/var/lib/releasy/releasy.db"]
+    assert backups.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name,
+                                user="releasy")[3:] == [
+        "releasy-restore", f"/var/backups/releasy/{name}", "/var/lib/releasy/releasy.db",
+        "releasy"]
+    with pytest.raises(ValueError, match="service account"):
+        backups.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name)
     for bad in ("../../etc/shadow", "x.dump", f"{name}; reboot"):
         with pytest.raises(ValueError, match="not a backup name"):
             backups.restore_argv("postgres", "releasy", bad)
@@ -268,11 +272,16 @@ needs_sqlite3 = pytest.mark.skipif(shutil.which("sqlite3") is None or os.geteuid
 
 @needs_sqlite3
 def test_sqlite_dump_prune_and_restore_scripts_for_real(tmp_path):
-    db = tmp_path / "data" / "releasy.db"
-    db.parent.mkdir()
+    import pwd
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    data = Path(tempfile.mkdtemp(prefix="releasy-unit-"))  # reachable by nobody
+    os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    db = data / "releasy.db"
     with sqlite3.connect(db) as c:
         c.execute("CREATE TABLE t (v TEXT)")
         c.execute("INSERT INTO t VALUES ('before')")
+    os.chown(db, nobody.pw_uid, nobody.pw_gid)
     store = tmp_path / "backups"
     old = backups.backup_name("lab", T0, None, "0.9.0", 1, "sqlite")
     store.mkdir()
@@ -285,21 +294,23 @@ def test_sqlite_dump_prune_and_restore_scripts_for_real(tmp_path):
             backups.BACKUP_DIR, str(store))
         return subprocess.run(argv, capture_output=True, text=True)
 
-    res = run(backups.dump_argv("sqlite", str(db), name, [old]))
+    res = run(backups.dump_argv("sqlite", str(db), name, [old], user="nobody"))
     assert res.returncode == 0, res.stderr
     assert f"@pruned {old}" in res.stdout and not (store / old).exists()
     assert oct((store / name).stat().st_mode & 0o777) == "0o600"
     assert oct(store.stat().st_mode & 0o777) == "0o700"
-    assert run(backups.dump_argv("sqlite", str(db), name)).returncode == 3  # never overwritten
+    # never overwritten
+    assert run(backups.dump_argv("sqlite", str(db), name, user="nobody")).returncode == 3
     with sqlite3.connect(db) as c:
         c.execute("UPDATE t SET v = 'after'")
         c.execute("CREATE TABLE newer (x)")
-    res = run(backups.restore_argv("sqlite", str(db), name))
+    res = run(backups.restore_argv("sqlite", str(db), name, user="nobody"))
     assert res.returncode == 0, res.stderr
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT v FROM t").fetchall() == [("before",)]
         assert c.execute("SELECT count(*) FROM sqlite_master WHERE name = 'newer'"
                          ).fetchone() == (0,)
+    shutil.rmtree(data)
 
 
 # ====================================================================== schema bookkeeping
@@ -351,7 +362,7 @@ def test_postgres_level_without_a_migrations_table_is_zero(tmp_path):
 @needs_sqlite3
 def test_sqlite_level_shell_for_real(tmp_path):
     db = tmp_path / "r.db"
-    probe = ["sh", "-c", schema.sqlite_level_shell(str(db))]
+    probe = ["sh", "-c", schema.sqlite_level_shell(str(db), "root")]
     assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "0"
     with sqlite3.connect(db) as c:
         c.execute("CREATE TABLE _sqlx_migrations (version BIGINT, success BOOLEAN)")

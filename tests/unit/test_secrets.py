@@ -83,7 +83,7 @@ def test_read_only_owner_file_is_accepted(inv, tmp_path):
 
 
 def test_environment_overrides_file(inv, tmp_path):
-    write_secrets(tmp_path, f"admin_api_key: from-file\napi_key_pepper: {PEPPER}\n")
+    write_secrets(tmp_path, f"admin_api_key: from-file-value-0123\napi_key_pepper: {PEPPER}\n")
     s = load_secrets(inv, {"RELEASY_ADMIN_API_KEY": ADMIN, "RELEASY_API_KEY_PEPPER": ""})
     assert s.get("admin_api_key") == ADMIN
     assert s.get("api_key_pepper") == PEPPER  # empty variable counts as unset
@@ -121,6 +121,7 @@ def test_key_that_looks_like_a_value_is_not_echoed(inv, tmp_path):
     ("''", "is empty"),
     ("' padded '", "whitespace"),
     ('"a\\nb"', "control characters"),
+    ("short-secret", "shorter than 16 characters"),
     ("", "must be a string"),  # null
 ])
 def test_bad_values_are_refused_without_echoing(inv, tmp_path, value, fragment):
@@ -164,8 +165,8 @@ def test_artifact_storage_requires_its_keys(tmp_path):
     paths = {p.path for p in err.problems}
     assert paths == {"artifact_access_key", "artifact_secret_key"}
     assert "RELEASY_ARTIFACT_ACCESS_KEY" in str(err)
-    s = load_secrets(inv, {"RELEASY_ARTIFACT_ACCESS_KEY": "ak", "RELEASY_ARTIFACT_SECRET_KEY": "sk"})
-    assert s.get("artifact_secret_key") == "sk"
+    s = load_secrets(inv, {"RELEASY_ARTIFACT_ACCESS_KEY": "ak-0123456789abcdef", "RELEASY_ARTIFACT_SECRET_KEY": "sk-0123456789abcdef"})
+    assert s.get("artifact_secret_key") == "sk-0123456789abcdef"
 
 
 def test_custom_secrets_file_location(tmp_path):

@@ -350,7 +350,7 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
              FileStat("/var/lib/releasy/releasy.db"): {"type": "regular file", "owner": "releasy",
                                                        "group": "releasy", "mode": 0o600,
                                                        "size": 20480},
-             SchemaLevel("sqlite", "/var/lib/releasy/releasy.db"): 3,
+             SchemaLevel("sqlite", "/var/lib/releasy/releasy.db", "releasy"): 3,
              RecordedLevels(): {}, BackupListing(): [],
              ReleasyUnit("releasy.service"): unit("inactive"),
              st.StatusExe("releasy.service"): None,
