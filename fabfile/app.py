@@ -24,6 +24,7 @@ def setup(c, version=None, dry_run=False, wait=0, rotate_secret=None):
     change are restarted one at a time, drained first (no failed request)."""
     with session(dry_run=dry_run) as s:
         try:
+            site_ops.check_artifact(s, version)
             with site_ops.change_lock(s, version=version, wait=float(wait)) as lock:
                 site_ops.setup_app(s, version, lock, rotate=rotate_secret or ())
         finally:

@@ -17,6 +17,7 @@ from .engine.runner import RollingRunner
 from .errors import DeployError
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
+from .releases import fetch_release
 from .session import Session
 from .tiers import app, db, firewall, proxy
 
@@ -43,6 +44,13 @@ def smoke_test(session: Session) -> None:
         session.reporter.info(conn.name, "https /ready through the proxy: 200")
 
     session.executor.each(session.inventory.hosts_in("proxy"), check)
+
+
+def check_artifact(session: Session, version: str | None) -> None:
+    """The release tarball found and its sha256 verified here, before any host is contacted
+    (the lock included): a bad artifact is bad input with nothing touched (exit 2)."""
+    if version is not None:
+        fetch_release(session.inventory, version)
 
 
 def refuse_if_locked(session: Session) -> None:
@@ -129,6 +137,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     secrets are checked first too: one that would drift is refused (exit 2) before any
     tier is touched."""
     started = time.monotonic()
+    check_artifact(session, version)
     if not session.dry_run:
         refuse_if_locked(session)
     secrets = app.resolve_secrets(session, rotate)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from releasy_deploy import lock
+from releasy_deploy.tiers import app as app_tier
 from releasy_deploy.cli import exit_code_for, session
 from releasy_deploy.inventory import load_inventory
 
@@ -276,12 +277,16 @@ def test_postgres_lock_loss_is_detected_and_dry_run_only_reports(pg_lab, capsys)
 
 def test_releasy_migrates_and_starts_while_the_deploy_lock_is_held(pg_lab):
     """Releasy takes upstream's blocking migration lock at start-up: it must not hang while
-    a deploy holds ours. `fab app.setup` starts it on both app hosts at once."""
+    a deploy holds ours. The app tier's setup (what `fab app.setup` runs once it holds the
+    lock itself) starts it on both app hosts at once, here while another process holds it."""
     holder = Holder(pg_lab.inventory, "1.0.0")
     try:
         holder.expect("held ")
-        setup = pg_lab.fab("app.setup", "--version", "1.0.0", timeout=300)
-        assert "app1" in setup.stdout and "app2" in setup.stdout
+        os.environ["RELEASY_INVENTORY"] = str(pg_lab.inventory)
+        with session() as s:
+            app_tier.setup(s, "1.0.0")
+            started = {h.name for h in s.inventory.hosts_in("app")}
+        assert started == {"app1", "app2"}
         inv = load_inventory(pg_lab.inventory)
         for host in ("app1", "app2"):  # /ready answers only after migrations are done
             url = f"http://{inv.host(host).private_address}:{inv.app.bind_port}/ready"
