@@ -67,7 +67,8 @@ from .commands import nginx as nginxcmd
 from .commands import systemd
 from .errors import BadInput, DeployError
 from .executor import HostConnection, tail
-from .facts import Fact, FileSha256, FileStat, read_facts
+from .facts import Fact, FileSha256, FileStat, OsRelease, read_facts
+from .hostos import check_release
 from .inventory import Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
@@ -270,7 +271,8 @@ def parse_state(host: str, found: Mapping[Fact, Any], inv: Inventory) -> HostSta
 
 def read_state(c: HostConnection, inv: Inventory) -> HostState:
     """The host's blue/green state: ONE round trip (read-only: also runs in dry-run)."""
-    found = read_facts(c, fact_names(inv), sudo=True)
+    found = read_facts(c, [OsRelease(), *fact_names(inv)], sudo=True)
+    check_release(c.name, found[OsRelease()])  # refused before anything changes
     return parse_state(c.name, found, inv)
 
 

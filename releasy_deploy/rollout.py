@@ -59,7 +59,8 @@ from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFail
                             version_probe_argv)
 from .errors import BadInput, DeployError, ParallelError
 from .executor import HostConnection
-from .facts import DiskFree, Fact, read_facts
+from .facts import DiskFree, Fact, OsRelease, read_facts
+from .hostos import check_release
 from .inventory import VERSION_RE, Host, Inventory, ReleaseSource, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
@@ -141,9 +142,11 @@ def gather(session: Session) -> Preflight:
         if h.has("db"):
             names += _db_facts(inv)
         if names:
-            wanted[h.name] = names
+            wanted[h.name] = [OsRelease(), *names]
     targets = [inv.host(n) for n in wanted]
     found = session.executor.each(targets, lambda c: read_facts(c, wanted[c.name], sudo=True))
+    for name, seen in found.items():
+        check_release(name, seen[OsRelease()])  # refused before anything changes
 
     upstreams: dict[str, list[tuple[str, int]]] = {}
     for h in inv.hosts_in("proxy"):

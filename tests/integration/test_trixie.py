@@ -127,6 +127,10 @@ def test_an_unsupported_release_is_refused_before_anything_changes(trixie):
         assert lab.sudo("app1", "stat", "-c", "%a", unit).stdout.strip() == "600"  # untouched
         table = lab.fab("status", check=False).stdout
         assert "app1: runs Debian GNU/Linux 11 (bullseye): not supported" in table, table
+        # A rollout reads the release in its preflight facts: refused before any change.
+        rolling = lab.fab("deploy.rolling", "--version", "1.0.0", "--yes", check=False)
+        assert rolling.returncode == 2, rolling.stdout + rolling.stderr
+        assert "app1: runs Debian GNU/Linux 11 (bullseye)" in rolling.stderr
     finally:
         lab.sudo("app1", "sh", "-c", "ln -sf ../usr/lib/os-release /etc/os-release")
     fixed = lab.fab("app.setup").stdout
