@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANAGED_TAG", "HTTP_PORTS", "POSTGRES_PORT", "Network", "Rule", "LiveRule",
-    "StatusRow", "UfwStatus", "UfwDefaults", "HostDiff", "plan_rules", "ssh_rules",
+    "StatusRow", "UfwStatus", "UfwDefaults", "HostDiff", "plan_rules", "ssh_rules", "ssh_sources",
     "parse_show_added", "parse_added_line", "parse_status", "parse_defaults",
     "parse_listeners", "parse_ssh_connection", "diff_host", "add_argv", "delete_argv",
     "default_argv", "ENABLE_ARGV", "ufw_commands", "reachable_by_plan", "audit_ports",
@@ -107,8 +107,19 @@ def _host_network(address: str, host: str, what: str) -> Network:
     return ipaddress.ip_network(ip)
 
 
+def ssh_sources(host: Host, admin_cidrs: Iterable[Network]) -> tuple[Network, ...]:
+    """Where SSH to ``host`` may come from: ``admin_cidrs``, or for a host behind a jump host
+    only the jump host's private address (our SSH arrives from there, and nothing else may)."""
+    jump = getattr(host, "jump", None)
+    if jump is None:
+        return tuple(admin_cidrs)
+    return (_host_network(jump.private_address, jump.name, "SSH through it"),)
+
+
 def ssh_rules(host: Host, admin_cidrs: Iterable[Network]) -> list[Rule]:
-    return [Rule(host.ssh_port, "tcp", cidr, "ssh from admin network") for cidr in admin_cidrs]
+    jump = getattr(host, "jump", None)
+    why = f"ssh from jump host {jump.name}" if jump is not None else "ssh from admin network"
+    return [Rule(host.ssh_port, "tcp", cidr, why) for cidr in ssh_sources(host, admin_cidrs)]
 
 
 def plan_rules(inv: Inventory) -> dict[str, list[Rule]]:

@@ -27,7 +27,7 @@ import yaml
 
 __all__ = [
     "TIERS", "ENV_VAR", "DEFAULT_INVENTORY", "InventoryError", "Problem", "Host",
-    "SshSettings", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
+    "SshSettings", "JumpHost", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
     "ReleaseSource", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
     "parse_inventory", "load_yaml_file", "UNREADABLE", "check_version", "did_you_mean",
     "VERSION_RE",
@@ -94,6 +94,20 @@ class InventoryError(Exception):
 
 
 @dataclass(frozen=True)
+class JumpHost:
+    """An SSH jump host (bastion): the hosts behind it are reached through one SSH
+    connection to it, multiplexed (``direct-tcpip`` channels)."""
+
+    name: str
+    address: str  # where SSH connects
+    private_address: str  # the source address the hosts behind it see for our SSH
+    ssh_user: str
+    ssh_port: int
+    identity_file: Path | None  # None: ssh.identity_file (or ssh defaults)
+    managed: bool = False  # True: also an inventory host (then its connection is shared)
+
+
+@dataclass(frozen=True)
 class Host:
     name: str
     address: str  # where SSH connects (IP literal or DNS name)
@@ -101,6 +115,7 @@ class Host:
     ssh_user: str
     ssh_port: int
     tiers: tuple[str, ...]  # in TIERS order
+    jump: JumpHost | None = None  # None: SSH connects directly
 
     @property
     def is_root(self) -> bool:
@@ -236,6 +251,7 @@ class Inventory:
     release: ReleaseSource
     tls: TlsSettings
     secrets_file: Path
+    jump_hosts: tuple[JumpHost, ...] = ()  # every jump host some host uses, file order
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -535,6 +551,16 @@ def _dns_name(v: Any) -> str:
     return v.lower()
 
 
+def _jump_ref(v: Any) -> str | bool:
+    """A jump host name, or ``false`` (per host: connect directly)."""
+    if v is False:
+        return False
+    if not isinstance(v, str) or not HOST_NAME_RE.fullmatch(v):
+        raise _Bad(f"must be the name of a jump host (an inventory host or an entry of "
+                   f"jump_hosts), or false for a direct connection; got {_show(v)}")
+    return v
+
+
 def _ip(v: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """A usable unicast IP literal, or _Bad."""
     if not isinstance(v, str):
@@ -612,10 +638,11 @@ def _parse_sidecar(path: Path, tarball: str) -> str:
 
 # --------------------------------------------------------------------------- the parser
 
-TOP_KEYS = ("environment", "admin_cidrs", "known_hosts", "ssh", "hosts", "tiers", "app",
-            "database", "release", "tls", "secrets")
-SSH_KEYS = ("user", "port", "identity_file", "connect_timeout")
-HOST_KEYS = ("address", "private_address", "ssh_user", "ssh_port")
+TOP_KEYS = ("environment", "admin_cidrs", "known_hosts", "ssh", "jump_hosts", "hosts", "tiers",
+            "app", "database", "release", "tls", "secrets")
+SSH_KEYS = ("user", "port", "identity_file", "connect_timeout", "jump")
+JUMP_KEYS = ("address", "private_address", "user", "port", "identity_file")
+HOST_KEYS = ("address", "private_address", "ssh_user", "ssh_port", "jump")
 APP_KEYS = ("bind_port", "bluegreen_ports", "service_user", "log_level", "public_base_url",
             "database_max_connections", "download_token_ttl_seconds", "releases_keep",
             "ready_timeout", "operator_jwt", "artifact_storage")
@@ -730,6 +757,7 @@ class _Parser:
                                  expect=_ENV_EXPECT)
         admin_cidrs = self.admin_cidrs(top)
         ssh, ssh_user, ssh_port = self.ssh(top)
+        jump_specs = self.jump_hosts(top, ssh_user, ssh_port, ssh)
         hosts = self.hosts(top, ssh_user, ssh_port)
         tiers = self.tiers(top, hosts)
         app = self.app(top)
@@ -741,6 +769,8 @@ class _Parser:
                                   self.base / "secrets.yaml")
 
         host_objs = self.build_hosts(hosts or {}, tiers)
+        host_objs = self.resolve_jumps(top, host_objs, hosts or {}, jump_specs, ssh)
+        jumps_used = tuple(dict.fromkeys(h.jump for h in host_objs if h.jump is not None))
         known_hosts = self.field(top, "", "known_hosts", self.path_value,
                                  expect="a file path (relative to the inventory's directory)")
         self.existing_file("known_hosts", known_hosts, self.keyscan_hint(known_hosts, host_objs))
@@ -752,7 +782,7 @@ class _Parser:
         return Inventory(
             path=self.path.absolute(), environment=environment, admin_cidrs=admin_cidrs,
             known_hosts=known_hosts, ssh=ssh, hosts=host_objs, app=app, database=database,
-            release=release, tls=tls, secrets_file=secrets_file)
+            release=release, tls=tls, secrets_file=secrets_file, jump_hosts=jumps_used)
 
     def admin_cidrs(self, top: dict[str, Any]) -> tuple[Any, ...]:
         expect = "a non-empty list of networks SSH is allowed from, e.g. [203.0.113.0/24]"
@@ -789,6 +819,107 @@ class _Parser:
                 nets.append(net)
         return tuple(nets)
 
+    def jump_hosts(self, top: dict[str, Any], user: str | None, port: int | None,
+                   ssh: SshSettings) -> dict[str, JumpHost]:
+        """``jump_hosts:``: bastions that are not inventory hosts (name -> JumpHost)."""
+        if top.get("jump_hosts") is None:
+            return {}
+        raw = self.mapping(top["jump_hosts"], "jump_hosts", None) or {}
+        out: dict[str, JumpHost] = {}
+        for name, spec in raw.items():
+            p = _join("jump_hosts", name)
+            if not HOST_NAME_RE.fullmatch(name):
+                self.error(p, f"invalid jump host name {_show(name)}{_meta_note(name)}; "
+                              f"must be {_HOST_EXPECT}")
+                continue
+            m = self.mapping(spec if spec is not None else {}, p, JUMP_KEYS)
+            if m is None:
+                continue
+            address = self.field(m, p, "address", _address,
+                                 expect="the IP address or DNS name SSH connects to")
+            private = self.field(m, p, "private_address", lambda v: str(_ip(v)), None)
+            if private is None and address is not None and "private_address" not in m:
+                if _is_ip(address):
+                    private = address
+                else:
+                    self.error(f"{p}.private_address", (
+                        f"required when address is a DNS name ({address}): the hosts behind "
+                        "it allow SSH from this address only, so it must be an IP literal"))
+            identity = self.field(m, p, "identity_file", self.path_value, ssh.identity_file)
+            if "identity_file" in m:
+                self.existing_file(f"{p}.identity_file", identity)
+            if address is None:
+                continue
+            out[name] = JumpHost(
+                name=name, address=address, private_address=private,
+                ssh_user=self.field(m, p, "user", _regex(USER_RE, _USER_EXPECT), user),
+                ssh_port=self.field(m, p, "port", _int(1, 65535), port),
+                identity_file=identity)
+        return out
+
+    def resolve_jumps(self, top: dict[str, Any], hosts: tuple[Host, ...],
+                      raw: dict[str, dict[str, Any]], specs: dict[str, JumpHost],
+                      ssh: SshSettings | None) -> tuple[Host, ...]:
+        """Give every host its jump host: its own ``jump:``, else ``ssh.jump``. A jump host
+        that is an inventory host is reached directly itself (no chains)."""
+        s = top.get("ssh") if isinstance(top.get("ssh"), dict) else {}
+        default = None
+        if "jump" in s:
+            try:
+                default = _jump_ref(s["jump"])
+            except _Bad:
+                default = None  # reported by ssh()
+        by_name = {h.name: h for h in hosts}
+        for name in specs:
+            if name in by_name:
+                self.error(_join("jump_hosts", name), (
+                    f"{name!r} is also an inventory host; an inventory host can be a jump "
+                    "host as it is (ssh.jump / jump: NAME), remove it from jump_hosts"))
+
+        def lookup(ref: str, ypath: str) -> JumpHost | None:
+            if ref in specs:
+                return specs[ref]
+            if ref in by_name:
+                h = by_name[ref]
+                private = h.private_address
+                if private is None or not _is_ip(private):
+                    self.error(ypath, f"jump host {ref!r} needs an IP literal private_address: "
+                                      "the hosts behind it allow SSH from that address only")
+                    return None
+                return JumpHost(name=h.name, address=h.address, private_address=private,
+                                ssh_user=h.ssh_user, ssh_port=h.ssh_port,
+                                identity_file=ssh.identity_file if ssh else None, managed=True)
+            known = sorted({*specs, *by_name})
+            self.error(ypath, f"unknown jump host {_show(ref)}{did_you_mean(ref, known)}; "
+                              "name an inventory host or an entry of jump_hosts")
+            return None
+
+        default_jump = lookup(default, "ssh.jump") if default else None
+        used_as_jump = set()
+        result = []
+        for h in hosts:
+            own = raw.get(h.name, {}).get("jump")
+            given = own is not None
+            if given:
+                jump = None if own is False else lookup(own, f"hosts.{h.name}.jump")
+            else:
+                jump = default_jump
+            if jump is not None and jump.name == h.name:
+                if given:
+                    self.error(f"hosts.{h.name}.jump", "a host cannot be its own jump host")
+                jump = None  # the jump host itself: direct
+            if jump is not None:
+                used_as_jump.add(jump.name)
+            result.append(Host(name=h.name, address=h.address, private_address=h.private_address,
+                               ssh_user=h.ssh_user, ssh_port=h.ssh_port, tiers=h.tiers,
+                               jump=jump))
+        for h in result:
+            if h.name in used_as_jump and h.jump is not None:
+                self.error(f"hosts.{h.name}.jump", (
+                    f"{h.name} is a jump host for other hosts, so it must be reached directly "
+                    "(chained jump hosts are not supported): set `jump: false` here"))
+        return tuple(result)
+
     def ssh(self, top: dict[str, Any]) -> tuple[SshSettings, str | None, int | None]:
         s = self.section(top, "", "ssh", SSH_KEYS)
         user = self.field(s, "ssh", "user", _regex(USER_RE, _USER_EXPECT), "root")
@@ -796,6 +927,7 @@ class _Parser:
         identity = self.field(s, "ssh", "identity_file", self.path_value, None)
         self.existing_file("ssh.identity_file", identity)
         timeout = self.field(s, "ssh", "connect_timeout", _seconds(600), 10.0)
+        self.field(s, "ssh", "jump", _jump_ref, None)  # resolved in resolve_jumps
         return SshSettings(identity_file=identity, connect_timeout=timeout), user, port
 
     def hosts(self, top: dict[str, Any], user: str | None,
@@ -832,6 +964,7 @@ class _Parser:
                 "private_given": private_given,
                 "ssh_user": self.field(m, p, "ssh_user", _regex(USER_RE, _USER_EXPECT), user),
                 "ssh_port": self.field(m, p, "ssh_port", _int(1, 65535), port),
+                "jump": self.field(m, p, "jump", _jump_ref, None),
             }
         return out
 
