@@ -19,11 +19,13 @@ def _require_root() -> None:
 
 @task(help={"topology": "split (proxy1, app1..appN, db1) or single (one host: solo)",
             "apps": "number of app hosts in the split topology (default 2)",
-            "database": "single topology only: postgres (default) or sqlite"})
-def up(c, topology="split", apps=2, database="postgres"):
+            "database": "single topology only: postgres (default) or sqlite",
+            "bastion": "app and db hosts on a private network, reached through a `bastion`"
+                       " jump host (the proxy keeps a public side)"})
+def up(c, topology="split", apps=2, database="postgres", bastion=False):
     """Bring up the lab (no-op when that lab is already up); prints the inventory path."""
     _require_root()
-    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database))
+    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, bastion))
     print(path)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import image, machine, net
-from .config import HostSpec, LabIdentity, current_identity, topology_hosts
+from .config import BASTION, PRIVATE, HostSpec, LabIdentity, current_identity, topology_hosts
 from .sh import log, run
 
 BOOT_TIMEOUT = 90.0
@@ -27,15 +27,18 @@ class LabRequest:
     topology: str = "split"
     apps: int = 2
     database: str = "postgres"
+    bastion: bool = False  # app and db hosts on a private network, reached via `bastion`
 
     def normalized(self) -> "LabRequest":
         if self.topology == "single":
             if self.database not in ("postgres", "sqlite"):
                 raise SystemExit(f"--database must be postgres or sqlite, got {self.database!r}")
+            if self.bastion:
+                raise SystemExit("--bastion needs the split topology")
             return LabRequest("single", 1, self.database)
         if self.database != "postgres":
             raise SystemExit("--database sqlite needs --topology single (app and db on one host)")
-        return LabRequest("split", self.apps, "postgres")
+        return LabRequest("split", self.apps, "postgres", bool(self.bastion))
 
 
 def _state_file(ident: LabIdentity) -> Path:
@@ -92,15 +95,19 @@ def up(request: LabRequest = LabRequest()) -> Path:
     started = time.monotonic()
     _raise_inotify_limits()
     base, repo = image.ensure_images()
-    specs = topology_hosts(request.topology, request.apps)
+    specs = topology_hosts(request.topology, request.apps, request.bastion)
     ident.state_dir.mkdir(parents=True, exist_ok=True)
     ident.run_dir.mkdir(parents=True, exist_ok=True)
     key = _ensure_ssh_key(ident)
     net.create_switch(ident)
+    if request.bastion:
+        net.create_private_bridge(ident)
     state = {"request": asdict(request), "state_dir": str(ident.state_dir), "hosts": {}}
     for spec in specs:
-        address = ident.address(spec.last_octet)
-        net.attach(ident, spec.name, address)
+        address = spec.ssh_address(ident)
+        for i, (network, addr) in enumerate(spec.addresses(ident)):
+            net.attach(ident, spec.name, addr, ifname=f"eth{i}",
+                       bridge=net.PRIVATE_BRIDGE if network == PRIVATE else "br0")
         root = machine.prepare_root(ident, spec, base, address, key)
         pid = machine.launch(ident, spec, root, repo)
         state["hosts"][spec.name] = {"address": address, "launcher": pid,
@@ -208,16 +215,20 @@ def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
                         request: LabRequest) -> None:
     sd = ident.state_dir
     known, config = [], []
+    bastion = any(spec.name == BASTION for spec in specs)
     for spec in specs:
-        address = ident.address(spec.last_octet)
+        address = spec.ssh_address(ident)
         root = machine.host_dir(ident, spec.name) / "root"
         pub = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"{address} {pub[0]} {pub[1]}")
+        # People reach hosts without a public address the way the tasks do: via the bastion.
+        jump = f"  ProxyJump {BASTION}\n" if bastion and address != ident.address(
+            spec.last_octet) else ""
         config.append(
             f"Host {spec.name}\n  HostName {address}\n  User {spec.ssh_user}\n"
             f"  IdentityFile {sd / 'id_ed25519'}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {sd / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
-            f"  LogLevel ERROR\n")
+            f"{jump}  LogLevel ERROR\n")
     (sd / "known_hosts").write_text("\n".join(known) + "\n")
     (sd / "ssh_config").write_text("\n".join(config))
     (sd / "hosts.yaml").write_text(lab_inventory(ident, specs, request))
@@ -233,11 +244,26 @@ def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
 def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabRequest) -> str:
     """The inventory for exactly these hosts, in the schema of the example hosts.yaml."""
     hosts = {}
+    jump_hosts = {}
+    ssh: dict = {"user": "root", "identity_file": "id_ed25519", "connect_timeout": 5}
     for spec in specs:
-        entry: dict = {"address": ident.address(spec.last_octet)}
+        if spec.name == BASTION:
+            # Not a managed host: a jump host with its own (unprivileged) user.
+            jump_hosts[spec.name] = {"address": spec.ssh_address(ident),
+                                     "private_address": spec.tier_address(ident),
+                                     "user": spec.ssh_user}
+            ssh["jump"] = spec.name
+            continue
+        entry: dict = {"address": spec.ssh_address(ident)}
+        if spec.tier_address(ident) != entry["address"]:
+            entry["private_address"] = spec.tier_address(ident)
         if spec.ssh_user != "root":
             entry["ssh_user"] = spec.ssh_user
         hosts[spec.name] = entry
+    if jump_hosts:
+        for spec in specs:
+            if spec.name in hosts and spec.ssh_address(ident) == ident.address(spec.last_octet):
+                hosts[spec.name]["jump"] = False  # has a public side (the proxy): direct
     tiers: dict[str, list[str]] = {"proxy": [], "app": [], "db": []}
     for spec in specs:
         for tier in spec.tiers:
@@ -246,7 +272,8 @@ def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabR
         "environment": "lab",
         "admin_cidrs": [f"{ident.operator_address}/32"],
         "known_hosts": "known_hosts",
-        "ssh": {"user": "root", "identity_file": "id_ed25519", "connect_timeout": 5},
+        "ssh": ssh,
+        **({"jump_hosts": jump_hosts} if jump_hosts else {}),
         "hosts": hosts,
         "tiers": tiers,
         "database": {"kind": request.database},

@@ -129,16 +129,16 @@ class LabSession:
         self.current: tuple | None = None
 
     def use(self, topology: str = "split", apps: int = 2,
-            database: str = "postgres") -> LabHandle:
-        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database))
-        self.current = (topology, apps, database)
+            database: str = "postgres", *, bastion: bool = False) -> LabHandle:
+        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, bastion))
+        self.current = (topology, apps, database, bastion)
         return LabHandle(self.ident, topology, inventory)
 
     def fresh(self, topology: str = "split", apps: int = 2,
-              database: str = "postgres") -> LabHandle:
+              database: str = "postgres", *, bastion: bool = False) -> LabHandle:
         """A lab whose hosts have never been provisioned (replaces any current lab)."""
         lab_ops.down()
-        return self.use(topology, apps, database)
+        return self.use(topology, apps, database, bastion=bastion)
 
 
 @pytest.fixture(scope="session")
