@@ -28,7 +28,7 @@ import yaml
 __all__ = [
     "TIERS", "ENV_VAR", "DEFAULT_INVENTORY", "InventoryError", "Problem", "Host",
     "SshSettings", "JumpHost", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
-    "ReleaseSource", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
+    "ReleaseSource", "AcmeSettings", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
     "parse_inventory", "load_yaml_file", "UNREADABLE", "check_version", "did_you_mean",
     "VERSION_RE",
 ]
@@ -52,7 +52,10 @@ DNS_NAME_RE = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 ARCHES = ("x86_64", "arm64")
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
 DB_KINDS = ("postgres", "sqlite")
-TLS_MODES = ("self-signed", "files")
+TLS_MODES = ("self-signed", "files", "acme")
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 POSTGRES_PORT = 5432
 
 # Characters that are never legitimate in the free-text values we accept (URLs, JWT
@@ -231,11 +234,19 @@ class ReleaseSource:
 
 
 @dataclass(frozen=True)
+class AcmeSettings:
+    email: str
+    directory_url: str  # Let's Encrypt production unless told otherwise (or staging)
+    ca_bundle: Path | None  # PEM CA(s) the ACME server's own HTTPS certificate chains to
+
+
+@dataclass(frozen=True)
 class TlsSettings:
-    mode: str  # "self-signed" | "files"
+    mode: str  # "self-signed" | "files" | "acme"
     server_name: str
     certificate: Path | None
     key: Path | None
+    acme: AcmeSettings | None = None  # with mode: acme
 
 
 @dataclass(frozen=True)
@@ -650,7 +661,8 @@ JWT_KEYS = ("jwks_url", "issuer", "audience", "resource", "jwks_ttl_seconds", "j
 STORAGE_KEYS = ("bucket", "region", "endpoint", "path_style", "presign_expires_seconds")
 DB_KEYS = ("kind", "name", "user", "backups_keep", "backup_before_deploy")
 RELEASE_KEYS = ("source", "arch", "sha256", "sha256_file")
-TLS_KEYS = ("mode", "server_name", "certificate", "key")
+TLS_KEYS = ("mode", "server_name", "certificate", "key", "acme")
+ACME_KEYS = ("email", "directory_url", "staging", "ca_bundle")
 SECRETS_KEYS = ("file",)
 
 _ENV_EXPECT = "a lowercase name: a letter, then up to 31 of a-z 0-9 '-' (e.g. production)"
@@ -1310,7 +1322,8 @@ class _Parser:
         t = self.section(top, "", "tls", TLS_KEYS, required=True)
         if t is None:
             return None
-        mode = self.field(t, "tls", "mode", _choice(TLS_MODES), expect="self-signed or files")
+        mode = self.field(t, "tls", "mode", _choice(TLS_MODES),
+                          expect="self-signed, files or acme")
         server_name = self.field(t, "tls", "server_name", _dns_name,
                                  expect="the public DNS name clients use, e.g. releasy.example.com")
         cert = key = None
@@ -1326,11 +1339,37 @@ class _Parser:
                 if mode_bits & 0o077:
                     self.error("tls.key", f"{key} is accessible by group/others (mode "
                                           f"{mode_bits:04o}); run `chmod 600 {key}`")
-        elif mode == "self-signed":
+        elif mode in ("self-signed", "acme"):
             for k in ("certificate", "key"):
                 if k in t:
-                    self.error(f"tls.{k}", "only used with mode: files (mode is self-signed)")
-        return TlsSettings(mode=mode, server_name=server_name, certificate=cert, key=key)
+                    self.error(f"tls.{k}", f"only used with mode: files (mode is {mode})")
+        acme = None
+        if mode == "acme":
+            acme = self.acme(t)
+        elif t is not None and "acme" in t:
+            self.error("tls.acme", f"only used with mode: acme (mode is {mode})")
+        return TlsSettings(mode=mode, server_name=server_name, certificate=cert, key=key,
+                           acme=acme)
+
+    def acme(self, t: dict[str, Any]) -> AcmeSettings | None:
+        a = self.section(t, "tls", "acme", ACME_KEYS, required=True)
+        if a is None:
+            return None
+        email = self.field(a, "tls.acme", "email", _regex(EMAIL_RE, "an e-mail address"),
+                           expect="the e-mail address the CA sends expiry notices to")
+        staging = self.field(a, "tls.acme", "staging", _bool, False)
+        url = self.field(a, "tls.acme", "directory_url", _url, None)
+        if url is not None and not url.startswith("https://"):
+            self.error("tls.acme.directory_url", "must be an https:// URL (ACME needs TLS)")
+        if url is not None and staging:
+            self.error("tls.acme.staging", "staging selects Let's Encrypt's staging "
+                                           "directory: leave it out with directory_url")
+        ca_bundle = self.field(a, "tls.acme", "ca_bundle", self.path_value, None)
+        self.existing_file("tls.acme.ca_bundle", ca_bundle)
+        if email is None:
+            return None
+        return AcmeSettings(email=email, directory_url=url or (
+            LETSENCRYPT_STAGING if staging else LETSENCRYPT), ca_bundle=ca_bundle)
 
 
 def _is_ip(value: str) -> bool:

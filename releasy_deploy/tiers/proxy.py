@@ -49,11 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import BadInput
+from ..commands import acme as acme_cmd
 from ..commands import nginx as cmd
 from ..errors import DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
 from ..inventory import Inventory
 from ..packages import PROXY_PACKAGES
+from . import acme as acme_tier
 from ..remote import (FILES_DIR, Probe, ensure_dir, ensure_packages, facts, register_fact,
                       render_diff, render_template)
 
@@ -114,7 +116,7 @@ def templates_dir(name: str, environ: Mapping[str, str] = os.environ) -> Path:
 
 def tls_paths(inv: Inventory) -> tuple[str, str]:
     """(certificate, key) paths on the proxy hosts for the inventory's TLS mode."""
-    stem = "releasy" if inv.tls.mode == "files" else "self-signed"
+    stem = {"files": "releasy", "acme": "acme"}.get(inv.tls.mode, "self-signed")
     return f"{TLS_DIR}/{stem}.crt", f"{TLS_DIR}/{stem}.key"
 
 
@@ -139,6 +141,7 @@ def render_site(inv: Inventory, *, ipv6: bool = True,
         "certificate_key": key,
         "upstream_file": UPSTREAM_FILE,
         "upstream_name": UPSTREAM_NAME,
+        "acme_webroot": acme_cmd.WEBROOT if inv.tls.mode == "acme" else None,
         "ipv6": ipv6,
         "next_upstream_tries": NEXT_UPSTREAM_TRIES,
         "next_upstream_timeout": NEXT_UPSTREAM_TIMEOUT,
@@ -321,7 +324,11 @@ def _tls_items(inv: Inventory, st: _HostState, token: str,
     info = st.cert
     key_stat = st.stats.get(key)
     why = None
-    if info is None or key_stat is None:
+    if inv.tls.mode == "acme":
+        # Only a bootstrap for nginx to start with; the ACME step replaces it.
+        if info is None or key_stat is None:
+            why = "absent; bootstrap until the ACME CA issues one"
+    elif info is None or key_stat is None:
         why = "absent"
     elif not info.covers(name):
         why = f"does not cover {name}"
@@ -336,7 +343,8 @@ def _tls_items(inv: Inventory, st: _HostState, token: str,
         return [_Item(f"self-signed certificate for {name} ({why}: generated on the host,"
                       f" {cert}, key {key})", True,
                       ops=[gen, cmd.Install(cert, cert_new), cmd.Install(key, key_new)])]
-    items = [_Item(f"self-signed certificate for {name} ({cert})", False)]
+    kind = "certificate" if inv.tls.mode == "acme" else "self-signed certificate"
+    items = [_Item(f"{kind} for {name} ({cert})", False)]
     for path, mode in ((cert, 0o644), (key, 0o600)):
         if not _attrs_ok(st.stats[path], mode):
             items.append(_Item(f"file {path} (owner/mode -> root:root {mode:04o})", True,
@@ -498,6 +506,9 @@ def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
             service.append(_Item("nginx enabled at boot", True))
     for item in items + service:
         _report(c, item)
+    if inv.tls.mode == "acme":
+        cert, key = tls_paths(inv)
+        acme_tier.converge(c, inv, cert, key)
 
 
 def _fix_hint(inv: Inventory, items: Sequence[_Item], environ: Mapping[str, str]) -> str:

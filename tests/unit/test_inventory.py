@@ -227,6 +227,20 @@ MALFORMED = [
     ("tls-server-name-ip", {"tls.server_name": "198.51.100.10"}, "tls.server_name", "DNS name"),
     ("tls-key-with-self-signed", {"tls.key": "tls/releasy.key"}, "tls.key", "mode: files"),
     ("secrets-unknown-key", {"secrets": {"fiel": "s.yaml"}}, "secrets.fiel", "did you mean 'file'"),
+    ("acme-no-section", {"tls.mode": "acme"}, "tls.acme", "required section"),
+    ("acme-bad-email", {"tls.mode": "acme", "tls.acme": {"email": "ops"}}, "tls.acme.email",
+     "e-mail"),
+    ("acme-http-directory", {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "directory_url": "http://ca.example.com/dir"}},
+     "tls.acme.directory_url", "https"),
+    ("acme-staging-and-url", {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "directory_url": "https://ca.example.com/dir",
+        "staging": True}}, "tls.acme.staging", "leave it out"),
+    ("acme-without-mode", {"tls.acme": {"email": "ops@example.com"}}, "tls.acme",
+     "only used with mode: acme"),
+    ("acme-ca-bundle-missing", {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "ca_bundle": "nope.pem"}}, "tls.acme.ca_bundle",
+     "file not found"),
     ("jump-unknown", {"ssh.jump": "bastoin", "jump_hosts": {"bastion": {"address": "192.0.2.5"}}},
      "ssh.jump", "unknown jump host"),
     ("jump-not-a-name", {"hosts.app1.jump": "x; y"}, "hosts.app1.jump", "name of a jump host"),
@@ -269,7 +283,7 @@ def test_all_problems_are_reported_together(inv_dir):
         "hosts.app1.address": "x;y",
         "tiers.app": ["app1", "app2", "ghost"],
         "database.name": "a b",
-        "tls.mode": "acme",
+        "tls.mode": "letsencrypt",
     })
     err = errors_of(data, inv_dir)
     paths = [p.path for p in err.problems]
@@ -474,6 +488,23 @@ def test_jump_hosts(inv_dir):
     assert inv.host("proxy1").jump is None and inv.host("app1").jump.name == "proxy1"
 
 
+def test_acme_settings(inv_dir):
+    from releasy_deploy.inventory import LETSENCRYPT, LETSENCRYPT_STAGING
+    tls = parse(mutate(base(), {"tls.mode": "acme", "tls.acme": {"email": "ops@example.com"}}),
+                inv_dir).tls
+    assert (tls.mode, tls.acme.email, tls.acme.directory_url, tls.acme.ca_bundle) == (
+        "acme", "ops@example.com", LETSENCRYPT, None)
+    staging = parse(mutate(base(), {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "staging": True}}), inv_dir).tls.acme
+    assert staging.directory_url == LETSENCRYPT_STAGING
+    (inv_dir / "ca.pem").write_text("x")
+    own = parse(mutate(base(), {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "directory_url": "https://ca.internal:14000/dir",
+        "ca_bundle": "ca.pem"}}), inv_dir).tls.acme
+    assert own.directory_url == "https://ca.internal:14000/dir"
+    assert own.ca_bundle == inv_dir / "ca.pem"
+
+
 def test_check_files_false_skips_filesystem_checks(tmp_path):
     data = mutate(base(), {"release.source": "missing-dir"})
     inv = parse_inventory(data, tmp_path / INV_NAME, check_files=False)
@@ -573,7 +604,7 @@ def test_example_hosts_yaml_parses_with_files(tmp_path):
 def test_example_hosts_yaml_documents_every_key():
     from releasy_deploy import inventory as mod
     text = (REPO_ROOT / "hosts.yaml").read_text()
-    for keys in (mod.TOP_KEYS, mod.SSH_KEYS, mod.HOST_KEYS, mod.JUMP_KEYS, mod.APP_KEYS, mod.JWT_KEYS,
+    for keys in (mod.TOP_KEYS, mod.SSH_KEYS, mod.HOST_KEYS, mod.JUMP_KEYS, mod.ACME_KEYS, mod.APP_KEYS, mod.JWT_KEYS,
                  mod.STORAGE_KEYS, mod.DB_KEYS, mod.RELEASE_KEYS, mod.TLS_KEYS, mod.SECRETS_KEYS):
         for key in keys:
             assert f"{key}:" in text, key
