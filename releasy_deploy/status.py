@@ -34,6 +34,7 @@ from typing import Any
 from . import bluegreen
 from . import firewall as fw
 from .cli import Session
+from .commands import acme as acmecmd
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
@@ -159,6 +160,8 @@ class ProxyStatus:
     nginx_active: bool
     servers: tuple[str, ...] | None  # the upstream file's servers; None: missing/unparsable
     note: str | None = None
+    cert_issuer: str | None = None  # of the certificate nginx serves (None: none found)
+    cert_days: int | None = None  # whole days until it expires
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,8 @@ def fact_names(inv: Inventory, host: Host) -> list[str]:
         if inv.topology == "single":
             names += bluegreen.fact_names(inv)
     if host.has("proxy"):
-        names += [f"proxy_text:{proxy_tier.UPSTREAM_FILE}", "service_active:nginx"]
+        names += [f"proxy_text:{proxy_tier.UPSTREAM_FILE}", "service_active:nginx",
+                  f"acme_cert:{proxy_tier.tls_paths(inv)[0]}"]
     if host.has("db"):
         if inv.database.kind == "postgres":
             names.append(f"status_pg:{inv.database.name}")
@@ -368,11 +372,16 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
             problems.append(note)
     if host.has("proxy"):
         servers, note = _servers(found[f"proxy_text:{proxy_tier.UPSTREAM_FILE}"])
+        cert = found.get(f"acme_cert:{proxy_tier.tls_paths(inv)[0]}")
+        days = cert.days_left() if cert is not None else None
         proxy = ProxyStatus(bool(found["service_active:nginx"]),
                             None if servers is None else tuple(
-                                nginxcmd.format_server(a, p) for a, p in servers), note)
+                                nginxcmd.format_server(a, p) for a, p in servers), note,
+                            _common_name(cert.issuer) if cert is not None else None,
+                            None if days is None else int(days))
         if not proxy.nginx_active:
             problems.append("nginx is not running")
+        problems += _cert_problems(inv, cert, days)
         if note:
             problems.append(note)
         elif inv.topology == "split":
@@ -403,6 +412,27 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
     problems = list(dict.fromkeys(problems))
     return HostStatus(host.name, host.tiers, True, None, app, proxy, db, firewall, disks,
                       tuple(problems))
+
+
+def _common_name(dn: str) -> str:
+    """``CN=Pebble Intermediate CA 1a,O=X`` -> ``Pebble Intermediate CA 1a`` (else the DN)."""
+    match = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)*)", dn)
+    return match.group(1) if match else dn
+
+
+def _cert_problems(inv: Inventory, cert: Any, days: float | None) -> list[str]:
+    if cert is None:
+        return ["nginx has no TLS certificate (run `fab proxy.setup`)"]
+    if days is None:
+        return ["the TLS certificate cannot be read"]
+    problems = []
+    if days < acmecmd.UNHEALTHY_DAYS:
+        problems.append(f"the TLS certificate expires in {days:.1f} days (from"
+                        f" {_common_name(cert.issuer)}); renewal is not working")
+    if inv.tls.mode == "acme" and cert.self_signed:
+        problems.append("still the bootstrap self-signed certificate: the ACME CA has not"
+                        " issued one (run `fab proxy.setup`)")
+    return problems
 
 
 def _app_problems(name: str, app: AppStatus) -> list[str]:
@@ -499,6 +529,8 @@ def _cells(h: HostStatus) -> list[str]:
             rotation = f"in ({unit})"
     if h.proxy is not None:
         services.append("nginx " + ("active" if h.proxy.nginx_active else "INACTIVE"))
+        if h.proxy.cert_issuer is not None:
+            services.append(f"cert {h.proxy.cert_issuer}, {h.proxy.cert_days} days")
         if h.app is None:
             rotation = "?" if h.proxy.servers is None else f"{len(h.proxy.servers)} server(s)"
     if services:

@@ -103,7 +103,7 @@ def cert_probe_shell(path: str) -> str:
 def parse_cert_probe(out: str, code: int) -> AcmeCert | None:
     if code == 3:
         return None
-    fields = dict(re.findall(r"^(issuer|subject|notAfter)=\s*(.*)$", out, re.MULTILINE))
+    fields = dict(re.findall(r"^(issuer|subject|notAfter)=[ \t]*(.*)$", out, re.MULTILINE))
     issuer = fields.get("issuer", "").strip()
     not_after = None
     try:
