@@ -7,7 +7,11 @@ VENV_BIN=.venv/bin
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # DEMO_BASTION=1: app and db hosts on a private network, every task through a bastion.
+# DEMO_ACME=1: the proxy's certificate from an ACME CA (pebble in the outside namespace).
 lab_flags=(--apps 3)
+if [ "${DEMO_ACME:-0}" = 1 ]; then
+  lab_flags+=(--acme)
+fi
 if [ "${DEMO_BASTION:-0}" = 1 ]; then
   lab_flags+=(--bastion)
   say "lab: proxy1 (public + private), app1..3, db1 on a private network, a 'bastion' jump host"
