@@ -22,11 +22,14 @@ def _require_root() -> None:
             "database": "single topology only: postgres (default) or sqlite",
             "bastion": "app and db hosts on a private network, reached through a `bastion`"
                        " jump host (the proxy keeps a public side)",
-            "acme": "certificates from an ACME CA: pebble in the outside namespace"})
-def up(c, topology="split", apps=2, database="postgres", bastion=False, acme=False):
+            "acme": "certificates from an ACME CA: pebble in the outside namespace",
+            "proxies": "number of proxy hosts in the split topology (default 1)"})
+def up(c, topology="split", apps=2, database="postgres", bastion=False, acme=False,
+       proxies=1):
     """Bring up the lab (no-op when that lab is already up); prints the inventory path."""
     _require_root()
-    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, bastion, acme))
+    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, bastion, acme,
+                                         int(proxies)))
     print(path)
 
 

@@ -128,7 +128,8 @@ class HostSpec:
                  else ident.private_address(self.last_octet)) for n in self.networks]
 
 
-def topology_hosts(topology: str, apps: int, bastion: bool = False) -> tuple[HostSpec, ...]:
+def topology_hosts(topology: str, apps: int, bastion: bool = False,
+                   proxies: int = 1) -> tuple[HostSpec, ...]:
     """The hosts of a lab topology. One app host is reached as a sudo user, not root,
     so both paths of the executor are exercised on every run.
 
@@ -137,7 +138,7 @@ def topology_hosts(topology: str, apps: int, bastion: bool = False) -> tuple[Hos
     if bastion:
         if topology != "split":
             raise SystemExit("--bastion needs the split topology")
-        plain = topology_hosts(topology, apps)
+        plain = topology_hosts(topology, apps, proxies=proxies)
         both = (PUBLIC, PRIVATE)
         hosts = [HostSpec(BASTION, 5, (), "jump", both)]
         for spec in plain:
@@ -150,7 +151,9 @@ def topology_hosts(topology: str, apps: int, bastion: bool = False) -> tuple[Hos
         raise SystemExit(f"unknown topology {topology!r}: use split or single")
     if not 1 <= apps <= 40:
         raise SystemExit(f"--apps must be between 1 and 40, got {apps}")
-    hosts = [HostSpec("proxy1", 10, ("proxy",))]
+    if not 1 <= proxies <= 9:
+        raise SystemExit(f"--proxies must be between 1 and 9, got {proxies}")
+    hosts = [HostSpec(f"proxy{i}", 9 + i, ("proxy",)) for i in range(1, proxies + 1)]
     for i in range(1, apps + 1):
         hosts.append(HostSpec(f"app{i}", 20 + i, ("app",), "deploy" if i == 2 else "root"))
     hosts.append(HostSpec("db1", 100, ("db",)))

@@ -29,6 +29,7 @@ class LabRequest:
     database: str = "postgres"
     bastion: bool = False  # app and db hosts on a private network, reached via `bastion`
     acme: bool = False  # certificates from an ACME CA (pebble) in the outside namespace
+    proxies: int = 1  # split topology: proxy1..proxyN
 
     def normalized(self) -> "LabRequest":
         if self.topology == "single":
@@ -36,10 +37,13 @@ class LabRequest:
                 raise SystemExit(f"--database must be postgres or sqlite, got {self.database!r}")
             if self.bastion:
                 raise SystemExit("--bastion needs the split topology")
+            if self.proxies != 1:
+                raise SystemExit("--proxies needs the split topology")
             return LabRequest("single", 1, self.database, False, bool(self.acme))
         if self.database != "postgres":
             raise SystemExit("--database sqlite needs --topology single (app and db on one host)")
-        return LabRequest("split", self.apps, "postgres", bool(self.bastion), bool(self.acme))
+        return LabRequest("split", self.apps, "postgres", bool(self.bastion), bool(self.acme),
+                          int(self.proxies))
 
 
 def _state_file(ident: LabIdentity) -> Path:
@@ -98,7 +102,7 @@ def up(request: LabRequest = LabRequest()) -> Path:
     started = time.monotonic()
     _raise_inotify_limits()
     base, repo = image.ensure_images()
-    specs = topology_hosts(request.topology, request.apps, request.bastion)
+    specs = topology_hosts(request.topology, request.apps, request.bastion, request.proxies)
     ident.state_dir.mkdir(parents=True, exist_ok=True)
     ident.run_dir.mkdir(parents=True, exist_ok=True)
     key = _ensure_ssh_key(ident)
@@ -119,7 +123,9 @@ def up(request: LabRequest = LabRequest()) -> Path:
         _state_file(ident).write_text(json.dumps(state, indent=2))
     _write_client_files(ident, specs, request)
     if request.acme:
-        proxy = next(s for s in specs if "proxy" in s.tiers)
+        # The CA reaches the LAST proxy: with several, every other proxy's challenge has to
+        # be forwarded to it by that one (what a DNS round robin does half of the time).
+        proxy = [s for s in specs if "proxy" in s.tiers][-1]
         state["services"] = acme.start(ident, proxy.ssh_address(ident))
         _state_file(ident).write_text(json.dumps(state, indent=2))
     _wait_booted(ident, specs)

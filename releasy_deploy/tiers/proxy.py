@@ -131,9 +131,19 @@ def upstreams_for(inv: Inventory) -> list[tuple[str, int]]:
     return cmd.check_servers([(h.private_address, port) for h in inv.hosts_in("app")])
 
 
-def render_site(inv: Inventory, *, ipv6: bool = True,
+def acme_peers(inv: Inventory, host: str | None) -> list[str]:
+    """Port 80 of every other proxy (``tls.mode: acme``): where this one looks for an ACME
+    challenge it does not have."""
+    if inv.tls.mode != "acme" or host is None:
+        return []
+    return [cmd.format_server(h.private_address, 80) for h in inv.hosts_in("proxy")
+            if h.name != host]
+
+
+def render_site(inv: Inventory, *, ipv6: bool = True, host: str | None = None,
                 environ: Mapping[str, str] = os.environ) -> str:
-    """The site file for this inventory. ``ipv6``: also listen on [::] (host has IPv6)."""
+    """The site file for this inventory (on proxy ``host``: with several proxies in acme
+    mode it names the others). ``ipv6``: also listen on [::] (host has IPv6)."""
     cert, key = tls_paths(inv)
     return render_template(SITE_TEMPLATE, {
         "server_name": inv.tls.server_name,
@@ -142,6 +152,7 @@ def render_site(inv: Inventory, *, ipv6: bool = True,
         "upstream_file": UPSTREAM_FILE,
         "upstream_name": UPSTREAM_NAME,
         "acme_webroot": acme_cmd.WEBROOT if inv.tls.mode == "acme" else None,
+        "acme_peers": acme_peers(inv, host),
         "ipv6": ipv6,
         "next_upstream_tries": NEXT_UPSTREAM_TRIES,
         "next_upstream_timeout": NEXT_UPSTREAM_TIMEOUT,
@@ -457,7 +468,7 @@ def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
             ensure_dir(c, path, mode=mode)
 
     token = _random.token_hex(4)
-    site = render_site(inv, ipv6=st.ipv6, environ=environ).encode()
+    site = render_site(inv, ipv6=st.ipv6, host=c.name, environ=environ).encode()
     servers = _upstream_servers_to_write(c, inv, st.texts[UPSTREAM_FILE], reset_upstreams)
     upstream = render_upstream(servers, environ=environ).encode()
     items = [

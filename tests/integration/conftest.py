@@ -133,17 +133,18 @@ class LabSession:
 
     def use(self, topology: str = "split", apps: int = 2,
             database: str = "postgres", *, bastion: bool = False,
-            acme: bool = False) -> LabHandle:
-        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, bastion, acme))
-        self.current = (topology, apps, database, bastion, acme)
+            acme: bool = False, proxies: int = 1) -> LabHandle:
+        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, bastion, acme,
+                                                  proxies))
+        self.current = (topology, apps, database, bastion, acme, proxies)
         return LabHandle(self.ident, topology, inventory)
 
     def fresh(self, topology: str = "split", apps: int = 2,
               database: str = "postgres", *, bastion: bool = False,
-              acme: bool = False) -> LabHandle:
+              acme: bool = False, proxies: int = 1) -> LabHandle:
         """A lab whose hosts have never been provisioned (replaces any current lab)."""
         lab_ops.down()
-        return self.use(topology, apps, database, bastion=bastion, acme=acme)
+        return self.use(topology, apps, database, bastion=bastion, acme=acme, proxies=proxies)
 
 
 @pytest.fixture(scope="session")

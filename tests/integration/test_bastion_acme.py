@@ -4,10 +4,11 @@
   route to; proxy1 keeps a public side; `bastion` is the jump host (unprivileged user `jump`,
   no tier). Every task reaches the private hosts through one SSH connection to the bastion
   per task, and their firewalls admit SSH from the bastion only;
-- `tls.mode: acme` against a real ACME CA: pebble in the outside namespace issues the
-  proxy's certificate over HTTP-01, a second `fab site` requests nothing, `fab status` shows
-  the issuer, and a forced renewal under load (certbot's own renew, as its timer runs it)
-  drops no request.
+- `tls.mode: acme` against a real ACME CA with two proxies: pebble in the outside namespace
+  issues each proxy its certificate over HTTP-01 although its DNS sends the CA to proxy2
+  only (proxy2 forwards proxy1's challenge), a second `fab site` requests nothing, `fab
+  status` shows the issuer, and a forced renewal under load (certbot's own renew, as its
+  timer runs it) drops no request.
 """
 from __future__ import annotations
 
@@ -37,20 +38,21 @@ ARCHIVE = "/etc/letsencrypt/archive/releasy"
 
 @pytest.fixture(scope="module")
 def lab(lab_session):
-    handle = lab_session.fresh("split", 2, bastion=True, acme=True)
+    handle = lab_session.fresh("split", 2, bastion=True, acme=True, proxies=2)
     handle.fab("site", "--version", "1.0.0")
     return handle
 
 
-def issued(lab) -> list[str]:
-    return sorted(lab.sudo("proxy1", "sh", "-c", f"ls {ARCHIVE} | grep ^cert").stdout.split())
+def issued(lab, host: str = "proxy1") -> list[str]:
+    return sorted(lab.sudo(host, "sh", "-c", f"ls {ARCHIVE} | grep ^cert").stdout.split())
 
 
-def served_fingerprint(lab, root_pem) -> str:
-    """The certificate on 443, fetched from the internet and verified against pebble's
-    root (curl fails unless the chain leads there), as its SHA-256 fingerprint."""
+def served_fingerprint(lab, root_pem, index: int = 0) -> str:
+    """The certificate on 443 of the INDEXth proxy, fetched from the internet and verified
+    against pebble's root (curl fails unless the chain leads there), as its SHA-256
+    fingerprint."""
     inv = load_inventory(lab.inventory)
-    name, proxy = inv.tls.server_name, inv.hosts_in("proxy")[0].address
+    name, proxy = inv.tls.server_name, inv.hosts_in("proxy")[index].address
     ns = lab.ident.outside_ns
     proc = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "10",
                            "--cacert", str(root_pem), "--resolve", f"{name}:443:{proxy}",
@@ -73,8 +75,9 @@ def root_pem(lab, tmp_path_factory):
 
 
 def test_the_certificate_on_443_is_issued_by_the_acme_ca(lab, root_pem):
-    served_fingerprint(lab, root_pem)
-    assert issued(lab) == ["cert1.pem"]
+    # Both proxies, though the CA only ever reached proxy2 (its DNS answer).
+    assert served_fingerprint(lab, root_pem, 0) != served_fingerprint(lab, root_pem, 1)
+    assert issued(lab, "proxy1") == issued(lab, "proxy2") == ["cert1.pem"]
     # Renewal is Debian's timer, trusting the inventory's CA bundle for the ACME server.
     assert lab.sudo("proxy1", "systemctl", "is-enabled", "certbot.timer").stdout.strip() == \
         "enabled"
@@ -131,7 +134,7 @@ def test_site_again_changes_nothing_over_one_bastion_connection(lab, tmp_path):
     proc = lab.fab("site", env={"RELEASY_JSON_LOG": str(log)})
     assert "site: 0 changed" in proc.stdout, proc.stdout
     counts = {e["host"]: e["connections"] for e in events(log, "round_trips")}
-    assert counts == {"bastion": 1, "proxy1": 1, "app1": 1, "app2": 1, "db1": 1}
+    assert counts == {"bastion": 1, "proxy1": 1, "proxy2": 1, "app1": 1, "app2": 1, "db1": 1}
 
 
 def test_firewall_admits_ssh_from_the_bastion_only(lab):
