@@ -122,6 +122,11 @@ def test_a_direct_connection_to_a_private_host_fails(lab, tmp_path):
         s.settimeout(3)
         s.connect((inv.host("app1").address, 22))
     assert exc.value.errno == errno.EHOSTUNREACH
+    ping = lab.fab("inventory.ping").stdout
+    assert all(f"{h}  " in ping and "(via bastion)" in ping.split(h, 1)[1].splitlines()[0]
+               for h in PRIVATE_HOSTS), ping
+    check = lab.fab("inventory.check").stdout
+    assert "jump   bastion (jump@" in check and "for app1, app2, db1" in check, check
     # Without the jump host the tasks cannot reach them either (exit 4: unreachable).
     direct = lab.inventory_variant(tmp_path, lambda d: d["ssh"].pop("jump"))
     proc = lab.fab("inventory.ping", inventory=direct, check=False)
