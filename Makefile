@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit bench lab-down clean
+.PHONY: setup demo test unit faults bench lab-down clean
 
 setup: $(VENV)/.installed
 	@scripts/ensure-host-packages.sh
@@ -26,6 +26,12 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit
+
+# Every injection point of a rolling deploy (make test tries the first, a middle and the
+# last): the N-th host-changing command fails, the fleet must stay serving and a re-run
+# converge. Run before submitting a change to a flow.
+faults: setup
+	RELEASY_FAULT_POINTS=all $(PY) -m pytest -s tests/integration/test_faults.py
 
 # Not part of `test`: brings up its own lab (LAB_ID like every lab command), measures what
 # the tasks cost against the SSH floor, prints a table, writes bench/results/latest.json.

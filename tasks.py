@@ -61,6 +61,19 @@ def probe(c, host, port, source="outside"):
     print(lab_ops.probe(host, int(port), source))
 
 
+@task(help={"port": "TCP port", "seconds": "stop after this long (default 600)"})
+def listen(c, port, seconds=600):
+    """A TCP listener in the outside namespace (for `fab firewall.audit --listener`)."""
+    _require_root()
+    proc = lab_ops.start_listener(int(port), lifetime=float(seconds))
+    print(f"listening on {lab_ops.current_identity().outside_address}:{port} for {seconds} s "
+          f"(Ctrl-C stops it)")
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        lab_ops.stop_listener(proc)
+
+
 @task(help={"version": "release version, e.g. 1.2.3",
             "migrations": "number of embedded migrations (default 2)",
             "broken_migration": "make the last migration fail",
@@ -78,6 +91,6 @@ def build(c, version, migrations=2, broken_migration=False, never_ready=False,
     print(path)
 
 
-lab_ns = Collection("lab", up, down, status, probe)
+lab_ns = Collection("lab", up, down, status, probe, listen)
 standin_ns = Collection("standin", build)
 ns = Collection(lab_ns, standin_ns)

@@ -3,19 +3,25 @@ drain, undrain)."""
 from invoke import task
 
 from releasy_deploy import maintenance
+from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
-from releasy_deploy.tiers import app
 
 
 @task(help={"version": "release to install and run, e.g. 1.2.3 (default: keep each host's"
                        " current release)",
-            "dry-run": "show what would change (with diffs) without changing anything"})
+            "dry-run": "show what would change (with diffs) without changing anything",
+            "wait": "seconds to wait for the deploy lock if another task holds it (default 0: fail at"
+                    " once with exit code 3)",})
 @operator_task
-def setup(c, version=None, dry_run=False):
-    """Install Releasy on the app hosts (user, release, env file, systemd units) and start it."""
+def setup(c, version=None, dry_run=False, wait=0):
+    """Install Releasy on the app hosts (user, release, env file, systemd units) and start it.
+
+    Under the deploy lock. On an environment that serves, hosts whose settings or release
+    change are restarted one at a time, drained first (no failed request)."""
     with session(dry_run=dry_run) as s:
         try:
-            app.setup(s, version)
+            with site_ops.change_lock(s, version=version, wait=float(wait)) as lock:
+                site_ops.setup_app(s, version, lock)
         finally:
             if s.reporter.tally():  # no summary when nothing was contacted (bad input)
                 s.reporter.summary()

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from invoke import Exit, task
 
 from releasy_deploy import backups, interactive
+from releasy_deploy import site as site_ops
 from releasy_deploy.cli import BadInput, operator_task, session
 from releasy_deploy.errors import DeployError, ParallelError
 from releasy_deploy.lock import LockBusy
@@ -37,9 +38,14 @@ def _summarized(s):
 @task(help={"dry_run": "only report what would change; touch nothing"})
 @operator_task
 def setup(c, dry_run=False):
-    """Install and configure PostgreSQL 15: role, database, password, pg_hba, listen."""
+    """Install and configure PostgreSQL 15: role, database, password, pg_hba, listen.
+
+    Refused (exit 3) while another task holds the deploy lock, which lives in this
+    database."""
     with session(dry_run=dry_run) as s:
         try:
+            if not s.dry_run:
+                site_ops.refuse_if_locked(s)
             db_tier.setup(s)
         finally:
             s.reporter.summary()

@@ -4,9 +4,11 @@ Rules that carry the ``releasy`` comment are ours: apply adds and removes them t
 plan. Rules someone added by hand are reported as "unexpected" and kept, unless
 ``--prune-unmanaged``. apply refuses a host whose view of our SSH connection is outside
 admin_cidrs, and arms an automatic revert on every host it changes until a brand-new SSH
-connection gets through."""
+connection gets through. With ``egress.restrict`` outgoing traffic is denied except the
+flows derived from the topology (see `fab firewall.plan`)."""
 from invoke import Exit, task
 
+from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
 from releasy_deploy.tiers import firewall as fw
 
@@ -27,13 +29,17 @@ def plan(c):
     "revert-after": "seconds before a host restores its previous firewall unless a new SSH "
                     "connection confirmed the change (default 60)",
     "prune-unmanaged": "also remove rules that are not ours (no 'releasy' comment)",
+    "wait": "seconds to wait for the deploy lock if another task holds it (default 0: fail at"
+    " once with exit code 3)",
 })
 @operator_task
-def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False):
-    """Converge every host's ufw firewall to the plan, with lockout protection."""
+def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False, wait=0):
+    """Converge every host's ufw firewall to the plan, with lockout protection (under the
+    deploy lock)."""
     with session(dry_run=dry_run, need_secrets=False) as s:
         try:
-            fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)
+            with site_ops.change_lock(s, wait=float(wait)):
+                fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)
         finally:
             s.reporter.summary()
 
@@ -50,13 +56,16 @@ def status(c):
 
 
 @task(help={"netns": "probe from this network namespace (the lab: labN-outside) instead "
-                     "of from here, the machine running the task"})
+                     "of from here, the machine running the task",
+            "listener": "ADDR:PORT of a TCP listener outside: every host connects to it and "
+                        "the result is checked against the egress plan"})
 @operator_task
-def audit(c, netns=None):
-    """Probe every host's ports from outside and compare with the plan (exit 1 on any difference)."""
+def audit(c, netns=None, listener=None):
+    """Probe every host's ports (IPv4 and IPv6) from outside, and optionally egress to a
+    listener, and compare with the plan (exit 1 on any difference)."""
     with session(need_secrets=False) as s:
         try:
-            ok = fw.audit(s, netns)
+            ok = fw.audit(s, netns, listener)
         finally:
             s.reporter.summary()
     if not ok:

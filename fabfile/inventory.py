@@ -3,7 +3,7 @@ from invoke import task
 
 from releasy_deploy.cli import operator_task, session
 from releasy_deploy.inventory import TIERS
-from releasy_deploy.remote import facts
+from releasy_deploy.facts import Arch, OsRelease, read_facts
 
 
 @task
@@ -29,8 +29,8 @@ def ping(c):
     """Connect to every host (verified host keys, sudo) and show OS, arch and login user."""
     with session(need_secrets=False) as s:
         def probe(conn):
-            found = facts(conn, ["os_release", "arch"], sudo=True)
-            return found["os_release"].get("PRETTY_NAME", "?"), found["arch"]
+            found = read_facts(conn, [OsRelease(), Arch()], sudo=True)
+            return found[OsRelease()].get("PRETTY_NAME", "?"), found[Arch()]
         results = s.executor.each(s.inventory.hosts, probe)
         for host in s.inventory.hosts:
             os_name, arch = results[host.name]

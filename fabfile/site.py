@@ -5,10 +5,13 @@ from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
 
 
-@task(help={"version": "release to install on app hosts (default: keep what each runs)",
-            "dry_run": "show what would change, with diffs; change nothing"})
+@task(help={"version": "release to install on app hosts (default: keep what each runs); on"
+                       " an environment that serves it is rolled out host by host",
+            "dry_run": "show what would change, with diffs; change nothing",
+            "wait": "seconds to wait for the deploy lock if another task holds it (default 0:"
+                    " fail at once with exit code 3)"})
 @operator_task
-def site(c, version=None, dry_run=False):
+def site(c, version=None, dry_run=False, wait=0):
     """Provision everything: db -> app -> proxy -> firewall; a second run changes nothing."""
     with session(dry_run=dry_run) as s:
-        site_ops.run(s, version)
+        site_ops.run(s, version, wait=float(wait))

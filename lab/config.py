@@ -1,6 +1,7 @@
 """Everything the lab needs to know in one place: names, addresses, paths, packages."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,11 @@ class LabIdentity:
         the outside namespace have no interface on it, hence no route to it."""
         return f"10.78.{self.subnet_octet}.{last_octet}"
 
+    def address6(self, last_octet: int) -> str:
+        """The IPv6 ULA twin of `address` (fd77:0:LABID::LAST, /64 on the same bridge), in
+        the canonical text form tools print (fd77::10 for the default lab)."""
+        return str(ipaddress.IPv6Address(f"fd77:0:{self.subnet_octet}::{last_octet}"))
+
     @property
     def operator_address(self) -> str:
         return self.address(1)
@@ -74,6 +80,10 @@ class LabIdentity:
     @property
     def outside_address(self) -> str:
         return self.address(254)
+
+    @property
+    def outside_address6(self) -> str:
+        return self.address6(254)
 
     @property
     def uplink_if(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import acme, image, machine, net
-from .config import BASTION, PRIVATE, HostSpec, LabIdentity, current_identity, topology_hosts
+from .config import BASTION, PRIVATE, PUBLIC, HostSpec, LabIdentity, current_identity, topology_hosts
 from .sh import log, run
 
 BOOT_TIMEOUT = 90.0
@@ -76,6 +76,8 @@ def _healthy(ident: LabIdentity, state: dict) -> bool:
         return False
     if not (ident.state_dir / "hosts.yaml").exists():
         return False
+    if any("address6" not in h for h in state["hosts"].values()):
+        return False  # made before lab hosts had IPv6 addresses
     if any(not net.netns_exists(ident.netns(n)) for n in state["hosts"]):
         return False
     if not all(machine.pid_alive(pid) for pid in state.get("services", {}).values()):
@@ -117,7 +119,11 @@ def up(request: LabRequest = LabRequest()) -> Path:
                        bridge=net.PRIVATE_BRIDGE if network == PRIVATE else "br0")
         root = machine.prepare_root(ident, spec, base, address, key)
         pid = machine.launch(ident, spec, root, repo)
-        state["hosts"][spec.name] = {"address": address, "launcher": pid,
+        state["hosts"][spec.name] = {"address": address,
+                                     # None: only on the IPv4-only private network
+                                     "address6": ident.address6(spec.last_octet)
+                                     if PUBLIC in spec.networks else None,
+                                     "launcher": pid,
                                      "tiers": list(spec.tiers), "ssh_user": spec.ssh_user}
         # Recorded after every host so a failure half-way can still be cleaned up.
         _state_file(ident).write_text(json.dumps(state, indent=2))
@@ -183,7 +189,7 @@ def status() -> list[dict]:
 
 PROBE_CODE = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_STREAM)
 s.settimeout(float(sys.argv[3]))
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -199,7 +205,8 @@ except OSError as e:
 
 def probe(host: str, port: int, source: str = "outside", timeout: float = 1.5) -> str:
     """open / closed / filtered, as seen from `source`: "outside" (the internet),
-    "operator" (this machine, the admin address) or another lab host's name."""
+    "operator" (this machine, the admin address) or another lab host's name. ``host``: a
+    lab host's name (its IPv4 address) or any IPv4/IPv6 address."""
     ident = current_identity()
     state = read_state(ident)
     if not state:
@@ -215,6 +222,54 @@ def probe(host: str, port: int, source: str = "outside", timeout: float = 1.5) -
         raise SystemExit(f"lab: unknown probe source {source!r}: outside, operator or a host")
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10,
                           ).stdout.strip() or "error"
+
+
+LISTENER_CODE = """
+import socket, sys, time
+addr, port, lifetime = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port))
+s.listen(64)
+s.settimeout(0.5)
+print("listening", flush=True)
+deadline = time.monotonic() + lifetime
+while time.monotonic() < deadline:
+    try:
+        conn, _ = s.accept()
+    except socket.timeout:
+        continue
+    conn.close()
+"""
+
+
+def start_listener(port: int, address: str | None = None, *,
+                   lifetime: float = 900.0) -> subprocess.Popen:
+    """A TCP listener in the outside namespace (the internet) on ``address`` (default: the
+    outside namespace's IPv4 address) that accepts and closes every connection, for
+    egress tests. It exits by itself after ``lifetime`` seconds; `stop_listener` ends it
+    sooner. Returns once it listens."""
+    ident = current_identity()
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ident.outside_ns, sys.executable, "-c", LISTENER_CODE,
+         address or ident.outside_address, str(port), str(lifetime)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "listening":
+        proc.kill()
+        raise SystemExit(f"lab: the listener on port {port} did not start: "
+                         f"{proc.stderr.read() if proc.stderr else ''}")
+    return proc
+
+
+def stop_listener(proc: subprocess.Popen) -> None:
+    """End a listener `start_listener` started (by its PID, ours)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def _ensure_ssh_key(ident: LabIdentity) -> str:

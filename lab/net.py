@@ -1,7 +1,10 @@
 """The lab network: a bridge in its own namespace, the operator's uplink from the root
 namespace, one namespace per host and an "outside" namespace that plays the internet.
 
-No default route anywhere and no forwarding: traffic stays between these addresses."""
+Every namespace has an IPv4 address (10.77.N.X/24) and its IPv6 ULA twin (fd77:0:N::X/64),
+so the hosts' IPv6 side is real and must be filtered like the IPv4 one. `--bastion` labs add
+a private IPv4-only network (br1, 10.78.N.X/24) that only hosts join. No default route
+anywhere and no forwarding: traffic stays between these addresses."""
 from __future__ import annotations
 
 import subprocess
@@ -32,6 +35,16 @@ def mac_for(address: str) -> str:
     return "02:77:%02x:%02x:%02x:%02x" % tuple(octets)
 
 
+def _last_octet(address: str) -> int:
+    return int(address.rsplit(".", 1)[1])
+
+
+def _add_v6(prefix: list[str], ident: LabIdentity, address: str, dev: str) -> None:
+    # nodad: usable at once (duplicate detection would delay it ~1 s; addresses are unique).
+    run([*prefix, "ip", "-6", "addr", "add",
+         f"{ident.address6(_last_octet(address))}/64", "dev", dev, "nodad"])
+
+
 def create_switch(ident: LabIdentity) -> None:
     sw = ident.switch_ns
     run(["ip", "netns", "add", sw])
@@ -45,12 +58,18 @@ def create_switch(ident: LabIdentity) -> None:
     run(["ip", "addr", "add", f"{ident.operator_address}/24", "dev", up])
     run(["ip", "link", "set", up, "address", mac_for(ident.operator_address)])
     run(["ip", "link", "set", up, "up"])
+    _add_v6([], ident, ident.operator_address, up)
     attach(ident, "outside", ident.outside_address)
 
 
 def create_private_bridge(ident: LabIdentity) -> None:
     """The private network of `--bastion` labs: a second bridge that only hosts join (the
-    operator and the outside namespace have no leg on it, so no route)."""
+    operator and the outside namespace have no leg on it, so no route).
+
+    IPv4 only (10.78.N.X/24): it stands for a provider's private network, which is commonly
+    IPv4 only, and it keeps a private-only host's global IPv6 addresses empty, so
+    `firewall.audit` has nothing unreachable to probe on IPv6 and egress rules name no
+    IPv6 peers there. Hosts on both networks (proxy, bastion) keep their fd77 twin on br0."""
     run(_in(ident.switch_ns, "ip", "link", "add", PRIVATE_BRIDGE, "type", "bridge"))
     run(_in(ident.switch_ns, "ip", "link", "set", PRIVATE_BRIDGE, "up"))
     # This machine may have a default route: without this, packets for the private network
@@ -83,6 +102,9 @@ def attach(ident: LabIdentity, name: str, address: str, *, bridge: str = "br0",
     run(_in(ns, "ip", "link", "set", inner, "name", ifname))
     run(_in(ns, "ip", "link", "set", ifname, "address", mac_for(address)))
     run(_in(ns, "ip", "addr", "add", f"{address}/24", "dev", ifname))
+    if bridge == "br0":
+        # The private network (--bastion) is IPv4 only: see create_private_bridge.
+        _add_v6(["ip", "netns", "exec", ns], ident, address, ifname)
     run(_in(ns, "ip", "link", "set", ifname, "up"))
     run(_in(ns, "ip", "link", "set", "lo", "up"))
     return ns

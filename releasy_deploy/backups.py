@@ -47,16 +47,20 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import schema
 from .commands import app as appcmd
-from .errors import DeployError
+from .commands import systemd
+from .errors import BadInput, DeployError, first_line
 from .executor import tail
+from .facts import Fact, read_fact, read_facts
 from .inventory import VERSION_RE, Inventory, check_version
-from .remote import Probe, facts, register_fact
+from .tiers import app as app_tier
+from .tiers import proxy as proxy_tier
 
 __all__ = [
     "BACKUP_DIR", "Backup", "backup_name", "parse_backup_name", "parse_listing",
     "backups_to_prune", "choose_restore_point", "dump_argv", "restore_argv",
-    "list_backups", "create", "restore", "LISTING_FACT", "backup_host",
+    "list_backups", "create", "restore", "BackupListing", "backup_host",
     "PRE_DEPLOY", "MANUAL", "PRE_RESTORE", "snapshot_name", "take_snapshot", "find_backup",
     "download_target", "download", "format_size", "listing_rows", "restore_level_problem",
 ]
@@ -209,8 +213,18 @@ def choose_restore_point(backups: Iterable[Backup], max_level: int, environment:
 # ------------------------------------------------------------------------------ commands
 LISTING_PROBE = f"""[ -d {shlex.quote(BACKUP_DIR)} ] || exit 0
 find {shlex.quote(BACKUP_DIR)} -mindepth 1 -maxdepth 1 -type f -printf '%f %s\\n'"""
-LISTING_FACT = "releasy_backups"
-register_fact(LISTING_FACT)(lambda _: Probe(LISTING_PROBE, parse_listing))
+
+
+@dataclass(frozen=True)
+class BackupListing(Fact):
+    """Every dump in BACKUP_DIR (`Backup`), oldest first."""
+
+    def shell(self) -> str:
+        return LISTING_PROBE
+
+    def parse(self, out: str, code: int) -> list[Backup]:
+        return parse_listing(out, code)
+
 
 # $1 dir, $2 name, $3 database; then names to prune. Prints "@size N" and "@pruned NAME".
 _PG_DUMP_SCRIPT = """set -eu
@@ -325,7 +339,7 @@ def backup_host(inv: Inventory):
 def list_backups(session) -> list[Backup]:
     """Every dump in BACKUP_DIR on the db host, oldest first (one round trip, read-only)."""
     conn = session.executor.conn(backup_host(session.inventory))
-    return facts(conn, [LISTING_FACT], sudo=True)[LISTING_FACT]
+    return read_fact(conn, BackupListing(), sudo=True)
 
 
 def create(session, *, from_version: str | None, to_version: str, level: int,
@@ -436,7 +450,7 @@ def restore(session, backup: Backup) -> None:
 
 # ====================================================================== day-2 tasks
 # `fab db.backup / db.backups / db.restore`: pure helpers first, then the tasks' bodies.
-RUNNING_STATES = ("active", "activating", "reloading")
+RUNNING_STATES = systemd.RUNNING_STATES
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -465,7 +479,6 @@ def listing_rows(backups: Sequence[Backup]) -> list[str]:
 def find_backup(backups: Sequence[Backup], name: str, *, environment: str, kind: str,
                 host: str) -> Backup:
     """The dump called ``name`` in the listing; BadInput (nothing changed) otherwise."""
-    from .cli import BadInput  # late: cli imports the executor, which is fine, but keep light
 
     if "/" in name:
         raise BadInput(f"--file takes a dump's name, not a path: {name!r} (the dumps live in"
@@ -522,7 +535,6 @@ def download_target(path: str | os.PathLike, name: str | None = None) -> Path:
     """Where ``--download PATH`` writes: PATH itself, or PATH/NAME when PATH is a
     directory. Checked before anything runs (BadInput): the directory must exist, and an
     existing file is never overwritten. ``name`` None: only validate."""
-    from .cli import BadInput
 
     target = Path(path).expanduser()
     if target.is_dir():
@@ -616,8 +628,6 @@ def units_on_hosts(running: Mapping[str, Sequence[str]]) -> str:
 
 def app_units(inv: Inventory) -> list[str]:
     """The Releasy units that may run on an app host (blue/green only on a single host)."""
-    from .tiers import app as app_tier  # also registers the releasy_* facts gather_state reads
-
     units = [app_tier.SERVICE_UNIT]
     if inv.is_single_host:
         units += [appcmd.instance_unit(p) for p in inv.app.bluegreen_ports]
@@ -636,32 +646,31 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
     """ONE facts round trip per host, all in parallel (read-only: also in dry-run): the
     dumps and migration level on the db host, what runs on each app host, the proxies'
     upstream lists."""
-    from . import schema
     from .commands import nginx as nginxcmd
-    from .tiers import proxy as proxy_tier  # also registers the proxy_text fact
 
     inv = session.inventory
     db = backup_host(inv)
-    upstream_fact = f"proxy_text:{proxy_tier.UPSTREAM_FILE}"
-    wanted: dict[str, list[str]] = {db.name: [LISTING_FACT, schema.level_fact(inv)]}
+    upstream_fact = proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)
+    wanted: dict[str, list[Fact]] = {db.name: [BackupListing(), schema.level_fact(inv)]}
     if with_apps:
         for h in inv.hosts_in("app"):
             wanted.setdefault(h.name, []).extend(
-                ["releasy_releases", schema.RECORDED_FACT,
-                 *(f"releasy_unit:{u}" for u in app_units(inv))])
+                [app_tier.ReleasyReleases(), schema.RecordedLevels(),
+                 *(app_tier.ReleasyUnit(u) for u in app_units(inv))])
     if with_rotation and not inv.is_single_host:
         for h in inv.hosts_in("proxy"):
             wanted.setdefault(h.name, []).append(upstream_fact)
     found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: facts(c, wanted[c.name], sudo=True))
+                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
     apps = {}
     if with_apps:
         for h in inv.hosts_in("app"):
             f = found[h.name]
             apps[h.name] = AppUnits(
-                h.name, f["releasy_releases"].current,
-                {u: f[f"releasy_unit:{u}"].get("ActiveState", "unknown") for u in app_units(inv)},
-                f[schema.RECORDED_FACT])
+                h.name, f[app_tier.ReleasyReleases()].current,
+                {u: f[app_tier.ReleasyUnit(u)].get("ActiveState", "unknown")
+                 for u in app_units(inv)},
+                f[schema.RecordedLevels()])
     upstreams: dict[str, list[tuple[str, int]] | None] = {}
     for name, names in wanted.items():
         if upstream_fact in names:
@@ -670,7 +679,7 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
                 upstreams[name] = nginxcmd.parse_upstream_servers(text) if text else None
             except ValueError:
                 upstreams[name] = None
-    return DbState(found[db.name][LISTING_FACT], found[db.name][schema.level_fact(inv)],
+    return DbState(found[db.name][BackupListing()], found[db.name][schema.level_fact(inv)],
                    apps, upstreams)
 
 
@@ -711,11 +720,8 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
     tables are replaced), the current data is saved to a pre-restore dump, NAME is
     restored (PostgreSQL: one transaction), the units start again and must answer /ready.
     The proxies' rotation is not touched (nothing is drained: everything is stopped)."""
-    from .cli import BadInput, confirm
-    from .commands import systemd
     from .lock import deploy_lock
     from .pipeline import Pipeline
-    from .tiers import app as app_tier
 
     inv = session.inventory
     db = backup_host(inv).name
@@ -748,7 +754,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
             restore(session, dump)
             return dump
         with session.reporter.paused():
-            confirm(f"Restore {inv.environment}'s database on {db} from {dump.name} (taken"
+            session.confirm(f"Restore {inv.environment}'s database on {db} from {dump.name} (taken"
                     f" {dump.when}, {dump.origin})? Every write made since then is LOST, and"
                     f" Releasy is DOWN until it is done: {plan}.", yes=yes)
         with pipe.stage("backup", db, "save the current database first"):
@@ -785,7 +791,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                         session.executor.each(busy, start)
                 except DeployError as sexc:
                     note = (f" Starting Releasy again failed as well"
-                            f" ({str(sexc).splitlines()[0]}): check the app hosts.")
+                            f" ({first_line(sexc)}): check the app hosts.")
             lines = str(exc).splitlines() or [type(exc).__name__]
             first = lines[0].removeprefix(f"{db}: ").rstrip(":")
             said = [line for line in lines[1:] if line.startswith("    ")]  # its output

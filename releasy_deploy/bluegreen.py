@@ -62,17 +62,17 @@ from typing import Any, Mapping
 
 from . import audit, schema
 from . import backups as backups_mod
-from .cli import BadInput, Session
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import DeployError
+from .errors import BadInput, DeployError
 from .executor import HostConnection, tail
+from .facts import Fact, FileSha256, FileStat, read_facts
 from .inventory import Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
-from .remote import Probe, facts, register_fact
+from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
@@ -82,6 +82,7 @@ __all__ = [
     "instance_env_file", "instance_bind", "render_instance_env", "version_of_link",
     "fact_names", "parse_state", "find_live", "plan_deploy", "schema_refusal", "start_script",
     "finish_commands", "finish_script", "cleanup_script", "warmup_argv", "read_state", "run",
+    "InstanceLink", "Listening",
 ]
 
 PIPELINE = "deploy.bluegreen"
@@ -92,10 +93,10 @@ LOOPBACK = "127.0.0.1"
 WARMUP_SUCCESSES = 3
 WARMUP_INTERVAL_S = 0.3
 #: longest wait for in-flight requests of the old instance (nginx's proxy_read_timeout).
-DRAIN_TIMEOUT_S = 60
+DRAIN_TIMEOUT_S = nginxcmd.DRAIN_TIMEOUT_S
 AUDIT_ACTION = "deploy.bluegreen"
 
-_RUNNING_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+_RUNNING_STATES = systemd.RUNNING_STATES
 _ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "linked", "linked-runtime"})
 
 
@@ -134,20 +135,36 @@ def version_of_link(target: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------ facts
-def _link_probe(path: str) -> Probe:
-    q = shlex.quote(path)
-    return Probe(f"[ -L {q} ] || exit 3; readlink -- {q}",
-                 lambda out, code: out.strip() if code == 0 else None)
+@dataclass(frozen=True)
+class InstanceLink(Fact):
+    """Where an instance link points, or None when ``path`` is not a symlink."""
+
+    path: str
+
+    def shell(self) -> str:
+        q = shlex.quote(self.path)
+        return f"[ -L {q} ] || exit 3; readlink -- {q}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out.strip() if code == 0 else None
 
 
-def _listening_probe(port: str) -> Probe:
-    selector = f"sport = :{_port(int(port))}"
-    return Probe(f"ss -Hltn {shlex.quote(selector)}",
-                 lambda out, code: code == 0 and bool(out.strip()))
+@dataclass(frozen=True)
+class Listening(Fact):
+    """Something listens on TCP ``port``."""
 
+    port: int
 
-register_fact("bluegreen_link", arg=True)(_link_probe)
-register_fact("bluegreen_listening", arg=True)(_listening_probe)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _port(self.port)
+
+    def shell(self) -> str:
+        selector = f"sport = :{_port(self.port)}"
+        return f"ss -Hltn {shlex.quote(selector)}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0 and bool(out.strip())
 
 
 @dataclass(frozen=True)
@@ -212,46 +229,48 @@ class HostState:
         return units
 
 
-def fact_names(inv: Inventory) -> list[str]:
+def fact_names(inv: Inventory) -> list[Fact]:
     """Everything preflight reads, as ONE facts call (on a single host the proxy and the
     database are local too)."""
-    names = [f"releasy_unit:{PLAIN_UNIT}", "releasy_releases",
-             f"proxy_text:{proxy_tier.UPSTREAM_FILE}",
-             f"file_stat:{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}",
-             schema.level_fact(inv), schema.RECORDED_FACT, backups_mod.LISTING_FACT]
+    names: list[Fact] = [
+        app_tier.ReleasyUnit(PLAIN_UNIT), app_tier.ReleasyReleases(),
+        proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE),
+        FileStat(f"{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}"),
+        schema.level_fact(inv), schema.RecordedLevels(), backups_mod.BackupListing()]
     for port in inv.app.bluegreen_ports:
-        names += [f"releasy_unit:{instance_unit(port)}", f"bluegreen_link:{instance_link(port)}",
-                  f"file_sha256:{instance_env_file(port)}", f"bluegreen_listening:{port}",
-                  f"releasy_ready:{appcmd.ready_url(instance_bind(port))}"]
+        names += [app_tier.ReleasyUnit(instance_unit(port)), InstanceLink(instance_link(port)),
+                  FileSha256(instance_env_file(port)), Listening(port),
+                  app_tier.ReleasyReady(appcmd.ready_url(instance_bind(port)))]
     return names
 
 
-def parse_state(host: str, found: Mapping[str, Any], inv: Inventory) -> HostState:
+def parse_state(host: str, found: Mapping[Fact, Any], inv: Inventory) -> HostState:
     ports = inv.app.bluegreen_ports
-    units = {PLAIN_UNIT: UnitState.from_show(PLAIN_UNIT, found[f"releasy_unit:{PLAIN_UNIT}"])}
+    units = {PLAIN_UNIT: UnitState.from_show(PLAIN_UNIT,
+                                             found[app_tier.ReleasyUnit(PLAIN_UNIT)])}
     for port in ports:
         unit = instance_unit(port)
-        units[unit] = UnitState.from_show(unit, found[f"releasy_unit:{unit}"])
+        units[unit] = UnitState.from_show(unit, found[app_tier.ReleasyUnit(unit)])
     return HostState(
         host=host, ports=ports, bind_port=inv.app.bind_port, units=units,
-        links={p: found[f"bluegreen_link:{instance_link(p)}"] for p in ports},
-        env_sums={p: found[f"file_sha256:{instance_env_file(p)}"] for p in ports},
-        listening={p: bool(found[f"bluegreen_listening:{p}"]) for p in ports},
-        ready={p: bool(found[f"releasy_ready:{appcmd.ready_url(instance_bind(p))}"])
+        links={p: found[InstanceLink(instance_link(p))] for p in ports},
+        env_sums={p: found[FileSha256(instance_env_file(p))] for p in ports},
+        listening={p: bool(found[Listening(p)]) for p in ports},
+        ready={p: bool(found[app_tier.ReleasyReady(appcmd.ready_url(instance_bind(p)))])
                for p in ports},
-        releases=found["releasy_releases"],
-        upstream_text=found[f"proxy_text:{proxy_tier.UPSTREAM_FILE}"],
-        template_installed=found[f"file_stat:{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}"]
+        releases=found[app_tier.ReleasyReleases()],
+        upstream_text=found[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)],
+        template_installed=found[FileStat(f"{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}")]
         is not None,
         db_level=found[schema.level_fact(inv)],
-        levels=found[schema.RECORDED_FACT],
-        backups=tuple(found[backups_mod.LISTING_FACT]),
+        levels=found[schema.RecordedLevels()],
+        backups=tuple(found[backups_mod.BackupListing()]),
     )
 
 
 def read_state(c: HostConnection, inv: Inventory) -> HostState:
     """The host's blue/green state: ONE round trip (read-only: also runs in dry-run)."""
-    found = facts(c, fact_names(inv), sudo=True)
+    found = read_facts(c, fact_names(inv), sudo=True)
     return parse_state(c.name, found, inv)
 
 
@@ -590,7 +609,7 @@ def _drain(session: Session, host: str, old: str) -> None:
                                           f" ({time.monotonic() - started:.1f} s)")
         else:  # reported by wait_old_workers_gone with the pids
             conn.reporter.info(conn.name, f"stopping the old instance anyway: requests running"
-                                          f" longer than {DRAIN_TIMEOUT_S} s may be cut")
+                                          f" longer than {DRAIN_TIMEOUT_S:g} s may be cut")
         return gone
 
     session.executor.each(session.inventory.hosts_in("proxy"), drain)

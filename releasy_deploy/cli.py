@@ -1,5 +1,7 @@
-"""What every fab task shares: load the inventory once, build the executor, and turn expected
-failures into a short message and a documented exit code (no traceback unless --debug)."""
+"""The operator edge, shared by every fab task: load the inventory once, build the session
+(executor, reporter, the JSON-log option), ask for confirmation on a terminal, and turn the
+library's typed errors into a short message and a documented exit code (no traceback
+unless --debug). Nothing in the library imports this module."""
 from __future__ import annotations
 
 import functools
@@ -10,17 +12,18 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from invoke import Exit
 
-from .errors import DeployError, HostKeyError, ParallelError, UnreachableError
-from .executor import Executor
-from .inventory import Inventory, InventoryError, load_inventory
+from .errors import BadInput, DeployError, LockHeld, ParallelError, is_unreachable
+from .executor import Executor, FaultInjection
+from .inventory import InventoryError, load_inventory
 from .output import Reporter, one_screen
 from .secrets import Secrets, load_secrets
+from .session import Session
 
 # Exit codes: documented in the README; cron wrappers rely on them.
 EXIT_OK = 0
@@ -33,22 +36,14 @@ JSON_LOG_ENV = "RELEASY_JSON_LOG"
 # With a JSON log: RELEASY_TRACE=1 adds one "command" event per SSH command (host, masked
 # command, start, seconds), for the benchmark.
 TRACE_ENV = "RELEASY_TRACE"
+# Tests of the recovery paths: RELEASY_FAULT=N fails the task's N-th host-changing command
+# (0: only count them); the count is printed on stderr at the end.
+FAULT_ENV = "RELEASY_FAULT"
 
 
-class BadInput(DeployError):
-    """Operator input (a flag, an artifact) is wrong; nothing was changed."""
-
-
-@dataclass
-class Session:
-    inventory: Inventory
-    secrets: Secrets
-    executor: Executor
-    reporter: Reporter
-
-    @property
-    def dry_run(self) -> bool:
-        return self.executor.dry_run
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
+           "JSON_LOG_ENV", "TRACE_ENV", "BadInput", "Session", "session", "confirm",
+           "exit_code_for", "operator_task"]
 
 
 @contextmanager
@@ -58,13 +53,17 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
     secrets = load_secrets(inventory) if need_secrets else Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
     reporter = Reporter(json_path=json_path)
+    fault_at = os.environ.get(FAULT_ENV, "")
+    faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
     executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
-                        trace=bool(json_path and os.environ.get(TRACE_ENV)))
+                        trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults)
     try:
-        yield Session(inventory, secrets, executor, reporter)
+        yield Session(inventory, secrets, executor, reporter, confirm=confirm)
     finally:
         executor.close()
         reporter.close()
+        if faults is not None:
+            print(faults.summary(), file=sys.stderr, flush=True)
         if json_path:
             _log_executor_facts(json_path, executor)
 
@@ -109,16 +108,18 @@ def _debug_enabled() -> bool:
 
 
 def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code of a library error (see the README's table)."""
     if isinstance(exc, (InventoryError, BadInput)):
         return EXIT_BAD_INPUT
+    if isinstance(exc, LockHeld):
+        return EXIT_LOCK_BUSY
     if isinstance(exc, ParallelError):
         # Every host failed the same way (all unreachable, all bad input): say so.
         codes = {exit_code_for(e) for e in exc.failures.values()}
         return codes.pop() if len(codes) == 1 else EXIT_FAILED
-    if isinstance(exc, (UnreachableError, HostKeyError)):
+    if is_unreachable(exc):
         return EXIT_UNREACHABLE
-    code = getattr(exc, "exit_code_hint", None)
-    return code if isinstance(code, int) else EXIT_FAILED
+    return EXIT_FAILED
 
 
 def operator_task(fn: Callable) -> Callable:

@@ -21,6 +21,27 @@ class DeployError(Exception):
         return self.message
 
 
+class BadInput(DeployError):
+    """Operator input (a flag, an artifact, a plan that would hurt) is wrong; nothing was
+    changed (exit code 2)."""
+
+
+class LockHeld(DeployError):
+    """Another task holds the environment's deploy lock (exit code 3)."""
+
+
+class StepFailed(DeployError):
+    """A step of a flow failed on a host and the flow stopped (exit code 1, or 4 when the
+    cause was an unreachable host); the message says where everything stands."""
+
+    def __init__(self, message: str, *, host: str | None = None,
+                 cause: BaseException | None = None, unreachable: bool | None = None) -> None:
+        super().__init__(message, host=host)
+        self.cause = cause
+        self.unreachable = (is_unreachable(cause) if unreachable is None and cause is not None
+                            else bool(unreachable))
+
+
 class HostKeyError(DeployError):
     """The host's SSH key is unknown or differs from known_hosts: never connect anyway."""
 
@@ -96,3 +117,25 @@ class ParallelError(DeployError):
         text = "\n".join(lines)
         # Foreign exceptions (KeyError, OSError...) were not built by the executor: mask them.
         super().__init__(mask(text) if mask else text)
+
+
+def first_line(exc: BaseException, host: str | None = None) -> str:
+    """The first line of an error's message (its type name when it has none), without a
+    leading "HOST: " when ``host`` is given: for one-line summaries that name the host."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line.removeprefix(f"{host}: ") if host else line
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` means "could not reach the host(s)" (bad host key included): for a
+    parallel failure, when every host failed that way."""
+    if isinstance(exc, (UnreachableError, HostKeyError)):
+        return True
+    if isinstance(exc, StepFailed):
+        return exc.unreachable
+    if isinstance(exc, ParallelError):
+        return bool(exc.failures) and all(is_unreachable(e) for e in exc.failures.values())
+    return False

@@ -283,7 +283,8 @@ class HostConnection:
         if mutates and self.dry_run:
             self.reporter.would(self.name, f"run: {display}")
             return Result(self.name, tuple(full), 0, "", "", dry_run=True)
-        raw = self._run_raw(full, display, stdin=stdin, timeout=timeout, echo=echo, check=check)
+        raw = self._run_raw(full, display, stdin=stdin, timeout=timeout, echo=echo, check=check,
+                            mutates=mutates)
         return self._result(full, raw)
 
     def run_script(
@@ -316,7 +317,8 @@ class HostConnection:
             self.reporter.would(self.name, f"run: {display}")
             return Result(self.name, tuple(full), 0, "", "", dry_run=True)
         raw = self._run_raw(
-            full, display, stdin=script.encode(), timeout=timeout, echo=echo, check=check
+            full, display, stdin=script.encode(), timeout=timeout, echo=echo, check=check,
+            mutates=mutates,
         )
         return self._result(full, raw)
 
@@ -371,6 +373,7 @@ class HostConnection:
             f"write {path} ({owner}:{group} {mode:04o})",
             stdin=data,
             check=True,
+            mutates=True,
             extra_mask=extra,
             hint=f"make sure the directory of {path} exists (ensure_dir) and the"
             f" owner/group exist on {self.name}, then re-run",
@@ -406,8 +409,12 @@ class HostConnection:
         check: bool = True,
         extra_mask: Masker | None = None,
         hint: str | None = None,
+        mutates: bool = False,
     ) -> _Raw:
         self._refuse_secrets(full)
+        if mutates and self._ex.faults is not None and self._ex.faults.due(self.name, display):
+            # Fault injection (tests): this host-changing command really fails on the host.
+            full, stdin = list(INJECTED_FAULT_ARGV), None
         raw = self._exec(
             render(full), display, stdin=stdin, timeout=timeout, echo=echo, extra_mask=extra_mask
         )
@@ -732,6 +739,34 @@ trap - EXIT"""
 # --------------------------------------------------------------------------------------
 # All hosts
 # --------------------------------------------------------------------------------------
+#: What an injected fault runs instead of the host-changing command it replaces.
+INJECTED_FAULT_ARGV = ("sh", "-c", "echo 'injected fault (RELEASY_FAULT)' >&2; exit 97")
+
+
+class FaultInjection:
+    """A test hook for recovery paths (``RELEASY_FAULT=N``): the N-th host-changing command
+    of the task (a mutating run, script or upload, counted across hosts in the order they
+    start) is replaced by one that fails on its host. ``at=0`` only counts them."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.count = 0
+        self.fired: str | None = None  # "host: command" of the one that failed
+        self._lock = threading.Lock()
+
+    def due(self, host: str, display: str) -> bool:
+        with self._lock:
+            self.count += 1
+            if self.count != self.at:
+                return False
+            self.fired = f"{host}: {display}"
+            return True
+
+    def summary(self) -> str:
+        fired = f"; #{self.at} failed on purpose: {self.fired}" if self.fired else ""
+        return f"fault injection: {self.count} host-changing command(s){fired}"
+
+
 class Executor:
     """Owns every SSH connection of one task: one per host, opened lazily, closed at the end."""
 
@@ -744,6 +779,7 @@ class Executor:
         secrets: Any = None,
         max_parallel: int = MAX_PARALLEL,
         trace: bool = False,
+        faults: FaultInjection | None = None,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
@@ -761,6 +797,7 @@ class Executor:
         self.connections_opened: dict[str, int] = {}
         #: with ``trace=True``: every connection set-up and exec request, in finishing order.
         self.trace: list[CommandTrace] | None = [] if trace else None
+        self.faults = faults
         self.created_at = time.time()  # wall clock; trace times are relative to it
         self._created = time.monotonic()
         self._conns: dict[str, HostConnection] = {}

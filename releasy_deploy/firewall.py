@@ -3,8 +3,8 @@ the difference between the two. No SSH here; `releasy_deploy.tiers.firewall` act
 
 Rules are derived from the topology, never written per host:
 
-- every host: default deny incoming, allow outgoing; SSH (the host's ``ssh_port``) only from
-  the inventory's ``admin_cidrs``;
+- every host: default deny incoming; SSH (the host's ``ssh_port``) only from the
+  inventory's ``admin_cidrs``;
 - proxy hosts: 80 and 443 from anywhere;
 - app hosts: ``app.bind_port`` only from the proxy hosts' private addresses (in the split
   topology the proxy reaches app hosts on the bind port only; blue/green is single-host
@@ -13,8 +13,20 @@ Rules are derived from the topology, never written per host:
 
 Traffic between tiers on the same host goes over loopback, which ufw always accepts, so a
 host never gets a rule for its own private address: a single host ends up with SSH (admin)
-plus 80/443 and nothing else. Outgoing traffic is not restricted (restricting the app
-tier's egress to the database, JWKS URL and object storage is possible later; not built).
+plus 80/443 and nothing else.
+
+Outgoing traffic: allowed by default. With ``egress.restrict`` the default becomes deny
+outgoing (dropped: a blocked connection times out) and `egress_rules` derives the flows
+each host needs from the same topology: the proxy to each app host's bind port, the app
+tier to the database, the artifact storage endpoint and the JWKS URL host, every host to
+its own DNS resolvers, NTP and the apt proxy, plus the operator's ``egress.allow``
+entries. Names are resolved on the host at apply time (`HostNet`). Replies to incoming
+connections (our SSH session included) pass ufw's built-in ESTABLISHED rule, and
+loopback is always accepted, whatever the policy.
+
+IPv6: ufw filters IPv6 only with ``IPV6=yes`` in /etc/default/ufw; the plan wants it on
+(`diff_host` turns it on), so a host's IPv6 addresses get the same default policies.
+Rules for an IPv4 network are IPv4-only; "anywhere" rules cover both families.
 
 Which rules are ours: every rule we add carries a ufw comment starting with ``releasy``
 (`MANAGED_TAG`). `apply` converges to exactly the plan: it adds what is missing, removes
@@ -34,10 +46,10 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
+from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from .inventory import Host, Inventory
+from .inventory import POSTGRES_PORT, Host, Inventory
 
 __all__ = [
     "MANAGED_TAG", "HTTP_PORTS", "POSTGRES_PORT", "Network", "Rule", "LiveRule",
@@ -45,7 +57,9 @@ __all__ = [
     "parse_show_added", "parse_added_line", "parse_status", "parse_defaults",
     "parse_listeners", "parse_ssh_connection", "diff_host", "add_argv", "delete_argv",
     "default_argv", "ENABLE_ARGV", "ufw_commands", "reachable_by_plan", "audit_ports",
-    "format_source",
+    "format_source", "HostNet", "EgressError", "egress_rules", "names_to_resolve",
+    "wanted_defaults", "parse_resolvers", "parse_getent_hosts", "parse_ipv6_addresses",
+    "url_endpoint", "egress_allowed", "summary_diff",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -53,9 +67,11 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MANAGED_TAG = "releasy"
 HTTP_PORTS = (80, 443)
-POSTGRES_PORT = 5432
+DNS_PORT = 53
+NTP_PORT = 123
 # What `ufw default` takes, by the policy names /etc/default/ufw stores.
 WANTED_DEFAULTS = (("incoming", "deny"), ("outgoing", "allow"))
+RESTRICTED_DEFAULTS = (("incoming", "deny"), ("outgoing", "deny"))
 _POLICY_NAMES = {"DROP": "deny", "ACCEPT": "allow", "REJECT": "reject"}
 _ACTIONS = ("allow", "deny", "reject", "limit")
 
@@ -65,12 +81,16 @@ _ACTIONS = ("allow", "deny", "reject", "limit")
 
 @dataclass(frozen=True)
 class Rule:
-    """One planned "allow in" rule: TCP/UDP ``port`` from ``source`` (None: anywhere)."""
+    """One planned allow rule. Incoming (``direction="in"``): TCP/UDP ``port`` from
+    ``source`` (None: anywhere). Outgoing (``"out"``): TCP/UDP ``port`` to ``dest``
+    (None: anywhere)."""
 
     port: int
     proto: str
     source: Network | None
     reason: str  # why it exists, e.g. "ssh from admin network"
+    direction: str = "in"
+    dest: Network | None = None
 
     @property
     def comment(self) -> str:
@@ -78,11 +98,13 @@ class Rule:
         return f"{MANAGED_TAG}: {self.reason}"
 
     @property
-    def key(self) -> tuple[int, str, Network | None]:
+    def key(self) -> tuple:
         """What makes two rules the same rule for ufw (the comment does not)."""
-        return (self.port, self.proto, self.source)
+        return (self.direction, self.port, self.proto, self.source, self.dest)
 
     def describe(self) -> str:
+        if self.direction == "out":
+            return f"allow out {self.port}/{self.proto} to {format_source(self.dest)}"
         return f"allow {self.port}/{self.proto} from {format_source(self.source)}"
 
     def __str__(self) -> str:
@@ -150,6 +172,187 @@ def plan_rules(inv: Inventory) -> dict[str, list[Rule]]:
     return plan
 
 
+# --------------------------------------------------------------------------- egress
+
+
+class EgressError(ValueError):
+    """An egress flow cannot be planned on a host (a name that does not resolve)."""
+
+    def __init__(self, message: str, host: str):
+        super().__init__(message)
+        self.host = host
+
+
+@dataclass(frozen=True)
+class HostNet:
+    """What the egress plan needs from the host itself, read at apply time: the DNS
+    resolvers it uses and what the names it must reach resolve to there."""
+
+    resolvers: tuple[Address, ...] = ()
+    resolved: dict[str, tuple[Address, ...]] = field(default_factory=dict)
+
+
+def url_endpoint(url: str) -> tuple[str, int]:
+    """(host, port) a URL connects to; the default port of its scheme."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.hostname or "").lower(), port
+
+
+def _endpoints(inv: Inventory, host: Host) -> list[tuple[str, str, str, int]]:
+    """(pin name, what, host name or IP, port) of the endpoints this host must reach that
+    the operator configured by URL."""
+    out = []
+    if host.has("app"):
+        if inv.app.artifact_storage is not None:
+            out.append(("artifact_storage", "artifact storage",
+                        *url_endpoint(inv.app.artifact_storage.endpoint)))
+        if inv.app.operator_jwt is not None:
+            out.append(("operator_jwt", "JWKS URL", *url_endpoint(inv.app.operator_jwt.jwks_url)))
+    egress = inv.egress
+    if egress.apt_proxy is not None:
+        out.append(("apt_proxy", "apt proxy", *url_endpoint(egress.apt_proxy)))
+    return out
+
+
+def _pinned(inv: Inventory, host: Host, what: str) -> bool:
+    return any(a.pin == what and any(host.has(t) for t in a.tiers) for a in inv.egress.allow)
+
+
+def _literal(name: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def names_to_resolve(inv: Inventory, host: Host) -> list[str]:
+    """DNS names the egress plan of ``host`` needs resolved on the host (none without
+    egress.restrict; none for endpoints an egress.allow entry pins)."""
+    if not inv.egress.restrict:
+        return []
+    names = [name for pin, _, name, _ in _endpoints(inv, host)
+             if _literal(name) is None and not _pinned(inv, host, pin)]
+    return list(dict.fromkeys(names))
+
+
+def _acme_rules(inv: Inventory, host: Host) -> list[Rule]:
+    """Hook: a TLS mode that gets certificates from an ACME CA (not in the inventory
+    schema yet) needs the proxy to reach the CA on 80/443, wherever it is."""
+    if not host.has("proxy") or getattr(inv.tls, "mode", None) != "acme":
+        return []
+    return [Rule(p, "tcp", None, f"proxy -> ACME CA:{p}: certificates", "out") for p in HTTP_PORTS]
+
+
+def egress_rules(inv: Inventory, host: Host, net: HostNet) -> list[Rule]:
+    """The outgoing flows ``host`` may open under egress.restrict, each with its reason;
+    [] when egress is not restricted (default allow outgoing)."""
+    if not inv.egress.restrict:
+        return []
+    rules: list[Rule] = []
+
+    def to(address: Address | Network, port: int, proto: str, reason: str) -> None:
+        rules.append(Rule(port, proto, None, reason, "out", ipaddress.ip_network(address)))
+
+    if host.has("proxy"):
+        for app in inv.hosts_in("app"):
+            if app.name != host.name:  # same host: loopback, always accepted
+                to(_host_network(app.private_address, app.name, "the proxy's egress"),
+                   inv.app.bind_port, "tcp", f"proxy -> {app.name}:{inv.app.bind_port}: upstream")
+        rules += _acme_rules(inv, host)
+    if host.has("app") and inv.database.kind == "postgres":
+        db = inv.db_host
+        if db.name != host.name:
+            to(_host_network(db.private_address, db.name, "the app's egress"), POSTGRES_PORT,
+               "tcp", f"app -> {db.name}:{POSTGRES_PORT}: the database")
+    for pin, what, name, port in _endpoints(inv, host):
+        if _pinned(inv, host, pin):
+            continue  # the egress.allow entry below is the rule
+        who = "app" if pin in ("artifact_storage", "operator_jwt") else host.name
+        literal = _literal(name)
+        if literal is not None:
+            to(literal, port, "tcp", f"{who} -> {name}:{port}: {what}")
+            continue
+        addresses = net.resolved.get(name, ())
+        if not addresses:
+            raise EgressError(
+                f"{host.name}: egress.restrict needs the addresses of {name} ({what}), but it "
+                f"does not resolve on {host.name}; fix its DNS, or pin the addresses with an "
+                f"egress.allow entry (to: CIDR, port: {port}, pin: {pin})", host.name)
+        for address in addresses:
+            to(address, port, "tcp", f"{who} -> {name}:{port}: {what} ({address})")
+    for resolver in net.resolvers:
+        for proto in ("udp", "tcp"):
+            to(resolver, DNS_PORT, proto, f"dns -> {resolver}: resolver of this host")
+    rules.append(Rule(NTP_PORT, "udp", None, "ntp: time sync", "out"))
+    for i, extra in enumerate(inv.egress.allow):
+        if any(host.has(t) for t in extra.tiers):
+            why = f"egress.allow[{i}]" + (f": {extra.pin}" if extra.pin else "")
+            rules.append(Rule(extra.port, extra.proto, None, why, "out", extra.to))
+    unique: dict[tuple, Rule] = {}
+    for rule in rules:
+        unique.setdefault(rule.key, rule)
+    return list(unique.values())
+
+
+def egress_allowed(rules: Iterable[Rule], address: Address, port: int, proto: str = "tcp",
+                   *, restrict: bool) -> bool:
+    """Whether a host with these planned rules may open a connection to address:port."""
+    if not restrict:
+        return True
+    return any(r.direction == "out" and r.port == port and r.proto == proto
+               and (r.dest is None or (r.dest.version == address.version and address in r.dest))
+               for r in rules)
+
+
+def parse_resolvers(text: str) -> tuple[Address, ...]:
+    """The resolvers a host uses: ``nameserver`` lines of /etc/resolv.conf, then, after a
+    line ``@resolved``, those of systemd-resolved's upstream file. A loopback resolver
+    (resolved's stub, a local cache) is reached over loopback, always allowed; when it is
+    there, the upstream file names where that stub forwards to."""
+    main, _, upstream = text.partition("\n@resolved\n")
+
+    def servers(part: str) -> list[Address]:
+        found = []
+        for line in part.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                ip = _literal(words[1].split("%", 1)[0])
+                if ip is not None:
+                    found.append(ip)
+        return found
+
+    mine = servers(main)
+    if any(ip.is_loopback for ip in mine):
+        mine += servers(upstream)
+    return tuple(dict.fromkeys(ip for ip in mine if not ip.is_loopback))
+
+
+def parse_getent_hosts(text: str) -> tuple[Address, ...]:
+    """``getent ahosts NAME`` -> its unique addresses, in order."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if words:
+            ip = _literal(words[0])
+            if ip is not None:
+                found.append(ip)
+    return tuple(dict.fromkeys(found))
+
+
+def parse_ipv6_addresses(text: str) -> tuple[ipaddress.IPv6Address, ...]:
+    """``ip -6 -o addr show scope global`` -> the host's global IPv6 addresses."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if "inet6" in words:
+            value = words[words.index("inet6") + 1].split("/", 1)[0]
+            ip = _literal(value)
+            if isinstance(ip, ipaddress.IPv6Address):
+                found.append(ip)
+    return tuple(dict.fromkeys(found))
+
+
 # --------------------------------------------------------------------------- ufw output
 
 
@@ -183,14 +386,18 @@ class LiveRule:
         return self.comment is not None and self.comment.startswith(MANAGED_TAG)
 
     @property
-    def key(self) -> tuple[int, str, Network | None] | None:
+    def key(self) -> tuple | None:
         """The `Rule.key` this rule is equivalent to, or None if no planned rule can be."""
-        if not (self.parsed and self.action == "allow" and self.direction == "in"
-                and self.interface is None and self.log is None and self.destination is None
+        if not (self.parsed and self.action == "allow" and self.direction in ("in", "out")
+                and self.interface is None and self.log is None
                 and self.source_port is None and self.app is None and self.source_app is None
                 and self.proto is not None and self.port is not None and self.port.isdigit()):
             return None
-        return (int(self.port), self.proto, self.source)
+        if self.direction == "in" and self.destination is not None:
+            return None
+        if self.direction == "out" and self.source is not None:
+            return None
+        return (self.direction, int(self.port), self.proto, self.source, self.destination)
 
     def tcp_ports(self) -> list[int]:
         """Destination ports this rule concerns for TCP (ranges: their two ends)."""
@@ -463,15 +670,28 @@ class HostDiff:
     unexpected: tuple[LiveRule, ...] = ()  # unmanaged, not planned, kept
     defaults: tuple[tuple[str, str | None, str], ...] = ()  # (direction, now, wanted)
     enable: bool = False
+    ipv6: bool = False  # IPV6=no in /etc/default/ufw: turn IPv6 filtering on
+    reload: bool = False  # ufw is active and must reload to load its IPv6 chains
 
     @property
     def changes(self) -> bool:
-        return bool(self.add or self.recomment or self.remove or self.defaults or self.enable)
+        return bool(self.add or self.recomment or self.remove or self.defaults or self.enable
+                    or self.ipv6)
+
+
+def wanted_defaults(restrict: bool) -> tuple[tuple[str, str], ...]:
+    """The default policies: deny incoming; outgoing deny only with egress.restrict."""
+    return RESTRICTED_DEFAULTS if restrict else WANTED_DEFAULTS
 
 
 def diff_host(host: str, planned: Sequence[Rule], live: Sequence[LiveRule], *, active: bool,
-              defaults: UfwDefaults | None, prune_unmanaged: bool = False) -> HostDiff:
-    """Compare the plan with the live rules (``ufw show added``) and ufw's state."""
+              defaults: UfwDefaults | None, prune_unmanaged: bool = False,
+              policies: Sequence[tuple[str, str]] = WANTED_DEFAULTS) -> HostDiff:
+    """Compare the plan with the live rules (``ufw show added``) and ufw's state.
+
+    ``policies``: the default policies (`wanted_defaults`). IPv6 filtering off (IPV6=no)
+    is a change too: ufw then kept only the IPv4 half of every rule, so turning it on
+    re-adds every planned rule (ufw adds the missing IPv6 half, skips the rest)."""
     wanted = {r.key: r for r in planned}
     seen: dict[tuple, LiveRule] = {}
     remove: list[LiveRule] = []
@@ -494,12 +714,16 @@ def diff_host(host: str, planned: Sequence[Rule], live: Sequence[LiveRule], *, a
         else:
             satisfied.append(rule)
     policy_changes = []
-    for direction, want in WANTED_DEFAULTS:
+    for direction, want in policies:
         now = getattr(defaults, direction) if defaults is not None else None
         if now != want:
             policy_changes.append((direction, now, want))
+    ipv6_off = defaults is not None and not defaults.ipv6
+    if ipv6_off:
+        add, recomment, satisfied = list(planned), [], []
     return HostDiff(host, tuple(planned), tuple(add), tuple(recomment), tuple(satisfied),
-                    tuple(remove), tuple(unexpected), tuple(policy_changes), not active)
+                    tuple(remove), tuple(unexpected), tuple(policy_changes), not active,
+                    ipv6_off, ipv6_off and active)
 
 
 # --------------------------------------------------------------------------- commands
@@ -507,6 +731,10 @@ def diff_host(host: str, planned: Sequence[Rule], live: Sequence[LiveRule], *, a
 
 def add_argv(rule: Rule) -> list[str]:
     """``ufw allow`` for a planned rule; re-running it only updates the comment."""
+    if rule.direction == "out":
+        return ["ufw", "allow", "out", "proto", rule.proto, "to",
+                "any" if rule.dest is None else str(rule.dest),
+                "port", str(rule.port), "comment", rule.comment]
     return ["ufw", "allow", "proto", rule.proto, "from",
             "any" if rule.source is None else str(rule.source),
             "to", "any", "port", str(rule.port), "comment", rule.comment]
@@ -525,12 +753,20 @@ def default_argv(direction: str, policy: str) -> list[str]:
 
 
 ENABLE_ARGV = ["ufw", "--force", "enable"]
+RELOAD_ARGV = ["ufw", "reload"]
+# ufw reads IPV6 when it adds rules and loads them: set it before anything else.
+IPV6_ON_ARGV = ["sed", "-i", "s/^IPV6=.*/IPV6=yes/", "/etc/default/ufw"]
 
 
 def ufw_commands(diff: HostDiff) -> list[list[str]]:
     """The ufw commands that turn the live state into the plan, in a lockout-safe order:
-    allow rules first, then deletions, then default policies, enabling last."""
-    cmds = [add_argv(r) for r in (*diff.add, *diff.recomment)]
+    IPv6 filtering on (and loaded), allow rules, deletions, default policies, enabling
+    last."""
+    cmds = [list(IPV6_ON_ARGV)] if diff.ipv6 else []
+    if diff.reload:
+        # A running ufw without its IPv6 chains cannot add IPv6 rules: load them first.
+        cmds.append(list(RELOAD_ARGV))
+    cmds += [add_argv(r) for r in (*diff.add, *diff.recomment)]
     cmds += [delete_argv(r) for r in diff.remove]
     cmds += [default_argv(direction, want) for direction, _, want in diff.defaults]
     if diff.enable:
@@ -561,3 +797,21 @@ def audit_ports(plan: dict[str, list[Rule]], live: Sequence[LiveRule],
         ports.update(rule.tcp_ports())
     ports.update(port for _, port in listeners)
     return sorted(p for p in ports if 0 < p < 65536)
+
+
+def summary_diff(inv: Inventory, host: Host, live: Sequence[LiveRule], *, active: bool,
+                 defaults: UfwDefaults | None) -> HostDiff:
+    """The diff `fab status` shows without probing DNS: ingress against the plan; with
+    egress.restrict, our own outgoing rules count as planned (their addresses depend on
+    the host's resolvers, which `firewall.status` reads)."""
+    planned = list(plan_rules(inv)[host.name])
+    if inv.egress.restrict:
+        keys = {r.key for r in planned}
+        for rule in live:
+            if rule.managed and rule.direction == "out" and rule.key is not None \
+                    and rule.key not in keys and rule.comment is not None:
+                _, port, proto, _, dest = rule.key
+                planned.append(Rule(port, proto, None, rule.comment.split(": ", 1)[-1],
+                                    "out", dest))
+    return diff_host(host.name, planned, live, active=active, defaults=defaults,
+                     policies=wanted_defaults(inv.egress.restrict))

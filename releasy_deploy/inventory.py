@@ -30,7 +30,7 @@ __all__ = [
     "SshSettings", "JumpHost", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
     "ReleaseSource", "AcmeSettings", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
     "parse_inventory", "load_yaml_file", "UNREADABLE", "check_version", "did_you_mean",
-    "VERSION_RE",
+    "VERSION_RE", "EgressAllow", "EgressSettings", "EGRESS_PINS",
 ]
 
 TIERS = ("proxy", "app", "db")
@@ -249,6 +249,29 @@ class TlsSettings:
     acme: AcmeSettings | None = None  # with mode: acme
 
 
+EGRESS_PINS = ("artifact_storage", "operator_jwt", "apt_proxy")
+
+
+@dataclass(frozen=True)
+class EgressAllow:
+    """One operator-given outgoing flow: hosts of ``tiers`` may reach ``to``:``port``."""
+
+    to: ipaddress.IPv4Network | ipaddress.IPv6Network
+    port: int
+    proto: str  # tcp | udp
+    tiers: tuple[str, ...]
+    pin: str | None  # an endpoint (EGRESS_PINS) this entry replaces name resolution for
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """``egress:``. Off by default: outgoing traffic is allowed (today's behaviour)."""
+
+    restrict: bool = False
+    allow: tuple[EgressAllow, ...] = ()
+    apt_proxy: str | None = None  # http://HOST:PORT/, used by apt on every host
+
+
 @dataclass(frozen=True)
 class Inventory:
     path: Path  # absolute path of the inventory file
@@ -263,6 +286,7 @@ class Inventory:
     tls: TlsSettings
     secrets_file: Path
     jump_hosts: tuple[JumpHost, ...] = ()  # every jump host some host uses, file order
+    egress: EgressSettings = EgressSettings()
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -650,7 +674,9 @@ def _parse_sidecar(path: Path, tarball: str) -> str:
 # --------------------------------------------------------------------------- the parser
 
 TOP_KEYS = ("environment", "admin_cidrs", "known_hosts", "ssh", "jump_hosts", "hosts", "tiers",
-            "app", "database", "release", "tls", "secrets")
+            "app", "database", "release", "tls", "secrets", "egress")
+EGRESS_KEYS = ("restrict", "allow", "apt_proxy")
+EGRESS_ALLOW_KEYS = ("to", "port", "proto", "tiers", "pin")
 SSH_KEYS = ("user", "port", "identity_file", "connect_timeout", "jump")
 JUMP_KEYS = ("address", "private_address", "user", "port", "identity_file")
 HOST_KEYS = ("address", "private_address", "ssh_user", "ssh_port", "jump")
@@ -779,6 +805,7 @@ class _Parser:
         sec = self.section(top, "", "secrets", SECRETS_KEYS)
         secrets_file = self.field(sec, "secrets", "file", self.path_value,
                                   self.base / "secrets.yaml")
+        egress = self.egress(top, app)
 
         host_objs = self.build_hosts(hosts or {}, tiers)
         host_objs = self.resolve_jumps(top, host_objs, hosts or {}, jump_specs, ssh)
@@ -794,7 +821,90 @@ class _Parser:
         return Inventory(
             path=self.path.absolute(), environment=environment, admin_cidrs=admin_cidrs,
             known_hosts=known_hosts, ssh=ssh, hosts=host_objs, app=app, database=database,
-            release=release, tls=tls, secrets_file=secrets_file, jump_hosts=jumps_used)
+            release=release, tls=tls, secrets_file=secrets_file, jump_hosts=jumps_used,
+            egress=egress)
+
+    def egress(self, top: dict[str, Any], app: AppSettings | None) -> EgressSettings:
+        e = self.section(top, "", "egress", EGRESS_KEYS)
+        if e is None:
+            return EgressSettings()
+        restrict = self.field(e, "egress", "restrict", _bool, False)
+        apt_proxy = self.field(e, "egress", "apt_proxy", _url, None)
+        if apt_proxy is not None and urlsplit(apt_proxy).scheme != "http":
+            self.error("egress.apt_proxy", f"{_show(apt_proxy)}: apt talks to a proxy over "
+                                           "plain http (http://HOST:PORT); https sources "
+                                           "still work through it (CONNECT)")
+        raw = e.get("allow")
+        allow: list[EgressAllow] = []
+        if raw is not None and not isinstance(raw, list):
+            self.error("egress.allow", f"must be a list of {{to, port, proto, tiers}} "
+                                       f"entries; got {_kind(raw)}")
+            raw = None
+        for i, item in enumerate(raw or []):
+            entry = self.egress_allow(item, f"egress.allow[{i}]", app, apt_proxy)
+            if entry is not None:
+                if entry in allow:
+                    self.error(f"egress.allow[{i}]", "is listed twice")
+                allow.append(entry)
+        return EgressSettings(bool(restrict), tuple(allow), apt_proxy)
+
+    def egress_allow(self, item: Any, p: str, app: AppSettings | None,
+                     apt_proxy: str | None) -> EgressAllow | None:
+        m = self.mapping(item, p, EGRESS_ALLOW_KEYS)
+        if m is None:
+            return None
+        before = len(self.problems)
+        to = self.field(m, p, "to", self._egress_network,
+                        expect="a network in CIDR form like 203.0.113.0/24 (or one address)")
+        port = self.field(m, p, "port", _int(1, 65535), expect="a port number 1..65535")
+        proto = self.field(m, p, "proto", _choice(("tcp", "udp")), "tcp")
+        tiers = self.field(m, p, "tiers", self._tier_list, TIERS)
+        pin = self.field(m, p, "pin", _choice(EGRESS_PINS), None)
+        if pin is not None and tiers is not None:
+            configured = {"artifact_storage": app is not None and app.artifact_storage,
+                          "operator_jwt": app is not None and app.operator_jwt,
+                          "apt_proxy": apt_proxy}[pin]
+            if not configured:
+                where = "egress.apt_proxy" if pin == "apt_proxy" else f"app.{pin}"
+                self.error(f"{p}.pin", f"pins {pin}, but {where} is not configured")
+            elif pin != "apt_proxy" and "app" not in tiers:
+                self.error(f"{p}.tiers", f"pins {pin}, which the app tier reaches: "
+                                         "list app in tiers")
+        if len(self.problems) != before:
+            return None
+        return EgressAllow(to, port, proto, tiers, pin)
+
+    @staticmethod
+    def _egress_network(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        expect = "a network in CIDR form like 203.0.113.0/24 or 2001:db8::/32 (or one address)"
+        if not isinstance(v, str):
+            raise _Bad(f"must be {expect}; got {_kind(v)}")
+        try:
+            net = ipaddress.ip_network(v, strict=True)
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(v, strict=False)
+            except ValueError:
+                raise _Bad(f"{_show(v)}{_meta_note(v)} is not {expect}") from None
+            raise _Bad(f"{v} has host bits set; did you mean {loose}?") from None
+        if net.prefixlen == 0:
+            raise _Bad(f"{v} is the whole internet, which defeats egress.restrict; "
+                       "name the networks")
+        return net
+
+    @staticmethod
+    def _tier_list(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list) or not v:
+            raise _Bad(f"must be a non-empty list of tiers ({', '.join(TIERS)}); "
+                       f"got {_kind(v)}")
+        out = []
+        for t in v:
+            if t not in TIERS:
+                raise _Bad(f"unknown tier {_show(t)}{did_you_mean(t, TIERS)}; tiers are "
+                           f"{', '.join(TIERS)}")
+            if t not in out:
+                out.append(t)
+        return tuple(t for t in TIERS if t in out)
 
     def admin_cidrs(self, top: dict[str, Any]) -> tuple[Any, ...]:
         expect = "a non-empty list of networks SSH is allowed from, e.g. [203.0.113.0/24]"

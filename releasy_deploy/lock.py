@@ -57,10 +57,10 @@ from urllib.parse import unquote, urlsplit
 
 import paramiko
 
-from .cli import EXIT_LOCK_BUSY, Session
-from .errors import DeployError, UnreachableError
+from .errors import DeployError, LockHeld, UnreachableError, first_line
 from .executor import HostConnection, render, with_sudo
-from .inventory import check_version
+from .inventory import POSTGRES_PORT, check_version
+from .session import Session
 
 __all__ = [
     "LOCK_CLASSID", "UPSTREAM_MIGRATION_KEY_MULTIPLIER", "POLL_INTERVAL_S", "LockBusy",
@@ -78,7 +78,6 @@ LABEL_PREFIX = "releasy-deploy"
 MAX_LABEL_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1 (application_name is truncated there)
 MIN_WHO_BYTES = 12  # of user@machine kept in a label when the version is very long
 SINCE_FORMAT = "%Y%m%dT%H%M%SZ"
-POSTGRES_PORT = 5432
 FLOCK_PATH = "/run/releasy-deploy.lock"
 HOLDER_PATH = "/run/releasy-deploy.holder"
 TUNNEL_TIMEOUT_S = 10.0
@@ -91,10 +90,8 @@ SERVER_KEEPALIVES = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2,
 _LABEL_WORD = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
-class LockBusy(DeployError):
+class LockBusy(LockHeld):
     """Another deploy holds the environment's lock (exit code 3)."""
-
-    exit_code_hint = EXIT_LOCK_BUSY  # 3: cli.exit_code_for honours it
 
     def __init__(self, message: str, *, host: str | None = None,
                  holder: LockInfo | None = None) -> None:
@@ -804,7 +801,7 @@ def deploy_lock(session: Session, *, version: str | None,
             holder = holder_info(session)
             state = "free" if holder is None else f"now held by {holder.describe()}"
         except DeployError as exc:
-            state = f"state unknown: {str(exc).splitlines()[0]}"
+            state = f"state unknown: {first_line(exc)}"
         session.reporter.would(where, f"take the deploy lock of {inv.environment} ({state})")
         user, machine, pid = _identity()
         yield LockInfo(environment=inv.environment, where=f"dry run on {where}", user=user,

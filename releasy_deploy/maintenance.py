@@ -1,11 +1,12 @@
 """Day-2 maintenance on a running environment: rolling restart, taking an app host out of
 the proxies' rotation and back, the service journal, and ad-hoc commands.
 
-- `restart` (``fab app.restart``): the rolling deploy's own per-host steps
-  (`releasy_deploy.rollout.Rollout`: drain from every proxy and wait until the old nginx
+- `restart` (``fab app.restart``): a plan (`engine.plan.plan_restart`) run by the rolling
+  deploy's own runner (`engine.runner`: drain from every proxy and wait until the old nginx
   workers finished their in-flight requests, restart, poll ``/ready``, re-add together with
   draining the next batch, and the same recovery and failure report), under the deploy
-  lock, with ``restart`` instead of "switch to a new release". A host drained by hand
+  lock; its host steps are "start, ready" where a deploy's are "switch, start, ready,
+  validate". A host drained by hand
   (`drain`) is restarted in place and stays out of rotation.
 - `drain` / `undrain` (``fab app.drain/undrain --host H``): the rotation lives in the
   proxies' upstream file (`tiers.proxy.set_upstreams`), which ``fab proxy.setup`` keeps, so
@@ -30,16 +31,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import audit, rollout
-from .cli import EXIT_FAILED, EXIT_UNREACHABLE, BadInput, Session, confirm
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import DeployError, HostKeyError, ParallelError, RemoteCommandError, UnreachableError
+from .errors import (BadInput, DeployError, HostKeyError, ParallelError, RemoteCommandError,
+                     StepFailed, UnreachableError, first_line)
 from .executor import HostConnection, render_masked, tail
+from .facts import Fact, read_facts
 from .inventory import TIERS, Host, Inventory
 from .lock import deploy_lock
 from .pipeline import Pipeline
-from .remote import facts
+from .engine.plan import AppState, plan_restart
+from .engine.runner import DRAIN_TIMEOUT_S, JOURNAL_LINES, RollingRunner
+from .session import Session
 from .status import app_server
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -56,17 +60,15 @@ UNIT = app_tier.SERVICE_UNIT
 INSTANCE_UNITS = "releasy@*.service"
 DEFAULT_LOG_LINES = 50
 MAX_LOG_LINES = 10000
-JOURNAL_LINES = 12  # shown when undrain refuses a host that is not ready
 
 
 class LastHostInRotation(BadInput):
     """Draining (or restarting) this host would leave no app host serving (exit 2)."""
 
 
-class AdhocFailed(DeployError):
-    """``fab run``: the command failed (or could not run) on at least one host."""
-
-    exit_code_hint = EXIT_FAILED
+class AdhocFailed(StepFailed):
+    """``fab run``: the command failed (or could not run) on at least one host (exit 1, or
+    4 when every failing host was unreachable)."""
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -167,7 +169,7 @@ class RestartPlan:
         return "; ".join(parts)
 
 
-def restart_plan(states: Sequence[rollout.AppState], targets: Sequence[str],
+def restart_plan(states: Sequence[AppState], targets: Sequence[str],
                  batch: int) -> RestartPlan:
     """Which hosts restart in which order. At least one ready host stays in rotation
     throughout; hosts in rotation that do not answer /ready go first (they serve nothing
@@ -238,18 +240,18 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
     """Every app host's place in the rotation and readiness: ONE round trip per proxy and
     per app host, in parallel (a host with both tiers gets one too)."""
     inv = session.inventory
-    wanted: dict[str, list[str]] = {}
+    wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts_in("proxy"):
-        wanted[h.name] = [f"proxy_text:{proxy_tier.UPSTREAM_FILE}"]
+        wanted[h.name] = [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
     for h in inv.hosts_in("app"):
         bind = app_tier.bind_address(inv, h)
         wanted.setdefault(h.name, []).extend(
-            [f"releasy_ready:{appcmd.ready_url(bind)}", f"releasy_unit:{UNIT}"])
+            [app_tier.ReleasyReady(appcmd.ready_url(bind)), app_tier.ReleasyUnit(UNIT)])
     found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: facts(c, wanted[c.name], sudo=True))
+                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
     lists = []
     for p in inv.hosts_in("proxy"):
-        text = found[p.name][f"proxy_text:{proxy_tier.UPSTREAM_FILE}"]
+        text = found[p.name][proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
         if text is None:
             raise DeployError(f"{p.name}: {proxy_tier.UPSTREAM_FILE} does not exist: nginx is"
                               f" not set up for Releasy there; run `fab proxy.setup` first",
@@ -265,8 +267,8 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
         server = app_server(inv, h)
         views[h.name] = RotationView(
             h.name, all(server in servers for servers in lists),
-            bool(f[f"releasy_ready:{appcmd.ready_url(app_tier.bind_address(inv, h))}"]),
-            f[f"releasy_unit:{UNIT}"].get("ActiveState", "unknown"))
+            bool(f[app_tier.ReleasyReady(appcmd.ready_url(app_tier.bind_address(inv, h)))]),
+            f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"))
     return views
 
 
@@ -290,7 +292,7 @@ def _audit(session: Session, action: str, **fields: Any) -> None:
                     audit.record(action, session.inventory.environment, **fields))
     except DeployError as exc:
         session.reporter.error(session.inventory.environment,
-                               f"audit record not written everywhere: {str(exc).splitlines()[0]}")
+                               f"audit record not written everywhere: {first_line(exc)}")
 
 
 def drain(session: Session, host: str, *, wait: float = 0) -> None:
@@ -316,14 +318,14 @@ def drain(session: Session, host: str, *, wait: float = 0) -> None:
             return
         drained = session.executor.each(
             inv.hosts_in("proxy"),
-            lambda c: proxy_tier.wait_old_workers_gone(c, rollout.DRAIN_TIMEOUT_S))
+            lambda c: proxy_tier.wait_old_workers_gone(c, DRAIN_TIMEOUT_S))
         finished = all(drained.values())
         r.changed(target, f"out of rotation (in rotation now: {_names(remaining)})")
         if finished:
             r.info(target, "no request in flight any more: safe to work on; `fab app.undrain"
                            f" --host {target}` puts it back")
         else:
-            r.info(target, f"requests were still in flight after {rollout.DRAIN_TIMEOUT_S:g}"
+            r.info(target, f"requests were still in flight after {DRAIN_TIMEOUT_S:g}"
                            " s (long requests?): wait a little before stopping it")
         _audit(session, "app.drain", target=target, rotation=remaining)
 
@@ -359,66 +361,6 @@ def undrain(session: Session, host: str, *, wait: float = 0) -> None:
 
 
 # ------------------------------------------------------------------------------ restart
-class _RestartPipeline(Pipeline):
-    """The rollout's batch step announces "drain, switch to V, start, ..."; for a restart
-    the stage line says what really happens."""
-
-    def stage(self, stage: str, host: str | None = None, what: str = ""):
-        if stage == "restart" and what.startswith("drain "):
-            what = f"drain {host}, restart {UNIT}, wait for /ready, re-add"
-        return super().stage(stage, host, what)
-
-
-class _Restart(rollout.Rollout):
-    """The rollout's per-host steps with "restart" in place of "switch to V and start"."""
-
-    def switch_start(self, c: HostConnection) -> None:
-        name = c.name
-        self.steps[name] = "start"
-        self.restarted_at[name] = time.monotonic()
-        app_tier.restart_service(c)
-        self.steps[name] = "ready"
-        waited = app_tier.wait_ready(c, self.bind(name), self.ready_timeout)
-        self.info(name, f"{UNIT} restarted on {self.pre.apps[name].current}: ready after"
-                        f" {waited:.1f} s")
-
-    def restart_in_place(self, name: str) -> None:
-        with self.pipe.stage("restart", name, "restart in place (out of rotation: it stays"
-                                              " out)"):
-            self.lock.ensure_held()
-            try:
-                self.switch_start(self.ex.conn(name))
-            except (Exception, KeyboardInterrupt) as exc:
-                self.audit("failed", failed_host=name, stage="restart",
-                           reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                raise
-        self.done.append(name)
-
-    def run_plan(self, plan: RestartPlan, yes: bool) -> None:
-        self.info(self.pipe.name, f"plan: {plan.describe()}")
-        if self.dry:
-            for n in plan.in_place:
-                self.s.reporter.would(n, f"restart {UNIT} (out of rotation: it stays out)")
-            for b in plan.batches:
-                label = "+".join(b)
-                self.s.reporter.would(label, f"drain {label} from every proxy, restart {UNIT},"
-                                             f" wait for /ready (up to"
-                                             f" {self.ready_timeout:g} s), re-add")
-            return
-        confirm(f"Rolling restart of {UNIT} in {self.inv.environment}: {plan.describe()}."
-                f" Go?", yes=yes)
-        for n in plan.in_place:
-            self.restart_in_place(n)
-        for i, names in enumerate(plan.batches):
-            self.roll("restart", names, readd_now=i == len(plan.batches) - 1)
-        with self.pipe.stage("finish", what="audit record on every host"):
-            self.readd_pending()
-            self.audit("ok")
-        elapsed = time.monotonic() - self.started
-        self.info(self.pipe.name, f"rolling restart done: {_names(self.done)} in"
-                                  f" {elapsed:.1f} s; in rotation: {_names(self.rotation)}")
-
-
 def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: bool = False,
             wait: float = 0, ready_timeout: Any = None) -> RestartPlan:
     """``fab app.restart``: restart Releasy on every app host (or ``host``), batch by batch,
@@ -437,26 +379,17 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
                 "Restarting it is downtime; if that is acceptable: `fab run --tier app --"
                 " systemctl restart UNIT` with the live unit `fab status` names. `fab"
                 " deploy.bluegreen` switches releases without downtime.")
-    pipe = _RestartPipeline("app.restart", session.reporter)
+    pipe = Pipeline("app.restart", session.reporter)
     with ExitStack() as stack:
         with pipe.stage("preflight", what="lock, every host's state"):
             lock = stack.enter_context(deploy_lock(session, version=None, wait=wait))
             pre = rollout.gather(session)
-            plan = restart_plan(list(pre.apps.values()), targets, batch)
-            versions = {pre.apps[n].current for n in plan.hosts}
-            label = versions.pop() if len(versions) == 1 else "their current releases"
-            r = _Restart(session, pipe, lock, pre, action="app.restart",
-                         label="Rolling restart", version=label, release=None, batch=batch,
-                         ready_timeout=timeout, take_backup=False)
-        try:
-            r.run_plan(plan, yes)
-        except rollout.RolloutFailed as exc:
-            # The rollout's report says what is out of rotation; say how it comes back.
-            head, sep, journal = exc.message.partition("\nLast journal lines")
-            exc.message = (head + " Once a host left out is fixed, `fab app.undrain --host"
-                           " NAME` puts it back (it checks /ready first)." + sep + journal)
-            raise
-    return plan
+            order = restart_plan(list(pre.apps.values()), targets, batch)
+            plan = plan_restart(order.in_place, order.batches, pre.apps)
+            r = RollingRunner(session, pipe, lock, pre, plan, release=None,
+                              ready_timeout=timeout)
+        r.run(yes)
+    return order
 
 
 # ------------------------------------------------------------------------------ logs
@@ -519,7 +452,7 @@ def _follow(session: Session, targets: Sequence[Host], lines: int) -> None:
             if not stopping.is_set():
                 failures[h.name] = exc
         if h.name in failures:
-            reporter.error(h.name, str(failures[h.name]).splitlines()[0])
+            reporter.error(h.name, first_line(failures[h.name]))
 
     threads = [threading.Thread(target=stream, args=(h,), name=f"releasy-logs-{h.name}",
                                 daemon=True) for h in targets]
@@ -575,9 +508,7 @@ def run_adhoc(session: Session, tier: str, command: str, *,
           + run_summary(runs, time.monotonic() - started), flush=True)
     failed = [r for r in runs if not r.ok]
     if failed:
-        exc = AdhocFailed(f"the command failed on {_names(r.host for r in failed)} of"
-                          f" {len(runs)} {tier} host(s) (see the summary above)")
-        if all(r.unreachable for r in failed):
-            exc.exit_code_hint = EXIT_UNREACHABLE
-        raise exc
+        raise AdhocFailed(f"the command failed on {_names(r.host for r in failed)} of"
+                          f" {len(runs)} {tier} host(s) (see the summary above)",
+                          unreachable=all(r.unreachable for r in failed))
     return runs

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .errors import first_line
 from .output import Reporter
 
 # The stage names operators see, in order. "failed" runs only after a failure.
@@ -40,7 +41,7 @@ class Pipeline:
             seconds = time.monotonic() - started
             self.timings.append(StageTiming(stage, host, seconds, False))
             self.reporter.stage(label, stage, f"FAILED after {seconds:.1f} s: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                f"{first_line(exc)}",
                                 pipeline=self.name, seconds=round(seconds, 3), ok=False)
             raise
         seconds = time.monotonic() - started

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .cli import BadInput
+from .commands.app import BINARY_NAME
+from .errors import BadInput
 from .inventory import Inventory, check_version
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "verify_sha256", "check_layout",
 ]
 
-BINARY_NAME = "releasy-server"
 DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before a download is abandoned
 _CHUNK = 1024 * 1024
 

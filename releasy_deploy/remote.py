@@ -11,22 +11,17 @@ All commands are argv lists; values reach shell snippets only as positional para
 from __future__ import annotations
 
 import difflib
-import functools
 import hashlib
 import re
-import secrets as _random
-import shlex
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from .errors import DeployError, RemoteCommandError
 from .executor import HostConnection, render_masked, tail
+from .templates import FILES_DIR, render_template
 
-FILES_DIR = Path(__file__).resolve().parent.parent / "files"
 MAX_DIFF_LINES = 200
 
 
@@ -249,29 +244,6 @@ def put_file(
 # --------------------------------------------------------------------------------------
 # Templates
 # --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def _environment(base_dir: str) -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(base_dir),
-        undefined=jinja2.StrictUndefined,  # a missing variable is an error, not ""
-        keep_trailing_newline=True,
-        autoescape=False,  # config files, not HTML
-    )
-
-
-def render_template(
-    name: str, context: Mapping[str, Any], *, base_dir: str | Path | None = None
-) -> str:
-    """Render ``files/NAME`` (or ``base_dir/NAME``) with Jinja2."""
-    base = str(Path(base_dir) if base_dir is not None else FILES_DIR)
-    try:
-        return _environment(base).get_template(name).render(**context)
-    except jinja2.TemplateNotFound:
-        raise DeployError(f"template {name!r} not found in {base}") from None
-    except jinja2.UndefinedError as exc:
-        raise DeployError(f"template {name!r}: {exc} (add it to the context)") from None
-
-
 def put_template(
     c: HostConnection,
     path: str,
@@ -385,199 +357,3 @@ def ensure_packages(c: HostConnection, packages: Sequence[str]) -> Change:
             f" (apt-get update; apt-cache policy {' '.join(missing)})",
         )
     return report(c, Change(True, f"packages: installed {' '.join(missing)}"))
-
-
-# --------------------------------------------------------------------------------------
-# Facts: named read-only probes, batched into one round trip
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
-    shell: str  # a shell snippet; every value in it went through shlex.quote
-    parse: Callable[[str, int], Any]  # (stdout, exit code) -> value
-
-
-_FACTS: dict[str, tuple[bool, Callable[[str], Probe]]] = {}
-
-
-def register_fact(kind: str, *, arg: bool = False):
-    """Register ``kind`` (``arg=True``: used as ``kind:ARG``) -> builder(arg) -> Probe."""
-
-    def deco(builder: Callable[[str], Probe]) -> Callable[[str], Probe]:
-        _FACTS[kind] = (arg, builder)
-        return builder
-
-    return deco
-
-
-def probe_for(name: str) -> Probe:
-    kind, sep, arg = name.partition(":")
-    if kind not in _FACTS:
-        raise ValueError(f"unknown fact {name!r}; known: {', '.join(sorted(_FACTS))}")
-    takes_arg, builder = _FACTS[kind]
-    if takes_arg and not arg:
-        raise ValueError(f"fact {kind!r} needs an argument: {kind}:VALUE")
-    if not takes_arg and sep:
-        raise ValueError(f"fact {kind!r} takes no argument")
-    if "\x00" in arg:
-        raise ValueError(f"fact {name!r} contains a NUL byte")
-    return builder(arg)
-
-
-def _stripped(out: str, code: int) -> str | None:
-    return out.strip() if code == 0 else None
-
-
-def _parse_os_release(out: str, code: int) -> dict[str, str]:
-    result: dict[str, str] = {}
-    if code != 0:
-        return result
-    for line in out.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() and not key.startswith("#"):
-            try:
-                words = shlex.split(value)
-            except ValueError:
-                words = [value]
-            result[key.strip()] = words[0] if words else ""
-    return result
-
-
-def _parse_df(out: str, code: int) -> int | None:
-    lines = out.strip().splitlines()
-    if code != 0 or len(lines) < 2:
-        return None
-    fields = lines[-1].split()
-    return int(fields[3]) * 1024 if len(fields) >= 6 else None
-
-
-def _parse_stat(out: str, code: int) -> dict[str, Any] | None:
-    if code != 0 or not out.strip():
-        return None
-    kind, owner, group, mode, size = out.strip().split("|")
-    return {"type": kind, "owner": owner, "group": group, "mode": int(mode, 8), "size": int(size)}
-
-
-def _parse_meminfo(out: str, code: int) -> int | None:
-    for line in out.splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-def _parse_pkg_version(out: str, code: int) -> str | None:
-    # "${db:Status-Abbrev}" is three characters wide ("ii "), then the version.
-    status, version = out[:3].strip(), out[3:].strip()
-    return version if code == 0 and status == "ii" and version else None
-
-
-register_fact("os_release")(lambda _: Probe("cat /etc/os-release", _parse_os_release))
-register_fact("arch")(lambda _: Probe("uname -m", _stripped))
-register_fact("hostname")(lambda _: Probe("uname -n", _stripped))
-register_fact("kernel")(lambda _: Probe("uname -r", _stripped))
-register_fact("mem_total")(lambda _: Probe("cat /proc/meminfo", _parse_meminfo))
-register_fact("systemd")(
-    lambda _: Probe("[ -d /run/systemd/system ]", lambda out, code: code == 0)
-)
-register_fact("disk_free", arg=True)(
-    lambda a: Probe(f"df -Pk -- {shlex.quote(a)}", _parse_df)
-)
-register_fact("service_active", arg=True)(
-    lambda a: Probe(
-        f"systemctl is-active -- {shlex.quote(a)}",
-        lambda out, code: out.strip() == "active",
-    )
-)
-register_fact("service_enabled", arg=True)(
-    lambda a: Probe(
-        f"systemctl is-enabled -- {shlex.quote(a)}", lambda out, code: out.strip() or None
-    )
-)
-register_fact("file_sha256", arg=True)(
-    lambda a: Probe(
-        f"[ -f {shlex.quote(a)} ] || exit 3; sha256sum < {shlex.quote(a)}",
-        lambda out, code: out.split()[0] if code == 0 and out.strip() else None,
-    )
-)
-register_fact("file_stat", arg=True)(
-    lambda a: Probe(f"stat -L -c '%F|%U|%G|%a|%s' -- {shlex.quote(a)}", _parse_stat)
-)
-register_fact("path_exists", arg=True)(
-    lambda a: Probe(f"[ -e {shlex.quote(a)} ]", lambda out, code: code == 0)
-)
-register_fact("user_exists", arg=True)(
-    lambda a: Probe(f"id -u -- {shlex.quote(a)}", lambda out, code: code == 0)
-)
-register_fact("group_exists", arg=True)(
-    lambda a: Probe(f"getent group -- {shlex.quote(a)}", lambda out, code: code == 0)
-)
-register_fact("command_exists", arg=True)(
-    lambda a: Probe(f"command -v {shlex.quote(a)}", _stripped)
-)
-register_fact("package_version", arg=True)(
-    lambda a: Probe(
-        f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Version}}' -- {shlex.quote(a)}",
-        _parse_pkg_version,
-    )
-)
-
-
-def _markers(nonce: str, i: int) -> tuple[str, str]:
-    return f"@@releasy:{nonce}:{i}:begin@@", f"@@releasy:{nonce}:{i}:end:"
-
-
-def build_facts_script(names: Sequence[str], nonce: str) -> str:
-    """One shell script running every probe, each output framed by nonce'd markers.
-
-    Each probe runs in a subshell with stdin from /dev/null (the script itself arrives on
-    stdin, which a probe must not eat) and stderr discarded; its exit code is recorded.
-    """
-    parts = []
-    for i, name in enumerate(names):
-        probe = probe_for(name)
-        begin, end = _markers(nonce, i)
-        parts.append(f"printf '%s\\n' {shlex.quote(begin)}")
-        parts.append(f"( {probe.shell}\n) </dev/null 2>/dev/null")
-        # The leading \n guarantees the end marker starts a line; the parser removes it.
-        parts.append(f"printf '\\n%s%s@@\\n' {shlex.quote(end)} \"$?\"")
-    return "\n".join(parts) + "\n"
-
-
-def parse_facts_output(names: Sequence[str], nonce: str, stdout: str) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    pos = 0
-    for i, name in enumerate(names):
-        begin, end = _markers(nonce, i)
-        b = stdout.find(begin + "\n", pos)
-        if b < 0:
-            raise ValueError(f"output of fact {name!r} is missing")
-        start = b + len(begin) + 1
-        e = stdout.find("\n" + end, start)
-        if e < 0:
-            raise ValueError(f"output of fact {name!r} is truncated")
-        code_start = e + 1 + len(end)
-        code_end = stdout.find("@@\n", code_start)
-        if code_end < 0:
-            raise ValueError(f"exit code of fact {name!r} is missing")
-        body = stdout[start:e]
-        code = int(stdout[code_start:code_end])
-        values[name] = probe_for(name).parse(body, code)
-        pos = code_end + 3
-    return values
-
-
-def facts(c: HostConnection, names: Iterable[str], *, sudo: bool = False) -> dict[str, Any]:
-    """Read several facts in ONE round trip (read-only: also runs in dry-run)."""
-    wanted = list(dict.fromkeys(names))
-    if not wanted:
-        return {}
-    nonce = _random.token_hex(8)  # unguessable: file content cannot forge a marker
-    script = build_facts_script(wanted, nonce)
-    res = c.run_script(script, sudo=sudo, mutates=False, label=f"facts {', '.join(wanted)}")
-    try:
-        return parse_facts_output(wanted, nonce, res.stdout)
-    except ValueError as exc:
-        raise DeployError(f"{c.name}: cannot read facts: {exc}", host=c.name) from None
-
-
-def fact(c: HostConnection, name: str, *, sudo: bool = False) -> Any:
-    return facts(c, [name], sudo=sudo)[name]

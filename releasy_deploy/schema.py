@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from .commands import app as appcmd
 from .errors import DeployError
+from .facts import Fact, read_fact
 from .inventory import VERSION_RE, Host, Inventory, check_version
-from .remote import Probe, facts, register_fact
 
 __all__ = [
-    "SCHEMA_FILE", "schema_path", "level_fact", "level_host", "parse_level", "read_level",
-    "RECORDED_FACT", "parse_recorded", "record_script_argv", "known_level",
+    "SCHEMA_FILE", "schema_path", "SchemaLevel", "level_fact", "level_host", "parse_level",
+    "read_level", "RecordedLevels", "parse_recorded", "record_script_argv", "known_level",
     "postgres_level_shell", "sqlite_level_shell",
 ]
 
@@ -76,24 +76,33 @@ def parse_level(out: str, code: int) -> int | None:
     return int(text)
 
 
-def _level_probe(arg: str) -> Probe:
-    kind, _, where = arg.partition(":")
-    if kind == "postgres":
-        return Probe(postgres_level_shell(where), parse_level)
-    if kind == "sqlite":
-        return Probe(sqlite_level_shell(where), parse_level)
-    raise ValueError(f"unknown database kind {kind!r}")
+@dataclass(frozen=True)
+class SchemaLevel(Fact):
+    """The database's migration level (None: unreadable). ``kind`` "postgres": ``where``
+    is the database name; "sqlite": the database file."""
+
+    kind: str
+    where: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind not in ("postgres", "sqlite"):
+            raise ValueError(f"unknown database kind {self.kind!r}")
+
+    def shell(self) -> str:
+        if self.kind == "postgres":
+            return postgres_level_shell(self.where)
+        return sqlite_level_shell(self.where)
+
+    def parse(self, out: str, code: int) -> int | None:
+        return parse_level(out, code)
 
 
-register_fact("releasy_schema_level", arg=True)(_level_probe)
-
-
-def level_fact(inv: Inventory) -> str:
-    """The fact name reading the database's migration level on `level_host`."""
+def level_fact(inv: Inventory) -> SchemaLevel:
+    """The fact reading the database's migration level on `level_host`."""
     if inv.database.kind == "sqlite":
-        path = appcmd.sqlite_path(appcmd.SQLITE_URL)
-        return f"releasy_schema_level:sqlite:{path}"
-    return f"releasy_schema_level:postgres:{inv.database.name}"
+        return SchemaLevel("sqlite", appcmd.sqlite_path(appcmd.SQLITE_URL))
+    return SchemaLevel("postgres", inv.database.name)
 
 
 def level_host(inv: Inventory) -> Host:
@@ -105,8 +114,7 @@ def read_level(session) -> int:
     """The database's migration level now (one round trip, read-only: also in dry-run)."""
     inv = session.inventory
     conn = session.executor.conn(level_host(inv))
-    name = level_fact(inv)
-    level = facts(conn, [name], sudo=True)[name]
+    level = read_fact(conn, level_fact(inv), sudo=True)
     if level is None:
         raise DeployError(
             f"{conn.name}: cannot read the migration level of database {inv.database.name}"
@@ -133,8 +141,15 @@ def parse_recorded(out: str, code: int = 0) -> dict[str, int]:
     return levels
 
 
-RECORDED_FACT = "releasy_schema_levels"
-register_fact(RECORDED_FACT)(lambda _: Probe(RECORDED_PROBE, parse_recorded))
+@dataclass(frozen=True)
+class RecordedLevels(Fact):
+    """{release: migration level} recorded in the releases' ``.schema-version`` files."""
+
+    def shell(self) -> str:
+        return RECORDED_PROBE
+
+    def parse(self, out: str, code: int) -> dict[str, int]:
+        return parse_recorded(out, code)
 
 # $1 releases dir, then pairs VERSION LEVEL. A release dir that is not there is skipped
 # (not staged on this host); the file is replaced atomically.

@@ -1,4 +1,5 @@
-"""`fab site`: provision every tier in dependency order, then the firewall.
+"""`fab site`: provision every tier in dependency order, then the firewall, safely on an
+environment that serves (the deploy lock held, app restarts rolled by the change engine).
 
 db first (the app needs its password), then app (the proxy's upstreams must answer), then
 proxy, then the firewall last so a rule mistake cannot stop the earlier steps from
@@ -6,10 +7,17 @@ finishing. Hosts of one tier run in parallel inside each tier's setup."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
-from .cli import Session
-from .tiers import app, db, firewall, proxy
+from . import rollout
+from .engine.plan import plan_reconfigure, plan_release_rollout
+from .engine.runner import RollingRunner
 from .errors import DeployError
+from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
+from .pipeline import Pipeline
+from .session import Session
+from .tiers import app, db, firewall, proxy
 
 STEPS = ("db", "app", "proxy", "firewall")
 
@@ -36,21 +44,101 @@ def smoke_test(session: Session) -> None:
     session.executor.each(session.inventory.hosts_in("proxy"), check)
 
 
-def run(session: Session, version: str | None = None) -> dict[str, int]:
-    """Converge the whole inventory; returns the change tally summed over hosts."""
+def refuse_if_locked(session: Session) -> None:
+    """Exit 3 before touching anything when another task holds the deploy lock. Read-only;
+    on hosts where the database is not set up yet there is no lock to hold: go on."""
+    try:
+        holder = holder_info(session)
+    except LockBusy:
+        raise
+    except DeployError:
+        return  # no database yet (first install) or not reachable: db.setup says more
+    if holder is not None:
+        raise LockBusy(busy_message(session.inventory.environment, holder), holder=holder)
+
+
+@contextmanager
+def change_lock(session: Session, *, version: str | None = None,
+                wait: float = 0) -> Iterator[LockInfo | None]:
+    """The deploy lock for a task that changes hosts (site, the tier setups, the firewall):
+    LockBusy (exit 3) when another task holds it. Before the database exists (a first
+    install, whose first step creates it) there is nothing to hold it in: None."""
+    inv = session.inventory
+    if session.dry_run:
+        # Read-only: the lock is not taken (nor reported as a change).
+        session.reporter.info(inv.db_host.name, "dry run: the deploy lock is not taken")
+        yield LockInfo(environment=inv.environment, where="dry run", version=version,
+                       note="dry run: lock not taken")
+        return
+    if inv.database.kind != "sqlite":
+        try:
+            db.database_url(session)
+        except DeployError:
+            session.reporter.info(inv.db_host.name, "no database yet: nothing to hold the"
+                                                    " deploy lock in (first install)")
+            yield None
+            return
+    with deploy_lock(session, version=version, wait=wait) as lock:
+        yield lock
+
+
+def setup_app(session: Session, version: str | None, lock: LockInfo | None) -> None:
+    """The app tier, safe on an environment that serves: files are written everywhere in
+    parallel, but a host that serves and must restart (a changed env file or unit, another
+    release) is restarted by the change engine, one batch at a time, drained first, with
+    the first host alone when the release changes (migrations once) -- never all at once.
+    First installs (nothing serves yet) and single hosts start in parallel as before."""
+    inv = session.inventory
+    rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
+    deferred = app.setup(session, version, defer_restarts=rolling and lock is not None)
+    if not deferred or lock is None:
+        return
+    timeout = float(inv.app.ready_timeout)
+    pre = rollout.gather(session)
+    states = list(pre.apps.values())
+    if version is not None and any(pre.apps[n].current != version for n in deferred):
+        problems = rollout.preflight_problems(states, version)
+        if problems:
+            raise DeployError("not switching the release (the new files are written):\n  "
+                              + "\n  ".join(problems))
+        plan = plan_release_rollout(states, version, 1, flow="site", title="Rolling deploy",
+                                    backup=True, stage_release=False)
+        pipe = Pipeline("site", session.reporter)
+        RollingRunner(session, pipe, lock, pre, plan, release=None,
+                      ready_timeout=timeout).run(yes=True)
+        deferred = {n: why for n, why in deferred.items() if n in plan.skipped}
+        if not deferred:
+            return
+        pre = rollout.gather(session)
+    plan = plan_reconfigure(list(deferred), pre.apps)
+    pipe = Pipeline("app.setup", session.reporter)
+    RollingRunner(session, pipe, lock, pre, plan, release=None,
+                  ready_timeout=timeout).run(yes=True)
+
+
+def run(session: Session, version: str | None = None, *, wait: float = 0) -> dict[str, int]:
+    """Converge the whole inventory; returns the change tally summed over hosts.
+
+    Under the deploy lock from the app tier on (the database it lives in comes first); a
+    lock held elsewhere stops it before anything is touched (exit 3)."""
     started = time.monotonic()
-    for step in STEPS:
-        step_started = time.monotonic()
-        session.reporter.info("site", f"--- {step} ---")
-        if step == "db":
-            db.setup(session)
-        elif step == "app":
-            app.setup(session, version)
-        elif step == "proxy":
-            proxy.setup(session)
-        else:
-            firewall.apply(session)
-        session.reporter.info("site", f"{step} done in {time.monotonic() - step_started:.1f} s")
+    if not session.dry_run:
+        refuse_if_locked(session)
+    with ExitStack() as stack:
+        for step in STEPS:
+            step_started = time.monotonic()
+            session.reporter.info("site", f"--- {step} ---")
+            if step == "db":
+                db.setup(session)
+                lock = stack.enter_context(change_lock(session, version=version, wait=wait))
+            elif step == "app":
+                setup_app(session, version, lock)
+            elif step == "proxy":
+                proxy.setup(session)
+            else:
+                firewall.apply(session)
+            session.reporter.info("site", f"{step} done in"
+                                          f" {time.monotonic() - step_started:.1f} s")
     if not session.dry_run:
         smoke_test(session)
     tally = session.reporter.tally()

@@ -1,6 +1,6 @@
 """``fab status``: the whole inventory in one table, read in one round trip per host.
 
-Every host gets ONE batched facts script (`releasy_deploy.remote.facts`), all hosts in
+Every host gets ONE batched facts script (`releasy_deploy.facts.read_facts`), all hosts in
 parallel, holding every probe its tiers need:
 
 - app hosts: the unit's state and MainPID, the release ``current`` points at and the one
@@ -33,25 +33,27 @@ from typing import Any
 
 from . import bluegreen
 from . import firewall as fw
-from .cli import Session
 from .commands import acme as acmecmd
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
-from .errors import DeployError, HostKeyError, UnreachableError
+from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
+from .facts import Fact, FileStat, PackageVersion, ServiceActive, read_facts
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
 from .packages import FIREWALL_PACKAGES
-from .remote import Probe, facts, register_fact
 from .rollout import parse_version_probe, version_probe_argv
+from .session import Session
 from .tiers import app as app_tier
-from .tiers import firewall as _fw_tier  # noqa: F401 - registers the fw_* facts
+from .tiers.acme import CertInfo
+from .tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
 from .tiers import proxy as proxy_tier
 
 __all__ = [
     "Disk", "AppStatus", "ProxyStatus", "DbStatus", "FirewallStatus", "HostStatus",
-    "LockStatus", "StatusReport", "fact_names", "parse_disk", "parse_exe_release",
+    "LockStatus", "StatusReport", "StatusDisk", "StatusExe", "StatusVersion", "StatusPg",
+    "fact_names", "parse_disk", "parse_exe_release",
     "parse_pg", "host_status", "build_report", "render_table", "gather", "status",
     "to_json_text", "app_server", "rotation_of",
     "DISK_FULL_PERCENT", "PG_DATA_DIR",
@@ -120,14 +122,56 @@ def parse_pg(out: str, code: int) -> tuple[bool, int | None] | None:
     return (True, int(size) if size.isdigit() else None)
 
 
-register_fact("status_disk", arg=True)(
-    lambda path: Probe(_DISK_SHELL.format(q=shlex.quote(path)), parse_disk))
-register_fact("status_exe", arg=True)(
-    lambda unit: Probe(_EXE_SHELL.format(q=shlex.quote(unit)), parse_exe_release))
-register_fact("status_version", arg=True)(
-    lambda bind: Probe(shlex.join(version_probe_argv(bind)),
-                       lambda out, code: parse_version_probe(out)[1]))
-register_fact("status_pg", arg=True)(lambda database: Probe(_pg_shell(database), parse_pg))
+@dataclass(frozen=True)
+class StatusDisk(Fact):
+    """(bytes used by the directory ``path``, use% of its file system), or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return _DISK_SHELL.format(q=shlex.quote(self.path))
+
+    def parse(self, out: str, code: int) -> tuple[int | None, int | None] | None:
+        return parse_disk(out, code)
+
+
+@dataclass(frozen=True)
+class StatusExe(Fact):
+    """The release the unit's main process runs, from its executable, or None."""
+
+    unit: str
+
+    def shell(self) -> str:
+        return _EXE_SHELL.format(q=shlex.quote(self.unit))
+
+    def parse(self, out: str, code: int) -> str | None:
+        return parse_exe_release(out, code)
+
+
+@dataclass(frozen=True)
+class StatusVersion(Fact):
+    """The ``version`` GET /version on ``bind`` answers, or None."""
+
+    bind: str
+
+    def shell(self) -> str:
+        return shlex.join(version_probe_argv(self.bind))
+
+    def parse(self, out: str, code: int) -> str | None:
+        return parse_version_probe(out)[1]
+
+
+@dataclass(frozen=True)
+class StatusPg(Fact):
+    """(up, size of ``database`` in bytes), or None when the probe itself failed."""
+
+    database: str
+
+    def shell(self) -> str:
+        return _pg_shell(self.database)
+
+    def parse(self, out: str, code: int) -> tuple[bool, int | None] | None:
+        return parse_pg(out, code)
 
 
 # ------------------------------------------------------------------------------ model
@@ -261,29 +305,29 @@ def _disk_paths(inv: Inventory, host: Host) -> list[tuple[str, str]]:
     return paths
 
 
-FIREWALL_FACTS = (f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status", "fw_ufw_added",
-                  "fw_ufw_defaults")
+FIREWALL_FACTS = (PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(), UfwShowAdded(),
+                  UfwDefaultsFile())
 
 
-def fact_names(inv: Inventory, host: Host) -> list[str]:
+def fact_names(inv: Inventory, host: Host) -> list[Fact]:
     """Every fact ``fab status`` reads on ``host``: ONE facts round trip."""
-    names: list[str] = list(FIREWALL_FACTS)
-    names += [f"status_disk:{path}" for _, path in _disk_paths(inv, host)]
+    names: list[Fact] = list(FIREWALL_FACTS)
+    names += [StatusDisk(path) for _, path in _disk_paths(inv, host)]
     if host.has("app"):
-        names.append("releasy_releases")
+        names.append(app_tier.ReleasyReleases())
         for unit, bind in _app_units(inv, host).items():
-            names += [f"releasy_unit:{unit}", f"releasy_ready:{appcmd.ready_url(bind)}",
-                      f"status_version:{bind}", f"status_exe:{unit}"]
+            names += [app_tier.ReleasyUnit(unit), app_tier.ReleasyReady(appcmd.ready_url(bind)),
+                      StatusVersion(bind), StatusExe(unit)]
         if inv.topology == "single":
             names += bluegreen.fact_names(inv)
     if host.has("proxy"):
-        names += [f"proxy_text:{proxy_tier.UPSTREAM_FILE}", "service_active:nginx",
-                  f"acme_cert:{proxy_tier.tls_paths(inv)[0]}"]
+        names += [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE), ServiceActive("nginx"),
+                  CertInfo(proxy_tier.tls_paths(inv)[0])]
     if host.has("db"):
         if inv.database.kind == "postgres":
-            names.append(f"status_pg:{inv.database.name}")
+            names.append(StatusPg(inv.database.name))
         else:
-            names.append(f"file_stat:{pgcmd.SQLITE_PATH}")
+            names.append(FileStat(pgcmd.SQLITE_PATH))
     return list(dict.fromkeys(names))
 
 
@@ -302,32 +346,31 @@ def _servers(text: str | None) -> tuple[list[tuple[str, int]] | None, str | None
         return None, f"{proxy_tier.UPSTREAM_FILE}: {exc}"
 
 
-def _firewall(inv: Inventory, host: Host, found: Mapping[str, Any]) -> FirewallStatus:
+def _firewall(inv: Inventory, host: Host, found: Mapping[Fact, Any]) -> FirewallStatus:
     installed = found[FIREWALL_FACTS[0]] is not None
-    status, live = found["fw_ufw_status"], found["fw_ufw_added"]
+    status, live = found[UfwStatusVerbose()], found[UfwShowAdded()]
     active = bool(status is not None and status.active)
     if not installed or live is None:
         return FirewallStatus(installed, active)
-    diff = fw.diff_host(host.name, fw.plan_rules(inv)[host.name], live, active=active,
-                        defaults=found["fw_ufw_defaults"])
+    diff = fw.summary_diff(inv, host, live, active=active, defaults=found[UfwDefaultsFile()])
     return FirewallStatus(installed, active, missing=len(diff.add) + len(diff.recomment),
                           stale=len(diff.remove), unmanaged=len(diff.unexpected),
-                          policy_differs=bool(diff.defaults))
+                          policy_differs=bool(diff.defaults or diff.ipv6))
 
 
-def _live_on_single_host(inv: Inventory, host: Host, found: Mapping[str, Any]
+def _live_on_single_host(inv: Inventory, host: Host, found: Mapping[Fact, Any]
                          ) -> tuple[str, bool | None, str | None]:
     """(live unit, in rotation, why not known) from the blue/green state."""
     try:
         live = bluegreen.find_live(bluegreen.parse_state(host.name, found, inv))
     except DeployError as exc:
-        return UNIT, None, str(exc).removeprefix(f"{host.name}: ").splitlines()[0]
+        return UNIT, None, first_line(exc, host.name)
     if live.unit is None:
         return bluegreen.instance_unit(live.port), False, None
     return live.unit, True, None
 
 
-def _app(inv: Inventory, host: Host, found: Mapping[str, Any],
+def _app(inv: Inventory, host: Host, found: Mapping[Fact, Any],
          rotation: Mapping[str, bool | None]) -> tuple[AppStatus, str | None]:
     units = _app_units(inv, host)
     note = None
@@ -336,23 +379,23 @@ def _app(inv: Inventory, host: Host, found: Mapping[str, Any],
     else:
         unit, in_rotation = UNIT, rotation.get(host.name)
     bind = units[unit]
-    props = found[f"releasy_unit:{unit}"]
+    props = found[app_tier.ReleasyUnit(unit)]
     pid = props.get("MainPID", "0")
-    running = found[f"status_version:{bind}"] or found[f"status_exe:{unit}"]
-    current = found["releasy_releases"].current
+    running = found[StatusVersion(bind)] or found[StatusExe(unit)]
+    current = found[app_tier.ReleasyReleases()].current
     ports = {bluegreen.instance_unit(p): p for p in inv.app.bluegreen_ports}
     if unit in ports:  # a blue/green instance runs the release its link names
         running = running or bluegreen.version_of_link(
-            found.get(f"bluegreen_link:{bluegreen.instance_link(ports[unit])}"))
+            found.get(bluegreen.InstanceLink(bluegreen.instance_link(ports[unit]))))
     app = AppStatus(unit=unit, active_state=props.get("ActiveState") or "inactive",
                     sub_state=props.get("SubState") or "", main_pid=int(pid) if pid.isdigit()
                     and int(pid) > 0 else None, current=current, running=running,
-                    ready=bool(found[f"releasy_ready:{appcmd.ready_url(bind)}"]),
+                    ready=bool(found[app_tier.ReleasyReady(appcmd.ready_url(bind))]),
                     in_rotation=in_rotation)
     return app, note
 
 
-def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseException,
+def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseException,
                 rotation: Mapping[str, bool | None]) -> HostStatus:
     """One row: what ``found`` (the host's facts, or why they could not be read) says,
     with the problems that make it unhealthy. Pure."""
@@ -371,10 +414,10 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
         if note:
             problems.append(note)
     if host.has("proxy"):
-        servers, note = _servers(found[f"proxy_text:{proxy_tier.UPSTREAM_FILE}"])
-        cert = found.get(f"acme_cert:{proxy_tier.tls_paths(inv)[0]}")
+        servers, note = _servers(found[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)])
+        cert = found[CertInfo(proxy_tier.tls_paths(inv)[0])]
         days = cert.days_left() if cert is not None else None
-        proxy = ProxyStatus(bool(found["service_active:nginx"]),
+        proxy = ProxyStatus(bool(found[ServiceActive("nginx")]),
                             None if servers is None else tuple(
                                 nginxcmd.format_server(a, p) for a, p in servers), note,
                             _common_name(cert.issuer) if cert is not None else None,
@@ -392,19 +435,19 @@ def host_status(inv: Inventory, host: Host, found: Mapping[str, Any] | BaseExcep
                                 f" inventory: {', '.join(unknown)}")
     if host.has("db"):
         if inv.database.kind == "postgres":
-            pg = found[f"status_pg:{inv.database.name}"]
+            pg = found[StatusPg(inv.database.name)]
             db = DbStatus("postgres", bool(pg and pg[0]), pg[1] if pg else None)
             if not db.up:
                 problems.append("PostgreSQL does not answer" if pg is not None
                                 else "PostgreSQL is not installed (run `fab db.setup`)")
         else:
-            st = found[f"file_stat:{pgcmd.SQLITE_PATH}"]
+            st = found[FileStat(pgcmd.SQLITE_PATH)]
             db = DbStatus("sqlite", st is not None, st["size"] if st else None)
             if st is None:
                 problems.append(f"the SQLite database {pgcmd.SQLITE_PATH} does not exist")
     firewall = _firewall(inv, host, found)
     problems += _firewall_problems(firewall)
-    disks = tuple(Disk(label, path, *(found[f"status_disk:{path}"] or (None, None)))
+    disks = tuple(Disk(label, path, *(found[StatusDisk(path)] or (None, None)))
                   for label, path in _disk_paths(inv, host))
     for d in disks:
         if d.fs_used_percent is not None and d.fs_used_percent >= DISK_FULL_PERCENT:
@@ -464,7 +507,7 @@ def _firewall_problems(f: FirewallStatus) -> list[str]:
     return []
 
 
-def rotation_of(inv: Inventory, found: Mapping[str, Mapping[str, Any] | BaseException]
+def rotation_of(inv: Inventory, found: Mapping[str, Mapping[Fact, Any] | BaseException]
                 ) -> dict[str, bool | None]:
     """app host -> listed by every proxy (None when a proxy could not be read). Split
     topology only: on a single host the live blue/green instance says it."""
@@ -474,7 +517,7 @@ def rotation_of(inv: Inventory, found: Mapping[str, Mapping[str, Any] | BaseExce
     for p in inv.hosts_in("proxy"):
         f = found.get(p.name)
         lists.append(None if isinstance(f, BaseException) or f is None
-                     else _servers(f[f"proxy_text:{proxy_tier.UPSTREAM_FILE}"])[0])
+                     else _servers(f[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)])[0])
     out: dict[str, bool | None] = {}
     for h in inv.hosts_in("app"):
         server = app_server(inv, h)
@@ -487,7 +530,7 @@ def rotation_of(inv: Inventory, found: Mapping[str, Mapping[str, Any] | BaseExce
     return out
 
 
-def build_report(inv: Inventory, found: Mapping[str, Mapping[str, Any] | BaseException],
+def build_report(inv: Inventory, found: Mapping[str, Mapping[Fact, Any] | BaseException],
                  lock: LockStatus) -> StatusReport:
     """The report from every host's facts (or exception) and the lock state. Pure."""
     rotation = rotation_of(inv, found)
@@ -582,7 +625,7 @@ def render_table(report: StatusReport) -> str:
 
 
 # ------------------------------------------------------------------------------ the task
-def gather(session: Session) -> tuple[dict[str, Mapping[str, Any] | BaseException],
+def gather(session: Session) -> tuple[dict[str, Mapping[Fact, Any] | BaseException],
                                       LockStatus]:
     """(host -> its facts, or the exception that stopped reading them; the lock state).
     All hosts in parallel, ONE facts round trip each; the db host's worker then asks who
@@ -592,9 +635,9 @@ def gather(session: Session) -> tuple[dict[str, Mapping[str, Any] | BaseExceptio
     db = inv.db_host.name
     lock = [LockStatus(None, f"{db} could not be read")]
 
-    def read(c: HostConnection) -> Mapping[str, Any] | BaseException:
+    def read(c: HostConnection) -> Mapping[Fact, Any] | BaseException:
         try:
-            found = facts(c, fact_names(inv, c.host), sudo=True)
+            found = read_facts(c, fact_names(inv, c.host), sudo=True)
         except DeployError as exc:  # a row of the table, not a failure of the task
             return exc
         if c.name == db:

@@ -14,8 +14,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..inventory import VERSION_RE, Host, Inventory
-from ..releases import BINARY_NAME
-from ..remote import render_template
+from ..templates import render_template
 from .systemd import ENV_NAME_RE, check_unit, daemon_reload_argv, env_assignment, systemctl
 
 # -------------------------------------------------------------------------- layout
@@ -32,6 +31,9 @@ TEMPLATE_UNIT = "releasy@.service"
 MARKER = ".sha256"  # in each release dir: the sha256 of the tarball it was unpacked from
 # The SQLite database (single host). The URL itself comes from the db tier (same value).
 SQLITE_URL = f"sqlite://{DATA_DIR}/releasy.db"
+
+#: the one file an upstream release tarball holds.
+BINARY_NAME = "releasy-server"
 
 PREFERRED_UID = 10001  # what upstream's container image uses
 NOLOGIN = "/usr/sbin/nologin"

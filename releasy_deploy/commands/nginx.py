@@ -28,6 +28,10 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+#: How long a drain waits for nginx's old workers (after a reload) to finish the requests
+#: they were serving: every flow that takes a host out of rotation waits this long at most.
+DRAIN_TIMEOUT_S = 90.0
+
 __all__ = [
     "SERVICE", "LOCK_PATH", "EXIT_CONFIG_REJECTED", "EXIT_STEP_FAILED", "EXIT_SERVICE_FAILED",
     "EXIT_LOCKED", "RELOAD_TIMEOUT", "format_server", "check_servers",

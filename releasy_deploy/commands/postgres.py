@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 from urllib.parse import quote
 
 from ..inventory import POSTGRES_PORT, Inventory
-from ..remote import render_template
+from ..templates import render_template
 
 PG_VERSION = "15"
 CLUSTER = "main"

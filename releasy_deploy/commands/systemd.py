@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+#: ActiveState values of a unit whose process may still be running (a stop must wait).
+RUNNING_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+
 __all__ = [
     "UNIT_RE", "ENV_NAME_RE", "check_unit", "quote_env_value", "env_assignment",
     "systemctl", "daemon_reload_argv", "show_argv", "parse_show",

@@ -10,45 +10,58 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from dataclasses import dataclass
 
 from ..commands import acme as cmd
 from ..errors import DeployError
 from ..executor import HostConnection, tail
+from ..facts import Fact, FileSha256, FileStat, PackageVersion, ServiceEnabled, read_facts
 from ..inventory import Inventory
 from ..packages import ACME_PACKAGES
-from ..remote import Probe, ensure_dir, ensure_packages, facts, put_file, register_fact
+from ..remote import ensure_dir, ensure_packages, put_file
 
-__all__ = ["converge", "certificate", "CERTBOT_TIMEOUT"]
+__all__ = ["converge", "certificate", "CERTBOT_TIMEOUT", "CertInfo"]
 
 CERTBOT_TIMEOUT = 300  # the CA validates over the network: bounded, generously
 
-register_fact("acme_cert", arg=True)(
-    lambda a: Probe(cmd.cert_probe_shell(a), cmd.parse_cert_probe))
+
+@dataclass(frozen=True)
+class CertInfo(Fact):
+    """Issuer, names and expiry of the certificate file at ``path`` (`cmd.AcmeCert`), or
+    None when there is none. `fab status` reads it for the certificate nginx serves."""
+
+    path: str
+
+    def shell(self) -> str:
+        return cmd.cert_probe_shell(self.path)
+
+    def parse(self, out: str, code: int) -> cmd.AcmeCert | None:
+        return cmd.parse_cert_probe(out, code)
 
 
 def certificate(c: HostConnection, cert_path: str) -> cmd.AcmeCert | None:
     """The certificate nginx serves (read-only)."""
-    return facts(c, [f"acme_cert:{cert_path}"], sudo=True)[f"acme_cert:{cert_path}"]
+    return read_facts(c, [CertInfo(cert_path)], sudo=True)[CertInfo(cert_path)]
 
 
 def converge(c: HostConnection, inv: Inventory, cert_path: str, key_path: str) -> None:
     acme = inv.tls.acme
     assert acme is not None
     name = inv.tls.server_name
-    names = [*(f"package_version:{p}" for p in ACME_PACKAGES), f"acme_cert:{cert_path}",
-             f"acme_cert:{cmd.LINEAGE}/fullchain.pem", f"file_sha256:{cmd.HOOK}",
-             f"file_sha256:{cmd.CA_BUNDLE}", f"file_sha256:{cmd.DROPIN}",
-             "service_enabled:certbot.timer", f"file_stat:{cmd.WEBROOT}"]
-    got = facts(c, names, sudo=True)
+    served_fact, lineage_fact = CertInfo(cert_path), CertInfo(f"{cmd.LINEAGE}/fullchain.pem")
+    names = [*(PackageVersion(p) for p in ACME_PACKAGES), served_fact, lineage_fact,
+             FileSha256(cmd.HOOK), FileSha256(cmd.CA_BUNDLE), FileSha256(cmd.DROPIN),
+             ServiceEnabled("certbot.timer"), FileStat(cmd.WEBROOT)]
+    got = read_facts(c, names, sudo=True)
     hook = cmd.hook_script(cert_path, key_path).encode()
     ca = acme.ca_bundle.read_bytes() if acme.ca_bundle is not None else None
     want = {cmd.HOOK: hook, cmd.CA_BUNDLE: ca, cmd.DROPIN: cmd.dropin_text().encode()
             if ca is not None else None}
-    files_ok = all((got[f"file_sha256:{p}"] == hashlib.sha256(d).hexdigest()) if d else
-                   got[f"file_sha256:{p}"] is None for p, d in want.items())
-    packages_ok = all(got[f"package_version:{p}"] for p in ACME_PACKAGES)
-    timer_ok = got["service_enabled:certbot.timer"] == "enabled"
-    if not (files_ok and packages_ok and timer_ok and got[f"file_stat:{cmd.WEBROOT}"]):
+    files_ok = all((got[FileSha256(p)] == hashlib.sha256(d).hexdigest()) if d else
+                   got[FileSha256(p)] is None for p, d in want.items())
+    packages_ok = all(got[PackageVersion(p)] for p in ACME_PACKAGES)
+    timer_ok = got[ServiceEnabled("certbot.timer")] == "enabled"
+    if not (files_ok and packages_ok and timer_ok and got[FileStat(cmd.WEBROOT)]):
         # These helpers report what they changed (or would) themselves.
         ensure_packages(c, ACME_PACKAGES)
         ensure_dir(c, cmd.WEBROOT, mode=0o755)
@@ -59,7 +72,7 @@ def converge(c: HostConnection, inv: Inventory, cert_path: str, key_path: str) -
             put_file(c, cmd.CA_BUNDLE, ca, mode=0o644)
             ensure_dir(c, cmd.DROPIN.rsplit("/", 1)[0], mode=0o755)
             reload_units = put_file(c, cmd.DROPIN, want[cmd.DROPIN]).changed
-        elif got[f"file_sha256:{cmd.DROPIN}"] is not None:
+        elif got[FileSha256(cmd.DROPIN)] is not None:
             c.run(["rm", "-f", "--", cmd.DROPIN, cmd.CA_BUNDLE], sudo=True)
             c.reporter.changed(c.name, f"{cmd.DROPIN} removed (no tls.acme.ca_bundle)")
             reload_units = True
@@ -71,13 +84,13 @@ def converge(c: HostConnection, inv: Inventory, cert_path: str, key_path: str) -
     else:
         c.reporter.unchanged(c.name, f"certbot, deploy hook, renewal timer ({cmd.HOOK})")
 
-    served: cmd.AcmeCert | None = got[f"acme_cert:{cert_path}"]
+    served: cmd.AcmeCert | None = got[served_fact]
     if served is not None and served.good(name):
         days = served.days_left()
         c.reporter.unchanged(c.name, f"certificate for {name} from {served.issuer}"
                                      f" ({days:.0f} days left)")
         return
-    lineage: cmd.AcmeCert | None = got[f"acme_cert:{cmd.LINEAGE}/fullchain.pem"]
+    lineage: cmd.AcmeCert | None = got[lineage_fact]
     if lineage is not None and lineage.good(name):
         # certbot has a good one that nginx does not serve yet (an interrupted run).
         what = f"certificate for {name} installed from {cmd.LINEAGE} (no new request)"

@@ -26,22 +26,22 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import app as cmd
 from ..commands import systemd
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
+from ..facts import Fact, FileSha256, FileStat, PackageVersion, read_fact, read_facts
 from ..inventory import Inventory, check_version
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
-from ..remote import (Change, Probe, ensure_packages, facts, register_fact, render_diff,
-                      report)
+from ..remote import Change, ensure_packages, render_diff, report
+from ..session import Session
 from . import db as db_tier
 
 __all__ = [
     "setup", "stage_release", "activate_release", "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
-    "SERVICE_UNIT",
+    "SERVICE_UNIT", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
 ]
 
 SERVICE_UNIT = cmd.SERVICE
@@ -53,16 +53,54 @@ JOURNAL_LINES = 30
 
 
 # ------------------------------------------------------------------------------ facts
-register_fact("releasy_account", arg=True)(
-    lambda name: Probe(cmd.account_probe(name), lambda out, code: cmd.parse_account(out)))
-register_fact("releasy_releases")(
-    lambda _: Probe(cmd.RELEASES_PROBE, lambda out, code: cmd.parse_releases(out)))
-register_fact("releasy_unit", arg=True)(
-    lambda unit: Probe(shlex.join(systemd.show_argv(unit)),
-                       lambda out, code: systemd.parse_show(out)))
-register_fact("releasy_ready", arg=True)(
-    lambda url: Probe(f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(url)}",
-                      lambda out, code: code == 0))
+@dataclass(frozen=True)
+class ReleasyAccount(Fact):
+    """The service account ``name`` (`commands.app.Account`)."""
+
+    name: str
+
+    def shell(self) -> str:
+        return cmd.account_probe(self.name)
+
+    def parse(self, out: str, code: int) -> cmd.Account:
+        return cmd.parse_account(out)
+
+
+@dataclass(frozen=True)
+class ReleasyReleases(Fact):
+    """The installed releases and where ``current`` points (`commands.app.ReleaseState`)."""
+
+    def shell(self) -> str:
+        return cmd.RELEASES_PROBE
+
+    def parse(self, out: str, code: int) -> cmd.ReleaseState:
+        return cmd.parse_releases(out)
+
+
+@dataclass(frozen=True)
+class ReleasyUnit(Fact):
+    """``systemctl show`` of a Releasy unit, as {property: value}."""
+
+    unit: str
+
+    def shell(self) -> str:
+        return shlex.join(systemd.show_argv(self.unit))
+
+    def parse(self, out: str, code: int) -> dict[str, str]:
+        return systemd.parse_show(out)
+
+
+@dataclass(frozen=True)
+class ReleasyReady(Fact):
+    """GET ``url`` (a /ready URL) answered 2xx from the host itself."""
+
+    url: str
+
+    def shell(self) -> str:
+        return f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(self.url)}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
 
 
 @dataclass(frozen=True)
@@ -95,22 +133,21 @@ _MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}",
                   f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
 
 
-def _fact_names(plan: _Plan, bind: str) -> list[str]:
-    names = [f"package_version:{p}" for p in PACKAGES]
-    names.append(f"releasy_account:{plan.user}")
-    names += [f"file_stat:{d.path}" for d in cmd.directories(plan.user, plan.user)]
+def _fact_names(plan: _Plan, bind: str) -> list[Fact]:
+    names: list[Fact] = [PackageVersion(p) for p in PACKAGES]
+    names.append(ReleasyAccount(plan.user))
+    names += [FileStat(d.path) for d in cmd.directories(plan.user, plan.user)]
     for path in _MANAGED_FILES:
-        names += [f"file_stat:{path}", f"file_sha256:{path}"]
+        names += [FileStat(path), FileSha256(path)]
     db_file = cmd.sqlite_path(plan.database_url)
     if db_file:
-        names.append(f"file_stat:{db_file}")
-    names += ["releasy_releases", f"releasy_unit:{SERVICE_UNIT}",
-              f"releasy_ready:{cmd.ready_url(bind)}"]
+        names.append(FileStat(db_file))
+    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind))]
     if plan.inv.is_single_host:
         # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
         for port in plan.inv.app.bluegreen_ports:
-            names += [f"releasy_unit:{cmd.instance_unit(port)}",
-                      f"releasy_ready:{cmd.ready_url(cmd.instance_bind(port))}"]
+            names += [ReleasyUnit(cmd.instance_unit(port)),
+                      ReleasyReady(cmd.ready_url(cmd.instance_bind(port)))]
     return names
 
 
@@ -130,18 +167,18 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
 
 def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
-    found = facts(c, _fact_names(plan, bind), sudo=True)
+    found = read_facts(c, _fact_names(plan, bind), sudo=True)
     return HostFacts(
-        missing_packages=tuple(p for p in PACKAGES if not found[f"package_version:{p}"]),
-        account=found[f"releasy_account:{plan.user}"],
-        stats={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_stat:")},
-        sums={k.partition(":")[2]: v for k, v in found.items() if k.startswith("file_sha256:")},
-        releases=found["releasy_releases"],
-        unit=found[f"releasy_unit:{SERVICE_UNIT}"],
-        ready=found[f"releasy_ready:{cmd.ready_url(bind)}"],
-        instances={p: found[f"releasy_unit:{cmd.instance_unit(p)}"]
+        missing_packages=tuple(p for p in PACKAGES if not found[PackageVersion(p)]),
+        account=found[ReleasyAccount(plan.user)],
+        stats={k.path: v for k, v in found.items() if isinstance(k, FileStat)},
+        sums={k.path: v for k, v in found.items() if isinstance(k, FileSha256)},
+        releases=found[ReleasyReleases()],
+        unit=found[ReleasyUnit(SERVICE_UNIT)],
+        ready=found[ReleasyReady(cmd.ready_url(bind))],
+        instances={p: found[ReleasyUnit(cmd.instance_unit(p))]
                    for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
-        instances_ready={p: found[f"releasy_ready:{cmd.ready_url(cmd.instance_bind(p))}"]
+        instances_ready={p: found[ReleasyReady(cmd.ready_url(cmd.instance_bind(p)))]
                          for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
     )
 
@@ -174,12 +211,18 @@ def database_url(session: Session) -> str:
     return url
 
 
-def setup(session: Session, version: str | None = None) -> None:
+def setup(session: Session, version: str | None = None, *,
+          defer_restarts: bool = False) -> dict[str, list[str]]:
     """Install and start Releasy on every app host (in parallel).
 
     ``version``: the release to run; None keeps each host's current release (and fails
     when a host has none). Raises BadInput before touching any host when the artifact is
     missing, unpinned or does not verify.
+
+    ``defer_restarts`` (an environment that serves, see `releasy_deploy.site`): a host that
+    is ready and would need a restart (env file, unit) or a release switch gets its files
+    written and the release staged, but is neither switched nor restarted. Returns those
+    hosts with the reasons, for a rolling restart or deploy, one batch at a time.
     """
     inv = session.inventory
     hosts = inv.hosts_in("app")
@@ -191,10 +234,13 @@ def setup(session: Session, version: str | None = None) -> None:
         bare = [h.name for h in hosts if found[h.name].releases.current is None]
         if bare:
             raise BadInput(f"no release installed on {', '.join(bare)}: pass --version")
-    ex.each(hosts, lambda c: _converge(c, plan, found[c.name]))
+    done = ex.each(hosts, lambda c: _converge(c, plan, found[c.name], defer_restarts))
+    return {h.name: done[h.name] for h in hosts if done[h.name]}
 
 
-def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
+def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False) -> list[str]:
+    """Converge one host; returns the reasons of a restart left to a rolling one ([]: none
+    was needed, or it was done here)."""
     inv = plan.inv
     if f.missing_packages:
         ensure_packages(c, PACKAGES)
@@ -207,7 +253,9 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
     live = live_instance(inv, f)
     if live is not None:
         _converge_bluegreen(c, plan, f, group, live)
-        return
+        return []
+    serving = (defer and f.ready and f.releases.current is not None
+               and f.unit.get("ActiveState") == "active")
 
     target = plan.version or f.releases.current
     assert target is not None  # setup() refused hosts without a release
@@ -223,7 +271,8 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
         activated = _activate(c, target, f.releases.current).changed
     units = cmd.render_units(plan.user, group)
     changed_units = _ensure_units(c, units, f, probe_target=f"{cmd.RELEASES_DIR}/{target}")
-    if f.releases.current is not None:
+    switch_later = serving and target != f.releases.current
+    if f.releases.current is not None and not switch_later:
         activated = _activate(c, target, f.releases.current).changed
 
     reasons = [why for why, hit in (
@@ -231,17 +280,27 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts) -> None:
         ("env file changed", env_changed),
         (f"{SERVICE_UNIT} changed", SERVICE_UNIT in changed_units),
     ) if hit]
-    restarted = _ensure_service(c, f.unit, reload=bool(changed_units), reasons=reasons)
+    if switch_later:
+        reasons.append(f"switch {f.releases.current} -> {target}")
+    deferred = reasons if serving else []
+    restarted = _ensure_service(c, f.unit, reload=bool(changed_units),
+                                reasons=[] if deferred else reasons)
+    if deferred:
+        verb = "would be" if c.dry_run else "is"
+        c.reporter.info(c.name, f"{SERVICE_UNIT} serves: its restart ({'; '.join(deferred)})"
+                                f" {verb} done one batch at a time, drained first")
+        return deferred
 
     bind = bind_address(inv, c.host)
     if c.dry_run:
-        return
+        return []
     if restarted or not f.ready:
         waited = wait_ready(c, bind, inv.app.ready_timeout)
         c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready after {waited:.1f} s"
                                 f" (release {target})")
     else:
         c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready (release {target})")
+    return []
 
 
 def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,
@@ -438,7 +497,7 @@ def _ensure_service(c: HostConnection, unit: dict[str, str], *, reload: bool,
 
 # ------------------------------------------------------------------------------ building blocks
 def _releases(c: HostConnection) -> cmd.ReleaseState:
-    return facts(c, ["releasy_releases"], sudo=True)["releasy_releases"]
+    return read_fact(c, ReleasyReleases(), sudo=True)
 
 
 def current_release(c: HostConnection) -> str | None:

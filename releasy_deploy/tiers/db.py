@@ -20,29 +20,75 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import quote
 
-from ..cli import BadInput, Session
 from ..commands import postgres as pg
-from ..errors import DeployError
+from ..errors import BadInput, DeployError
 from ..executor import HostConnection
+from ..facts import Fact, PackageVersion, PathExists, read_facts
 from ..inventory import Inventory
 from ..packages import DB_PACKAGES
-from ..remote import Probe, ensure_dir, ensure_packages, facts, put_file, register_fact
+from ..remote import ensure_dir, ensure_packages, put_file
+from ..session import Session
 
-__all__ = ["setup", "database_url", "psql"]
+__all__ = ["setup", "database_url", "psql", "PgServerState", "PgFileState", "PgSecretFile",
+           "PgReady"]
 
 PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
 
 
 # --------------------------------------------------------------------------- probes
 
-register_fact("pg_server_state", arg=True)(
-    lambda a: Probe(pg.server_state_shell(*a.split(":", 1)), pg.parse_server_state))
-register_fact("pg_file_state", arg=True)(
-    lambda a: Probe(pg.file_state_shell(a), pg.parse_file_state))
-register_fact("pg_secret_file", arg=True)(
-    lambda a: Probe(pg.secret_file_shell(a), pg.parse_secret_file))
-register_fact("pg_ready", arg=True)(
-    lambda a: Probe(pg.pg_ready_shell(a), lambda out, code: code == 0))
+@dataclass(frozen=True)
+class PgServerState(Fact):
+    """The server's view of ``database`` and role ``user`` (`commands.postgres.ServerState`),
+    or None when it does not answer."""
+
+    database: str
+    user: str
+
+    def shell(self) -> str:
+        return pg.server_state_shell(self.database, self.user)
+
+    def parse(self, out: str, code: int) -> pg.ServerState | None:
+        return pg.parse_server_state(out, code)
+
+
+@dataclass(frozen=True)
+class PgFileState(Fact):
+    """sha256, owner, group, mode and mtime of a managed file (`commands.postgres.FileState`)."""
+
+    path: str
+
+    def shell(self) -> str:
+        return pg.file_state_shell(self.path)
+
+    def parse(self, out: str, code: int) -> pg.FileState | None:
+        return pg.parse_file_state(out, code)
+
+
+@dataclass(frozen=True)
+class PgSecretFile(Fact):
+    """A root-only secret file (`commands.postgres.SecretFile`), or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return pg.secret_file_shell(self.path)
+
+    def parse(self, out: str, code: int) -> pg.SecretFile | None:
+        return pg.parse_secret_file(out, code)
+
+
+@dataclass(frozen=True)
+class PgReady(Fact):
+    """pg_isready answers on ``host`` (a socket directory or an address)."""
+
+    host: str
+
+    def shell(self) -> str:
+        return pg.pg_ready_shell(self.host)
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
 
 
 @dataclass(frozen=True)
@@ -68,16 +114,17 @@ class HostState:
 
 def _read_state(c: HostConnection, inv: Inventory) -> HostState:
     db = inv.database
-    packages = {p: f"package_version:{p}" for p in DB_PACKAGES}
-    files = {f.path: f"pg_file_state:{f.path}" for f in pg.config_files(inv)}
-    ready = {h: f"pg_ready:{h}" for h in pg.ready_hosts(inv)}
-    server = f"pg_server_state:{db.name}:{db.user}"
-    names = [*packages.values(), f"path_exists:{pg.MAIN_CONF}", f"path_exists:{pg.SECRETS_DIR}",
-             f"pg_secret_file:{pg.PASSWORD_FILE}", *files.values(),
-             # readiness first: the state query then meets a server that finished starting
-             *ready.values(), server]
-    seen = facts(c, names, sudo=True)
-    secret = seen[f"pg_secret_file:{pg.PASSWORD_FILE}"]
+    packages = {p: PackageVersion(p) for p in DB_PACKAGES}
+    files = {f.path: PgFileState(f.path) for f in pg.config_files(inv)}
+    ready = {h: PgReady(h) for h in pg.ready_hosts(inv)}
+    server = PgServerState(db.name, db.user)
+    names: list[Fact] = [
+        *packages.values(), PathExists(pg.MAIN_CONF), PathExists(pg.SECRETS_DIR),
+        PgSecretFile(pg.PASSWORD_FILE), *files.values(),
+        # readiness first: the state query then meets a server that finished starting
+        *ready.values(), server]
+    seen = read_facts(c, names, sudo=True)
+    secret = seen[PgSecretFile(pg.PASSWORD_FILE)]
     if secret is not None:
         c.mask.add([secret.content.strip()])  # before anything could print it
     state = seen[server]
@@ -85,8 +132,8 @@ def _read_state(c: HostConnection, inv: Inventory) -> HostState:
         c.mask.add([state.role.verifier])
     return HostState(
         missing_packages=tuple(p for p, n in packages.items() if seen[n] is None),
-        cluster_exists=seen[f"path_exists:{pg.MAIN_CONF}"],
-        secrets_dir_exists=seen[f"path_exists:{pg.SECRETS_DIR}"],
+        cluster_exists=seen[PathExists(pg.MAIN_CONF)],
+        secrets_dir_exists=seen[PathExists(pg.SECRETS_DIR)],
         password_file=secret,
         files={path: seen[n] for path, n in files.items()},
         ready={h: seen[n] for h, n in ready.items()},
@@ -113,6 +160,8 @@ def database_url(session: Session) -> str:
     inv = session.inventory
     if inv.database.kind == "sqlite":
         return pg.SQLITE_URL
+    if database_url in session.memo:
+        return session.memo[database_url]
     c = session.executor.conn(inv.db_host)
     data = c.read_file(pg.PASSWORD_FILE, sudo=True)
     if data is None:
@@ -128,7 +177,8 @@ def database_url(session: Session) -> str:
     c.mask.add([password, quote(password, safe="")])
     if not password:
         raise DeployError(_empty_password_message(c.name), host=c.name)
-    return pg.postgres_url(inv, password)
+    url = session.memo[database_url] = pg.postgres_url(inv, password)
+    return url
 
 
 def setup(session: Session) -> None:

@@ -20,8 +20,21 @@ Lockout protection, two layers:
 
 `audit` checks reachability against the plan from a vantage point: a network namespace
 (``--netns``; the lab's "outside") or, without it, "from here" (the machine running the
-task). The vantage address each host sees is the namespace's source address, or, from
-here, the address the host sees for our SSH connection (right behind NAT too).
+task), on each host's SSH address and on its global IPv6 addresses. The vantage address
+each host sees is the namespace's source address, or, from here, the address the host sees
+for our SSH connection (right behind NAT too). Given ``--listener ADDR:PORT`` it also
+connects from every host to that listener and checks the egress plan: reached where the
+plan allows it, dropped (a timeout, not a refusal) where it does not.
+
+Egress (``egress.restrict``): each host's outgoing rules come from
+`releasy_deploy.firewall.egress_rules`, fed with what the host itself reports in the same
+probe round trip (its resolvers, what the names it must reach resolve to).
+
+State: everything `apply` keeps on a host lives in `STATE_DIR`, root-owned 0700, outside
+any directory the service account can write. The earlier version kept it in
+`OLD_STATE_DIR` under the service-owned /var/lib/releasy: `apply` removes that directory
+when root owns it (its content is never read: the service account could have written it),
+and leaves anything else there alone.
 """
 from __future__ import annotations
 
@@ -35,26 +48,35 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import firewall as fw
-from ..cli import BadInput, Session
-from ..errors import DeployError, RemoteCommandError, UnreachableError
+from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError, first_line
 from ..executor import Executor, HostConnection
-from ..firewall import HostDiff, LiveRule, Rule, UfwDefaults, UfwStatus
+from ..facts import Fact, PackageVersion, read_facts
+from ..firewall import HostDiff, HostNet, LiveRule, Rule, UfwDefaults, UfwStatus
 from ..inventory import Host, Inventory
 from ..packages import FIREWALL_PACKAGES
-from ..remote import FILES_DIR, Probe, ensure_packages, facts, put_file, register_fact
+from ..remote import FILES_DIR, Change, ensure_packages, put_file, report
+from ..session import Session
 
 __all__ = [
     "plan", "apply", "status", "audit", "converge", "read_state", "HostState",
     "FirewallRefused", "FirewallLockout", "apply_script", "disarm_script", "probe_reachability",
-    "check_ssh_source", "REVERT_UNIT", "REVERT_SCRIPT", "STATE_DIR",
+    "check_ssh_source", "REVERT_UNIT", "REVERT_SCRIPT", "STATE_DIR", "OLD_STATE_DIR",
+    "SshClient", "UfwStatusVerbose", "UfwShowAdded", "UfwDefaultsFile", "TcpListeners",
+    "RevertPending", "Resolvers", "Resolve", "Ipv6Addresses", "OldStateDir", "AptProxyConf",
+    "host_rules", "APT_PROXY_CONF", "apt_proxy_conf", "listener_probe_script",
+    "parse_listener",
 ]
 
 REVERT_UNIT = "releasy-firewall-revert"
 REVERT_SCRIPT = "/usr/local/sbin/releasy-firewall-revert"
-STATE_DIR = "/var/lib/releasy/firewall"
+TOOL_STATE_DIR = "/var/lib/releasy-deploy"  # root-owned 0700: the service cannot write it
+STATE_DIR = f"{TOOL_STATE_DIR}/firewall"
 SAVED_DIR = f"{STATE_DIR}/previous"
+OLD_STATE_DIR = "/var/lib/releasy/firewall"  # the earlier version's, in the service's directory
+APT_PROXY_CONF = "/etc/apt/apt.conf.d/80releasy-egress-proxy"
 REVERT_SOURCE = FILES_DIR / "firewall" / "releasy-firewall-revert"
 MIN_REVERT_AFTER = 5
 MAX_REVERT_AFTER = 3600
@@ -84,21 +106,133 @@ while [ "${pid:-0}" -gt 1 ]; do
 done
 exit 1"""
 
-register_fact("fw_ssh_client")(lambda _: Probe(
-    _SSH_CLIENT_SHELL,
-    lambda out, code: fw.parse_ssh_connection(out.strip()) if code == 0 else None))
+@dataclass(frozen=True)
+class SshClient(Fact):
+    """(our address as the host sees it, its port), from $SSH_CONNECTION; None if unknown."""
+
+    def shell(self) -> str:
+        return _SSH_CLIENT_SHELL
+
+    def parse(self, out: str, code: int) -> tuple[fw.Address, int] | None:
+        return fw.parse_ssh_connection(out.strip()) if code == 0 else None
+
+
 # `ufw` missing: exit 127 -> None.
-register_fact("fw_ufw_status")(lambda _: Probe(
-    "LANG=C ufw status verbose", lambda out, code: fw.parse_status(out) if code == 0 else None))
-register_fact("fw_ufw_added")(lambda _: Probe(
-    "LANG=C ufw show added", lambda out, code: fw.parse_show_added(out) if code == 0 else None))
-register_fact("fw_ufw_defaults")(lambda _: Probe(
-    "cat /etc/default/ufw", lambda out, code: fw.parse_defaults(out) if code == 0 else None))
-register_fact("fw_tcp_listeners")(lambda _: Probe(
-    "ss -ltnH", lambda out, code: fw.parse_listeners(out) if code == 0 else []))
-register_fact("fw_revert_pending")(lambda _: Probe(
-    f"systemctl is-active {shlex.quote(REVERT_UNIT + '.timer')}",
-    lambda out, code: out.strip() in ("active", "activating")))
+@dataclass(frozen=True)
+class UfwStatusVerbose(Fact):
+    """``ufw status verbose`` (`firewall.UfwStatus`), or None when ufw cannot answer."""
+
+    def shell(self) -> str:
+        return "LANG=C ufw status verbose"
+
+    def parse(self, out: str, code: int) -> UfwStatus | None:
+        return fw.parse_status(out) if code == 0 else None
+
+
+@dataclass(frozen=True)
+class UfwShowAdded(Fact):
+    """The rules as ``ufw show added`` lists them (`firewall.LiveRule`s), or None."""
+
+    def shell(self) -> str:
+        return "LANG=C ufw show added"
+
+    def parse(self, out: str, code: int) -> list[LiveRule] | None:
+        return fw.parse_show_added(out) if code == 0 else None
+
+
+@dataclass(frozen=True)
+class UfwDefaultsFile(Fact):
+    """The default policies in /etc/default/ufw (`firewall.UfwDefaults`), or None."""
+
+    def shell(self) -> str:
+        return "cat /etc/default/ufw"
+
+    def parse(self, out: str, code: int) -> UfwDefaults | None:
+        return fw.parse_defaults(out) if code == 0 else None
+
+
+@dataclass(frozen=True)
+class TcpListeners(Fact):
+    """(address, port) of every listening TCP socket."""
+
+    def shell(self) -> str:
+        return "ss -ltnH"
+
+    def parse(self, out: str, code: int) -> list[tuple[str, int]]:
+        return fw.parse_listeners(out) if code == 0 else []
+
+
+@dataclass(frozen=True)
+class RevertPending(Fact):
+    """The lockout-revert timer is armed."""
+
+    def shell(self) -> str:
+        return f"systemctl is-active {shlex.quote(REVERT_UNIT + '.timer')}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return out.strip() in ("active", "activating")
+
+
+@dataclass(frozen=True)
+class Resolvers(Fact):
+    """The DNS resolvers the host uses (resolv.conf, and systemd-resolved's upstreams when
+    resolv.conf points at its stub)."""
+
+    def shell(self) -> str:
+        return ("cat /etc/resolv.conf; echo; echo @resolved;"
+                " cat /run/systemd/resolve/resolv.conf")
+
+    def parse(self, out: str, code: int) -> list:
+        return fw.parse_resolvers(out)
+
+
+@dataclass(frozen=True)
+class Resolve(Fact):
+    """The addresses ``name`` resolves to on the host (empty when it does not)."""
+
+    name: str
+
+    def shell(self) -> str:
+        return f"getent ahosts -- {shlex.quote(self.name)}"
+
+    def parse(self, out: str, code: int) -> tuple:
+        return fw.parse_getent_hosts(out) if code == 0 else ()
+
+
+@dataclass(frozen=True)
+class Ipv6Addresses(Fact):
+    """The host's global IPv6 addresses."""
+
+    def shell(self) -> str:
+        return "ip -6 -o addr show scope global"
+
+    def parse(self, out: str, code: int) -> list:
+        return fw.parse_ipv6_addresses(out)
+
+
+@dataclass(frozen=True)
+class OldStateDir(Fact):
+    """The earlier version's state directory: "root" when it is a real directory root owns
+    (ours to remove), "foreign" for anything else there (never touched), None when absent."""
+
+    def shell(self) -> str:
+        return (f"d={shlex.quote(OLD_STATE_DIR)}; if [ -L \"$d\" ]; then echo foreign; "
+                f"elif [ -d \"$d\" ]; then [ \"$(stat -c %u -- \"$d\")\" = 0 ] && echo root"
+                f" || echo foreign; elif [ -e \"$d\" ]; then echo foreign; fi")
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out.strip() or None
+
+
+@dataclass(frozen=True)
+class AptProxyConf(Fact):
+    """apt's proxy drop-in as we wrote it, or None."""
+
+    def shell(self) -> str:
+        return f"cat -- {shlex.quote(APT_PROXY_CONF)}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out if code == 0 else None
 
 
 @dataclass(frozen=True)
@@ -112,28 +246,56 @@ class HostState:
     defaults: UfwDefaults | None
     listeners: tuple[tuple[str, int], ...] = ()
     revert_pending: bool = False
+    net: HostNet = HostNet()
+    ipv6: tuple[ipaddress.IPv6Address, ...] = ()  # global IPv6 addresses
+    old_state: str | None = None  # see the fw_old_state probe
+    apt_proxy_conf: str | None = None
 
     @property
     def active(self) -> bool:
         return self.status is not None and self.status.active
 
 
-_PROBES = ("fw_ssh_client", f"package_version:{FIREWALL_PACKAGES[0]}", "fw_ufw_status",
-           "fw_ufw_added", "fw_ufw_defaults", "fw_tcp_listeners", "fw_revert_pending")
+_PROBES = (SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(), UfwShowAdded(),
+           UfwDefaultsFile(), TcpListeners(), RevertPending(), Resolvers(), Ipv6Addresses(),
+           OldStateDir(), AptProxyConf())
 
 
-def read_state(c: HostConnection) -> HostState:
-    """Everything the firewall tasks need from a host, in one round trip (read-only)."""
-    seen = facts(c, _PROBES, sudo=True)
-    installed = seen[f"package_version:{FIREWALL_PACKAGES[0]}"] is not None
-    status, added = seen["fw_ufw_status"], seen["fw_ufw_added"]
+def read_state(c: HostConnection, resolve: tuple[str, ...] | list[str] = ()) -> HostState:
+    """Everything the firewall tasks need from a host, in one round trip (read-only);
+    ``resolve``: DNS names to resolve on the host (`fw.names_to_resolve`)."""
+    seen = read_facts(c, (*_PROBES, *(Resolve(n) for n in resolve)), sudo=True)
+    installed = seen[PackageVersion(FIREWALL_PACKAGES[0])] is not None
+    status, added = seen[UfwStatusVerbose()], seen[UfwShowAdded()]
     if installed and (status is None or added is None):
         raise DeployError(
             f"{c.name}: ufw is installed but `ufw status` / `ufw show added` failed; run "
             f"`sudo ufw status verbose` on {c.name} to see why, fix it and re-run", host=c.name)
-    return HostState(seen["fw_ssh_client"], installed, status, tuple(added or ()),
-                     seen["fw_ufw_defaults"], tuple(seen["fw_tcp_listeners"]),
-                     seen["fw_revert_pending"])
+    net = HostNet(tuple(seen[Resolvers()]), {n: seen[Resolve(n)] for n in resolve})
+    return HostState(seen[SshClient()], installed, status, tuple(added or ()),
+                     seen[UfwDefaultsFile()], tuple(seen[TcpListeners()]),
+                     seen[RevertPending()], net, tuple(seen[Ipv6Addresses()]),
+                     seen[OldStateDir()], seen[AptProxyConf()])
+
+
+def host_rules(inv: Inventory, host: Host, state: HostState) -> list[Rule]:
+    """The full plan of one host: ingress (topology) + egress (topology + what the host
+    reported). Raises DeployError naming the host when an egress name does not resolve."""
+    try:
+        egress = fw.egress_rules(inv, host, state.net)
+    except fw.EgressError as exc:
+        raise DeployError(str(exc), host=exc.host) from None
+    return fw.plan_rules(inv)[host.name] + egress
+
+
+def apt_proxy_conf(url: str | None) -> bytes | None:
+    """apt's drop-in for egress.apt_proxy (http and https sources through it)."""
+    if url is None:
+        return None
+    proxy = url if url.endswith("/") else url + "/"
+    return (f"// Managed by releasy-deploy (egress.apt_proxy): apt reaches its sources "
+            f"through this proxy.\nAcquire::http::Proxy \"{proxy}\";\n"
+            f"Acquire::https::Proxy \"{proxy}\";\n").encode()
 
 
 # --------------------------------------------------------------------------- lockout layer 1
@@ -194,7 +356,17 @@ def apply_script(commands: list[list[str]], *, token: str, revert_after: int) ->
         "export LANG=C",
         f"state={q(STATE_DIR)}",
         f"saved={q(SAVED_DIR)}",
-        'mkdir -p "$state"',
+        # Root's own directories, 0700: refuse anything there we did not make.
+        f"for d in {q(TOOL_STATE_DIR)} \"$state\"; do",
+        '  if [ -L "$d" ] || { [ -e "$d" ] && [ ! -d "$d" ]; }; then',
+        "    printf 'refusing: %s is not a plain directory\\n' \"$d\" >&2; exit 1",
+        "  fi",
+        '  mkdir -p -m 0700 "$d"',
+        '  if [ "$(stat -c %u -- "$d")" != 0 ]; then',
+        "    printf 'refusing: %s is not owned by root\\n' \"$d\" >&2; exit 1",
+        "  fi",
+        '  chmod 0700 "$d"',
+        "done",
         'rm -rf "$saved.new"',
         'mkdir "$saved.new"',
         "for f in /etc/ufw/user.rules /etc/ufw/user6.rules /etc/ufw/ufw.conf; do",
@@ -214,7 +386,7 @@ def apply_script(commands: list[list[str]], *, token: str, revert_after: int) ->
                     f"--on-active={int(revert_after)}s",
                     "--timer-property=AccuracySec=1s",
                     "--timer-property=RemainAfterElapse=no",
-                    "--", REVERT_SCRIPT, SAVED_DIR, token]),
+                    "--", REVERT_SCRIPT, token]),
         "echo @armed",
         # On failure: ufw's last words, then the command (the caller shows the last lines).
         "ufw_do() {",
@@ -248,8 +420,17 @@ def disarm_script(token: str) -> str:
 
 def revert_now_argv(token: str) -> list[str]:
     """Restore the saved firewall at once, then stop the timer (which would do the same)."""
-    return ["sh", "-c", '"$1" "$2" "$3" && systemctl stop "$4"', "releasy-fw-revert",
-            REVERT_SCRIPT, SAVED_DIR, token, REVERT_UNIT + ".timer"]
+    return ["sh", "-c", '"$1" "$2" && systemctl stop "$3"', "releasy-fw-revert",
+            REVERT_SCRIPT, token, REVERT_UNIT + ".timer"]
+
+
+def remove_old_state_argv() -> list[str]:
+    """Remove the earlier version's state directory, only while it is still a real
+    directory owned by root (checked again here, at the moment of removal). `rm -r`
+    removes symlinks inside it, never what they point to."""
+    return ["sh", "-c", 'd=$1; if [ ! -L "$d" ] && [ -d "$d" ] && '
+            '[ "$(stat -c %u -- "$d")" = 0 ]; then rm -rf -- "$d"; fi',
+            "releasy-fw-migrate", OLD_STATE_DIR]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -278,6 +459,9 @@ def _report_diff(c: HostConnection, diff: HostDiff, state: HostState, *,
 
     for rule in diff.satisfied:
         r.unchanged(c.name, f"firewall rule {rule}")
+    if diff.ipv6:
+        change("ufw IPv6 filtering turned on (IPV6=yes in /etc/default/ufw), every rule "
+               "re-added for IPv6", "turn on ufw IPv6 filtering (IPV6=yes) and re-add every rule")
     for rule in diff.add:
         change(f"firewall rule added: {rule}", f"add firewall rule: {rule}")
     for rule in diff.recomment:
@@ -291,7 +475,7 @@ def _report_diff(c: HostConnection, diff: HostDiff, state: HostState, *,
         change(text, f"set {text}")
     if diff.enable:
         change("ufw enabled", "enable ufw")
-    if not diff.defaults and not diff.enable:
+    if not diff.defaults and not diff.enable and not diff.ipv6:
         r.unchanged(c.name, _policy_text(state))
     for rule in diff.unexpected:
         hint = "" if prune_unmanaged else " (--prune-unmanaged removes it)"
@@ -309,7 +493,7 @@ def _fresh_check(fresh: Executor, host: Host, token: str, revert_after: int,
     try:
         res = conn.run_script(disarm_script(token), sudo=True, label="disarm firewall revert")
     except DeployError as exc:  # unreachable, host key, sudo, the script itself
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         raise FirewallLockout(
             f"{host.name}: after the firewall change a NEW SSH connection to "
             f"{host.ssh_user}@{host.address}:{host.ssh_port} failed ({first}).\n"
@@ -331,15 +515,21 @@ def _fresh_check(fresh: Executor, host: Host, token: str, revert_after: int,
                           host=host.name)
 
 
-def converge(c: HostConnection, rules: list[Rule], *, admin_cidrs, fresh: Executor | None,
-             revert_after: int = 60, prune_unmanaged: bool = False) -> HostDiff:
+RulesFor = Callable[[HostState], list[Rule]]
+
+
+def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
+             fresh: Executor | None, revert_after: int = 60, prune_unmanaged: bool = False,
+             policies=fw.WANTED_DEFAULTS, resolve: tuple[str, ...] = ()) -> HostDiff:
     """Make one host's ufw exactly ``rules`` (lockout-protected); returns what differed.
 
-    ``fresh`` opens the brand-new connection that confirms the change (None only in
-    dry-run). The building block of `apply`, usable with any rule list.
+    ``rules``: the list, or a function of the host's probed state (egress depends on it).
+    ``policies``: the default policies (`fw.wanted_defaults`); ``resolve``: names the rules
+    function needs resolved on the host. ``fresh`` opens the brand-new connection that
+    confirms the change (None only in dry-run). The building block of `apply`.
     """
     host = c.host
-    state = read_state(c)
+    state = read_state(c, resolve)
     check_ssh_source(host, state, admin_cidrs)
     if state.revert_pending:
         raise FirewallRefused(
@@ -349,19 +539,17 @@ def converge(c: HostConnection, rules: list[Rule], *, admin_cidrs, fresh: Execut
             f"host), fix the cause and re-run; to keep the current rules instead, run "
             f"`systemctl stop {REVERT_UNIT}.timer` there. Nothing was changed.",
             host=host.name)
-    if any(r.source is not None and r.source.version == 6 for r in rules) and \
-            state.defaults is not None and not state.defaults.ipv6:
-        raise DeployError(
-            f"{host.name}: the plan has IPv6 rules (admin_cidrs) but ufw's IPv6 support is "
-            f"off: set IPV6=yes in /etc/default/ufw on {host.name} and re-run", host=host.name)
+    planned = rules(state) if callable(rules) else list(rules)
+    _migrate_old_state(c, state)
     if not state.installed:
         ensure_packages(c, FIREWALL_PACKAGES)
         if not c.dry_run:
-            state = read_state(c)
+            state = read_state(c, resolve)
     else:
         c.reporter.unchanged(c.name, f"packages {' '.join(FIREWALL_PACKAGES)}")
-    diff = fw.diff_host(host.name, rules, state.rules, active=state.active,
-                        defaults=state.defaults, prune_unmanaged=prune_unmanaged)
+    diff = fw.diff_host(host.name, planned, state.rules, active=state.active,
+                        defaults=state.defaults, prune_unmanaged=prune_unmanaged,
+                        policies=policies)
     if not diff.changes or c.dry_run:
         _report_diff(c, diff, state, done=False, prune_unmanaged=prune_unmanaged)
         return diff
@@ -375,7 +563,7 @@ def converge(c: HostConnection, rules: list[Rule], *, admin_cidrs, fresh: Execut
     except UnreachableError as exc:
         raise FirewallLockout(
             f"{host.name}: lost the SSH connection while changing the firewall "
-            f"({str(exc).splitlines()[0]}). If the revert timer was armed, {host.name} "
+            f"({first_line(exc)}). If the revert timer was armed, {host.name} "
             f"restores its previous firewall by itself within {revert_after} s. Check the "
             f"host, then re-run.", host=host.name) from None
     except RemoteCommandError as exc:
@@ -394,15 +582,43 @@ def converge(c: HostConnection, rules: list[Rule], *, admin_cidrs, fresh: Execut
     _report_diff(c, diff, state, done=True, prune_unmanaged=prune_unmanaged)
     _fresh_check(fresh, host, token, revert_after, armed_at)
     c.reporter.info(c.name, "a new SSH connection got through: revert timer disarmed")
-    after = read_state(c)
-    left = fw.diff_host(host.name, rules, after.rules, active=after.active,
-                        defaults=after.defaults, prune_unmanaged=prune_unmanaged)
+    after = read_state(c, resolve)
+    left = fw.diff_host(host.name, planned, after.rules, active=after.active,
+                        defaults=after.defaults, prune_unmanaged=prune_unmanaged,
+                        policies=policies)
     if left.changes:
         raise DeployError(
             f"{host.name}: ufw did not converge to the plan (still to do: "
             f"{'; '.join(' '.join(a) for a in fw.ufw_commands(left))}); run `sudo ufw show "
             f"added` on {host.name} and report this", host=host.name)
     return diff
+
+
+def _migrate_old_state(c: HostConnection, state: HostState) -> None:
+    """The earlier version's state directory under /var/lib/releasy goes (see the module
+    docstring); nothing in it is needed: every change saves afresh."""
+    if state.old_state == "root":
+        change = Change(True, f"removed the earlier version's firewall state {OLD_STATE_DIR} "
+                              f"(now kept in {STATE_DIR})")
+        if not c.dry_run:
+            c.run(remove_old_state_argv(), sudo=True)
+        report(c, change)
+    elif state.old_state == "foreign":
+        c.reporter.info(c.name, f"{OLD_STATE_DIR} is not ours (not a root-owned directory): "
+                                f"left alone, never read")
+
+
+def _ensure_apt_proxy(c: HostConnection, inv: Inventory, state: HostState) -> None:
+    """egress.apt_proxy's apt drop-in present exactly when configured."""
+    want = apt_proxy_conf(inv.egress.apt_proxy)
+    have = state.apt_proxy_conf
+    if want is None:
+        if have is not None:
+            if not c.dry_run:
+                c.run(["rm", "-f", "--", APT_PROXY_CONF], sudo=True)
+            report(c, Change(True, f"file {APT_PROXY_CONF} removed (no egress.apt_proxy)"))
+    elif have is None or have.encode() != want:
+        put_file(c, APT_PROXY_CONF, want, mode=0o644)
 
 
 def _check_revert_after(revert_after: int) -> int:
@@ -421,15 +637,25 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
         # Otherwise the host could revert before a failing new connection even times out.
         raise BadInput(f"--revert-after ({revert_after} s) must be longer than "
                        f"ssh.connect_timeout ({inv.ssh.connect_timeout:g} s)")
-    rules = fw.plan_rules(inv)
+    wanted = fw.wanted_defaults(inv.egress.restrict)
     fresh = None
     if not session.dry_run:
         # Its own connections: each proves that a brand-new SSH session gets through.
         fresh = Executor(inv, reporter=session.reporter, secrets=session.secrets)
+
+    def one(c: HostConnection) -> HostDiff:
+        def rules_for(state: HostState) -> list[Rule]:
+            # Called by converge once the host passed the lockout checks; apt's proxy
+            # drop-in is kept in step here because it needs the same probed state.
+            rules = host_rules(inv, c.host, state)
+            _ensure_apt_proxy(c, inv, state)
+            return rules
+        return converge(c, rules_for, admin_cidrs=inv.admin_cidrs, fresh=fresh,
+                        revert_after=revert_after, prune_unmanaged=prune_unmanaged,
+                        policies=wanted, resolve=tuple(fw.names_to_resolve(inv, c.host)))
+
     try:
-        session.executor.each(inv.hosts, lambda c: converge(
-            c, rules[c.name], admin_cidrs=inv.admin_cidrs, fresh=fresh,
-            revert_after=revert_after, prune_unmanaged=prune_unmanaged))
+        session.executor.each(inv.hosts, one)
     finally:
         if fresh is not None:
             fresh.close()
@@ -443,29 +669,42 @@ class HostPlan:
     state: HostState
     diff: HostDiff
     refused: str | None  # why apply would refuse this host
+    rules: tuple[Rule, ...] = ()
 
 
-def _host_plan(c: HostConnection, inv: Inventory, rules: list[Rule]) -> HostPlan:
-    state = read_state(c)
+def _host_plan(c: HostConnection, inv: Inventory) -> HostPlan:
+    state = read_state(c, fw.names_to_resolve(inv, c.host))
+    rules = host_rules(inv, c.host, state)
     refused = None
     try:
         check_ssh_source(c.host, state, inv.admin_cidrs)
     except FirewallRefused as exc:
         refused = str(exc)
     diff = fw.diff_host(c.name, rules, state.rules, active=state.active,
-                        defaults=state.defaults)
-    return HostPlan(state, diff, refused)
+                        defaults=state.defaults,
+                        policies=fw.wanted_defaults(inv.egress.restrict))
+    return HostPlan(state, diff, refused, tuple(rules))
 
 
 def plan(session: Session) -> dict[str, HostPlan]:
-    """Per host, the rules apply would add and remove against the live ufw state."""
+    """Per host, the rules apply would add and remove against the live ufw state; with
+    egress.restrict, the outgoing rules with their reasons."""
     inv = session.inventory
-    rules = fw.plan_rules(inv)
 
     def one(c: HostConnection) -> HostPlan:
-        hp = _host_plan(c, inv, rules[c.name])
+        hp = _host_plan(c, inv)
         if not hp.state.installed:
             c.reporter.would(c.name, f"install {' '.join(FIREWALL_PACKAGES)}")
+        if hp.state.old_state == "root":
+            c.reporter.would(c.name, f"remove the earlier version's firewall state "
+                                     f"{OLD_STATE_DIR}")
+        if inv.egress.restrict:
+            c.reporter.info(c.name, "egress: default deny outgoing; allowed:")
+            for rule in hp.rules:
+                if rule.direction == "out":
+                    c.reporter.info(c.name, f"  {rule.describe()}   ({rule.reason})")
+        else:
+            c.reporter.info(c.name, "egress: not restricted (allow outgoing)")
         _report_diff(c, hp.diff, hp.state, done=False, prune_unmanaged=False)
         if hp.refused:
             c.reporter.info(c.name, "WARNING: apply would refuse this host:\n" + hp.refused)
@@ -479,10 +718,9 @@ def plan(session: Session) -> dict[str, HostPlan]:
 def status(session: Session) -> dict[str, HostPlan]:
     """The live rules per host, each marked planned / unexpected / missing."""
     inv = session.inventory
-    rules = fw.plan_rules(inv)
 
     def one(c: HostConnection) -> HostPlan:
-        hp = _host_plan(c, inv, rules[c.name])
+        hp = _host_plan(c, inv)
         st, diff, say = hp.state, hp.diff, c.reporter.info
         line = _policy_text(st)
         if st.status is not None and st.status.active:
@@ -506,6 +744,11 @@ def status(session: Session) -> dict[str, HostPlan]:
                             f"--prune-unmanaged removes it)")
         for rule in diff.add:
             say(c.name, f"  missing     {rule}")
+        for direction, now, want in diff.defaults:
+            say(c.name, f"  policy      default {direction} is {now or 'unknown'}, "
+                        f"planned {want}")
+        if diff.ipv6:
+            say(c.name, "  policy      IPv6 filtering is off (IPV6=no), planned on")
         if st.revert_pending:
             say(c.name, f"WARNING: a firewall revert is pending ({REVERT_UNIT}.timer)")
         return hp
@@ -621,58 +864,160 @@ def _explain(state: HostState, port: int, vantage: fw.Address, planned_keys: set
     return "live rule(s) not in the plan: " + "; ".join(str(x) for x in suspects)
 
 
-def audit(session: Session, netns: str | None) -> bool:
-    """Check reachability of every relevant port of every host against the plan from the
-    vantage point (``netns``, or here); report every difference; True when none."""
+# From a host to the audit's listener: bash's /dev/tcp (stock Debian; the app hosts
+# may have no Python), bounded by coreutils' timeout. Exit 124: no answer (dropped).
+LISTENER_PROBE = r"""out=$(timeout "$3" bash -c 'exec 3<>"/dev/tcp/$1/$2"' probe "$1" "$2" 2>&1)
+rc=$?
+case $rc in
+  0) echo open;;
+  124) echo filtered;;
+  *) case $out in *refused*) echo closed;; *) printf 'error: %s\n' "$out" | tail -n 1;; esac;;
+esac"""
+
+
+def listener_probe_script(address: str, port: int, timeout: float = PROBE_TIMEOUT * 2
+                          ) -> list[str]:
+    """argv probing TCP address:port from a host: prints open / closed / filtered."""
+    return ["sh", "-c", LISTENER_PROBE, "releasy-egress-probe", address, str(port),
+            f"{timeout:g}"]
+
+
+def parse_listener(value: str) -> tuple[fw.Address, int]:
+    """``ADDR:PORT`` or ``[V6ADDR]:PORT`` -> (address, port); BadInput otherwise."""
+    addr, sep, port = value.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(addr.strip("[]"))
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError
+    except ValueError:
+        raise BadInput(f"--listener {value!r}: expected ADDRESS:PORT (an IP literal, "
+                       f"[v6]:PORT for IPv6)") from None
+    return ip, int(port)
+
+
+def _audit_egress(session: Session, states: dict[str, HostState],
+                  listener: tuple[fw.Address, int]) -> bool:
+    """From every host, connect to the listener; compare with the egress plan."""
     inv = session.inventory
-    rules = fw.plan_rules(inv)
-    states = session.executor.each(inv.hosts, read_state)
-    targets: list[tuple[str, int]] = []
-    addresses: dict[str, str] = {}
+    address, port = listener
+    argv = listener_probe_script(str(address), port)
+    seen = session.executor.each(
+        inv.hosts, lambda c: c.run(argv, check=False, mutates=False).stdout.strip())
+    ok = True
     for host in inv.hosts:
-        addresses[host.name] = _resolve(host.address)
+        rules = host_rules(inv, host, states[host.name])
+        expected = fw.egress_allowed(rules, address, port, restrict=inv.egress.restrict)
+        got = seen[host.name]
+        where = f"{address}:{port}/tcp"
+        if got.startswith("error"):
+            ok = False
+            session.reporter.error(host.name, f"egress probe to {where}: {got}")
+        elif expected and got != "open":
+            ok = False
+            session.reporter.error(host.name, f"egress to {where} is {got} but the plan "
+                                              f"allows it (is the listener up?)")
+        elif not expected and got != "filtered":
+            ok = False
+            session.reporter.error(host.name, f"egress to {where} is {got} (the connection "
+                                              f"left the host) but the plan denies it")
+        else:
+            session.reporter.info(host.name, f"egress to {where}: {got}, as planned")
+    return ok
+
+
+def _audit_applied_egress(session: Session, host: Host, st: HostState,
+                          planned: list[Rule]) -> bool:
+    """The applied outgoing policy and rules against the plan (what probes from outside
+    cannot see)."""
+    inv, r = session.inventory, session.reporter
+    diff = fw.diff_host(host.name, planned, st.rules, active=st.active, defaults=st.defaults,
+                        policies=fw.wanted_defaults(inv.egress.restrict))
+    problems = [f"outgoing rule missing: {rule}" for rule in (*diff.add, *diff.recomment)
+                if rule.direction == "out"]
+    problems += [f"outgoing rule not in the plan: {rule}" for rule in diff.remove
+                 if rule.direction == "out"]
+    problems += [f"default outgoing is {now or 'unknown'}, the plan says {want}"
+                 for direction, now, want in diff.defaults if direction == "outgoing"]
+    for text in problems:
+        r.error(host.name, f"egress: {text} (run `fab firewall.apply`)")
+    if not problems:
+        out = sum(1 for rule in diff.satisfied if rule.direction == "out")
+        r.info(host.name, "egress as planned: " + (f"default deny outgoing, {out} allow rule(s)"
+                                                    if inv.egress.restrict
+                                                    else "not restricted"))
+    return not problems
+
+
+def audit(session: Session, netns: str | None, listener: str | None = None) -> bool:
+    """Check reachability of every relevant port of every host (its SSH address and its
+    global IPv6 addresses) against the plan from the vantage point (``netns``, or here);
+    with ``listener`` (ADDR:PORT), also egress from every host to it. Report every
+    difference; True when none."""
+    inv = session.inventory
+    target = parse_listener(listener) if listener else None
+    states = session.executor.each(
+        inv.hosts, lambda c: read_state(c, fw.names_to_resolve(inv, c.host)))
+    rules = {h.name: host_rules(inv, h, states[h.name]) for h in inv.hosts}
+    ingress = {name: [r for r in rs if r.direction == "in"] for name, rs in rules.items()}
+    targets: list[tuple[str, int]] = []
+    addresses: dict[str, list[str]] = {}
+    for host in inv.hosts:
         st = states[host.name]
-        for port in fw.audit_ports(rules, st.rules, st.listeners):
-            targets.append((addresses[host.name], port))
+        addresses[host.name] = list(dict.fromkeys(
+            [_resolve(host.address), *(str(a) for a in st.ipv6)]))
+        for port in fw.audit_ports(ingress, st.rules, st.listeners):
+            targets += [(a, port) for a in addresses[host.name]]
     targets = list(dict.fromkeys(targets))
     sources, results = probe_reachability(targets, netns)
     where = f"netns {netns}" if netns else "here"
     r = session.reporter
     ok = True
     for host in inv.hosts:
-        st, addr = states[host.name], addresses[host.name]
-        if netns is None and st.ssh_client is not None:
-            vantage = st.ssh_client[0]  # what the host really sees, NAT included
-        else:
-            src = sources.get(addr)
-            if src is None:
-                r.error(host.name, f"no route from {where} to {addr}: cannot audit")
-                ok = False
-                continue
-            vantage = ipaddress.ip_address(src.split("%", 1)[0])
-        planned_keys = {rule.key for rule in rules[host.name]}
-        reachable, filtered = [], []
-        for (a, port), observed in results.items():
-            if a != addr:
-                continue
-            expected = fw.reachable_by_plan(rules[host.name], port, vantage)
-            got = observed in ("open", "closed")
-            (reachable if got else filtered).append(str(port))
-            if observed.startswith("error"):
-                r.error(host.name, f"port {port}/tcp: probe error from {vantage}: {observed}")
-                ok = False
-            elif got and not expected:
-                ok = False
-                r.error(host.name, f"port {port}/tcp is {observed} from {vantage} ({where}) "
-                                   f"but the plan keeps it filtered: "
-                                   f"{_explain(st, port, vantage, planned_keys)}")
-            elif expected and not got:
-                ok = False
-                r.error(host.name, f"port {port}/tcp is filtered from {vantage} ({where}) "
-                                   f"but the plan allows it (run `fab firewall.status`)")
+        st = states[host.name]
+        planned_keys = {rule.key for rule in ingress[host.name]}
+        for i, addr in enumerate(addresses[host.name]):
+            if i == 0 and netns is None and st.ssh_client is not None:
+                vantage = st.ssh_client[0]  # what the host really sees, NAT included
+            else:
+                src = sources.get(addr)
+                if src is None:
+                    r.error(host.name, f"no route from {where} to {addr}: cannot audit")
+                    ok = False
+                    continue
+                vantage = ipaddress.ip_address(src.split("%", 1)[0])
+            reachable, filtered = [], []
+            for (a, port), observed in results.items():
+                if a != addr:
+                    continue
+                expected = fw.reachable_by_plan(ingress[host.name], port, vantage)
+                got = observed in ("open", "closed")
+                (reachable if got else filtered).append(str(port))
+                if observed.startswith("error"):
+                    r.error(host.name, f"{addr} port {port}/tcp: probe error from {vantage}: "
+                                       f"{observed}")
+                    ok = False
+                elif got and not expected:
+                    ok = False
+                    r.error(host.name, f"port {port}/tcp is {observed} on {addr} from "
+                                       f"{vantage} ({where}) but the plan keeps it filtered: "
+                                       f"{_explain(st, port, vantage, planned_keys)}")
+                elif expected and not got:
+                    ok = False
+                    r.error(host.name, f"port {port}/tcp is filtered on {addr} from {vantage} "
+                                       f"({where}) but the plan allows it (run `fab "
+                                       f"firewall.status`)")
+            r.info(host.name, f"audit of {addr} from {vantage} ({where}): reachable "
+                              f"{', '.join(reachable) or 'none'}; filtered "
+                              f"{', '.join(filtered) or 'none'}")
+        if st.installed:
+            ok = _audit_applied_egress(session, host, st, rules[host.name]) and ok
         if not st.active:
             r.info(host.name, "ufw is not active" if st.installed else "ufw is not installed")
-        r.info(host.name, f"audit from {vantage} ({where}): reachable "
-                          f"{', '.join(reachable) or 'none'}; filtered "
-                          f"{', '.join(filtered) or 'none'}")
+        elif st.defaults is not None and not st.defaults.ipv6:
+            ok = False
+            r.error(host.name, "ufw's IPv6 support is off (IPV6=no in /etc/default/ufw): the "
+                               "plan is not applied to IPv6 (ufw 0.36 then drops all IPv6 "
+                               "but loopback); run `fab firewall.apply`")
+    if target is not None:
+        ok = _audit_egress(session, states, target) and ok
     return ok

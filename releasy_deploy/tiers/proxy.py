@@ -48,23 +48,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli import BadInput
 from ..commands import acme as acme_cmd
 from ..commands import nginx as cmd
-from ..errors import DeployError, RemoteCommandError
+from ..errors import BadInput, DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
+from ..facts import (Fact, FileSha256, FileStat, PackageVersion, ServiceActive, ServiceEnabled,
+                     read_facts)
 from ..inventory import Inventory
 from ..packages import PROXY_PACKAGES
+from ..remote import FILES_DIR, ensure_dir, ensure_packages, render_diff, render_template
 from . import acme as acme_tier
-from ..remote import (FILES_DIR, Probe, ensure_dir, ensure_packages, facts, register_fact,
-                      render_diff, render_template)
 
 __all__ = [
     "FILES_DIR_ENV", "SITE_TEMPLATE", "UPSTREAM_TEMPLATE", "SITE_FILE", "SITE_LINK",
     "DEFAULT_SITE", "CONF_DIR", "TLS_DIR", "UPSTREAM_FILE", "UPSTREAM_NAME",
     "NginxConfigRejected", "templates_dir", "tls_paths", "upstreams_for", "render_site",
     "render_upstream", "setup", "set_upstreams", "current_upstreams", "nginx_reload",
-    "wait_old_workers_gone",
+    "wait_old_workers_gone", "ProxyText", "ProxyLink", "ProxyPresent", "ProxyCert", "ProxyIpv6",
 ]
 
 FILES_DIR_ENV = "RELEASY_FILES_DIR"
@@ -186,23 +186,70 @@ def _staged(path: str, token: str) -> str:
 # --------------------------------------------------------------------------------------
 # Facts (read in ONE round trip per host)
 # --------------------------------------------------------------------------------------
-def _text_or_none(out: str, code: int) -> str | None:
-    return out if code == 0 else None
+@dataclass(frozen=True)
+class ProxyText(Fact):
+    """The text of a regular file, or None when there is none."""
+
+    path: str
+
+    def shell(self) -> str:
+        q = shlex.quote(self.path)
+        return f"[ -f {q} ] || exit 3; cat -- {q}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out if code == 0 else None
 
 
-register_fact("proxy_text", arg=True)(
-    lambda a: Probe(f"[ -f {shlex.quote(a)} ] || exit 3; cat -- {shlex.quote(a)}",
-                    _text_or_none))
-register_fact("proxy_link", arg=True)(
-    lambda a: Probe(f"[ -L {shlex.quote(a)} ] || exit 3; readlink -- {shlex.quote(a)}",
-                    lambda out, code: out.strip() if code == 0 else None))
-register_fact("proxy_present", arg=True)(  # also true for a dangling symlink
-    lambda a: Probe(f"[ -e {shlex.quote(a)} ] || [ -L {shlex.quote(a)} ]",
-                    lambda out, code: code == 0))
-register_fact("proxy_cert", arg=True)(
-    lambda a: Probe(cmd.cert_probe_shell(a), cmd.parse_cert_probe))
-register_fact("proxy_ipv6")(
-    lambda _: Probe("[ -e /proc/net/if_inet6 ]", lambda out, code: code == 0))
+@dataclass(frozen=True)
+class ProxyLink(Fact):
+    """Where a symlink points, or None when ``path`` is not a symlink."""
+
+    path: str
+
+    def shell(self) -> str:
+        q = shlex.quote(self.path)
+        return f"[ -L {q} ] || exit 3; readlink -- {q}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out.strip() if code == 0 else None
+
+
+@dataclass(frozen=True)
+class ProxyPresent(Fact):
+    """Something is at ``path``: also true for a dangling symlink."""
+
+    path: str
+
+    def shell(self) -> str:
+        q = shlex.quote(self.path)
+        return f"[ -e {q} ] || [ -L {q} ]"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class ProxyCert(Fact):
+    """The certificate at ``path`` (`commands.nginx.CertInfo`), or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return cmd.cert_probe_shell(self.path)
+
+    def parse(self, out: str, code: int) -> Any:
+        return cmd.parse_cert_probe(out, code)
+
+
+@dataclass(frozen=True)
+class ProxyIpv6(Fact):
+    """The host has IPv6 (nginx may listen on [::])."""
+
+    def shell(self) -> str:
+        return "[ -e /proc/net/if_inet6 ]"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
 
 
 @dataclass
@@ -225,28 +272,28 @@ class _HostState:
 
 def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
     cert, key = tls_paths(inv)
-    names = [f"package_version:{p}" for p in PROXY_PACKAGES]
+    names: list[Fact] = [PackageVersion(p) for p in PROXY_PACKAGES]
     stat_paths = [CONF_DIR, TLS_DIR, SITE_FILE, UPSTREAM_FILE, cert, key]
-    names += [f"file_stat:{p}" for p in stat_paths]
-    names += [f"proxy_text:{SITE_FILE}", f"proxy_text:{UPSTREAM_FILE}",
-              f"proxy_link:{SITE_LINK}", f"proxy_present:{DEFAULT_SITE}", "proxy_ipv6",
-              "service_active:nginx", "service_enabled:nginx"]
+    names += [FileStat(p) for p in stat_paths]
+    names += [ProxyText(SITE_FILE), ProxyText(UPSTREAM_FILE), ProxyLink(SITE_LINK),
+              ProxyPresent(DEFAULT_SITE), ProxyIpv6(), ServiceActive("nginx"),
+              ServiceEnabled("nginx")]
     if inv.tls.mode == "files":
-        names += [f"file_sha256:{cert}", f"file_sha256:{key}"]
+        names += [FileSha256(cert), FileSha256(key)]
     else:
-        names.append(f"proxy_cert:{cert}")
-    got = facts(c, names, sudo=True)  # sudo: the key is root-only (only its hash is read)
+        names.append(ProxyCert(cert))
+    got = read_facts(c, names, sudo=True)  # sudo: the key is root-only (only its hash is read)
     return _HostState(
-        packages={p: got[f"package_version:{p}"] for p in PROXY_PACKAGES},
-        stats={p: got[f"file_stat:{p}"] for p in stat_paths},
-        texts={p: got[f"proxy_text:{p}"] for p in (SITE_FILE, UPSTREAM_FILE)},
-        sha256={p: got.get(f"file_sha256:{p}") for p in (cert, key)},
-        cert=got.get(f"proxy_cert:{cert}"),
-        site_link=got[f"proxy_link:{SITE_LINK}"],
-        default_site=got[f"proxy_present:{DEFAULT_SITE}"],
-        ipv6=got["proxy_ipv6"],
-        active=got["service_active:nginx"],
-        enabled=got["service_enabled:nginx"] == "enabled",
+        packages={p: got[PackageVersion(p)] for p in PROXY_PACKAGES},
+        stats={p: got[FileStat(p)] for p in stat_paths},
+        texts={p: got[ProxyText(p)] for p in (SITE_FILE, UPSTREAM_FILE)},
+        sha256={p: got.get(FileSha256(p)) for p in (cert, key)},
+        cert=got.get(ProxyCert(cert)),
+        site_link=got[ProxyLink(SITE_LINK)],
+        default_site=got[ProxyPresent(DEFAULT_SITE)],
+        ipv6=got[ProxyIpv6()],
+        active=got[ServiceActive("nginx")],
+        enabled=got[ServiceEnabled("nginx")] == "enabled",
     )
 
 

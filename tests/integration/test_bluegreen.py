@@ -82,7 +82,8 @@ def sql(lab, query: str) -> str:
 
 
 def version_timeline(summary: dict) -> list[tuple[int, dict[str, int]]]:
-    return [(int(second), split) for second, split in summary["per_second"].items()]
+    # In time order: the JSON summary's keys may come back sorted as strings ("10" < "9").
+    return sorted((int(second), split) for second, split in summary["per_second"].items())
 
 
 def describe_load(summary: dict, retries: int) -> str:

@@ -147,15 +147,16 @@ def test_failed_health_check_is_one_screen_and_debug_shows_the_traceback(lab, tm
     name = re.search(r"lab_\d+T\d+Z_manual_at-1\.0\.0_m2\.dump", backup).group(0)
     fast = lab.inventory_variant(tmp_path, lambda d: d.setdefault("app", {}).update(ready_timeout=5))
     try:
+        # The fleet serves: the new release is rolled out host by host, so the first host
+        # failing stops it there while app2 keeps serving the old one.
         proc = lab.fab("app.setup", "--version", "1.2.0-neverready", inventory=fast,
                        check=False)
-        block = expect_failure(proc, EXIT_FAILED, "2 of 2 hosts failed",
-                               "- app1: releasy.service did not become ready within 5 s",
-                               "- app2: releasy.service did not become ready within 5 s",
-                               "Fix the cause above")
-        # Both hosts' 30 journal lines did not fit: their last lines were kept.
+        block = expect_failure(proc, EXIT_FAILED,
+                               "Rolling deploy of lab to 1.2.0-neverready stopped at app1,"
+                               " stage migrate (step ready)",
+                               "releasy.service did not become ready within 5 s",
+                               "In rotation now: app2.")
         assert "never-ready build: /health and /ready will answer 503" in block
-        assert "earlier lines not shown; --debug shows all" in block
         debug = lab.fab("--debug", "app.setup", "--version", "9.9.9", check=False)
         assert debug.returncode == EXIT_BAD_INPUT
         assert "Traceback (most recent call last)" in debug.stderr

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from releasy_deploy import firewall as fwp
-from releasy_deploy.cli import Session
+from releasy_deploy.session import Session
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import load_inventory
 from releasy_deploy.output import Reporter
@@ -139,12 +139,16 @@ def test_second_apply_changes_nothing_in_one_round_trip_per_host(lab):
 def test_audit_passes_then_flags_a_port_opened_by_hand(lab):
     netns = lab.ident.outside_ns
     ok = lab.fab("firewall.audit", "--netns", netns)
-    assert "[proxy1] audit from %s" % lab.ident.outside_address in ok.stdout
+    assert "[proxy1] audit of %s from %s" % (lab.ident.address(10), lab.ident.outside_address) \
+        in ok.stdout
+    # IPv6 too: each host's ULA address, with the same policy
+    assert "[proxy1] audit of %s from %s (netns %s): reachable 80, 443;" % (
+        lab.ident.address6(10), lab.ident.outside_address6, netns) in ok.stdout
     sh(lab, "app1", "ufw allow 9999/tcp")
     listen(lab, "app1", 9999)
     bad = lab.fab("firewall.audit", "--netns", netns, check=False)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert re.search(r"\[app1\] ERROR: port 9999/tcp is open from \S+ .*ufw allow 9999/tcp",
+    assert re.search(r"\[app1\] ERROR: port 9999/tcp is open on \S+ from \S+ .*ufw allow 9999/tcp",
                      bad.stdout), bad.stdout
     assert "[app1] ERROR: port 8080" not in bad.stdout  # only the difference is reported
     status = lab.fab("firewall.status").stdout
@@ -196,7 +200,7 @@ def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
         return proc.returncode == 0 and proc.stdout == before
 
     poll(restored, "app2 to restore its previous firewall", timeout=90)
-    marker = sh(lab, "app2", "cat /var/lib/releasy/firewall/reverted; "
+    marker = sh(lab, "app2", "cat /var/lib/releasy-deploy/firewall/reverted; "
                              "systemctl is-active releasy-firewall-revert.timer || true").stdout
     assert marker.split()[-1] == "inactive" and len(marker.split()) == 2
     assert lab.probe("app2", 22, "operator") == "open"

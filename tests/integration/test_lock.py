@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from releasy_deploy import lock
-from releasy_deploy.cli import session
+from releasy_deploy.cli import exit_code_for, session
 from releasy_deploy.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +210,7 @@ def test_postgres_lock_busy_wait_and_release(pg_lab, tmp_path_factory):
             with pytest.raises(lock.LockBusy) as busy:
                 with lock.deploy_lock(s, version="1.2.0"):
                     pytest.fail("took a lock that another process holds")
-        assert busy.value.exit_code_hint == 3
+        assert exit_code_for(busy.value) == 3
         assert busy.value.holder.pid == first.pid
 
         # In pg_locks: our two-int key space (objsubid 2), class 'RLSY', objid crc32(env).

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.labtools import current, psql, rotation
+
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,31 +24,14 @@ FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2", "app3")
 
 
-def psql(lab, sql: str) -> list[list[str]]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
-    return [line.split("|") for line in out.stdout.splitlines() if line]
-
-
 def level(lab) -> int:
     return int(psql(lab, "SELECT max(version) FROM _sqlx_migrations WHERE success")[0][0])
-
-
-def current(lab, host) -> str:
-    return lab.ssh(host, "readlink", "/opt/releasy/current").stdout.strip().rsplit("/", 1)[-1]
 
 
 def version_served(lab, host) -> str:
     """/version of the running process, asked on the host itself."""
     url = f"http://10.77.{lab.ident.subnet_octet}.{20 + int(host[-1])}:8080/version"
     return json.loads(lab.ssh(host, "curl", "-fsS", "--max-time", "3", url).stdout)["version"]
-
-
-def rotation(lab) -> list[str]:
-    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
-    by_address = {f"10.77.{lab.ident.subnet_octet}.{20 + i}:8080": f"app{i}" for i in (1, 2, 3)}
-    return [by_address.get(w[1], w[1]) for line in text.splitlines()
-            if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"]
 
 
 def assert_all_on(lab, version):

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.loadgen import LoadGenerator
 from lab.standin.build import build_release
+from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
+                                       psql, ready, report_load, rotation)
 
 pytestmark = pytest.mark.lab
 
@@ -33,34 +34,6 @@ LOCK_FREE_WITHIN_S = 15
 
 
 # ------------------------------------------------------------------------------ helpers
-def psql(lab, sql: str) -> list[list[str]]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
-    return [line.split("|") for line in out.stdout.splitlines() if line]
-
-
-def current(lab, host) -> str:
-    return lab.ssh(host, "readlink", "/opt/releasy/current").stdout.strip().rsplit("/", 1)[-1]
-
-
-def ready(lab, host) -> bool:
-    address = {"app1": 21, "app2": 22, "app3": 23}[host]
-    url = f"http://10.77.{lab.ident.subnet_octet}.{address}:8080/ready"
-    return lab.ssh(host, "curl", "-fsS", "--max-time", "3", url, check=False).returncode == 0
-
-
-def rotation(lab) -> list[str]:
-    """The app hosts proxy1's upstream file lists, in order."""
-    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
-    by_address = {f"10.77.{lab.ident.subnet_octet}.{20 + i}:8080": f"app{i}" for i in (1, 2, 3)}
-    servers = []
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if len(words) >= 2 and words[0] == "server":
-            servers.append(by_address.get(words[1], words[1]))
-    return servers
-
-
 def assert_all_on(lab, version):
     assert {h: current(lab, h) for h in APPS} == {h: version for h in APPS}
     assert all(ready(lab, h) for h in APPS)
@@ -73,31 +46,6 @@ def provision(lab, inventory: Path) -> None:
     lab.reset_to("1.0.0", APPS, inventory=inventory, timeout=900)
     lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
     assert_all_on(lab, "1.0.0")
-
-
-def load_through_proxy(lab, workdir: Path) -> LoadGenerator:
-    return LoadGenerator(f"https://10.77.{lab.ident.subnet_octet}.10/",
-                         server_name="releasy.lab.test", threads=4, rate=100, duration=300,
-                         timeout=10, workdir=workdir)
-
-
-def report_load(what: str, summary: dict) -> None:
-    """Print the request count and the version split over time (seconds since start)."""
-    print(f"\n{what}: {summary['total']} requests, {summary['ok']} ok, {summary['failed']}"
-          f" failed, {summary['requests_per_s']} req/s, versions {summary['versions']},"
-          f" {summary.get('retried_stale_connections', 0)} retried on a fresh connection"
-          f" after nginx closed an idle kept-alive one at a reload")
-    for second, split in sorted(summary["per_second"].items(), key=lambda kv: int(kv[0])):
-        print(f"  t={int(second):>3}s  " + "  ".join(f"{v}: {n}" for v, n in sorted(split.items())))
-
-
-def assert_no_failed_request(load: LoadGenerator, summary: dict) -> None:
-    """Zero failed requests, every response a 200. (A request routed to a stopped host, or
-    cut by a restart, would be a 502 from nginx; a refused connection or a timeout an error.)
-    The generator retries a request once when nginx closed the idle kept-alive connection it
-    was reusing at a reload, as browsers and curl do; those are counted, not failures."""
-    failures = [r for r in load.records() if r["status"] != 200]
-    assert summary["failed"] == 0 and not failures, failures[:10]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +85,8 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     summary = load.summary
     report_load("deploy.rolling 1.0.0 -> 1.1.0 (3 app hosts)", summary)
     assert_no_failed_request(load, summary)
-    seconds = list(summary["per_second"].values())
+    # By second in time order: the JSON summary's keys may come back sorted as strings.
+    seconds = [v for _, v in sorted(summary["per_second"].items(), key=lambda kv: int(kv[0]))]
     assert set(seconds[0]) == {"1.0.0"} and set(seconds[-1]) == {"1.1.0"}
     assert_all_on(lab, "1.1.0")
     assert "rolling deploy to 1.1.0 done: app1, app2, app3" in proc.stdout

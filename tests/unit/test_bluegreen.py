@@ -17,14 +17,17 @@ import pytest
 from releasy_deploy import backups as backups_mod
 from releasy_deploy import bluegreen as bg
 from releasy_deploy import schema
-from releasy_deploy.cli import BadInput, Session
+from releasy_deploy.errors import BadInput
+from releasy_deploy.session import Session
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import systemd
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.output import Reporter
-from releasy_deploy.remote import build_facts_script, probe_for
+from releasy_deploy.facts import FileSha256, FileStat, build_facts_script
 from releasy_deploy.secrets import Secrets
+from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
+from releasy_deploy.tiers.proxy import ProxyText
 
 PORTS = (8080, 8081)
 # A single-host inventory (files are not checked: nothing here touches them).
@@ -76,17 +79,16 @@ def test_version_of_link(target, version):
 # ------------------------------------------------------------------------------ facts
 def test_every_fact_has_a_probe_and_the_script_quotes_its_arguments():
     names = bg.fact_names(INV)
-    assert "releasy_unit:releasy@8081.service" in names
-    assert "bluegreen_listening:8080" in names
-    assert "proxy_text:/etc/nginx/releasy/upstream.conf" in names
-    assert "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db" in names
-    for name in names:
-        probe_for(name)
+    assert ReleasyUnit("releasy@8081.service") in names
+    assert bg.Listening(8080) in names
+    assert ProxyText("/etc/nginx/releasy/upstream.conf") in names
+    assert schema.SchemaLevel("sqlite", "/var/lib/releasy/releasy.db") in names
+    assert len(names) == len(set(names))
     script = build_facts_script(names, "n0nce")
     assert "ss -Hltn 'sport = :8081'" in script
     assert "readlink -- /opt/releasy/instances/8080" in script
     with pytest.raises(ValueError):
-        probe_for("bluegreen_listening:8080; reboot")
+        bg.Listening("8080; reboot")
 
 
 def show(active="inactive", enabled="disabled", pid=0, reload="no") -> dict[str, str]:
@@ -97,28 +99,28 @@ def show(active="inactive", enabled="disabled", pid=0, reload="no") -> dict[str,
 def found(*, plain=None, units=None, links=None, sums=None, listening=None, ready=None,
           current="releases/1.0.0", upstream_port=8080, upstream=None, template=True,
           db_level=2, levels=None, backups=()):
-    """A facts() result as the host would report it."""
+    """A read_facts() result as the host would report it."""
     units = units or {}
     links = links or {}
     result = {
-        "releasy_unit:releasy.service": plain or show(),
-        "releasy_releases": appcmd.ReleaseState(current, {
+        ReleasyUnit("releasy.service"): plain or show(),
+        ReleasyReleases(): appcmd.ReleaseState(current, {
             "1.0.0": ("a" * 64, True), "1.1.0": ("b" * 64, True)}),
         # upstream: None -> the default file for upstream_port; False -> no file at all
-        "proxy_text:/etc/nginx/releasy/upstream.conf":
+        ProxyText("/etc/nginx/releasy/upstream.conf"):
             UPSTREAM % upstream_port if upstream is None else (upstream or None),
-        "file_stat:/etc/systemd/system/releasy@.service":
+        FileStat("/etc/systemd/system/releasy@.service"):
             {"type": "regular file"} if template else None,
-        "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db": db_level,
-        "releasy_schema_levels": levels or {},
-        "releasy_backups": list(backups),
+        schema.SchemaLevel("sqlite", "/var/lib/releasy/releasy.db"): db_level,
+        schema.RecordedLevels(): levels or {},
+        backups_mod.BackupListing(): list(backups),
     }
     for port in PORTS:
-        result[f"releasy_unit:releasy@{port}.service"] = units.get(port) or show()
-        result[f"bluegreen_link:/opt/releasy/instances/{port}"] = links.get(port)
-        result[f"file_sha256:/etc/releasy/instance-{port}.env"] = (sums or {}).get(port)
-        result[f"bluegreen_listening:{port}"] = (listening or {}).get(port, False)
-        result[f"releasy_ready:http://127.0.0.1:{port}/ready"] = (ready or {}).get(port, False)
+        result[ReleasyUnit(f"releasy@{port}.service")] = units.get(port) or show()
+        result[bg.InstanceLink(f"/opt/releasy/instances/{port}")] = links.get(port)
+        result[FileSha256(f"/etc/releasy/instance-{port}.env")] = (sums or {}).get(port)
+        result[bg.Listening(port)] = (listening or {}).get(port, False)
+        result[ReleasyReady(f"http://127.0.0.1:{port}/ready")] = (ready or {}).get(port, False)
     return result
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from releasy_deploy.cli import BadInput, Session
+from releasy_deploy.errors import BadInput
+from releasy_deploy.session import Session
 from releasy_deploy.commands import postgres as pg
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import parse_inventory

@@ -188,15 +188,21 @@ def test_show_added_is_parsed_rule_by_rule():
     assert [r.managed for r in rules].count(True) == 2
 
 
-def test_only_plain_allow_in_rules_can_match_a_planned_rule():
+def test_only_plain_allow_rules_can_match_a_planned_rule():
     rules = fw.parse_show_added(SHOW_ADDED)
     keys = [r.key for r in rules]
-    assert keys[0] == (22, "tcp", net("10.77.4.1/32"))
-    assert keys[1] == (80, "tcp", None)
-    assert keys[2] == (5432, "tcp", net("10.0.0.5/32"))
-    # deny, limit, interface, range, app, any-port, out, route, log, multiport, dest, sport
+    assert keys[0] == ("in", 22, "tcp", net("10.77.4.1/32"), None)
+    assert keys[1] == ("in", 80, "tcp", None, None)
+    assert keys[2] == ("in", 5432, "tcp", net("10.0.0.5/32"), None)
+    # deny, limit, interface, range, app, any-port, out without proto, route, log,
+    # multiport, in with a destination, reject, sport
     assert keys[3:16] == [None] * 13
-    assert keys[16] == (22, "tcp", net("2001:db8::/32"))
+    assert keys[16] == ("in", 22, "tcp", net("2001:db8::/32"), None)
+    out = fw.parse_added_line(
+        "ufw allow out to 10.77.16.100 port 5432 proto tcp comment 'releasy: x'")
+    assert out.key == ("out", 5432, "tcp", None, net("10.77.16.100/32"))
+    assert fw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp'").key == \
+        ("out", 123, "udp", None, None)
 
 
 def test_tcp_ports_of_live_rules_for_the_audit():
@@ -543,8 +549,10 @@ def test_apply_script_saves_and_arms_before_any_ufw_command():
         "--description=releasy: restore the previous firewall unless disarmed",
         "--on-active=42s", "--timer-property=AccuracySec=1s",
         "--timer-property=RemainAfterElapse=no", "--",
-        "/usr/local/sbin/releasy-firewall-revert", "/var/lib/releasy/firewall/previous",
-        "abc123"]
+        "/usr/local/sbin/releasy-firewall-revert", "abc123"]
+    # root's own 0700 state directory, outside the service's /var/lib/releasy
+    assert "state=/var/lib/releasy-deploy/firewall" in lines
+    assert not any("/var/lib/releasy/" in ln for ln in lines)
     assert [shlex.split(ln) for ln in lines[first_ufw:]] == [
         ["ufw_do", *fw.add_argv(SSH)],
         ["ufw_do", "ufw", "--force", "delete", "allow", "9999/tcp", "comment", "releasy: x y"]]

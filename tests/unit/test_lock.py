@@ -126,7 +126,7 @@ def test_busy_message_names_environment_holder_and_time_and_maps_to_exit_3():
                             " since 2026-11-26T07:50:01Z (PostgreSQL on db1)")
     assert "--wait SECONDS" in str(err)
     assert isinstance(err, DeployError)
-    assert err.exit_code_hint == 3
+    assert exit_code_for(err) == EXIT_LOCK_BUSY
     assert exit_code_for(err) == EXIT_LOCK_BUSY == 3
     waited = lock.busy_message("prod", holder, waited=30)
     assert "(waited 30 s)" in waited.splitlines()[0]

@@ -174,19 +174,16 @@ def test_restart_plan_refusals():
         mt.restart_plan(two, ["app1"], 1)
 
 
-def test_the_restart_stage_line_says_restart():
-    out = io.StringIO()
-    pipe = mt._RestartPipeline("app.restart", Reporter(out))
-    with pipe.stage("restart", "app1", "drain app1, switch to 1.0.0, start, wait for /ready,"
-                                       " re-add"):
-        pass
-    with pipe.stage("finish", what="audit record on every host"):
-        pass
-    lines = out.getvalue().splitlines()
-    assert lines[0] == ("[app1] restart: drain app1, restart releasy.service, wait for /ready,"
-                        " re-add")
-    assert lines[2] == "[app.restart] finish: audit record on every host"
-    assert [t.stage for t in pipe.timings] == ["restart", "finish"]
+def test_the_restart_plan_says_restart_in_its_stage_lines():
+    order = mt.restart_plan(states(app2={"in_rotation": False}), APPS, 1)
+    plan = mt.plan_restart(order.in_place, order.batches, {s.name: s for s in states()})
+    assert plan.target is None and plan.host_steps == ("start", "ready")
+    assert plan.current_text == "1.0.0"
+    in_place, first = plan.batches[0], plan.batches[1]
+    assert plan.stage_words(first) == ("drain app1, restart releasy.service, wait for /ready,"
+                                       " re-add")
+    assert plan.stage_words(in_place).endswith("in place (out of rotation: it stays out)")
+    assert plan.describe() == order.describe()
 
 
 # ------------------------------------------------------------------------------ summary

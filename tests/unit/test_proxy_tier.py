@@ -17,8 +17,9 @@ import yaml
 
 from releasy_deploy.cli import BadInput
 from releasy_deploy.commands import nginx as cmd
+from releasy_deploy.facts import build_facts_script, parse_facts_output
 from releasy_deploy.inventory import parse_inventory
-from releasy_deploy.remote import FILES_DIR, build_facts_script, parse_facts_output
+from releasy_deploy.remote import FILES_DIR
 from releasy_deploy.tiers import proxy
 
 SPLIT = """
@@ -276,19 +277,20 @@ def test_proxy_facts_on_real_files(tmp_path):
     (d / "site.conf").write_text("server {}\n")
     os.symlink(str(d / "site.conf"), d / "enabled")
     os.symlink(str(d / "gone"), d / "dangling")
-    names = [f"proxy_text:{d}/site.conf", f"proxy_text:{d}/absent",
-             f"proxy_link:{d}/enabled", f"proxy_link:{d}/site.conf",
-             f"proxy_present:{d}/dangling", f"proxy_present:{d}/absent", "proxy_ipv6"]
+    names = [proxy.ProxyText(f"{d}/site.conf"), proxy.ProxyText(f"{d}/absent"),
+             proxy.ProxyLink(f"{d}/enabled"), proxy.ProxyLink(f"{d}/site.conf"),
+             proxy.ProxyPresent(f"{d}/dangling"), proxy.ProxyPresent(f"{d}/absent"),
+             proxy.ProxyIpv6()]
     script = build_facts_script(names, "n0nce")
     out = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True).stdout
     got = parse_facts_output(names, "n0nce", out)
-    assert got[f"proxy_text:{d}/site.conf"] == "server {}\n"
-    assert got[f"proxy_text:{d}/absent"] is None
-    assert got[f"proxy_link:{d}/enabled"] == str(d / "site.conf")
-    assert got[f"proxy_link:{d}/site.conf"] is None
-    assert got[f"proxy_present:{d}/dangling"] is True
-    assert got[f"proxy_present:{d}/absent"] is False
-    assert got["proxy_ipv6"] == os.path.exists("/proc/net/if_inet6")
+    assert got[proxy.ProxyText(f"{d}/site.conf")] == "server {}\n"
+    assert got[proxy.ProxyText(f"{d}/absent")] is None
+    assert got[proxy.ProxyLink(f"{d}/enabled")] == str(d / "site.conf")
+    assert got[proxy.ProxyLink(f"{d}/site.conf")] is None
+    assert got[proxy.ProxyPresent(f"{d}/dangling")] is True
+    assert got[proxy.ProxyPresent(f"{d}/absent")] is False
+    assert got[proxy.ProxyIpv6()] == os.path.exists("/proc/net/if_inet6")
 
 
 # --------------------------------------------------------------------------------------

@@ -7,27 +7,33 @@ import io
 import os
 import pwd
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from releasy_deploy import remote
 from releasy_deploy.errors import DeployError, RemoteCommandError
 from releasy_deploy.executor import Executor, HostConnection, _Raw
+from releasy_deploy.facts import (
+    Arch,
+    DiskFree,
+    FileSha256,
+    Hostname,
+    OsRelease,
+    PackageVersion,
+    ServiceActive,
+    UserExists,
+    read_fact,
+    read_facts,
+)
 from releasy_deploy.output import Reporter
 from releasy_deploy.remote import (
     Change,
     apt_install_argv,
-    build_facts_script,
     ensure_dir,
     ensure_packages,
-    facts,
     missing_packages,
-    parse_facts_output,
     parse_file_probe,
     parse_package_probe,
-    probe_for,
     put_file,
     put_template,
     render_diff,
@@ -120,65 +126,6 @@ def test_render_template_strict_keeps_newline_no_escaping():
         render_template("vhost.conf.j2", {"names": [], "note": ""}, base_dir=TEMPLATES)
     with pytest.raises(DeployError, match="not found"):
         render_template("nope.j2", {}, base_dir=TEMPLATES)
-
-
-def test_probe_registry_errors():
-    with pytest.raises(ValueError, match="unknown fact"):
-        probe_for("colour")
-    with pytest.raises(ValueError, match="needs an argument"):
-        probe_for("disk_free")
-    with pytest.raises(ValueError, match="takes no argument"):
-        probe_for("arch:x")
-
-
-def test_facts_script_quotes_arguments():
-    script = build_facts_script(["file_sha256:/tmp/it's here; rm -rf /"], "n0nce")
-    assert "'/tmp/it'\"'\"'s here; rm -rf /'" in script
-
-
-def test_facts_script_runs_in_a_real_shell_and_parses_exactly(tmp_path):
-    # Real /bin/sh, no SSH: the builder and parser agree byte for byte.
-    f = tmp_path / "odd name 'x'.txt"
-    f.write_bytes(b"no trailing newline")
-    names = [
-        "arch",
-        f"file_sha256:{f}",
-        f"file_sha256:{tmp_path}/absent",
-        f"file_stat:{f}",
-        f"path_exists:{tmp_path}/absent",
-        "user_exists:root",
-        "user_exists:no-such-user-xyz",
-        "os_release",
-        f"disk_free:{tmp_path}",
-    ]
-    nonce = "abc123"
-    script = build_facts_script(names, nonce)
-    out = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True, check=True).stdout
-    values = parse_facts_output(names, nonce, out)
-    assert values["arch"] == os.uname().machine
-    assert values[f"file_sha256:{f}"] == hashlib.sha256(b"no trailing newline").hexdigest()
-    assert values[f"file_sha256:{tmp_path}/absent"] is None
-    assert values[f"file_stat:{f}"]["type"] == "regular file"
-    assert values[f"file_stat:{f}"]["size"] == 19
-    assert values[f"path_exists:{tmp_path}/absent"] is False
-    assert values["user_exists:root"] is True and values["user_exists:no-such-user-xyz"] is False
-    assert values["os_release"].get("ID")
-    assert isinstance(values[f"disk_free:{tmp_path}"], int)
-
-
-def test_facts_parser_is_exact_and_not_fooled_by_other_markers():
-    names = ["hostname", "kernel"]
-    nonce = "n1"
-    forged = "@@releasy:other:1:begin@@\n"
-    out = (
-        "@@releasy:n1:0:begin@@\n" + forged + "host\n" + "\n@@releasy:n1:0:end:0@@\n"
-        "@@releasy:n1:1:begin@@\n6.1.0\n\n@@releasy:n1:1:end:0@@\n"
-    )
-    # A forged marker with another nonce is just content; bodies lose only the framing.
-    values = parse_facts_output(names, nonce, out)
-    assert values == {"hostname": forged.strip() + "\nhost", "kernel": "6.1.0"}
-    with pytest.raises(ValueError, match="missing"):
-        parse_facts_output(names, nonce, out.split("@@releasy:n1:1")[0])
 
 
 @pytest.mark.parametrize(
@@ -341,7 +288,7 @@ def test_dry_run_changes_nothing_and_shows_a_diff(sshd):
         assert put_file(c, f"{sshd.dir}/dry-new", b"x\n", **kw).changed
         res = c.run(["touch", f"{sshd.dir}/dry-touched"])
         assert res.dry_run
-        assert facts(c, ["arch"])["arch"]  # read-only probes still run
+        assert read_fact(c, Arch())  # read-only probes still run
     assert Path(path).read_text() == "listen 80;\nworkers 2;\n"
     assert not Path(f"{sshd.dir}/dry-dir").exists()
     assert not Path(f"{sshd.dir}/dry-new").exists()
@@ -358,27 +305,27 @@ def test_facts_batch_into_exactly_one_round_trip(sshd):
         c = ex.conn("loop")
         c.run(["true"])  # connect first
         before = ex.round_trips["loop"]
-        values = facts(
+        values = read_facts(
             c,
             [
-                "os_release",
-                "arch",
-                "hostname",
-                f"disk_free:{sshd.dir}",
-                "service_active:releasy-no-such-unit",
-                f"file_sha256:{sshd.known_hosts}",
-                "user_exists:root",
-                "package_version:bash",
+                OsRelease(),
+                Arch(),
+                Hostname(),
+                DiskFree(str(sshd.dir)),
+                ServiceActive("releasy-no-such-unit"),
+                FileSha256(str(sshd.known_hosts)),
+                UserExists("root"),
+                PackageVersion("bash"),
             ],
         )
         assert ex.round_trips["loop"] - before == 1
-        assert remote.fact(c, "arch") == values["arch"]
+        assert read_fact(c, Arch()) == values[Arch()]
         assert ex.round_trips["loop"] - before == 2
-    assert values["os_release"]["ID"] and values["user_exists:root"] is True
-    assert values["service_active:releasy-no-such-unit"] is False
-    assert values["disk_free:" + str(sshd.dir)] > 0
-    assert values["package_version:bash"]
-    assert values[f"file_sha256:{sshd.known_hosts}"] == hashlib.sha256(
+    assert values[OsRelease()]["ID"] and values[UserExists("root")] is True
+    assert values[ServiceActive("releasy-no-such-unit")] is False
+    assert values[DiskFree(str(sshd.dir))] > 0
+    assert values[PackageVersion("bash")]
+    assert values[FileSha256(str(sshd.known_hosts))] == hashlib.sha256(
         sshd.known_hosts.read_bytes()
     ).hexdigest()
 

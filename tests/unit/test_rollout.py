@@ -14,6 +14,7 @@ from types import MappingProxyType
 import pytest
 
 from releasy_deploy import backups, rollout, schema
+from releasy_deploy.engine import plan, runner
 from releasy_deploy.backups import Backup
 from releasy_deploy.inventory import ReleaseSource
 from releasy_deploy.rollout import AppState, FailureReport
@@ -36,7 +37,7 @@ def state(name, current="1.0.0", *, ready=True, in_rotation=True, active="active
     ([], 1, 3, None, []),
 ])
 def test_plan_batches(todo, batch, hosts, first, batches):
-    assert rollout.plan_batches(todo, batch, hosts, migrate_first=first is not None) == (
+    assert plan.plan_batches(todo, batch, hosts, migrate_first=first is not None) == (
         first, batches)
 
 
@@ -44,7 +45,7 @@ def test_plan_batches(todo, batch, hosts, first, batches):
 @pytest.mark.parametrize("batch", range(1, 10))
 def test_a_batch_never_takes_every_host_out(hosts, batch):
     names = [f"app{i}" for i in range(hosts)]
-    first, batches = rollout.plan_batches(names, batch, hosts, migrate_first=True)
+    first, batches = plan.plan_batches(names, batch, hosts, migrate_first=True)
     assert first == "app0"
     assert all(1 <= len(b) <= hosts - 1 for b in batches)
     assert [first, *[n for b in batches for n in b]] == names  # each host once, in order
@@ -52,9 +53,9 @@ def test_a_batch_never_takes_every_host_out(hosts, batch):
 
 def test_plan_batches_refuses_nonsense():
     with pytest.raises(ValueError, match="batch"):
-        rollout.plan_batches(["a"], 0, 2, migrate_first=True)
+        plan.plan_batches(["a"], 0, 2, migrate_first=True)
     with pytest.raises(ValueError, match="two app hosts"):
-        rollout.plan_batches(["a"], 1, 1, migrate_first=True)
+        plan.plan_batches(["a"], 1, 1, migrate_first=True)
 
 
 # ====================================================================== skip / converge logic
@@ -62,8 +63,8 @@ def test_hosts_to_roll_skips_hosts_already_on_v_and_puts_out_of_rotation_hosts_f
     states = [state("app1", "1.1.0"), state("app2", "1.0.0"),
               state("app3", "1.1.0", ready=False, in_rotation=False),
               state("app4", "1.0.0", in_rotation=False)]
-    assert rollout.hosts_to_roll(states, "1.1.0") == ["app3", "app4", "app2"]
-    assert rollout.hosts_to_roll(states[:1], "1.1.0") == []
+    assert plan.hosts_to_roll(states, "1.1.0") == ["app3", "app4", "app2"]
+    assert plan.hosts_to_roll(states[:1], "1.1.0") == []
 
 
 @pytest.mark.parametrize("st,fragment", [
@@ -99,7 +100,7 @@ def test_preflight_accepts_what_a_rerun_converges(st):
     (["1.0.0"], 5, [None, "1.0.0"], []),
 ])
 def test_releases_to_prune(installed, keep, protect, pruned):
-    assert rollout.releases_to_prune(installed, keep, protect) == pruned
+    assert runner.releases_to_prune(installed, keep, protect) == pruned
 
 
 @pytest.mark.parametrize("installed,current,previous", [
@@ -114,7 +115,7 @@ def test_previous_release(installed, current, previous):
 
 
 def test_disk_needed_counts_tarball_unpacked_and_margin():
-    assert rollout.disk_needed(10, 30) == 40 + rollout.DISK_MARGIN_BYTES
+    assert runner.disk_needed(10, 30) == 40 + runner.DISK_MARGIN_BYTES
 
 
 def test_instance_links_name_the_releases_blue_green_uses():
@@ -532,10 +533,10 @@ def test_resolve_version(tmp_path):
 
 
 def test_recent_journal_argv_only_covers_this_attempt():
-    argv = rollout.recent_journal_argv("releasy.service", 7.2, 12)
+    argv = runner.recent_journal_argv("releasy.service", 7.2, 12)
     assert argv[0] == "journalctl" and argv[-2:] == ["--since", "-8s"]
     assert argv[argv.index("--lines") + 1] == "12"
-    assert rollout.recent_journal_argv("releasy.service", 0)[-1] == "-1s"
+    assert runner.recent_journal_argv("releasy.service", 0)[-1] == "-1s"
 
 
 def _pre(*states) -> rollout.Preflight:

@@ -20,12 +20,14 @@ from pathlib import Path
 from releasy_deploy import cli
 from releasy_deploy.executor import Executor, HostConnection
 from releasy_deploy.output import Reporter
-from releasy_deploy.remote import ensure_dir, facts, put_file
+from releasy_deploy.facts import (Arch, CommandExists, Hostname, Kernel, MemTotal, OsRelease,
+                                  PackageVersion, UserExists, read_facts)
+from releasy_deploy.remote import ensure_dir, put_file
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
-FACT_NAMES = ["os_release", "arch", "hostname", "kernel", "mem_total", "user_exists:root",
-              "package_version:bash", "command_exists:sh"]
+FACTS = [OsRelease(), Arch(), Hostname(), Kernel(), MemTotal(), UserExists("root"),
+         PackageVersion("bash"), CommandExists("sh")]
 
 
 def converge(c: HostConnection, base: str, user: str) -> dict[str, int]:
@@ -42,7 +44,7 @@ def converge(c: HostConnection, base: str, user: str) -> dict[str, int]:
     step("ensure_dir", lambda: ensure_dir(c, f"{base}/conf.d", mode=0o750, **owner))
     step("put_file", lambda: put_file(c, f"{base}/conf.d/app.conf", b"port = 8080\n",
                                       mode=0o640, **owner))
-    step("facts", lambda: facts(c, FACT_NAMES))
+    step("facts", lambda: read_facts(c, FACTS))
     return cost
 
 
@@ -113,7 +115,7 @@ def test_session_writes_round_trips_and_the_command_trace_to_the_json_log(
     assert all(c["exit_code"] == 0 for c in commands[1:]) and commands[0]["exit_code"] is None
     starts = [c["started_s"] for c in commands]
     assert starts == sorted(starts) and all(c["seconds"] >= 0 for c in commands)
-    assert "facts os_release, arch" in commands[-1]["command"]
+    assert "facts OsRelease, Arch, Hostname" in commands[-1]["command"]
 
 
 def test_without_trace_only_the_counts_are_logged(sshd, tmp_path, monkeypatch):

@@ -15,11 +15,19 @@ import pytest
 
 from releasy_deploy import firewall as fw
 from releasy_deploy import status as st
+from releasy_deploy.backups import BackupListing
+from releasy_deploy.bluegreen import InstanceLink, Listening
 from releasy_deploy.commands import acme as acmecmd
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
+from releasy_deploy.facts import (FileSha256, FileStat, PackageVersion, ServiceActive,
+                                  build_facts_script, parse_facts_output)
 from releasy_deploy.inventory import parse_inventory
-from releasy_deploy.remote import build_facts_script, parse_facts_output, probe_for
+from releasy_deploy.schema import RecordedLevels, SchemaLevel
+from releasy_deploy.tiers.acme import CertInfo
+from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
+from releasy_deploy.tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
+from releasy_deploy.tiers.proxy import ProxyText
 
 SPLIT = parse_inventory({
     "environment": "prod", "admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
@@ -38,7 +46,7 @@ SINGLE = parse_inventory({
     "tls": {"mode": "self-signed", "server_name": "releasy.example.test"}},
     "/nonexistent/hosts.yaml", check_files=False)
 ROOT = Path(__file__).resolve().parents[2]
-SELF_CERT = "acme_cert:/etc/nginx/releasy/tls/self-signed.crt"
+SELF_CERT = CertInfo("/etc/nginx/releasy/tls/self-signed.crt")
 
 
 def cert(days: float, issuer: str = "CN=releasy.example.test", self_signed: bool = True):
@@ -98,11 +106,11 @@ def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
     d = tmp_path / "data dir"
     d.mkdir()
     (d / "f").write_bytes(b"x" * 40000)
-    probe = probe_for(f"status_disk:{d}")
-    res = subprocess.run(["sh", "-c", probe.shell], capture_output=True, text=True)
+    probe = st.StatusDisk(str(d))
+    res = subprocess.run(["sh", "-c", probe.shell()], capture_output=True, text=True)
     used, pct = probe.parse(res.stdout, res.returncode)
     assert used >= 40000 and 0 <= pct <= 100
-    gone = subprocess.run(["sh", "-c", probe_for(f"status_disk:{d}-missing").shell],
+    gone = subprocess.run(["sh", "-c", st.StatusDisk(f"{d}-missing").shell()],
                           capture_output=True, text=True)
     assert probe.parse(gone.stdout, gone.returncode) is None
 
@@ -112,39 +120,41 @@ def test_every_fact_has_a_probe_and_values_are_quoted():
         for host in inv.hosts:
             names = st.fact_names(inv, host)
             assert len(names) == len(set(names))
-            script = build_facts_script(names, "n0nce")  # raises on an unknown fact
+            script = build_facts_script(names, "n0nce")
             assert "n0nce" in script
-    assert shlex.quote("/var/lib/releasy") in probe_for("status_disk:/var/lib/releasy").shell
+    assert shlex.quote("/var/lib/releasy") in st.StatusDisk("/var/lib/releasy").shell()
     weird = "releasy@it's.service"
-    assert shlex.quote(weird) in probe_for(f"status_exe:{weird}").shell
+    assert shlex.quote(weird) in st.StatusExe(weird).shell()
 
 
 def test_which_facts_each_host_gets():
     by = {h.name: st.fact_names(SPLIT, h) for h in SPLIT.hosts}
-    assert "releasy_unit:releasy.service" in by["app1"]
-    assert "releasy_ready:http://10.9.0.21:8080/ready" in by["app1"]
-    assert "status_version:10.9.0.22:8080" in by["app2"]
-    assert "status_disk:/opt/releasy" in by["app1"]
-    assert "proxy_text:/etc/nginx/releasy/upstream.conf" in by["proxy1"]
-    assert "status_pg:releasy" in by["db1"] and "status_disk:/var/lib/postgresql" in by["db1"]
-    assert not any(n.startswith(("releasy_", "status_pg")) for n in by["proxy1"])
+    assert ReleasyUnit("releasy.service") in by["app1"]
+    assert ReleasyReady("http://10.9.0.21:8080/ready") in by["app1"]
+    assert st.StatusVersion("10.9.0.22:8080") in by["app2"]
+    assert st.StatusDisk("/opt/releasy") in by["app1"]
+    assert ProxyText("/etc/nginx/releasy/upstream.conf") in by["proxy1"]
+    assert st.StatusPg("releasy") in by["db1"]
+    assert st.StatusDisk("/var/lib/postgresql") in by["db1"]
+    assert not any(isinstance(f, (ReleasyUnit, ReleasyReady, ReleasyReleases, st.StatusPg))
+                   for f in by["proxy1"])
     for names in by.values():
         assert set(st.FIREWALL_FACTS) <= set(names)
     solo = st.fact_names(SINGLE, SINGLE.hosts[0])
     # One host, every tier: the blue/green instances, the proxy and the SQLite file.
-    assert {"releasy_unit:releasy@8080.service", "releasy_unit:releasy@8081.service",
-            "status_version:127.0.0.1:8081", "bluegreen_link:/opt/releasy/instances/8081",
-            "file_stat:/var/lib/releasy/releasy.db", "service_active:nginx"} <= set(solo)
+    assert {ReleasyUnit("releasy@8080.service"), ReleasyUnit("releasy@8081.service"),
+            st.StatusVersion("127.0.0.1:8081"), InstanceLink("/opt/releasy/instances/8081"),
+            FileStat("/var/lib/releasy/releasy.db"), ServiceActive("nginx")} <= set(solo)
 
 
 def test_facts_output_round_trip_of_the_status_probes():
     """The parsers get what the facts framework frames: stdout and exit code."""
-    names = ["status_pg:releasy", "status_exe:releasy.service"]
+    names = [st.StatusPg("releasy"), st.StatusExe("releasy.service")]
     out = ("@@releasy:n:0:begin@@\nup 123\n\n@@releasy:n:0:end:0@@\n"
            "@@releasy:n:1:begin@@\n/opt/releasy/releases/1.1.0/releasy-server\n\n"
            "@@releasy:n:1:end:0@@\n")
     assert parse_facts_output(names, "n", out) == {
-        "status_pg:releasy": (True, 123), "status_exe:releasy.service": "1.1.0"}
+        st.StatusPg("releasy"): (True, 123), st.StatusExe("releasy.service"): "1.1.0"}
 
 
 # ------------------------------------------------------------------------------ facts as found
@@ -153,10 +163,11 @@ def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
     added = "Added user rules (see 'ufw status' for running firewall):\n" + "\n".join(
         [shlex.join(fw.add_argv(r)) for r in planned] + list(extra))
     return {
-        "package_version:ufw": "0.36.2-1",
-        "fw_ufw_status": fw.parse_status("Status: active\n" if active else "Status: inactive\n"),
-        "fw_ufw_added": fw.parse_show_added(added),
-        "fw_ufw_defaults": fw.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
+        PackageVersion("ufw"): "0.36.2-1",
+        UfwStatusVerbose(): fw.parse_status("Status: active\n" if active
+                                            else "Status: inactive\n"),
+        UfwShowAdded(): fw.parse_show_added(added),
+        UfwDefaultsFile(): fw.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
                                              'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
     }
 
@@ -174,26 +185,26 @@ def releases(current="1.1.0", *installed):
 
 def app_facts(bind, *, state="active", ready=True, running="1.1.0", current="1.1.0"):
     return {
-        "releasy_releases": releases(current),
-        "releasy_unit:releasy.service": unit(state),
-        f"releasy_ready:http://{bind}/ready": ready,
-        f"status_version:{bind}": running if state == "active" else None,
-        "status_exe:releasy.service": None,  # a script: no release in /proc/PID/exe
-        "status_disk:/opt/releasy": (70 * 1024, 23),
-        "status_disk:/var/lib/releasy": (28 * 1024, 23),
+        ReleasyReleases(): releases(current),
+        ReleasyUnit("releasy.service"): unit(state),
+        ReleasyReady(f"http://{bind}/ready"): ready,
+        st.StatusVersion(bind): running if state == "active" else None,
+        st.StatusExe("releasy.service"): None,  # a script: no release in /proc/PID/exe
+        st.StatusDisk("/opt/releasy"): (70 * 1024, 23),
+        st.StatusDisk("/var/lib/releasy"): (28 * 1024, 23),
     }
 
 
 def split_facts(**over):
     found = {
-        "proxy1": {**ufw_facts(SPLIT, "proxy1"), "service_active:nginx": True,
+        "proxy1": {**ufw_facts(SPLIT, "proxy1"), ServiceActive("nginx"): True,
                    SELF_CERT: cert(300),
-                   "proxy_text:/etc/nginx/releasy/upstream.conf":
+                   ProxyText("/etc/nginx/releasy/upstream.conf"):
                        upstream("10.9.0.21:8080", "10.9.0.22:8080")},
         "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
         "app2": {**ufw_facts(SPLIT, "app2"), **app_facts("10.9.0.22:8080")},
-        "db1": {**ufw_facts(SPLIT, "db1"), "status_pg:releasy": (True, 8_000_000),
-                "status_disk:/var/lib/postgresql": (42 * 2**20, 23)},
+        "db1": {**ufw_facts(SPLIT, "db1"), st.StatusPg("releasy"): (True, 8_000_000),
+                st.StatusDisk("/var/lib/postgresql"): (42 * 2**20, 23)},
     }
     for host, changes in over.items():
         if isinstance(changes, BaseException):
@@ -268,7 +279,7 @@ def test_an_unreachable_host_is_a_row_not_a_crash():
 
 
 def test_rotation_comes_from_every_proxy():
-    drained = split_facts(proxy1={"proxy_text:/etc/nginx/releasy/upstream.conf":
+    drained = split_facts(proxy1={ProxyText("/etc/nginx/releasy/upstream.conf"):
                                   upstream("10.9.0.22:8080")})
     report = st.build_report(SPLIT, drained, FREE)
     assert [h.app.in_rotation for h in report.hosts[1:3]] == [False, True]
@@ -278,7 +289,7 @@ def test_rotation_comes_from_every_proxy():
     # No proxy answer: unknown, not "out".
     blind = st.build_report(SPLIT, split_facts(proxy1=UnreachableError("proxy1: down")), FREE)
     assert [h.app.in_rotation for h in blind.hosts[1:3]] == [None, None]
-    stranger = split_facts(proxy1={"proxy_text:/etc/nginx/releasy/upstream.conf":
+    stranger = split_facts(proxy1={ProxyText("/etc/nginx/releasy/upstream.conf"):
                                    upstream("10.9.0.21:8080", "10.9.0.22:8080", "10.9.9.9:80")})
     assert st.build_report(SPLIT, stranger, FREE).problems == [
         "proxy1: the upstream lists servers that are no app host of the inventory: 10.9.9.9:80"]
@@ -286,9 +297,9 @@ def test_rotation_comes_from_every_proxy():
 
 def test_release_drift_nginx_database_firewall_and_disk_problems():
     found = split_facts(
-        app1={"status_version:10.9.0.21:8080": "1.0.0"},  # current says 1.1.0
-        proxy1={"service_active:nginx": False},
-        db1={"status_pg:releasy": (False, None), "status_disk:/var/lib/postgresql": (1, 95)},
+        app1={st.StatusVersion("10.9.0.21:8080"): "1.0.0"},  # current says 1.1.0
+        proxy1={ServiceActive("nginx"): False},
+        db1={st.StatusPg("releasy"): (False, None), st.StatusDisk("/var/lib/postgresql"): (1, 95)},
         app2=ufw_facts(SPLIT, "app2", rules=fw.plan_rules(SPLIT)["app2"][:1]),
     )
     report = st.build_report(SPLIT, found, FREE)
@@ -337,33 +348,33 @@ def test_the_lock_line():
 # ------------------------------------------------------------------------------ single host
 def single_facts(live_port=8081, *, live_state="active", ready=True):
     found = {**ufw_facts(SINGLE, "solo"),
-             "releasy_releases": releases("1.1.0", "1.0.0", "1.1.0"),
-             "proxy_text:/etc/nginx/releasy/upstream.conf": upstream(f"127.0.0.1:{live_port}"),
-             "service_active:nginx": True, SELF_CERT: cert(300),
-             "file_stat:/etc/systemd/system/releasy@.service": {"type": "regular file",
+             ReleasyReleases(): releases("1.1.0", "1.0.0", "1.1.0"),
+             ProxyText("/etc/nginx/releasy/upstream.conf"): upstream(f"127.0.0.1:{live_port}"),
+             ServiceActive("nginx"): True, SELF_CERT: cert(300),
+             FileStat("/etc/systemd/system/releasy@.service"): {"type": "regular file",
                                                                 "owner": "root", "group": "root",
                                                                 "mode": 0o644, "size": 900},
-             "file_stat:/var/lib/releasy/releasy.db": {"type": "regular file", "owner": "releasy",
+             FileStat("/var/lib/releasy/releasy.db"): {"type": "regular file", "owner": "releasy",
                                                        "group": "releasy", "mode": 0o600,
                                                        "size": 20480},
-             "releasy_schema_level:sqlite:/var/lib/releasy/releasy.db": 3,
-             "releasy_schema_levels": {}, "releasy_backups": [],
-             "releasy_unit:releasy.service": unit("inactive"),
-             "status_exe:releasy.service": None,
-             "status_disk:/opt/releasy": (140 * 1024, 40),
-             "status_disk:/var/lib/releasy": (60 * 1024, 40)}
+             SchemaLevel("sqlite", "/var/lib/releasy/releasy.db"): 3,
+             RecordedLevels(): {}, BackupListing(): [],
+             ReleasyUnit("releasy.service"): unit("inactive"),
+             st.StatusExe("releasy.service"): None,
+             st.StatusDisk("/opt/releasy"): (140 * 1024, 40),
+             st.StatusDisk("/var/lib/releasy"): (60 * 1024, 40)}
     for port, version in ((8080, "1.0.0"), (8081, "1.1.0")):
         live = port == live_port
         bind = f"127.0.0.1:{port}"
         found.update({
-            f"releasy_unit:releasy@{port}.service": unit(live_state if live else "inactive",
+            ReleasyUnit(f"releasy@{port}.service"): unit(live_state if live else "inactive",
                                                         pid=300 + port % 10),
-            f"bluegreen_link:/opt/releasy/instances/{port}": f"/opt/releasy/releases/{version}",
-            f"file_sha256:/etc/releasy/instance-{port}.env": "b" * 64,
-            f"bluegreen_listening:{port}": live and live_state == "active",
-            f"releasy_ready:http://{bind}/ready": live and ready,
-            f"status_version:{bind}": None,  # no /version: the link says which release
-            f"status_exe:releasy@{port}.service": None,
+            InstanceLink(f"/opt/releasy/instances/{port}"): f"/opt/releasy/releases/{version}",
+            FileSha256(f"/etc/releasy/instance-{port}.env"): "b" * 64,
+            Listening(port): live and live_state == "active",
+            ReleasyReady(f"http://{bind}/ready"): live and ready,
+            st.StatusVersion(bind): None,  # no /version: the link says which release
+            st.StatusExe(f"releasy@{port}.service"): None,
         })
     assert set(found) == set(st.fact_names(SINGLE, SINGLE.hosts[0]))
     return {"solo": found}
@@ -391,7 +402,7 @@ def test_single_host_with_the_live_instance_down():
     assert report.problems[:2] == ["solo: releasy@8081.service is failed (dead), not active",
                                    "solo: /ready does not answer 200"]
     lost = single_facts()
-    lost["solo"]["proxy_text:/etc/nginx/releasy/upstream.conf"] = upstream("10.1.1.1:80")
+    lost["solo"][ProxyText("/etc/nginx/releasy/upstream.conf")] = upstream("10.1.1.1:80")
     problems = st.build_report(SINGLE, lost, FREE).problems
     assert any("a blue/green deploy needs exactly one server" in p for p in problems)
 
@@ -455,7 +466,7 @@ def test_acme_mode_flags_the_bootstrap_certificate():
     acme = dataclasses.replace(SPLIT, tls=dataclasses.replace(SPLIT.tls, mode="acme"))
     facts = split_facts()
     facts["proxy1"] = {k: v for k, v in facts["proxy1"].items() if k != SELF_CERT}
-    facts["proxy1"]["acme_cert:/etc/nginx/releasy/tls/acme.crt"] = cert(300)
+    facts["proxy1"][CertInfo("/etc/nginx/releasy/tls/acme.crt")] = cert(300)
     report = st.build_report(acme, facts, FREE)
     assert report.problems == ["proxy1: still the bootstrap self-signed certificate: the ACME"
                                " CA has not issued one (run `fab proxy.setup`)"]

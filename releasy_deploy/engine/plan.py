@@ -1,0 +1,229 @@
+"""Plans as data: what a rolling flow will do, host by host, decided before anything runs.
+
+A planner is a pure function from what preflight saw (`AppState` per app host) and the
+operator's flags to a `RollingPlan`: named stages (batches), each host going through the
+same typed steps. The runner executes any plan; `--dry-run` prints it from the same data.
+Adding a flow means writing a planner, not copying the runner.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..commands import app as appcmd
+
+UNIT = appcmd.SERVICE
+
+#: The per-host steps a plan can use, in the order they run on a drained host:
+#: point `current` at the target release, restart the unit, poll /ready, check /version.
+HOST_STEPS = ("switch", "start", "ready", "validate")
+#: Steps after which the host no longer runs what it ran before: undone by restarting it on
+#: the release it ran at preflight.
+CHANGING_STEPS = frozenset(HOST_STEPS)
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What preflight saw on one app host."""
+
+    name: str
+    current: str | None
+    installed: tuple[str, ...] = ()  # complete releases, oldest first
+    markers: Mapping[str, str | None] = field(default_factory=dict)  # version -> sha256
+    active: str = "unknown"  # ActiveState of releasy.service
+    ready: bool = False
+    free_bytes: int | None = None
+    levels: Mapping[str, int] = field(default_factory=dict)  # recorded migration levels
+    instance_releases: frozenset[str] = frozenset()
+    in_rotation: bool = True
+
+    def holds(self, version: str, sha256: str | None = None) -> bool:
+        if version not in self.installed:
+            return False
+        return sha256 is None or self.markers.get(version) == sha256
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One stage of a plan: these hosts go through the plan's host steps together."""
+
+    stage: str  # "migrate" (first host alone), "roll", "restart"
+    hosts: tuple[str, ...]
+    #: drained first and re-added once ready; False: out of rotation, changed in place and
+    #: left out (a host drained by hand).
+    rotates: bool = True
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.hosts)
+
+
+@dataclass(frozen=True)
+class RollingPlan:
+    """A whole rolling flow, as data."""
+
+    flow: str  # the task, also the audit action: "deploy.rolling", "app.restart"...
+    title: str  # how messages name it: "Rolling deploy", "Rolling restart"
+    #: the release every changed host ends on; None: each host keeps the one it runs.
+    target: str | None
+    host_steps: tuple[str, ...]
+    batches: tuple[Batch, ...]
+    skipped: tuple[str, ...] = ()  # already where the plan wants them
+    stage_release: bool = False  # upload + unpack the target on hosts lacking it first
+    backup: bool = False  # dump the database before the first host changes
+    #: after the last batch: record migration levels and prune releases (a release change).
+    records_release: bool = False
+    #: how a host left out of rotation comes back, said in the failure paragraph.
+    left_out_advice: str = ""
+    #: how messages name the releases when ``target`` is None (e.g. the one they all run).
+    current_text: str = "their current releases"
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.host_steps if s not in HOST_STEPS]
+        if unknown or not self.host_steps:
+            raise ValueError(f"host steps must be some of {HOST_STEPS}, got {self.host_steps}")
+        if "switch" in self.host_steps and self.target is None:
+            raise ValueError("a plan that switches releases needs a target release")
+
+    @property
+    def hosts(self) -> list[str]:
+        return [n for b in self.batches for n in b.hosts]
+
+    @property
+    def first_migrates(self) -> bool:
+        return bool(self.batches) and self.batches[0].stage == "migrate"
+
+    @property
+    def target_text(self) -> str:
+        return self.target if self.target is not None else self.current_text
+
+    def host_words(self) -> str:
+        """What happens to each host, in words: "switch to 1.1.0, start, wait for /ready"."""
+        words = {"switch": f"switch to {self.target}", "start": f"restart {UNIT}",
+                 "ready": "wait for /ready", "validate": "check /version"}
+        if "switch" in self.host_steps:
+            words["start"] = "start"
+        return ", ".join(words[s] for s in self.host_steps)
+
+    def stage_words(self, batch: Batch) -> str:
+        """The stage line of one batch."""
+        steps = self.host_words()
+        if batch.stage == "migrate":
+            steps = steps.replace("start", "start alone (migrations run here)", 1)
+        if not batch.rotates:
+            return f"{steps} in place (out of rotation: it stays out)"
+        return f"drain {batch.label}, {steps}, re-add"
+
+    def describe(self, states: Mapping[str, AppState] | None = None,
+                 db_host: str = "the db host") -> str:
+        """The plan in one line (what the operator confirms)."""
+        parts = []
+        for b in self.batches:
+            for n in b.hosts:
+                st = states.get(n) if states else None
+                if self.target is not None and st is not None:
+                    role = (" (first, alone: any migrations run here)"
+                            if b.stage == "migrate" else "")
+                    parts.append(f"{n}: {st.current} -> {self.target}{role}")
+        rolling = [b for b in self.batches if b.rotates and b.stage != "migrate"]
+        in_place = [n for b in self.batches if not b.rotates for n in b.hosts]
+        if self.target is None:
+            parts = [f"batch {i + 1}: {b.label} (drain, restart, /ready, re-add)"
+                     for i, b in enumerate(rolling)]
+            if in_place:
+                parts.insert(0, f"{', '.join(in_place)}: out of rotation, restarted in place"
+                                f" and left out")
+            return "; ".join(parts)
+        if self.skipped:
+            parts.append(f"already on {self.target}: {', '.join(self.skipped)}")
+        sizes = sorted({len(b.hosts) for b in rolling})
+        if rolling:
+            parts.append(f"then {len(rolling)} batch(es) of {'/'.join(map(str, sizes))}")
+        if self.backup:
+            parts.append(f"database dump on {db_host} first")
+        return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------ planners
+def hosts_to_roll(states: Sequence[AppState], version: str) -> list[str]:
+    """Hosts that still need V, those already out of rotation first (they serve nothing,
+    so starting with them costs no capacity)."""
+    todo = [s for s in states if not (s.current == version and s.ready)]
+    return [s.name for s in sorted(todo, key=lambda s: s.in_rotation)]
+
+
+def plan_batches(todo: Sequence[str], batch: int, app_hosts: int, *,
+                 migrate_first: bool) -> tuple[str | None, list[list[str]]]:
+    """(first host, started alone to run the migrations | None, then batches).
+
+    A batch never holds every app host: at least one stays in rotation.
+    """
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    if app_hosts < 2:
+        raise ValueError("a rolling rollout needs at least two app hosts")
+    size = min(batch, app_hosts - 1)
+    rest = list(todo)
+    first = rest.pop(0) if migrate_first and rest else None
+    return first, [rest[i:i + size] for i in range(0, len(rest), size)]
+
+
+def plan_release_rollout(states: Sequence[AppState], version: str, batch: int, *,
+                         flow: str, title: str, backup: bool,
+                         stage_release: bool) -> RollingPlan:
+    """Rolling deploy and rollback: every host not yet ready on ``version`` is drained,
+    switched, started, checked and re-added; the first one alone when no host runs
+    ``version`` yet (it runs the migrations), then batches of ``batch``."""
+    todo = hosts_to_roll(states, version)
+    migrate_first = not any(st.current == version and st.ready for st in states)
+    first, batches = plan_batches(todo, batch, len(states), migrate_first=migrate_first)
+    stages = ([Batch("migrate", (first,))] if first is not None else []) + [
+        Batch("roll", tuple(b)) for b in batches]
+    return RollingPlan(
+        flow=flow, title=title, target=version, host_steps=HOST_STEPS,
+        batches=tuple(stages), skipped=tuple(s.name for s in states if s.name not in todo),
+        stage_release=stage_release and bool(todo), backup=backup and migrate_first
+        and bool(todo), records_release=True)
+
+
+def plan_restart(in_place: Sequence[str], batches: Sequence[Sequence[str]],
+                 states: Mapping[str, AppState]) -> RollingPlan:
+    """Rolling restart: hosts out of rotation are restarted in place and left out; the
+    others batch by batch (drain, restart, /ready, re-add). Which hosts go in which batch
+    is `maintenance.restart_plan`'s decision."""
+    return RollingPlan(
+        flow="app.restart", title="Rolling restart", target=None,
+        host_steps=("start", "ready"),
+        batches=tuple([Batch("restart", (n,), rotates=False) for n in in_place]
+                      + [Batch("restart", tuple(b)) for b in batches]),
+        left_out_advice="Once a host left out is fixed, `fab app.undrain --host NAME` puts it"
+                        " back (it checks /ready first).",
+        current_text=_common_release([*in_place, *(n for b in batches for n in b)], states))
+
+
+def _common_release(hosts: Sequence[str], states: Mapping[str, AppState]) -> str:
+    versions = {states[n].current for n in hosts}
+    if len(versions) == 1:
+        (only,) = versions
+        if only is not None:
+            return only
+    return "their current releases"
+
+
+def plan_reconfigure(changed: Sequence[str], states: Mapping[str, AppState],
+                     batch: int = 1) -> RollingPlan:
+    """Rolling reconfiguration: app hosts whose env file or unit changed while they serve
+    are restarted batch by batch (drain, restart, /ready, re-add), never all at once; a
+    host out of rotation is restarted in place. The new files are already written (the
+    running process keeps its old environment until the restart)."""
+    in_place = [n for n in changed if not states[n].in_rotation]
+    serving = [n for n in changed if states[n].in_rotation]
+    rotation = sum(1 for st in states.values() if st.in_rotation)
+    size = max(1, min(batch, rotation - 1))
+    batches = [serving[i:i + size] for i in range(0, len(serving), size)]
+    plan = plan_restart(in_place, batches, states)
+    return RollingPlan(**{**plan.__dict__, "flow": "app.setup",
+                          "title": "Rolling reconfiguration",
+                          "left_out_advice": "The new settings are written on every changed"
+                                             " host; re-running the same command restarts"
+                                             " the hosts that do not run them yet."})

@@ -1,0 +1,343 @@
+"""Typed facts: read-only probes of a host, read in ONE round trip per host.
+
+A fact is a small frozen dataclass whose fields are its arguments (``ServiceActive("nginx")``)
+with two methods: ``shell()``, the read-only shell snippet that reads it (every value in it
+through `shlex.quote`), and ``parse(out, code)``, which turns the snippet's stdout and exit
+code into a typed value. The fact object is its own key: equal by value, hashable, so
+``read_facts(c, [FileStat(p)])[FileStat(p)]`` is how a caller asks and reads.
+
+The generic facts live here; a fact whose meaning belongs to a tier or a flow lives next to
+that code (``tiers/app.py: ReleasyReady``, ``schema.py: SchemaLevel``, ...). Nothing is
+registered anywhere: a caller imports the class it reads.
+"""
+from __future__ import annotations
+
+import secrets as _random
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import DeployError
+from .executor import HostConnection
+
+__all__ = [
+    "Fact", "read_facts", "read_fact", "build_facts_script", "parse_facts_output",
+    "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
+    "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "PathExists", "UserExists",
+    "GroupExists", "CommandExists", "PackageVersion",
+]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Base of every fact. Subclasses are ``@dataclass(frozen=True)``; their fields are
+    the fact's arguments. A str field must hold a str without NUL bytes (a NUL cannot
+    reach a shell intact, so it is refused rather than silently cut)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("str", str) and not isinstance(value, str):
+                raise TypeError(f"{type(self).__name__}.{f.name} must be a str, not"
+                                f" {type(value).__name__} ({value!r})")
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"{type(self).__name__}.{f.name} contains a NUL byte")
+
+    def shell(self) -> str:
+        """The read-only snippet (one or more lines) printing what `parse` reads."""
+        raise NotImplementedError(f"{type(self).__name__}.shell")
+
+    def parse(self, out: str, code: int) -> Any:
+        """The value, from the snippet's stdout and exit code."""
+        raise NotImplementedError(f"{type(self).__name__}.parse")
+
+    def __str__(self) -> str:  # for labels and messages: "FileStat(/etc/x)"
+        args = ", ".join(str(getattr(self, f.name)) for f in fields(self))
+        return f"{type(self).__name__}({args})" if args else type(self).__name__
+
+
+# --------------------------------------------------------------------------------------
+# The reader: every fact of a host in one script, outputs framed by nonce'd markers
+# --------------------------------------------------------------------------------------
+def _markers(nonce: str, i: int) -> tuple[str, str]:
+    return f"@@releasy:{nonce}:{i}:begin@@", f"@@releasy:{nonce}:{i}:end:"
+
+
+def build_facts_script(facts: Sequence[Fact], nonce: str) -> str:
+    """One shell script running every probe, each output framed by nonce'd markers.
+
+    Each probe runs in a subshell with stdin from /dev/null (the script itself arrives on
+    stdin, which a probe must not eat) and stderr discarded; its exit code is recorded.
+    """
+    parts = []
+    for i, fact in enumerate(facts):
+        begin, end = _markers(nonce, i)
+        parts.append(f"printf '%s\\n' {shlex.quote(begin)}")
+        parts.append(f"( {fact.shell()}\n) </dev/null 2>/dev/null")
+        # The leading \n guarantees the end marker starts a line; the parser removes it.
+        parts.append(f"printf '\\n%s%s@@\\n' {shlex.quote(end)} \"$?\"")
+    return "\n".join(parts) + "\n"
+
+
+def parse_facts_output(facts: Sequence[Fact], nonce: str, stdout: str) -> dict[Fact, Any]:
+    """{fact: value} from the script's stdout; ValueError when a frame is missing or cut."""
+    values: dict[Fact, Any] = {}
+    pos = 0
+    for i, fact in enumerate(facts):
+        begin, end = _markers(nonce, i)
+        b = stdout.find(begin + "\n", pos)
+        if b < 0:
+            raise ValueError(f"output of fact {fact} is missing")
+        start = b + len(begin) + 1
+        e = stdout.find("\n" + end, start)
+        if e < 0:
+            raise ValueError(f"output of fact {fact} is truncated")
+        code_start = e + 1 + len(end)
+        code_end = stdout.find("@@\n", code_start)
+        if code_end < 0:
+            raise ValueError(f"exit code of fact {fact} is missing")
+        body = stdout[start:e]
+        code = int(stdout[code_start:code_end])
+        values[fact] = fact.parse(body, code)
+        pos = code_end + 3
+    return values
+
+
+def read_facts(c: HostConnection, facts: Iterable[Fact], *,
+               sudo: bool = False) -> dict[Fact, Any]:
+    """Read several facts in ONE round trip (read-only: also runs in dry-run)."""
+    wanted = list(dict.fromkeys(facts))
+    for fact in wanted:
+        if not isinstance(fact, Fact):
+            raise TypeError(f"not a fact: {fact!r}")
+    if not wanted:
+        return {}
+    nonce = _random.token_hex(8)  # unguessable: file content cannot forge a marker
+    script = build_facts_script(wanted, nonce)
+    res = c.run_script(script, sudo=sudo, mutates=False,
+                       label=f"facts {', '.join(map(str, wanted))}")
+    try:
+        return parse_facts_output(wanted, nonce, res.stdout)
+    except ValueError as exc:
+        raise DeployError(f"{c.name}: cannot read facts: {exc}", host=c.name) from None
+
+
+def read_fact(c: HostConnection, fact: Fact, *, sudo: bool = False) -> Any:
+    return read_facts(c, [fact], sudo=sudo)[fact]
+
+
+# --------------------------------------------------------------------------------------
+# Generic facts
+# --------------------------------------------------------------------------------------
+def _stripped(out: str, code: int) -> str | None:
+    return out.strip() if code == 0 else None
+
+
+@dataclass(frozen=True)
+class OsRelease(Fact):
+    """/etc/os-release as {KEY: value} ({} when unreadable)."""
+
+    def shell(self) -> str:
+        return "cat /etc/os-release"
+
+    def parse(self, out: str, code: int) -> dict[str, str]:
+        result: dict[str, str] = {}
+        if code != 0:
+            return result
+        for line in out.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() and not key.startswith("#"):
+                try:
+                    words = shlex.split(value)
+                except ValueError:
+                    words = [value]
+                result[key.strip()] = words[0] if words else ""
+        return result
+
+
+@dataclass(frozen=True)
+class Arch(Fact):
+    """The machine hardware name (``uname -m``)."""
+
+    def shell(self) -> str:
+        return "uname -m"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return _stripped(out, code)
+
+
+@dataclass(frozen=True)
+class Hostname(Fact):
+    def shell(self) -> str:
+        return "uname -n"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return _stripped(out, code)
+
+
+@dataclass(frozen=True)
+class Kernel(Fact):
+    def shell(self) -> str:
+        return "uname -r"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return _stripped(out, code)
+
+
+@dataclass(frozen=True)
+class MemTotal(Fact):
+    """Total memory in bytes, or None."""
+
+    def shell(self) -> str:
+        return "cat /proc/meminfo"
+
+    def parse(self, out: str, code: int) -> int | None:
+        for line in out.splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+
+@dataclass(frozen=True)
+class Systemd(Fact):
+    """systemd runs as the init system."""
+
+    def shell(self) -> str:
+        return "[ -d /run/systemd/system ]"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class DiskFree(Fact):
+    """Bytes available to unprivileged users on the file system of ``path``, or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return f"df -Pk -- {shlex.quote(self.path)}"
+
+    def parse(self, out: str, code: int) -> int | None:
+        lines = out.strip().splitlines()
+        if code != 0 or len(lines) < 2:
+            return None
+        fields_ = lines[-1].split()
+        return int(fields_[3]) * 1024 if len(fields_) >= 6 else None
+
+
+@dataclass(frozen=True)
+class ServiceActive(Fact):
+    unit: str
+
+    def shell(self) -> str:
+        return f"systemctl is-active -- {shlex.quote(self.unit)}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return out.strip() == "active"
+
+
+@dataclass(frozen=True)
+class ServiceEnabled(Fact):
+    """``systemctl is-enabled`` output ("enabled", "disabled", ...), or None."""
+
+    unit: str
+
+    def shell(self) -> str:
+        return f"systemctl is-enabled -- {shlex.quote(self.unit)}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out.strip() or None
+
+
+@dataclass(frozen=True)
+class FileSha256(Fact):
+    """sha256 of a regular file, or None when it is not one."""
+
+    path: str
+
+    def shell(self) -> str:
+        q = shlex.quote(self.path)
+        return f"[ -f {q} ] || exit 3; sha256sum < {q}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out.split()[0] if code == 0 and out.strip() else None
+
+
+@dataclass(frozen=True)
+class FileStat(Fact):
+    """{"type", "owner", "group", "mode", "size"} of ``path`` (symlinks followed), or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return f"stat -L -c '%F|%U|%G|%a|%s' -- {shlex.quote(self.path)}"
+
+    def parse(self, out: str, code: int) -> dict[str, Any] | None:
+        if code != 0 or not out.strip():
+            return None
+        kind, owner, group, mode, size = out.strip().split("|")
+        return {"type": kind, "owner": owner, "group": group, "mode": int(mode, 8),
+                "size": int(size)}
+
+
+@dataclass(frozen=True)
+class PathExists(Fact):
+    path: str
+
+    def shell(self) -> str:
+        return f"[ -e {shlex.quote(self.path)} ]"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class UserExists(Fact):
+    name: str
+
+    def shell(self) -> str:
+        return f"id -u -- {shlex.quote(self.name)}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class GroupExists(Fact):
+    name: str
+
+    def shell(self) -> str:
+        return f"getent group -- {shlex.quote(self.name)}"
+
+    def parse(self, out: str, code: int) -> bool:
+        return code == 0
+
+
+@dataclass(frozen=True)
+class CommandExists(Fact):
+    """Where ``command -v`` finds ``name``, or None."""
+
+    name: str
+
+    def shell(self) -> str:
+        return f"command -v {shlex.quote(self.name)}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return _stripped(out, code)
+
+
+@dataclass(frozen=True)
+class PackageVersion(Fact):
+    """The installed version of a Debian package, or None when not installed."""
+
+    package: str
+
+    def shell(self) -> str:
+        return f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Version}}' -- {shlex.quote(self.package)}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        # "${db:Status-Abbrev}" is three characters wide ("ii "), then the version.
+        status, version = out[:3].strip(), out[3:].strip()
+        return version if code == 0 and status == "ii" and version else None

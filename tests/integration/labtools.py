@@ -1,0 +1,65 @@
+"""Helpers the lab test modules share: look at hosts with plain OpenSSH (releases, /ready,
+the proxy's rotation, the database), and run load through the proxy. One copy here instead
+of one per module."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab.loadgen import LoadGenerator
+
+
+def app_octet(host: str) -> int:
+    """The last address octet of an app host (app1 -> 21)."""
+    return 20 + int(host.removeprefix("app"))
+
+
+def psql(lab, sql: str) -> list[list[str]]:
+    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
+    return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def current(lab, host) -> str:
+    """The release /opt/releasy/current points at on an app host."""
+    return lab.ssh(host, "readlink", "/opt/releasy/current").stdout.strip().rsplit("/", 1)[-1]
+
+
+def ready(lab, host) -> bool:
+    url = f"http://10.77.{lab.ident.subnet_octet}.{app_octet(host)}:8080/ready"
+    return lab.ssh(host, "curl", "-fsS", "--max-time", "3", url, check=False).returncode == 0
+
+
+def rotation(lab, proxy: str = "proxy1") -> list[str]:
+    """The app hosts the proxy's upstream file lists, in order (addresses it cannot name
+    stay addresses)."""
+    text = lab.ssh(proxy, "cat", "/etc/nginx/releasy/upstream.conf").stdout
+    by_address = {f"10.77.{lab.ident.subnet_octet}.{app_octet(f'app{i}')}:8080": f"app{i}"
+                  for i in range(1, 41)}
+    return [by_address.get(w[1], w[1]) for line in text.splitlines()
+            if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"]
+
+
+def load_through_proxy(lab, workdir: Path) -> LoadGenerator:
+    """Mixed HTTPS load from the outside namespace through proxy1 (bounded: 300 s at most)."""
+    return LoadGenerator(f"https://10.77.{lab.ident.subnet_octet}.10/",
+                         server_name="releasy.lab.test", threads=4, rate=100, duration=300,
+                         timeout=10, workdir=workdir)
+
+
+def report_load(what: str, summary: dict) -> None:
+    """Print the request count and the version split over time (seconds since start)."""
+    print(f"\n{what}: {summary['total']} requests, {summary['ok']} ok, {summary['failed']}"
+          f" failed, {summary['requests_per_s']} req/s, versions {summary['versions']},"
+          f" {summary.get('retried_stale_connections', 0)} retried on a fresh connection"
+          f" after nginx closed an idle kept-alive one at a reload")
+    for second, split in sorted(summary["per_second"].items(), key=lambda kv: int(kv[0])):
+        print(f"  t={int(second):>3}s  " + "  ".join(f"{v}: {n}" for v, n in sorted(split.items())))
+
+
+def assert_no_failed_request(load: LoadGenerator, summary: dict) -> None:
+    """Zero failed requests, every response a 200. (A request routed to a stopped host, or
+    cut by a restart, would be a 502 from nginx; a refused connection or a timeout an error.)
+    The generator retries a request once when nginx closed the idle kept-alive connection it
+    was reusing at a reload, as browsers and curl do; those are counted, not failures."""
+    failures = [r for r in load.records() if r["status"] != 200]
+    assert summary["failed"] == 0 and not failures, failures[:10]

@@ -1,0 +1,97 @@
+"""The library's layers, checked on the source: the operator edge on top, then the flows,
+then the tiers' steps and helpers, then `commands/` (pure builders), with the executor the
+only module that talks SSH. A module may import its own layer or lower ones, never higher;
+the edge (`cli.py`, `fabfile/`) is the only place that knows about exit codes and prompts.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LIB = ROOT / "releasy_deploy"
+
+# Lower number = lower layer. Unlisted library modules are "helpers" (layer 2).
+EDGE, FLOWS, TIERS, HELPERS, COMMANDS, BASE = 5, 4, 3, 2, 1, 0
+LAYER_OF = {
+    "cli": EDGE,
+    "rollout": FLOWS, "maintenance": FLOWS, "bluegreen": FLOWS, "site": FLOWS,
+    "status": FLOWS, "interactive": FLOWS,
+    # The runner (engine), the lock, and the steps it runs: the tiers' and the backups'.
+    "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS,
+    "commands": COMMANDS,
+    "errors": BASE, "inventory": BASE, "packages": BASE, "templates": BASE,
+}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if parts[0] != "releasy_deploy" or len(parts) < 2:
+        return -1
+    return LAYER_OF.get(parts[1], HELPERS)
+
+
+def _imports(path: Path) -> list[tuple[str, ast.AST]]:
+    """(absolute module name, node) for every import in ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = _module_name(path).rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            # `from . import rollout` imports the module rollout.
+            names = [f"{target}.{a.name}" for a in node.names] if not node.module else [target]
+            found += [(n, node) for n in names]
+    return found
+
+
+LIBRARY = sorted(p for p in LIB.rglob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_a_higher_layer(path):
+    mine = _layer(_module_name(path))
+    higher = sorted({name for name, _ in _imports(path)
+                     if _layer(name) > mine and not name.startswith(_module_name(path))})
+    assert not higher, f"{path.name} (layer {mine}) imports higher layers: {higher}"
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_edge_knows_invoke_and_prompts(path):
+    if _module_name(path) == "releasy_deploy.cli":
+        return
+    names = {name.split(".")[0] for name, _ in _imports(path)}
+    assert "invoke" not in names, f"{path.name} imports invoke: only cli.py raises Exit"
+    calls = [n for n in ast.walk(ast.parse(path.read_text()))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "input"]
+    assert not calls, f"{path.name} prompts with input(): ask Session.confirm instead"
+
+
+def test_only_the_executor_talks_ssh():
+    talking = sorted(p.name for p in LIBRARY
+                     if {"paramiko", "fabric"} & {n.split(".")[0] for n, _ in _imports(p)})
+    # Still outside the executor (to move there): the lock's tunnel and flock channel
+    # (lock.py) and db.psql's interactive pty channel (interactive.py). No new ones.
+    assert set(talking) <= {"executor.py", "lock.py", "interactive.py"}, talking
+
+
+def test_commands_are_pure_builders():
+    for path in sorted((LIB / "commands").glob("*.py")):
+        lib = {n for n, _ in _imports(path) if n.startswith("releasy_deploy.")}
+        allowed = {n for n in lib if n.startswith("releasy_deploy.commands")
+                   or _layer(n) == BASE}
+        assert lib == allowed, f"{path.name} imports {sorted(lib - allowed)}"
