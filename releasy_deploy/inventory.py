@@ -249,7 +249,7 @@ class TlsSettings:
     acme: AcmeSettings | None = None  # with mode: acme
 
 
-EGRESS_PINS = ("artifact_storage", "operator_jwt", "apt_proxy")
+EGRESS_PINS = ("artifact_storage", "operator_jwt", "apt_proxy", "acme_directory")
 
 
 @dataclass(frozen=True)
@@ -805,7 +805,7 @@ class _Parser:
         sec = self.section(top, "", "secrets", SECRETS_KEYS)
         secrets_file = self.field(sec, "secrets", "file", self.path_value,
                                   self.base / "secrets.yaml")
-        egress = self.egress(top, app)
+        egress = self.egress(top, app, tls)
 
         host_objs = self.build_hosts(hosts or {}, tiers)
         host_objs = self.resolve_jumps(top, host_objs, hosts or {}, jump_specs, ssh)
@@ -824,7 +824,8 @@ class _Parser:
             release=release, tls=tls, secrets_file=secrets_file, jump_hosts=jumps_used,
             egress=egress)
 
-    def egress(self, top: dict[str, Any], app: AppSettings | None) -> EgressSettings:
+    def egress(self, top: dict[str, Any], app: AppSettings | None,
+               tls: TlsSettings | None) -> EgressSettings:
         e = self.section(top, "", "egress", EGRESS_KEYS)
         if e is None:
             return EgressSettings()
@@ -841,7 +842,7 @@ class _Parser:
                                        f"entries; got {_kind(raw)}")
             raw = None
         for i, item in enumerate(raw or []):
-            entry = self.egress_allow(item, f"egress.allow[{i}]", app, apt_proxy)
+            entry = self.egress_allow(item, f"egress.allow[{i}]", app, apt_proxy, tls)
             if entry is not None:
                 if entry in allow:
                     self.error(f"egress.allow[{i}]", "is listed twice")
@@ -849,7 +850,7 @@ class _Parser:
         return EgressSettings(bool(restrict), tuple(allow), apt_proxy)
 
     def egress_allow(self, item: Any, p: str, app: AppSettings | None,
-                     apt_proxy: str | None) -> EgressAllow | None:
+                     apt_proxy: str | None, tls: TlsSettings | None) -> EgressAllow | None:
         m = self.mapping(item, p, EGRESS_ALLOW_KEYS)
         if m is None:
             return None
@@ -863,11 +864,16 @@ class _Parser:
         if pin is not None and tiers is not None:
             configured = {"artifact_storage": app is not None and app.artifact_storage,
                           "operator_jwt": app is not None and app.operator_jwt,
-                          "apt_proxy": apt_proxy}[pin]
+                          "apt_proxy": apt_proxy,
+                          "acme_directory": tls is not None and tls.mode == "acme"}[pin]
             if not configured:
-                where = "egress.apt_proxy" if pin == "apt_proxy" else f"app.{pin}"
+                where = {"apt_proxy": "egress.apt_proxy",
+                         "acme_directory": "tls.mode: acme"}.get(pin, f"app.{pin}")
                 self.error(f"{p}.pin", f"pins {pin}, but {where} is not configured")
-            elif pin != "apt_proxy" and "app" not in tiers:
+            elif pin == "acme_directory" and "proxy" not in tiers:
+                self.error(f"{p}.tiers", f"pins {pin}, which the proxy tier reaches: "
+                                         "list proxy in tiers")
+            elif pin not in ("apt_proxy", "acme_directory") and "app" not in tiers:
                 self.error(f"{p}.tiers", f"pins {pin}, which the app tier reaches: "
                                          "list app in tiers")
         if len(self.problems) != before:
