@@ -20,16 +20,18 @@ def _require_root() -> None:
 @task(help={"topology": "split (proxy1, app1..appN, db1) or single (one host: solo)",
             "apps": "number of app hosts in the split topology (default 2)",
             "database": "single topology only: postgres (default) or sqlite",
+            "suite": "Debian suite of the hosts: bookworm (12, default) or trixie (13)",
+            "db_suite": "split topology: another suite for the db host (a mixed fleet)",
             "bastion": "app and db hosts on a private network, reached through a `bastion`"
                        " jump host (the proxy keeps a public side)",
             "acme": "certificates from an ACME CA: pebble in the outside namespace",
             "proxies": "number of proxy hosts in the split topology (default 1)"})
-def up(c, topology="split", apps=2, database="postgres", bastion=False, acme=False,
-       proxies=1):
+def up(c, topology="split", apps=2, database="postgres", suite="bookworm", db_suite="",
+       bastion=False, acme=False, proxies=1):
     """Bring up the lab (no-op when that lab is already up); prints the inventory path."""
     _require_root()
-    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, bastion, acme,
-                                         int(proxies)))
+    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, suite, db_suite,
+                                         bastion=bastion, acme=acme, proxies=int(proxies)))
     print(path)
 
 
@@ -47,9 +49,10 @@ def status(c):
     if not rows:
         print("lab: not up")
         return
-    print(f"{'HOST':<10} {'ADDRESS':<14} {'TIERS':<14} {'USER':<8} STATE")
+    print(f"{'HOST':<10} {'ADDRESS':<14} {'TIERS':<14} {'USER':<8} {'SUITE':<9} STATE")
     for r in rows:
-        print(f"{r['host']:<10} {r['address']:<14} {r['tiers']:<14} {r['user']:<8} {r['state']}")
+        print(f"{r['host']:<10} {r['address']:<14} {r['tiers']:<14} {r['user']:<8} "
+              f"{r['suite']:<9} {r['state']}")
     print(f"inventory: {current_identity().state_dir / 'hosts.yaml'}")
 
 

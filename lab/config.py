@@ -6,14 +6,23 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from releasy_deploy.packages import ALL_PACKAGES
+from releasy_deploy.packages import REPO_PACKAGES as _TIER_PACKAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Built once per machine and shared by every checkout; override for experiments.
 CACHE_DIR = Path(os.environ.get("LAB_CACHE_DIR", "/var/cache/releasy-lab"))
 
+# Debian suites a lab host can run, and the default: bookworm stays the default because CI
+# proves the whole suite on it; trixie (Debian 13) hosts come from --suite / --db-suite.
+SUITES = ("bookworm", "trixie")
 SUITE = "bookworm"
+
+
+def check_suite(suite: str, flag: str = "--suite") -> str:
+    if suite not in SUITES:
+        raise SystemExit(f"{flag} must be one of {', '.join(SUITES)}, got {suite!r}")
+    return suite
 
 # Packages baked into every host's base image. python3 + python3-psycopg only serve the
 # Releasy stand-in (a Python script); real app hosts run upstream's static binary.
@@ -24,11 +33,13 @@ BASE_PACKAGES = (
 )
 
 # The offline apt repository: everything our tier tasks install, and nothing else. The
-# list lives with the tier code so the two cannot drift apart.
-REPO_PACKAGES = ALL_PACKAGES
+# list lives with the tier code so the two cannot drift apart. It names PostgreSQL's
+# metapackages, so each suite's repository holds that suite's default major (and hosts can
+# read which major that is from the metapackage's dependency, as on a real Debian host).
+REPO_PACKAGES = _TIER_PACKAGES
 
 # Bump when the image recipe changes so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = "3"
+IMAGE_RECIPE_VERSION = "4"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Build (once, cached) the Debian 12 base image every lab host boots, and the offline apt
-repository bound into every host. Both live in CACHE_DIR, outside the work tree."""
+"""Build (once per Debian suite, cached) the base image every lab host boots, and the offline
+apt repository bound into every host. Both live in CACHE_DIR, outside the work tree, keyed on
+the suite and the recipe."""
 from __future__ import annotations
 
 import fcntl
@@ -98,24 +99,25 @@ def debian_mirrors() -> tuple[str, str]:
     return main, security or main.replace("/debian", "/debian-security")
 
 
-def _recipe_id() -> str:
-    parts = [config.IMAGE_RECIPE_VERSION, ",".join(config.BASE_PACKAGES),
+def _recipe_id(suite: str) -> str:
+    parts = [config.IMAGE_RECIPE_VERSION, suite, ",".join(config.BASE_PACKAGES),
              ",".join(config.REPO_PACKAGES), SSHD_DROPIN, PROC_NET_UNIT, ",".join(MASKED_UNITS)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _is_current(path: Path) -> bool:
+def _is_current(path: Path, suite: str) -> bool:
     stamp = path / STAMP
-    return stamp.exists() and stamp.read_text().strip() == _recipe_id()
+    return stamp.exists() and stamp.read_text().strip() == _recipe_id(suite)
 
 
-def base_dir() -> Path:
-    # Versioned by recipe: a rebuild never pulls the lower layer from under a running lab.
-    return config.CACHE_DIR / f"base-{_recipe_id()}"
+def base_dir(suite: str = config.SUITE) -> Path:
+    # Versioned by suite and recipe: a rebuild never pulls the lower layer from under a
+    # running lab, and labs of different suites share the cache side by side.
+    return config.CACHE_DIR / f"base-{suite}-{_recipe_id(suite)}"
 
 
-def repo_dir() -> Path:
-    return config.CACHE_DIR / f"apt-repo-{_recipe_id()}"
+def repo_dir(suite: str = config.SUITE) -> Path:
+    return config.CACHE_DIR / f"apt-repo-{suite}-{_recipe_id(suite)}"
 
 
 @contextmanager
@@ -139,11 +141,13 @@ def _in_use_by_processes() -> str:
     return "\n".join(lines)
 
 
-def _prune_old_builds(keep: set[Path]) -> None:
+def _prune_old_builds(keep: set[Path], suite: str) -> None:
+    """Remove this suite's superseded builds (other suites' images stay cached)."""
     mounts = Path("/proc/self/mounts").read_text()
     running = None
     for old in config.CACHE_DIR.glob("*-*"):
-        if old in keep or not old.is_dir() or not old.name.startswith(("base-", "apt-repo-")):
+        if old in keep or not old.is_dir() or not old.name.startswith(
+                (f"base-{suite}-", f"apt-repo-{suite}-")):
             continue
         if str(old) in mounts:
             continue  # still the lower layer of a running lab
@@ -153,35 +157,41 @@ def _prune_old_builds(keep: set[Path]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_images() -> tuple[Path, Path]:
-    """(base image, apt repository), built when missing or when the recipe changed."""
+def ensure_images(suite: str = config.SUITE) -> tuple[Path, Path]:
+    """(base image, apt repository) of ``suite``, built when missing or when the recipe
+    changed."""
+    config.check_suite(suite)
     with _build_lock():
-        base = ensure_base()
-        repo = ensure_apt_repo(base)
-        _prune_old_builds({base, repo})
+        base = ensure_base(suite)
+        repo = ensure_apt_repo(base, suite)
+        _prune_old_builds({base, repo}, suite)
     return base, repo
 
 
-def ensure_base() -> Path:
-    target = base_dir()
-    if _is_current(target):
+def ensure_base(suite: str = config.SUITE) -> Path:
+    target = base_dir(suite)
+    if _is_current(target, suite):
         return target
     started = time.monotonic()
     main, security = debian_mirrors()
     config.CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    building = config.CACHE_DIR / "base.building"
+    building = config.CACHE_DIR / f"base-{suite}.building"
     shutil.rmtree(building, ignore_errors=True)
-    log(f"lab: building the base image (once; ~20 s) from {main}")
+    log(f"lab: building the {suite} base image (once; ~20 s) from {main}")
     run(["mmdebstrap", "--quiet", "--variant=minbase",
-         "--include=" + ",".join(config.BASE_PACKAGES), config.SUITE, str(building),
-         f"deb {main} {config.SUITE} main", f"deb {main} {config.SUITE}-updates main",
-         f"deb {security} {config.SUITE}-security main"])
+         "--include=" + ",".join(config.BASE_PACKAGES), suite, str(building),
+         *_sources(main, security, suite)])
     _customise(building)
-    (building / STAMP).write_text(_recipe_id() + "\n")
+    (building / STAMP).write_text(_recipe_id(suite) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)
     log(f"lab: base image ready in {time.monotonic() - started:.1f} s")
     return target
+
+
+def _sources(main: str, security: str, suite: str) -> list[str]:
+    return [f"deb {main} {suite} main", f"deb {main} {suite}-updates main",
+            f"deb {security} {suite}-security main"]
 
 
 def _customise(root: Path) -> None:
@@ -210,15 +220,15 @@ def _customise(root: Path) -> None:
         'Acquire::Retries "0";\nAPT::Install-Recommends "false";\n')
 
 
-def ensure_apt_repo(base: Path) -> Path:
-    repo = repo_dir()
-    if _is_current(repo):
+def ensure_apt_repo(base: Path, suite: str = config.SUITE) -> Path:
+    repo = repo_dir(suite)
+    if _is_current(repo, suite):
         return repo
     started = time.monotonic()
     main, security = debian_mirrors()
-    log("lab: building the offline apt repository (once; ~15 s): "
+    log(f"lab: building the {suite} offline apt repository (once; ~15 s): "
         + " ".join(config.REPO_PACKAGES))
-    building = config.CACHE_DIR / "apt-repo.building"
+    building = config.CACHE_DIR / f"apt-repo-{suite}.building"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="lab-repo-", dir=config.CACHE_DIR) as tmp:
@@ -230,8 +240,7 @@ def ensure_apt_repo(base: Path) -> Path:
              f"lowerdir={base},upperdir={upper},workdir={work}", str(merged)])
         try:
             (merged / "etc/apt/sources.list").write_text(
-                f"deb {main} {config.SUITE} main\ndeb {main} {config.SUITE}-updates main\n"
-                f"deb {security} {config.SUITE}-security main\n")
+                "\n".join(_sources(main, security, suite)) + "\n")
             (merged / "etc/resolv.conf").write_text(Path("/etc/resolv.conf").read_text())
             (merged / "etc/apt/apt.conf.d/90lab").write_text("")
             run(["chroot", str(merged), "apt-get", "-q", "update"], quiet=True)
@@ -252,7 +261,7 @@ def ensure_apt_repo(base: Path) -> Path:
         data = (building / name).read_bytes()
         lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data)} {name}")
     (building / "Release").write_text("\n".join(lines) + "\n")
-    (building / STAMP).write_text(_recipe_id() + "\n")
+    (building / STAMP).write_text(_recipe_id(suite) + "\n")
     shutil.rmtree(repo, ignore_errors=True)
     building.rename(repo)
     count = len(list(repo.glob("*.deb")))

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from . import acme, image, machine, net
-from .config import BASTION, PRIVATE, PUBLIC, HostSpec, LabIdentity, current_identity, topology_hosts
+from .config import (BASTION, PRIVATE, PUBLIC, SUITE, HostSpec, LabIdentity, check_suite,
+                     current_identity, topology_hosts)
 from .sh import log, run
 
 BOOT_TIMEOUT = 90.0
@@ -27,23 +28,35 @@ class LabRequest:
     topology: str = "split"
     apps: int = 2
     database: str = "postgres"
+    suite: str = SUITE  # Debian suite of every host...
+    db_suite: str = ""  # ...except the db host's, when set (a fleet mid-upgrade)
     bastion: bool = False  # app and db hosts on a private network, reached via `bastion`
     acme: bool = False  # certificates from an ACME CA (pebble) in the outside namespace
     proxies: int = 1  # split topology: proxy1..proxyN
 
     def normalized(self) -> "LabRequest":
+        suite = check_suite(self.suite)
+        db_suite = check_suite(self.db_suite, "--db-suite") if self.db_suite else suite
         if self.topology == "single":
             if self.database not in ("postgres", "sqlite"):
                 raise SystemExit(f"--database must be postgres or sqlite, got {self.database!r}")
+            if db_suite != suite:
+                raise SystemExit("--db-suite needs --topology split (on one host the db host "
+                                 "is the only host: use --suite)")
             if self.bastion:
                 raise SystemExit("--bastion needs the split topology")
             if self.proxies != 1:
                 raise SystemExit("--proxies needs the split topology")
-            return LabRequest("single", 1, self.database, False, bool(self.acme))
+            return LabRequest("single", 1, self.database, suite, suite, acme=bool(self.acme))
         if self.database != "postgres":
             raise SystemExit("--database sqlite needs --topology single (app and db on one host)")
-        return LabRequest("split", self.apps, "postgres", bool(self.bastion), bool(self.acme),
-                          int(self.proxies))
+        return LabRequest("split", self.apps, "postgres", suite, db_suite,
+                          bastion=bool(self.bastion), acme=bool(self.acme),
+                          proxies=int(self.proxies))
+
+    def suite_of(self, spec: HostSpec) -> str:
+        """The Debian suite host ``spec`` runs (call on a normalized request)."""
+        return self.db_suite if "db" in spec.tiers and self.db_suite else self.suite
 
 
 def _state_file(ident: LabIdentity) -> Path:
@@ -103,8 +116,9 @@ def up(request: LabRequest = LabRequest()) -> Path:
         down()
     started = time.monotonic()
     _raise_inotify_limits()
-    base, repo = image.ensure_images()
     specs = topology_hosts(request.topology, request.apps, request.bastion, request.proxies)
+    images = {suite: image.ensure_images(suite)
+              for suite in dict.fromkeys(request.suite_of(s) for s in specs)}
     ident.state_dir.mkdir(parents=True, exist_ok=True)
     ident.run_dir.mkdir(parents=True, exist_ok=True)
     key = _ensure_ssh_key(ident)
@@ -117,6 +131,7 @@ def up(request: LabRequest = LabRequest()) -> Path:
         for i, (network, addr) in enumerate(spec.addresses(ident)):
             net.attach(ident, spec.name, addr, ifname=f"eth{i}",
                        bridge=net.PRIVATE_BRIDGE if network == PRIVATE else "br0")
+        base, repo = images[request.suite_of(spec)]
         root = machine.prepare_root(ident, spec, base, address, key)
         pid = machine.launch(ident, spec, root, repo)
         state["hosts"][spec.name] = {"address": address,
@@ -124,7 +139,8 @@ def up(request: LabRequest = LabRequest()) -> Path:
                                      "address6": ident.address6(spec.last_octet)
                                      if PUBLIC in spec.networks else None,
                                      "launcher": pid,
-                                     "tiers": list(spec.tiers), "ssh_user": spec.ssh_user}
+                                     "tiers": list(spec.tiers), "ssh_user": spec.ssh_user,
+                                     "suite": request.suite_of(spec)}
         # Recorded after every host so a failure half-way can still be cleaned up.
         _state_file(ident).write_text(json.dumps(state, indent=2))
     _write_client_files(ident, specs, request)
@@ -136,7 +152,8 @@ def up(request: LabRequest = LabRequest()) -> Path:
         _state_file(ident).write_text(json.dumps(state, indent=2))
     _wait_booted(ident, specs)
     _build_releases(ident)
-    log(f"lab: {len(specs)} hosts up in {time.monotonic() - started:.1f} s")
+    suites = ", ".join(f"{n} {h['suite']}" for n, h in state["hosts"].items())
+    log(f"lab: {len(specs)} hosts up in {time.monotonic() - started:.1f} s ({suites})")
     return ident.state_dir / "hosts.yaml"
 
 
@@ -183,7 +200,8 @@ def status() -> list[dict]:
     rows = []
     for name, h in state["hosts"].items():
         rows.append({"host": name, "address": h["address"], "tiers": ",".join(h["tiers"]),
-                     "user": h["ssh_user"], "state": host_state(ident, name, h["launcher"])})
+                     "user": h["ssh_user"], "suite": h.get("suite", SUITE),
+                     "state": host_state(ident, name, h["launcher"])})
     return rows
 
 

@@ -139,3 +139,8 @@ def is_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, ParallelError):
         return bool(exc.failures) and all(is_unreachable(e) for e in exc.failures.values())
     return False
+
+
+class HostRefusedError(BadInput):
+    """What a host runs rules the request out (an unsupported release, a PostgreSQL major
+    its release does not offer): bad input found on the host, exit 2, nothing touched."""

@@ -175,6 +175,9 @@ class DatabaseSettings:
     user: str
     backups_keep: int
     backup_before_deploy: bool
+    # The PostgreSQL major to install on a fresh db host (e.g. "17"); None: the host
+    # release's default. A host already running a cluster keeps its own major.
+    postgres_version: str | None = None
 
 
 def check_version(version: str) -> str:
@@ -504,6 +507,15 @@ def _int(lo: int, hi: int | None = None) -> Check:
     return check
 
 
+def _pg_major(v: Any) -> str:
+    """A PostgreSQL major version such as 17 (10 and later have one-number majors)."""
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 10 <= v <= 99:
+        raise _Bad(f"must be a PostgreSQL major version such as 15 or 17; got {_kind(v)}")
+    return str(v)
+
+
 def _seconds(hi: float) -> Check:
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -685,7 +697,7 @@ APP_KEYS = ("bind_port", "bluegreen_ports", "service_user", "log_level", "public
             "ready_timeout", "operator_jwt", "artifact_storage")
 JWT_KEYS = ("jwks_url", "issuer", "audience", "resource", "jwks_ttl_seconds", "jwt_leeway_seconds")
 STORAGE_KEYS = ("bucket", "region", "endpoint", "path_style", "presign_expires_seconds")
-DB_KEYS = ("kind", "name", "user", "backups_keep", "backup_before_deploy")
+DB_KEYS = ("kind", "name", "user", "backups_keep", "backup_before_deploy", "postgres_version")
 RELEASE_KEYS = ("source", "arch", "sha256", "sha256_file")
 TLS_KEYS = ("mode", "server_name", "certificate", "key", "acme")
 ACME_KEYS = ("email", "directory_url", "staging", "ca_bundle")
@@ -1344,6 +1356,7 @@ class _Parser:
             user=self.field(d, "database", "user", _regex(DB_IDENT_RE, _DB_EXPECT), "releasy"),
             backups_keep=self.field(d, "database", "backups_keep", _int(1, 1000), 5),
             backup_before_deploy=self.field(d, "database", "backup_before_deploy", _bool, True),
+            postgres_version=self.field(d, "database", "postgres_version", _pg_major, None),
         )
 
     def release(self, top: dict[str, Any]) -> ReleaseSource | None:

@@ -39,14 +39,16 @@ from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
 from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
-from .facts import Fact, FileStat, PackageVersion, ServiceActive, read_facts
+from .facts import Fact, FileStat, OsRelease, PackageVersion, ServiceActive, read_facts
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
+from .hostos import describe, parse_release, supported_list
 from .packages import FIREWALL_PACKAGES
 from .rollout import parse_version_probe, version_probe_argv
 from .session import Session
 from .tiers import app as app_tier
 from .tiers.acme import CertInfo
+from .tiers.db import PgInstallation
 from .tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
 from .tiers import proxy as proxy_tier
 
@@ -213,6 +215,7 @@ class DbStatus:
     kind: str  # postgres | sqlite
     up: bool
     size_bytes: int | None
+    major: str | None = None  # PostgreSQL: the major of the host's cluster (None: none yet)
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ class HostStatus:
     firewall: FirewallStatus | None = None
     disks: tuple[Disk, ...] = ()
     problems: tuple[str, ...] = ()
+    os: str | None = None  # "Debian 13", or what /etc/os-release says on another system
 
 
 @dataclass(frozen=True)
@@ -311,7 +315,7 @@ FIREWALL_FACTS = (PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(), UfwS
 
 def fact_names(inv: Inventory, host: Host) -> list[Fact]:
     """Every fact ``fab status`` reads on ``host``: ONE facts round trip."""
-    names: list[Fact] = list(FIREWALL_FACTS)
+    names: list[Fact] = [OsRelease(), *FIREWALL_FACTS]
     names += [StatusDisk(path) for _, path in _disk_paths(inv, host)]
     if host.has("app"):
         names.append(app_tier.ReleasyReleases())
@@ -325,7 +329,7 @@ def fact_names(inv: Inventory, host: Host) -> list[Fact]:
                   CertInfo(proxy_tier.tls_paths(inv)[0])]
     if host.has("db"):
         if inv.database.kind == "postgres":
-            names.append(StatusPg(inv.database.name))
+            names += [StatusPg(inv.database.name), PgInstallation()]
         else:
             names.append(FileStat(pgcmd.SQLITE_PATH))
     return list(dict.fromkeys(names))
@@ -436,7 +440,9 @@ def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseExce
     if host.has("db"):
         if inv.database.kind == "postgres":
             pg = found[StatusPg(inv.database.name)]
-            db = DbStatus("postgres", bool(pg and pg[0]), pg[1] if pg else None)
+            majors = found[PgInstallation()].cluster_majors
+            db = DbStatus("postgres", bool(pg and pg[0]), pg[1] if pg else None,
+                          "/".join(majors) or None)
             if not db.up:
                 problems.append("PostgreSQL does not answer" if pg is not None
                                 else "PostgreSQL is not installed (run `fab db.setup`)")
@@ -452,9 +458,14 @@ def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseExce
     for d in disks:
         if d.fs_used_percent is not None and d.fs_used_percent >= DISK_FULL_PERCENT:
             problems.append(f"the file system of {d.path} is {d.fs_used_percent}% full")
+    release = parse_release(found[OsRelease()])
+    if release is None:
+        problems.append(f"runs {describe(found[OsRelease()])}: not supported "
+                        f"({supported_list()})")
     problems = list(dict.fromkeys(problems))
     return HostStatus(host.name, host.tiers, True, None, app, proxy, db, firewall, disks,
-                      tuple(problems))
+                      tuple(problems),
+                      release.short if release else describe(found[OsRelease()]))
 
 
 def _common_name(dn: str) -> str:
@@ -552,9 +563,9 @@ def _size(n: int | None) -> str:
 def _cells(h: HostStatus) -> list[str]:
     tiers = ",".join(t for t in TIERS if t in h.tiers)
     if not h.reachable:
-        return [h.name, tiers, "UNREACHABLE"] + [""] * 7
+        return [h.name, tiers, "UNREACHABLE"] + [""] * 8
     if h.error is not None:
-        return [h.name, tiers, "ERROR"] + [""] * 7
+        return [h.name, tiers, "ERROR"] + [""] * 8
     release = service = ready = rotation = database = "-"
     services = []
     if h.app is not None:
@@ -580,7 +591,8 @@ def _cells(h: HostStatus) -> list[str]:
         service = ", ".join(services)
     if h.db is not None:
         if h.db.kind == "postgres":
-            database = f"postgres up {_size(h.db.size_bytes)}" if h.db.up else "postgres DOWN"
+            name = f"postgres {h.db.major}" if h.db.major else "postgres"
+            database = f"{name} up {_size(h.db.size_bytes)}" if h.db.up else f"{name} DOWN"
         else:
             database = f"sqlite {_size(h.db.size_bytes)}" if h.db.up else "sqlite MISSING"
     f = h.firewall
@@ -598,10 +610,11 @@ def _cells(h: HostStatus) -> list[str]:
              else f"{d.label} none" for d in h.disks]
     pcts = [d.fs_used_percent for d in h.disks if d.fs_used_percent is not None]
     disk = " ".join(parts) + (f" (fs {max(pcts)}%)" if pcts else "") if parts else "-"
-    return [h.name, tiers, "ok", release, service, ready, rotation, firewall, disk, database]
+    return [h.name, tiers, "ok", h.os or "?", release, service, ready, rotation, firewall, disk,
+            database]
 
 
-HEADERS = ["HOST", "TIERS", "SSH", "RELEASE", "SERVICE", "READY", "ROTATION", "FIREWALL",
+HEADERS = ["HOST", "TIERS", "SSH", "OS", "RELEASE", "SERVICE", "READY", "ROTATION", "FIREWALL",
            "DISK", "DATABASE"]
 
 

@@ -15,3 +15,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Lab hosts of Debian 13 (inv lab.up --suite trixie) are built with mmdebstrap, which needs
+# no per-suite script, only trixie's archive keys. Debian 12's debian-archive-keyring has
+# them since 2023.3+deb12u1; an older machine gets the current one from its own mirror.
+if [ ! -e /usr/share/keyrings/debian-archive-trixie-stable.gpg ]; then
+  echo "setup: upgrading debian-archive-keyring (Debian 13 archive keys for the lab)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --only-upgrade debian-archive-keyring >/dev/null
+fi

@@ -879,6 +879,8 @@ def run_migrations(session: Session, start_log: StartLog) -> int:
         count += 1
         Log.info(f"standin: applied migration {version} in {elapsed / 1e6:.1f} ms")
 
+    # Recorded before the lock is released, so the log's order is the lock's order.
+    start_log.mark("migrated_at", migrations_applied=count)
     if lock_key is not None:
         session.execute("SELECT pg_advisory_unlock(%s::bigint)", (lock_key,))
     return count
@@ -1203,14 +1205,13 @@ def main(env=None) -> int:
         return fail(f"database migration failed: {backend.error_text(exc)}")
     Process.start_log = start_log
     try:
-        applied = run_migrations(session, start_log)
+        run_migrations(session, start_log)
     except MigrateError as exc:
         return fail(f"database migration failed: {exc}", start_log)
     except Exception as exc:
         if not backend.is_db_error(exc):
             raise
         return fail(f"database migration failed: {backend.error_text(exc)}", start_log)
-    start_log.mark("migrated_at", migrations_applied=applied)
 
     # 4. bind, then serve
     pool = PingPool(backend, settings.database_max_connections)

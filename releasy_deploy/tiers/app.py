@@ -30,8 +30,10 @@ from ..commands import app as cmd
 from ..commands import systemd
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
-from ..facts import Fact, FileSha256, FileStat, PackageVersion, read_fact, read_facts
+from ..facts import (Fact, FileSha256, FileStat, OsRelease, PackageVersion, read_fact,
+                     read_facts)
 from ..inventory import Inventory, check_version
+from ..hostos import check_release
 from ..packages import APP_PACKAGES
 from ..releases import LocalRelease, fetch_release
 from ..remote import Change, ensure_packages, render_diff, report
@@ -167,7 +169,8 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
 
 def _gather(c: HostConnection, plan: _Plan) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
-    found = read_facts(c, _fact_names(plan, bind), sudo=True)
+    found = read_facts(c, [OsRelease(), *_fact_names(plan, bind)], sudo=True)
+    check_release(c.name, found[OsRelease()])  # before anything is changed on it
     return HostFacts(
         missing_packages=tuple(p for p in PACKAGES if not found[PackageVersion(p)]),
         account=found[ReleasyAccount(plan.user)],

@@ -1,11 +1,15 @@
-"""The database tier: PostgreSQL 15 on the inventory's db host, ready for Releasy.
+"""The database tier: PostgreSQL on the inventory's db host, ready for Releasy.
 
-`setup` reads everything it needs in ONE round trip (packages, the password file, the
-managed config files, the running server's settings, role and database, readiness), then
-acts only on differences: install, generate the password once, write the config files,
-restart only for a postmaster-context setting (listen_addresses, port) or else reload,
-create/fix the role and database. A second run costs that one round trip and changes
-nothing. With ``database.kind: sqlite`` there is no PostgreSQL at all.
+The major is read from the host, never assumed: the cluster that exists, else the
+inventory's pin (database.postgres_version), else the release's default (Debian 12: 15,
+Debian 13: 17); paths, service and log file follow it (`commands.postgres.Layout`).
+
+`setup` reads everything it needs in ONE round trip (OS release, clusters and packages,
+the password file, the managed config files, the running server's settings, role and
+database, readiness), then acts only on differences: install, generate the password once,
+write the config files, restart only for a postmaster-context setting (listen_addresses,
+port) or else reload, create/fix the role and database. A second run costs that one round
+trip and changes nothing. With ``database.kind: sqlite`` there is no PostgreSQL at all.
 
 The role's password lives on the db host only (/etc/releasy/database-password, root 0600),
 so any operator machine gets the same one. It is read over SSH stdout, masked at once,
@@ -16,21 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import secrets as _random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 from urllib.parse import quote
 
 from ..commands import postgres as pg
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection
-from ..facts import Fact, PackageVersion, PathExists, read_facts
+from ..facts import Fact, OsRelease, PathExists, read_facts
+from ..hostos import HostRelease, check_release
 from ..inventory import Inventory
-from ..packages import DB_PACKAGES
-from ..remote import ensure_dir, ensure_packages, put_file
+from ..remote import APT_UPDATE_ARGV, ensure_dir, ensure_packages, put_file
 from ..session import Session
 
 __all__ = ["setup", "database_url", "psql", "PgServerState", "PgFileState", "PgSecretFile",
-           "PgReady"]
+           "PgReady", "PgInstallation"]
 
 PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
 
@@ -92,9 +96,23 @@ class PgReady(Fact):
 
 
 @dataclass(frozen=True)
+class PgInstallation(Fact):
+    """The host's PostgreSQL clusters, packages and, without a cluster, what apt offers
+    (`commands.postgres.PgHost`): where the major comes from."""
+
+    def shell(self) -> str:
+        return pg.PG_HOST_SHELL
+
+    def parse(self, out: str, code: int) -> pg.PgHost:
+        return pg.parse_pg_host(out, code)
+
+
+@dataclass(frozen=True)
 class HostState:
     """What one probe round trip saw on the db host."""
 
+    release: HostRelease
+    layout: pg.Layout | None  # None: a fresh host whose apt lists are not loaded yet
     missing_packages: tuple[str, ...]
     cluster_exists: bool
     secrets_dir_exists: bool
@@ -114,16 +132,17 @@ class HostState:
 
 def _read_state(c: HostConnection, inv: Inventory) -> HostState:
     db = inv.database
-    packages = {p: PackageVersion(p) for p in DB_PACKAGES}
-    files = {f.path: PgFileState(f.path) for f in pg.config_files(inv)}
     ready = {h: PgReady(h) for h in pg.ready_hosts(inv)}
     server = PgServerState(db.name, db.user)
     names: list[Fact] = [
-        *packages.values(), PathExists(pg.MAIN_CONF), PathExists(pg.SECRETS_DIR),
-        PgSecretFile(pg.PASSWORD_FILE), *files.values(),
+        OsRelease(), PgInstallation(), PathExists(pg.SECRETS_DIR), PgSecretFile(pg.PASSWORD_FILE),
         # readiness first: the state query then meets a server that finished starting
         *ready.values(), server]
     seen = read_facts(c, names, sudo=True)
+    release = check_release(c.name, seen[OsRelease()])  # before anything is changed
+    host: pg.PgHost = seen[PgInstallation()]
+    major = pg.select_major(c.name, release.label, host, db.postgres_version)
+    layout = None if major is None else pg.Layout(major)
     secret = seen[PgSecretFile(pg.PASSWORD_FILE)]
     if secret is not None:
         c.mask.add([secret.content.strip()])  # before anything could print it
@@ -131,11 +150,15 @@ def _read_state(c: HostConnection, inv: Inventory) -> HostState:
     if state is not None and state.role is not None and state.role.verifier:
         c.mask.add([state.role.verifier])
     return HostState(
-        missing_packages=tuple(p for p, n in packages.items() if seen[n] is None),
-        cluster_exists=seen[PathExists(pg.MAIN_CONF)],
+        release=release,
+        layout=layout,
+        missing_packages=() if layout is None else tuple(
+            p for p in layout.packages if p not in host.installed),
+        cluster_exists=major is not None and (major, pg.CLUSTER) in host.clusters,
         secrets_dir_exists=seen[PathExists(pg.SECRETS_DIR)],
         password_file=secret,
-        files={path: seen[n] for path, n in files.items()},
+        files={} if layout is None else {
+            f"{layout.conf_dir}/{rel}": host.files.get((major, rel)) for rel in pg.MANAGED_RELS},
         ready={h: seen[n] for h, n in ready.items()},
         server=state,
     )
@@ -182,8 +205,9 @@ def database_url(session: Session) -> str:
 
 
 def setup(session: Session) -> None:
-    """PostgreSQL 15 installed and configured on the db host; role, database and password
-    in place; the cluster answering on every listen address. Honours session.dry_run."""
+    """PostgreSQL (the major read from the host) installed and configured on the db host;
+    role, database and password in place; the cluster answering on every listen address.
+    Honours session.dry_run."""
     inv = session.inventory
     host = inv.db_host
     if inv.database.kind == "sqlite":
@@ -203,13 +227,28 @@ def setup(session: Session) -> None:
 
 def _setup_host(c: HostConnection, inv: Inventory) -> None:
     state = _read_state(c, inv)
+    if state.layout is None and c.dry_run:
+        # A fresh host without apt lists: which majors it offers is unknown until
+        # apt-get update, which a dry-run does not run: predict from the release.
+        state = _predicted(c, inv, state)
+    elif state.layout is None:
+        c.run(APT_UPDATE_ARGV, sudo=True)
+        state = _read_state(c, inv)
+        if state.layout is None:
+            raise DeployError(
+                f"{c.name}: apt-get update left no package lists in /var/lib/apt/lists: check "
+                f"the apt sources on {c.name} (apt-get update; apt-cache policy postgresql).",
+                host=c.name)
+    layout = state.layout
+    c.reporter.info(c.name, f"{state.release.label}: PostgreSQL {layout.major} "
+                            f"({_why_major(inv, state)})")
     if _ensure_packages(c, state):
         state = _read_state(c, inv)  # the package created and started the cluster
     if not state.missing_packages and not state.cluster_exists:
         raise DeployError(
-            f"{c.name}: PostgreSQL {pg.PG_VERSION} is installed but its cluster "
-            f"{pg.PG_VERSION}/{pg.CLUSTER} does not exist ({pg.MAIN_CONF} is missing). Create it "
-            f"with `pg_createcluster {pg.PG_VERSION} {pg.CLUSTER} --start` on {c.name} "
+            f"{c.name}: PostgreSQL {layout.major} is installed but its cluster "
+            f"{layout.cluster} does not exist ({layout.main_conf} is missing). Create it "
+            f"with `pg_createcluster {layout.major} {pg.CLUSTER} --start` on {c.name} "
             "(or restore it), then re-run.", host=c.name)
     password = _ensure_password(c, state)
     files_changed = _ensure_config_files(c, inv, state)
@@ -218,12 +257,35 @@ def _setup_host(c: HostConnection, inv: Inventory) -> None:
     _ensure_role_and_database(c, inv, state.server, password)
 
 
+def _predicted(c: HostConnection, inv: Inventory, state: HostState) -> HostState:
+    """The state a dry-run assumes on a host whose package lists were never loaded."""
+    pin = inv.database.postgres_version
+    layout = pg.Layout(pin or state.release.default_pg_major)
+    why = "database.postgres_version" if pin else f"the default of {state.release.short}"
+    c.reporter.info(c.name, (
+        f"the package lists are empty: `apt-get update` would run first, then PostgreSQL "
+        f"{layout.major} ({why}) be checked against what apt offers"))
+    return replace(state, layout=layout, missing_packages=layout.packages,
+                   files={f"{layout.conf_dir}/{rel}": None for rel in pg.MANAGED_RELS})
+
+
+def _why_major(inv: Inventory, state: HostState) -> str:
+    if state.cluster_exists:
+        return f"its cluster {state.layout.cluster} exists"
+    if inv.database.postgres_version:
+        return "database.postgres_version"
+    if not state.missing_packages:
+        return "installed"
+    return f"the default of {state.release.short}"
+
+
 def _ensure_packages(c: HostConnection, state: HostState) -> bool:
     """True when packages were installed just now."""
+    packages = state.layout.packages
     if not state.missing_packages:
-        c.reporter.unchanged(c.name, f"packages {' '.join(DB_PACKAGES)}")
+        c.reporter.unchanged(c.name, f"packages {' '.join(packages)}")
         return False
-    ensure_packages(c, DB_PACKAGES)
+    ensure_packages(c, packages)
     return not c.dry_run
 
 
@@ -259,7 +321,7 @@ def _ensure_password(c: HostConnection, state: HostState) -> str | None:
 
 def _ensure_config_files(c: HostConnection, inv: Inventory, state: HostState) -> bool:
     changed = False
-    for f in pg.config_files(inv):
+    for f in pg.config_files(inv, state.layout):
         seen = state.files.get(f.path)
         if (seen is not None and seen.sha256 == hashlib.sha256(f.content).hexdigest()
                 and (seen.owner, seen.group, seen.mode) == (f.owner, f.group, f.mode)):
@@ -275,26 +337,27 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
     """Restart, reload, start or leave the server; returns the state after any action."""
     wanted = pg.desired_settings(inv)
     server = state.server
+    service = state.layout.service
     if server is None and c.dry_run and state.missing_packages:
         # The package would start the cluster with Debian's defaults; predict from those.
         action = pg.service_action(pg.DEBIAN_DEFAULTS, wanted, files_changed=True,
                                    config_stale=False)
         if action:
             why = ", ".join(pg.setting_changes(pg.DEBIAN_DEFAULTS, wanted)) or "config files"
-            c.reporter.would(c.name, f"{action} {pg.SERVICE} after installing ({why})")
+            c.reporter.would(c.name, f"{action} {service} after installing ({why})")
         return state
     if server is None:
         if c.dry_run:
-            c.reporter.would(c.name, f"start {pg.SERVICE} (it does not answer now)")
+            c.reporter.would(c.name, f"start {service} (it does not answer now)")
             return state
-        c.run(pg.service_argv("start"), sudo=True)
-        c.reporter.changed(c.name, f"service {pg.SERVICE} started (it was not answering)")
+        c.run(pg.service_argv("start", state.layout), sudo=True)
+        c.reporter.changed(c.name, f"service {service} started (it was not answering)")
         return _read_state(c, inv)
 
     action = pg.service_action(server.settings, wanted, files_changed=files_changed,
                                config_stale=state.config_stale)
     if action is None:
-        c.reporter.unchanged(c.name, f"service {pg.SERVICE} (running the managed settings)")
+        c.reporter.unchanged(c.name, f"service {service} (running the managed settings)")
         return state
     if action == "restart":
         why = ", ".join(pg.setting_changes(server.settings, wanted, pg.POSTMASTER_SETTINGS))
@@ -306,18 +369,18 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
             reasons.append("config files are newer than the running configuration")
         why = ", ".join(reasons)
     if c.dry_run:
-        c.reporter.would(c.name, f"{action} {pg.SERVICE} ({why})")
+        c.reporter.would(c.name, f"{action} {service} ({why})")
         return state
-    c.run(pg.service_argv(action), sudo=True)
-    c.reporter.changed(c.name, f"service {pg.SERVICE} {action}ed ({why})")
+    c.run(pg.service_argv(action, state.layout), sudo=True)
+    c.reporter.changed(c.name, f"service {service} {action}ed ({why})")
     after = _read_state(c, inv)
     if after.server is not None:
         still = pg.setting_changes(after.server.settings, wanted)
         if still:
             raise DeployError(
                 f"{c.name}: after the {action}, PostgreSQL still runs with {'; '.join(still)}: "
-                f"a later file overrides {pg.DROPIN_PATH} (ALTER SYSTEM's postgresql.auto.conf "
-                "or another conf.d file). See `SELECT name, setting, sourcefile FROM "
+                f"a later file overrides {state.layout.dropin_path} (ALTER SYSTEM's "
+                "postgresql.auto.conf or another conf.d file). See `SELECT name, setting, sourcefile FROM "
                 f"pg_settings` as postgres on {c.name}, remove the override and re-run.",
                 host=c.name)
     return after
@@ -327,13 +390,15 @@ def _check_ready(c: HostConnection, state: HostState) -> None:
     if c.dry_run:
         return  # nothing was changed, so the current answers say nothing about the result
     silent = [h for h, ok in state.ready.items() if not ok]
+    layout = state.layout
     if state.server is None or silent:
         where = ", ".join(silent) or "its socket"
         raise DeployError(
-            f"{c.name}: PostgreSQL {pg.PG_VERSION}/{pg.CLUSTER} is not accepting connections on "
-            f"{where}. Check `systemctl status {pg.SERVICE}` and {pg.LOG_FILE} on {c.name}, "
-            "fix the cause and re-run.", host=c.name)
-    c.reporter.info(c.name, f"{pg.SERVICE} accepting connections on {', '.join(state.ready)}")
+            f"{c.name}: PostgreSQL {layout.cluster} is not accepting connections on "
+            f"{where}. Check `systemctl status {layout.service}` and {layout.log_file} on "
+            f"{c.name}, fix the cause and re-run.", host=c.name)
+    c.reporter.info(c.name, f"{layout.service} accepting connections on "
+                            f"{', '.join(state.ready)}")
 
 
 def _ensure_role_and_database(c: HostConnection, inv: Inventory,

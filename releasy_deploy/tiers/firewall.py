@@ -53,9 +53,10 @@ from typing import Callable
 from .. import firewall as fw
 from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError, first_line
 from ..executor import Executor, HostConnection
-from ..facts import Fact, PackageVersion, read_facts
+from ..facts import Fact, OsRelease, PackageVersion, read_facts
 from ..firewall import HostDiff, HostNet, LiveRule, Rule, UfwDefaults, UfwStatus
 from ..inventory import Host, Inventory
+from ..hostos import check_release
 from ..packages import FIREWALL_PACKAGES
 from ..remote import FILES_DIR, Change, ensure_packages, put_file, report
 from ..session import Session
@@ -256,8 +257,8 @@ class HostState:
         return self.status is not None and self.status.active
 
 
-_PROBES = (SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(), UfwShowAdded(),
-           UfwDefaultsFile(), TcpListeners(), RevertPending(), Resolvers(), Ipv6Addresses(),
+_PROBES = (OsRelease(), SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(),
+           UfwShowAdded(), UfwDefaultsFile(), TcpListeners(), RevertPending(), Resolvers(), Ipv6Addresses(),
            OldStateDir(), AptProxyConf())
 
 
@@ -265,6 +266,7 @@ def read_state(c: HostConnection, resolve: tuple[str, ...] | list[str] = ()) -> 
     """Everything the firewall tasks need from a host, in one round trip (read-only);
     ``resolve``: DNS names to resolve on the host (`fw.names_to_resolve`)."""
     seen = read_facts(c, (*_PROBES, *(Resolve(n) for n in resolve)), sudo=True)
+    check_release(c.name, seen[OsRelease()])  # before anything is changed on it
     installed = seen[PackageVersion(FIREWALL_PACKAGES[0])] is not None
     status, added = seen[UfwStatusVerbose()], seen[UfwShowAdded()]
     if installed and (status is None or added is None):

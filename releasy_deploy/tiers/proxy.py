@@ -52,9 +52,10 @@ from ..commands import acme as acme_cmd
 from ..commands import nginx as cmd
 from ..errors import BadInput, DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
-from ..facts import (Fact, FileSha256, FileStat, PackageVersion, ServiceActive, ServiceEnabled,
-                     read_facts)
+from ..facts import (Fact, FileSha256, FileStat, OsRelease, PackageVersion, ServiceActive,
+                     ServiceEnabled, read_facts)
 from ..inventory import Inventory
+from ..hostos import check_release
 from ..packages import PROXY_PACKAGES
 from ..remote import FILES_DIR, ensure_dir, ensure_packages, render_diff, render_template
 from . import acme as acme_tier
@@ -282,7 +283,8 @@ def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
         names += [FileSha256(cert), FileSha256(key)]
     else:
         names.append(ProxyCert(cert))
-    got = read_facts(c, names, sudo=True)  # sudo: the key is root-only (only its hash is read)
+    got = read_facts(c, [OsRelease(), *names], sudo=True)  # sudo: the key is root-only
+    check_release(c.name, got[OsRelease()])  # before anything is changed on it
     return _HostState(
         packages={p: got[PackageVersion(p)] for p in PROXY_PACKAGES},
         stats={p: got[FileStat(p)] for p in stat_paths},

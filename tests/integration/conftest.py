@@ -131,20 +131,21 @@ class LabSession:
         self.ident = current_identity()
         self.current: tuple | None = None
 
-    def use(self, topology: str = "split", apps: int = 2,
-            database: str = "postgres", *, bastion: bool = False,
+    def use(self, topology: str = "split", apps: int = 2, database: str = "postgres",
+            suite: str = "bookworm", db_suite: str = "", *, bastion: bool = False,
             acme: bool = False, proxies: int = 1) -> LabHandle:
-        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, bastion, acme,
-                                                  proxies))
-        self.current = (topology, apps, database, bastion, acme, proxies)
+        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, suite, db_suite,
+                                                  bastion=bastion, acme=acme, proxies=proxies))
+        self.current = (topology, apps, database, suite, db_suite, bastion, acme, proxies)
         return LabHandle(self.ident, topology, inventory)
 
-    def fresh(self, topology: str = "split", apps: int = 2,
-              database: str = "postgres", *, bastion: bool = False,
+    def fresh(self, topology: str = "split", apps: int = 2, database: str = "postgres",
+              suite: str = "bookworm", db_suite: str = "", *, bastion: bool = False,
               acme: bool = False, proxies: int = 1) -> LabHandle:
         """A lab whose hosts have never been provisioned (replaces any current lab)."""
         lab_ops.down()
-        return self.use(topology, apps, database, bastion=bastion, acme=acme, proxies=proxies)
+        return self.use(topology, apps, database, suite, db_suite, bastion=bastion, acme=acme,
+                        proxies=proxies)
 
 
 @pytest.fixture(scope="session")

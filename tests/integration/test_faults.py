@@ -33,15 +33,17 @@ def lab(lab_session):
 
 @pytest.fixture(scope="module")
 def fleet(lab, tmp_path_factory):
-    """On 1.1.0, every host in rotation; returns the number of host-changing commands a
-    clean rolling deploy 1.1.0 -> 1.1.1 runs (and leaves the fleet on 1.1.1)."""
+    """Every host on 1.1.0 and in rotation, 1.1.1 staged too; returns the number of
+    host-changing commands a clean rolling deploy between the two runs."""
     inventory = lab.inventory_variant(tmp_path_factory.mktemp("faults"))
     lab.reset_to("1.1.0", APPS, inventory=inventory, timeout=900)
     lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
-    clean = lab.fab("deploy.rolling", "--version", "1.1.1", "--yes", inventory=inventory,
+    # Both releases staged everywhere first, so every run of the sweep does the same steps.
+    lab.fab("deploy.rolling", "--version", "1.1.1", "--yes", inventory=inventory)
+    clean = lab.fab("deploy.rolling", "--version", "1.1.0", "--yes", inventory=inventory,
                     env={"RELEASY_FAULT": "0"})
     total = int(_COUNT.search(clean.stderr).group(1))
-    assert {h: current(lab, h) for h in APPS} == dict.fromkeys(APPS, "1.1.1")
+    assert {h: current(lab, h) for h in APPS} == dict.fromkeys(APPS, "1.1.0")
     return inventory, total
 
 
@@ -66,7 +68,7 @@ def test_every_injected_fault_leaves_the_fleet_serving_and_a_rerun_converges(lab
     inventory, total = fleet
     assert total >= 10, f"a rolling deploy over 3 hosts ran only {total} host-changing commands"
     tried = []
-    on = "1.1.1"
+    on = "1.1.0"
     for n in points(total):
         target = RELEASES[0] if on == RELEASES[1] else RELEASES[1]
         proc = lab.fab("deploy.rolling", "--version", target, "--yes", inventory=inventory,

@@ -44,11 +44,11 @@ def test_status_on_a_healthy_split_lab(lab, monkeypatch):
     assert list(table) == HOSTS, proc.stdout
     for app in ("app1", "app2"):
         cells = table[app].split()
-        assert cells[1:4] == ["app", "ok", "1.0.0"], table[app]
+        assert cells[1:6] == ["app", "ok", "Debian", "12", "1.0.0"], table[app]
         assert "releasy active pid" in table[app] and " yes " in table[app]
         assert " in " in table[app] and " ok " in table[app]
     assert "nginx active" in table["proxy1"] and "2 server(s)" in table["proxy1"]
-    assert "postgres up" in table["db1"] and "pgdata" in table["db1"]
+    assert "postgres 15 up" in table["db1"] and "pgdata" in table["db1"]
     assert "deploy lock: free" in proc.stdout
     assert proc.stdout.rstrip().endswith("lab: healthy")
 

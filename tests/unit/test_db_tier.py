@@ -113,11 +113,13 @@ def test_listen_addresses_and_dropin():
                         "password_encryption = 'scram-sha-256'"]
 
 
-def test_config_files_owner_and_mode():
-    files = {f.path: (f.owner, f.group, f.mode) for f in pg.config_files(inventory())}
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_config_files_owner_and_mode_follow_the_major(major):
+    files = {f.path: (f.owner, f.group, f.mode)
+             for f in pg.config_files(inventory(), pg.Layout(major))}
     assert files == {
-        "/etc/postgresql/15/main/conf.d/releasy.conf": ("postgres", "postgres", 0o644),
-        "/etc/postgresql/15/main/pg_hba.conf": ("postgres", "postgres", 0o640),
+        f"/etc/postgresql/{major}/main/conf.d/releasy.conf": ("postgres", "postgres", 0o644),
+        f"/etc/postgresql/{major}/main/pg_hba.conf": ("postgres", "postgres", 0o640),
     }
 
 
@@ -190,9 +192,12 @@ def test_argv_builders():
     assert pg.psql_argv() == ["runuser", "-u", "postgres", "--", "psql", "-X", "-A", "-t",
                               "-q", "-v", "ON_ERROR_STOP=1"]
     assert pg.psql_argv("my db")[-2:] == ["-d", "my db"]
-    assert pg.service_argv("reload") == ["systemctl", "reload", "postgresql@15-main"]
+    assert pg.service_argv("reload", pg.Layout("15")) == ["systemctl", "reload",
+                                                          "postgresql@15-main"]
+    assert pg.service_argv("restart", pg.Layout("17")) == ["systemctl", "restart",
+                                                           "postgresql@17-main"]
     with pytest.raises(ValueError):
-        pg.service_argv("stop; rm -rf /")
+        pg.service_argv("stop; rm -rf /", pg.Layout("15"))
 
 
 @pytest.mark.parametrize("database, user", [

@@ -19,13 +19,15 @@ from releasy_deploy.backups import BackupListing
 from releasy_deploy.bluegreen import InstanceLink, Listening
 from releasy_deploy.commands import acme as acmecmd
 from releasy_deploy.commands import app as appcmd
+from releasy_deploy.commands import postgres as pg
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
-from releasy_deploy.facts import (FileSha256, FileStat, PackageVersion, ServiceActive,
+from releasy_deploy.facts import (FileSha256, FileStat, OsRelease, PackageVersion, ServiceActive,
                                   build_facts_script, parse_facts_output)
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.schema import RecordedLevels, SchemaLevel
 from releasy_deploy.tiers.acme import CertInfo
 from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
+from releasy_deploy.tiers.db import PgInstallation
 from releasy_deploy.tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
 from releasy_deploy.tiers.proxy import ProxyText
 
@@ -158,11 +160,17 @@ def test_facts_output_round_trip_of_the_status_probes():
 
 
 # ------------------------------------------------------------------------------ facts as found
+DEBIAN_12 = {"ID": "debian", "VERSION_ID": "12", "VERSION_CODENAME": "bookworm",
+             "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"}
+PG_15 = pg.parse_pg_host("cluster|15|main\ninstalled|postgresql-15\n", 0)
+
+
 def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
     planned = fw.plan_rules(inv)[host] if rules is None else rules
     added = "Added user rules (see 'ufw status' for running firewall):\n" + "\n".join(
         [shlex.join(fw.add_argv(r)) for r in planned] + list(extra))
     return {
+        OsRelease(): DEBIAN_12,
         PackageVersion("ufw"): "0.36.2-1",
         UfwStatusVerbose(): fw.parse_status("Status: active\n" if active
                                             else "Status: inactive\n"),
@@ -204,6 +212,7 @@ def split_facts(**over):
         "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
         "app2": {**ufw_facts(SPLIT, "app2"), **app_facts("10.9.0.22:8080")},
         "db1": {**ufw_facts(SPLIT, "db1"), st.StatusPg("releasy"): (True, 8_000_000),
+                PgInstallation(): PG_15,
                 st.StatusDisk("/var/lib/postgresql"): (42 * 2**20, 23)},
     }
     for host, changes in over.items():
@@ -227,7 +236,7 @@ def test_a_healthy_split_environment():
     assert app1.app == st.AppStatus("releasy.service", "active", "running", 200, "1.1.0",
                                     "1.1.0", True, True)
     assert app1.firewall.matches_plan and report.hosts[3].db == st.DbStatus("postgres", True,
-                                                                            8_000_000)
+                                                                            8_000_000, "15")
     table = st.render_table(report)
     lines = table.splitlines()
     assert lines[0].split() == st.HEADERS
@@ -237,7 +246,7 @@ def test_a_healthy_split_environment():
     for cell in ("1.1.0", "releasy active pid 200", "yes", "in", "ok", "releasy 70K data 28K",
                  "(fs 23%)"):
         assert cell in row
-    assert "postgres up 7.6M" in lines[4] and "2 server(s)" in lines[1]
+    assert "postgres 15 up 7.6M" in lines[4] and "Debian 12" in lines[4] and "2 server(s)" in lines[1]
     # Columns line up: every row starts its RELEASE cell at the same place.
     col = lines[0].index("RELEASE")
     assert lines[2][col:].startswith("1.1.0") and lines[1][col:].startswith("-")
@@ -312,7 +321,7 @@ def test_release_drift_nginx_database_firewall_and_disk_problems():
         "db1: the file system of /var/lib/postgresql is 95% full",
     ]
     table = st.render_table(report)
-    assert "1.0.0 (current 1.1.0)" in table and "postgres DOWN" in table
+    assert "1.0.0 (current 1.1.0)" in table and "postgres 15 DOWN" in table
     assert "DIFFERS" in table and "nginx INACTIVE" in table
     inactive = st.build_report(SPLIT, split_facts(db1=ufw_facts(SPLIT, "db1", active=False)),
                                FREE)
@@ -470,3 +479,22 @@ def test_acme_mode_flags_the_bootstrap_certificate():
     report = st.build_report(acme, facts, FREE)
     assert report.problems == ["proxy1: still the bootstrap self-signed certificate: the ACME"
                                " CA has not issued one (run `fab proxy.setup`)"]
+
+
+def test_each_hosts_release_and_postgresql_major_are_shown_and_an_unsupported_one_flagged():
+    trixie = {"ID": "debian", "VERSION_ID": "13", "VERSION_CODENAME": "trixie"}
+    found = split_facts(
+        app1={OsRelease(): trixie},
+        app2={OsRelease(): {"ID": "ubuntu", "VERSION_ID": "24.04",
+                            "PRETTY_NAME": "Ubuntu 24.04.1 LTS"}},
+        db1={OsRelease(): trixie, PgInstallation(): pg.parse_pg_host("cluster|17|main\n", 0)})
+    report = st.build_report(SPLIT, found, FREE)
+    assert [h.os for h in report.hosts] == ["Debian 12", "Debian 13", "Ubuntu 24.04.1 LTS",
+                                            "Debian 13"]
+    assert report.hosts[3].db.major == "17"
+    assert report.problems == ["app2: runs Ubuntu 24.04.1 LTS: not supported (Debian 12 "
+                               "(bookworm), Debian 13 (trixie))"]
+    lines = st.render_table(report).splitlines()
+    assert "postgres 17 up" in lines[4] and "Ubuntu 24.04.1 LTS" in lines[3]
+    doc = report.to_json()
+    assert doc["hosts"][3]["os"] == "Debian 13" and doc["hosts"][3]["db"]["major"] == "17"
