@@ -196,3 +196,22 @@ def test_logs_follow_through_the_bastion(lab):
         code = proc.wait(timeout=30)
     reader.join(timeout=5)
     assert code == 0, proc.stderr.read()
+
+
+def test_renewal_under_restricted_egress(lab, tmp_path):
+    """egress.restrict: the proxies reach the ACME CA (80, 443 and the directory's port) and
+    each other's port 80 (the challenge relay: the CA only reaches proxy2), nothing else."""
+    restricted = lab.inventory_variant(tmp_path, lambda d: d.update(egress={"restrict": True}))
+    try:
+        lab.fab("firewall.apply", inventory=restricted)
+        plan = lab.fab("firewall.plan", inventory=restricted).stdout
+        assert "proxy -> proxy1:80: ACME challenge relay" in plan, plan
+        ca = lab.ident.outside_address
+        assert f"proxy1 -> {ca}:{lab_acme.ACME_PORT}: ACME directory" in plan, plan
+        # pebble's management port is listening, but no planned flow goes there: dropped.
+        assert lab.probe(ca, lab_acme.MANAGEMENT_PORT, "proxy1") == "filtered"
+        lab.sudo("proxy1", "env", "REQUESTS_CA_BUNDLE=/etc/releasy/acme/ca.pem", "certbot",
+                 "renew", "--force-renewal", "--no-random-sleep-on-renew", "-q")
+        assert issued(lab) == ["cert1.pem", "cert2.pem", "cert3.pem"]
+    finally:
+        lab.fab("firewall.apply")  # outgoing allowed again for whatever runs next
