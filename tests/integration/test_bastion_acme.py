@@ -8,7 +8,8 @@
   issues each proxy its certificate over HTTP-01 although its DNS sends the CA to proxy2
   only (proxy2 forwards proxy1's challenge), a second `fab site` requests nothing, `fab
   status` shows the issuer, and a forced renewal under load (certbot's own renew, as its
-  timer runs it) drops no request.
+  timer runs it) drops no request; under egress.restrict a renewal still works (the CA's
+  ports and the proxies' challenge relay are planned flows).
 """
 from __future__ import annotations
 
