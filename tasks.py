@@ -21,11 +21,17 @@ def _require_root() -> None:
             "apps": "number of app hosts in the split topology (default 2)",
             "database": "single topology only: postgres (default) or sqlite",
             "suite": "Debian suite of the hosts: bookworm (12, default) or trixie (13)",
-            "db_suite": "split topology: another suite for the db host (a mixed fleet)"})
-def up(c, topology="split", apps=2, database="postgres", suite="bookworm", db_suite=""):
+            "db_suite": "split topology: another suite for the db host (a mixed fleet)",
+            "bastion": "app and db hosts on a private network, reached through a `bastion`"
+                       " jump host (the proxy keeps a public side)",
+            "acme": "certificates from an ACME CA: pebble in the outside namespace",
+            "proxies": "number of proxy hosts in the split topology (default 1)"})
+def up(c, topology="split", apps=2, database="postgres", suite="bookworm", db_suite="",
+       bastion=False, acme=False, proxies=1):
     """Bring up the lab (no-op when that lab is already up); prints the inventory path."""
     _require_root()
-    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, suite, db_suite))
+    path = lab_ops.up(lab_ops.LabRequest(topology, int(apps), database, suite, db_suite,
+                                         bastion=bastion, acme=acme, proxies=int(proxies)))
     print(path)
 
 

@@ -16,6 +16,10 @@ def check(c):
         for tier in TIERS:
             names = ", ".join(h.name for h in inv.hosts_in(tier)) or "-"
             print(f"  {tier:<6} {names}")
+        for jump in inv.jump_hosts:
+            behind = ", ".join(h.name for h in inv.hosts if h.jump == jump)
+            print(f"  jump   {jump.name} ({jump.ssh_user}@{jump.address}:{jump.ssh_port}) for"
+                  f" {behind}")
         print(f"  secrets set: {', '.join(s.secrets.names) or 'none'}")
 
 
@@ -30,6 +34,8 @@ def ping(c):
         results = s.executor.each(s.inventory.hosts, probe)
         for host in s.inventory.hosts:
             os_name, arch = results[host.name]
-            print(f"{host.name:<12} {host.ssh_user + '@' + host.address:<28} {arch:<8} {os_name}")
+            via = f"  (via {host.jump.name})" if host.jump is not None else ""
+            print(f"{host.name:<12} {host.ssh_user + '@' + host.address:<28} {arch:<8}"
+                  f" {os_name}{via}")
 
 

@@ -74,6 +74,11 @@ class LabIdentity:
     def address(self, last_octet: int) -> str:
         return f"10.77.{self.subnet_octet}.{last_octet}"
 
+    def private_address(self, last_octet: int) -> str:
+        """An address on the lab's private network (``--bastion``): the operator machine and
+        the outside namespace have no interface on it, hence no route to it."""
+        return f"10.78.{self.subnet_octet}.{last_octet}"
+
     def address6(self, last_octet: int) -> str:
         """The IPv6 ULA twin of `address` (fd77:0:LABID::LAST, /64 on the same bridge), in
         the canonical text form tools print (fd77::10 for the default lab)."""
@@ -116,24 +121,60 @@ def current_identity() -> LabIdentity:
     return LabIdentity(lab_id)
 
 
+PUBLIC, PRIVATE = "public", "private"
+BASTION = "bastion"
+
+
 @dataclass(frozen=True)
 class HostSpec:
     name: str
     last_octet: int
     tiers: tuple[str, ...]
     ssh_user: str = "root"
+    networks: tuple[str, ...] = (PUBLIC,)  # eth0 on the first, eth1 on the second
+
+    def ssh_address(self, ident: LabIdentity) -> str:
+        """Where SSH (and everything else from the operator) reaches the host."""
+        return ident.address(self.last_octet) if PUBLIC in self.networks \
+            else ident.private_address(self.last_octet)
+
+    def tier_address(self, ident: LabIdentity) -> str:
+        """The address other hosts use (the inventory's private_address)."""
+        return ident.private_address(self.last_octet) if PRIVATE in self.networks \
+            else ident.address(self.last_octet)
+
+    def addresses(self, ident: LabIdentity) -> list[tuple[str, str]]:
+        """(network, address) per interface, eth0 first."""
+        return [(n, ident.address(self.last_octet) if n == PUBLIC
+                 else ident.private_address(self.last_octet)) for n in self.networks]
 
 
-def topology_hosts(topology: str, apps: int) -> tuple[HostSpec, ...]:
+def topology_hosts(topology: str, apps: int, bastion: bool = False,
+                   proxies: int = 1) -> tuple[HostSpec, ...]:
     """The hosts of a lab topology. One app host is reached as a sudo user, not root,
-    so both paths of the executor are exercised on every run."""
+    so both paths of the executor are exercised on every run.
+
+    ``bastion``: app and db hosts only on the private network, the proxy on both (public
+    side for clients), plus a `bastion` host (user `jump`, no tier) on both."""
+    if bastion:
+        if topology != "split":
+            raise SystemExit("--bastion needs the split topology")
+        plain = topology_hosts(topology, apps, proxies=proxies)
+        both = (PUBLIC, PRIVATE)
+        hosts = [HostSpec(BASTION, 5, (), "jump", both)]
+        for spec in plain:
+            nets = both if "proxy" in spec.tiers else (PRIVATE,)
+            hosts.append(HostSpec(spec.name, spec.last_octet, spec.tiers, spec.ssh_user, nets))
+        return tuple(hosts)
     if topology == "single":
         return (HostSpec("solo", 10, ("proxy", "app", "db")),)
     if topology != "split":
         raise SystemExit(f"unknown topology {topology!r}: use split or single")
     if not 1 <= apps <= 40:
         raise SystemExit(f"--apps must be between 1 and 40, got {apps}")
-    hosts = [HostSpec("proxy1", 10, ("proxy",))]
+    if not 1 <= proxies <= 9:
+        raise SystemExit(f"--proxies must be between 1 and 9, got {proxies}")
+    hosts = [HostSpec(f"proxy{i}", 9 + i, ("proxy",)) for i in range(1, proxies + 1)]
     for i in range(1, apps + 1):
         hosts.append(HostSpec(f"app{i}", 20 + i, ("app",), "deploy" if i == 2 else "root"))
     hosts.append(HostSpec("db1", 100, ("db",)))

@@ -127,15 +127,31 @@ def _build_lock():
         yield
 
 
+def _in_use_by_processes() -> str:
+    """Every process's command line: a running host's nspawn names the apt repository it
+    binds (--bind-ro=REPO:...), which shows in no mount table of this namespace."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
 def _prune_old_builds(keep: set[Path], suite: str) -> None:
     """Remove this suite's superseded builds (other suites' images stay cached)."""
     mounts = Path("/proc/self/mounts").read_text()
+    running = None
     for old in config.CACHE_DIR.glob("*-*"):
         if old in keep or not old.is_dir() or not old.name.startswith(
                 (f"base-{suite}-", f"apt-repo-{suite}-")):
             continue
         if str(old) in mounts:
-            continue  # still the lower layer (or apt repo) of a running lab
+            continue  # still the lower layer of a running lab
+        running = _in_use_by_processes() if running is None else running
+        if f"{old}:" in running or f"{old}/" in running:
+            continue  # still the apt repository of a running lab (another checkout's too)
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from . import image, machine, net
-from .config import SUITE, HostSpec, LabIdentity, check_suite, current_identity, topology_hosts
+from . import acme, image, machine, net
+from .config import (BASTION, PRIVATE, PUBLIC, SUITE, HostSpec, LabIdentity, check_suite,
+                     current_identity, topology_hosts)
 from .sh import log, run
 
 BOOT_TIMEOUT = 90.0
@@ -29,6 +30,9 @@ class LabRequest:
     database: str = "postgres"
     suite: str = SUITE  # Debian suite of every host...
     db_suite: str = ""  # ...except the db host's, when set (a fleet mid-upgrade)
+    bastion: bool = False  # app and db hosts on a private network, reached via `bastion`
+    acme: bool = False  # certificates from an ACME CA (pebble) in the outside namespace
+    proxies: int = 1  # split topology: proxy1..proxyN
 
     def normalized(self) -> "LabRequest":
         suite = check_suite(self.suite)
@@ -39,10 +43,16 @@ class LabRequest:
             if db_suite != suite:
                 raise SystemExit("--db-suite needs --topology split (on one host the db host "
                                  "is the only host: use --suite)")
-            return LabRequest("single", 1, self.database, suite, suite)
+            if self.bastion:
+                raise SystemExit("--bastion needs the split topology")
+            if self.proxies != 1:
+                raise SystemExit("--proxies needs the split topology")
+            return LabRequest("single", 1, self.database, suite, suite, acme=bool(self.acme))
         if self.database != "postgres":
             raise SystemExit("--database sqlite needs --topology single (app and db on one host)")
-        return LabRequest("split", self.apps, "postgres", suite, db_suite)
+        return LabRequest("split", self.apps, "postgres", suite, db_suite,
+                          bastion=bool(self.bastion), acme=bool(self.acme),
+                          proxies=int(self.proxies))
 
     def suite_of(self, spec: HostSpec) -> str:
         """The Debian suite host ``spec`` runs (call on a normalized request)."""
@@ -83,6 +93,8 @@ def _healthy(ident: LabIdentity, state: dict) -> bool:
         return False  # made before lab hosts had IPv6 addresses
     if any(not net.netns_exists(ident.netns(n)) for n in state["hosts"]):
         return False
+    if not all(machine.pid_alive(pid) for pid in state.get("services", {}).values()):
+        return False
     with ThreadPoolExecutor(max_workers=16) as pool:
         states = list(pool.map(lambda n: host_state(ident, n, state["hosts"][n]["launcher"]),
                                state["hosts"]))
@@ -104,28 +116,40 @@ def up(request: LabRequest = LabRequest()) -> Path:
         down()
     started = time.monotonic()
     _raise_inotify_limits()
-    specs = topology_hosts(request.topology, request.apps)
+    specs = topology_hosts(request.topology, request.apps, request.bastion, request.proxies)
     images = {suite: image.ensure_images(suite)
               for suite in dict.fromkeys(request.suite_of(s) for s in specs)}
     ident.state_dir.mkdir(parents=True, exist_ok=True)
     ident.run_dir.mkdir(parents=True, exist_ok=True)
     key = _ensure_ssh_key(ident)
     net.create_switch(ident)
+    if request.bastion:
+        net.create_private_bridge(ident)
     state = {"request": asdict(request), "state_dir": str(ident.state_dir), "hosts": {}}
     for spec in specs:
-        address = ident.address(spec.last_octet)
-        net.attach(ident, spec.name, address)
+        address = spec.ssh_address(ident)
+        for i, (network, addr) in enumerate(spec.addresses(ident)):
+            net.attach(ident, spec.name, addr, ifname=f"eth{i}",
+                       bridge=net.PRIVATE_BRIDGE if network == PRIVATE else "br0")
         base, repo = images[request.suite_of(spec)]
         root = machine.prepare_root(ident, spec, base, address, key)
         pid = machine.launch(ident, spec, root, repo)
         state["hosts"][spec.name] = {"address": address,
-                                     "address6": ident.address6(spec.last_octet),
+                                     # None: only on the IPv4-only private network
+                                     "address6": ident.address6(spec.last_octet)
+                                     if PUBLIC in spec.networks else None,
                                      "launcher": pid,
                                      "tiers": list(spec.tiers), "ssh_user": spec.ssh_user,
                                      "suite": request.suite_of(spec)}
         # Recorded after every host so a failure half-way can still be cleaned up.
         _state_file(ident).write_text(json.dumps(state, indent=2))
     _write_client_files(ident, specs, request)
+    if request.acme:
+        # The CA reaches the LAST proxy: with several, every other proxy's challenge has to
+        # be forwarded to it by that one (what a DNS round robin does half of the time).
+        proxy = [s for s in specs if "proxy" in s.tiers][-1]
+        state["services"] = acme.start(ident, proxy.ssh_address(ident))
+        _state_file(ident).write_text(json.dumps(state, indent=2))
     _wait_booted(ident, specs)
     _build_releases(ident)
     suites = ", ".join(f"{n} {h['suite']}" for n, h in state["hosts"].items())
@@ -277,16 +301,20 @@ def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
                         request: LabRequest) -> None:
     sd = ident.state_dir
     known, config = [], []
+    bastion = any(spec.name == BASTION for spec in specs)
     for spec in specs:
-        address = ident.address(spec.last_octet)
+        address = spec.ssh_address(ident)
         root = machine.host_dir(ident, spec.name) / "root"
         pub = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"{address} {pub[0]} {pub[1]}")
+        # People reach hosts without a public address the way the tasks do: via the bastion.
+        jump = f"  ProxyJump {BASTION}\n" if bastion and address != ident.address(
+            spec.last_octet) else ""
         config.append(
             f"Host {spec.name}\n  HostName {address}\n  User {spec.ssh_user}\n"
             f"  IdentityFile {sd / 'id_ed25519'}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {sd / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
-            f"  LogLevel ERROR\n")
+            f"{jump}  LogLevel ERROR\n")
     (sd / "known_hosts").write_text("\n".join(known) + "\n")
     (sd / "ssh_config").write_text("\n".join(config))
     (sd / "hosts.yaml").write_text(lab_inventory(ident, specs, request))
@@ -302,11 +330,26 @@ def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
 def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabRequest) -> str:
     """The inventory for exactly these hosts, in the schema of the example hosts.yaml."""
     hosts = {}
+    jump_hosts = {}
+    ssh: dict = {"user": "root", "identity_file": "id_ed25519", "connect_timeout": 5}
     for spec in specs:
-        entry: dict = {"address": ident.address(spec.last_octet)}
+        if spec.name == BASTION:
+            # Not a managed host: a jump host with its own (unprivileged) user.
+            jump_hosts[spec.name] = {"address": spec.ssh_address(ident),
+                                     "private_address": spec.tier_address(ident),
+                                     "user": spec.ssh_user}
+            ssh["jump"] = spec.name
+            continue
+        entry: dict = {"address": spec.ssh_address(ident)}
+        if spec.tier_address(ident) != entry["address"]:
+            entry["private_address"] = spec.tier_address(ident)
         if spec.ssh_user != "root":
             entry["ssh_user"] = spec.ssh_user
         hosts[spec.name] = entry
+    if jump_hosts:
+        for spec in specs:
+            if spec.name in hosts and spec.ssh_address(ident) == ident.address(spec.last_octet):
+                hosts[spec.name]["jump"] = False  # has a public side (the proxy): direct
     tiers: dict[str, list[str]] = {"proxy": [], "app": [], "db": []}
     for spec in specs:
         for tier in spec.tiers:
@@ -315,12 +358,16 @@ def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabR
         "environment": "lab",
         "admin_cidrs": [f"{ident.operator_address}/32"],
         "known_hosts": "known_hosts",
-        "ssh": {"user": "root", "identity_file": "id_ed25519", "connect_timeout": 5},
+        "ssh": ssh,
+        **({"jump_hosts": jump_hosts} if jump_hosts else {}),
         "hosts": hosts,
         "tiers": tiers,
         "database": {"kind": request.database},
         "release": {"source": "releases", "arch": "x86_64"},
         "tls": {"mode": "self-signed", "server_name": "releasy.lab.test"},
+        **({"tls": {"mode": "acme", "server_name": "releasy.lab.test", "acme": {
+            "email": acme.EMAIL, "directory_url": acme.directory_url(ident),
+            "ca_bundle": acme.ca_bundle(ident).name}}} if request.acme else {}),
         "secrets": {"file": "secrets.yaml"},
     }
     header = ("# Generated by `inv lab.up` for the local lab; rewritten on every lab.up.\n"

@@ -52,9 +52,10 @@ def prepare_root(ident: LabIdentity, spec: HostSpec, base: Path, address: str,
         (root / "etc/ssh/sshd_config.d/lab-user.conf").write_text("PermitRootLogin no\n")
         run(["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash",
              spec.ssh_user])
-        sudoers = root / "etc/sudoers.d" / spec.ssh_user
-        sudoers.write_text(f"{spec.ssh_user} ALL=(ALL) NOPASSWD: ALL\n")
-        sudoers.chmod(0o440)
+        if spec.tiers:  # a jump host's user only forwards: no sudo
+            sudoers = root / "etc/sudoers.d" / spec.ssh_user
+            sudoers.write_text(f"{spec.ssh_user} ALL=(ALL) NOPASSWD: ALL\n")
+            sudoers.chmod(0o440)
         uid = int(run(["chroot", str(root), "id", "-u", spec.ssh_user]).stdout)
         _authorize(root / "home" / spec.ssh_user, authorized_key, uid, uid)
     return root

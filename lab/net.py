@@ -2,7 +2,8 @@
 namespace, one namespace per host and an "outside" namespace that plays the internet.
 
 Every namespace has an IPv4 address (10.77.N.X/24) and its IPv6 ULA twin (fd77:0:N::X/64),
-so the hosts' IPv6 side is real and must be filtered like the IPv4 one. No default route
+so the hosts' IPv6 side is real and must be filtered like the IPv4 one. `--bastion` labs add
+a private IPv4-only network (br1, 10.78.N.X/24) that only hosts join. No default route
 anywhere and no forwarding: traffic stays between these addresses."""
 from __future__ import annotations
 
@@ -61,21 +62,50 @@ def create_switch(ident: LabIdentity) -> None:
     attach(ident, "outside", ident.outside_address)
 
 
-def attach(ident: LabIdentity, name: str, address: str) -> str:
-    """Create namespace lab-NAME with eth0 on the bridge; returns the namespace name."""
+def create_private_bridge(ident: LabIdentity) -> None:
+    """The private network of `--bastion` labs: a second bridge that only hosts join (the
+    operator and the outside namespace have no leg on it, so no route).
+
+    IPv4 only (10.78.N.X/24): it stands for a provider's private network, which is commonly
+    IPv4 only, and it keeps a private-only host's global IPv6 addresses empty, so
+    `firewall.audit` has nothing unreachable to probe on IPv6 and egress rules name no
+    IPv6 peers there. Hosts on both networks (proxy, bastion) keep their fd77 twin on br0."""
+    run(_in(ident.switch_ns, "ip", "link", "add", PRIVATE_BRIDGE, "type", "bridge"))
+    run(_in(ident.switch_ns, "ip", "link", "set", PRIVATE_BRIDGE, "up"))
+    # This machine may have a default route: without this, packets for the private network
+    # would leave the lab through it instead of failing at once like "no route" should.
+    run(["ip", "route", "replace", "unreachable", private_subnet(ident)])
+
+
+def private_subnet(ident: LabIdentity) -> str:
+    return ident.private_address(0) + "/24"
+
+
+PRIVATE_BRIDGE = "br1"
+
+
+def attach(ident: LabIdentity, name: str, address: str, *, bridge: str = "br0",
+           ifname: str = "eth0") -> str:
+    """Put interface IFNAME of namespace lab-NAME (created when missing) on BRIDGE; returns
+    the namespace name."""
     ns = ident.netns(name)
-    run(["ip", "netns", "add", ns])
-    outer = f"{ident.prefix}-{name}"[:13] + "-o"
-    inner = f"{ident.prefix}-{name}"[:13] + "-i"
+    if not netns_exists(ns):
+        run(["ip", "netns", "add", ns])
+    # Interface names: 15 characters at most.
+    stem = f"{ident.prefix}-{name}"[:13] if ifname == "eth0" \
+        else f"{ident.prefix}-{name}"[:12] + ifname[-1]
+    outer, inner = stem + "-o", stem + "-i"
     run(["ip", "link", "add", inner, "type", "veth", "peer", "name", outer])
     run(["ip", "link", "set", outer, "netns", ident.switch_ns])
-    run(_in(ident.switch_ns, "ip", "link", "set", outer, "master", "br0", "up"))
+    run(_in(ident.switch_ns, "ip", "link", "set", outer, "master", bridge, "up"))
     run(["ip", "link", "set", inner, "netns", ns])
-    run(_in(ns, "ip", "link", "set", inner, "name", "eth0"))
-    run(_in(ns, "ip", "link", "set", "eth0", "address", mac_for(address)))
-    run(_in(ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0"))
-    _add_v6(["ip", "netns", "exec", ns], ident, address, "eth0")
-    run(_in(ns, "ip", "link", "set", "eth0", "up"))
+    run(_in(ns, "ip", "link", "set", inner, "name", ifname))
+    run(_in(ns, "ip", "link", "set", ifname, "address", mac_for(address)))
+    run(_in(ns, "ip", "addr", "add", f"{address}/24", "dev", ifname))
+    if bridge == "br0":
+        # The private network (--bastion) is IPv4 only: see create_private_bridge.
+        _add_v6(["ip", "netns", "exec", ns], ident, address, ifname)
+    run(_in(ns, "ip", "link", "set", ifname, "up"))
     run(_in(ns, "ip", "link", "set", "lo", "up"))
     return ns
 
@@ -87,3 +117,5 @@ def destroy(ident: LabIdentity) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     if ok(["ip", "link", "show", ident.uplink_if]):
         subprocess.run(["ip", "link", "del", ident.uplink_if], capture_output=True)
+    subprocess.run(["ip", "route", "del", "unreachable", private_subnet(ident)],
+                   capture_output=True)

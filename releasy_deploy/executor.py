@@ -483,6 +483,11 @@ class HostConnection:
         return self._transport()
 
     def _transport(self) -> paramiko.Transport:
+        return self.connection().transport
+
+    def connection(self) -> Connection:
+        """The connected Fabric `Connection` (connects first if needed); a jump host's is
+        the ``gateway=`` of the hosts behind it."""
         with self._lock:
             if self._conn is None or not self._conn.is_connected:
                 if self._conn is not None:
@@ -490,13 +495,15 @@ class HostConnection:
                 started = time.monotonic()
                 self._conn = self._connect()
                 self._ex._trace(self.name, "(ssh connect)", started, None)
-            return self._conn.transport
+            return self._conn
 
     def _connect(self) -> Connection:
         h = self.host
         inv = self._ex.inventory
         known_hosts = Path(inv.known_hosts)
-        where = f"{h.name} ({h.ssh_user}@{h.address}:{h.ssh_port})"
+        jump = getattr(h, "jump", None)
+        via = f" via jump host {jump.name}" if jump is not None else ""
+        where = f"{h.name} ({h.ssh_user}@{h.address}:{h.ssh_port}{via})"
         if not known_hosts.is_file():
             raise HostKeyError(
                 f"{h.name}: known_hosts file {known_hosts} does not exist: create it with the"
@@ -510,7 +517,8 @@ class HostConnection:
             "banner_timeout": timeout,
             "auth_timeout": timeout,
         }
-        identity = inv.ssh.identity_file
+        # A jump host may have its own key; every other host uses the inventory's.
+        identity = getattr(h, "identity_file", inv.ssh.identity_file)
         if identity is not None:
             if not Path(identity).is_file():
                 raise UnreachableError(
@@ -527,6 +535,9 @@ class HostConnection:
             ssh_config=paramiko.SSHConfig(),
             lazy=True,
         )
+        # Behind a jump host: Fabric opens a direct-tcpip channel on the jump host's one
+        # (shared, already verified) connection and runs this SSH session inside it.
+        gateway = self._ex.gateway(jump) if jump is not None else None
         conn = Connection(
             host=h.address,
             user=h.ssh_user,
@@ -534,6 +545,7 @@ class HostConnection:
             config=config,
             connect_kwargs=kwargs,
             forward_agent=False,
+            gateway=gateway,
         )
         conn.client.set_missing_host_key_policy(_RejectUnknownHost(self, known_hosts))
         try:
@@ -577,12 +589,17 @@ class HostConnection:
             conn.client.close()
             raise UnreachableError(
                 f"{where}: cannot connect: {exc or type(exc).__name__}. Is the host up, the"
-                f" address right and sshd listening on port {h.ssh_port}?",
+                f" address right and sshd listening on port {h.ssh_port}"
+                + (f" (and reachable from {jump.name})?" if jump is not None else "?"),
                 host=h.name,
             ) from None
         # Without this every round trip stalls ~40 ms on Nagle + delayed ACK (48 -> 13 ms).
         transport = conn.client.get_transport()
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(transport.sock, socket.socket):  # behind a jump host: a channel
+            transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Opening a channel (a host behind this one, the lock's tunnel) fails within the
+        # connect timeout instead of paramiko's default hour.
+        transport.channel_timeout = timeout
         # A host can sit idle for minutes while others work; keep NAT/firewall state alive.
         transport.set_keepalive(KEEPALIVE_S)
         self._ex._count(self._ex.connections_opened, self.name)
@@ -784,6 +801,7 @@ class Executor:
         self.created_at = time.time()  # wall clock; trace times are relative to it
         self._created = time.monotonic()
         self._conns: dict[str, HostConnection] = {}
+        self._jumps: dict[str, HostConnection] = {}  # jump hosts that are not inventory hosts
         self._lock = threading.Lock()
 
     def _count(self, counter: dict[str, int], name: str) -> None:
@@ -817,6 +835,18 @@ class Executor:
             if hc is None:
                 hc = self._conns[host.name] = HostConnection(host, self)
             return hc
+
+    def gateway(self, jump: Any) -> Connection:
+        """The connected `Connection` to a jump host, opened once per task and shared by
+        every host behind it (one TCP connection, many SSH sessions in its channels). An
+        inventory host that is also a jump host uses its own, single connection."""
+        if getattr(jump, "managed", False):
+            return self.conn(jump.name).connection()
+        with self._lock:
+            hc = self._jumps.get(jump.name)
+            if hc is None:
+                hc = self._jumps[jump.name] = HostConnection(jump, self)
+        return hc.connection()
 
     def each(self, hosts: Iterable[Any], fn: Callable[[HostConnection], T], *,
              close_on_interrupt: bool = False) -> dict[str, T]:
@@ -871,7 +901,10 @@ class Executor:
     def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
-        for hc in conns:
+            jumps, self._jumps = list(self._jumps.values()), {}
+        # Hosts behind a jump host first: their sessions run inside its connection.
+        conns.sort(key=lambda hc: getattr(hc.host, "jump", None) is None)
+        for hc in [*conns, *jumps]:
             hc.close()
 
     def __enter__(self) -> Executor:

@@ -53,7 +53,7 @@ from .inventory import POSTGRES_PORT, Host, Inventory
 
 __all__ = [
     "MANAGED_TAG", "HTTP_PORTS", "POSTGRES_PORT", "Network", "Rule", "LiveRule",
-    "StatusRow", "UfwStatus", "UfwDefaults", "HostDiff", "plan_rules", "ssh_rules",
+    "StatusRow", "UfwStatus", "UfwDefaults", "HostDiff", "plan_rules", "ssh_rules", "ssh_sources",
     "parse_show_added", "parse_added_line", "parse_status", "parse_defaults",
     "parse_listeners", "parse_ssh_connection", "diff_host", "add_argv", "delete_argv",
     "default_argv", "ENABLE_ARGV", "ufw_commands", "reachable_by_plan", "audit_ports",
@@ -129,8 +129,19 @@ def _host_network(address: str, host: str, what: str) -> Network:
     return ipaddress.ip_network(ip)
 
 
+def ssh_sources(host: Host, admin_cidrs: Iterable[Network]) -> tuple[Network, ...]:
+    """Where SSH to ``host`` may come from: ``admin_cidrs``, or for a host behind a jump host
+    only the jump host's private address (our SSH arrives from there, and nothing else may)."""
+    jump = getattr(host, "jump", None)
+    if jump is None:
+        return tuple(admin_cidrs)
+    return (_host_network(jump.private_address, jump.name, "SSH through it"),)
+
+
 def ssh_rules(host: Host, admin_cidrs: Iterable[Network]) -> list[Rule]:
-    return [Rule(host.ssh_port, "tcp", cidr, "ssh from admin network") for cidr in admin_cidrs]
+    jump = getattr(host, "jump", None)
+    why = f"ssh from jump host {jump.name}" if jump is not None else "ssh from admin network"
+    return [Rule(host.ssh_port, "tcp", cidr, why) for cidr in ssh_sources(host, admin_cidrs)]
 
 
 def plan_rules(inv: Inventory) -> dict[str, list[Rule]]:
@@ -198,6 +209,13 @@ def _endpoints(inv: Inventory, host: Host) -> list[tuple[str, str, str, int]]:
                         *url_endpoint(inv.app.artifact_storage.endpoint)))
         if inv.app.operator_jwt is not None:
             out.append(("operator_jwt", "JWKS URL", *url_endpoint(inv.app.operator_jwt.jwks_url)))
+    acme = getattr(inv.tls, "acme", None)
+    if host.has("proxy") and inv.tls.mode == "acme" and acme is not None:
+        name, port = url_endpoint(acme.directory_url)
+        # certbot talks to the directory's own port (and the URLs it lists, same host); 80
+        # and 443 too: a CA's other URLs (chain, OCSP) are plain http or default https.
+        for p in sorted({80, 443, port}):
+            out.append(("acme_directory", "ACME directory", name, p))
     egress = inv.egress
     if egress.apt_proxy is not None:
         out.append(("apt_proxy", "apt proxy", *url_endpoint(egress.apt_proxy)))
@@ -226,11 +244,15 @@ def names_to_resolve(inv: Inventory, host: Host) -> list[str]:
 
 
 def _acme_rules(inv: Inventory, host: Host) -> list[Rule]:
-    """Hook: a TLS mode that gets certificates from an ACME CA (not in the inventory
-    schema yet) needs the proxy to reach the CA on 80/443, wherever it is."""
-    if not host.has("proxy") or getattr(inv.tls, "mode", None) != "acme":
+    """``tls.mode: acme`` with several proxies: a proxy's port 80 relays an HTTP-01
+    challenge it does not have to the other proxies (one hop; the CA may reach any of
+    them), so each proxy reaches the others' port 80. The CA itself is an endpoint
+    (`_endpoints`: resolved on the host or pinned)."""
+    if not host.has("proxy") or inv.tls.mode != "acme":
         return []
-    return [Rule(p, "tcp", None, f"proxy -> ACME CA:{p}: certificates", "out") for p in HTTP_PORTS]
+    return [Rule(80, "tcp", None, f"proxy -> {peer.name}:80: ACME challenge relay", "out",
+                 _host_network(peer.private_address, peer.name, "the ACME challenge relay"))
+            for peer in inv.hosts_in("proxy") if peer.name != host.name]
 
 
 def egress_rules(inv: Inventory, host: Host, net: HostNet) -> list[Rule]:

@@ -27,8 +27,8 @@ import yaml
 
 __all__ = [
     "TIERS", "ENV_VAR", "DEFAULT_INVENTORY", "InventoryError", "Problem", "Host",
-    "SshSettings", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
-    "ReleaseSource", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
+    "SshSettings", "JumpHost", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
+    "ReleaseSource", "AcmeSettings", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
     "parse_inventory", "load_yaml_file", "UNREADABLE", "check_version", "did_you_mean",
     "VERSION_RE", "EgressAllow", "EgressSettings", "EGRESS_PINS",
 ]
@@ -52,7 +52,10 @@ DNS_NAME_RE = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 ARCHES = ("x86_64", "arm64")
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
 DB_KINDS = ("postgres", "sqlite")
-TLS_MODES = ("self-signed", "files")
+TLS_MODES = ("self-signed", "files", "acme")
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 POSTGRES_PORT = 5432
 
 # Characters that are never legitimate in the free-text values we accept (URLs, JWT
@@ -94,6 +97,20 @@ class InventoryError(Exception):
 
 
 @dataclass(frozen=True)
+class JumpHost:
+    """An SSH jump host (bastion): the hosts behind it are reached through one SSH
+    connection to it, multiplexed (``direct-tcpip`` channels)."""
+
+    name: str
+    address: str  # where SSH connects
+    private_address: str  # the source address the hosts behind it see for our SSH
+    ssh_user: str
+    ssh_port: int
+    identity_file: Path | None  # None: ssh.identity_file (or ssh defaults)
+    managed: bool = False  # True: also an inventory host (then its connection is shared)
+
+
+@dataclass(frozen=True)
 class Host:
     name: str
     address: str  # where SSH connects (IP literal or DNS name)
@@ -101,6 +118,7 @@ class Host:
     ssh_user: str
     ssh_port: int
     tiers: tuple[str, ...]  # in TIERS order
+    jump: JumpHost | None = None  # None: SSH connects directly
 
     @property
     def is_root(self) -> bool:
@@ -219,14 +237,22 @@ class ReleaseSource:
 
 
 @dataclass(frozen=True)
+class AcmeSettings:
+    email: str
+    directory_url: str  # Let's Encrypt production unless told otherwise (or staging)
+    ca_bundle: Path | None  # PEM CA(s) the ACME server's own HTTPS certificate chains to
+
+
+@dataclass(frozen=True)
 class TlsSettings:
-    mode: str  # "self-signed" | "files"
+    mode: str  # "self-signed" | "files" | "acme"
     server_name: str
     certificate: Path | None
     key: Path | None
+    acme: AcmeSettings | None = None  # with mode: acme
 
 
-EGRESS_PINS = ("artifact_storage", "operator_jwt", "apt_proxy")
+EGRESS_PINS = ("artifact_storage", "operator_jwt", "apt_proxy", "acme_directory")
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,7 @@ class Inventory:
     release: ReleaseSource
     tls: TlsSettings
     secrets_file: Path
+    jump_hosts: tuple[JumpHost, ...] = ()  # every jump host some host uses, file order
     egress: EgressSettings = EgressSettings()
 
     def host(self, name: str) -> Host:
@@ -571,6 +598,16 @@ def _dns_name(v: Any) -> str:
     return v.lower()
 
 
+def _jump_ref(v: Any) -> str | bool:
+    """A jump host name, or ``false`` (per host: connect directly)."""
+    if v is False:
+        return False
+    if not isinstance(v, str) or not HOST_NAME_RE.fullmatch(v):
+        raise _Bad(f"must be the name of a jump host (an inventory host or an entry of "
+                   f"jump_hosts), or false for a direct connection; got {_show(v)}")
+    return v
+
+
 def _ip(v: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """A usable unicast IP literal, or _Bad."""
     if not isinstance(v, str):
@@ -648,12 +685,13 @@ def _parse_sidecar(path: Path, tarball: str) -> str:
 
 # --------------------------------------------------------------------------- the parser
 
-TOP_KEYS = ("environment", "admin_cidrs", "known_hosts", "ssh", "hosts", "tiers", "app",
-            "database", "release", "tls", "secrets", "egress")
+TOP_KEYS = ("environment", "admin_cidrs", "known_hosts", "ssh", "jump_hosts", "hosts", "tiers",
+            "app", "database", "release", "tls", "secrets", "egress")
 EGRESS_KEYS = ("restrict", "allow", "apt_proxy")
 EGRESS_ALLOW_KEYS = ("to", "port", "proto", "tiers", "pin")
-SSH_KEYS = ("user", "port", "identity_file", "connect_timeout")
-HOST_KEYS = ("address", "private_address", "ssh_user", "ssh_port")
+SSH_KEYS = ("user", "port", "identity_file", "connect_timeout", "jump")
+JUMP_KEYS = ("address", "private_address", "user", "port", "identity_file")
+HOST_KEYS = ("address", "private_address", "ssh_user", "ssh_port", "jump")
 APP_KEYS = ("bind_port", "bluegreen_ports", "service_user", "log_level", "public_base_url",
             "database_max_connections", "download_token_ttl_seconds", "releases_keep",
             "ready_timeout", "operator_jwt", "artifact_storage")
@@ -661,7 +699,8 @@ JWT_KEYS = ("jwks_url", "issuer", "audience", "resource", "jwks_ttl_seconds", "j
 STORAGE_KEYS = ("bucket", "region", "endpoint", "path_style", "presign_expires_seconds")
 DB_KEYS = ("kind", "name", "user", "backups_keep", "backup_before_deploy", "postgres_version")
 RELEASE_KEYS = ("source", "arch", "sha256", "sha256_file")
-TLS_KEYS = ("mode", "server_name", "certificate", "key")
+TLS_KEYS = ("mode", "server_name", "certificate", "key", "acme")
+ACME_KEYS = ("email", "directory_url", "staging", "ca_bundle")
 SECRETS_KEYS = ("file",)
 
 _ENV_EXPECT = "a lowercase name: a letter, then up to 31 of a-z 0-9 '-' (e.g. production)"
@@ -768,6 +807,7 @@ class _Parser:
                                  expect=_ENV_EXPECT)
         admin_cidrs = self.admin_cidrs(top)
         ssh, ssh_user, ssh_port = self.ssh(top)
+        jump_specs = self.jump_hosts(top, ssh_user, ssh_port, ssh)
         hosts = self.hosts(top, ssh_user, ssh_port)
         tiers = self.tiers(top, hosts)
         app = self.app(top)
@@ -777,9 +817,11 @@ class _Parser:
         sec = self.section(top, "", "secrets", SECRETS_KEYS)
         secrets_file = self.field(sec, "secrets", "file", self.path_value,
                                   self.base / "secrets.yaml")
-        egress = self.egress(top, app)
+        egress = self.egress(top, app, tls)
 
         host_objs = self.build_hosts(hosts or {}, tiers)
+        host_objs = self.resolve_jumps(top, host_objs, hosts or {}, jump_specs, ssh)
+        jumps_used = tuple(dict.fromkeys(h.jump for h in host_objs if h.jump is not None))
         known_hosts = self.field(top, "", "known_hosts", self.path_value,
                                  expect="a file path (relative to the inventory's directory)")
         self.existing_file("known_hosts", known_hosts, self.keyscan_hint(known_hosts, host_objs))
@@ -791,9 +833,11 @@ class _Parser:
         return Inventory(
             path=self.path.absolute(), environment=environment, admin_cidrs=admin_cidrs,
             known_hosts=known_hosts, ssh=ssh, hosts=host_objs, app=app, database=database,
-            release=release, tls=tls, secrets_file=secrets_file, egress=egress)
+            release=release, tls=tls, secrets_file=secrets_file, jump_hosts=jumps_used,
+            egress=egress)
 
-    def egress(self, top: dict[str, Any], app: AppSettings | None) -> EgressSettings:
+    def egress(self, top: dict[str, Any], app: AppSettings | None,
+               tls: TlsSettings | None) -> EgressSettings:
         e = self.section(top, "", "egress", EGRESS_KEYS)
         if e is None:
             return EgressSettings()
@@ -810,7 +854,7 @@ class _Parser:
                                        f"entries; got {_kind(raw)}")
             raw = None
         for i, item in enumerate(raw or []):
-            entry = self.egress_allow(item, f"egress.allow[{i}]", app, apt_proxy)
+            entry = self.egress_allow(item, f"egress.allow[{i}]", app, apt_proxy, tls)
             if entry is not None:
                 if entry in allow:
                     self.error(f"egress.allow[{i}]", "is listed twice")
@@ -818,7 +862,7 @@ class _Parser:
         return EgressSettings(bool(restrict), tuple(allow), apt_proxy)
 
     def egress_allow(self, item: Any, p: str, app: AppSettings | None,
-                     apt_proxy: str | None) -> EgressAllow | None:
+                     apt_proxy: str | None, tls: TlsSettings | None) -> EgressAllow | None:
         m = self.mapping(item, p, EGRESS_ALLOW_KEYS)
         if m is None:
             return None
@@ -832,11 +876,16 @@ class _Parser:
         if pin is not None and tiers is not None:
             configured = {"artifact_storage": app is not None and app.artifact_storage,
                           "operator_jwt": app is not None and app.operator_jwt,
-                          "apt_proxy": apt_proxy}[pin]
+                          "apt_proxy": apt_proxy,
+                          "acme_directory": tls is not None and tls.mode == "acme"}[pin]
             if not configured:
-                where = "egress.apt_proxy" if pin == "apt_proxy" else f"app.{pin}"
+                where = {"apt_proxy": "egress.apt_proxy",
+                         "acme_directory": "tls.mode: acme"}.get(pin, f"app.{pin}")
                 self.error(f"{p}.pin", f"pins {pin}, but {where} is not configured")
-            elif pin != "apt_proxy" and "app" not in tiers:
+            elif pin == "acme_directory" and "proxy" not in tiers:
+                self.error(f"{p}.tiers", f"pins {pin}, which the proxy tier reaches: "
+                                         "list proxy in tiers")
+            elif pin not in ("apt_proxy", "acme_directory") and "app" not in tiers:
                 self.error(f"{p}.tiers", f"pins {pin}, which the app tier reaches: "
                                          "list app in tiers")
         if len(self.problems) != before:
@@ -910,6 +959,107 @@ class _Parser:
                 nets.append(net)
         return tuple(nets)
 
+    def jump_hosts(self, top: dict[str, Any], user: str | None, port: int | None,
+                   ssh: SshSettings) -> dict[str, JumpHost]:
+        """``jump_hosts:``: bastions that are not inventory hosts (name -> JumpHost)."""
+        if top.get("jump_hosts") is None:
+            return {}
+        raw = self.mapping(top["jump_hosts"], "jump_hosts", None) or {}
+        out: dict[str, JumpHost] = {}
+        for name, spec in raw.items():
+            p = _join("jump_hosts", name)
+            if not HOST_NAME_RE.fullmatch(name):
+                self.error(p, f"invalid jump host name {_show(name)}{_meta_note(name)}; "
+                              f"must be {_HOST_EXPECT}")
+                continue
+            m = self.mapping(spec if spec is not None else {}, p, JUMP_KEYS)
+            if m is None:
+                continue
+            address = self.field(m, p, "address", _address,
+                                 expect="the IP address or DNS name SSH connects to")
+            private = self.field(m, p, "private_address", lambda v: str(_ip(v)), None)
+            if private is None and address is not None and "private_address" not in m:
+                if _is_ip(address):
+                    private = address
+                else:
+                    self.error(f"{p}.private_address", (
+                        f"required when address is a DNS name ({address}): the hosts behind "
+                        "it allow SSH from this address only, so it must be an IP literal"))
+            identity = self.field(m, p, "identity_file", self.path_value, ssh.identity_file)
+            if "identity_file" in m:
+                self.existing_file(f"{p}.identity_file", identity)
+            if address is None:
+                continue
+            out[name] = JumpHost(
+                name=name, address=address, private_address=private,
+                ssh_user=self.field(m, p, "user", _regex(USER_RE, _USER_EXPECT), user),
+                ssh_port=self.field(m, p, "port", _int(1, 65535), port),
+                identity_file=identity)
+        return out
+
+    def resolve_jumps(self, top: dict[str, Any], hosts: tuple[Host, ...],
+                      raw: dict[str, dict[str, Any]], specs: dict[str, JumpHost],
+                      ssh: SshSettings | None) -> tuple[Host, ...]:
+        """Give every host its jump host: its own ``jump:``, else ``ssh.jump``. A jump host
+        that is an inventory host is reached directly itself (no chains)."""
+        s = top.get("ssh") if isinstance(top.get("ssh"), dict) else {}
+        default = None
+        if "jump" in s:
+            try:
+                default = _jump_ref(s["jump"])
+            except _Bad:
+                default = None  # reported by ssh()
+        by_name = {h.name: h for h in hosts}
+        for name in specs:
+            if name in by_name:
+                self.error(_join("jump_hosts", name), (
+                    f"{name!r} is also an inventory host; an inventory host can be a jump "
+                    "host as it is (ssh.jump / jump: NAME), remove it from jump_hosts"))
+
+        def lookup(ref: str, ypath: str) -> JumpHost | None:
+            if ref in specs:
+                return specs[ref]
+            if ref in by_name:
+                h = by_name[ref]
+                private = h.private_address
+                if private is None or not _is_ip(private):
+                    self.error(ypath, f"jump host {ref!r} needs an IP literal private_address: "
+                                      "the hosts behind it allow SSH from that address only")
+                    return None
+                return JumpHost(name=h.name, address=h.address, private_address=private,
+                                ssh_user=h.ssh_user, ssh_port=h.ssh_port,
+                                identity_file=ssh.identity_file if ssh else None, managed=True)
+            known = sorted({*specs, *by_name})
+            self.error(ypath, f"unknown jump host {_show(ref)}{did_you_mean(ref, known)}; "
+                              "name an inventory host or an entry of jump_hosts")
+            return None
+
+        default_jump = lookup(default, "ssh.jump") if default else None
+        used_as_jump = set()
+        result = []
+        for h in hosts:
+            own = raw.get(h.name, {}).get("jump")
+            given = own is not None
+            if given:
+                jump = None if own is False else lookup(own, f"hosts.{h.name}.jump")
+            else:
+                jump = default_jump
+            if jump is not None and jump.name == h.name:
+                if given:
+                    self.error(f"hosts.{h.name}.jump", "a host cannot be its own jump host")
+                jump = None  # the jump host itself: direct
+            if jump is not None:
+                used_as_jump.add(jump.name)
+            result.append(Host(name=h.name, address=h.address, private_address=h.private_address,
+                               ssh_user=h.ssh_user, ssh_port=h.ssh_port, tiers=h.tiers,
+                               jump=jump))
+        for h in result:
+            if h.name in used_as_jump and h.jump is not None:
+                self.error(f"hosts.{h.name}.jump", (
+                    f"{h.name} is a jump host for other hosts, so it must be reached directly "
+                    "(chained jump hosts are not supported): set `jump: false` here"))
+        return tuple(result)
+
     def ssh(self, top: dict[str, Any]) -> tuple[SshSettings, str | None, int | None]:
         s = self.section(top, "", "ssh", SSH_KEYS)
         user = self.field(s, "ssh", "user", _regex(USER_RE, _USER_EXPECT), "root")
@@ -917,6 +1067,7 @@ class _Parser:
         identity = self.field(s, "ssh", "identity_file", self.path_value, None)
         self.existing_file("ssh.identity_file", identity)
         timeout = self.field(s, "ssh", "connect_timeout", _seconds(600), 10.0)
+        self.field(s, "ssh", "jump", _jump_ref, None)  # resolved in resolve_jumps
         return SshSettings(identity_file=identity, connect_timeout=timeout), user, port
 
     def hosts(self, top: dict[str, Any], user: str | None,
@@ -953,6 +1104,7 @@ class _Parser:
                 "private_given": private_given,
                 "ssh_user": self.field(m, p, "ssh_user", _regex(USER_RE, _USER_EXPECT), user),
                 "ssh_port": self.field(m, p, "ssh_port", _int(1, 65535), port),
+                "jump": self.field(m, p, "jump", _jump_ref, None),
             }
         return out
 
@@ -1299,7 +1451,8 @@ class _Parser:
         t = self.section(top, "", "tls", TLS_KEYS, required=True)
         if t is None:
             return None
-        mode = self.field(t, "tls", "mode", _choice(TLS_MODES), expect="self-signed or files")
+        mode = self.field(t, "tls", "mode", _choice(TLS_MODES),
+                          expect="self-signed, files or acme")
         server_name = self.field(t, "tls", "server_name", _dns_name,
                                  expect="the public DNS name clients use, e.g. releasy.example.com")
         cert = key = None
@@ -1315,11 +1468,37 @@ class _Parser:
                 if mode_bits & 0o077:
                     self.error("tls.key", f"{key} is accessible by group/others (mode "
                                           f"{mode_bits:04o}); run `chmod 600 {key}`")
-        elif mode == "self-signed":
+        elif mode in ("self-signed", "acme"):
             for k in ("certificate", "key"):
                 if k in t:
-                    self.error(f"tls.{k}", "only used with mode: files (mode is self-signed)")
-        return TlsSettings(mode=mode, server_name=server_name, certificate=cert, key=key)
+                    self.error(f"tls.{k}", f"only used with mode: files (mode is {mode})")
+        acme = None
+        if mode == "acme":
+            acme = self.acme(t)
+        elif t is not None and "acme" in t:
+            self.error("tls.acme", f"only used with mode: acme (mode is {mode})")
+        return TlsSettings(mode=mode, server_name=server_name, certificate=cert, key=key,
+                           acme=acme)
+
+    def acme(self, t: dict[str, Any]) -> AcmeSettings | None:
+        a = self.section(t, "tls", "acme", ACME_KEYS, required=True)
+        if a is None:
+            return None
+        email = self.field(a, "tls.acme", "email", _regex(EMAIL_RE, "an e-mail address"),
+                           expect="the e-mail address the CA sends expiry notices to")
+        staging = self.field(a, "tls.acme", "staging", _bool, False)
+        url = self.field(a, "tls.acme", "directory_url", _url, None)
+        if url is not None and not url.startswith("https://"):
+            self.error("tls.acme.directory_url", "must be an https:// URL (ACME needs TLS)")
+        if url is not None and staging:
+            self.error("tls.acme.staging", "staging selects Let's Encrypt's staging "
+                                           "directory: leave it out with directory_url")
+        ca_bundle = self.field(a, "tls.acme", "ca_bundle", self.path_value, None)
+        self.existing_file("tls.acme.ca_bundle", ca_bundle)
+        if email is None:
+            return None
+        return AcmeSettings(email=email, directory_url=url or (
+            LETSENCRYPT_STAGING if staging else LETSENCRYPT), ca_bundle=ca_bundle)
 
 
 def _is_ip(value: str) -> bool:

@@ -9,6 +9,8 @@ import re
 PROXY_PACKAGES = ("nginx", "openssl")
 APP_PACKAGES = ("sqlite3", "curl")  # sqlite3: online backups (SQLite topology); curl: readiness probes
 FIREWALL_PACKAGES = ("ufw",)
+# tls.mode acme only: Debian's certbot (HTTP-01 through nginx's webroot; renewal timer).
+ACME_PACKAGES = ("certbot",)
 
 # Debian's metapackages: their dependency names the release's default major. Hosts are read
 # for it; the lab's repository holds them so each suite's default major is in it.
@@ -25,4 +27,4 @@ def db_packages(major: str) -> tuple[str, str]:
 
 
 REPO_PACKAGES = tuple(dict.fromkeys(
-    PROXY_PACKAGES + APP_PACKAGES + PG_METAPACKAGES + FIREWALL_PACKAGES))
+    PROXY_PACKAGES + APP_PACKAGES + PG_METAPACKAGES + FIREWALL_PACKAGES + ACME_PACKAGES))

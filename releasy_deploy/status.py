@@ -33,6 +33,7 @@ from typing import Any
 
 from . import bluegreen
 from . import firewall as fw
+from .commands import acme as acmecmd
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
@@ -46,6 +47,7 @@ from .packages import FIREWALL_PACKAGES
 from .rollout import parse_version_probe, version_probe_argv
 from .session import Session
 from .tiers import app as app_tier
+from .tiers.acme import CertInfo
 from .tiers.db import PgInstallation
 from .tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
 from .tiers import proxy as proxy_tier
@@ -204,6 +206,8 @@ class ProxyStatus:
     nginx_active: bool
     servers: tuple[str, ...] | None  # the upstream file's servers; None: missing/unparsable
     note: str | None = None
+    cert_issuer: str | None = None  # of the certificate nginx serves (None: none found)
+    cert_days: int | None = None  # whole days until it expires
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,8 @@ def fact_names(inv: Inventory, host: Host) -> list[Fact]:
         if inv.topology == "single":
             names += bluegreen.fact_names(inv)
     if host.has("proxy"):
-        names += [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE), ServiceActive("nginx")]
+        names += [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE), ServiceActive("nginx"),
+                  CertInfo(proxy_tier.tls_paths(inv)[0])]
     if host.has("db"):
         if inv.database.kind == "postgres":
             names += [StatusPg(inv.database.name), PgInstallation()]
@@ -414,11 +419,16 @@ def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseExce
             problems.append(note)
     if host.has("proxy"):
         servers, note = _servers(found[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)])
+        cert = found[CertInfo(proxy_tier.tls_paths(inv)[0])]
+        days = cert.days_left() if cert is not None else None
         proxy = ProxyStatus(bool(found[ServiceActive("nginx")]),
                             None if servers is None else tuple(
-                                nginxcmd.format_server(a, p) for a, p in servers), note)
+                                nginxcmd.format_server(a, p) for a, p in servers), note,
+                            _common_name(cert.issuer) if cert is not None else None,
+                            None if days is None else int(days))
         if not proxy.nginx_active:
             problems.append("nginx is not running")
+        problems += _cert_problems(inv, cert, days)
         if note:
             problems.append(note)
         elif inv.topology == "split":
@@ -456,6 +466,27 @@ def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseExce
     return HostStatus(host.name, host.tiers, True, None, app, proxy, db, firewall, disks,
                       tuple(problems),
                       release.short if release else describe(found[OsRelease()]))
+
+
+def _common_name(dn: str) -> str:
+    """``CN=Pebble Intermediate CA 1a,O=X`` -> ``Pebble Intermediate CA 1a`` (else the DN)."""
+    match = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)*)", dn)
+    return match.group(1) if match else dn
+
+
+def _cert_problems(inv: Inventory, cert: Any, days: float | None) -> list[str]:
+    if cert is None:
+        return ["nginx has no TLS certificate (run `fab proxy.setup`)"]
+    if days is None:
+        return ["the TLS certificate cannot be read"]
+    problems = []
+    if days < acmecmd.UNHEALTHY_DAYS:
+        problems.append(f"the TLS certificate expires in {days:.1f} days (from"
+                        f" {_common_name(cert.issuer)}); renewal is not working")
+    if inv.tls.mode == "acme" and cert.self_signed:
+        problems.append("still the bootstrap self-signed certificate: the ACME CA has not"
+                        " issued one (run `fab proxy.setup`)")
+    return problems
 
 
 def _app_problems(name: str, app: AppStatus) -> list[str]:
@@ -552,6 +583,8 @@ def _cells(h: HostStatus) -> list[str]:
             rotation = f"in ({unit})"
     if h.proxy is not None:
         services.append("nginx " + ("active" if h.proxy.nginx_active else "INACTIVE"))
+        if h.proxy.cert_issuer is not None:
+            services.append(f"cert {h.proxy.cert_issuer}, {h.proxy.cert_days} days")
         if h.app is None:
             rotation = "?" if h.proxy.servers is None else f"{len(h.proxy.servers)} server(s)"
     if services:

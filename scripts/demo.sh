@@ -6,10 +6,21 @@ cd "$(dirname "$0")/.."
 VENV_BIN=.venv/bin
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "lab: proxy1, app1, app2, app3 (app2 reached as a sudo user), db1 + an 'outside' namespace"
+# DEMO_BASTION=1: app and db hosts on a private network, every task through a bastion.
+# DEMO_ACME=1: the proxy's certificate from an ACME CA (pebble in the outside namespace).
+lab_flags=(--apps 3)
+if [ "${DEMO_ACME:-0}" = 1 ]; then
+  lab_flags+=(--acme)
+fi
+if [ "${DEMO_BASTION:-0}" = 1 ]; then
+  lab_flags+=(--bastion)
+  say "lab: proxy1 (public + private), app1..3, db1 on a private network, a 'bastion' jump host"
+else
+  say "lab: proxy1, app1, app2, app3 (app2 reached as a sudo user), db1 + an 'outside' namespace"
+fi
 # A fresh lab every time, so the demo always starts from unprovisioned hosts.
 "$VENV_BIN/inv" lab.down
-inventory=$("$VENV_BIN/inv" lab.up --apps 3 | tail -n1)
+inventory=$("$VENV_BIN/inv" lab.up "${lab_flags[@]}" | tail -n1)
 export RELEASY_INVENTORY="$inventory"
 "$VENV_BIN/inv" lab.status
 

@@ -2,7 +2,8 @@
 # Debian packages the lab and the test suite need on the machine running them.
 # Idempotent: installs only what is missing, and runs apt-get update only then.
 set -euo pipefail
-packages=(mmdebstrap systemd-container dpkg-dev iproute2 openssh-client python3-venv curl)
+# pebble: the lab's ACME CA (`inv lab.up --acme`; RFC 8555 test server, with its DNS helper).
+packages=(mmdebstrap systemd-container dpkg-dev iproute2 openssh-client python3-venv curl pebble)
 missing=()
 for p in "${packages[@]}"; do
   if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then

@@ -26,6 +26,9 @@ Faithful to upstream (what a deploy tool can observe):
   * secrets (admin key, pepper, artifact secret key, the database password) never logged.
 
 Stand-in only (upstream has none of this):
+  * download links built from RELEASY_PUBLIC_BASE_URL (default `http://127.0.0.1:8080`, as
+    upstream): `GET /api/download-link` -> {"url": BASE + "/api/downloads/NAME"}, and that
+    path answers 200 (upstream's real download API needs API keys and artifacts);
   * `GET /version` -> {"version", "host", "pid", ...}; `GET /` and `GET /api/...` -> small
     JSON; `POST /echo` and `POST /api/...` -> echoes the body length (for load generators);
     an `X-Standin-Version` response header;
@@ -74,6 +77,11 @@ LOG_TARGET = "releasy_server"
 
 # sqlx's defaults
 DEFAULT_BIND_ADDR = "0.0.0.0:8080"
+# Stand-in routes for a download link (upstream's real API needs auth and artifacts).
+DOWNLOAD_LINK_PATH = "/api/download-link"
+DOWNLOADS_PREFIX = "/api/downloads/"
+# Upstream's default: download links then point at the app host's own loopback.
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080"
 POOL_ACQUIRE_TIMEOUT = 30.0        # sqlx PoolOptions::acquire_timeout default
 SQLITE_BUSY_TIMEOUT = 5.0          # sqlx SqliteConnectOptions::busy_timeout default
 PG_CONNECT_TIMEOUT = 10            # per attempt (libpq connect_timeout)
@@ -929,9 +937,11 @@ class PingPool:
 # --------------------------------------------------------------------------- HTTP
 
 class App:
-    def __init__(self, pool: PingPool, bind_addr: str):
+    def __init__(self, pool: PingPool, bind_addr: str, public_base_url: str | None = None):
         self.pool = pool
         self.bind_addr = bind_addr
+        # Like upstream, every link handed to clients is built from this base.
+        self.public_base_url = (public_base_url or DEFAULT_PUBLIC_BASE_URL).rstrip("/")
         self.started = utc_now_iso()
         self.requests = 0
         self.requests_lock = threading.Lock()
@@ -1030,6 +1040,17 @@ class Handler(BaseHTTPRequestHandler):
                          "migrations": [v for v, _, _ in MIGRATIONS],
                          "requests": self.app.requests,
                          "broken_migration": BROKEN_MIGRATION, "never_ready": NEVER_READY}
+        if path == DOWNLOAD_LINK_PATH:
+            # Upstream hands out download URLs built from RELEASY_PUBLIC_BASE_URL.
+            if method not in ("GET", "HEAD"):
+                return 405, None
+            name = f"releasy-standin-{VERSION}.txt"
+            return 200, {"url": f"{self.app.public_base_url}{DOWNLOADS_PREFIX}{name}"}
+        if path.startswith(DOWNLOADS_PREFIX) and len(path) > len(DOWNLOADS_PREFIX):
+            if method not in ("GET", "HEAD"):
+                return 405, None
+            return 200, {"download": path[len(DOWNLOADS_PREFIX):], "version": VERSION,
+                         "host": HOSTNAME}
         if path == "/echo" or path.startswith("/api/") or path == "/api":
             if method == "POST" or (method in ("PUT", "PATCH") and path != "/echo"):
                 return 200, {"length": len(body), "version": VERSION, "host": HOSTNAME}
@@ -1196,7 +1217,8 @@ def main(env=None) -> int:
     pool = PingPool(backend, settings.database_max_connections)
     shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     Log.info(f"releasy-server listening on {shown}")
-    handler = type("BoundHandler", (Handler,), {"app": App(pool, settings.bind_addr)})
+    handler = type("BoundHandler", (Handler,), {"app": App(pool, settings.bind_addr,
+                                                              settings.public_base_url)})
     server_class = type("BoundServer", (Server,), {"address_family": family})
     try:
         server = server_class((host, port), handler)

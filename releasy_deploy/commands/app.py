@@ -163,6 +163,13 @@ def sqlite_path(url: str) -> str | None:
     return path if path.startswith("/") and path != "/" else None
 
 
+def public_base_url(inv: Inventory) -> str:
+    """The base Releasy builds download links from: ``app.public_base_url``, else
+    ``https://`` + ``tls.server_name`` (the name the proxy serves). Upstream's own default
+    would be ``http://127.0.0.1:8080``: links pointing at the app host's loopback."""
+    return inv.app.public_base_url or f"https://{inv.tls.server_name}"
+
+
 def env_variables(inv: Inventory, host: Host, secrets: Any, database_url: str
                   ) -> list[tuple[str, str]]:
     """(name, value) pairs for /etc/releasy/releasy.env, in a stable order.
@@ -178,8 +185,7 @@ def env_variables(inv: Inventory, host: Host, secrets: Any, database_url: str
         ("RELEASY_LOG_LEVEL", app.log_level),
         ("RELEASY_DOWNLOAD_TOKEN_TTL_SECONDS", str(app.download_token_ttl_seconds)),
     ]
-    if app.public_base_url:
-        out.append(("RELEASY_PUBLIC_BASE_URL", app.public_base_url))
+    out.append(("RELEASY_PUBLIC_BASE_URL", public_base_url(inv)))
     jwt = app.operator_jwt
     if jwt is not None:
         out += [

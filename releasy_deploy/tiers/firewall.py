@@ -304,23 +304,33 @@ def apt_proxy_conf(url: str | None) -> bytes | None:
 
 
 def check_ssh_source(host: Host, state: HostState, admin_cidrs) -> None:
-    """Refuse (FirewallRefused) when the plan would not let our own SSH connection in."""
-    cidrs = ", ".join(str(n) for n in admin_cidrs)
+    """Refuse (FirewallRefused) when the plan would not let our own SSH connection in.
+    Behind a jump host the plan allows SSH from the jump host's private address only, so
+    that is what our connection must be seen coming from."""
+    jump = getattr(host, "jump", None)
+    allowed = fw.ssh_sources(host, admin_cidrs)
+    cidrs = ", ".join(str(n) for n in allowed)
+    what = (f"jump host {jump.name}'s private_address ({jump.private_address})"
+            if jump is not None
+            else f"admin_cidrs ({cidrs})")
     nothing = f"Nothing was changed on {host.name}."
     if state.ssh_client is None:
         raise FirewallRefused(
             f"{host.name}: refusing to change the firewall: cannot tell which address the "
             f"host sees for our SSH connection ($SSH_CONNECTION is not set in the login "
-            f"session), so it cannot check that admin_cidrs ({cidrs}) keep it open. "
+            f"session), so it cannot check that {what} keep it open. "
             f"{nothing}", host=host.name)
     address, port = state.ssh_client
-    if not any(address.version == n.version and address in n for n in admin_cidrs):
+    if not any(address.version == n.version and address in n for n in allowed):
+        fix = (f"  Set private_address of jump host {jump.name} to {address} (the address "
+               f"{host.name} sees it connect from)." if jump is not None else
+               f"  Add the network of {address} to admin_cidrs in the inventory, or run from "
+               f"an admin network.")
         raise FirewallRefused(
             f"{host.name}: refusing to change the firewall: the host sees our SSH connection "
-            f"coming from {address}, which is not inside admin_cidrs ({cidrs}); the plan "
-            f"allows SSH only from admin_cidrs, so applying it would lock this machine out.\n"
-            f"  Add the network of {address} to admin_cidrs in the inventory, or run from an "
-            f"admin network. {nothing}", host=host.name)
+            f"coming from {address}, which is not inside {what}; the plan "
+            f"allows SSH only from there, so applying it would lock this machine out.\n"
+            f"{fix} {nothing}", host=host.name)
     if port != host.ssh_port:
         raise FirewallRefused(
             f"{host.name}: refusing to change the firewall: our SSH connection arrives on "

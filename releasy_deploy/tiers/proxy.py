@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..commands import acme as acme_cmd
 from ..commands import nginx as cmd
 from ..errors import BadInput, DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
@@ -57,6 +58,7 @@ from ..inventory import Inventory
 from ..hostos import check_release
 from ..packages import PROXY_PACKAGES
 from ..remote import FILES_DIR, ensure_dir, ensure_packages, render_diff, render_template
+from . import acme as acme_tier
 
 __all__ = [
     "FILES_DIR_ENV", "SITE_TEMPLATE", "UPSTREAM_TEMPLATE", "SITE_FILE", "SITE_LINK",
@@ -115,7 +117,7 @@ def templates_dir(name: str, environ: Mapping[str, str] = os.environ) -> Path:
 
 def tls_paths(inv: Inventory) -> tuple[str, str]:
     """(certificate, key) paths on the proxy hosts for the inventory's TLS mode."""
-    stem = "releasy" if inv.tls.mode == "files" else "self-signed"
+    stem = {"files": "releasy", "acme": "acme"}.get(inv.tls.mode, "self-signed")
     return f"{TLS_DIR}/{stem}.crt", f"{TLS_DIR}/{stem}.key"
 
 
@@ -130,9 +132,19 @@ def upstreams_for(inv: Inventory) -> list[tuple[str, int]]:
     return cmd.check_servers([(h.private_address, port) for h in inv.hosts_in("app")])
 
 
-def render_site(inv: Inventory, *, ipv6: bool = True,
+def acme_peers(inv: Inventory, host: str | None) -> list[str]:
+    """Port 80 of every other proxy (``tls.mode: acme``): where this one looks for an ACME
+    challenge it does not have."""
+    if inv.tls.mode != "acme" or host is None:
+        return []
+    return [cmd.format_server(h.private_address, 80) for h in inv.hosts_in("proxy")
+            if h.name != host]
+
+
+def render_site(inv: Inventory, *, ipv6: bool = True, host: str | None = None,
                 environ: Mapping[str, str] = os.environ) -> str:
-    """The site file for this inventory. ``ipv6``: also listen on [::] (host has IPv6)."""
+    """The site file for this inventory (on proxy ``host``: with several proxies in acme
+    mode it names the others). ``ipv6``: also listen on [::] (host has IPv6)."""
     cert, key = tls_paths(inv)
     return render_template(SITE_TEMPLATE, {
         "server_name": inv.tls.server_name,
@@ -140,6 +152,8 @@ def render_site(inv: Inventory, *, ipv6: bool = True,
         "certificate_key": key,
         "upstream_file": UPSTREAM_FILE,
         "upstream_name": UPSTREAM_NAME,
+        "acme_webroot": acme_cmd.WEBROOT if inv.tls.mode == "acme" else None,
+        "acme_peers": acme_peers(inv, host),
         "ipv6": ipv6,
         "next_upstream_tries": NEXT_UPSTREAM_TRIES,
         "next_upstream_timeout": NEXT_UPSTREAM_TIMEOUT,
@@ -370,7 +384,11 @@ def _tls_items(inv: Inventory, st: _HostState, token: str,
     info = st.cert
     key_stat = st.stats.get(key)
     why = None
-    if info is None or key_stat is None:
+    if inv.tls.mode == "acme":
+        # Only a bootstrap for nginx to start with; the ACME step replaces it.
+        if info is None or key_stat is None:
+            why = "absent; bootstrap until the ACME CA issues one"
+    elif info is None or key_stat is None:
         why = "absent"
     elif not info.covers(name):
         why = f"does not cover {name}"
@@ -385,7 +403,8 @@ def _tls_items(inv: Inventory, st: _HostState, token: str,
         return [_Item(f"self-signed certificate for {name} ({why}: generated on the host,"
                       f" {cert}, key {key})", True,
                       ops=[gen, cmd.Install(cert, cert_new), cmd.Install(key, key_new)])]
-    items = [_Item(f"self-signed certificate for {name} ({cert})", False)]
+    kind = "certificate" if inv.tls.mode == "acme" else "self-signed certificate"
+    items = [_Item(f"{kind} for {name} ({cert})", False)]
     for path, mode in ((cert, 0o644), (key, 0o600)):
         if not _attrs_ok(st.stats[path], mode):
             items.append(_Item(f"file {path} (owner/mode -> root:root {mode:04o})", True,
@@ -498,7 +517,7 @@ def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
             ensure_dir(c, path, mode=mode)
 
     token = _random.token_hex(4)
-    site = render_site(inv, ipv6=st.ipv6, environ=environ).encode()
+    site = render_site(inv, ipv6=st.ipv6, host=c.name, environ=environ).encode()
     servers = _upstream_servers_to_write(c, inv, st.texts[UPSTREAM_FILE], reset_upstreams)
     upstream = render_upstream(servers, environ=environ).encode()
     items = [
@@ -547,6 +566,9 @@ def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
             service.append(_Item("nginx enabled at boot", True))
     for item in items + service:
         _report(c, item)
+    if inv.tls.mode == "acme":
+        cert, key = tls_paths(inv)
+        acme_tier.converge(c, inv, cert, key)
 
 
 def _fix_hint(inv: Inventory, items: Sequence[_Item], environ: Mapping[str, str]) -> str:

@@ -45,6 +45,9 @@ class LabHandle:
         data["ssh"]["identity_file"] = str(base / data["ssh"]["identity_file"])
         data["release"]["source"] = str(base / data["release"]["source"])
         data["secrets"]["file"] = str(base / data["secrets"]["file"])
+        acme = data["tls"].get("acme") or {}
+        if "ca_bundle" in acme:
+            acme["ca_bundle"] = str(base / acme["ca_bundle"])
         if change is not None:
             change(data)
         path = directory / "hosts.yaml"
@@ -129,16 +132,20 @@ class LabSession:
         self.current: tuple | None = None
 
     def use(self, topology: str = "split", apps: int = 2, database: str = "postgres",
-            suite: str = "bookworm", db_suite: str = "") -> LabHandle:
-        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, suite, db_suite))
-        self.current = (topology, apps, database, suite, db_suite)
+            suite: str = "bookworm", db_suite: str = "", *, bastion: bool = False,
+            acme: bool = False, proxies: int = 1) -> LabHandle:
+        inventory = lab_ops.up(lab_ops.LabRequest(topology, apps, database, suite, db_suite,
+                                                  bastion=bastion, acme=acme, proxies=proxies))
+        self.current = (topology, apps, database, suite, db_suite, bastion, acme, proxies)
         return LabHandle(self.ident, topology, inventory)
 
     def fresh(self, topology: str = "split", apps: int = 2, database: str = "postgres",
-              suite: str = "bookworm", db_suite: str = "") -> LabHandle:
+              suite: str = "bookworm", db_suite: str = "", *, bastion: bool = False,
+              acme: bool = False, proxies: int = 1) -> LabHandle:
         """A lab whose hosts have never been provisioned (replaces any current lab)."""
         lab_ops.down()
-        return self.use(topology, apps, database, suite, db_suite)
+        return self.use(topology, apps, database, suite, db_suite, bastion=bastion, acme=acme,
+                        proxies=proxies)
 
 
 @pytest.fixture(scope="session")

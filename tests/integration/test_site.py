@@ -3,6 +3,7 @@ proxy over TLS, a second run changes and restarts nothing, and the firewall expo
 what the topology needs (seen from the outside namespace, the operator and peer hosts)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -53,6 +54,29 @@ def test_split_site_serves_releasy_through_the_proxy(split):
     proc = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                            f"http://{proxy}/ready"], capture_output=True, text=True)
     assert proc.stdout in ("301", "308")
+
+
+def test_download_link_is_reachable_from_the_internet(split):
+    """Releasy builds download links from RELEASY_PUBLIC_BASE_URL: https:// + the served
+    name, not upstream's default http://127.0.0.1:8080 (the app host's own loopback)."""
+    inv = load_inventory(split.inventory)
+    proxy = inv.hosts_in("proxy")[0].address
+    name = inv.tls.server_name
+
+    def outside_get(url: str) -> tuple[int, str]:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", split.ident.outside_ns, "curl", "-ksS", "--max-time", "10",
+             "--resolve", f"{name}:443:{proxy}", "-o", "-", "-w", "\n%{http_code}", url],
+            capture_output=True, text=True, timeout=30)
+        body, _, code = proc.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    code, body = outside_get(f"https://{name}/api/download-link")
+    assert code == 200, body
+    url = json.loads(body)["url"]
+    assert url.startswith(f"https://{name}/"), url
+    code, body = outside_get(url)
+    assert code == 200 and json.loads(body)["version"] == "1.0.0", body
 
 
 def test_split_second_site_changes_and_restarts_nothing(split):

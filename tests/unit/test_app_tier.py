@@ -101,6 +101,8 @@ def test_env_variables_single_host_sqlite(tmp_path):
         ("RELEASY_DATABASE_MAX_CONNECTIONS", "5"),
         ("RELEASY_LOG_LEVEL", "info"),
         ("RELEASY_DOWNLOAD_TOKEN_TTL_SECONDS", "600"),
+        # Not upstream's loopback default: links must work for clients of the proxy.
+        ("RELEASY_PUBLIC_BASE_URL", "https://releasy.test"),
         ("RELEASY_ADMIN_API_KEY", SECRET_KEY),
         ("RELEASY_API_KEY_PEPPER", PEPPER),
     ]
@@ -153,6 +155,7 @@ def test_rendered_env_file(tmp_path):
         'RELEASY_DATABASE_MAX_CONNECTIONS="5"',
         'RELEASY_LOG_LEVEL="info"',
         'RELEASY_DOWNLOAD_TOKEN_TTL_SECONDS="600"',
+        'RELEASY_PUBLIC_BASE_URL="https://releasy.test"',
         'RELEASY_ADMIN_API_KEY="adm \'in\' \\"key\\" \\$HOME \\`id\\` \\\\x é"',
     ]
     assert text.endswith('é"\n') and "\n\n" not in text

@@ -3,6 +3,7 @@ pins, the inventory's bad-input cases, and the host facts the plan is fed with. 
 probe outputs below are the formats of Debian 12's resolv.conf, getent and iproute2."""
 from __future__ import annotations
 
+import copy
 import ipaddress
 from pathlib import Path
 
@@ -326,3 +327,65 @@ def test_a_pin_outside_the_app_tier_is_refused(tmp_path):
         load(SPLIT, tmp_path, app={"operator_jwt": JWT}, egress={"allow": [
             {"to": "192.0.2.0/24", "port": 443, "tiers": ["db"], "pin": "operator_jwt"}]})
     assert "egress.allow[0].tiers: pins operator_jwt, which the app tier reaches" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- ACME (tls.mode: acme)
+ACME_TLS = {"mode": "acme", "server_name": "releasy.example.com",
+            "acme": {"email": "ops@example.com"}}  # Let's Encrypt production by default
+
+
+def two_proxies(tmp_path, **changes):
+    data = yaml.safe_load(SPLIT)
+    data["hosts"]["proxy2"] = {"address": "198.51.100.11", "private_address": "10.0.0.11"}
+    data["tiers"]["proxy"] = ["proxy1", "proxy2"]
+    data["tls"] = copy.deepcopy(ACME_TLS)  # `load` edits nested keys in place
+    return load(yaml.safe_dump(data), tmp_path, **changes)
+
+
+def test_acme_proxies_reach_the_ca_as_resolved_on_the_host_and_each_other_on_80(tmp_path):
+    inv = two_proxies(tmp_path)
+    ca = "acme-v02.api.letsencrypt.org"
+    assert fw.names_to_resolve(inv, inv.host("proxy1")) == [ca]
+    assert fw.names_to_resolve(inv, inv.host("app1")) == []
+    facts = HostNet((), {ca: (addr("192.0.2.44"), addr("2001:db8::44"))})
+    rules = out_rules(inv, "proxy2", facts)
+    assert ("80/tcp", "10.0.0.10", "proxy -> proxy1:80: ACME challenge relay") in rules
+    assert not any("proxy2:80" in why for _, _, why in rules)  # not to itself
+    for port in (80, 443):
+        for ip in ("192.0.2.44", "2001:db8::44"):
+            assert (f"{port}/tcp", ip, f"proxy2 -> {ca}:{port}: ACME directory ({ip})") in rules
+    assert not any(dest == "anywhere" and port in ("80/tcp", "443/tcp")
+                   for port, dest, _ in rules)  # the CA only, not the internet
+    # The app hosts reach nothing of it; without restrict nothing is planned at all.
+    assert not any("ACME" in why for _, _, why in out_rules(inv, "app1"))
+    assert fw.egress_rules(two_proxies(tmp_path, egress=None), inv.host("proxy1"), facts) == []
+
+
+def test_acme_directory_on_its_own_port_and_an_ip_literal(tmp_path):
+    inv = two_proxies(tmp_path, **{"tls.acme.directory_url": "https://192.0.2.9:14000/dir"})
+    assert fw.names_to_resolve(inv, inv.host("proxy1")) == []
+    rules = out_rules(inv, "proxy1")
+    assert [(p, d) for p, d, why in rules if "ACME directory" in why] == [
+        ("80/tcp", "192.0.2.9"), ("443/tcp", "192.0.2.9"), ("14000/tcp", "192.0.2.9")]
+
+
+def test_acme_directory_that_does_not_resolve_or_is_pinned(tmp_path):
+    inv = two_proxies(tmp_path)
+    with pytest.raises(fw.EgressError) as exc:
+        fw.egress_rules(inv, inv.host("proxy1"), HostNet())
+    assert exc.value.host == "proxy1" and "pin: acme_directory" in str(exc.value)
+    pinned = two_proxies(tmp_path, egress={"restrict": True, "allow": [
+        {"to": "192.0.2.0/24", "port": 443, "tiers": ["proxy"], "pin": "acme_directory"}]})
+    assert fw.names_to_resolve(pinned, pinned.host("proxy1")) == []
+    assert ("443/tcp", "192.0.2.0/24", "egress.allow[0]: acme_directory") in \
+        out_rules(pinned, "proxy1")
+    assert not any("ACME directory" in why for _, _, why in out_rules(pinned, "proxy1"))
+
+
+def test_an_acme_pin_needs_acme_mode_and_the_proxy_tier(tmp_path):
+    pin = {"to": "192.0.2.0/24", "port": 443, "pin": "acme_directory"}
+    assert any("pins acme_directory, but tls.mode: acme is not configured" in p
+               for p in problems(tmp_path, {"allow": [pin]}))
+    with pytest.raises(InventoryError) as exc:
+        two_proxies(tmp_path, egress={"allow": [{**pin, "tiers": ["app"]}]})
+    assert "pins acme_directory, which the proxy tier reaches" in str(exc.value)

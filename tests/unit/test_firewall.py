@@ -502,6 +502,35 @@ def test_ssh_source_outside_the_plan_is_refused(tmp_path, seen, words):
     assert exc.value.host == "app2"
 
 
+def jumped(tmp_path):
+    """SPLIT_YAML with app and db hosts behind a bastion; proxy1 direct."""
+    return inventory(SPLIT_YAML, tmp_path, **{
+        "ssh.jump": "bastion",
+        "jump_hosts": {"bastion": {"address": "203.0.113.5", "private_address": "10.0.0.5"}},
+        "hosts.proxy1.jump": False})
+
+
+def test_hosts_behind_a_jump_host_allow_ssh_from_its_private_address_only(tmp_path):
+    plan = fw.plan_rules(jumped(tmp_path))
+    ssh = {name: [r for r in rules if r.port in (22, 2222)] for name, rules in plan.items()}
+    assert table(ssh["proxy1"]) == [(22, "tcp", "203.0.113.0/24",
+                                     "releasy: ssh from admin network")]
+    via = "releasy: ssh from jump host bastion"
+    assert table(ssh["app2"]) == [(2222, "tcp", "10.0.0.5/32", via)]
+    assert table(ssh["db1"]) == [(22, "tcp", "10.0.0.5/32", via)]
+
+
+def test_lockout_guard_behind_a_jump_host_wants_the_jump_hosts_address(tmp_path):
+    inv = jumped(tmp_path)
+    app2 = inv.host("app2")
+    tier.check_ssh_source(app2, state((addr("10.0.0.5"), 2222)), inv.admin_cidrs)
+    # Our own admin address is not enough behind a bastion: the plan does not allow it.
+    with pytest.raises(tier.FirewallRefused) as exc:
+        tier.check_ssh_source(app2, state((addr("203.0.113.9"), 2222)), inv.admin_cidrs)
+    assert "jump host bastion's private_address (10.0.0.5)" in str(exc.value)
+    assert "Set private_address of jump host bastion to 203.0.113.9" in str(exc.value)
+
+
 # --------------------------------------------------------------------------- scripts
 
 

@@ -227,6 +227,35 @@ MALFORMED = [
     ("tls-server-name-ip", {"tls.server_name": "198.51.100.10"}, "tls.server_name", "DNS name"),
     ("tls-key-with-self-signed", {"tls.key": "tls/releasy.key"}, "tls.key", "mode: files"),
     ("secrets-unknown-key", {"secrets": {"fiel": "s.yaml"}}, "secrets.fiel", "did you mean 'file'"),
+    ("acme-no-section", {"tls.mode": "acme"}, "tls.acme", "required section"),
+    ("acme-bad-email", {"tls.mode": "acme", "tls.acme": {"email": "ops"}}, "tls.acme.email",
+     "e-mail"),
+    ("acme-http-directory", {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "directory_url": "http://ca.example.com/dir"}},
+     "tls.acme.directory_url", "https"),
+    ("acme-staging-and-url", {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "directory_url": "https://ca.example.com/dir",
+        "staging": True}}, "tls.acme.staging", "leave it out"),
+    ("acme-without-mode", {"tls.acme": {"email": "ops@example.com"}}, "tls.acme",
+     "only used with mode: acme"),
+    ("acme-ca-bundle-missing", {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "ca_bundle": "nope.pem"}}, "tls.acme.ca_bundle",
+     "file not found"),
+    ("jump-unknown", {"ssh.jump": "bastoin", "jump_hosts": {"bastion": {"address": "192.0.2.5"}}},
+     "ssh.jump", "unknown jump host"),
+    ("jump-not-a-name", {"hosts.app1.jump": "x; y"}, "hosts.app1.jump", "name of a jump host"),
+    ("jump-true", {"hosts.app1.jump": True}, "hosts.app1.jump", "or false"),
+    ("jump-self", {"hosts.app1.jump": "app1"}, "hosts.app1.jump", "its own jump host"),
+    ("jump-chain", {"ssh.jump": "proxy1", "hosts.proxy1.jump": "db1"}, "hosts.proxy1.jump",
+     "chained jump hosts"),
+    ("jump-host-unknown-key", {"jump_hosts": {"b": {"address": "192.0.2.5", "hostname": "x"}}},
+     "jump_hosts.b.hostname", "unknown key"),
+    ("jump-host-no-address", {"jump_hosts": {"b": {"user": "jump"}}}, "jump_hosts.b.address",
+     "required"),
+    ("jump-host-dns-no-private", {"jump_hosts": {"b": {"address": "bastion.example.com"}}},
+     "jump_hosts.b.private_address", "IP literal"),
+    ("jump-host-is-inventory-host", {"jump_hosts": {"app1": {"address": "192.0.2.5"}}},
+     "jump_hosts.app1", "also an inventory host"),
 ]
 
 
@@ -254,7 +283,7 @@ def test_all_problems_are_reported_together(inv_dir):
         "hosts.app1.address": "x;y",
         "tiers.app": ["app1", "app2", "ghost"],
         "database.name": "a b",
-        "tls.mode": "acme",
+        "tls.mode": "letsencrypt",
     })
     err = errors_of(data, inv_dir)
     paths = [p.path for p in err.problems]
@@ -437,6 +466,45 @@ def test_full_optional_sections(inv_dir):
     assert "tls.key" in [p.path for p in err.problems] and "chmod 600" in str(err)
 
 
+def test_jump_hosts(inv_dir):
+    inv = parse(mutate(base(), {
+        "ssh.jump": "bastion",
+        "jump_hosts": {"bastion": {"address": "bastion.example.com",
+                                   "private_address": "10.0.0.5", "user": "jump", "port": 2200}},
+        "hosts.proxy1.jump": False, "hosts.db1.jump": "proxy1"}), inv_dir)
+    jumps = {h.name: h.jump for h in inv.hosts}
+    assert jumps["proxy1"] is None
+    bastion = jumps["app1"]
+    assert (bastion.name, bastion.address, bastion.private_address, bastion.ssh_user,
+            bastion.ssh_port, bastion.managed) == (
+        "bastion", "bastion.example.com", "10.0.0.5", "jump", 2200, False)
+    assert jumps["app2"] is bastion
+    # An inventory host as jump host: its own address, user and port; reached directly.
+    assert (jumps["db1"].name, jumps["db1"].address, jumps["db1"].private_address,
+            jumps["db1"].managed) == ("proxy1", "198.51.100.10", "10.0.0.10", True)
+    assert [j.name for j in inv.jump_hosts] == ["bastion", "proxy1"]
+    # The jump host named by ssh.jump is itself reached directly.
+    inv = parse(mutate(base(), {"ssh.jump": "proxy1"}), inv_dir)
+    assert inv.host("proxy1").jump is None and inv.host("app1").jump.name == "proxy1"
+
+
+def test_acme_settings(inv_dir):
+    from releasy_deploy.inventory import LETSENCRYPT, LETSENCRYPT_STAGING
+    tls = parse(mutate(base(), {"tls.mode": "acme", "tls.acme": {"email": "ops@example.com"}}),
+                inv_dir).tls
+    assert (tls.mode, tls.acme.email, tls.acme.directory_url, tls.acme.ca_bundle) == (
+        "acme", "ops@example.com", LETSENCRYPT, None)
+    staging = parse(mutate(base(), {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "staging": True}}), inv_dir).tls.acme
+    assert staging.directory_url == LETSENCRYPT_STAGING
+    (inv_dir / "ca.pem").write_text("x")
+    own = parse(mutate(base(), {"tls.mode": "acme", "tls.acme": {
+        "email": "ops@example.com", "directory_url": "https://ca.internal:14000/dir",
+        "ca_bundle": "ca.pem"}}), inv_dir).tls.acme
+    assert own.directory_url == "https://ca.internal:14000/dir"
+    assert own.ca_bundle == inv_dir / "ca.pem"
+
+
 def test_check_files_false_skips_filesystem_checks(tmp_path):
     data = mutate(base(), {"release.source": "missing-dir"})
     inv = parse_inventory(data, tmp_path / INV_NAME, check_files=False)
@@ -536,7 +604,7 @@ def test_example_hosts_yaml_parses_with_files(tmp_path):
 def test_example_hosts_yaml_documents_every_key():
     from releasy_deploy import inventory as mod
     text = (REPO_ROOT / "hosts.yaml").read_text()
-    for keys in (mod.TOP_KEYS, mod.SSH_KEYS, mod.HOST_KEYS, mod.APP_KEYS, mod.JWT_KEYS,
+    for keys in (mod.TOP_KEYS, mod.SSH_KEYS, mod.HOST_KEYS, mod.JUMP_KEYS, mod.ACME_KEYS, mod.APP_KEYS, mod.JWT_KEYS,
                  mod.STORAGE_KEYS, mod.DB_KEYS, mod.RELEASE_KEYS, mod.TLS_KEYS, mod.SECRETS_KEYS):
         for key in keys:
             assert f"{key}:" in text, key
@@ -571,6 +639,9 @@ def test_any_junk_value_gives_inventory_error_not_a_crash(inv_dir):
                                  "audience": "a", "resource": "r"},
                 "artifact_storage": {**STORAGE, "endpoint": "https://s3.example.com"}},
         "secrets": {"file": "s.yaml"},
+        "jump_hosts": {"bastion": {"address": "192.0.2.5", "private_address": "10.0.0.5",
+                                   "user": "jump", "port": 22}},
+        "hosts.app1.jump": "bastion", "hosts.db1.jump": "proxy1",
     })
     parse(full, inv_dir)  # the starting point is valid
     for where in _all_paths(full):

@@ -533,3 +533,44 @@ def test_markers_and_nginx_message_tidying():
     assert cmd.tidy_nginx_messages(
         '2026/11/26 07:55:33 [emerg] 422#422: unknown directive "x" in /e:1\nnginx: test failed'
     ) == 'nginx: [emerg] unknown directive "x" in /e:1\nnginx: test failed'
+
+
+# --------------------------------------------------------------------------------------
+# tls.mode: acme
+# --------------------------------------------------------------------------------------
+def acme_inventory(proxies=("proxy1",)):
+    data = yaml.safe_load(SPLIT)
+    data["hosts"]["proxy2"] = {"address": "198.51.100.11", "private_address": "10.0.0.11"}
+    data["tiers"]["proxy"] = list(proxies)
+    if "proxy2" not in proxies:
+        del data["hosts"]["proxy2"]
+    data["tls"] = {"mode": "acme", "server_name": "releasy.example.com",
+                   "acme": {"email": "ops@example.com"}}
+    return parse_inventory(data, Path("/srv/deploy/hosts.yaml"), check_files=False)
+
+
+def test_acme_site_answers_challenges_on_port_80_and_redirects_the_rest():
+    inv = acme_inventory()
+    assert proxy.tls_paths(inv) == ("/etc/nginx/releasy/tls/acme.crt",
+                                    "/etc/nginx/releasy/tls/acme.key")
+    site = directives(proxy.render_site(inv, host="proxy1", environ=NO_OVERRIDE))
+    http = site[site.index("listen 80 default_server;"):site.index("listen 443 ssl default_server;")]
+    start = http.index("location ^~ /.well-known/acme-challenge/ {")
+    assert http[start + 1:start + 3] == ["root /var/lib/releasy/acme;", "default_type text/plain;"]
+    assert "return 308 https://$host$request_uri;" in http
+    assert not any("acme_peers" in line for line in site)  # one proxy: nobody to ask
+    plain = directives(proxy.render_site(inventory(), host="proxy1", environ=NO_OVERRIDE))
+    assert not any("acme-challenge" in line for line in plain)
+
+
+def test_acme_with_several_proxies_asks_the_others_once():
+    inv = acme_inventory(("proxy1", "proxy2"))
+    site = directives(proxy.render_site(inv, host="proxy1", environ=NO_OVERRIDE))
+    peers = site[site.index("upstream releasy_acme_peers {"):]
+    assert peers[1] == "server 10.0.0.11:80 max_fails=0;"  # the other proxy, not itself
+    assert "10.0.0.10:80" not in " ".join(site)
+    assert "try_files $uri @acme_peers;" in site
+    named = site[site.index("location @acme_peers {"):]
+    assert named[1:4] == ["if ($http_x_releasy_acme_peer) {", "return 404;", "}"]
+    assert "proxy_set_header X-Releasy-Acme-Peer 1;" in named
+    assert "proxy_next_upstream_tries 1;" in named

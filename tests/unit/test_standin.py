@@ -357,6 +357,24 @@ def test_sqlite_start_serve_and_sigterm(releases, procs, tmp_path):
     assert "releasy-server listening on 127.0.0.1:" in p.stderr
 
 
+def test_download_links_follow_public_base_url(releases, procs, tmp_path):
+    # Unset: upstream's default, the app host's own loopback.
+    p = procs(releases["1.1.0"], sqlite_env(tmp_path / "a.db"))
+    p.wait_ready()
+    status, body, _ = p.get("/api/download-link")
+    assert status == 200
+    assert body["url"] == "http://127.0.0.1:8080/api/downloads/releasy-standin-1.1.0.txt"
+    p2 = procs(releases["1.1.0"], sqlite_env(
+        tmp_path / "b.db", RELEASY_PUBLIC_BASE_URL="https://releasy.example.com/"))
+    p2.wait_ready()
+    url = p2.get("/api/download-link")[1]["url"]
+    assert url == "https://releasy.example.com/api/downloads/releasy-standin-1.1.0.txt"
+    path = url.removeprefix("https://releasy.example.com")
+    assert p2.get(path)[:2] == (200, {"download": "releasy-standin-1.1.0.txt",
+                                      "version": "1.1.0", "host": socket.gethostname()})
+    assert p2.get("/api/download-link", "POST", b"")[0] == 405
+
+
 def test_upgrade_then_old_binary_refuses(releases, procs, tmp_path):
     db = tmp_path / "releasy.db"
     p = procs(releases["1.0.0"], sqlite_env(db))

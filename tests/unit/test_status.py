@@ -3,6 +3,7 @@
 them (the real parsers are fed the hosts' real output formats)."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ from releasy_deploy import firewall as fw
 from releasy_deploy import status as st
 from releasy_deploy.backups import BackupListing
 from releasy_deploy.bluegreen import InstanceLink, Listening
+from releasy_deploy.commands import acme as acmecmd
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import postgres as pg
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
@@ -23,6 +25,7 @@ from releasy_deploy.facts import (FileSha256, FileStat, OsRelease, PackageVersio
                                   build_facts_script, parse_facts_output)
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.schema import RecordedLevels, SchemaLevel
+from releasy_deploy.tiers.acme import CertInfo
 from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.db import PgInstallation
 from releasy_deploy.tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
@@ -45,6 +48,18 @@ SINGLE = parse_inventory({
     "tls": {"mode": "self-signed", "server_name": "releasy.example.test"}},
     "/nonexistent/hosts.yaml", check_files=False)
 ROOT = Path(__file__).resolve().parents[2]
+SELF_CERT = CertInfo("/etc/nginx/releasy/tls/self-signed.crt")
+
+
+def cert(days: float, issuer: str = "CN=releasy.example.test", self_signed: bool = True):
+    """What the certificate probe returns (parsed from openssl's real output)."""
+    end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)
+    out = (f"issuer={issuer}\nsubject={'CN=releasy.example.test' if self_signed else ''}\n"
+           f"notAfter={end.strftime('%b %d %H:%M:%S %Y GMT')}\n"
+           "X509v3 Subject Alternative Name: \n    DNS:releasy.example.test\n")
+    return acmecmd.parse_cert_probe(out, 0)
+
+
 UPSTREAM = "upstream releasy_app {\n%s    keepalive 32;\n}\n"
 FREE = st.LockStatus(None)
 
@@ -191,6 +206,7 @@ def app_facts(bind, *, state="active", ready=True, running="1.1.0", current="1.1
 def split_facts(**over):
     found = {
         "proxy1": {**ufw_facts(SPLIT, "proxy1"), ServiceActive("nginx"): True,
+                   SELF_CERT: cert(300),
                    ProxyText("/etc/nginx/releasy/upstream.conf"):
                        upstream("10.9.0.21:8080", "10.9.0.22:8080")},
         "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
@@ -343,7 +359,7 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
     found = {**ufw_facts(SINGLE, "solo"),
              ReleasyReleases(): releases("1.1.0", "1.0.0", "1.1.0"),
              ProxyText("/etc/nginx/releasy/upstream.conf"): upstream(f"127.0.0.1:{live_port}"),
-             ServiceActive("nginx"): True,
+             ServiceActive("nginx"): True, SELF_CERT: cert(300),
              FileStat("/etc/systemd/system/releasy@.service"): {"type": "regular file",
                                                                 "owner": "root", "group": "root",
                                                                 "mode": 0o644, "size": 900},
@@ -438,6 +454,31 @@ tls: {{mode: self-signed, server_name: releasy.unit.test}}
                                     text=True, timeout=60).stdout)
     assert doc["healthy"] is False and doc["hosts"][0]["reachable"] is True
     assert doc["hosts"][0]["app"]["ready"] is False
+
+
+# ------------------------------------------------------------------------------ certificate
+def test_certificate_issuer_and_days_show_and_under_14_days_is_unhealthy():
+    report = st.build_report(SPLIT, split_facts(), FREE)
+    proxy = report.hosts[0].proxy
+    assert (proxy.cert_issuer, proxy.cert_days) == ("releasy.example.test", 299)
+    assert "nginx active, cert releasy.example.test, 299 days" in st.render_table(report)
+    soon = st.build_report(SPLIT, split_facts(proxy1={SELF_CERT: cert(13.5, "CN=Pebble CA 1a",
+                                                                      False)}), FREE)
+    assert soon.problems == ["proxy1: the TLS certificate expires in 13.5 days (from Pebble"
+                             " CA 1a); renewal is not working"]
+    gone = st.build_report(SPLIT, split_facts(proxy1={SELF_CERT: None}), FREE)
+    assert gone.problems == ["proxy1: nginx has no TLS certificate (run `fab proxy.setup`)"]
+
+
+def test_acme_mode_flags_the_bootstrap_certificate():
+    import dataclasses
+    acme = dataclasses.replace(SPLIT, tls=dataclasses.replace(SPLIT.tls, mode="acme"))
+    facts = split_facts()
+    facts["proxy1"] = {k: v for k, v in facts["proxy1"].items() if k != SELF_CERT}
+    facts["proxy1"][CertInfo("/etc/nginx/releasy/tls/acme.crt")] = cert(300)
+    report = st.build_report(acme, facts, FREE)
+    assert report.problems == ["proxy1: still the bootstrap self-signed certificate: the ACME"
+                               " CA has not issued one (run `fab proxy.setup`)"]
 
 
 def test_each_hosts_release_and_postgresql_major_are_shown_and_an_unsupported_one_flagged():
