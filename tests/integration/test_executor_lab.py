@@ -67,7 +67,10 @@ def test_upload_if_changed_as_root_and_via_sudo(inv, capsys):
         assert out == ["root", "600"]
 
 
-def test_packages_install_from_the_offline_repository(inv):
+def test_packages_install_from_the_offline_repository(inv, split_lab):
+    # An earlier module's `fab site` may have installed it (the app tier does): start without.
+    split_lab.sudo("app2", "sh", "-c", "! dpkg -s sqlite3 >/dev/null 2>&1 ||"
+                                       " DEBIAN_FRONTEND=noninteractive apt-get purge -y -q sqlite3")
     with Executor(inv, reporter=Reporter()) as ex:
         c = ex.conn("app2")
         first = ensure_packages(c, ["sqlite3"])

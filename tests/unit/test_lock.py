@@ -50,7 +50,7 @@ def test_different_environments_get_different_keys():
 
 
 def test_upstream_migration_key_matches_the_documented_value():
-    # /work/shared/docs/releasy-upstream.md: database "releasy" -> 2381881093274812060.
+    # Upstream sqlx: 0x3d32ad9e * crc32(b"releasy") as a signed bigint = 2381881093274812060.
     assert lock.upstream_migration_key("releasy") == 2381881093274812060
 
 
