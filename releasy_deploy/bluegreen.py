@@ -67,7 +67,7 @@ from .commands import nginx as nginxcmd
 from .commands import systemd
 from .errors import BadInput, DeployError
 from .executor import HostConnection, tail
-from .facts import Fact, FileSha256, FileStat, OsRelease, read_facts
+from .facts import Fact, FileSha256, FileStat, LinkTarget, OsRelease, read_facts
 from .hostos import check_release
 from .inventory import Inventory, check_version
 from .lock import deploy_lock
@@ -83,7 +83,7 @@ __all__ = [
     "instance_env_file", "instance_bind", "render_instance_env", "version_of_link",
     "fact_names", "parse_state", "find_live", "plan_deploy", "schema_refusal", "start_script",
     "finish_commands", "finish_script", "cleanup_script", "warmup_argv", "read_state", "run",
-    "InstanceLink", "Listening",
+    "Listening",
 ]
 
 PIPELINE = "deploy.bluegreen"
@@ -136,20 +136,6 @@ def version_of_link(target: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------ facts
-@dataclass(frozen=True)
-class InstanceLink(Fact):
-    """Where an instance link points, or None when ``path`` is not a symlink."""
-
-    path: str
-
-    def shell(self) -> str:
-        q = shlex.quote(self.path)
-        return f"[ -L {q} ] || exit 3; readlink -- {q}"
-
-    def parse(self, out: str, code: int) -> str | None:
-        return out.strip() if code == 0 else None
-
-
 @dataclass(frozen=True)
 class Listening(Fact):
     """Something listens on TCP ``port``."""
@@ -239,7 +225,7 @@ def fact_names(inv: Inventory) -> list[Fact]:
         FileStat(f"{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}"),
         schema.level_fact(inv), schema.RecordedLevels(), backups_mod.BackupListing()]
     for port in inv.app.bluegreen_ports:
-        names += [app_tier.ReleasyUnit(instance_unit(port)), InstanceLink(instance_link(port)),
+        names += [app_tier.ReleasyUnit(instance_unit(port)), LinkTarget(instance_link(port)),
                   FileSha256(instance_env_file(port)), Listening(port),
                   app_tier.ReleasyReady(appcmd.ready_url(instance_bind(port)))]
     return names
@@ -254,7 +240,7 @@ def parse_state(host: str, found: Mapping[Fact, Any], inv: Inventory) -> HostSta
         units[unit] = UnitState.from_show(unit, found[app_tier.ReleasyUnit(unit)])
     return HostState(
         host=host, ports=ports, bind_port=inv.app.bind_port, units=units,
-        links={p: found[InstanceLink(instance_link(p))] for p in ports},
+        links={p: found[LinkTarget(instance_link(p))] for p in ports},
         env_sums={p: found[FileSha256(instance_env_file(p))] for p in ports},
         listening={p: bool(found[Listening(p)]) for p in ports},
         ready={p: bool(found[app_tier.ReleasyReady(appcmd.ready_url(instance_bind(p)))])

@@ -24,7 +24,7 @@ from .executor import HostConnection
 __all__ = [
     "Fact", "read_facts", "read_fact", "build_facts_script", "parse_facts_output",
     "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
-    "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "PathExists", "UserExists",
+    "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "LinkTarget", "PathExists", "UserExists",
     "GroupExists", "CommandExists", "PackageVersion",
 ]
 
@@ -280,6 +280,20 @@ class FileStat(Fact):
         kind, owner, group, mode, size = out.strip().split("|")
         return {"type": kind, "owner": owner, "group": group, "mode": int(mode, 8),
                 "size": int(size)}
+
+
+@dataclass(frozen=True)
+class LinkTarget(Fact):
+    """Where a symlink points, or None when ``path`` is not a symlink."""
+
+    path: str
+
+    def shell(self) -> str:
+        q = shlex.quote(self.path)
+        return f"[ -L {q} ] || exit 3; readlink -- {q}"
+
+    def parse(self, out: str, code: int) -> str | None:
+        return out.strip() if code == 0 else None
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
 from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
-from .facts import Fact, FileStat, OsRelease, PackageVersion, ServiceActive, read_facts
+from .facts import Fact, FileStat, LinkTarget, OsRelease, PackageVersion, ServiceActive, read_facts
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
 from .hostos import describe, parse_release, supported_list
@@ -390,7 +390,7 @@ def _app(inv: Inventory, host: Host, found: Mapping[Fact, Any],
     ports = {bluegreen.instance_unit(p): p for p in inv.app.bluegreen_ports}
     if unit in ports:  # a blue/green instance runs the release its link names
         running = running or bluegreen.version_of_link(
-            found.get(bluegreen.InstanceLink(bluegreen.instance_link(ports[unit]))))
+            found.get(LinkTarget(bluegreen.instance_link(ports[unit]))))
     app = AppStatus(unit=unit, active_state=props.get("ActiveState") or "inactive",
                     sub_state=props.get("SubState") or "", main_pid=int(pid) if pid.isdigit()
                     and int(pid) > 0 else None, current=current, running=running,

@@ -52,7 +52,7 @@ from ..commands import acme as acme_cmd
 from ..commands import nginx as cmd
 from ..errors import BadInput, DeployError, RemoteCommandError
 from ..executor import HostConnection, tail
-from ..facts import (Fact, FileSha256, FileStat, OsRelease, PackageVersion, ServiceActive,
+from ..facts import (Fact, FileSha256, FileStat, LinkTarget, OsRelease, PackageVersion, ServiceActive,
                      ServiceEnabled, read_facts)
 from ..inventory import Inventory
 from ..hostos import check_release
@@ -65,7 +65,7 @@ __all__ = [
     "DEFAULT_SITE", "CONF_DIR", "TLS_DIR", "UPSTREAM_FILE", "UPSTREAM_NAME",
     "NginxConfigRejected", "templates_dir", "tls_paths", "upstreams_for", "render_site",
     "render_upstream", "setup", "set_upstreams", "current_upstreams", "nginx_reload",
-    "wait_old_workers_gone", "ProxyText", "ProxyLink", "ProxyPresent", "ProxyCert", "ProxyIpv6",
+    "wait_old_workers_gone", "ProxyText", "ProxyPresent", "ProxyCert", "ProxyIpv6",
 ]
 
 FILES_DIR_ENV = "RELEASY_FILES_DIR"
@@ -202,20 +202,6 @@ class ProxyText(Fact):
 
 
 @dataclass(frozen=True)
-class ProxyLink(Fact):
-    """Where a symlink points, or None when ``path`` is not a symlink."""
-
-    path: str
-
-    def shell(self) -> str:
-        q = shlex.quote(self.path)
-        return f"[ -L {q} ] || exit 3; readlink -- {q}"
-
-    def parse(self, out: str, code: int) -> str | None:
-        return out.strip() if code == 0 else None
-
-
-@dataclass(frozen=True)
 class ProxyPresent(Fact):
     """Something is at ``path``: also true for a dangling symlink."""
 
@@ -276,7 +262,7 @@ def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
     names: list[Fact] = [PackageVersion(p) for p in PROXY_PACKAGES]
     stat_paths = [CONF_DIR, TLS_DIR, SITE_FILE, UPSTREAM_FILE, cert, key]
     names += [FileStat(p) for p in stat_paths]
-    names += [ProxyText(SITE_FILE), ProxyText(UPSTREAM_FILE), ProxyLink(SITE_LINK),
+    names += [ProxyText(SITE_FILE), ProxyText(UPSTREAM_FILE), LinkTarget(SITE_LINK),
               ProxyPresent(DEFAULT_SITE), ProxyIpv6(), ServiceActive("nginx"),
               ServiceEnabled("nginx")]
     if inv.tls.mode == "files":
@@ -291,7 +277,7 @@ def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
         texts={p: got[ProxyText(p)] for p in (SITE_FILE, UPSTREAM_FILE)},
         sha256={p: got.get(FileSha256(p)) for p in (cert, key)},
         cert=got.get(ProxyCert(cert)),
-        site_link=got[ProxyLink(SITE_LINK)],
+        site_link=got[LinkTarget(SITE_LINK)],
         default_site=got[ProxyPresent(DEFAULT_SITE)],
         ipv6=got[ProxyIpv6()],
         active=got[ServiceActive("nginx")],

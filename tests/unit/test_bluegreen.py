@@ -24,7 +24,7 @@ from releasy_deploy.commands import systemd
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.output import Reporter
-from releasy_deploy.facts import FileSha256, FileStat, build_facts_script
+from releasy_deploy.facts import FileSha256, FileStat, LinkTarget, build_facts_script
 from releasy_deploy.secrets import Secrets
 from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.proxy import ProxyText
@@ -117,7 +117,7 @@ def found(*, plain=None, units=None, links=None, sums=None, listening=None, read
     }
     for port in PORTS:
         result[ReleasyUnit(f"releasy@{port}.service")] = units.get(port) or show()
-        result[bg.InstanceLink(f"/opt/releasy/instances/{port}")] = links.get(port)
+        result[LinkTarget(f"/opt/releasy/instances/{port}")] = links.get(port)
         result[FileSha256(f"/etc/releasy/instance-{port}.env")] = (sums or {}).get(port)
         result[bg.Listening(port)] = (listening or {}).get(port, False)
         result[ReleasyReady(f"http://127.0.0.1:{port}/ready")] = (ready or {}).get(port, False)

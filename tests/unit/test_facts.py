@@ -24,6 +24,7 @@ from releasy_deploy.facts import (
     Fact,
     FileSha256,
     FileStat,
+    LinkTarget,
     Hostname,
     Kernel,
     OsRelease,
@@ -106,7 +107,7 @@ def test_fact_modules_are_the_owners():
     lambda v: FileStat(v), lambda v: DiskFree(v), lambda v: app.ReleasyReady(v),
     lambda v: app.ReleasyUnit(v), lambda v: schema.SchemaLevel("sqlite", v),
     lambda v: db.PgServerState("releasy", v), lambda v: status.StatusDisk(v),
-    lambda v: bluegreen.InstanceLink(v), lambda v: proxy.ProxyText(v),
+    lambda v: LinkTarget(v), lambda v: proxy.ProxyText(v),
 ])
 def test_nul_bytes_are_refused(make):
     with pytest.raises(ValueError, match="NUL"):

@@ -17,7 +17,7 @@ import yaml
 
 from releasy_deploy.cli import BadInput
 from releasy_deploy.commands import nginx as cmd
-from releasy_deploy.facts import build_facts_script, parse_facts_output
+from releasy_deploy.facts import LinkTarget, build_facts_script, parse_facts_output
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.remote import FILES_DIR
 from releasy_deploy.tiers import proxy
@@ -278,7 +278,7 @@ def test_proxy_facts_on_real_files(tmp_path):
     os.symlink(str(d / "site.conf"), d / "enabled")
     os.symlink(str(d / "gone"), d / "dangling")
     names = [proxy.ProxyText(f"{d}/site.conf"), proxy.ProxyText(f"{d}/absent"),
-             proxy.ProxyLink(f"{d}/enabled"), proxy.ProxyLink(f"{d}/site.conf"),
+             LinkTarget(f"{d}/enabled"), LinkTarget(f"{d}/site.conf"),
              proxy.ProxyPresent(f"{d}/dangling"), proxy.ProxyPresent(f"{d}/absent"),
              proxy.ProxyIpv6()]
     script = build_facts_script(names, "n0nce")
@@ -286,8 +286,8 @@ def test_proxy_facts_on_real_files(tmp_path):
     got = parse_facts_output(names, "n0nce", out)
     assert got[proxy.ProxyText(f"{d}/site.conf")] == "server {}\n"
     assert got[proxy.ProxyText(f"{d}/absent")] is None
-    assert got[proxy.ProxyLink(f"{d}/enabled")] == str(d / "site.conf")
-    assert got[proxy.ProxyLink(f"{d}/site.conf")] is None
+    assert got[LinkTarget(f"{d}/enabled")] == str(d / "site.conf")
+    assert got[LinkTarget(f"{d}/site.conf")] is None
     assert got[proxy.ProxyPresent(f"{d}/dangling")] is True
     assert got[proxy.ProxyPresent(f"{d}/absent")] is False
     assert got[proxy.ProxyIpv6()] == os.path.exists("/proc/net/if_inet6")

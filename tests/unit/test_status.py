@@ -16,7 +16,8 @@ import pytest
 from releasy_deploy import firewall as fw
 from releasy_deploy import status as st
 from releasy_deploy.backups import BackupListing
-from releasy_deploy.bluegreen import InstanceLink, Listening
+from releasy_deploy.bluegreen import Listening
+from releasy_deploy.facts import LinkTarget
 from releasy_deploy.commands import acme as acmecmd
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import postgres as pg
@@ -145,7 +146,7 @@ def test_which_facts_each_host_gets():
     solo = st.fact_names(SINGLE, SINGLE.hosts[0])
     # One host, every tier: the blue/green instances, the proxy and the SQLite file.
     assert {ReleasyUnit("releasy@8080.service"), ReleasyUnit("releasy@8081.service"),
-            st.StatusVersion("127.0.0.1:8081"), InstanceLink("/opt/releasy/instances/8081"),
+            st.StatusVersion("127.0.0.1:8081"), LinkTarget("/opt/releasy/instances/8081"),
             FileStat("/var/lib/releasy/releasy.db"), ServiceActive("nginx")} <= set(solo)
 
 
@@ -378,7 +379,7 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
         found.update({
             ReleasyUnit(f"releasy@{port}.service"): unit(live_state if live else "inactive",
                                                         pid=300 + port % 10),
-            InstanceLink(f"/opt/releasy/instances/{port}"): f"/opt/releasy/releases/{version}",
+            LinkTarget(f"/opt/releasy/instances/{port}"): f"/opt/releasy/releases/{version}",
             FileSha256(f"/etc/releasy/instance-{port}.env"): "b" * 64,
             Listening(port): live and live_state == "active",
             ReleasyReady(f"http://{bind}/ready"): live and ready,
