@@ -53,7 +53,9 @@ from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
 from .engine.plan import AppState, hosts_to_roll, plan_batches, plan_release_rollout
-from .engine.recovery import FailureReport, explain_failure, first_line, names
+from .engine.recovery import FailureReport, explain_failure
+from .engine.recovery import first_line as _first_line
+from .engine.recovery import names as _names
 from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFailed,
                             parse_version_probe, releases_to_prune, server_of,
                             version_probe_argv)
@@ -78,8 +80,6 @@ __all__ = [
 
 NEWEST = "newest"  # --version newest: the newest stable release the source lists
 UNIT = app_tier.SERVICE_UNIT
-_names = names
-_first_line = first_line
 
 
 # ======================================================================================

@@ -37,6 +37,7 @@ from .commands import acme as acmecmd
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import postgres as pgcmd
+from .engine.runner import parse_version_probe, version_probe_argv
 from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
 from .facts import Fact, FileStat, LinkTarget, OsRelease, PackageVersion, ServiceActive, read_facts
@@ -44,7 +45,6 @@ from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
 from .hostos import describe, parse_release, supported_list
 from .packages import FIREWALL_PACKAGES
-from .rollout import parse_version_probe, version_probe_argv
 from .session import Session
 from .tiers import app as app_tier
 from .tiers.acme import CertInfo

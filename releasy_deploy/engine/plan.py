@@ -117,23 +117,22 @@ class RollingPlan:
     def describe(self, states: Mapping[str, AppState] | None = None,
                  db_host: str = "the db host") -> str:
         """The plan in one line (what the operator confirms)."""
-        parts = []
-        for b in self.batches:
-            for n in b.hosts:
-                st = states.get(n) if states else None
-                if self.target is not None and st is not None:
-                    role = (" (first, alone: any migrations run here)"
-                            if b.stage == "migrate" else "")
-                    parts.append(f"{n}: {st.current} -> {self.target}{role}")
         rolling = [b for b in self.batches if b.rotates and b.stage != "migrate"]
-        in_place = [n for b in self.batches if not b.rotates for n in b.hosts]
         if self.target is None:
+            in_place = [n for b in self.batches if not b.rotates for n in b.hosts]
             parts = [f"batch {i + 1}: {b.label} (drain, restart, /ready, re-add)"
                      for i, b in enumerate(rolling)]
             if in_place:
                 parts.insert(0, f"{', '.join(in_place)}: out of rotation, restarted in place"
                                 f" and left out")
             return "; ".join(parts)
+        parts = []
+        for b in self.batches:
+            role = " (first, alone: any migrations run here)" if b.stage == "migrate" else ""
+            for n in b.hosts:
+                st = states.get(n) if states else None
+                if st is not None:
+                    parts.append(f"{n}: {st.current} -> {self.target}{role}")
         if self.skipped:
             parts.append(f"already on {self.target}: {', '.join(self.skipped)}")
         sizes = sorted({len(b.hosts) for b in rolling})

@@ -360,11 +360,11 @@ class RollingRunner:
         else:
             failures, succeeded = {n: exc for n in batch.hosts}, []
         if not batch.rotates:
-            # In place, out of rotation: nothing to put back into the rotation.
+            # In place, out of rotation: nothing of this batch goes into the rotation.
             succeeded = []
         plan = plan_recovery(
             app_names=self.app_names, reached=self.steps, failed=failures,
-            succeeded=succeeded if batch.rotates else [], rotation=self.rotation,
+            succeeded=succeeded, rotation=self.rotation,
             pending=self.pending_readd,
             ready_before={n: st.ready and batch.rotates for n, st in self.pre.apps.items()},
             previous={n: st.current for n, st in self.pre.apps.items()})
