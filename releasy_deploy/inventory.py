@@ -893,8 +893,9 @@ class _Parser:
         return EgressAllow(to, port, proto, tiers, pin)
 
     @staticmethod
-    def _egress_network(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        expect = "a network in CIDR form like 203.0.113.0/24 or 2001:db8::/32 (or one address)"
+    def _network(v: Any, *, expect: str, not_network: str,
+                 whole: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """A CIDR network (strict: no host bits, not 0/0); _Bad with the caller's words."""
         if not isinstance(v, str):
             raise _Bad(f"must be {expect}; got {_kind(v)}")
         try:
@@ -903,12 +904,18 @@ class _Parser:
             try:
                 loose = ipaddress.ip_network(v, strict=False)
             except ValueError:
-                raise _Bad(f"{_show(v)}{_meta_note(v)} is not {expect}") from None
+                raise _Bad(f"{_show(v)}{_meta_note(v)} is not {not_network}") from None
             raise _Bad(f"{v} has host bits set; did you mean {loose}?") from None
         if net.prefixlen == 0:
-            raise _Bad(f"{v} is the whole internet, which defeats egress.restrict; "
-                       "name the networks")
+            raise _Bad(f"{v} {whole}")
         return net
+
+    @classmethod
+    def _egress_network(cls, v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        expect = "a network in CIDR form like 203.0.113.0/24 or 2001:db8::/32 (or one address)"
+        return cls._network(v, expect=expect, not_network=expect,
+                            whole="is the whole internet, which defeats egress.restrict; "
+                                  "name the networks")
 
     @staticmethod
     def _tier_list(v: Any) -> tuple[str, ...]:
@@ -936,24 +943,16 @@ class _Parser:
         nets: list[Any] = []
         for i, v in enumerate(raw):
             p = f"admin_cidrs[{i}]"
-            if not isinstance(v, str):
-                self.error(p, f"must be a network in CIDR form like 203.0.113.0/24; got {_kind(v)}")
-                continue
             try:
-                net = ipaddress.ip_network(v, strict=True)
-            except ValueError:
-                try:
-                    loose = ipaddress.ip_network(v, strict=False)
-                except ValueError:
-                    self.error(p, f"{_show(v)}{_meta_note(v)} is not a network in CIDR form "
-                                  "like 203.0.113.0/24 or 2001:db8::/32")
-                else:
-                    self.error(p, f"{v} has host bits set; did you mean {loose}?")
+                net = self._network(
+                    v, expect="a network in CIDR form like 203.0.113.0/24",
+                    not_network="a network in CIDR form like 203.0.113.0/24 or 2001:db8::/32",
+                    whole="would allow SSH from the whole internet; list the operators'"
+                          " networks instead")
+            except _Bad as exc:
+                self.error(p, str(exc))
                 continue
-            if net.prefixlen == 0:
-                self.error(p, f"{v} would allow SSH from the whole internet; list the operators' "
-                              "networks instead")
-            elif net in nets:
+            if net in nets:
                 self.error(p, f"{v} is listed twice")
             else:
                 nets.append(net)
