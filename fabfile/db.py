@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from invoke import Exit, task
 
-from releasy_deploy import backups, interactive
+from releasy_deploy import backups, dbshell
 from releasy_deploy import site as site_ops
 from releasy_deploy.cli import BadInput, operator_task, session
 from releasy_deploy.errors import DeployError, ParallelError
@@ -114,6 +114,6 @@ def psql(c):
     terminal you get a real one (line editing, Ctrl-C cancels a query); piped SQL works
     too: `echo 'SELECT 1;' | fab db.psql`."""
     with session() as s:
-        code = interactive.db_shell(s)
+        code = dbshell.db_shell(s)
     if code:
         raise Exit(code=code)

@@ -26,7 +26,7 @@ UseDNS no
 MaxStartups 100:30:200
 MaxSessions 64
 # No ClientAlive* here: stock sshd never drops a silent client, and the deploy lock must
-# free itself without that help (its watchdog, releasy_deploy/lock.py).
+# free itself without that help (its watchdog, releasy_deploy/lock/).
 """
 
 # nspawn with --network-namespace-path mounts /proc/sys/net read-only, which breaks ufw and

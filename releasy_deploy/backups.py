@@ -49,11 +49,14 @@ from pathlib import Path
 
 from . import schema
 from .commands import app as appcmd
+from .commands import nginx as nginxcmd
 from .commands import systemd
 from .errors import BadInput, DeployError, first_line
 from .executor import tail
 from .facts import Fact, read_fact, read_facts
 from .inventory import VERSION_RE, Inventory, check_version
+from .lock import deploy_lock
+from .pipeline import Pipeline
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
@@ -671,8 +674,6 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
     """ONE facts round trip per host, all in parallel (read-only: also in dry-run): the
     dumps and migration level on the db host, what runs on each app host, the proxies'
     upstream lists."""
-    from .commands import nginx as nginxcmd
-
     inv = session.inventory
     db = backup_host(inv)
     upstream_fact = proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)
@@ -745,9 +746,6 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
     tables are replaced), the current data is saved to a pre-restore dump, NAME is
     restored (PostgreSQL: one transaction), the units start again and must answer /ready.
     The proxies' rotation is not touched (nothing is drained: everything is stopped)."""
-    from .lock import deploy_lock
-    from .pipeline import Pipeline
-
     inv = session.inventory
     db = backup_host(inv).name
     if "/" in name or parse_backup_name(name) is None:
@@ -850,8 +848,6 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
 
 def _report_rotation(session, st: DbState) -> None:
     """The proxies' upstream lists were never touched: say where each app host stands."""
-    from .commands import nginx as nginxcmd
-
     inv = session.inventory
     if inv.is_single_host or not st.upstreams:
         return

@@ -29,8 +29,7 @@ import paramiko
 from .errors import UnreachableError
 from .executor import HostConnection, render, render_masked
 
-__all__ = ["run_interactive", "terminal_size", "pgpass_line", "psql_argv", "sqlite_shell_argv",
-           "db_shell"]
+__all__ = ["run_interactive", "terminal_size"]
 
 DEFAULT_TERM = "xterm-256color"
 READ_SIZE = 32768
@@ -43,15 +42,6 @@ def terminal_size(fd: int) -> tuple[int, int]:
     except OSError:
         return 80, 24
     return size.columns or 80, size.lines or 24
-
-
-def pgpass_line(host: str, port: int, database: str, user: str, password: str) -> str:
-    """One ``.pgpass`` line; ``:`` and ``\\`` in a field are escaped as libpq expects."""
-    def esc(value: str) -> str:
-        if "\n" in value or "\r" in value:
-            raise ValueError("a .pgpass field cannot contain a line break")
-        return value.replace("\\", "\\\\").replace(":", "\\:")
-    return ":".join(esc(str(v)) for v in (host, port, database, user, password)) + "\n"
 
 
 def run_interactive(conn: HostConnection, argv: Sequence[str], *, pty: bool = True,
@@ -156,82 +146,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-# ------------------------------------------------------------------------------ db.psql
-# $1: the temporary pgpass file (removed when psql ends, also on a hang-up); the rest:
-# psql's arguments. INT is ignored by this shell only: psql installs its own handler (Ctrl-C
-# cancels the running query), and the shell must survive it to remove the file.
-_PSQL_SCRIPT = """f=$1; shift
-trap 'rm -f -- "$f"' EXIT
-trap 'exit 129' HUP
-trap 'exit 143' TERM
-trap '' INT
-PGPASSFILE=$f psql "$@"
-"""
-# Creates the pgpass file as the SSH user, 0600 from the start (libpq ignores a pgpass
-# file others can read), from stdin, and prints its path.
-_PGPASS_SCRIPT = """umask 077
-f=$(mktemp "${TMPDIR:-/tmp}/releasy-pgpass.XXXXXXXX")
-cat > "$f"
-echo "$f"
-"""
-
-
-def psql_argv(pgpass_path: str, *, host: str, port: int, database: str, user: str) -> list[str]:
-    """psql over TCP to the local server as the app role; the password comes from the
-    pgpass file (whose path is not secret), never from the command line."""
-    conninfo = f"host={host} port={int(port)} dbname={_conn_value(database)}" \
-               f" user={_conn_value(user)} application_name=releasy-db.psql"
-    return ["sh", "-c", _PSQL_SCRIPT, "releasy-psql", pgpass_path, conninfo]
-
-
-def _conn_value(value: str) -> str:
-    """A libpq conninfo value, quoted when needed."""
-    if value and all(c.isalnum() or c in "_-." for c in value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def sqlite_shell_argv(path: str, service_user: str) -> list[str]:
-    """sqlite3 on the app's database file as the service account (files it creates, like
-    the WAL, stay the service's own). Run with sudo."""
-    return ["runuser", "-u", service_user, "--", "sqlite3", path]
-
-
-def db_shell(session) -> int:
-    """``fab db.psql``: psql as the app role on the db host (SQLite: sqlite3 on the
-    database file as the service account), on a pty when this is a terminal."""
-    from .commands import app as appcmd
-    from .lock import POSTGRES_PORT, database_credentials
-    from .tiers import db as db_tier
-
-    inv = session.inventory
-    conn = session.executor.conn(inv.db_host)
-    session.reporter.end_live()  # the terminal belongs to the program from here on
-    pty = os.isatty(sys.stdin.fileno())
-    if inv.database.kind == "sqlite":
-        path = appcmd.sqlite_path(appcmd.SQLITE_URL)
-        assert path is not None
-        session.reporter.info(conn.name, f"sqlite3 {path} as {inv.app.service_user}"
-                                         f" (.quit or Ctrl-D to leave)")
-        argv = conn.command_argv(sqlite_shell_argv(path, inv.app.service_user), sudo=True)
-        return run_interactive(conn, argv, pty=pty)
-    creds = database_credentials(db_tier.database_url(session))  # masked on reading
-    if session.dry_run:
-        session.reporter.would(conn.name, f"run psql as {creds.user} on {creds.dbname}")
-        return 0
-    made = conn.run(["sh", "-c", _PGPASS_SCRIPT], mutates=False, stdin=pgpass_line(
-        "127.0.0.1", POSTGRES_PORT, creds.dbname, creds.user, creds.password).encode())
-    pgpass = made.stdout.strip()
-    if not pgpass.startswith("/"):
-        raise ValueError(f"{conn.name}: unexpected mktemp output {pgpass!r}")
-    session.reporter.info(conn.name, f"psql as {creds.user} on {creds.dbname} (\\q or Ctrl-D"
-                                     f" to leave)")
-    try:
-        return run_interactive(conn, psql_argv(pgpass, host="127.0.0.1", port=POSTGRES_PORT,
-                                               database=creds.dbname, user=creds.user),
-                               pty=pty)
-    finally:
-        # The script removes it too; this covers a session that never started psql.
-        conn.run(["rm", "-f", "--", pgpass], check=False, mutates=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from releasy_deploy import lock
+from releasy_deploy.commands import lock as lockcmd
 from releasy_deploy.tiers import app as app_tier
 from releasy_deploy.cli import exit_code_for, session
 from releasy_deploy.inventory import load_inventory
@@ -303,7 +304,7 @@ def test_freeze_refuses_every_deploy_with_exit_3_until_unfrozen(pg_lab):
     assert "deploys of lab frozen: quarter-end books close" in frozen.stdout
     assert "unchanged" in pg_lab.fab("deploy.freeze", "--reason", "again").stdout
     assert pg_lab.sudo("db1", "stat", "-c", "%U:%G %a", "/etc/releasy-deploy",
-                       lock.FREEZE_FILE).stdout.split("\n")[:2] == ["root:root 700",
+                       lockcmd.FREEZE_FILE).stdout.split("\n")[:2] == ["root:root 700",
                                                                   "root:root 600"]
     try:
         holder = Holder(pg_lab.inventory, "1.1.0")  # what every deploy does first
@@ -455,7 +456,7 @@ def test_flock_lock_loss_is_detected(sqlite_lab):
     os.environ["RELEASY_INVENTORY"] = str(sqlite_lab.inventory)
     with session() as s, lock.deploy_lock(s, version="1.1.0") as info:
         info.ensure_held()
-        status = s.executor.conn("solo").run(lock.flock_status_argv(), mutates=False).stdout
+        status = s.executor.conn("solo").run(lockcmd.flock_status_argv(), mutates=False).stdout
         flock_pid = status.split()[1]  # the flock process our lock command started
         sqlite_lab.ssh("solo", "kill", "-9", str(int(flock_pid)))
         deadline = time.monotonic() + 10

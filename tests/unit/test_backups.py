@@ -19,6 +19,7 @@ import pytest
 from releasy_deploy import backups, interactive
 from releasy_deploy.backups import MANUAL, PRE_DEPLOY, PRE_RESTORE
 from releasy_deploy.cli import BadInput
+from releasy_deploy.commands import dbshell as dbshell_cmd
 from releasy_deploy.executor import Executor
 from releasy_deploy.output import Reporter
 
@@ -281,10 +282,10 @@ def test_sqlite_dump_and_restore_never_write_through_planted_symlinks(service_di
 
 
 def test_pgpass_line_escapes_separators():
-    assert interactive.pgpass_line("127.0.0.1", 5432, "releasy", "releasy", r"p:w\d") == \
+    assert dbshell_cmd.pgpass_line("127.0.0.1", 5432, "releasy", "releasy", r"p:w\d") == \
         "127.0.0.1:5432:releasy:releasy:p\\:w\\\\d\n"
     with pytest.raises(ValueError):
-        interactive.pgpass_line("127.0.0.1", 5432, "db", "u", "two\nlines")
+        dbshell_cmd.pgpass_line("127.0.0.1", 5432, "db", "u", "two\nlines")
 
 
 @pytest.mark.parametrize("database, user, expected", [
@@ -293,7 +294,7 @@ def test_pgpass_line_escapes_separators():
     ("données", "rôle", "dbname=données user=rôle"),
 ])
 def test_psql_argv_is_a_list_without_the_password(database, user, expected):
-    argv = interactive.psql_argv("/tmp/releasy-pgpass.abc", host="127.0.0.1", port=5432,
+    argv = dbshell_cmd.psql_argv("/tmp/releasy-pgpass.abc", host="127.0.0.1", port=5432,
                                  database=database, user=user)
     assert argv[:2] == ["sh", "-c"] and argv[3:5] == ["releasy-psql", "/tmp/releasy-pgpass.abc"]
     assert argv[5] == (f"host=127.0.0.1 port=5432 {expected}"
@@ -309,7 +310,7 @@ def test_psql_wrapper_passes_the_file_and_removes_it(tmp_path):
     fake.chmod(0o755)
     pgpass = tmp_path / "pgpass"
     pgpass.write_text("127.0.0.1:5432:releasy:releasy:secret\n")
-    argv = interactive.psql_argv(str(pgpass), host="127.0.0.1", port=5432,
+    argv = dbshell_cmd.psql_argv(str(pgpass), host="127.0.0.1", port=5432,
                                  database="releasy", user="releasy")
     res = subprocess.run(argv, capture_output=True, text=True,
                          env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
@@ -322,7 +323,7 @@ def test_psql_wrapper_passes_the_file_and_removes_it(tmp_path):
 
 
 def test_sqlite_shell_runs_as_the_service_account():
-    assert interactive.sqlite_shell_argv("/var/lib/releasy/releasy.db", "releasy") == [
+    assert dbshell_cmd.sqlite_shell_argv("/var/lib/releasy/releasy.db", "releasy") == [
         "runuser", "-u", "releasy", "--", "sqlite3", "/var/lib/releasy/releasy.db"]
 
 

@@ -8,16 +8,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from releasy_deploy.errors import BadInput
 from releasy_deploy.session import Session
 from releasy_deploy.commands import postgres as pg
 from releasy_deploy.executor import Executor
-from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.output import Reporter
 from releasy_deploy.secrets import Secrets
 from releasy_deploy.tiers import db as db_tier
+
+from inventories import build
 
 SPLIT = """
 environment: production
@@ -47,14 +47,7 @@ tls: {mode: self-signed, server_name: releasy.test}
 
 
 def inventory(text: str = SPLIT, **changes):
-    data = yaml.safe_load(text)
-    for dotted, value in changes.items():
-        node = data
-        *parents, last = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return parse_inventory(data, "/nonexistent/hosts.yaml", check_files=False)
+    return build(text, "/nonexistent/hosts.yaml", **changes)
 
 
 def hba_records(text: str) -> list[list[str]]:

@@ -3,7 +3,6 @@ pins, the inventory's bad-input cases, and the host facts the plan is fed with. 
 probe outputs below are the formats of Debian 12's resolv.conf, getent and iproute2."""
 from __future__ import annotations
 
-import copy
 import ipaddress
 from pathlib import Path
 
@@ -12,8 +11,10 @@ import yaml
 
 from releasy_deploy import firewall as fw
 from releasy_deploy.firewall import HostNet, UfwDefaults
-from releasy_deploy.inventory import InventoryError, parse_inventory
+from releasy_deploy.inventory import InventoryError
 from releasy_deploy.tiers import firewall as tier
+
+from inventories import build
 
 net = ipaddress.ip_network
 addr = ipaddress.ip_address
@@ -53,15 +54,8 @@ STORAGE = {"bucket": "releases", "region": "eu-central-1",
            "endpoint": "https://s3.example.com:9000"}
 
 
-def load(text: str, tmp_path: Path, **changes):
-    data = yaml.safe_load(text)
-    for key, value in changes.items():
-        node = data
-        *parents, last = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return parse_inventory(data, tmp_path / "hosts.yaml", check_files=False)
+def load(text: str | dict, tmp_path: Path, **changes):
+    return build(text, tmp_path / "hosts.yaml", **changes)
 
 
 def out_rules(inv, host: str, facts: HostNet = HostNet()) -> list[tuple[str, str, str]]:
@@ -338,8 +332,8 @@ def two_proxies(tmp_path, **changes):
     data = yaml.safe_load(SPLIT)
     data["hosts"]["proxy2"] = {"address": "198.51.100.11", "private_address": "10.0.0.11"}
     data["tiers"]["proxy"] = ["proxy1", "proxy2"]
-    data["tls"] = copy.deepcopy(ACME_TLS)  # `load` edits nested keys in place
-    return load(yaml.safe_dump(data), tmp_path, **changes)
+    data["tls"] = ACME_TLS  # `build` changes a copy
+    return load(data, tmp_path, **changes)
 
 
 def test_acme_proxies_reach_the_ca_as_resolved_on_the_host_and_each_other_on_80(tmp_path):

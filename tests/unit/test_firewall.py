@@ -16,8 +16,9 @@ import yaml
 
 from releasy_deploy import firewall as fw
 from releasy_deploy.firewall import LiveRule, Rule, UfwDefaults
-from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.tiers import firewall as tier
+
+from inventories import build
 
 net = ipaddress.ip_network
 addr = ipaddress.ip_address
@@ -54,14 +55,7 @@ tls: {mode: self-signed, server_name: releasy.test}
 
 
 def inventory(text: str, tmp_path: Path, **changes):
-    data = yaml.safe_load(text)
-    for key, value in changes.items():
-        node = data
-        *parents, last = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return parse_inventory(data, tmp_path / "hosts.yaml", check_files=False)
+    return build(text, tmp_path / "hosts.yaml", **changes)
 
 
 def table(rules: list[Rule]) -> list[tuple[int, str, str | None, str]]:
@@ -99,8 +93,7 @@ def test_custom_ports_and_several_proxies(tmp_path):
     data["tiers"]["proxy"] = ["proxy1", "proxy2"]
     data["ssh"] = {"port": 2200}
     data["app"] = {"bind_port": 9000}
-    inv = parse_inventory(data, tmp_path / "hosts.yaml", check_files=False)
-    plan = fw.plan_rules(inv)
+    plan = fw.plan_rules(build(data, tmp_path / "hosts.yaml"))
     assert table(plan["app1"]) == [
         (2200, "tcp", "203.0.113.0/24", "releasy: ssh from admin network"),
         (9000, "tcp", "10.0.0.10/32", "releasy: app from proxy1"),
@@ -134,7 +127,7 @@ def test_tiers_sharing_a_host_need_no_rule_for_themselves(tmp_path):
     data = yaml.safe_load(SPLIT_YAML)
     data["tiers"] = {"proxy": ["proxy1"], "app": ["proxy1", "app1"], "db": ["app1"]}
     del data["hosts"]["app2"], data["hosts"]["db1"]
-    plan = fw.plan_rules(parse_inventory(data, tmp_path / "hosts.yaml", check_files=False))
+    plan = fw.plan_rules(build(data, tmp_path / "hosts.yaml"))
     assert table(plan["proxy1"])[1:] == [
         (80, "tcp", None, "releasy: http"), (443, "tcp", None, "releasy: https")]
     assert table(plan["app1"])[1:] == [

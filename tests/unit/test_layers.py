@@ -18,7 +18,7 @@ EDGE, FLOWS, TIERS, HELPERS, COMMANDS, BASE = 5, 4, 3, 2, 1, 0
 LAYER_OF = {
     "cli": EDGE,
     "rollout": FLOWS, "maintenance": FLOWS, "bluegreen": FLOWS, "site": FLOWS,
-    "status": FLOWS, "interactive": FLOWS,
+    "status": FLOWS, "dbshell": FLOWS,
     # The runner (engine), the lock, and the steps it runs: the tiers' and the backups'.
     "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS,
     "commands": COMMANDS,
@@ -37,28 +37,32 @@ def _layer(module: str) -> int:
     return LAYER_OF.get(parts[1], HELPERS)
 
 
+def _imports_of(node: ast.AST, path: Path) -> list[tuple[str, ast.AST]]:
+    """(absolute module name, node) for each module one import statement imports."""
+    if isinstance(node, ast.Import):
+        return [(alias.name, node) for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        base = _module_name(path).rsplit(".", 1)[0].split(".")
+        base = base[: len(base) - node.level + 1]
+        target = ".".join([*base, node.module] if node.module else base)
+    else:
+        target = node.module or ""
+    # `from . import rollout` imports the module rollout.
+    names = [f"{target}.{a.name}" for a in node.names] if not node.module else [target]
+    return [(n, node) for n in names]
+
+
 def _imports(path: Path) -> list[tuple[str, ast.AST]]:
     """(absolute module name, node) for every import in ``path``."""
     tree = ast.parse(path.read_text(), str(path))
-    package = _module_name(path).rsplit(".", 1)[0]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                target = ".".join([*base, node.module] if node.module else base)
-            else:
-                target = node.module or ""
-            # `from . import rollout` imports the module rollout.
-            names = [f"{target}.{a.name}" for a in node.names] if not node.module else [target]
-            found += [(n, node) for n in names]
-    return found
+    return [found for node in ast.walk(tree) for found in _imports_of(node, path)]
 
 
-LIBRARY = sorted(p for p in LIB.rglob("*.py") if p.name != "__init__.py")
+# Package __init__ files count when they hold code (the lock's does).
+LIBRARY = sorted(p for p in LIB.rglob("*.py")
+                 if p.name != "__init__.py" or "def " in p.read_text())
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
@@ -84,9 +88,29 @@ def test_only_the_edge_knows_invoke_and_prompts(path):
 def test_only_the_executor_talks_ssh():
     talking = sorted(p.name for p in LIBRARY
                      if {"paramiko", "fabric"} & {n.split(".")[0] for n, _ in _imports(p)})
-    # Still outside the executor (to move there): the lock's tunnel and flock channel
-    # (lock.py) and db.psql's interactive pty channel (interactive.py). No new ones.
-    assert set(talking) <= {"executor.py", "lock.py", "interactive.py"}, talking
+    # The executor's one-command channels, its long-lived ones (the lock's tunnel and
+    # line channels) and db.psql's pty channel: the executor layer, nothing above it.
+    assert set(talking) <= {"executor.py", "channels.py", "interactive.py"}, talking
+
+
+# The one deferred import: psycopg costs ~0.2 s and only the PostgreSQL lock needs it.
+DEFERRED_IMPORTS = {("lock/postgres.py", "psycopg")}
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_imports_inside_functions(path):
+    """A module's dependencies are on its first lines: nothing is imported for a side
+    effect or late to dodge a cycle."""
+    tree = ast.parse(path.read_text(), str(path))
+    late = []
+    for func in ast.walk(tree):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    late += [name for name, n in _imports_of(node, path)]
+    where = str(path.relative_to(LIB))
+    assert {(where, name) for name in late} <= DEFERRED_IMPORTS, \
+        f"{where} imports inside a function: {late}"
 
 
 def test_commands_are_pure_builders():

@@ -12,10 +12,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-from releasy_deploy import lock
+from releasy_deploy import channels
 from releasy_deploy.cli import EXIT_LOCK_BUSY, exit_code_for
+from releasy_deploy.commands import lock as lockcmd
 from releasy_deploy.errors import DeployError
 from releasy_deploy.executor import Executor
+from releasy_deploy.lock import info as lockinfo
 from releasy_deploy.output import Reporter
 
 SINCE = datetime(2026, 11, 26, 7, 50, 1, tzinfo=timezone.utc)
@@ -25,43 +27,43 @@ SINCE = datetime(2026, 11, 26, 7, 50, 1, tzinfo=timezone.utc)
 # Keys
 # --------------------------------------------------------------------------------------
 def test_classid_is_rlsy_as_int4():
-    assert lock.LOCK_CLASSID == int.from_bytes(b"RLSY", "big") == 1380733785
+    assert lockinfo.LOCK_CLASSID == int.from_bytes(b"RLSY", "big") == 1380733785
 
 
 @pytest.mark.parametrize("environment", ["lab", "production", "staging-2", "a", "x" * 32])
 def test_lock_key_is_two_signed_int4_with_crc32_objid(environment):
-    classid, objid = lock.lock_key(environment)
-    assert classid == lock.LOCK_CLASSID
+    classid, objid = lockinfo.lock_key(environment)
+    assert classid == lockinfo.LOCK_CLASSID
     assert -(2 ** 31) <= objid < 2 ** 31
     assert objid & 0xFFFFFFFF == zlib.crc32(environment.encode())
     # pg_locks shows both halves as unsigned oids.
-    assert lock.pg_locks_ids((classid, objid)) == (classid, zlib.crc32(environment.encode()))
+    assert lockinfo.pg_locks_ids((classid, objid)) == (classid, zlib.crc32(environment.encode()))
 
 
 def test_lock_key_objid_wraps_to_negative_when_crc32_has_the_top_bit():
     env = next(e for e in (f"env{i}" for i in range(100)) if zlib.crc32(e.encode()) >= 2 ** 31)
-    _, objid = lock.lock_key(env)
+    _, objid = lockinfo.lock_key(env)
     assert objid < 0
-    assert lock.pg_locks_ids(lock.lock_key(env))[1] == zlib.crc32(env.encode())
+    assert lockinfo.pg_locks_ids(lockinfo.lock_key(env))[1] == zlib.crc32(env.encode())
 
 
 def test_different_environments_get_different_keys():
-    assert lock.lock_key("production") != lock.lock_key("staging")
+    assert lockinfo.lock_key("production") != lockinfo.lock_key("staging")
 
 
 def test_upstream_migration_key_matches_the_documented_value():
     # Upstream sqlx: 0x3d32ad9e * crc32(b"releasy") as a signed bigint = 2381881093274812060.
-    assert lock.upstream_migration_key("releasy") == 2381881093274812060
+    assert lockinfo.upstream_migration_key("releasy") == 2381881093274812060
 
 
 # --------------------------------------------------------------------------------------
 # Holder labels
 # --------------------------------------------------------------------------------------
 def test_holder_label_format_and_round_trip():
-    label = lock.holder_label(user="alice", machine="laptop", pid=4242, version="1.2.3",
+    label = lockinfo.holder_label(user="alice", machine="laptop", pid=4242, version="1.2.3",
                               since=SINCE)
     assert label == "releasy-deploy 20261126T075001Z 4242 1.2.3 alice@laptop"
-    info = lock.parse_label(label, environment="lab", where="PostgreSQL on db1")
+    info = lockinfo.parse_label(label, environment="lab", where="PostgreSQL on db1")
     assert info is not None
     assert (info.user, info.machine, info.pid, info.version, info.since) == (
         "alice", "laptop", 4242, "1.2.3", SINCE)
@@ -69,27 +71,27 @@ def test_holder_label_format_and_round_trip():
 
 
 def test_holder_label_without_version():
-    label = lock.holder_label(user="bob", machine="ci", pid=1, version=None, since=SINCE)
+    label = lockinfo.holder_label(user="bob", machine="ci", pid=1, version=None, since=SINCE)
     assert label.split()[3] == "-"
-    info = lock.parse_label(label, environment="lab", where="x")
+    info = lockinfo.parse_label(label, environment="lab", where="x")
     assert info.version is None
     assert info.describe() == "bob@ci pid=1 since 2026-11-26T07:50:01Z"
 
 
 def test_holder_label_fits_application_name_and_cuts_the_free_form_part_first():
-    label = lock.holder_label(user="a-very-long-user-name", machine="m" * 80, pid=4194304,
+    label = lockinfo.holder_label(user="a-very-long-user-name", machine="m" * 80, pid=4194304,
                               version="1.20.30", since=SINCE)
-    assert len(label.encode()) == lock.MAX_LABEL_BYTES
-    info = lock.parse_label(label, environment="lab", where="x")
+    assert len(label.encode()) == lockinfo.MAX_LABEL_BYTES
+    info = lockinfo.parse_label(label, environment="lab", where="x")
     assert (info.pid, info.version, info.since) == (4194304, "1.20.30", SINCE)
     assert (info.user, info.machine) == ("a-very-", "mmmmmmm")  # what is left, cut in half
 
 
 def test_holder_label_cuts_a_very_long_version_but_keeps_the_holder():
-    label = lock.holder_label(user="root", machine="ci-runner", pid=4194304,
+    label = lockinfo.holder_label(user="root", machine="ci-runner", pid=4194304,
                               version="1.2.3-rc.1.build.20261126.abcdef", since=SINCE)
-    assert len(label.encode()) <= lock.MAX_LABEL_BYTES
-    info = lock.parse_label(label, environment="lab", where="x")
+    assert len(label.encode()) <= lockinfo.MAX_LABEL_BYTES
+    info = lockinfo.parse_label(label, environment="lab", where="x")
     assert info.version == "1.2.3-rc.~"
     assert (info.user, info.machine) == ("root", "ci-runn")
 
@@ -100,14 +102,14 @@ def test_holder_label_cuts_a_very_long_version_but_keeps_the_holder():
     ("x'y", 'm"$(id)', "x?y@m???id?"),
 ])
 def test_holder_label_sanitizes_user_and_machine(user, machine, expected):
-    label = lock.holder_label(user=user, machine=machine, pid=7, version=None, since=SINCE)
+    label = lockinfo.holder_label(user=user, machine=machine, pid=7, version=None, since=SINCE)
     assert label.endswith(" " + expected)
     assert label.isascii()
 
 
 def test_holder_label_refuses_an_invalid_version():
     with pytest.raises(ValueError, match="invalid release version"):
-        lock.holder_label(user="a", machine="b", pid=1, version="1.0; rm -rf /", since=SINCE)
+        lockinfo.holder_label(user="a", machine="b", pid=1, version="1.0; rm -rf /", since=SINCE)
 
 
 @pytest.mark.parametrize("text", [
@@ -115,13 +117,13 @@ def test_holder_label_refuses_an_invalid_version():
     "releasy-deploy 20261126T075001Z pid 1.0.0 a@b", "other 20261126T075001Z 1 - a@b",
 ])
 def test_parse_label_rejects_foreign_text(text):
-    assert lock.parse_label(text, environment="lab", where="x") is None
+    assert lockinfo.parse_label(text, environment="lab", where="x") is None
 
 
 def test_busy_message_names_environment_holder_and_time_and_maps_to_exit_3():
-    holder = lock.parse_label("releasy-deploy 20261126T075001Z 99 1.1.0 carol@desk",
+    holder = lockinfo.parse_label("releasy-deploy 20261126T075001Z 99 1.1.0 carol@desk",
                               environment="prod", where="PostgreSQL on db1")
-    err = lock.LockBusy(lock.busy_message("prod", holder), holder=holder)
+    err = lockinfo.LockBusy(lockinfo.busy_message("prod", holder), holder=holder)
     first = str(err).splitlines()[0]
     assert first.startswith("deploy of prod held by carol@desk pid=99 version=1.1.0"
                             " since 2026-11-26T07:50:01Z (PostgreSQL on db1)")
@@ -129,12 +131,12 @@ def test_busy_message_names_environment_holder_and_time_and_maps_to_exit_3():
     assert isinstance(err, DeployError)
     assert exit_code_for(err) == EXIT_LOCK_BUSY
     assert exit_code_for(err) == EXIT_LOCK_BUSY == 3
-    waited = lock.busy_message("prod", holder, waited=30)
+    waited = lockinfo.busy_message("prod", holder, waited=30)
     assert "(waited 30 s)" in waited.splitlines()[0]
 
 
 def test_foreign_holder_is_described_by_its_note():
-    info = lock.LockInfo("lab", "PostgreSQL on db1", note="PostgreSQL backend pid 7 (psql)")
+    info = lockinfo.LockInfo("lab", "PostgreSQL on db1", note="PostgreSQL backend pid 7 (psql)")
     assert info.describe() == "PostgreSQL backend pid 7 (psql) since an unknown time"
 
 
@@ -149,7 +151,7 @@ def test_foreign_holder_is_described_by_its_note():
     ("postgres://u@127.0.0.1/d", "u", "", "d"),
 ])
 def test_database_credentials(url, user, password, dbname):
-    creds = lock.database_credentials(url)
+    creds = lockinfo.database_credentials(url)
     assert (creds.user, creds.password, creds.dbname) == (user, password, dbname)
     assert password not in repr(creds) or not password
 
@@ -158,11 +160,11 @@ def test_database_credentials(url, user, password, dbname):
                                  "postgres://u:p@db:5432/"])
 def test_database_credentials_rejects(url):
     with pytest.raises(ValueError):
-        lock.database_credentials(url)
+        lockinfo.database_credentials(url)
 
 
 def test_keepalive_statements():
-    assert lock.keepalive_statements() == [
+    assert lockcmd.keepalive_statements() == [
         "SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 2",
         "SET tcp_keepalives_count = 3"]
 
@@ -172,15 +174,15 @@ def test_keepalive_statements():
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("wait,seconds", [(0, "0"), (0.2, "1"), (5, "5"), (5.5, "6")])
 def test_flock_hold_argv(wait, seconds):
-    assert lock.flock_hold_argv(wait) == [
-        "sh", "-c", lock.FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
-        "/run/releasy-deploy.holder", seconds, str(lock.WATCHDOG_QUIET_S),
+    assert lockcmd.flock_hold_argv(wait) == [
+        "sh", "-c", lockcmd.FLOCK_HOLD_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
+        "/run/releasy-deploy.holder", seconds, str(lockcmd.WATCHDOG_QUIET_S),
         "/etc/releasy-deploy/frozen"]
 
 
 def test_flock_status_argv():
-    assert lock.flock_status_argv() == [
-        "sh", "-c", lock.FLOCK_STATUS_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
+    assert lockcmd.flock_status_argv() == [
+        "sh", "-c", lockcmd.FLOCK_STATUS_SCRIPT, "releasy-deploy-lock", "/run/releasy-deploy.lock",
         "/run/releasy-deploy.holder"]
 
 
@@ -193,13 +195,13 @@ def test_flock_status_argv():
                    " /run/releasy-deploy.holder) since an unknown time"),
 ])
 def test_parse_flock_status(stdout, expected):
-    info = lock.parse_flock_status(stdout, environment="lab", where="flock on solo")
+    info = lockinfo.parse_flock_status(stdout, environment="lab", where="flock on solo")
     assert (None if info is None else info.describe()) == expected
 
 
 def test_parse_flock_status_rejects_garbage():
     with pytest.raises(ValueError):
-        lock.parse_flock_status("what\n", environment="lab", where="x")
+        lockinfo.parse_flock_status("what\n", environment="lab", where="x")
 
 
 def _local(argv: list[str], lockfile, holder) -> list[str]:
@@ -208,12 +210,12 @@ def _local(argv: list[str], lockfile, holder) -> list[str]:
 
 
 def _status(lockfile, holder) -> str:
-    argv = _local(lock.flock_status_argv(), lockfile, holder)
+    argv = _local(lockcmd.flock_status_argv(), lockfile, holder)
     return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
 
 
 def _hold(lockfile, holder, wait=0) -> subprocess.Popen:
-    argv = _local(lock.flock_hold_argv(wait), lockfile, holder)
+    argv = _local(lockcmd.flock_hold_argv(wait), lockfile, holder)
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -221,7 +223,7 @@ def _hold(lockfile, holder, wait=0) -> subprocess.Popen:
 def test_flock_scripts_hold_report_and_release(tmp_path):
     lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
     assert _status(lockfile, holder) == "FREE\n"  # no lock file yet
-    label = lock.holder_label(user="eve", machine="box", pid=12, version="2.0.0", since=SINCE)
+    label = lockinfo.holder_label(user="eve", machine="box", pid=12, version="2.0.0", since=SINCE)
     first = _hold(lockfile, holder)
     try:
         assert first.stdout.readline() == "ACQUIRED\n"
@@ -249,7 +251,7 @@ def test_flock_scripts_hold_report_and_release(tmp_path):
 def test_flock_hold_frees_itself_when_the_heartbeat_stops(tmp_path):
     """A holder whose client went silent (network gone, channel still open) lets go."""
     lockfile, holder = tmp_path / "deploy.lock", tmp_path / "deploy.holder"
-    argv = _local(lock.flock_hold_argv(0), lockfile, holder)
+    argv = _local(lockcmd.flock_hold_argv(0), lockfile, holder)
     argv[-2] = "1"  # quiet seconds
     first = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -355,7 +357,7 @@ def test_tunnel_bridges_one_client_and_closes_the_remote_side(sshd):
     echo = _EchoServer()
     try:
         with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
-            tunnel = lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
+            tunnel = channels.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
             assert tunnel.alive
             # A unix socket in a directory only we can enter: no other local user gets in.
             assert os.stat(tunnel.directory).st_mode & 0o777 == 0o700
@@ -385,8 +387,8 @@ def test_tunnel_to_a_closed_port_is_a_clear_error(sshd):
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
-        with pytest.raises(lock.LockUnavailable) as info:
-            lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", closed_port))
+        with pytest.raises(channels.TunnelRefused) as info:
+            channels.SshTunnel(ex.conn("loop"), ("127.0.0.1", closed_port))
     msg = str(info.value)
     assert msg.startswith(f"loop: cannot open an SSH tunnel to 127.0.0.1:{closed_port}")
     assert f"nothing accepts connections on 127.0.0.1:{closed_port}" in msg
@@ -400,7 +402,7 @@ def test_tunnel_socket_is_out_of_reach_of_other_local_users(sshd):
     echo = _EchoServer()
     try:
         with Executor(sshd.inventory(), reporter=Reporter(io.StringIO())) as ex:
-            tunnel = lock.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
+            tunnel = channels.SshTunnel(ex.conn("loop"), ("127.0.0.1", echo.port))
             pid = os.fork()
             if pid == 0:  # pragma: no cover - child: another local user tries the tunnel
                 os.setgid(nobody.pw_gid)
@@ -422,14 +424,14 @@ def test_tunnel_socket_is_out_of_reach_of_other_local_users(sshd):
 
 
 def test_watchdog_argv_validates_what_reaches_the_sql():
-    argv = lock.watchdog_argv(4242, "1764990000.123456")
+    argv = lockcmd.watchdog_argv(4242, "1764990000.123456")
     assert argv[0] == "bash" and argv[3:] == ["releasy-deploy-watchdog", "4242",
-                                              "1764990000.123456", str(lock.WATCHDOG_QUIET_S),
+                                              "1764990000.123456", str(lockcmd.WATCHDOG_QUIET_S),
                                               "/etc/releasy-deploy/frozen"]
     for bad in ("1' OR true --", "", "1e9"):
         with pytest.raises(ValueError):
-            lock.watchdog_argv(1, bad)
-    assert lock.WATCHDOG_QUIET_S + lock.HEARTBEAT_S < 30
+            lockcmd.watchdog_argv(1, bad)
+    assert lockcmd.WATCHDOG_QUIET_S + channels.HEARTBEAT_S < 30
 
 
 def test_watchdog_script_ends_on_silence_and_not_on_release(tmp_path):
@@ -443,7 +445,7 @@ def test_watchdog_script_ends_on_silence_and_not_on_release(tmp_path):
     (bin_dir / "runuser").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
     (bin_dir / "runuser").chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    argv = lock.watchdog_argv(77, "1.5", quiet=1)
+    argv = lockcmd.watchdog_argv(77, "1.5", quiet=1)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     assert proc.stdout.readline() == b"WATCHING\n"
@@ -463,11 +465,11 @@ def test_watchdog_script_ends_on_silence_and_not_on_release(tmp_path):
     assert proc.stdout.readline() == b"WATCHING\n"
     proc.stdin.write(b"frozen?\n")
     proc.stdin.flush()
-    assert lock.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n")) is None
-    frozen.write_bytes(lock.freeze_record("books close"))
+    assert lockinfo.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n")) is None
+    frozen.write_bytes(lockinfo.freeze_record("books close"))
     proc.stdin.write(b"frozen?\n")
     proc.stdin.flush()
-    seen = lock.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n"))
+    seen = lockinfo.parse_freeze_line(proc.stdout.readline().decode().rstrip("\n"))
     assert seen["reason"] == "books close"
     proc.communicate(b"release\n", timeout=5)
     assert proc.returncode == 0 and not log.exists()
@@ -475,12 +477,12 @@ def test_watchdog_script_ends_on_silence_and_not_on_release(tmp_path):
 
 
 def test_freeze_record_round_trip_and_reason_checks():
-    record = lock.parse_freeze(lock.freeze_record("  release  party\tfriday "))
+    record = lockinfo.parse_freeze(lockinfo.freeze_record("  release  party\tfriday "))
     assert record["reason"] == "release party friday" and "@" in record["by"]
-    assert lock.parse_freeze(None) is None
-    assert lock.parse_freeze(b"garbage")["reason"] == "(unreadable marker)"
+    assert lockinfo.parse_freeze(None) is None
+    assert lockinfo.parse_freeze(b"garbage")["reason"] == "(unreadable marker)"
     for bad in ("", "   ", "x" * 400):
         with pytest.raises(ValueError):
-            lock.check_reason(bad)
-    text = lock.frozen_message("prod", record)
+            lockinfo.check_reason(bad)
+    text = lockinfo.frozen_message("prod", record)
     assert "frozen" in text and "release party friday" in text and "unfreeze" in text

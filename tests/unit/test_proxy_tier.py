@@ -18,9 +18,10 @@ import yaml
 from releasy_deploy.cli import BadInput
 from releasy_deploy.commands import nginx as cmd
 from releasy_deploy.facts import LinkTarget, build_facts_script, parse_facts_output
-from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.remote import FILES_DIR
 from releasy_deploy.tiers import proxy
+
+from inventories import build
 
 SPLIT = """
 environment: production
@@ -54,10 +55,7 @@ NO_OVERRIDE: dict[str, str] = {}
 
 
 def inventory(text: str = SPLIT, **changes):
-    data = yaml.safe_load(text)
-    for key, value in changes.items():
-        data[key] = value
-    return parse_inventory(data, Path("/srv/deploy/hosts.yaml"), check_files=False)
+    return build(text, **changes)
 
 
 def files_mode(**extra):
@@ -546,7 +544,7 @@ def acme_inventory(proxies=("proxy1",)):
         del data["hosts"]["proxy2"]
     data["tls"] = {"mode": "acme", "server_name": "releasy.example.com",
                    "acme": {"email": "ops@example.com"}}
-    return parse_inventory(data, Path("/srv/deploy/hosts.yaml"), check_files=False)
+    return build(data)
 
 
 def test_acme_site_answers_challenges_on_port_80_and_redirects_the_rest():

@@ -4,9 +4,11 @@ temp directories; a fake `runuser` on PATH records the argv psql would get)."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -16,8 +18,11 @@ import pytest
 from releasy_deploy import backups, rollout, schema
 from releasy_deploy.engine import plan, runner
 from releasy_deploy.backups import Backup
+from releasy_deploy.errors import BadInput
 from releasy_deploy.inventory import ReleaseSource
 from releasy_deploy.rollout import AppState, FailureReport
+
+from inventories import build
 
 T0 = datetime(2026, 11, 26, 8, 0, 0, tzinfo=timezone.utc)
 
@@ -272,8 +277,6 @@ needs_sqlite3 = pytest.mark.skipif(shutil.which("sqlite3") is None or os.geteuid
 
 @needs_sqlite3
 def test_sqlite_dump_prune_and_restore_scripts_for_real(tmp_path):
-    import pwd
-    import tempfile
     nobody = pwd.getpwnam("nobody")
     data = Path(tempfile.mkdtemp(prefix="releasy-unit-"))  # reachable by nobody
     os.chown(data, nobody.pw_uid, nobody.pw_gid)
@@ -505,18 +508,16 @@ def test_explanation_when_the_revert_and_the_rotation_fail_too():
 
 # ====================================================================== input checks
 def _inventory(tmp: Path, apps: list[str]):
-    from releasy_deploy.inventory import parse_inventory
     hosts = {"proxy1": {"address": "10.0.0.10"}, "db1": {"address": "10.0.0.100"},
              **{a: {"address": f"10.0.0.{21 + i}"} for i, a in enumerate(apps)}}
     data = {"environment": "prod", "admin_cidrs": ["10.0.0.1/32"], "known_hosts": "kh",
             "hosts": hosts, "tiers": {"proxy": ["proxy1"], "app": apps, "db": ["db1"]},
             "release": {"source": str(tmp)}, "tls": {"mode": "self-signed",
                                                      "server_name": "r.example.com"}}
-    return parse_inventory(data, tmp / "hosts.yaml", check_files=False)
+    return build(data, tmp / "hosts.yaml")
 
 
 def test_rolling_needs_two_app_hosts_and_sane_flags(tmp_path):
-    from releasy_deploy.cli import BadInput
     one = _inventory(tmp_path, ["app1"])
     with pytest.raises(BadInput, match="at least two app hosts.*deploy.bluegreen"):
         rollout._check_common(one, 1, None)
@@ -530,7 +531,6 @@ def test_rolling_needs_two_app_hosts_and_sane_flags(tmp_path):
 
 
 def test_resolve_version(tmp_path):
-    from releasy_deploy.cli import BadInput
     inv = _inventory(tmp_path, ["app1", "app2"])
     with pytest.raises(BadInput, match="offers no stable release"):
         rollout.resolve_version(inv, "newest")
@@ -570,7 +570,6 @@ def test_default_rollback_target_is_the_previous_release_that_actually_ran():
 
 
 def test_default_rollback_target_needs_one_current_release_and_an_older_one():
-    from releasy_deploy.cli import BadInput
     with pytest.raises(BadInput, match=r"different releases \(app1: 1.1.0, app2: 1.0.0\)"):
         rollout.default_target(_pre(state("app1", "1.1.0"), state("app2", "1.0.0")))
     with pytest.raises(BadInput, match="no release older than 1.0.0"):
