@@ -40,7 +40,6 @@ release, after checking the database is not ahead of it (`releasy_deploy.schema`
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -52,21 +51,23 @@ from .backups import Backup
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .engine.plan import AppState, hosts_to_roll, plan_batches, plan_release_rollout
+from .engine.plan import (AppState, hold_out_behind, hosts_to_roll, plan_batches,
+                          plan_release_rollout)
 from .engine.recovery import FailureReport, explain_failure
 from .engine.recovery import first_line as _first_line
 from .engine.recovery import names as _names
 from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFailed,
                             parse_version_probe, releases_to_prune, server_of,
                             version_probe_argv)
-from .errors import BadInput, DeployError, ParallelError
+from .errors import BadInput, DeployError, ParallelError, StepFailed, UnreachableError
 from .executor import HostConnection
 from .facts import DiskFree, Fact, OsRelease, read_facts
+from .fleet import FleetFile
 from .hostos import check_release
-from .inventory import VERSION_RE, Host, Inventory, ReleaseSource, check_version
+from .inventory import VERSION_RE, Host, Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
-from .releases import fetch_release
+from .releases import available_versions, fetch_release, newest_release
 from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -125,12 +126,31 @@ def _proxy_facts() -> list[Fact]:
 
 
 def _db_facts(inv: Inventory) -> list[Fact]:
-    return [schema.level_fact(inv), backups_mod.BackupListing()]
+    return [schema.level_fact(inv), backups_mod.BackupListing(), FleetFile()]
 
 
-def gather(session: Session) -> Preflight:
+def _reader(wanted: Mapping[str, list[Fact]], tolerated: Iterable[str]):
+    """Reads a host's facts; for the ``tolerated`` hosts an unreachable host is an answer
+    (the exception), not a failure."""
+    spared = set(tolerated)
+
+    def read(c: HostConnection) -> Mapping[Fact, Any] | UnreachableError:
+        try:
+            return read_facts(c, wanted[c.name], sudo=True)
+        except UnreachableError as exc:
+            if c.name in spared:
+                return exc
+            raise
+    return read
+
+
+def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
     """ONE facts round trip per host (app, proxy and db facts of a host batched), all
-    hosts in parallel; read-only, so it also runs in dry-run."""
+    hosts in parallel; read-only, so it also runs in dry-run.
+
+    An unreachable app-only host fails the preflight (`StepFailed`, exit 4), naming
+    ``--skip-unreachable``; with ``skip_unreachable`` it is left out of the preflight
+    (`Preflight.unreachable`). The db host and every proxy must always answer."""
     inv = session.inventory
     wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts:
@@ -144,7 +164,18 @@ def gather(session: Session) -> Preflight:
         if names:
             wanted[h.name] = [OsRelease(), *names]
     targets = [inv.host(n) for n in wanted]
-    found = session.executor.each(targets, lambda c: read_facts(c, wanted[c.name], sudo=True))
+    app_only = [h.name for h in inv.hosts_in("app") if h.tiers == ("app",)]
+    found = session.executor.each(targets, _reader(wanted, app_only))
+    unreachable = {n: _first_line(exc, n) for n, exc in found.items()
+                   if isinstance(exc, UnreachableError)}
+    if unreachable and not skip_unreachable:
+        why = "; ".join(f"{n}: {text}" for n, text in unreachable.items())
+        raise StepFailed(
+            f"preflight: {_names(unreachable)} unreachable ({why})."
+            f" Nothing was changed. To deploy to the other app hosts: `fab deploy.rolling"
+            f" --version V --skip-unreachable` (it takes {_names(unreachable)} out of"
+            f" rotation first and records it as behind).", unreachable=True)
+    found = {n: f for n, f in found.items() if n not in unreachable}
     for name, seen in found.items():
         check_release(name, seen[OsRelease()])  # refused before anything changes
 
@@ -161,8 +192,16 @@ def gather(session: Session) -> Preflight:
             raise DeployError(f"{h.name}: {proxy_tier.UPSTREAM_FILE}: {exc}; run `fab"
                               f" proxy.setup --reset-upstreams`", host=h.name) from None
 
+    db = found[inv.db_host.name]
+    level = db[schema.level_fact(inv)]
+    if level is None:
+        raise DeployError(f"{inv.db_host.name}: cannot read the database's migration level"
+                          f" (_sqlx_migrations in {inv.database.name}): is the database up?"
+                          f" `fab db.setup` checks it", host=inv.db_host.name)
     apps: dict[str, AppState] = {}
     for h in inv.hosts_in("app"):
+        if h.name in unreachable:
+            continue
         f = found[h.name]
         rel: appcmd.ReleaseState = f[app_tier.ReleasyReleases()]
         server = server_of(inv, h)
@@ -174,13 +213,9 @@ def gather(session: Session) -> Preflight:
             free_bytes=f[DiskFree(appcmd.RELEASY_ROOT)],
             levels=f[schema.RecordedLevels()], instance_releases=f[InstanceReleases()],
             in_rotation=all(server in servers for servers in upstreams.values()))
-    db = found[inv.db_host.name]
-    level = db[schema.level_fact(inv)]
-    if level is None:
-        raise DeployError(f"{inv.db_host.name}: cannot read the database's migration level"
-                          f" (_sqlx_migrations in {inv.database.name}): is the database up?"
-                          f" `fab db.setup` checks it", host=inv.db_host.name)
-    return Preflight(apps, upstreams, level, db[backups_mod.BackupListing()])
+    record = db[FleetFile()]
+    return Preflight(hold_out_behind(apps, level, record), upstreams, level,
+                     db[backups_mod.BackupListing()], unreachable, record)
 
 
 # ======================================================================================
@@ -214,44 +249,6 @@ def previous_release(installed: Iterable[str], current: str | None) -> str | Non
     older = [v for v in installed
              if appcmd.version_key(v) < appcmd.version_key(current)]
     return max(older, key=appcmd.version_key) if older else None
-
-
-def is_stable(version: str) -> bool:
-    return "-" not in version.partition("+")[0]
-
-
-_TARBALL = re.compile(r"releasy-server-(?P<v>.+)-linux-(?P<arch>[A-Za-z0-9_]+)\.tar\.gz")
-
-
-def available_versions(source: ReleaseSource) -> list[str]:
-    """Versions the release source offers with a pinned checksum, oldest first. Local
-    directory: its tarballs; URL: the versions pinned in release.sha256 / sha256_file."""
-    found: set[str] = set()
-    if source.is_url:
-        found.update(source.sha256)
-        if source.sha256_file is not None and source.sha256_file.is_file():
-            for line in source.sha256_file.read_text(encoding="utf-8").splitlines():
-                parts = line.split()
-                if len(parts) == 2:
-                    m = _TARBALL.fullmatch(parts[1].lstrip("*"))
-                    if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]):
-                        found.add(m["v"])
-    elif source.directory is not None and source.directory.is_dir():
-        for p in source.directory.iterdir():
-            m = _TARBALL.fullmatch(p.name)
-            if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]) and p.is_file():
-                try:
-                    if source.expected_sha256(m["v"]) is not None:
-                        found.add(m["v"])
-                except Exception:  # noqa: BLE001 - a malformed sidecar: not offered
-                    continue
-    return sorted(found, key=appcmd.version_key)
-
-
-def newest_release(source: ReleaseSource, *, prereleases: bool = False) -> str | None:
-    """The newest version the source offers (pre-releases like 1.2.0-rc.1 excluded)."""
-    versions = [v for v in available_versions(source) if prereleases or is_stable(v)]
-    return versions[-1] if versions else None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from types import MappingProxyType
 import pytest
 
 from releasy_deploy import backups, rollout, schema
-from releasy_deploy.engine import plan, runner
+from releasy_deploy.engine import plan, runner, steps
 from releasy_deploy.backups import Backup
 from releasy_deploy.inventory import ReleaseSource
 from releasy_deploy.rollout import AppState, FailureReport
@@ -115,7 +115,7 @@ def test_previous_release(installed, current, previous):
 
 
 def test_disk_needed_counts_tarball_unpacked_and_margin():
-    assert runner.disk_needed(10, 30) == 40 + runner.DISK_MARGIN_BYTES
+    assert runner.disk_needed(10, 30) == 40 + steps.DISK_MARGIN_BYTES
 
 
 def test_instance_links_name_the_releases_blue_green_uses():
