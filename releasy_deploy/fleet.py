@@ -27,8 +27,8 @@ from .executor import HostConnection
 from .facts import Fact
 from .inventory import VERSION_RE
 
-__all__ = ["FleetRecord", "FleetFile", "fleet_release", "behind_reason", "undrain_refusal",
-           "next_record", "write_record"]
+__all__ = ["FleetRecord", "FleetFile", "AppView", "fleet_release", "behind_reason",
+           "undrain_refusal", "next_record", "fleet_headlines", "write_record"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,46 @@ def next_record(previous: FleetRecord | None, *, release: str, level: int | None
         if h not in behind:
             behind[h] = previous.release if previous is not None else None
     return FleetRecord(release, level, dict(sorted(behind.items())), by, at)
+
+
+@dataclass(frozen=True)
+class AppView:
+    """An app host as `fab status` saw it (``current``/``ready`` None: not read)."""
+
+    reachable: bool
+    current: str | None = None
+    ready: bool | None = None
+
+
+def fleet_headlines(apps: Mapping[str, AppView], rotation: Mapping[str, bool | None],
+                    record: FleetRecord | None) -> list[str]:
+    """What `fab status` says first: app hosts the proxies route to (``rotation``) that
+    cannot serve (unreachable, not ready), and app hosts behind the fleet's release."""
+    serving = {n: v.current for n, v in apps.items() if v.reachable and rotation.get(n)}
+    lines = []
+    for n, v in apps.items():
+        if rotation.get(n) and not v.reachable:
+            lines.append(f"{n}: unreachable, and the proxies still route requests to it;"
+                         f" `fab app.drain --host {n}` takes it out (it does not need {n})")
+        elif rotation.get(n) and v.ready is False:
+            lines.append(f"{n}: the proxies route requests to it but it does not answer"
+                         f" /ready; fix it (`fab app.restart --host {n}`) or `fab app.drain"
+                         f" --host {n}`")
+        others = {m: r for m, r in serving.items() if m != n}
+        fleet = fleet_release(others)
+        reason = None
+        if v.reachable:
+            reason = behind_reason(n, v.current, fleet=fleet, fleet_hosts=others,
+                                   record=record)
+        elif record is not None and n in record.behind:
+            reason = (f"last known on {record.behind[n] or 'an older release'};"
+                      f" {record.by or 'a rollout'} left the fleet on {record.release}")
+        if reason is not None:
+            fix = fleet or (record.release if record else None)
+            then = "" if rotation.get(n) else f", then `fab app.undrain --host {n}`"
+            lines.append(f"{n}: behind the fleet's release ({reason}); `fab deploy.rolling"
+                         f" --version {fix or 'V'} --yes` brings it up to date{then}")
+    return lines
 
 
 def write_record(conn: HostConnection, record: FleetRecord) -> None:

@@ -52,7 +52,7 @@ from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
 from .engine.plan import (AppState, hold_out_behind, hosts_to_roll, plan_batches,
-                          plan_release_rollout)
+                          plan_release_rollout, serving_problems)
 from .engine.recovery import FailureReport, explain_failure
 from .engine.recovery import first_line as _first_line
 from .engine.recovery import names as _names
@@ -61,7 +61,7 @@ from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFail
                             version_probe_argv)
 from .errors import BadInput, DeployError, ParallelError, StepFailed, UnreachableError
 from .executor import HostConnection
-from .facts import DiskFree, Fact, OsRelease, read_facts
+from .facts import DiskFree, Fact, OsRelease, tolerant_reader
 from .fleet import FleetFile
 from .hostos import check_release
 from .inventory import VERSION_RE, Host, Inventory, check_version
@@ -129,21 +129,6 @@ def _db_facts(inv: Inventory) -> list[Fact]:
     return [schema.level_fact(inv), backups_mod.BackupListing(), FleetFile()]
 
 
-def _reader(wanted: Mapping[str, list[Fact]], tolerated: Iterable[str]):
-    """Reads a host's facts; for the ``tolerated`` hosts an unreachable host is an answer
-    (the exception), not a failure."""
-    spared = set(tolerated)
-
-    def read(c: HostConnection) -> Mapping[Fact, Any] | UnreachableError:
-        try:
-            return read_facts(c, wanted[c.name], sudo=True)
-        except UnreachableError as exc:
-            if c.name in spared:
-                return exc
-            raise
-    return read
-
-
 def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
     """ONE facts round trip per host (app, proxy and db facts of a host batched), all
     hosts in parallel; read-only, so it also runs in dry-run.
@@ -165,7 +150,7 @@ def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
             wanted[h.name] = [OsRelease(), *names]
     targets = [inv.host(n) for n in wanted]
     app_only = [h.name for h in inv.hosts_in("app") if h.tiers == ("app",)]
-    found = session.executor.each(targets, _reader(wanted, app_only))
+    found = session.executor.each(targets, tolerant_reader(wanted, app_only))
     unreachable = {n: _first_line(exc, n) for n, exc in found.items()
                    if isinstance(exc, UnreachableError)}
     if unreachable and not skip_unreachable:
@@ -376,12 +361,15 @@ def resolve_version(inv: Inventory, version: str) -> str:
 
 
 def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False,
-            wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False) -> None:
+            wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False,
+            skip_unreachable: bool = False) -> None:
     """``fab deploy.rolling``: roll ``version`` (or ``newest``) over the app hosts.
 
     Raises BadInput (2) for bad flags or artifacts, LockBusy (3), RolloutFailed (1/4).
     ``only_if_newer``: do nothing unless some app host runs an older release than
-    ``version`` and none runs a newer one (for cron).
+    ``version`` and none runs a newer one (for cron). ``skip_unreachable``: app hosts
+    that cannot be reached are taken out of rotation (if they are in) and left behind,
+    recorded so on the db host; the db host and every proxy must still answer.
     """
     inv = session.inventory
     batch, timeout = _check_common(inv, batch, ready_timeout)
@@ -391,21 +379,30 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
             version = resolve_version(inv, version)
             release = fetch_release(inv, version)
             lock = stack.enter_context(deploy_lock(session, version=version, wait=wait))
-            pre = gather(session)
+            pre = gather(session, skip_unreachable=skip_unreachable)
             if only_if_newer and not _older_somewhere(session, pre, version):
                 return
             problems = preflight_problems(list(pre.apps.values()), version)
+            problems += serving_problems(pre.apps.values(), pre.unreachable)
             if problems:
                 raise DeployError("preflight: not starting the rollout (nothing was changed):\n  "
                                   + "\n  ".join(problems))
             plan = plan_release_rollout(list(pre.apps.values()), version, batch,
                                         flow="deploy.rolling", title="Rolling deploy",
-                                        backup=True, stage_release=True)
+                                        backup=True, stage_release=True,
+                                        unreachable=unreachable_in_rotation(session, pre))
             r = RollingRunner(session, pipe, lock, pre, plan, release=release,
                               ready_timeout=timeout)
             r.check_disk()
         _say_batch_lowered(session, pipe, batch, len(pre.apps))
         r.run(yes)
+
+
+def unreachable_in_rotation(session: Session, pre: Preflight) -> list[tuple[str, bool]]:
+    """(unreachable app host, listed by a proxy) pairs: what the plan says of them."""
+    listed = {s for servers in pre.upstreams.values() for s in servers}
+    inv = session.inventory
+    return [(n, server_of(inv, inv.host(n)) in listed) for n in pre.unreachable]
 
 
 def _older_somewhere(session: Session, pre: Preflight, version: str) -> bool:

@@ -7,7 +7,7 @@ Adding a flow means writing a planner, not copying the runner.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..commands import app as appcmd
@@ -168,6 +168,18 @@ def hold_out_behind(apps: Mapping[str, AppState], db_level: int,
                                    db_level=db_level, record=record)
         out[n] = replace(st, held_out=reason is not None)
     return out
+
+
+def serving_problems(states: Iterable[AppState], unreachable: Iterable[str]) -> list[str]:
+    """A rollout that skips hosts or holds some out needs two others to take turns."""
+    states = list(states)
+    serving = [st.name for st in states if not st.held_out]
+    out = [*unreachable, *(st.name for st in states if st.held_out)]
+    if out and len(serving) < 2:
+        return [f"only {', '.join(serving) or 'no host'} can serve while {', '.join(out)}"
+                f" stay out of rotation (unreachable, or behind the fleet): a rolling deploy"
+                f" needs two app hosts taking turns. Bring {', '.join(out)} back first"]
+    return []
 
 
 def hosts_to_roll(states: Sequence[AppState], version: str) -> list[str]:
