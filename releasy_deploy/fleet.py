@@ -125,18 +125,19 @@ def undrain_refusal(host: str, reason: str, target: str | None) -> str:
 
 
 def next_record(previous: FleetRecord | None, *, release: str, level: int | None,
-                skipped: Iterable[str], updated: Iterable[str], by: str,
-                at: str) -> FleetRecord:
+                skipped: Iterable[str], updated: Iterable[str], by: str, at: str,
+                was: str | None = None) -> FleetRecord:
     """The record a rollout to ``release`` leaves: hosts it ``updated`` are no longer
     behind; hosts it ``skipped`` (unreachable) are, with the release they were last known
-    on; hosts an earlier rollout left behind and this one did not reach stay behind."""
+    on (the fleet's before this rollout: ``was``, else the previous record's); hosts an
+    earlier rollout left behind and this one did not reach stay behind."""
     done = set(updated)
     behind: dict[str, str | None] = {}
     if previous is not None:
         behind.update({h: v for h, v in previous.behind.items() if h not in done})
     for h in skipped:
         if h not in behind:
-            behind[h] = previous.release if previous is not None else None
+            behind[h] = was or (previous.release if previous is not None else None)
     return FleetRecord(release, level, dict(sorted(behind.items())), by, at)
 
 

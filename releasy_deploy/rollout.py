@@ -154,7 +154,7 @@ def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
     unreachable = {n: _first_line(exc, n) for n, exc in found.items()
                    if isinstance(exc, UnreachableError)}
     if unreachable and not skip_unreachable:
-        why = "; ".join(f"{n}: {text}" for n, text in unreachable.items())
+        why = "; ".join(unreachable.values())
         raise StepFailed(
             f"preflight: {_names(unreachable)} unreachable ({why})."
             f" Nothing was changed. To deploy to the other app hosts: `fab deploy.rolling"

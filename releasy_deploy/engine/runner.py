@@ -23,7 +23,7 @@ from ..commands import app as appcmd
 from ..commands import nginx as nginxcmd
 from ..errors import DeployError, ParallelError, StepFailed
 from ..executor import HostConnection
-from ..fleet import FleetRecord, next_record, write_record
+from ..fleet import FleetRecord, fleet_release, next_record, write_record
 from ..lock import LockInfo
 from ..pipeline import Pipeline
 from ..releases import LocalRelease
@@ -492,7 +492,9 @@ class RollingRunner:
         and the hosts it could not reach (behind)."""
         record = next_record(self.pre.fleet, release=self.version, level=level,
                              skipped=self.pre.unreachable, updated=self.app_names,
-                             by=self.plan.flow, at=audit.now())
+                             by=self.plan.flow, at=audit.now(),
+                             was=fleet_release({n: st.current for n, st in self.pre.apps.items()
+                                                if st.in_rotation}))
         before = self.pre.fleet
         if before is None or (before.release, before.level, dict(before.behind)) != (
                 record.release, record.level, dict(record.behind)):
