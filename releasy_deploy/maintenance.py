@@ -12,7 +12,9 @@ the proxies' rotation and back, the service journal, and ad-hoc commands.
   proxies' upstream file (`tiers.proxy.set_upstreams`), which ``fab proxy.setup`` keeps, so
   a drained host stays drained until `undrain`. Both run under the deploy lock, since
   rollouts own the rotation too. Draining the last host in rotation (or the last one that
-  answers ``/ready``) is refused; `undrain` checks ``/ready`` first.
+  answers ``/ready``) is refused; `undrain` checks ``/ready`` first. `drain` never needs
+  the host itself (a dead host is taken out without waiting for its requests); `undrain`
+  refuses a host behind the fleet (`releasy_deploy.fleet`).
 - `logs` (``fab app.logs``): the journal of the Releasy units, each line prefixed by host;
   ``follow`` streams every host at once, whole lines, until Ctrl-C.
 - `run_adhoc` (``fab run --tier T -- CMD``): the ONE place where shell text written by the

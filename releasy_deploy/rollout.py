@@ -8,8 +8,11 @@ logged with its host and duration, to the terminal and the JSON event log:
    the deploy lock is taken; ONE batched facts round trip per host, all hosts in parallel,
    reads what the rest decides on (releases, unit state, /ready, free space, recorded
    migration levels; the proxies' upstream lists; the database's migration level and the
-   dumps on the db host). Every app host must be in rotation and ready. Hosts an earlier,
-   killed rollout left out of rotation are put back if they are ready (converge).
+   dumps on the db host, the fleet record). Every app host must be in rotation and ready.
+   Hosts an earlier, killed rollout left out of rotation are put back if they are ready
+   (converge), unless they are behind the fleet (`releasy_deploy.fleet`): those are
+   updated in place and stay out. With ``--skip-unreachable`` an unreachable app host is
+   left out of everything (taken out of rotation first) and recorded as behind.
 2. stage: V is uploaded and unpacked on every app host that lacks it, in parallel; nothing
    is switched.
 3. backup: a dump of the database on the db host (`releasy_deploy.backups`), before the
