@@ -223,7 +223,9 @@ def preflight_problems(states: Sequence[AppState], version: str) -> list[str]:
                             f" {s.active}, release {s.current}); a rollout would take more"
                             f" capacity out. Fix it first (`journalctl -u {UNIT}` on"
                             f" {s.name}), or `fab app.setup` to restart it")
-        elif not s.in_rotation and not s.ready and s.current != version:
+        elif not s.in_rotation and not s.ready and s.current != version and not s.held_out:
+            # (a host held out, behind the fleet, is updated in place whatever it does now:
+            # its old release may well refuse the database's newer migrations)
             problems.append(f"{s.name}: out of rotation and not answering /ready ({UNIT} is"
                             f" {s.active}, release {s.current}); bring it back (`fab"
                             f" app.setup`, then re-run this rollout, which re-adds ready hosts)")

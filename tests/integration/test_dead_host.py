@@ -114,7 +114,9 @@ def test_a_dead_host_is_drained_deployed_around_and_brought_back(lab, tmp_path):
     # app3 is back, on its old release, and ready: it must not serve through the proxy.
     wait_reachable(lab, "app3")
     assert current(lab, "app3") == "1.0.0" and ready(lab, "app3")
-    lab.sudo("app3", "systemctl", "restart", "releasy.service")  # as after a reboot
+    # As after a reboot: its old release starts again (or tries to: the database holds a
+    # migration 1.0.0 does not know); whatever it does, the proxy does not route to it.
+    lab.sudo("app3", "systemctl", "restart", "releasy.service")
     lab.fab("proxy.setup")
     assert rotation(lab) == ["app1", "app2"]
 
