@@ -7,8 +7,8 @@ database holds now. A host gets there by missing a rollout: dead or cut off whil
 again on its old release, so:
 
 - `fab app.undrain` refuses it (exit 2) and names the deploy that brings it up to date;
-- a rollout never puts it back into rotation by itself: it is updated in place and left
-  out, for `fab app.undrain` to put back;
+- a rollout never puts a host its record names as behind back into rotation by itself:
+  it is updated in place and left out, for `fab app.undrain` to put back;
 - `fab status` headlines it.
 
 The fleet's release is read live (the release every host in rotation runs). The rollouts

@@ -10,8 +10,8 @@ logged with its host and duration, to the terminal and the JSON event log:
    migration levels; the proxies' upstream lists; the database's migration level and the
    dumps on the db host, the fleet record). Every app host must be in rotation and ready.
    Hosts an earlier, killed rollout left out of rotation are put back if they are ready
-   (converge), unless they are behind the fleet (`releasy_deploy.fleet`): those are
-   updated in place and stay out. With ``--skip-unreachable`` an unreachable app host is
+   (converge), unless the fleet record names them as behind (`releasy_deploy.fleet`):
+   those are updated in place and stay out. With ``--skip-unreachable`` an unreachable app host is
    left out of everything (taken out of rotation first) and recorded as behind.
 2. stage: V is uploaded and unpacked on every app host that lacks it, in parallel; nothing
    is switched.
@@ -202,7 +202,7 @@ def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
             levels=f[schema.RecordedLevels()], instance_releases=f[InstanceReleases()],
             in_rotation=all(server in servers for servers in upstreams.values()))
     record = db[FleetFile()]
-    return Preflight(hold_out_behind(apps, level, record), upstreams, level,
+    return Preflight(hold_out_behind(apps, record), upstreams, level,
                      db[backups_mod.BackupListing()], unreachable, record)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..commands import app as appcmd
-from ..fleet import FleetRecord, behind_reason, fleet_release
+from ..fleet import FleetRecord
 
 UNIT = appcmd.SERVICE
 
@@ -154,20 +154,15 @@ class RollingPlan:
 
 
 # ------------------------------------------------------------------------------ planners
-def hold_out_behind(apps: Mapping[str, AppState], db_level: int,
+def hold_out_behind(apps: Mapping[str, AppState],
                     record: FleetRecord | None) -> dict[str, AppState]:
-    """The states, hosts out of rotation and behind the fleet marked ``held_out``: no
-    rollout puts them back into rotation (`releasy_deploy.fleet`). Pure."""
-    serving = {n: st.current for n, st in apps.items() if st.in_rotation}
-    out = {}
-    for n, st in apps.items():
-        reason = None
-        if not st.in_rotation:
-            reason = behind_reason(n, st.current, fleet=fleet_release(serving),
-                                   fleet_hosts=serving, level=st.levels.get(st.current or ""),
-                                   db_level=db_level, record=record)
-        out[n] = replace(st, held_out=reason is not None)
-    return out
+    """The states, with the hosts out of rotation that a rollout left behind (the fleet
+    record names them) marked ``held_out``: no rollout puts them back into rotation; it
+    updates them in place (`releasy_deploy.fleet`). A host an interrupted rollout left out
+    is not held: it is re-added and rolled as before. Pure."""
+    behind = set(record.behind) if record is not None else set()
+    return {n: replace(st, held_out=not st.in_rotation and n in behind)
+            for n, st in apps.items()}
 
 
 def serving_problems(states: Iterable[AppState], unreachable: Iterable[str]) -> list[str]:

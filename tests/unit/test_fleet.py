@@ -90,15 +90,18 @@ def test_fleet_headlines():
 
 
 # ------------------------------------------------------------------------------ plans
-def test_hosts_out_of_rotation_and_behind_are_held_out():
+def test_hosts_a_rollout_left_behind_are_held_out():
     apps = {"app1": state("app1", "1.1.0"), "app2": state("app2", "1.1.0"),
             "app3": state("app3", "1.0.0", in_rotation=False),
-            "app4": state("app4", "1.1.0", in_rotation=False)}
-    held = hold_out_behind(apps, 3, None)
+            "app4": state("app4", "1.0.0", in_rotation=False)}
+    record = FleetRecord("1.1.0", 3, {"app3": "1.0.0"})
+    held = hold_out_behind(apps, record)
     assert [n for n, st in held.items() if st.held_out] == ["app3"]
-    # Drained by hand on the fleet's release, but its release is behind the database.
-    apps["app4"] = state("app4", "1.1.0", in_rotation=False, levels={"1.1.0": 2})
-    assert hold_out_behind(apps, 3, None)["app4"].held_out
+    # app4: left out by an interrupted rollout, not recorded: re-added and rolled as before
+    assert not any(st.held_out for st in hold_out_behind(apps, None).values())
+    # in rotation (an operator put it back by hand): nothing to hold
+    apps["app3"] = state("app3", "1.0.0")
+    assert not hold_out_behind(apps, record)["app3"].held_out
 
 
 def test_a_held_out_host_is_updated_in_place_and_skipped_hosts_are_named():
