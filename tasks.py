@@ -4,6 +4,7 @@ Operator tasks that act on servers live in fabfile/ (`fab --list`)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from invoke import Collection, Exit, task
@@ -64,6 +65,19 @@ def probe(c, host, port, source="outside"):
     print(lab_ops.probe(host, int(port), source))
 
 
+@task(help={"host": "lab host name", "seconds": "restore the link after this long (default 60)"})
+def cut(c, host, seconds=60):
+    """Black-hole a lab host (its switch port goes down) for SECONDS, then restore it."""
+    _require_root()
+    with lab_ops.link_cut(host, max_seconds=float(seconds)):
+        print(f"{host}: link cut for {seconds} s (Ctrl-C restores it now)")
+        try:
+            time.sleep(float(seconds))
+        except KeyboardInterrupt:
+            pass
+    print(f"{host}: link restored")
+
+
 @task(help={"port": "TCP port", "seconds": "stop after this long (default 600)"})
 def listen(c, port, seconds=600):
     """A TCP listener in the outside namespace (for `fab firewall.audit --listener`)."""
@@ -94,6 +108,6 @@ def build(c, version, migrations=2, broken_migration=False, never_ready=False,
     print(path)
 
 
-lab_ns = Collection("lab", up, down, status, probe, listen)
+lab_ns = Collection("lab", up, down, status, probe, listen, cut)
 standin_ns = Collection("standin", build)
 ns = Collection(lab_ns, standin_ns)

@@ -90,7 +90,8 @@ def drain(c, host, dry_run=False, wait=0):
 
     Returns once the requests it was serving have finished. It stays out (fab proxy.setup
     keeps the live list) until `fab app.undrain`. Refuses to drain the last host in
-    rotation (exit 2). Under the deploy lock (exit 3 when busy).
+    rotation (exit 2). Under the deploy lock (exit 3 when busy). An unreachable host is
+    taken out all the same (it is not needed): nothing can be waited for, and it says so.
     """
     with session(dry_run=dry_run) as s:
         try:
@@ -102,7 +103,11 @@ def drain(c, host, dry_run=False, wait=0):
 @task(help={"host": "the app host to put back into rotation (required)", **_SUMMARY_HELP})
 @operator_task
 def undrain(c, host, dry_run=False, wait=0):
-    """Put an app host back into every proxy's rotation, once it answers /ready."""
+    """Put an app host back into every proxy's rotation, once it answers /ready.
+
+    Refused (exit 2) while the host is behind the fleet (another release than the hosts in
+    rotation, or one older than the database's migrations): the message names the rolling
+    deploy that brings it up to date."""
     with session(dry_run=dry_run) as s:
         try:
             maintenance.undrain(s, host, wait=float(wait))

@@ -111,16 +111,20 @@ def unfreeze(c):
                        " the release source offers",
             "only-if-newer": "do nothing (exit 0) unless some app host runs an older release"
                              " than --version and none runs a newer one (for cron)",
+            "skip-unreachable": "deploy to the app hosts that answer; unreachable ones are"
+                                " taken out of rotation first and recorded as behind (the db"
+                                " host and every proxy must answer)",
             **_COMMON_HELP})
 @operator_task
 def rolling(c, version, batch=1, yes=False, dry_run=False, wait=0, ready_timeout=None,
-            only_if_newer=False, json_log=None):
+            only_if_newer=False, skip_unreachable=False, json_log=None):
     """Rolling deploy: preflight, stage, backup, migrate (first host alone), roll, finish."""
     _json_log(json_log)
     with session(dry_run=dry_run) as s:
         try:
             rollout.rolling(s, version, batch=batch, yes=yes, wait=float(wait),
-                            ready_timeout=ready_timeout, only_if_newer=only_if_newer)
+                            ready_timeout=ready_timeout, only_if_newer=only_if_newer,
+                            skip_unreachable=skip_unreachable)
         finally:
             _summary(s)
 

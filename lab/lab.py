@@ -8,7 +8,10 @@ import secrets
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,6 +243,41 @@ def probe(host: str, port: int, source: str = "outside", timeout: float = 1.5) -
         raise SystemExit(f"lab: unknown probe source {source!r}: outside, operator or a host")
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10,
                           ).stdout.strip() or "error"
+
+
+def cut_link(host: str) -> None:
+    """Black-hole a lab host: its link to the lab's switch goes down (see `net.set_link`).
+    `restore_link` undoes it; prefer `link_cut`, which always does."""
+    net.set_link(current_identity(), _lab_host(host), up=False)
+
+
+def restore_link(host: str) -> None:
+    net.set_link(current_identity(), _lab_host(host), up=True)
+
+
+@contextmanager
+def link_cut(host: str, max_seconds: float = 300.0) -> Iterator[None]:
+    """The host's link is cut for the ``with`` block, and restored when it ends, or after
+    ``max_seconds`` at most even if the block is still running (a bounded fault)."""
+    name = _lab_host(host)
+    cut_link(name)
+    timer = threading.Timer(max_seconds, restore_link, args=(name,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        restore_link(name)
+
+
+def _lab_host(host: str) -> str:
+    state = read_state(current_identity())
+    if not state:
+        raise SystemExit("lab: not up (run: inv lab.up)")
+    if host not in state["hosts"]:
+        raise SystemExit(f"lab: unknown host {host!r} (hosts: {', '.join(state['hosts'])})")
+    return host
 
 
 LISTENER_CODE = """

@@ -54,6 +54,8 @@ MIX: tuple[tuple[str, str], ...] = (
     ("GET", "/version"), ("POST", "/api/echo"), ("GET", "/ready"),
     ("POST", "/api/echo"), ("GET", "/version"),
 )
+#: --mix get-version: only idempotent reads, e.g. sequential probes of a fleet's latency.
+MIXES: dict[str, tuple[tuple[str, str], ...]] = {"mixed": MIX, "get-version": (("GET", "/version"),)}
 READY_LINE = "loadgen: running"
 
 
@@ -99,6 +101,22 @@ def failure_kind(record: dict) -> str | None:
     return f"HTTP {status}"
 
 
+SLOW_MS = 1500.0
+
+
+def latency(records: list[dict], slow_ms: float = SLOW_MS) -> dict:
+    """Latency of every request (failed ones too), in ms: p50, p99 (nearest rank), max, and
+    how many took longer than ``slow_ms``."""
+    times = sorted(r["ms"] for r in records if r.get("ms") is not None)
+    if not times:
+        return {"p50": None, "p99": None, "max": None, "slow": 0, "slow_ms": slow_ms}
+
+    def rank(q: float) -> float:
+        return times[min(len(times) - 1, max(0, -(-len(times) * q // 100) - 1))]
+    return {"p50": rank(50), "p99": rank(99), "max": times[-1],
+            "slow": sum(1 for t in times if t > slow_ms), "slow_ms": slow_ms}
+
+
 def summarize(records: list[dict], *, started: float, ended: float, stopped_by: str,
               config: dict) -> dict:
     """The JSON summary. ``records``: {t, method, path, status, error, version, ms}."""
@@ -122,6 +140,7 @@ def summarize(records: list[dict], *, started: float, ended: float, stopped_by: 
         "failed": len(failures),
         "retried_stale_connections": sum(1 for r in records if r.get("retried")),
         "requests_per_s": round(len(records) / duration, 1),
+        "latency_ms": latency(records),
         "failure_kinds": dict(Counter(failure_kind(r) for r in failures)),
         "failed_by_method": dict(Counter(r["method"] for r in failures)),
         "first_failures": failures[:FIRST_FAILURES_KEPT],
@@ -230,7 +249,8 @@ class Run:
                 next_at = max(next_at + interval, time.monotonic())
             if not self._claim():
                 break
-            method, path = MIX[step % len(MIX)]
+            mix = MIXES[self.args.mix]
+            method, path = mix[step % len(mix)]
             step += 1
             t0 = time.monotonic()
             record: dict[str, Any] = {"t": round(t0 - self.started, 4), "method": method,
@@ -331,7 +351,7 @@ class Run:
         config = {"url": self.args.url, "server_name": self.server_name,
                   "threads": self.args.threads, "rate": self.args.rate,
                   "duration": self.args.duration, "max_requests": self.args.max_requests,
-                  "timeout": self.args.timeout}
+                  "timeout": self.args.timeout, "mix": self.args.mix}
         return summarize(records, started=self.started, ended=ended,
                          stopped_by=self.stopped_by, config=config), records
 
@@ -364,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=_bounded(int, 1, MAX_REQUESTS), default=100_000)
     p.add_argument("--timeout", type=_bounded(float, 0.1, 60), default=5.0,
                    help="seconds per request (connect and read)")
+    p.add_argument("--mix", choices=sorted(MIXES), default="mixed",
+                   help="mixed: GET /version, GET /ready, POST /api/echo (default);"
+                        " get-version: GET /version only")
     p.add_argument("--stop-file", help="stop as soon as this file exists")
     p.add_argument("--out", help="write the JSON summary here (default: stdout)")
     p.add_argument("--records", help="also write every request as JSON lines here")
@@ -407,7 +430,8 @@ class LoadGenerator:
 
     def __init__(self, url: str, *, server_name: str | None = None, threads: int = 4,
                  rate: float = 200.0, duration: float = 120.0, max_requests: int = 100_000,
-                 timeout: float = 5.0, netns: str | None = None, workdir: str | Path,
+                 timeout: float = 5.0, mix: str = "mixed", netns: str | None = None,
+                 workdir: str | Path,
                  python: str = sys.executable, start_timeout: float = 15.0) -> None:
         parse_target(url)  # refuse before starting anything
         if netns is None:
@@ -424,7 +448,7 @@ class LoadGenerator:
             stale.unlink(missing_ok=True)
         argv = [python, str(Path(__file__).resolve()), url, "--threads", str(threads),
                 "--rate", str(rate), "--duration", str(duration),
-                "--max-requests", str(max_requests), "--timeout", str(timeout),
+                "--max-requests", str(max_requests), "--timeout", str(timeout), "--mix", mix,
                 "--stop-file", str(self.stop_file), "--out", str(self.out),
                 "--records", str(self.records_path)]
         if server_name:

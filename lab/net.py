@@ -84,6 +84,30 @@ def private_subnet(ident: LabIdentity) -> str:
 PRIVATE_BRIDGE = "br1"
 
 
+def _veth_names(ident: LabIdentity, name: str, ifname: str) -> tuple[str, str]:
+    """(the bridge side, the host side) of host NAME's veth pair for its IFNAME."""
+    # Interface names: 15 characters at most.
+    stem = f"{ident.prefix}-{name}"[:13] if ifname == "eth0" \
+        else f"{ident.prefix}-{name}"[:12] + ifname[-1]
+    return stem + "-o", stem + "-i"
+
+
+def set_link(ident: LabIdentity, name: str, up: bool) -> list[str]:
+    """Cut (``up=False``) or restore host NAME's network link: the bridge side of each of
+    its veth pairs goes down/up, as a dead switch port would. The host keeps running and
+    its own interface keeps its address; nothing it sends arrives and nothing reaches it (no
+    refusal, no ICMP: a black hole). Returns the interfaces changed."""
+    changed = []
+    for ifname in ("eth0", "eth1"):
+        outer, _ = _veth_names(ident, name, ifname)
+        if ok(_in(ident.switch_ns, "ip", "link", "show", outer)):
+            run(_in(ident.switch_ns, "ip", "link", "set", outer, "up" if up else "down"))
+            changed.append(outer)
+    if not changed:
+        raise ValueError(f"lab host {name!r} has no link on the lab's switch")
+    return changed
+
+
 def attach(ident: LabIdentity, name: str, address: str, *, bridge: str = "br0",
            ifname: str = "eth0") -> str:
     """Put interface IFNAME of namespace lab-NAME (created when missing) on BRIDGE; returns
@@ -91,10 +115,7 @@ def attach(ident: LabIdentity, name: str, address: str, *, bridge: str = "br0",
     ns = ident.netns(name)
     if not netns_exists(ns):
         run(["ip", "netns", "add", ns])
-    # Interface names: 15 characters at most.
-    stem = f"{ident.prefix}-{name}"[:13] if ifname == "eth0" \
-        else f"{ident.prefix}-{name}"[:12] + ifname[-1]
-    outer, inner = stem + "-o", stem + "-i"
+    outer, inner = _veth_names(ident, name, ifname)
     run(["ip", "link", "add", inner, "type", "veth", "peer", "name", outer])
     run(["ip", "link", "set", outer, "netns", ident.switch_ns])
     run(_in(ident.switch_ns, "ip", "link", "set", outer, "master", bridge, "up"))

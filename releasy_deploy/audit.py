@@ -21,8 +21,13 @@ def operator_identity() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
+def now() -> str:
+    """UTC now, to the second, ISO 8601 (the records' time stamps)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def record(action: str, environment: str, **fields: object) -> dict:
-    return {"ts": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"ts": now(),
             "action": action, "environment": environment, "by": operator_identity(),
             "pid": os.getpid(), **fields}
 

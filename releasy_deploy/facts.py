@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import secrets as _random
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import DeployError
+from .errors import DeployError, UnreachableError
 from .executor import HostConnection
 
 __all__ = [
-    "Fact", "read_facts", "read_fact", "build_facts_script", "parse_facts_output",
+    "Fact", "read_facts", "read_fact", "tolerant_reader", "build_facts_script", "parse_facts_output",
     "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
     "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "LinkTarget", "PathExists", "UserExists",
     "GroupExists", "CommandExists", "PackageVersion",
@@ -121,6 +121,22 @@ def read_facts(c: HostConnection, facts: Iterable[Fact], *,
         return parse_facts_output(wanted, nonce, res.stdout)
     except ValueError as exc:
         raise DeployError(f"{c.name}: cannot read facts: {exc}", host=c.name) from None
+
+
+def tolerant_reader(wanted: Mapping[str, list[Fact]], tolerated: Iterable[str]):
+    """For `Executor.each`: reads a host's ``wanted`` facts (sudo); for the ``tolerated``
+    hosts, being unreachable is an answer (the `UnreachableError` is returned), not a
+    failure."""
+    spared = set(tolerated)
+
+    def read(c: HostConnection) -> Mapping[Fact, Any] | UnreachableError:
+        try:
+            return read_facts(c, wanted[c.name], sudo=True)
+        except UnreachableError as exc:
+            if c.name in spared:
+                return exc
+            raise
+    return read
 
 
 def read_fact(c: HostConnection, fact: Fact, *, sudo: bool = False) -> Any:

@@ -12,7 +12,9 @@ the proxies' rotation and back, the service journal, and ad-hoc commands.
   proxies' upstream file (`tiers.proxy.set_upstreams`), which ``fab proxy.setup`` keeps, so
   a drained host stays drained until `undrain`. Both run under the deploy lock, since
   rollouts own the rotation too. Draining the last host in rotation (or the last one that
-  answers ``/ready``) is refused; `undrain` checks ``/ready`` first.
+  answers ``/ready``) is refused; `undrain` checks ``/ready`` first. `drain` never needs
+  the host itself (a dead host is taken out without waiting for its requests); `undrain`
+  refuses a host behind the fleet (`releasy_deploy.fleet`).
 - `logs` (``fab app.logs``): the journal of the Releasy units, each line prefixed by host;
   ``follow`` streams every host at once, whole lines, until Ctrl-C.
 - `run_adhoc` (``fab run --tier T -- CMD``): the ONE place where shell text written by the
@@ -30,14 +32,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from . import audit, rollout
+from . import audit, rollout, schema
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
 from .errors import (BadInput, DeployError, HostKeyError, ParallelError, RemoteCommandError,
                      StepFailed, UnreachableError, first_line)
 from .executor import HostConnection, render_masked, tail
-from .facts import Fact, read_facts
+from .facts import Fact, tolerant_reader
+from .fleet import FleetFile, FleetRecord, behind_reason, fleet_release, undrain_refusal
 from .inventory import TIERS, Host, Inventory
 from .lock import deploy_lock
 from .pipeline import Pipeline
@@ -50,7 +53,7 @@ from .tiers import proxy as proxy_tier
 
 __all__ = [
     "UNIT", "INSTANCE_UNITS", "DEFAULT_LOG_LINES", "LastHostInRotation", "AdhocFailed",
-    "RotationView", "RestartPlan", "HostRun", "app_host", "logs_argv", "adhoc_argv",
+    "RotationView", "Rotation", "RestartPlan", "HostRun", "app_host", "logs_argv", "adhoc_argv",
     "rotation_after_drain", "rotation_after_undrain", "restart_plan", "run_summary",
     "read_rotation", "restart", "drain", "undrain", "logs", "run_adhoc",
 ]
@@ -149,6 +152,28 @@ class RotationView:
     in_rotation: bool  # listed by every proxy
     ready: bool
     active: str  # ActiveState of releasy.service
+    reachable: bool = True  # False: nothing else here was read (ready False)
+    current: str | None = None  # the release /opt/releasy/current points at
+    level: int | None = None  # the migration level recorded for that release
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """`read_rotation`: every app host's view, the database's level and the fleet record."""
+
+    views: dict[str, RotationView]
+    db_level: int | None
+    record: FleetRecord | None
+
+    def behind(self, host: str) -> tuple[str | None, str | None]:
+        """(why ``host`` is behind the fleet or None, the release that fixes it)."""
+        v = self.views[host]
+        serving = {n: w.current for n, w in self.views.items()
+                   if w.in_rotation and w.reachable and n != host}
+        fleet = fleet_release(serving)
+        reason = behind_reason(host, v.current, fleet=fleet, fleet_hosts=serving,
+                               level=v.level, db_level=self.db_level, record=self.record)
+        return reason, fleet or (self.record.release if self.record else None)
 
 
 @dataclass(frozen=True)
@@ -236,9 +261,11 @@ def run_summary(runs: Sequence[HostRun], elapsed: float) -> str:
 
 
 # ------------------------------------------------------------------------------ rotation
-def read_rotation(session: Session) -> dict[str, RotationView]:
-    """Every app host's place in the rotation and readiness: ONE round trip per proxy and
-    per app host, in parallel (a host with both tiers gets one too)."""
+def read_rotation(session: Session) -> Rotation:
+    """Every app host's place in the rotation, readiness and release, the database's level
+    and the fleet record: ONE round trip per host, in parallel (a host with several tiers
+    gets one too). An unreachable app-only host is a view (``reachable=False``), not an
+    error: the rotation lives on the proxies."""
     inv = session.inventory
     wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts_in("proxy"):
@@ -246,9 +273,12 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
     for h in inv.hosts_in("app"):
         bind = app_tier.bind_address(inv, h)
         wanted.setdefault(h.name, []).extend(
-            [app_tier.ReleasyReady(appcmd.ready_url(bind)), app_tier.ReleasyUnit(UNIT)])
+            [app_tier.ReleasyReady(appcmd.ready_url(bind)), app_tier.ReleasyUnit(UNIT),
+             app_tier.ReleasyReleases(), schema.RecordedLevels()])
+    wanted.setdefault(inv.db_host.name, []).extend([schema.level_fact(inv), FleetFile()])
+    app_only = [h.name for h in inv.hosts_in("app") if h.tiers == ("app",)]
     found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
+                                  tolerant_reader(wanted, app_only))
     lists = []
     for p in inv.hosts_in("proxy"):
         text = found[p.name][proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
@@ -265,11 +295,18 @@ def read_rotation(session: Session) -> dict[str, RotationView]:
     for h in inv.hosts_in("app"):
         f = found[h.name]
         server = app_server(inv, h)
+        listed = all(server in servers for servers in lists)
+        if isinstance(f, UnreachableError):
+            views[h.name] = RotationView(h.name, listed, False, "unknown", reachable=False)
+            continue
+        current = f[app_tier.ReleasyReleases()].current
         views[h.name] = RotationView(
-            h.name, all(server in servers for servers in lists),
+            h.name, listed,
             bool(f[app_tier.ReleasyReady(appcmd.ready_url(app_tier.bind_address(inv, h)))]),
-            f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"))
-    return views
+            f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"), current=current,
+            level=f[schema.RecordedLevels()].get(current or ""))
+    db = found[inv.db_host.name]
+    return Rotation(views, db[schema.level_fact(inv)], db[FleetFile()])
 
 
 def _split_only(inv: Inventory, what: str, advice: str) -> None:
@@ -285,10 +322,13 @@ def _set_rotation(session: Session, names: Sequence[str]) -> None:
     proxy_tier.set_upstreams(session, [app_server(inv, inv.host(n)) for n in names])
 
 
-def _audit(session: Session, action: str, **fields: Any) -> None:
-    """An audit record on every host; a failure to write it is reported, not raised."""
+def _audit(session: Session, action: str, *, skip: Iterable[str] = (), **fields: Any) -> None:
+    """An audit record on every host (but the ``skip`` ones: unreachable); a failure to
+    write it is reported, not raised."""
+    skipped = set(skip)
     try:
-        audit.write(session.executor, session.inventory.hosts,
+        audit.write(session.executor, [h for h in session.inventory.hosts
+                                       if h.name not in skipped],
                     audit.record(action, session.inventory.environment, **fields))
     except DeployError as exc:
         session.reporter.error(session.inventory.environment,
@@ -305,7 +345,7 @@ def drain(session: Session, host: str, *, wait: float = 0) -> None:
     names = [h.name for h in inv.hosts_in("app")]
     r = session.reporter
     with deploy_lock(session, version=None, wait=wait):
-        views = read_rotation(session)
+        views = read_rotation(session).views
         in_rotation = [n for n in names if views[n].in_rotation]
         if target not in in_rotation:
             r.unchanged(target, f"out of rotation already (in rotation: {_names(in_rotation)})")
@@ -316,18 +356,25 @@ def drain(session: Session, host: str, *, wait: float = 0) -> None:
         if session.dry_run:
             r.would(target, f"leave the rotation (in rotation then: {_names(remaining)})")
             return
-        drained = session.executor.each(
-            inv.hosts_in("proxy"),
-            lambda c: proxy_tier.wait_old_workers_gone(c, DRAIN_TIMEOUT_S))
-        finished = all(drained.values())
         r.changed(target, f"out of rotation (in rotation now: {_names(remaining)})")
-        if finished:
+        unreachable = [n for n, v in views.items() if not v.reachable]
+        if target in unreachable:
+            # Nothing to wait for that could end well: a request on a dead host never gets
+            # its answer (nginx gives up after proxy_read_timeout).
+            r.info(target, "unreachable: taken out without it; could not wait for the"
+                           " requests it was serving (they fail or time out at the proxy)."
+                           f" It stays out until `fab app.undrain --host {target}`, which"
+                           f" refuses it while it is behind the fleet")
+        elif all(session.executor.each(
+                inv.hosts_in("proxy"),
+                lambda c: proxy_tier.wait_old_workers_gone(c, DRAIN_TIMEOUT_S)).values()):
             r.info(target, "no request in flight any more: safe to work on; `fab app.undrain"
                            f" --host {target}` puts it back")
         else:
             r.info(target, f"requests were still in flight after {DRAIN_TIMEOUT_S:g}"
                            " s (long requests?): wait a little before stopping it")
-        _audit(session, "app.drain", target=target, rotation=remaining)
+        _audit(session, "app.drain", skip=unreachable, target=target, rotation=remaining,
+               reachable=target not in unreachable)
 
 
 def undrain(session: Session, host: str, *, wait: float = 0) -> None:
@@ -337,12 +384,19 @@ def undrain(session: Session, host: str, *, wait: float = 0) -> None:
     names = [h.name for h in inv.hosts_in("app")]
     r = session.reporter
     with deploy_lock(session, version=None, wait=wait):
-        views = read_rotation(session)
+        state = read_rotation(session)
+        views = state.views
         in_rotation = [n for n in names if views[n].in_rotation]
         if target in in_rotation:
             r.unchanged(target, f"in rotation already (in rotation: {_names(in_rotation)})")
             return
         view = views[target]
+        if not view.reachable:
+            raise UnreachableError(f"{target}: unreachable: not putting it back into rotation."
+                                   f" Nothing was changed.", host=target)
+        reason, release = state.behind(target)
+        if reason is not None:
+            raise BadInput(undrain_refusal(target, reason, release), host=target)
         if not view.ready:
             journal = app_tier.journal_tail(session.executor.conn(target), UNIT, JOURNAL_LINES)
             raise DeployError(
@@ -357,7 +411,8 @@ def undrain(session: Session, host: str, *, wait: float = 0) -> None:
             r.would(target, f"join the rotation (in rotation then: {_names(wanted)})")
             return
         r.changed(target, f"back in rotation (in rotation now: {_names(wanted)})")
-        _audit(session, "app.undrain", target=target, rotation=wanted)
+        _audit(session, "app.undrain", skip=[n for n, v in views.items() if not v.reachable],
+               target=target, rotation=wanted)
 
 
 # ------------------------------------------------------------------------------ restart

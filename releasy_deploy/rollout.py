@@ -8,8 +8,11 @@ logged with its host and duration, to the terminal and the JSON event log:
    the deploy lock is taken; ONE batched facts round trip per host, all hosts in parallel,
    reads what the rest decides on (releases, unit state, /ready, free space, recorded
    migration levels; the proxies' upstream lists; the database's migration level and the
-   dumps on the db host). Every app host must be in rotation and ready. Hosts an earlier,
-   killed rollout left out of rotation are put back if they are ready (converge).
+   dumps on the db host, the fleet record). Every app host must be in rotation and ready.
+   Hosts an earlier, killed rollout left out of rotation are put back if they are ready
+   (converge), unless the fleet record names them as behind (`releasy_deploy.fleet`):
+   those are updated in place and stay out. With ``--skip-unreachable`` an unreachable app host is
+   left out of everything (taken out of rotation first) and recorded as behind.
 2. stage: V is uploaded and unpacked on every app host that lacks it, in parallel; nothing
    is switched.
 3. backup: a dump of the database on the db host (`releasy_deploy.backups`), before the
@@ -40,7 +43,6 @@ release, after checking the database is not ahead of it (`releasy_deploy.schema`
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -52,21 +54,23 @@ from .backups import Backup
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .engine.plan import AppState, hosts_to_roll, plan_batches, plan_release_rollout
+from .engine.plan import (AppState, hold_out_behind, hosts_to_roll, plan_batches,
+                          plan_release_rollout, serving_problems)
 from .engine.recovery import FailureReport, explain_failure
 from .engine.recovery import first_line as _first_line
 from .engine.recovery import names as _names
 from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFailed,
                             parse_version_probe, releases_to_prune, server_of,
                             version_probe_argv)
-from .errors import BadInput, DeployError, ParallelError
+from .errors import BadInput, DeployError, ParallelError, StepFailed, UnreachableError
 from .executor import HostConnection
-from .facts import DiskFree, Fact, OsRelease, read_facts
+from .facts import DiskFree, Fact, OsRelease, tolerant_reader
+from .fleet import FleetFile
 from .hostos import check_release
-from .inventory import VERSION_RE, Host, Inventory, ReleaseSource, check_version
+from .inventory import VERSION_RE, Host, Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
-from .releases import fetch_release
+from .releases import available_versions, fetch_release, newest_release
 from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -125,12 +129,16 @@ def _proxy_facts() -> list[Fact]:
 
 
 def _db_facts(inv: Inventory) -> list[Fact]:
-    return [schema.level_fact(inv), backups_mod.BackupListing()]
+    return [schema.level_fact(inv), backups_mod.BackupListing(), FleetFile()]
 
 
-def gather(session: Session) -> Preflight:
+def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
     """ONE facts round trip per host (app, proxy and db facts of a host batched), all
-    hosts in parallel; read-only, so it also runs in dry-run."""
+    hosts in parallel; read-only, so it also runs in dry-run.
+
+    An unreachable app-only host fails the preflight (`StepFailed`, exit 4), naming
+    ``--skip-unreachable``; with ``skip_unreachable`` it is left out of the preflight
+    (`Preflight.unreachable`). The db host and every proxy must always answer."""
     inv = session.inventory
     wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts:
@@ -144,7 +152,18 @@ def gather(session: Session) -> Preflight:
         if names:
             wanted[h.name] = [OsRelease(), *names]
     targets = [inv.host(n) for n in wanted]
-    found = session.executor.each(targets, lambda c: read_facts(c, wanted[c.name], sudo=True))
+    app_only = [h.name for h in inv.hosts_in("app") if h.tiers == ("app",)]
+    found = session.executor.each(targets, tolerant_reader(wanted, app_only))
+    unreachable = {n: _first_line(exc, n) for n, exc in found.items()
+                   if isinstance(exc, UnreachableError)}
+    if unreachable and not skip_unreachable:
+        why = "; ".join(unreachable.values())
+        raise StepFailed(
+            f"preflight: {_names(unreachable)} unreachable ({why})."
+            f" Nothing was changed. To deploy to the other app hosts: `fab deploy.rolling"
+            f" --version V --skip-unreachable` (it takes {_names(unreachable)} out of"
+            f" rotation first and records it as behind).", unreachable=True)
+    found = {n: f for n, f in found.items() if n not in unreachable}
     for name, seen in found.items():
         check_release(name, seen[OsRelease()])  # refused before anything changes
 
@@ -161,8 +180,16 @@ def gather(session: Session) -> Preflight:
             raise DeployError(f"{h.name}: {proxy_tier.UPSTREAM_FILE}: {exc}; run `fab"
                               f" proxy.setup --reset-upstreams`", host=h.name) from None
 
+    db = found[inv.db_host.name]
+    level = db[schema.level_fact(inv)]
+    if level is None:
+        raise DeployError(f"{inv.db_host.name}: cannot read the database's migration level"
+                          f" (_sqlx_migrations in {inv.database.name}): is the database up?"
+                          f" `fab db.setup` checks it", host=inv.db_host.name)
     apps: dict[str, AppState] = {}
     for h in inv.hosts_in("app"):
+        if h.name in unreachable:
+            continue
         f = found[h.name]
         rel: appcmd.ReleaseState = f[app_tier.ReleasyReleases()]
         server = server_of(inv, h)
@@ -174,13 +201,9 @@ def gather(session: Session) -> Preflight:
             free_bytes=f[DiskFree(appcmd.RELEASY_ROOT)],
             levels=f[schema.RecordedLevels()], instance_releases=f[InstanceReleases()],
             in_rotation=all(server in servers for servers in upstreams.values()))
-    db = found[inv.db_host.name]
-    level = db[schema.level_fact(inv)]
-    if level is None:
-        raise DeployError(f"{inv.db_host.name}: cannot read the database's migration level"
-                          f" (_sqlx_migrations in {inv.database.name}): is the database up?"
-                          f" `fab db.setup` checks it", host=inv.db_host.name)
-    return Preflight(apps, upstreams, level, db[backups_mod.BackupListing()])
+    record = db[FleetFile()]
+    return Preflight(hold_out_behind(apps, record), upstreams, level,
+                     db[backups_mod.BackupListing()], unreachable, record)
 
 
 # ======================================================================================
@@ -200,7 +223,9 @@ def preflight_problems(states: Sequence[AppState], version: str) -> list[str]:
                             f" {s.active}, release {s.current}); a rollout would take more"
                             f" capacity out. Fix it first (`journalctl -u {UNIT}` on"
                             f" {s.name}), or `fab app.setup` to restart it")
-        elif not s.in_rotation and not s.ready and s.current != version:
+        elif not s.in_rotation and not s.ready and s.current != version and not s.held_out:
+            # (a host held out, behind the fleet, is updated in place whatever it does now:
+            # its old release may well refuse the database's newer migrations)
             problems.append(f"{s.name}: out of rotation and not answering /ready ({UNIT} is"
                             f" {s.active}, release {s.current}); bring it back (`fab"
                             f" app.setup`, then re-run this rollout, which re-adds ready hosts)")
@@ -214,44 +239,6 @@ def previous_release(installed: Iterable[str], current: str | None) -> str | Non
     older = [v for v in installed
              if appcmd.version_key(v) < appcmd.version_key(current)]
     return max(older, key=appcmd.version_key) if older else None
-
-
-def is_stable(version: str) -> bool:
-    return "-" not in version.partition("+")[0]
-
-
-_TARBALL = re.compile(r"releasy-server-(?P<v>.+)-linux-(?P<arch>[A-Za-z0-9_]+)\.tar\.gz")
-
-
-def available_versions(source: ReleaseSource) -> list[str]:
-    """Versions the release source offers with a pinned checksum, oldest first. Local
-    directory: its tarballs; URL: the versions pinned in release.sha256 / sha256_file."""
-    found: set[str] = set()
-    if source.is_url:
-        found.update(source.sha256)
-        if source.sha256_file is not None and source.sha256_file.is_file():
-            for line in source.sha256_file.read_text(encoding="utf-8").splitlines():
-                parts = line.split()
-                if len(parts) == 2:
-                    m = _TARBALL.fullmatch(parts[1].lstrip("*"))
-                    if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]):
-                        found.add(m["v"])
-    elif source.directory is not None and source.directory.is_dir():
-        for p in source.directory.iterdir():
-            m = _TARBALL.fullmatch(p.name)
-            if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]) and p.is_file():
-                try:
-                    if source.expected_sha256(m["v"]) is not None:
-                        found.add(m["v"])
-                except Exception:  # noqa: BLE001 - a malformed sidecar: not offered
-                    continue
-    return sorted(found, key=appcmd.version_key)
-
-
-def newest_release(source: ReleaseSource, *, prereleases: bool = False) -> str | None:
-    """The newest version the source offers (pre-releases like 1.2.0-rc.1 excluded)."""
-    versions = [v for v in available_versions(source) if prereleases or is_stable(v)]
-    return versions[-1] if versions else None
 
 
 @dataclass(frozen=True)
@@ -379,12 +366,15 @@ def resolve_version(inv: Inventory, version: str) -> str:
 
 
 def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False,
-            wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False) -> None:
+            wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False,
+            skip_unreachable: bool = False) -> None:
     """``fab deploy.rolling``: roll ``version`` (or ``newest``) over the app hosts.
 
     Raises BadInput (2) for bad flags or artifacts, LockBusy (3), RolloutFailed (1/4).
     ``only_if_newer``: do nothing unless some app host runs an older release than
-    ``version`` and none runs a newer one (for cron).
+    ``version`` and none runs a newer one (for cron). ``skip_unreachable``: app hosts
+    that cannot be reached are taken out of rotation (if they are in) and left behind,
+    recorded so on the db host; the db host and every proxy must still answer.
     """
     inv = session.inventory
     batch, timeout = _check_common(inv, batch, ready_timeout)
@@ -394,21 +384,30 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
             version = resolve_version(inv, version)
             release = fetch_release(inv, version)
             lock = stack.enter_context(deploy_lock(session, version=version, wait=wait))
-            pre = gather(session)
+            pre = gather(session, skip_unreachable=skip_unreachable)
             if only_if_newer and not _older_somewhere(session, pre, version):
                 return
             problems = preflight_problems(list(pre.apps.values()), version)
+            problems += serving_problems(pre.apps.values(), pre.unreachable)
             if problems:
                 raise DeployError("preflight: not starting the rollout (nothing was changed):\n  "
                                   + "\n  ".join(problems))
             plan = plan_release_rollout(list(pre.apps.values()), version, batch,
                                         flow="deploy.rolling", title="Rolling deploy",
-                                        backup=True, stage_release=True)
+                                        backup=True, stage_release=True,
+                                        unreachable=unreachable_in_rotation(session, pre))
             r = RollingRunner(session, pipe, lock, pre, plan, release=release,
                               ready_timeout=timeout)
             r.check_disk()
         _say_batch_lowered(session, pipe, batch, len(pre.apps))
         r.run(yes)
+
+
+def unreachable_in_rotation(session: Session, pre: Preflight) -> list[tuple[str, bool]]:
+    """(unreachable app host, listed by a proxy) pairs: what the plan says of them."""
+    listed = {s for servers in pre.upstreams.values() for s in servers}
+    inv = session.inventory
+    return [(n, server_of(inv, inv.host(n)) in listed) for n in pre.unreachable]
 
 
 def _older_somewhere(session: Session, pre: Preflight, version: str) -> bool:

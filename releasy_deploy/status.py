@@ -40,6 +40,7 @@ from .commands import postgres as pgcmd
 from .engine.runner import parse_version_probe, version_probe_argv
 from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
+from .fleet import AppView, FleetFile, fleet_headlines
 from .facts import Fact, FileStat, LinkTarget, OsRelease, PackageVersion, ServiceActive, read_facts
 from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
@@ -260,10 +261,14 @@ class StatusReport:
     topology: str
     hosts: tuple[HostStatus, ...]
     lock: LockStatus
+    #: what needs the operator first: a host the proxies route to that is unreachable or
+    #: not ready, a host behind the fleet's release ("HOST: what"); listed first
+    headlines: tuple[str, ...] = ()
 
     @property
     def problems(self) -> list[str]:
-        return [f"{h.name}: {p}" for h in self.hosts for p in h.problems]
+        return list(dict.fromkeys([*self.headlines, *(f"{h.name}: {p}" for h in self.hosts
+                                                      for p in h.problems)]))
 
     @property
     def healthy(self) -> bool:
@@ -276,6 +281,7 @@ class StatusReport:
             "topology": self.topology,
             "healthy": self.healthy,
             "problems": self.problems,
+            "headlines": list(self.headlines),
             "lock": {"held": self.lock.holder is not None, "holder": self.lock.holder,
                      "error": self.lock.error},
             "hosts": [_host_json(h) for h in self.hosts],
@@ -328,6 +334,7 @@ def fact_names(inv: Inventory, host: Host) -> list[Fact]:
         names += [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE), ServiceActive("nginx"),
                   CertInfo(proxy_tier.tls_paths(inv)[0])]
     if host.has("db"):
+        names.append(FleetFile())
         if inv.database.kind == "postgres":
             names += [StatusPg(inv.database.name), PgInstallation()]
         else:
@@ -546,7 +553,13 @@ def build_report(inv: Inventory, found: Mapping[str, Mapping[Fact, Any] | BaseEx
     """The report from every host's facts (or exception) and the lock state. Pure."""
     rotation = rotation_of(inv, found)
     hosts = tuple(host_status(inv, h, found[h.name], rotation) for h in inv.hosts)
-    return StatusReport(inv.environment, inv.topology, hosts, lock)
+    db = found.get(inv.db_host.name)
+    record = None if isinstance(db, BaseException) or db is None else db.get(FleetFile())
+    apps = {h.name: AppView(h.reachable, h.app.current if h.app else None,
+                            h.app.ready if h.app else None)
+            for h in hosts if "app" in h.tiers}
+    headlines = fleet_headlines(apps, rotation, record) if inv.topology == "split" else []
+    return StatusReport(inv.environment, inv.topology, hosts, lock, tuple(headlines))
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -633,7 +646,8 @@ def render_table(report: StatusReport) -> str:
         lines.append(f"{report.environment}: healthy")
     else:
         lines.append(f"{report.environment}: UNHEALTHY")
-        lines += [f"  - {p}" for p in report.problems]
+        lines += [f"  ! {p}" for p in report.headlines]
+        lines += [f"  - {p}" for p in report.problems if p not in report.headlines]
     return "\n".join(lines)
 
 

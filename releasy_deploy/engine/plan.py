@@ -7,10 +7,11 @@ Adding a flow means writing a planner, not copying the runner.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from ..commands import app as appcmd
+from ..fleet import FleetRecord
 
 UNIT = appcmd.SERVICE
 
@@ -36,6 +37,9 @@ class AppState:
     levels: Mapping[str, int] = field(default_factory=dict)  # recorded migration levels
     instance_releases: frozenset[str] = frozenset()
     in_rotation: bool = True
+    #: out of rotation and behind the fleet (`releasy_deploy.fleet`): a rollout changes it
+    #: in place and leaves it out; only `fab app.undrain` puts it back.
+    held_out: bool = False
 
     def holds(self, version: str, sha256: str | None = None) -> bool:
         if version not in self.installed:
@@ -77,6 +81,9 @@ class RollingPlan:
     left_out_advice: str = ""
     #: how messages name the releases when ``target`` is None (e.g. the one they all run).
     current_text: str = "their current releases"
+    #: app hosts that could not be reached (--skip-unreachable): (host, in rotation at
+    #: preflight: taken out before the first change). Left behind, and recorded so.
+    unreachable: tuple[tuple[str, bool], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.host_steps if s not in HOST_STEPS]
@@ -126,9 +133,12 @@ class RollingPlan:
                 parts.insert(0, f"{', '.join(in_place)}: out of rotation, restarted in place"
                                 f" and left out")
             return "; ".join(parts)
-        parts = []
+        parts = [f"{n}: unreachable, " + ("taken out of rotation first, " if listed else "")
+                 + "skipped (recorded as behind)" for n, listed in self.unreachable]
         for b in self.batches:
             role = " (first, alone: any migrations run here)" if b.stage == "migrate" else ""
+            if not b.rotates:
+                role += " (out of rotation, behind: updated in place, stays out)"
             for n in b.hosts:
                 st = states.get(n) if states else None
                 if st is not None:
@@ -144,6 +154,29 @@ class RollingPlan:
 
 
 # ------------------------------------------------------------------------------ planners
+def hold_out_behind(apps: Mapping[str, AppState],
+                    record: FleetRecord | None) -> dict[str, AppState]:
+    """The states, with the hosts out of rotation that a rollout left behind (the fleet
+    record names them) marked ``held_out``: no rollout puts them back into rotation; it
+    updates them in place (`releasy_deploy.fleet`). A host an interrupted rollout left out
+    is not held: it is re-added and rolled as before. Pure."""
+    behind = set(record.behind) if record is not None else set()
+    return {n: replace(st, held_out=not st.in_rotation and n in behind)
+            for n, st in apps.items()}
+
+
+def serving_problems(states: Iterable[AppState], unreachable: Iterable[str]) -> list[str]:
+    """A rollout that skips hosts or holds some out needs two others to take turns."""
+    states = list(states)
+    serving = [st.name for st in states if not st.held_out]
+    out = [*unreachable, *(st.name for st in states if st.held_out)]
+    if out and len(serving) < 2:
+        return [f"only {', '.join(serving) or 'no host'} can serve while {', '.join(out)}"
+                f" stay out of rotation (unreachable, or behind the fleet): a rolling deploy"
+                f" needs two app hosts taking turns. Bring {', '.join(out)} back first"]
+    return []
+
+
 def hosts_to_roll(states: Sequence[AppState], version: str) -> list[str]:
     """Hosts that still need V, those already out of rotation first (they serve nothing,
     so starting with them costs no capacity)."""
@@ -168,21 +201,29 @@ def plan_batches(todo: Sequence[str], batch: int, app_hosts: int, *,
 
 
 def plan_release_rollout(states: Sequence[AppState], version: str, batch: int, *,
-                         flow: str, title: str, backup: bool,
-                         stage_release: bool) -> RollingPlan:
+                         flow: str, title: str, backup: bool, stage_release: bool,
+                         unreachable: Sequence[tuple[str, bool]] = ()) -> RollingPlan:
     """Rolling deploy and rollback: every host not yet ready on ``version`` is drained,
     switched, started, checked and re-added; the first one alone when no host runs
-    ``version`` yet (it runs the migrations), then batches of ``batch``."""
+    ``version`` yet (it runs the migrations), then batches of ``batch``. Hosts held out of
+    rotation (behind the fleet) go first, one at a time, in place: they serve nothing, and
+    stay out. ``unreachable`` hosts (not in ``states``) are only named."""
     todo = hosts_to_roll(states, version)
+    held = [s.name for s in states if s.held_out and s.name in todo]
     migrate_first = not any(st.current == version and st.ready for st in states)
-    first, batches = plan_batches(todo, batch, len(states), migrate_first=migrate_first)
-    stages = ([Batch("migrate", (first,))] if first is not None else []) + [
+    serving = sum(1 for s in states if not s.held_out)
+    rolling = [n for n in todo if n not in held]
+    first, batches = plan_batches(rolling, batch, max(serving, 2),
+                                  migrate_first=migrate_first and not held)
+    stages = [Batch("migrate" if migrate_first and i == 0 else "roll", (n,), rotates=False)
+              for i, n in enumerate(held)]
+    stages += ([Batch("migrate", (first,))] if first is not None else []) + [
         Batch("roll", tuple(b)) for b in batches]
     return RollingPlan(
         flow=flow, title=title, target=version, host_steps=HOST_STEPS,
         batches=tuple(stages), skipped=tuple(s.name for s in states if s.name not in todo),
         stage_release=stage_release and bool(todo), backup=backup and migrate_first
-        and bool(todo), records_release=True)
+        and bool(todo), records_release=True, unreachable=tuple(unreachable))
 
 
 def plan_restart(in_place: Sequence[str], batches: Sequence[Sequence[str]],

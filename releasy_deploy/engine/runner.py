@@ -9,15 +9,11 @@ the audit record and raises `RolloutFailed` with the one failure paragraph.
 """
 from __future__ import annotations
 
-import json
-import math
 import re
-import tarfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import audit, interrupts, schema
@@ -25,10 +21,9 @@ from .. import backups as backups_mod
 from ..backups import Backup
 from ..commands import app as appcmd
 from ..commands import nginx as nginxcmd
-from ..commands import systemd
 from ..errors import DeployError, ParallelError, StepFailed
 from ..executor import HostConnection
-from ..inventory import Host, Inventory
+from ..fleet import FleetRecord, fleet_release, next_record, write_record
 from ..lock import LockInfo
 from ..pipeline import Pipeline
 from ..releases import LocalRelease
@@ -36,6 +31,8 @@ from ..session import Session
 from ..tiers import app as app_tier
 from ..tiers import proxy as proxy_tier
 from .plan import UNIT, AppState, Batch, RollingPlan
+from .steps import (JOURNAL_LINES, disk_needed, parse_version_probe, recent_journal_argv,
+                    releases_to_prune, server_of, unpacked_size, version_probe_argv)
 from .recovery import FailureReport, explain_failure, first_line, names, plan_recovery
 
 __all__ = ["RolloutFailed", "Preflight", "RollingRunner", "DRAIN_TIMEOUT_S", "JOURNAL_LINES",
@@ -43,8 +40,6 @@ __all__ = ["RolloutFailed", "Preflight", "RollingRunner", "DRAIN_TIMEOUT_S", "JO
            "releases_to_prune", "server_of"]
 
 DRAIN_TIMEOUT_S = nginxcmd.DRAIN_TIMEOUT_S
-JOURNAL_LINES = 12
-DISK_MARGIN_BYTES = 16 * 1024 * 1024
 _MIGRATION_FAILED = re.compile(r"migration[^\n]*fail|fail[^\n]*migration", re.IGNORECASE)
 
 
@@ -55,10 +50,13 @@ class RolloutFailed(StepFailed):
 
 @dataclass
 class Preflight:
-    apps: dict[str, AppState]  # inventory order
+    apps: dict[str, AppState]  # inventory order; reachable app hosts only
     upstreams: dict[str, list[tuple[str, int]]]  # proxy host -> servers it lists
     db_level: int
     backups: list[Backup]
+    #: app hosts that could not be reached (--skip-unreachable): host -> why
+    unreachable: dict[str, str] = field(default_factory=dict)
+    fleet: FleetRecord | None = None  # what the last rollout recorded on the db host
 
 
 class _HostsFailed(Exception):
@@ -68,64 +66,6 @@ class _HostsFailed(Exception):
         super().__init__("; ".join(f"{h}: {first_line(e, h)}" for h, e in failures.items()))
         self.failures = dict(failures)
         self.succeeded = list(results)
-
-
-# ------------------------------------------------------------------------------ pure parts
-def server_of(inv: Inventory, host: Host) -> tuple[str, int]:
-    """The (address, port) nginx's upstream lists for an app host."""
-    return nginxcmd.check_servers([(host.private_address, inv.app.bind_port)])[0]
-
-
-def recent_journal_argv(unit: str, seconds: float, lines: int = JOURNAL_LINES) -> list[str]:
-    """The unit's last journal lines of the past ``seconds`` only (whole seconds, rounded
-    up): what an earlier attempt logged must not be read as this one's failure."""
-    return [*systemd.journal_argv(unit, lines), "--since", f"-{max(1, math.ceil(seconds))}s"]
-
-
-def version_probe_argv(bind: str) -> list[str]:
-    """curl on the app host: the body of GET /version, then an ``@status CODE`` line."""
-    return ["curl", "-sS", "--max-time", "5", "-w", "\n@status %{http_code}\n",
-            f"http://{bind}/version"]
-
-
-def parse_version_probe(stdout: str) -> tuple[int | None, str | None]:
-    """(HTTP status, the ``version`` of a JSON body) from `version_probe_argv`'s output."""
-    body, sep, status = stdout.rstrip("\n").rpartition("\n@status ")
-    if not sep:
-        return None, None
-    code = int(status) if status.strip().isdigit() else None
-    try:
-        data = json.loads(body) if body.strip() else None
-    except ValueError:
-        data = None
-    version = data.get("version") if isinstance(data, dict) else None
-    return code, version if isinstance(version, str) else None
-
-
-def releases_to_prune(installed: Iterable[str], keep: int,
-                      protect: Iterable[str | None] = ()) -> list[str]:
-    """Oldest releases beyond ``keep`` (by version order), never a protected one (the
-    current, the previous, one a blue/green instance runs). Protected ones count towards
-    ``keep``; if they alone exceed it, nothing else is kept."""
-    protected = {p for p in protect if p}
-    ordered = sorted(set(installed), key=appcmd.version_key)
-    kept = set(protected)
-    for v in reversed(ordered):
-        if len(kept) >= keep:
-            break
-        kept.add(v)
-    return [v for v in ordered if v not in kept]
-
-
-def disk_needed(tarball_bytes: int, unpacked_bytes: int) -> int:
-    """Free bytes a host needs under /opt/releasy to stage a release (the uploaded
-    tarball and the unpacked binary coexist for a moment)."""
-    return tarball_bytes + unpacked_bytes + DISK_MARGIN_BYTES
-
-
-def _unpacked_size(path: Path) -> int:
-    with tarfile.open(path, mode="r:gz") as tar:
-        return sum(m.size for m in tar.getmembers())
 
 
 # ------------------------------------------------------------------------------ the runner
@@ -192,7 +132,8 @@ class RollingRunner:
     def converge_rotation(self) -> None:
         """Hosts a killed rollout left out of rotation go back in if they are ready; an
         upstream list that differs from the inventory's (unknown servers) is rewritten."""
-        back = [n for n, st in self.pre.apps.items() if not st.in_rotation and st.ready]
+        back = [n for n, st in self.pre.apps.items()
+                if not st.in_rotation and st.ready and not st.held_out]
         want = [n for n in self.app_names if n in self.rotation or n in back]
         expected = self.servers(want)
         if all(servers == expected for servers in self.pre.upstreams.values()):
@@ -200,12 +141,17 @@ class RollingRunner:
         for n in back:
             self.info(n, "out of rotation (left there by an earlier rollout?) and ready:"
                          " putting it back")
+        listed = {s for servers in self.pre.upstreams.values() for s in servers}
+        for n in self.pre.unreachable:
+            if server_of(self.inv, self.inv.host(n)) in listed:
+                self.info(n, "unreachable: taking it out of every proxy's rotation first;"
+                             " its in-flight requests could not be waited for")
         self.set_rotation(want)
 
     def check_disk(self) -> None:
         if self.release is None:
             return
-        need = disk_needed(self.release.size, _unpacked_size(self.release.path))
+        need = disk_needed(self.release.size, unpacked_size(self.release.path))
         short = [f"{n}: {st.free_bytes // 2**20} MiB free under {appcmd.RELEASY_ROOT}, need"
                  f" {need // 2**20} MiB" for n, st in self.pre.apps.items()
                  if not st.holds(self.version, self.release.sha256)
@@ -513,13 +459,46 @@ class RollingRunner:
 
             self.readd_pending()
             self.ex.each(self.app_names, tidy)
-            if self.rotation != self.app_names:
-                self.set_rotation(self.app_names)
+            serving = self.serving()
+            if self.rotation != serving:
+                self.set_rotation(serving)
+            self.record_fleet(level)
             self.audit("ok", schema_level=level)
         elapsed = time.monotonic() - self.started
+        out = [n for n in self.inv_app_names() if n not in self.rotation]
+        where = (f"in rotation: {names(self.rotation)}; out: {names(out)}" if out
+                 else "every app host in rotation")
         self.info(self.pipe.name, f"{self.plan.title.lower()} to {self.version} done:"
-                                  f" {names(self.done)} in {elapsed:.1f} s, every app"
-                                  f" host in rotation")
+                                  f" {names(self.done)} in {elapsed:.1f} s, {where}")
+        for n in out:
+            if n in self.pre.unreachable:
+                self.info(n, f"unreachable, skipped: behind {self.version}. Once it is back,"
+                             f" `fab deploy.rolling --version {self.version} --yes` updates it"
+                             f" (it stays out of rotation), then `fab app.undrain --host {n}`")
+            else:
+                self.info(n, f"out of rotation on {self.version}: `fab app.undrain --host {n}`"
+                             f" puts it back")
+
+    def serving(self) -> list[str]:
+        """The app hosts a finished rollout leaves in rotation: all it reached, except
+        those held out (behind the fleet at preflight: only `fab app.undrain` re-adds)."""
+        return [n for n in self.app_names if not self.pre.apps[n].held_out]
+
+    def inv_app_names(self) -> list[str]:
+        return [h.name for h in self.inv.hosts_in("app")]
+
+    def record_fleet(self, level: int | None) -> None:
+        """The fleet record on the db host: the release this rollout left the fleet on,
+        and the hosts it could not reach (behind)."""
+        record = next_record(self.pre.fleet, release=self.version, level=level,
+                             skipped=self.pre.unreachable, updated=self.app_names,
+                             by=self.plan.flow, at=audit.now(),
+                             was=fleet_release({n: st.current for n, st in self.pre.apps.items()
+                                                if st.in_rotation}))
+        before = self.pre.fleet
+        if before is None or (before.release, before.level, dict(before.behind)) != (
+                record.release, record.level, dict(record.behind)):
+            write_record(self.ex.conn(self.inv.db_host.name), record)
 
     def audit(self, result: str, **extra: Any) -> None:
         entry = audit.record(
@@ -528,7 +507,8 @@ class RollingRunner:
             hosts_changed=list(self.done), backup=self.backup.name if self.backup else None,
             seconds=round(time.monotonic() - self.started, 1), **extra)
         try:
-            audit.write(self.ex, self.inv.hosts, entry)
+            audit.write(self.ex, [h for h in self.inv.hosts
+                                  if h.name not in self.pre.unreachable], entry)
         except Exception as exc:  # noqa: BLE001 - never hide the rollout's own outcome
             self.s.reporter.error(self.inv.environment, f"audit record not written everywhere:"
                                                         f" {first_line(exc)}")
@@ -541,6 +521,8 @@ class RollingRunner:
         if not plan.batches:
             if not self.dry:
                 self.converge_rotation()
+                if plan.records_release and self.pre.unreachable:
+                    self.record_fleet(self.pre.db_level)
             self.info(self.pipe.name, f"every app host already runs {self.version} and"
                                       f" is ready: nothing to do")
             return

@@ -85,7 +85,12 @@ DIRS = ((CONF_DIR, 0o755), (TLS_DIR, 0o700))
 KEEPALIVE = 32
 NEXT_UPSTREAM_TRIES = 3
 NEXT_UPSTREAM_TIMEOUT = "30s"
-CONNECT_TIMEOUT = "5s"
+# A dead app host (measured, docs/zero-downtime.md): each try on it costs at most the
+# connect timeout, then it is skipped for FAIL_TIMEOUT, in every worker (the zone).
+CONNECT_TIMEOUT = "1s"  # a LAN: a live app host accepts in milliseconds
+MAX_FAILS = 1
+FAIL_TIMEOUT = "10s"
+ZONE_SIZE = "64k"
 SEND_TIMEOUT = "60s"
 READ_TIMEOUT = "60s"
 SELF_SIGNED_DAYS = 365
@@ -171,6 +176,9 @@ def render_upstream(servers: Sequence[tuple[str, int]], *,
         "upstream_name": UPSTREAM_NAME,
         "servers": [cmd.format_server(a, p) for a, p in checked],
         "keepalive": KEEPALIVE,
+        "zone_size": ZONE_SIZE,
+        "max_fails": MAX_FAILS,
+        "fail_timeout": FAIL_TIMEOUT,
     }, base_dir=templates_dir(UPSTREAM_TEMPLATE, environ))
 
 

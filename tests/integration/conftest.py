@@ -60,8 +60,8 @@ class LabHandle:
 
     def reset_to(self, version: str, app_hosts, *, inventory: Path | None = None,
                  timeout: float = 600) -> None:
-        """A brand-new database, no dumps and no recorded migration levels left by earlier
-        modules, then `fab site --version VERSION`."""
+        """A brand-new database, no dumps, no recorded migration levels and no fleet record
+        left by earlier modules, then `fab site --version VERSION`."""
         for host in app_hosts:
             self.sudo(host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
                                         " rm -f /opt/releasy/releases/*/.schema-version",
@@ -69,7 +69,7 @@ class LabHandle:
         self.sudo("db1", "sh", "-c",
                   "cd / && if command -v psql >/dev/null; then runuser -u postgres -- psql"
                   " -XAtq -c 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi;"
-                  " rm -rf /var/backups/releasy")
+                  " rm -rf /var/backups/releasy /var/lib/releasy-deploy/fleet.json")
         self.fab("site", "--version", version, inventory=inventory, timeout=timeout)
 
     def ssh(self, host: str, *argv: str, check: bool = True,

@@ -3,6 +3,7 @@ the proxy's rotation, the database), and run load through the proxy. One copy he
 of one per module."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lab.loadgen import LoadGenerator
@@ -44,6 +45,25 @@ def load_through_proxy(lab, workdir: Path) -> LoadGenerator:
     return LoadGenerator(f"https://10.77.{lab.ident.subnet_octet}.10/",
                          server_name="releasy.lab.test", threads=4, rate=100, duration=300,
                          timeout=10, workdir=workdir)
+
+
+def sequential_gets(lab, workdir: Path, seconds: float) -> dict:
+    """One client, one request at a time (GET /version through proxy1, HTTPS, from the
+    outside namespace) for ``seconds``; its summary, latency figures included."""
+    load = LoadGenerator(f"https://10.77.{lab.ident.subnet_octet}.10/",
+                         server_name="releasy.lab.test", threads=1, rate=0,
+                         duration=seconds, timeout=10, mix="get-version", workdir=workdir)
+    with load:
+        load.wait_until(lambda p: p["t"] >= seconds - 0.5, timeout=seconds + 30)
+    return load.summary
+
+
+def report_latency(what: str, summary: dict) -> None:
+    """Print the figures of `sequential_gets` (and the machine's load: they depend on it)."""
+    lat = summary["latency_ms"]
+    print(f"\n{what}: {summary['total']} requests, {summary['failed']} failed, p50"
+          f" {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms, {lat['slow']} slower"
+          f" than {lat['slow_ms']:g} ms (load average {os.getloadavg()[0]:.1f})")
 
 
 def report_load(what: str, summary: dict) -> None:

@@ -152,7 +152,7 @@ def test_dry_run_shows_the_switch_and_changes_nothing(lab, tmp_path):
     assert "live: releasy.service on 127.0.0.1:8080 running 1.0.0 (ready)" in out
     assert "would start releasy@8081.service with 1.1.0 on 127.0.0.1:8081" in out
     assert "would change: upstream 127.0.0.1:8080 -> 127.0.0.1:8081" in out
-    assert "-    server 127.0.0.1:8080 max_fails=0;" in out  # the upstream diff
+    assert "-    server 127.0.0.1:8080 max_fails=1 fail_timeout=10s;" in out  # the upstream diff
     assert "would change: releasy.service stopped (was live on 127.0.0.1:8080, 1.0.0)" in out
     assert re.search(r"would create backup /var/backups/releasy/lab_\d+T\d+Z_from-1\.0\.0"
                      r"_to-1\.1\.0_m2\.(sqlite3|dump) ", out), out

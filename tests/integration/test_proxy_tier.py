@@ -192,8 +192,8 @@ def test_dry_run_on_a_fresh_lab_shows_diffs_and_touches_nothing(lab):
     assert "would change: packages: install nginx" in text
     assert f"+++ {SITE} (new)" in text
     assert "+        return 308 https://$host$request_uri;" in text
-    assert f"+    server {address(lab, 'app1')}:{PORT} max_fails=0;" in text
-    assert f"+    server {address(lab, 'app2')}:{PORT} max_fails=0;" in text
+    assert f"+    server {address(lab, 'app1')}:{PORT} max_fails=1 fail_timeout=10s;" in text
+    assert f"+    server {address(lab, 'app2')}:{PORT} max_fails=1 fail_timeout=10s;" in text
     assert " 0 changed / " in text
     state = out(ssh(lab, "proxy1", "dpkg-query -W -f='${db:Status-Abbrev}' nginx 2>/dev/null;"
                                    " ls /etc/nginx 2>&1; ls /etc/nginx/releasy 2>&1",
@@ -273,7 +273,8 @@ def test_set_upstreams_to_one_server_and_back(lab, apps_running):
         proxy.set_upstreams(s, [app1])
         assert proxy.current_upstreams(conn) == [app1]
         live = out(ssh(lab, "proxy1", f"cat {UPSTREAM}"))
-        assert f"server {app1[0]}:{PORT} max_fails=0;" in live and app2[0] not in live
+        assert f"server {app1[0]}:{PORT} max_fails=1 fail_timeout=10s;" in live
+        assert app2[0] not in live
         master_after, workers_after = nginx_processes(lab)
         assert master_after == master and workers_after.isdisjoint(workers)  # reloaded
         assert hosts_answering(lab) == {"app1"}

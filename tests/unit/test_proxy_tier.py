@@ -129,10 +129,18 @@ def test_render_upstream_split_with_ipv6_exact_block():
     rendered = proxy.render_upstream(proxy.upstreams_for(inventory()), environ=NO_OVERRIDE)
     block = rendered[rendered.index("upstream "):]
     assert block == ("upstream releasy_app {\n"
-                     "    server 10.0.0.21:8080 max_fails=0;\n"
-                     "    server [2001:db8::22]:8080 max_fails=0;\n"
+                     "    zone releasy_app 64k;\n"
+                     "    server 10.0.0.21:8080 max_fails=1 fail_timeout=10s;\n"
+                     "    server [2001:db8::22]:8080 max_fails=1 fail_timeout=10s;\n"
                      "    keepalive 32;\n"
                      "}\n")
+
+
+def test_the_site_gives_up_on_a_dead_app_host_within_a_lan_sized_connect_timeout():
+    site = proxy.render_site(inventory(), environ=NO_OVERRIDE)
+    assert "proxy_connect_timeout 1s;" in site
+    # a failed try goes to another host; a drained host is not listed at all
+    assert "proxy_next_upstream error timeout http_502 http_503;" in site
 
 
 def test_render_upstream_refuses_empty():

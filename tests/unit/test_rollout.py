@@ -16,7 +16,7 @@ from types import MappingProxyType
 import pytest
 
 from releasy_deploy import backups, rollout, schema
-from releasy_deploy.engine import plan, runner
+from releasy_deploy.engine import plan, runner, steps
 from releasy_deploy.backups import Backup
 from releasy_deploy.errors import BadInput
 from releasy_deploy.inventory import ReleaseSource
@@ -120,7 +120,7 @@ def test_previous_release(installed, current, previous):
 
 
 def test_disk_needed_counts_tarball_unpacked_and_margin():
-    assert runner.disk_needed(10, 30) == 40 + runner.DISK_MARGIN_BYTES
+    assert runner.disk_needed(10, 30) == 40 + steps.DISK_MARGIN_BYTES
 
 
 def test_instance_links_name_the_releases_blue_green_uses():

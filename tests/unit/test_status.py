@@ -24,6 +24,7 @@ from releasy_deploy.commands import postgres as pg
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
 from releasy_deploy.facts import (FileSha256, FileStat, OsRelease, PackageVersion, ServiceActive,
                                   build_facts_script, parse_facts_output)
+from releasy_deploy.fleet import FleetFile, FleetRecord
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.schema import RecordedLevels, SchemaLevel
 from releasy_deploy.tiers.acme import CertInfo
@@ -213,7 +214,7 @@ def split_facts(**over):
         "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
         "app2": {**ufw_facts(SPLIT, "app2"), **app_facts("10.9.0.22:8080")},
         "db1": {**ufw_facts(SPLIT, "db1"), st.StatusPg("releasy"): (True, 8_000_000),
-                PgInstallation(): PG_15,
+                PgInstallation(): PG_15, FleetFile(): None,
                 st.StatusDisk("/var/lib/postgresql"): (42 * 2**20, 23)},
     }
     for host, changes in over.items():
@@ -257,8 +258,12 @@ def test_a_stopped_service_marks_its_host_and_makes_it_unhealthy():
     report = st.build_report(SPLIT, split_facts(app1=app_facts(
         "10.9.0.21:8080", state="inactive", ready=False)), FREE)
     assert not report.healthy
-    assert report.problems == ["app1: releasy.service is inactive (dead), not active",
+    assert report.problems == ["app1: the proxies route requests to it but it does not"
+                               " answer /ready; fix it (`fab app.restart --host app1`) or"
+                               " `fab app.drain --host app1`",
+                               "app1: releasy.service is inactive (dead), not active",
                                "app1: /ready does not answer 200"]
+    assert "  ! app1: the proxies route requests to it" in st.render_table(report)
     row = st.render_table(report).splitlines()[2]
     assert "stopped (current 1.1.0)" in row and "INACTIVE" in row and " NO " in row
     doc = json.loads(json.dumps(report.to_json()))
@@ -274,6 +279,8 @@ def test_an_unreachable_host_is_a_row_not_a_crash():
     app2 = report.hosts[2]
     assert not app2.reachable and app2.app is None
     assert report.problems == [
+        "app2: unreachable, and the proxies still route requests to it; `fab app.drain --host"
+        " app2` takes it out (it does not need app2)",
         "app2: unreachable: app2 (deploy@10.9.0.22:22): cannot connect: [Errno 111] Connection"
         " refused. Is the host up?"]
     assert "UNREACHABLE" in st.render_table(report).splitlines()[3]
@@ -286,6 +293,28 @@ def test_an_unreachable_host_is_a_row_not_a_crash():
     other = st.build_report(SPLIT, split_facts(app1=failed), FREE)
     assert other.hosts[1].reachable and other.hosts[1].error.startswith("remote command failed")
     assert other.problems[0].startswith("app1: could not be read: ")
+
+
+def test_a_host_behind_the_fleet_is_headlined_reachable_or_not():
+    drained = {ProxyText("/etc/nginx/releasy/upstream.conf"): upstream("10.9.0.21:8080")}
+    old = app_facts("10.9.0.22:8080")
+    old[ReleasyReleases()] = releases("1.0.0", "1.0.0", "1.1.0")
+    report = st.build_report(SPLIT, split_facts(proxy1=drained, app2=old), FREE)
+    assert report.headlines == (
+        "app2: behind the fleet's release (it runs 1.0.0, but the hosts in rotation (app1) run"
+        " 1.1.0); `fab deploy.rolling --version 1.1.0 --yes` brings it up to date, then `fab"
+        " app.undrain --host app2`",)
+    # Unreachable: only the record on the db host can say it.
+    record = FleetRecord("1.1.0", 3, {"app2": "1.0.0"}, "deploy.rolling", "2026-12-06T16:00Z")
+    down = UnreachableError("app2: cannot connect", host="app2")
+    gone = st.build_report(SPLIT, split_facts(proxy1=drained, app2=down,
+                                              db1={FleetFile(): record}), FREE)
+    assert gone.headlines == (
+        "app2: behind the fleet's release (last known on 1.0.0; deploy.rolling left the fleet"
+        " on 1.1.0); `fab deploy.rolling --version 1.1.0 --yes` brings it up to date, then"
+        " `fab app.undrain --host app2`",)
+    # Drained and on the fleet's release: only "out of rotation", no headline.
+    assert st.build_report(SPLIT, split_facts(proxy1=drained), FREE).headlines == ()
 
 
 def test_rotation_comes_from_every_proxy():
@@ -368,7 +397,7 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
                                                        "group": "releasy", "mode": 0o600,
                                                        "size": 20480},
              SchemaLevel("sqlite", "/var/lib/releasy/releasy.db", "releasy"): 3,
-             RecordedLevels(): {}, BackupListing(): [],
+             RecordedLevels(): {}, BackupListing(): [], FleetFile(): None,
              ReleasyUnit("releasy.service"): unit("inactive"),
              st.StatusExe("releasy.service"): None,
              st.StatusDisk("/opt/releasy"): (140 * 1024, 40),
