@@ -13,12 +13,13 @@ if _ROOT not in sys.path:
 from invoke import Collection  # noqa: E402
 
 from fabfile import (  # noqa: E402
-    adhoc, app, bluegreen, db, deploy, firewall, inventory, proxy, site, status)
+    adhoc, app, audit_log, bluegreen, db, deploy, firewall, inventory, proxy, site, status)
 
 ns = Collection()
 ns.add_task(site.site)
 ns.add_task(status.status)
 ns.add_task(adhoc.run)
+ns.add_task(audit_log.audit)
 for module in (inventory, db, app, proxy, firewall, deploy):
     ns.add_collection(Collection.from_module(module))
 # Blue/green lives in its own module but belongs with the other rollouts.

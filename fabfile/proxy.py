@@ -16,7 +16,8 @@ def setup(c, dry_run=False, reset_upstreams=False, wait=0):
     """Install nginx with TLS and the Releasy site on the proxy hosts (nginx -t before reload).
 
     Under the deploy lock, so the live rotation it keeps is read while no rollout moves it."""
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="proxy.setup", audited=True,
+                 args={"reset_upstreams": reset_upstreams}) as s:
         try:
             with site_ops.change_lock(s, wait=float(wait)):
                 proxy.setup(s, reset_upstreams=reset_upstreams)
