@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from labtools import current, load_through_proxy
+from tests.integration.labtools import current, load_through_proxy
 from releasy_deploy.cli import session
 from releasy_deploy.lock import deploy_lock
 
@@ -182,8 +182,8 @@ def test_maintenance_by_hand(lab):
     status, headers, body = https_get(lab, "/version")
     assert status == 503 and headers["retry-after"] == "30", (status, headers)
     assert "Down for maintenance" in body
-    # The internal page's own URL is not served as such.
-    assert https_get(lab, "/releasy-maintenance.html")[0] == 503
+    # The page's internal URL is nginx's own: never served to a client as such.
+    assert https_get(lab, "/releasy-maintenance.html")[0] == 404
     again = lab.fab("proxy.maintenance", "--on")
     assert re.search(r"proxy1\s+0 changed", again.stdout), again.stdout
     lab.fab("proxy.maintenance", "--off")
