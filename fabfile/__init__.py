@@ -1,4 +1,5 @@
-"""Releasy deploy tasks (`fab --list`). The inventory is ./hosts.yaml or $RELEASY_INVENTORY.
+"""Releasy deploy tasks (`fab --list`). The inventory is ./hosts.yaml, $RELEASY_INVENTORY, or
+inventories/$RELEASY_ENV.yaml over inventories/base.yaml.
 
 Exit codes: 0 ok, 1 a step failed, 2 bad input (nothing touched), 3 deploy lock busy,
 4 host unreachable or host key rejected."""
