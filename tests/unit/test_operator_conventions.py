@@ -4,11 +4,8 @@ processes); environments merged key by key with per-key origin files (real files
 on a scratch directory)."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,21 +15,13 @@ from releasy_deploy.commands import nginx as nginxcmd
 from releasy_deploy.hook_schema import Hooks, parse_hooks
 from releasy_deploy.inventory import InventoryError, load_inventory
 from releasy_deploy.inventory_files import Origins, merge
+from test_egress import SPLIT
 
-SHARED = """
-admin_cidrs: [203.0.113.0/24]
-known_hosts: known_hosts
-hosts:
-  proxy1: {address: 198.51.100.10, private_address: 10.0.0.10}
-  app1: {address: 198.51.100.21, private_address: 10.0.0.21}
-  app2: {address: 198.51.100.22, private_address: 10.0.0.22}
-  db1: {address: 198.51.100.30, private_address: 10.0.0.30}
-tiers: {proxy: [proxy1], app: [app1, app2], db: [db1]}
-database: {kind: postgres}
-app: {bind_port: 8080, log_level: info}
-release: {source: releases}
-tls: {mode: self-signed, server_name: releasy.example.com}
-"""
+# The split inventory of the egress tests, without its environment (RELEASY_ENV names it)
+# and with an app: mapping for the merge to work on.
+SHARED = yaml.safe_dump({**{k: v for k, v in yaml.safe_load(SPLIT).items()
+                            if k not in ("environment", "egress")},
+                         "app": {"bind_port": 8080, "log_level": "info"}})
 
 
 # ------------------------------------------------------------------------ hook schema
