@@ -8,9 +8,9 @@ site --version 1.0.0`, shared by every test here (they run in file order):
   result and duration, and none of our secrets; a failing after_deploy changes nothing; a
   refused rollout runs on_failure; a failing or hanging before_deploy stops the task before
   any host is touched (the app's PIDs and the audit logs unchanged);
-- maintenance: a client probing through the proxy during `fab db.restore` sees 200s, then
-  503s carrying Retry-After (the page), then 200s: never a 502; `fab proxy.maintenance
-  --on/--off` by hand, idempotent;
+- maintenance: a client probing through the proxy during `fab db.restore` and `fab
+  deploy.rollback --restore-db` sees 200s, then 503s carrying Retry-After (the page), then
+  200s: never a 502; `fab proxy.maintenance --on/--off` by hand, idempotent;
 - audit: `fab audit` shows the records of the tasks above merged across hosts, newest
   first, and reads only;
 - environments: `RELEASY_ENV=lab` with inventories/base.yaml + inventories/lab.yaml runs the
@@ -153,26 +153,42 @@ def test_failing_before_hook_touches_nothing(lab, tmp_path, hook, says):
 
 
 # ------------------------------------------------------------------------ maintenance
-def test_restore_shows_the_maintenance_page_never_a_502(lab, tmp_path):
-    name = DUMP_RE.findall(lab.fab("db.backup").stdout)[0]
+def probe_during(lab, tmp_path, *fab_args: str) -> list[dict]:
+    """Requests through the proxy (100/s from outside) before, during and after a task."""
     with load_through_proxy(lab, tmp_path) as load:
         load.wait_until(lambda p: p["ok"] >= 30, timeout=60)
-        lab.fab("db.restore", "--file", name, "--yes")
+        lab.fab(*fab_args)
         after = load.progress()["ok"]
         load.wait_until(lambda p: p["ok"] >= after + 30, timeout=60)
-    records = sorted(load.records(), key=lambda r: r["t"])
+    return sorted(load.records(), key=lambda r: r["t"])
+
+
+def assert_page_then_back(what: str, records: list[dict]) -> None:
+    """200s, then only 503s with Retry-After (the page), then 200s: never a 502 or error."""
     statuses = Counter(r["status"] for r in records)
     errors = [r for r in records if r["error"]]
-    print(f"\nthrough the proxy during db.restore: {dict(statuses)}, {len(errors)} errors")
+    print(f"\nthrough the proxy during {what}: {dict(statuses)}, {len(errors)} errors")
     assert not errors, errors[:5]
     assert set(statuses) <= {200, 503}, statuses  # never a 502
     page = [r for r in records if r["status"] == 503]
-    assert page, "the restore's downtime never showed the maintenance page"
+    assert page, f"{what}'s downtime never showed the maintenance page"
     assert {r["retry_after"] for r in page} == {"30"}
-    # 200 before, 503 meanwhile, 200 after: one window, then serving again.
     first, last = records.index(page[0]), records.index(page[-1])
-    assert all(r["status"] == 503 for r in records[first:last + 1])
+    assert all(r["status"] == 503 for r in records[first:last + 1])  # one window
     assert records[-1]["status"] == 200 and records[0]["status"] == 200
+
+
+def test_restore_shows_the_maintenance_page_never_a_502(lab, tmp_path):
+    name = DUMP_RE.findall(lab.fab("db.backup").stdout)[0]
+    assert_page_then_back("db.restore",
+                          probe_during(lab, tmp_path, "db.restore", "--file", name, "--yes"))
+
+
+def test_rollback_restoring_the_database_shows_the_page(lab, tmp_path):
+    # 1.1.0's migration is undone by restoring the dump the rollout to it took.
+    records = probe_during(lab, tmp_path, "deploy.rollback", "--restore-db", "--yes")
+    assert_page_then_back("deploy.rollback --restore-db", records)
+    assert all(current(lab, h) == "1.0.0" for h in APPS)
 
 
 def test_maintenance_by_hand(lab):
@@ -202,7 +218,8 @@ def test_audit_trail_merges_every_task(lab):
 
     records = json.loads(lab.fab("audit", "--json", "--last", "200").stdout)
     actions = [r["action"] for r in records]
-    for action in ("site", "deploy.rolling", "db.restore", "proxy.maintenance", "app.drain",
+    for action in ("site", "deploy.rolling", "db.restore", "deploy.rollback",
+                   "proxy.maintenance", "app.drain",
                    "app.undrain", "deploy.freeze", "deploy.unfreeze", "firewall.apply"):
         assert action in actions, (action, actions)
     stamps = [r["ts"] for r in records]
