@@ -1,4 +1,5 @@
-"""Releasy deploy tasks (`fab --list`). The inventory is ./hosts.yaml or $RELEASY_INVENTORY.
+"""Releasy deploy tasks (`fab --list`). The inventory is ./hosts.yaml, $RELEASY_INVENTORY, or
+inventories/$RELEASY_ENV.yaml over inventories/base.yaml.
 
 Exit codes: 0 ok, 1 a step failed, 2 bad input (nothing touched), 3 deploy lock busy,
 4 host unreachable or host key rejected."""
@@ -13,12 +14,13 @@ if _ROOT not in sys.path:
 from invoke import Collection  # noqa: E402
 
 from fabfile import (  # noqa: E402
-    adhoc, app, bluegreen, db, deploy, firewall, inventory, proxy, site, status)
+    adhoc, app, audit_log, bluegreen, db, deploy, firewall, inventory, proxy, site, status)
 
 ns = Collection()
 ns.add_task(site.site)
 ns.add_task(status.status)
 ns.add_task(adhoc.run)
+ns.add_task(audit_log.audit)
 for module in (inventory, db, app, proxy, firewall, deploy):
     ns.add_collection(Collection.from_module(module))
 # Blue/green lives in its own module but belongs with the other rollouts.

@@ -22,7 +22,8 @@ def setup(c, version=None, dry_run=False, wait=0, rotate_secret=None):
 
     Under the deploy lock. On an environment that serves, hosts whose settings or release
     change are restarted one at a time, drained first (no failed request)."""
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="app.setup", audited=True,
+                 args={"version": version, "rotate_secret": rotate_secret}) as s:
         try:
             site_ops.check_artifact(s, version)
             with site_ops.change_lock(s, version=version, wait=float(wait)) as lock:
@@ -61,7 +62,8 @@ def restart(c, host=None, batch=1, yes=False, dry_run=False, wait=0, ready_timeo
     not come back (the message says where everything stands), 2 bad input or refused (it
     would leave no host serving), 3 lock busy, 4 unreachable.
     """
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="app.restart", hooked=True,
+                 hosts=[host] if host else ()) as s:
         try:
             maintenance.restart(s, host=host, batch=batch, yes=yes, wait=float(wait),
                                 ready_timeout=ready_timeout)

@@ -26,7 +26,7 @@ def bluegreen(c, version, wait=0, dry_run=False, json_log=None):
     """
     if json_log:
         os.environ[JSON_LOG_ENV] = json_log
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="deploy.bluegreen", hooked=True, version=version) as s:
         try:
             outcome = bg.run(s, version, wait=wait)
         finally:

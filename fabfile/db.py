@@ -42,7 +42,7 @@ def setup(c, dry_run=False):
 
     Refused (exit 3) while another task holds the deploy lock, which lives in this
     database."""
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="db.setup", audited=True) as s:
         try:
             if not s.dry_run:
                 site_ops.refuse_if_locked(s)
@@ -100,7 +100,8 @@ def restore(c, file, yes=False, dry_run=False, wait=0):
     Stops every running Releasy unit, saves the current data to a pre-restore dump,
     restores FILE (PostgreSQL: in one transaction), starts the units again and waits for
     /ready. Asks first unless --yes."""
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="db.restore", audited=True, hooked=True,
+                 args={"file": file}) as s:
         with _summarized(s):
             backups.restore_task(s, file, yes=yes, wait=float(wait))
 

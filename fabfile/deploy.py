@@ -58,7 +58,7 @@ def unlock(c, yes=False):
 
     The holder's rollout, if it is still running, stops at its next step (lock lost); hosts
     it was changing may be left out of rotation: the next deploy puts them back."""
-    with session() as s:
+    with session(action="deploy.unlock", audited=True) as s:
         env = s.inventory.environment
         holder = holder_info(s)
         if holder is None:
@@ -83,7 +83,7 @@ def freeze(c, reason=""):
         lock_ops.check_reason(reason)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    with session() as s:
+    with session(action="deploy.freeze", audited=True, args={"reason": reason}) as s:
         env = s.inventory.environment
         if lock_ops.freeze(s, reason):
             print(f"deploys of {env} frozen: {' '.join(reason.split())}")
@@ -97,7 +97,7 @@ def freeze(c, reason=""):
 @operator_task
 def unfreeze(c):
     """Lift `fab deploy.freeze`."""
-    with session() as s:
+    with session(action="deploy.unfreeze", audited=True) as s:
         env = s.inventory.environment
         record = lock_ops.unfreeze(s)
         if record is None:
@@ -120,7 +120,7 @@ def rolling(c, version, batch=1, yes=False, dry_run=False, wait=0, ready_timeout
             only_if_newer=False, skip_unreachable=False, json_log=None):
     """Rolling deploy: preflight, stage, backup, migrate (first host alone), roll, finish."""
     _json_log(json_log)
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="deploy.rolling", hooked=True, version=version) as s:
         try:
             rollout.rolling(s, version, batch=batch, yes=yes, wait=float(wait),
                             ready_timeout=ready_timeout, only_if_newer=only_if_newer,
@@ -142,7 +142,7 @@ def rollback(c, to=None, restore_db=False, backup=None, batch=1, yes=False, dry_
              wait=0, ready_timeout=None, json_log=None):
     """Roll back to the previous (or --to) release with the rolling mechanics; migration aware."""
     _json_log(json_log)
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="deploy.rollback", hooked=True, version=to) as s:
         try:
             rollout.rollback(s, to=to, restore_db=restore_db, backup=backup, yes=yes,
                              batch=batch, wait=float(wait), ready_timeout=ready_timeout)

@@ -36,7 +36,8 @@ def plan(c):
 def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False, wait=0):
     """Converge every host's ufw firewall to the plan, with lockout protection (under the
     deploy lock)."""
-    with session(dry_run=dry_run, need_secrets=False) as s:
+    with session(dry_run=dry_run, need_secrets=False, action="firewall.apply", audited=True,
+                 args={"prune_unmanaged": prune_unmanaged}) as s:
         try:
             with site_ops.change_lock(s, wait=float(wait)):
                 fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)

@@ -16,5 +16,6 @@ from releasy_deploy.cli import operator_task, session
 @operator_task
 def site(c, version=None, dry_run=False, wait=0, rotate_secret=None):
     """Provision everything: db -> app -> proxy -> firewall; a second run changes nothing."""
-    with session(dry_run=dry_run) as s:
+    with session(dry_run=dry_run, action="site", audited=True,
+                 args={"version": version, "rotate_secret": rotate_secret}) as s:
         site_ops.run(s, version, wait=float(wait), rotate=rotate_secret or ())

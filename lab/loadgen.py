@@ -276,6 +276,8 @@ class Run:
                     conn = self._connection()
                     resp, data = self._exchange(conn, method, path, body)
                 record["status"] = resp.status
+                if resp.status == 503:  # the maintenance page says when to come back
+                    record["retry_after"] = resp.getheader("Retry-After")
                 try:
                     payload = json.loads(data) if data else None
                 except ValueError:

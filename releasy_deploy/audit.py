@@ -1,6 +1,11 @@
-"""Audit records on the hosts themselves: who deployed what, when, from which version to
-which, and how it ended. One JSON object per line in AUDIT_LOG (root-only), one round trip
-per host, all hosts in parallel."""
+"""Audit records on the hosts themselves: who changed what, when, from where, and how it
+ended. One JSON object per line in AUDIT_LOG (root-only), one round trip per host, all
+hosts in parallel. Every task that changes a host appends one: the rollouts (with their
+versions, written by the runner and blue/green), and `task_entry` for the others (site,
+the setups, firewall.apply, db.restore, freeze/unfreeze, proxy.maintenance...).
+
+`fab audit` reads the logs back (read-only, no lock): every host's tail, the records of
+this environment, the copies of one record on several hosts shown once, newest first."""
 from __future__ import annotations
 
 import getpass
@@ -8,7 +13,7 @@ import json
 import os
 import socket
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 AUDIT_DIR = "/var/log/releasy-deploy"
 AUDIT_LOG = f"{AUDIT_DIR}/audit.log"
@@ -27,9 +32,19 @@ def now() -> str:
 
 
 def record(action: str, environment: str, **fields: object) -> dict:
+    where = os.environ.get("SSH_CLIENT", "").split(" ")[0]
     return {"ts": now(),
             "action": action, "environment": environment, "by": operator_identity(),
-            "pid": os.getpid(), **fields}
+            **({"ssh_from": where} if where else {}), "pid": os.getpid(), **fields}
+
+
+def task_entry(action: str, environment: str, *, result: str, seconds: float,
+               changed: Mapping[str, int], args: Mapping[str, Any]) -> dict:
+    """The record of a task other than a rollout: its arguments (never secrets: only the
+    flags the edge passes), the result, and how many changes it made on which host."""
+    return record(action, environment, result=result, seconds=round(seconds, 1),
+                  changed={h: n for h, n in changed.items() if n},
+                  **{k: v for k, v in args.items() if v not in (None, False, (), [])})
 
 
 def append_argv() -> list[str]:
@@ -52,3 +67,76 @@ def read(conn, lines: int = 20) -> list[dict]:
     out = conn.run(["tail", "-n", str(int(lines)), AUDIT_LOG], sudo=True, check=False,
                    mutates=False).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def read_tail_argv(lines: int) -> list[str]:
+    return ["tail", "-n", str(int(lines)), AUDIT_LOG]
+
+
+def parse_lines(text: str) -> list[dict]:
+    """The records of an audit log's text; a line that is not a JSON object is skipped."""
+    found = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def merge(by_host: Mapping[str, Sequence[dict]], environment: str,
+          last: int) -> list[dict]:
+    """This environment's records from every host's log, each record once (its copies on
+    several hosts differ only in ``host``: they become ``hosts``), newest first."""
+    merged: dict[str, dict] = {}
+    order: list[str] = []
+    for host, records in by_host.items():
+        for rec in records:
+            if rec.get("environment") != environment:
+                continue
+            body = {k: v for k, v in rec.items() if k != "host"}
+            key = json.dumps(body, sort_keys=True)
+            if key not in merged:
+                merged[key] = {**body, "hosts": []}
+                order.append(key)
+            merged[key]["hosts"].append(rec.get("host", host))
+    out = [merged[k] for k in order]
+    out.sort(key=lambda r: (str(r.get("ts", "")), int(r.get("pid", 0) or 0)), reverse=True)
+    return out[:max(0, last)]
+
+
+def read_all(executor, hosts: Sequence, lines: int) -> tuple[dict[str, list[dict]],
+                                                               dict[str, str]]:
+    """Every host's last ``lines`` records (read-only, in parallel), and the hosts that
+    could not be read with why."""
+    problems: dict[str, str] = {}
+
+    def tail(conn) -> list[dict]:
+        try:
+            res = conn.run(read_tail_argv(lines), sudo=True, check=False, mutates=False)
+        except Exception as exc:  # noqa: BLE001 - the other hosts' records still count
+            problems[conn.name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return []
+        return parse_lines(res.stdout)
+
+    found = executor.each(list(hosts), tail)
+    return {h: found.get(h, []) for h in found}, problems
+
+
+_SHOWN_FIRST = ("ts", "action", "result", "by")
+_NOT_SHOWN = {"environment", "pid", "hosts", "host"}
+
+
+def render(records: Sequence[dict]) -> list[str]:
+    """One line per record: time, action, result, who, then the other fields."""
+    lines = []
+    for rec in records:
+        rest = " ".join(f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}"
+                        if not isinstance(v, str) else f"{k}={v}"
+                        for k, v in rec.items() if k not in _SHOWN_FIRST and k not in _NOT_SHOWN)
+        result = str(rec.get("result", "?"))
+        lines.append(f"{rec.get('ts', '?'):<25} {rec.get('action', '?'):<18}"
+                     f" {result:<10} {rec.get('by', '?')}  {rest}".rstrip())
+    return lines

@@ -58,6 +58,7 @@ from .inventory import VERSION_RE, Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .tiers import app as app_tier
+from .tiers import maintenance_page
 from .tiers import proxy as proxy_tier
 
 __all__ = [
@@ -801,6 +802,8 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                                         f" {waited:.1f} s")
 
         busy = [h for h, units in running.items() if units]
+        # Clients get a 503 maintenance page (Retry-After) meanwhile, never a raw 502.
+        was_on = maintenance_page.switch_for_downtime(session, True)
         try:
             with pipe.stage("restore", db, f"stop Releasy, restore {dump.name}"):
                 if busy:
@@ -814,7 +817,10 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                         session.executor.each(busy, start)
                 except DeployError as sexc:
                     note = (f" Starting Releasy again failed as well"
-                            f" ({first_line(sexc)}): check the app hosts.")
+                            f" ({first_line(sexc)}): check the app hosts; the maintenance"
+                            f" page stays on until `fab proxy.maintenance --off`.")
+                else:
+                    maintenance_page.switch_for_downtime(session, False, was_on=was_on)
             lines = str(exc).splitlines() or [type(exc).__name__]
             first = lines[0].removeprefix(f"{db}: ").rstrip(":")
             said = [line for line in lines[1:] if line.startswith("    ")]  # its output
@@ -836,7 +842,8 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                 f"the database WAS restored from {dump.name}, but Releasy did not come back"
                 f" on every app host:\n{exc}\n  The data as it was before the restore is in"
                 f" {safety.path} on {db} (`fab db.restore --file {safety.name}` goes back to"
-                f" it).") from None
+                f" it). The maintenance page stays on until `fab proxy.maintenance --off`.") from None
+        maintenance_page.switch_for_downtime(session, False, was_on=was_on)
         for h in stopped_before:
             session.reporter.info(h, "no Releasy unit was running here before the restore:"
                                      " left stopped")

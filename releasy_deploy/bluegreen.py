@@ -664,6 +664,7 @@ def _audit(session: Session, host: Any, plan: Plan, result: str, *, started: flo
                          backup=backup.name if backup is not None else None,
                          seconds=round(time.monotonic() - started, 1),
                          from_unit=plan.live.unit, from_port=plan.live.port, **fields)
+    session.outcome.update(entry)
     try:
         audit.write(session.executor, [host], entry)
     except Exception as exc:  # noqa: BLE001

@@ -14,12 +14,15 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from invoke import Exit
 
-from .errors import BadInput, DeployError, LockHeld, ParallelError, is_unreachable
+from . import audit
+from .errors import (BadInput, DeployError, LockHeld, ParallelError, first_line,
+                     is_unreachable)
 from .executor import Executor, FaultInjection
+from .hooks import HookRun
 from .inventory import InventoryError, load_inventory
 from .output import Reporter, one_screen
 from .secrets import Secrets, load_secrets
@@ -47,8 +50,16 @@ __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_U
 
 
 @contextmanager
-def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Session]:
-    """Inventory and secrets validated before any connection is made."""
+def session(dry_run: bool = False, *, need_secrets: bool = True, action: str | None = None,
+            audited: bool = False, hooked: bool = False, version: str | None = None,
+            hosts: Sequence[str] = (), args: Mapping[str, Any] | None = None
+            ) -> Iterator[Session]:
+    """Inventory and secrets validated before any connection is made.
+
+    ``audited``: the task (``action``) changes hosts and appends an audit record on every
+    host when it ends, unless it was refused (bad input, lock busy: nothing changed) or a
+    dry run; ``args`` are its flags for that record. ``hooked``: the inventory's hooks run
+    around it (``version`` and ``hosts`` for their environment; see `hooks`)."""
     inventory = load_inventory()
     secrets = load_secrets(inventory) if need_secrets else Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
@@ -57,8 +68,18 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
     faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
     executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
                         trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults)
+    s = Session(inventory, secrets, executor, reporter, confirm=confirm)
+    hook_run = HookRun(s, action or "", version, hosts) if hooked else None
+    started = time.monotonic()
     try:
-        yield Session(inventory, secrets, executor, reporter, confirm=confirm)
+        if hook_run is not None:
+            hook_run.before()
+        try:
+            yield s
+        except BaseException as exc:
+            _task_ended(s, action if audited else None, hook_run, args, started, exc)
+            raise
+        _task_ended(s, action if audited else None, hook_run, args, started, None)
     finally:
         executor.close()
         reporter.close()
@@ -66,6 +87,31 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
             print(faults.summary(), file=sys.stderr, flush=True)
         if json_path:
             _log_executor_facts(json_path, executor)
+
+
+def _task_ended(s: Session, audit_action: str | None, hook_run: HookRun | None,
+                args: Mapping[str, Any] | None, started: float,
+                exc: BaseException | None) -> None:
+    """The audit record of a task that changes hosts, then the after/failure hooks."""
+    if exc is None:
+        result, code = "ok", EXIT_OK
+    elif isinstance(exc, KeyboardInterrupt):
+        result, code = "interrupted", 130
+    else:
+        code = exit_code_for(exc)
+        result = "refused" if code in (EXIT_BAD_INPUT, EXIT_LOCK_BUSY) else "failed"
+    if audit_action and not s.dry_run and result != "refused":
+        text = result if exc is None else f"{result}: {s.reporter.masker(first_line(exc))}"
+        changed = {h: t.changed for h, t in s.reporter.tally().items()}
+        try:
+            audit.write(s.executor, s.inventory.hosts, audit.task_entry(
+                audit_action, s.inventory.environment, result=text,
+                seconds=time.monotonic() - started, changed=changed, args=args or {}))
+        except DeployError as werr:
+            s.reporter.error(s.inventory.environment,
+                             f"audit record not written everywhere: {first_line(werr)}")
+    if hook_run is not None:
+        hook_run.after(result=result, exit_code=code, error=exc)
 
 
 def _log_executor_facts(path: str, executor: Executor) -> None:

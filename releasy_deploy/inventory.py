@@ -25,12 +25,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import inventory_files
+from .hook_schema import Hooks, parse_hooks
+
 __all__ = [
     "TIERS", "ENV_VAR", "DEFAULT_INVENTORY", "InventoryError", "Problem", "Host",
     "SshSettings", "JumpHost", "OperatorJwt", "ArtifactStorage", "AppSettings", "DatabaseSettings",
     "ReleaseSource", "AcmeSettings", "TlsSettings", "Inventory", "inventory_path", "load_inventory",
     "parse_inventory", "load_yaml_file", "UNREADABLE", "check_version", "did_you_mean",
-    "VERSION_RE", "EgressAllow", "EgressSettings", "EGRESS_PINS",
+    "VERSION_RE", "EgressAllow", "EgressSettings", "EGRESS_PINS", "Hooks",
 ]
 
 TIERS = ("proxy", "app", "db")
@@ -290,6 +293,9 @@ class Inventory:
     secrets_file: Path
     jump_hosts: tuple[JumpHost, ...] = ()  # every jump host some host uses, file order
     egress: EgressSettings = EgressSettings()
+    hooks: Hooks = Hooks()
+    #: the shared settings file merged under ``path`` (RELEASY_ENV), if any
+    base_path: Path | None = None
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -336,12 +342,37 @@ def load_inventory(path: str | os.PathLike[str] | None = None, *,
     (known_hosts, TLS certificate/key, identity file, local release directory,
     sha256_file): useful to validate an inventory away from the operator's machine.
     """
-    p = inventory_path(path)
     problems: list[Problem] = []
+    try:
+        selection = inventory_files.select() if path is None else None
+    except ValueError as exc:
+        raise InventoryError([Problem(inventory_files.ENV_SELECT_VAR, FILE, str(exc))]) from None
+    if selection is not None:
+        return _load_environment(selection, check_files, problems)
+    p = inventory_path(path)
     data = load_yaml_file(p, problems)
     if data is UNREADABLE:
         raise InventoryError(problems)
     return _Parser(p, check_files, problems).run(data)
+
+
+def _load_environment(sel: inventory_files.Selection, check_files: bool,
+                      problems: list[Problem]) -> Inventory:
+    """RELEASY_ENV: the environment's file merged over the shared one, every value
+    remembering its file (see `inventory_files`)."""
+    env = load_yaml_file(sel.path, problems)
+    base = load_yaml_file(sel.base, problems) if sel.base is not None else None
+    if env is UNREADABLE or base is UNREADABLE:
+        raise InventoryError(problems)
+    problems += [Problem(*found) for found in inventory_files.environment_problems(sel, base, env)]
+    origins = inventory_files.Origins(str(sel.path))
+    merged = inventory_files.merge(base, env, str(sel.base), str(sel.path), origins)
+    if merged is not None and not isinstance(merged, dict):
+        problems.append(Problem(str(sel.path), ROOT, "must be a mapping of inventory keys"))
+        raise InventoryError(problems)
+    merged = inventory_files.defaults_for(sel, merged or {}, origins)
+    return _Parser(sel.path, check_files, problems, origins=origins,
+                   base_path=sel.base).run(merged)
 
 
 def parse_inventory(data: Any, path: str | os.PathLike[str], *,
@@ -686,7 +717,7 @@ def _parse_sidecar(path: Path, tarball: str) -> str:
 # --------------------------------------------------------------------------- the parser
 
 TOP_KEYS = ("environment", "admin_cidrs", "known_hosts", "ssh", "jump_hosts", "hosts", "tiers",
-            "app", "database", "release", "tls", "secrets", "egress")
+            "app", "database", "release", "tls", "secrets", "egress", "hooks")
 EGRESS_KEYS = ("restrict", "allow", "apt_proxy")
 EGRESS_ALLOW_KEYS = ("to", "port", "proto", "tiers", "pin")
 SSH_KEYS = ("user", "port", "identity_file", "connect_timeout", "jump")
@@ -710,9 +741,13 @@ _DB_EXPECT = "a PostgreSQL identifier: ^[a-z_][a-z0-9_]{0,62}$"
 
 
 class _Parser:
-    def __init__(self, path: Path, check_files: bool, problems: list[Problem]):
+    def __init__(self, path: Path, check_files: bool, problems: list[Problem], *,
+                 origins: inventory_files.Origins | None = None,
+                 base_path: Path | None = None):
         self.path = path
         self.file = str(path)
+        self.origins = origins or inventory_files.Origins(self.file)
+        self.base_path = base_path
         self.base = path.absolute().parent
         self.check_files = check_files
         self.problems = problems
@@ -721,7 +756,7 @@ class _Parser:
     # -- plumbing
 
     def error(self, ypath: str, message: str) -> None:
-        self.problems.append(Problem(self.file, ypath or ROOT, message))
+        self.problems.append(Problem(self.origins.file_of(ypath), ypath or ROOT, message))
 
     def mapping(self, value: Any, ypath: str, allowed: tuple[str, ...] | None) -> dict[str, Any] | None:
         """Check ``value`` is a mapping with string keys, all in ``allowed`` (if given)."""
@@ -818,6 +853,7 @@ class _Parser:
         secrets_file = self.field(sec, "secrets", "file", self.path_value,
                                   self.base / "secrets.yaml")
         egress = self.egress(top, app, tls)
+        hooks = parse_hooks(top.get("hooks"), self.error)
 
         host_objs = self.build_hosts(hosts or {}, tiers)
         host_objs = self.resolve_jumps(top, host_objs, hosts or {}, jump_specs, ssh)
@@ -834,7 +870,7 @@ class _Parser:
             path=self.path.absolute(), environment=environment, admin_cidrs=admin_cidrs,
             known_hosts=known_hosts, ssh=ssh, hosts=host_objs, app=app, database=database,
             release=release, tls=tls, secrets_file=secrets_file, jump_hosts=jumps_used,
-            egress=egress)
+            egress=egress, hooks=hooks, base_path=self.base_path and self.base_path.absolute())
 
     def egress(self, top: dict[str, Any], app: AppSettings | None,
                tls: TlsSettings | None) -> EgressSettings:

@@ -73,6 +73,7 @@ from .pipeline import Pipeline
 from .releases import available_versions, fetch_release, newest_release
 from .session import Session
 from .tiers import app as app_tier
+from .tiers import maintenance_page
 from .tiers import proxy as proxy_tier
 
 __all__ = [
@@ -549,6 +550,8 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
             c.reporter.info(c.name, f"ready on {version_of[c.name]}")
         return start
 
+    # Clients get a 503 maintenance page (Retry-After) meanwhile, never a raw 502.
+    was_on = maintenance_page.switch_for_downtime(s, True)
     try:
         with r.pipe.stage("restore", db, f"stop every app host, restore {dump.name}"):
             for n in names:
@@ -562,7 +565,10 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
             try:
                 s.executor.each(names, start_on(currents))
             except ParallelError as sexc:
-                note = f" Restarting failed on {_names(sexc.failures)}: check them."
+                note = (f" Restarting failed on {_names(sexc.failures)}: check them; the"
+                        f" maintenance page stays on until `fab proxy.maintenance --off`.")
+            else:
+                maintenance_page.switch_for_downtime(s, False, was_on=was_on)
         r.audit("failed", stage="restore", reason=_first_line(exc))
         raise RolloutFailed(
             f"Rollback of {inv.environment} to {r.version} stopped while restoring"
@@ -592,8 +598,10 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
                 f" {dump.path}; the data as it was just before is in {r.backup.path}"
                 f" (`fab deploy.rollback --to {newest_current} --restore-db --backup"
                 f" {r.backup.name}` goes back to it). Started fine: {_names(r.done)}; the"
-                f" other app hosts are stopped."
+                f" other app hosts are stopped. The maintenance page stays on until `fab"
+                f" proxy.maintenance --off`."
                 + (f"\nLast journal lines of {UNIT} on {host}:\n" + "\n".join(
                     f"    {line}" for line in journal.splitlines()) if journal else ""),
                 host=host, cause=failed[host]) from None
+    maintenance_page.switch_for_downtime(s, False, was_on=was_on)
     r.finish()

@@ -33,6 +33,8 @@ class Session:
     #: values read from the hosts once per task run, keyed by the function that reads
     #: them (e.g. the database URL: the lock and the app tier both need it).
     memo: dict[Callable[..., Any], Any] = field(default_factory=dict)
+    #: what a rollout recorded in its audit entry (versions, hosts changed): for the hooks
+    outcome: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dry_run(self) -> bool:

@@ -38,7 +38,8 @@ __all__ = [
     "parse_upstream_servers", "self_signed_argv", "CertInfo", "cert_probe_shell",
     "parse_cert_probe", "Install", "Link", "Remove", "SetAttrs", "Generate", "Op",
     "apply_script", "reload_script", "wait_old_workers_script", "parse_markers",
-    "tidy_nginx_messages",
+    "tidy_nginx_messages", "MAINTENANCE_FLAG", "MAINTENANCE_PAGE", "MAINTENANCE_URI",
+    "MAINTENANCE_RETRY_AFTER_S", "EXIT_NO_MAINTENANCE_PAGE", "maintenance_argv",
 ]
 
 SERVICE = "nginx"
@@ -509,3 +510,28 @@ def parse_markers(stdout: str) -> dict[str, list[str]]:
             word, *args = line[1:].split()
             found[word] = args
     return found
+
+
+# ----------------------------------------------------------------------- maintenance page
+#: While this file exists, the site answers every HTTPS request with 503, ``Retry-After``
+#: and the maintenance page (nginx checks for it per request: no reload to switch).
+MAINTENANCE_FLAG = "/etc/nginx/releasy/maintenance.on"
+MAINTENANCE_PAGE = "/etc/nginx/releasy/maintenance.html"
+MAINTENANCE_URI = "/releasy-maintenance.html"  # internal: clients cannot request it
+MAINTENANCE_RETRY_AFTER_S = 30
+EXIT_NO_MAINTENANCE_PAGE = 20  # the proxy's site predates the page: run fab proxy.setup
+
+
+def maintenance_argv(on: bool) -> list[str]:
+    """Switch the maintenance page on or off on one proxy (idempotent; atomic rename).
+    Prints ``@changed`` or ``@unchanged``; exit 20 (``on``) when the page is missing."""
+    flag, page = shlex.quote(MAINTENANCE_FLAG), shlex.quote(MAINTENANCE_PAGE)
+    if on:
+        script = (f"[ -f {page} ] || exit {EXIT_NO_MAINTENANCE_PAGE}; "
+                  f"if [ -e {flag} ]; then echo @unchanged; exit 0; fi; "
+                  f"umask 022; printf 'on\\n' > {flag}.new && mv -f {flag}.new {flag}"
+                  f" && echo @changed")
+    else:
+        script = (f"if [ -e {flag} ]; then rm -f {flag} && echo @changed;"
+                  f" else echo @unchanged; fi")
+    return ["sh", "-c", script]

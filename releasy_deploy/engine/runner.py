@@ -506,6 +506,7 @@ class RollingRunner:
             from_versions={n: st.current for n, st in self.pre.apps.items()},
             hosts_changed=list(self.done), backup=self.backup.name if self.backup else None,
             seconds=round(time.monotonic() - self.started, 1), **extra)
+        self.s.outcome.update(entry)
         try:
             audit.write(self.ex, [h for h in self.inv.hosts
                                   if h.name not in self.pre.unreachable], entry)

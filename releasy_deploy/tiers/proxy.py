@@ -71,6 +71,7 @@ __all__ = [
 FILES_DIR_ENV = "RELEASY_FILES_DIR"
 SITE_TEMPLATE = "nginx/releasy-site.conf.j2"
 UPSTREAM_TEMPLATE = "nginx/upstream.conf.j2"
+MAINTENANCE_TEMPLATE = "nginx/maintenance.html.j2"
 
 SITE_FILE = "/etc/nginx/sites-available/releasy.conf"
 SITE_LINK = "/etc/nginx/sites-enabled/releasy.conf"
@@ -165,7 +166,20 @@ def render_site(inv: Inventory, *, ipv6: bool = True, host: str | None = None,
         "connect_timeout": CONNECT_TIMEOUT,
         "send_timeout": SEND_TIMEOUT,
         "read_timeout": READ_TIMEOUT,
+        "maintenance_flag": cmd.MAINTENANCE_FLAG,
+        "maintenance_page": cmd.MAINTENANCE_PAGE,
+        "maintenance_uri": cmd.MAINTENANCE_URI,
+        "retry_after": cmd.MAINTENANCE_RETRY_AFTER_S,
     }, base_dir=templates_dir(SITE_TEMPLATE, environ))
+
+
+def render_maintenance_page(inv: Inventory, *,
+                            environ: Mapping[str, str] = os.environ) -> str:
+    """The page nginx shows while the maintenance flag is set (operator-replaceable)."""
+    return render_template(MAINTENANCE_TEMPLATE, {
+        "server_name": inv.tls.server_name,
+        "retry_after": cmd.MAINTENANCE_RETRY_AFTER_S,
+    }, base_dir=templates_dir(MAINTENANCE_TEMPLATE, environ))
 
 
 def render_upstream(servers: Sequence[tuple[str, int]], *,
@@ -265,12 +279,16 @@ class _HostState:
         return all(self.packages.values())
 
 
+_TEXTS = (SITE_FILE, UPSTREAM_FILE, cmd.MAINTENANCE_PAGE)
+
+
 def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
     cert, key = tls_paths(inv)
     names: list[Fact] = [PackageVersion(p) for p in PROXY_PACKAGES]
-    stat_paths = [CONF_DIR, TLS_DIR, SITE_FILE, UPSTREAM_FILE, cert, key]
+    stat_paths = [CONF_DIR, TLS_DIR, SITE_FILE, UPSTREAM_FILE, cmd.MAINTENANCE_PAGE, cert, key]
     names += [FileStat(p) for p in stat_paths]
-    names += [ProxyText(SITE_FILE), ProxyText(UPSTREAM_FILE), LinkTarget(SITE_LINK),
+    names += [ProxyText(p) for p in _TEXTS]
+    names += [LinkTarget(SITE_LINK),
               ProxyPresent(DEFAULT_SITE), ProxyIpv6(), ServiceActive("nginx"),
               ServiceEnabled("nginx")]
     if inv.tls.mode == "files":
@@ -282,7 +300,7 @@ def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
     return _HostState(
         packages={p: got[PackageVersion(p)] for p in PROXY_PACKAGES},
         stats={p: got[FileStat(p)] for p in stat_paths},
-        texts={p: got[ProxyText(p)] for p in (SITE_FILE, UPSTREAM_FILE)},
+        texts={p: got[ProxyText(p)] for p in _TEXTS},
         sha256={p: got.get(FileSha256(p)) for p in (cert, key)},
         cert=got.get(ProxyCert(cert)),
         site_link=got[LinkTarget(SITE_LINK)],
@@ -514,7 +532,11 @@ def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
     site = render_site(inv, ipv6=st.ipv6, host=c.name, environ=environ).encode()
     servers = _upstream_servers_to_write(c, inv, st.texts[UPSTREAM_FILE], reset_upstreams)
     upstream = render_upstream(servers, environ=environ).encode()
+    page = render_maintenance_page(inv, environ=environ).encode()
     items = [
+        _file_item(cmd.MAINTENANCE_PAGE, page, st.texts[cmd.MAINTENANCE_PAGE],
+                   st.stats[cmd.MAINTENANCE_PAGE], 0o644, token,
+                   label=f"maintenance page {cmd.MAINTENANCE_PAGE}"),
         _file_item(SITE_FILE, site, st.texts[SITE_FILE], st.stats[SITE_FILE], 0o644, token),
         _file_item(UPSTREAM_FILE, upstream, st.texts[UPSTREAM_FILE], st.stats[UPSTREAM_FILE],
                    0o644, token, label=f"upstream file {UPSTREAM_FILE} [{_describe(servers)}]"),
@@ -569,7 +591,8 @@ def _fix_hint(inv: Inventory, items: Sequence[_Item], environ: Mapping[str, str]
     """Name what the operator can correct, for the files this run tried to change."""
     changed = {op.live for item in items for op in item.ops if isinstance(op, cmd.Install)}
     suspects = []
-    for path, template in ((SITE_FILE, SITE_TEMPLATE), (UPSTREAM_FILE, UPSTREAM_TEMPLATE)):
+    for path, template in ((SITE_FILE, SITE_TEMPLATE), (UPSTREAM_FILE, UPSTREAM_TEMPLATE),
+                           (cmd.MAINTENANCE_PAGE, MAINTENANCE_TEMPLATE)):
         if path in changed:
             suspects.append(f"the template {templates_dir(template, environ) / template}")
     if inv.tls.mode == "files" and changed & set(tls_paths(inv)):

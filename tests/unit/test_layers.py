@@ -23,6 +23,8 @@ LAYER_OF = {
     "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS,
     "commands": COMMANDS,
     "errors": BASE, "inventory": BASE, "packages": BASE, "templates": BASE,
+    # The inventory's own parts: the hooks' schema, the environments' files.
+    "hook_schema": BASE, "inventory_files": BASE,
 }
 
 
