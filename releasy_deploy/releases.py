@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 import tempfile
 import urllib.error
@@ -22,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .commands.app import BINARY_NAME
+from .commands.app import BINARY_NAME, version_key
 from .errors import BadInput
-from .inventory import Inventory, check_version
+from .inventory import VERSION_RE, Inventory, ReleaseSource, check_version
 
 __all__ = [
     "BINARY_NAME", "LocalRelease", "fetch_release", "default_cache_dir", "sha256_of",
-    "verify_sha256", "check_layout",
+    "verify_sha256", "check_layout", "is_stable", "available_versions", "newest_release",
 ]
 
 DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before a download is abandoned
@@ -181,3 +182,42 @@ def _download(url: str, out: BinaryIO) -> None:
         reason = getattr(exc, "reason", None) or exc
         raise BadInput(f"cannot download {url}: {reason}; check the network and release.source"
                        ) from None
+
+
+# ------------------------------------------------------------------ what a source offers
+def is_stable(version: str) -> bool:
+    return "-" not in version.partition("+")[0]
+
+
+_TARBALL = re.compile(r"releasy-server-(?P<v>.+)-linux-(?P<arch>[A-Za-z0-9_]+)\.tar\.gz")
+
+
+def available_versions(source: ReleaseSource) -> list[str]:
+    """Versions the release source offers with a pinned checksum, oldest first. Local
+    directory: its tarballs; URL: the versions pinned in release.sha256 / sha256_file."""
+    found: set[str] = set()
+    if source.is_url:
+        found.update(source.sha256)
+        if source.sha256_file is not None and source.sha256_file.is_file():
+            for line in source.sha256_file.read_text(encoding="utf-8").splitlines():
+                parts = line.split()
+                if len(parts) == 2:
+                    m = _TARBALL.fullmatch(parts[1].lstrip("*"))
+                    if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]):
+                        found.add(m["v"])
+    elif source.directory is not None and source.directory.is_dir():
+        for p in source.directory.iterdir():
+            m = _TARBALL.fullmatch(p.name)
+            if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]) and p.is_file():
+                try:
+                    if source.expected_sha256(m["v"]) is not None:
+                        found.add(m["v"])
+                except Exception:  # noqa: BLE001 - a malformed sidecar: not offered
+                    continue
+    return sorted(found, key=version_key)
+
+
+def newest_release(source: ReleaseSource, *, prereleases: bool = False) -> str | None:
+    """The newest version the source offers (pre-releases like 1.2.0-rc.1 excluded)."""
+    versions = [v for v in available_versions(source) if prereleases or is_stable(v)]
+    return versions[-1] if versions else None

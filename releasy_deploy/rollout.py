@@ -40,7 +40,6 @@ release, after checking the database is not ahead of it (`releasy_deploy.schema`
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -52,7 +51,8 @@ from .backups import Backup
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .engine.plan import AppState, hosts_to_roll, plan_batches, plan_release_rollout
+from .engine.plan import (AppState, canary_problem, hosts_to_roll, plan_batches,
+                          plan_release_rollout)
 from .engine.recovery import FailureReport, explain_failure
 from .engine.recovery import first_line as _first_line
 from .engine.recovery import names as _names
@@ -63,10 +63,10 @@ from .errors import BadInput, DeployError, ParallelError
 from .executor import HostConnection
 from .facts import DiskFree, Fact, OsRelease, read_facts
 from .hostos import check_release
-from .inventory import VERSION_RE, Host, Inventory, ReleaseSource, check_version
+from .inventory import VERSION_RE, Host, Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
-from .releases import fetch_release
+from .releases import available_versions, fetch_release, is_stable, newest_release
 from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -216,44 +216,6 @@ def previous_release(installed: Iterable[str], current: str | None) -> str | Non
     return max(older, key=appcmd.version_key) if older else None
 
 
-def is_stable(version: str) -> bool:
-    return "-" not in version.partition("+")[0]
-
-
-_TARBALL = re.compile(r"releasy-server-(?P<v>.+)-linux-(?P<arch>[A-Za-z0-9_]+)\.tar\.gz")
-
-
-def available_versions(source: ReleaseSource) -> list[str]:
-    """Versions the release source offers with a pinned checksum, oldest first. Local
-    directory: its tarballs; URL: the versions pinned in release.sha256 / sha256_file."""
-    found: set[str] = set()
-    if source.is_url:
-        found.update(source.sha256)
-        if source.sha256_file is not None and source.sha256_file.is_file():
-            for line in source.sha256_file.read_text(encoding="utf-8").splitlines():
-                parts = line.split()
-                if len(parts) == 2:
-                    m = _TARBALL.fullmatch(parts[1].lstrip("*"))
-                    if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]):
-                        found.add(m["v"])
-    elif source.directory is not None and source.directory.is_dir():
-        for p in source.directory.iterdir():
-            m = _TARBALL.fullmatch(p.name)
-            if m and m["arch"] == source.arch and VERSION_RE.fullmatch(m["v"]) and p.is_file():
-                try:
-                    if source.expected_sha256(m["v"]) is not None:
-                        found.add(m["v"])
-                except Exception:  # noqa: BLE001 - a malformed sidecar: not offered
-                    continue
-    return sorted(found, key=appcmd.version_key)
-
-
-def newest_release(source: ReleaseSource, *, prereleases: bool = False) -> str | None:
-    """The newest version the source offers (pre-releases like 1.2.0-rc.1 excluded)."""
-    versions = [v for v in available_versions(source) if prereleases or is_stable(v)]
-    return versions[-1] if versions else None
-
-
 @dataclass(frozen=True)
 class RollbackVerdict:
     target: str
@@ -339,6 +301,21 @@ def _migrations(low: int, high: int) -> str:
 # ======================================================================================
 # Entry points
 # ======================================================================================
+def ready_timeout_of(inv: Inventory, ready_timeout: Any) -> float:
+    """``--ready-timeout`` of every rollout task (deploy.*, app.restart): seconds, 1 to
+    3600; None: the inventory's app.ready_timeout."""
+    if ready_timeout is None:
+        return float(inv.app.ready_timeout)
+    try:
+        timeout = float(ready_timeout)
+    except (TypeError, ValueError):
+        raise BadInput(f"--ready-timeout must be a number of seconds, got"
+                       f" {ready_timeout!r}") from None
+    if not 1 <= timeout <= 3600:
+        raise BadInput(f"--ready-timeout must be between 1 and 3600 seconds, got {timeout:g}")
+    return timeout
+
+
 def _check_common(inv: Inventory, batch: Any, ready_timeout: Any) -> tuple[int, float]:
     try:
         batch = int(batch)
@@ -346,16 +323,7 @@ def _check_common(inv: Inventory, batch: Any, ready_timeout: Any) -> tuple[int, 
         raise BadInput(f"--batch must be a whole number, got {batch!r}") from None
     if batch < 1:
         raise BadInput(f"--batch must be 1 or more, got {batch}")
-    if ready_timeout is None:
-        timeout = float(inv.app.ready_timeout)
-    else:
-        try:
-            timeout = float(ready_timeout)
-        except (TypeError, ValueError):
-            raise BadInput(f"--ready-timeout must be a number of seconds, got"
-                           f" {ready_timeout!r}") from None
-        if not 1 <= timeout <= 3600:
-            raise BadInput(f"--ready-timeout must be between 1 and 3600 seconds, got {timeout:g}")
+    timeout = ready_timeout_of(inv, ready_timeout)
     apps = inv.hosts_in("app")
     if len(apps) < 2:
         raise BadInput(
@@ -379,15 +347,23 @@ def resolve_version(inv: Inventory, version: str) -> str:
 
 
 def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False,
-            wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False) -> None:
+            wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False,
+            canary: Any = None) -> None:
     """``fab deploy.rolling``: roll ``version`` (or ``newest``) over the app hosts.
 
     Raises BadInput (2) for bad flags or artifacts, LockBusy (3), RolloutFailed (1/4).
     ``only_if_newer``: do nothing unless some app host runs an older release than
-    ``version`` and none runs a newer one (for cron).
+    ``version`` and none runs a newer one (for cron). ``canary``: change only the first
+    N hosts that need ``version`` (the first runs the migrations), keep them in rotation
+    beside the others and stop; the same command without it continues.
     """
     inv = session.inventory
     batch, timeout = _check_common(inv, batch, ready_timeout)
+    if canary is not None:
+        try:
+            canary = int(canary)
+        except (TypeError, ValueError):
+            raise BadInput(f"--canary must be a whole number of hosts, got {canary!r}") from None
     pipe = Pipeline("deploy.rolling", session.reporter)
     with ExitStack() as stack:
         with pipe.stage("preflight", what="artifact, lock, every host's state"):
@@ -397,13 +373,19 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
             pre = gather(session)
             if only_if_newer and not _older_somewhere(session, pre, version):
                 return
-            problems = preflight_problems(list(pre.apps.values()), version)
+            states = list(pre.apps.values())
+            problems = preflight_problems(states, version)
+            refusal = canary_problem(states, version, canary) if canary is not None else None
+            if refusal:
+                raise BadInput(refusal + ". Nothing was changed.")
             if problems:
                 raise DeployError("preflight: not starting the rollout (nothing was changed):\n  "
                                   + "\n  ".join(problems))
-            plan = plan_release_rollout(list(pre.apps.values()), version, batch,
-                                        flow="deploy.rolling", title="Rolling deploy",
-                                        backup=True, stage_release=True)
+            plan = plan_release_rollout(
+                states, version, batch, flow="deploy.rolling", title="Rolling deploy",
+                backup=True, stage_release=True, canary=canary,
+                held_advice=f"Continue: `fab deploy.rolling --version {version}` (the other"
+                            f" hosts); go back: `fab deploy.rollback`.")
             r = RollingRunner(session, pipe, lock, pre, plan, release=release,
                               ready_timeout=timeout)
             r.check_disk()
@@ -429,8 +411,12 @@ def default_target(pre: Preflight) -> str:
     """The newest release older than the (common) current one that is installed on every
     app host and actually ran here (a migration level is recorded for it): a release that
     was staged but failed, like 1.2.0-rc.1 before 1.2.0, is not "the previous release".
-    Without any such record, the newest older installed release."""
+    Without any such record, the newest older installed release. A fleet on two releases
+    (a canary, a rollout stopped half-way) goes back to the older of them."""
     currents = {n: st.current for n, st in pre.apps.items()}
+    if len(set(currents.values())) == 2 and None not in currents.values():
+        # A canary (or a rollout stopped half-way): back to what the other hosts run.
+        return min(currents.values(), key=appcmd.version_key)
     if len(set(currents.values())) != 1:
         shown = ", ".join(f"{n}: {v}" for n, v in currents.items())
         raise BadInput(f"the app hosts run different releases ({shown}); say which one to roll"

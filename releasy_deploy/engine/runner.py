@@ -494,7 +494,8 @@ class RollingRunner:
 
             def tidy(c: HostConnection) -> None:
                 st = self.pre.apps[c.name]
-                installed = {*st.installed, self.version}
+                staged = c.name not in self.plan.held or self.plan.stage_release
+                installed = {*st.installed, *([self.version] if staged else [])}
                 previous = st.current if st.current != self.version else None
                 prune = releases_to_prune(installed, keep, [self.version, previous,
                                                             *st.instance_releases])
@@ -515,11 +516,22 @@ class RollingRunner:
             self.ex.each(self.app_names, tidy)
             if self.rotation != self.app_names:
                 self.set_rotation(self.app_names)
-            self.audit("ok", schema_level=level)
+            self.audit("ok", schema_level=level, **({"held": list(self.plan.held)}
+                                                    if self.plan.held else {}))
         elapsed = time.monotonic() - self.started
         self.info(self.pipe.name, f"{self.plan.title.lower()} to {self.version} done:"
                                   f" {names(self.done)} in {elapsed:.1f} s, every app"
                                   f" host in rotation")
+        if self.plan.held:
+            self.say_held()
+
+    def say_held(self) -> None:
+        """The plan stopped before the held hosts on purpose: who runs what, and what next."""
+        plan, apps = self.plan, self.pre.apps
+        on_target = [n for n in self.app_names if n not in plan.held]
+        kept = "; ".join(f"{n} on {apps[n].current}" for n in plan.held)
+        self.info(self.pipe.name, f"stopped as asked: {names(on_target)} on {self.version};"
+                                  f" {kept} (both in rotation). {plan.held_advice}".rstrip())
 
     def audit(self, result: str, **extra: Any) -> None:
         entry = audit.record(
@@ -541,6 +553,10 @@ class RollingRunner:
         if not plan.batches:
             if not self.dry:
                 self.converge_rotation()
+            if plan.held:
+                self.info(self.pipe.name, f"no host to change within the limit: nothing to"
+                                          f" do (not on {self.version}: {names(plan.held)})")
+                return
             self.info(self.pipe.name, f"every app host already runs {self.version} and"
                                       f" is ready: nothing to do")
             return
@@ -593,3 +609,6 @@ class RollingRunner:
         if plan.records_release:
             r.would(self.pipe.name, "finish: record the migration level, prune releases"
                                     f" beyond {self.inv.app.releases_keep}, audit record")
+        if plan.held:
+            r.would(self.pipe.name, f"stop there: {names(plan.held)} keep their release."
+                                    f" {plan.held_advice}".rstrip())
