@@ -58,7 +58,7 @@ def test_hosts_flag_restarts_only_that_host_once(lab):
 
 
 def test_hosts_flag_with_a_command_runs_it_on_those_hosts_only(lab):
-    proc = lab.fab("-H", "app2,db1", "--", "hostname")
+    proc = lab.fab("-H", "app2,db1", "run", "--", "hostname")
     lines = proc.stdout.splitlines()
     assert "[app2] | app2" in lines and "[db1] | db1" in lines
     assert not any(line.startswith(("[app1]", "[app3]", "[proxy1]")) for line in lines)
