@@ -1,5 +1,5 @@
 """`fab run --tier TIER [--host H[,H]] -- COMMAND...`: an ad-hoc command on every host of a
-tier (or on the named hosts: `fab -H app1,db1 -- COMMAND...`).
+tier (or on the named hosts: `fab -H app1,db1 run -- COMMAND...`).
 
 This is the one task that runs shell text written by the operator: the words after ``--``
 are joined with spaces (as ``ssh HOST COMMAND...`` does) and run as ``sh -c COMMAND`` on
@@ -11,7 +11,8 @@ Fabric itself would run each task once per ``-H`` host, and the words after ``--
 repository root makes it fab's executor) runs every task ONCE, leaving the ``-H`` list in
 the configuration for the task to use as a filter on the inventory's hosts (or to refuse,
 see `releasy_deploy.cli.operator_task`), and hands the words after ``--`` to this task
-(as its ``command``), so they run through our executor, on inventory hosts only.
+(as its ``command``), so they run through our executor, on inventory hosts only. (``fab -H
+H -- COMMAND`` with no task at all is Fabric's alone: it does not even load this project.)
 """
 from fabric import executor as _fabric_executor
 from invoke import Call, Exit, task
@@ -65,7 +66,7 @@ class ReleasyExecutor(_fabric_executor.Executor):
                 raise Exit(f"`-- {remainder}`: only `fab run --tier TIER -- COMMAND...` takes a"
                            f" command after `--` (or `fab -H HOST[,HOST] -- COMMAND...`)",
                            code=EXIT_BAD_INPUT)
-            if not ours:  # `fab -H app1,db1 -- COMMAND`: our `run` on those hosts
+            if not ours:  # `fab -H app1,db1 TASK -- COMMAND`: our `run` on those hosts too
                 ours = [Call(self.collection["run"], kwargs={}, called_as="run")]
                 calls += ours
             for call in ours:
