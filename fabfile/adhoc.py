@@ -1,28 +1,34 @@
-"""`fab run --tier TIER [--host H] -- COMMAND...`: an ad-hoc command on every host of a tier.
+"""`fab run --tier TIER [--host H[,H]] -- COMMAND...`: an ad-hoc command on every host of a
+tier (or on the named hosts: `fab -H app1,db1 run -- COMMAND...`).
 
 This is the one task that runs shell text written by the operator: the words after ``--``
 are joined with spaces (as ``ssh HOST COMMAND...`` does) and run as ``sh -c COMMAND`` on
 each host, as root (through ``sudo -n`` when the SSH user is not root). Quote the whole
 command to keep it one piece: ``fab run --tier app -- 'df -h / && uptime'``.
 
-Fabric itself would take the words after ``--`` as a command to run on ``-H`` hosts, and
-refuses them without ``-H``. `RemainderExecutor` hands them to this task instead (as its
-``command``); ``fabric.yaml`` at the repository root makes it fab's executor.
+Fabric itself would run each task once per ``-H`` host, and the words after ``--`` on the
+``-H`` hosts with its own SSH settings. `ReleasyExecutor` (``fabric.yaml`` at the
+repository root makes it fab's executor) runs every task ONCE, leaving the ``-H`` list in
+the configuration for the task to use as a filter on the inventory's hosts (or to refuse,
+see `releasy_deploy.cli.operator_task`), and hands the words after ``--`` to this task
+(as its ``command``), so they run through our executor, on inventory hosts only. (``fab -H
+H -- COMMAND`` with no task at all is Fabric's alone: it does not even load this project.)
 """
 from fabric import executor as _fabric_executor
-from invoke import Exit, task
+from invoke import Call, Exit, task
 
 from releasy_deploy import maintenance
-from releasy_deploy.cli import EXIT_BAD_INPUT, operator_task, session
+from releasy_deploy.cli import CORE_HOSTS_KEY, EXIT_BAD_INPUT, operator_task, session
 from releasy_deploy.inventory import TIERS
 from releasy_deploy.tiers import app as tier_app
 
 
-@task(help={"tier": "proxy, app or db: every host of that tier (required)",
-            "host": "only this host of the tier",
+@task(help={"tier": "proxy, app or db: every host of that tier",
+            "host": "only these hosts (H[,H...]; fab's -H means the same); without --tier:"
+                    " these hosts whatever their tiers",
             "command": "the command, instead of giving it after `--`"})
-@operator_task
-def run(c, tier, host=None, command=None):
+@operator_task(hosts="host")
+def run(c, tier=None, host=None, command=None):
     """Run a shell command on every host of a tier: fab run --tier app -- 'COMMAND'.
 
     In parallel, as root, output prefixed by host, then a summary (exit code and duration
@@ -31,30 +37,42 @@ def run(c, tier, host=None, command=None):
     (4 when the failing hosts were all unreachable), 2 bad input.
     """
     with session() as s:
-        if tier in TIERS:
+        if tier in TIERS or tier is None:
             # `cat /etc/releasy/releasy.env` must not print the secrets that live only on
             # the hosts (the database password, a kept pepper) in clear either.
-            tier_app.mask_host_secrets(s, [h for h in s.inventory.hosts_in(tier)
-                                           if host in (None, h.name)])
+            tier_app.mask_host_secrets(s, maintenance.adhoc_hosts(s.inventory, tier, host))
         maintenance.run_adhoc(s, tier, command or "", host=host)
 
 
-class RemainderExecutor(_fabric_executor.Executor):
-    """Fabric's executor, except that the text after ``--`` becomes `run`'s command."""
+class ReleasyExecutor(_fabric_executor.Executor):
+    """Fabric's executor, except that: every task runs once (-H is left for the task, see
+    the module docstring), and the text after ``--`` becomes `run`'s command."""
+
+    def normalize_hosts(self, hosts):
+        # Fabric never connects anywhere on its own: no per-host copies of a task.
+        return []
 
     def expand_calls(self, calls, apply_hosts=True):
+        core = self.core[0].args if self.core is not None else None
+        hosts = core.hosts.value if core is not None else None
+        if apply_hosts and hosts:
+            self.config[CORE_HOSTS_KEY] = hosts
         remainder = getattr(self.core, "remainder", "") if self.core is not None else ""
         if apply_hosts and remainder:
             # Invoke deep-copies the tasks of the `ns` collection; their body is still ours.
+            calls = [c if isinstance(c, Call) else Call(task=c) for c in calls]
             ours = [call for call in calls if getattr(call.task, "body", None) is run.body]
-            if ours:
-                for call in ours:
-                    if call.kwargs.get("command"):
-                        raise Exit("give the command once: after `--` or with --command",
-                                   code=EXIT_BAD_INPUT)
-                    call.kwargs["command"] = remainder
-                self.core.remainder = ""
-            elif not self.core[0].args.hosts.value:
-                raise Exit(f"`-- {remainder}`: only `fab run --tier TIER -- COMMAND...` takes"
-                           f" a command after `--`", code=EXIT_BAD_INPUT)
+            if not ours and not hosts:
+                raise Exit(f"`-- {remainder}`: only `fab run --tier TIER -- COMMAND...` takes a"
+                           f" command after `--` (or `fab -H HOST[,HOST] -- COMMAND...`)",
+                           code=EXIT_BAD_INPUT)
+            if not ours:  # `fab -H app1,db1 TASK -- COMMAND`: our `run` on those hosts too
+                ours = [Call(self.collection["run"], kwargs={}, called_as="run")]
+                calls += ours
+            for call in ours:
+                if call.kwargs.get("command"):
+                    raise Exit("give the command once: after `--` or with --command",
+                               code=EXIT_BAD_INPUT)
+                call.kwargs["command"] = remainder
+            self.core.remainder = ""
         return super().expand_calls(calls, apply_hosts=apply_hosts)

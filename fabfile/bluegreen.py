@@ -1,10 +1,8 @@
 """Blue/green deploy on a single host (registered as `deploy.bluegreen`)."""
-import os
-
 from invoke import task
 
 from releasy_deploy import bluegreen as bg
-from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session
+from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session, use_json_log
 
 
 @task(help={
@@ -13,9 +11,12 @@ from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session
     "wait": "seconds to wait for another deploy's lock instead of failing at once (exit 3)",
     "dry-run": "show what would change (upstream diff included) without changing anything",
     "json-log": f"also append one JSON object per event to this file (or set {JSON_LOG_ENV})",
+    "yes": "do not ask for confirmation (required when stdin is not a terminal, e.g. cron)",
+    "ready-timeout": "seconds the new instance has to answer /ready (default:"
+                     " app.ready_timeout of the inventory)",
 })
-@operator_task
-def bluegreen(c, version, wait=0, dry_run=False, json_log=None):
+@operator_task(dry="dry_run")
+def bluegreen(c, version, wait=0, dry_run=False, json_log=None, yes=False, ready_timeout=None):
     """Single host: start VERSION beside the live instance, switch the proxy, stop the old.
 
     The idle port of app.bluegreen_ports gets releasy@PORT with VERSION; once it answers
@@ -24,11 +25,10 @@ def bluegreen(c, version, wait=0, dry_run=False, json_log=None):
     instance serving, untouched. Exit codes: 0 ok, 1 failed, 2 bad input, 3 lock busy,
     4 host unreachable.
     """
-    if json_log:
-        os.environ[JSON_LOG_ENV] = json_log
+    use_json_log(json_log)
     with session(dry_run=dry_run, action="deploy.bluegreen", hooked=True, version=version) as s:
         try:
-            outcome = bg.run(s, version, wait=wait)
+            outcome = bg.run(s, version, wait=wait, yes=yes, ready_timeout=ready_timeout)
         finally:
             if s.reporter.tally():  # no summary when nothing was contacted (bad input)
                 s.reporter.summary()

@@ -11,7 +11,7 @@ from invoke import Exit, task
 
 from releasy_deploy import backups, dbshell
 from releasy_deploy import site as site_ops
-from releasy_deploy.cli import BadInput, operator_task, session
+from releasy_deploy.cli import READ_ONLY, BadInput, operator_task, session
 from releasy_deploy.errors import DeployError, ParallelError
 from releasy_deploy.lock import LockBusy
 from releasy_deploy.tiers import db as db_tier
@@ -35,15 +35,18 @@ def _summarized(s):
             s.reporter.summary()
 
 
-@task(help={"dry_run": "only report what would change; touch nothing"})
-@operator_task
-def setup(c, dry_run=False):
+@task(help={"dry_run": "only report what would change; touch nothing",
+            "limit": "converge only these hosts (H[,H...], fab's -H means the same): the db"
+                     " host, or nothing to do"})
+@operator_task(hosts="limit", dry="dry_run")
+def setup(c, dry_run=False, limit=None):
     """Install and configure PostgreSQL 15: role, database, password, pg_hba, listen.
 
     Refused (exit 3) while another task holds the deploy lock, which lives in this
     database."""
     with session(dry_run=dry_run, action="db.setup", audited=True) as s:
         try:
+            s.limit_to(limit)
             if not s.dry_run:
                 site_ops.refuse_if_locked(s)
             db_tier.setup(s)
@@ -55,7 +58,7 @@ def setup(c, dry_run=False):
                         " (created 0600, never overwritten; checked against the host's"
                         " sha256)",
             "dry-run": "show what would be done; change nothing"})
-@operator_task
+@operator_task(dry="dry_run")
 def backup(c, download=None, dry_run=False):
     """Dump the database now (pg_dump -Fc; SQLite: online backup) into /var/backups/releasy.
 
@@ -68,7 +71,7 @@ def backup(c, download=None, dry_run=False):
 
 
 @task(name="backups")
-@operator_task
+@operator_task(dry=READ_ONLY)
 def list_backups(c):
     """List the dumps on the db host: name, size, time, migration level and kind.
 
@@ -93,7 +96,7 @@ def list_backups(c):
                        " is not taken)",
             "wait": "seconds to wait for the deploy lock if another deploy holds it (default"
                     " 0: fail at once with exit code 3)"})
-@operator_task
+@operator_task(dry="dry_run")
 def restore(c, file, yes=False, dry_run=False, wait=0):
     """Restore a dump (DOWNTIME: Releasy is stopped meanwhile), under the deploy lock.
 

@@ -4,13 +4,12 @@ Exit codes: 0 ok (also "nothing to do"), 1 the rollout failed (the message says 
 what was put back), 2 bad input or refused (nothing changed; also: a confirmation was
 needed but stdin is not a terminal and --yes was not given), 3 another deploy holds the
 lock, 4 a host is unreachable."""
-import os
-
 from invoke import task
 
 from releasy_deploy import rollout
 from releasy_deploy import lock as lock_ops
-from releasy_deploy.cli import JSON_LOG_ENV, BadInput, confirm, operator_task, session
+from releasy_deploy.cli import (JSON_LOG_ENV, READ_ONLY, BadInput, confirm, operator_task,
+                                session, use_json_log)
 from releasy_deploy.lock import holder_info
 
 _COMMON_HELP = {
@@ -27,11 +26,6 @@ _COMMON_HELP = {
 }
 
 
-def _json_log(path):
-    if path:
-        os.environ[JSON_LOG_ENV] = os.path.abspath(os.path.expanduser(path))
-
-
 def _summary(s):
     tally = s.reporter.tally()
     if any(h.name in tally for h in s.inventory.hosts):  # not for bad input: no host touched
@@ -39,7 +33,7 @@ def _summary(s):
 
 
 @task
-@operator_task
+@operator_task(dry=READ_ONLY)
 def lock(c):
     """Show who holds the deploy lock of this environment, or 'free'."""
     with session() as s:
@@ -114,17 +108,21 @@ def unfreeze(c):
             "skip-unreachable": "deploy to the app hosts that answer; unreachable ones are"
                                 " taken out of rotation first and recorded as behind (the db"
                                 " host and every proxy must answer)",
+            "canary": "deploy only the first N app hosts that need --version (the first runs"
+                      " the migrations), keep them in rotation beside the others and stop;"
+                      " the same command without --canary continues, `fab deploy.rollback`"
+                      " goes back",
             **_COMMON_HELP})
-@operator_task
+@operator_task(dry="dry_run")
 def rolling(c, version, batch=1, yes=False, dry_run=False, wait=0, ready_timeout=None,
-            only_if_newer=False, skip_unreachable=False, json_log=None):
+            only_if_newer=False, skip_unreachable=False, json_log=None, canary=None):
     """Rolling deploy: preflight, stage, backup, migrate (first host alone), roll, finish."""
-    _json_log(json_log)
+    use_json_log(json_log)
     with session(dry_run=dry_run, action="deploy.rolling", hooked=True, version=version) as s:
         try:
             rollout.rolling(s, version, batch=batch, yes=yes, wait=float(wait),
                             ready_timeout=ready_timeout, only_if_newer=only_if_newer,
-                            skip_unreachable=skip_unreachable)
+                            skip_unreachable=skip_unreachable, canary=canary)
         finally:
             _summary(s)
 
@@ -137,11 +135,11 @@ def rolling(c, version, batch=1, yes=False, dry_run=False, wait=0, ready_timeout
             "backup": "with --restore-db: the dump to restore (a file name in"
                       " /var/backups/releasy on the db host) instead of the automatic choice",
             **_COMMON_HELP})
-@operator_task
+@operator_task(dry="dry_run")
 def rollback(c, to=None, restore_db=False, backup=None, batch=1, yes=False, dry_run=False,
              wait=0, ready_timeout=None, json_log=None):
     """Roll back to the previous (or --to) release with the rolling mechanics; migration aware."""
-    _json_log(json_log)
+    use_json_log(json_log)
     with session(dry_run=dry_run, action="deploy.rollback", hooked=True, version=to) as s:
         try:
             rollout.rollback(s, to=to, restore_db=restore_db, backup=backup, yes=yes,

@@ -9,12 +9,12 @@ flows derived from the topology (see `fab firewall.plan`)."""
 from invoke import Exit, task
 
 from releasy_deploy import site as site_ops
-from releasy_deploy.cli import operator_task, session
+from releasy_deploy.cli import READ_ONLY, operator_task, session
 from releasy_deploy.tiers import firewall as fw
 
 
 @task
-@operator_task
+@operator_task(dry=READ_ONLY)
 def plan(c):
     """Show per host the firewall rules apply would add and remove (changes nothing)."""
     with session(dry_run=True, need_secrets=False) as s:
@@ -31,13 +31,16 @@ def plan(c):
     "prune-unmanaged": "also remove rules that are not ours (no 'releasy' comment)",
     "wait": "seconds to wait for the deploy lock if another task holds it (default 0: fail at"
     " once with exit code 3)",
+    "limit": "apply only on these hosts (H[,H...], fab's -H means the same); the rules"
+             " still derive from the whole inventory",
 })
-@operator_task
-def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False, wait=0):
+@operator_task(hosts="limit", dry="dry_run")
+def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False, wait=0, limit=None):
     """Converge every host's ufw firewall to the plan, with lockout protection (under the
     deploy lock)."""
     with session(dry_run=dry_run, need_secrets=False, action="firewall.apply", audited=True,
-                 args={"prune_unmanaged": prune_unmanaged}) as s:
+                 args={"prune_unmanaged": prune_unmanaged, "limit": limit}) as s:
+        s.limit_to(limit)
         try:
             with site_ops.change_lock(s, wait=float(wait)):
                 fw.apply(s, revert_after=int(revert_after), prune_unmanaged=prune_unmanaged)
@@ -46,7 +49,7 @@ def apply(c, dry_run=False, revert_after=60, prune_unmanaged=False, wait=0):
 
 
 @task
-@operator_task
+@operator_task(dry=READ_ONLY)
 def status(c):
     """Show per host ufw's state and rules, marked planned / unexpected / missing."""
     with session(need_secrets=False) as s:
@@ -60,7 +63,7 @@ def status(c):
                      "of from here, the machine running the task",
             "listener": "ADDR:PORT of a TCP listener outside: every host connects to it and "
                         "the result is checked against the egress plan"})
-@operator_task
+@operator_task(dry=READ_ONLY)
 def audit(c, netns=None, listener=None):
     """Probe every host's ports (IPv4 and IPv6) from outside, and optionally egress to a
     listener, and compare with the plan (exit 1 on any difference)."""

@@ -1,13 +1,13 @@
 """Inspect the inventory and the hosts it names."""
 from invoke import task
 
-from releasy_deploy.cli import operator_task, session
+from releasy_deploy.cli import READ_ONLY, operator_task, session
 from releasy_deploy.inventory import TIERS
 from releasy_deploy.facts import Arch, OsRelease, read_facts
 
 
 @task
-@operator_task
+@operator_task(dry=READ_ONLY)
 def check(c):
     """Validate the inventory and secrets without connecting to any host."""
     with session() as s:
@@ -24,7 +24,7 @@ def check(c):
 
 
 @task
-@operator_task
+@operator_task(dry=READ_ONLY)
 def ping(c):
     """Connect to every host (verified host keys, sudo) and show OS, arch and login user."""
     with session(need_secrets=False) as s:

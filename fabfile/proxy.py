@@ -11,14 +11,16 @@ from releasy_deploy.tiers import maintenance_page, proxy
             "reset-upstreams": "point nginx at every app host again (the inventory's default"
                                " rotation), replacing the servers the last rollout left",
             "wait": "seconds to wait for the deploy lock if another task holds it (default 0: fail at"
-                    " once with exit code 3)",})
-@operator_task
-def setup(c, dry_run=False, reset_upstreams=False, wait=0):
+                    " once with exit code 3)",
+            "limit": "converge only these proxy hosts (H[,H...], fab's -H means the same)"})
+@operator_task(hosts="limit", dry="dry_run")
+def setup(c, dry_run=False, reset_upstreams=False, wait=0, limit=None):
     """Install nginx with TLS and the Releasy site on the proxy hosts (nginx -t before reload).
 
     Under the deploy lock, so the live rotation it keeps is read while no rollout moves it."""
     with session(dry_run=dry_run, action="proxy.setup", audited=True,
-                 args={"reset_upstreams": reset_upstreams}) as s:
+                 args={"reset_upstreams": reset_upstreams, "limit": limit}) as s:
+        s.limit_to(limit)
         try:
             with site_ops.change_lock(s, wait=float(wait)):
                 proxy.setup(s, reset_upstreams=reset_upstreams)

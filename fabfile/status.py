@@ -2,13 +2,14 @@
 from invoke import Exit, task
 
 from releasy_deploy import status as status_ops
-from releasy_deploy.cli import EXIT_FAILED, operator_task, session
+from releasy_deploy.cli import EXIT_FAILED, READ_ONLY, operator_task, session
 
 
 @task(help={"json": "print one JSON document instead of the table (for scripts and"
-                    " monitoring); same exit codes"})
-@operator_task
-def status(c, json=False):
+                    " monitoring); same exit codes",
+            "host": "show (and judge) only these hosts (H[,H...], fab's -H means the same)"})
+@operator_task(hosts="host", dry=READ_ONLY)
+def status(c, json=False, host=None):
     """Every host: release, service, /ready, rotation, firewall, disk, database; the lock.
 
     Read-only: one round trip per host, all hosts in parallel (plus the lock query on the
@@ -18,7 +19,7 @@ def status(c, json=False):
     down, a file system 90% full...; 2 bad inventory.
     """
     with session(need_secrets=False) as s:
-        report = status_ops.status(s)
+        report = status_ops.status(s, only=host)
     if json:
         print(status_ops.to_json_text(report), flush=True)
     else:

@@ -73,6 +73,7 @@ from .inventory import Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
+from .rollout import ready_timeout_of
 from .session import Session
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
@@ -557,7 +558,7 @@ def _run_checked(c: HostConnection, script: str, label: str, *, hint: str) -> No
                       f"{_indent(tail(said))}\n  {hint}", host=c.name)
 
 
-def _start_idle(c: HostConnection, inv: Inventory, state: HostState, plan: Plan) -> None:
+def _start_idle(c: HostConnection, state: HostState, plan: Plan, timeout: float) -> None:
     unit, bind = plan.new_unit, instance_bind(plan.idle_port)
     stopping = f" (stopping {', '.join(plan.stop_first)} first)" if plan.stop_first else ""
     if c.dry_run:
@@ -567,7 +568,6 @@ def _start_idle(c: HostConnection, inv: Inventory, state: HostState, plan: Plan)
     _run_checked(c, start_script(state, plan), f"start {unit} with {plan.version}",
                  hint=f"see `journalctl -u {unit}` on {c.name}")
     c.reporter.changed(c.name, f"{unit} started with {plan.version} on {bind}{stopping}")
-    timeout = inv.app.ready_timeout
     started = time.monotonic()
     waited = app_tier.wait_ready(c, bind, timeout, unit=unit)  # migrations run before this
     left = max(1, int(timeout - (time.monotonic() - started)))
@@ -709,7 +709,8 @@ def _failure_before_switch(c: HostConnection, stage: str, plan: Plan, exc: BaseE
             f"  Fix the cause, then deploy again (the same or another version).")
 
 
-def run(session: Session, version: str, *, wait: float = 0) -> Outcome:
+def run(session: Session, version: str, *, wait: float = 0, yes: bool = False,
+        ready_timeout: Any = None) -> Outcome:
     """Blue/green deploy of ``version`` on the single app host (see the module docstring).
 
     Raises BadInput (exit 2, nothing touched) for a split topology, a bad artifact or a
@@ -723,6 +724,7 @@ def run(session: Session, version: str, *, wait: float = 0) -> Outcome:
             f"deploy.bluegreen runs two instances side by side on one host; {inv.path} has"
             f" {len(inv.hosts)} hosts ({inv.topology} topology): use `fab deploy.rolling"
             f" --version {version}` there")
+    timeout = ready_timeout_of(inv, ready_timeout)
     release = fetch_release(inv, version)  # BadInput before any host is contacted
     host = inv.hosts_in("app")[0]
     c = session.executor.conn(host)
@@ -764,6 +766,11 @@ def run(session: Session, version: str, *, wait: float = 0) -> Outcome:
                        live_port=plan.target_port, schema_level=state.db_level)
             return outcome("already live", plan)
 
+        if not session.dry_run:
+            session.confirm(f"Blue/green deploy of {inv.environment} to {version} on"
+                            f" {host.name}: start {plan.new_unit} beside"
+                            f" {plan.live.describe()}, switch the proxy to it, stop the old"
+                            f" one. Go?", yes=yes)
         stage = "stage"
         backup = None
         try:
@@ -780,7 +787,7 @@ def run(session: Session, version: str, *, wait: float = 0) -> Outcome:
             stage = "start"
             with pipe.stage("start", host.name, f"{plan.new_unit} with {version}: migrations,"
                                                 f" /ready, warm-up"):
-                _start_idle(c, inv, state, plan)
+                _start_idle(c, state, plan, timeout)
                 level_now = None if session.dry_run else schema.read_level(session)
             held.ensure_held()
             stage = "switch"

@@ -4,6 +4,8 @@ library's typed errors into a short message and a documented exit code (no trace
 unless --debug). Nothing in the library imports this module."""
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import json
 import logging
@@ -12,7 +14,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -45,8 +47,108 @@ FAULT_ENV = "RELEASY_FAULT"
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
-           "JSON_LOG_ENV", "TRACE_ENV", "BadInput", "Session", "session", "confirm",
-           "exit_code_for", "operator_task"]
+           "JSON_LOG_ENV", "TRACE_ENV", "CORE_HOSTS_KEY", "READ_ONLY", "BadInput", "Session",
+           "CoreFlags", "core_flags", "core_flag_refusals", "session", "confirm",
+           "exit_code_for", "operator_task", "use_json_log"]
+
+# ------------------------------------------------------------------------------ core flags
+#: Where `fabfile.adhoc.ReleasyExecutor` leaves fab's -H/--hosts value for the task: the
+#: task runs ONCE with that host list as a filter, never once per host.
+CORE_HOSTS_KEY = "releasy_core_hosts"
+#: ``operator_task(dry=READ_ONLY)``: the task only reads, so -R/--dry changes nothing.
+READ_ONLY = "read-only"
+
+
+@dataclass(frozen=True)
+class CoreFlags:
+    """What fab's own (core) flags asked for, read from the task's configuration (so a
+    config file setting ``run.dry`` counts like -R)."""
+
+    hosts: tuple[str, ...] = ()  # -H/--hosts
+    dry: bool = False  # -R/--dry
+    echo: bool = False  # -e/--echo
+    warn: bool = False  # -w/--warn-only
+    pty: bool = False  # -p/--pty
+    hide: str | None = None  # --hide
+    command_timeout: float | None = None  # -T/--command-timeout
+    connect_timeout: float | None = None  # -t/--connect-timeout
+    identities: tuple[str, ...] = ()  # -i/--identity
+    ssh_config: str | None = None  # -S/--ssh-config
+    login_password: bool = False  # --prompt-for-login-password
+    passphrase: bool = False  # --prompt-for-passphrase
+    sudo_password: bool = False  # --prompt-for-sudo-password
+
+
+def core_flags(config: Any) -> CoreFlags:
+    """The core flags in an invoke/fabric `Config` (missing keys: not given)."""
+    def get(path: str, default: Any = None) -> Any:
+        node = config
+        for key in path.split("."):
+            try:
+                node = node[key]
+            except (KeyError, TypeError, AttributeError):
+                return default
+        return default if node is None else node
+
+    hosts = str(get(CORE_HOSTS_KEY, "") or "")
+    keys = get("connect_kwargs.key_filename", ()) or ()
+    return CoreFlags(
+        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()),
+        dry=bool(get("run.dry", False)), echo=bool(get("run.echo", False)),
+        warn=bool(get("run.warn", False)), pty=bool(get("run.pty", False)),
+        hide=get("run.hide") or None, command_timeout=get("timeouts.command"),
+        connect_timeout=get("connect_kwargs.timeout"),
+        identities=tuple([keys] if isinstance(keys, str) else keys),
+        ssh_config=getattr(config, "_runtime_ssh_path", None) or None,
+        login_password=get("connect_kwargs.password") is not None,
+        passphrase=get("connect_kwargs.passphrase") is not None,
+        sudo_password=get("sudo.password") is not None)
+
+
+#: Core flags no task takes, and why: what to use instead.
+_NEVER = (
+    ("warn", "-w/--warn-only", "a failed step always stops the task (and puts back what it"
+                               " changed); there is no carrying on past a failure"),
+    ("pty", "-p/--pty", "commands never run in a pseudo-terminal (`fab db.psql` opens its own)"),
+    ("hide", "--hide", "output is printed per host by the task itself (RELEASY_PROGRESS=plain"
+                       " for plain lines)"),
+    ("command_timeout", "-T/--command-timeout", "each step has its own bound (--ready-timeout,"
+                                                " --wait, app.ready_timeout)"),
+    ("identities", "-i/--identity", "the key comes from the inventory (ssh.identity_file, a"
+                                    " host's identity_file)"),
+    ("ssh_config", "-S/--ssh-config", "SSH settings come from the inventory (ssh:, hosts:,"
+                                      " jump_hosts:), never from an ssh_config file"),
+    ("login_password", "--prompt-for-login-password", "hosts are reached with the"
+                                                      " inventory's key only"),
+    ("passphrase", "--prompt-for-passphrase", "use a key without a passphrase in"
+                                              " ssh.identity_file"),
+    ("sudo_password", "--prompt-for-sudo-password", "a non-root SSH user needs passwordless"
+                                                    " sudo (sudo -n)"),
+)
+
+
+def core_flag_refusals(flags: CoreFlags, task: str, *, hosts: str | None,
+                       dry: str | None) -> list[str]:
+    """Why fab's core flags cannot be honoured for ``task`` ([]: they can). ``hosts``:
+    the task's parameter -H fills (None: the task takes no host subset); ``dry``: the
+    parameter -R sets, `READ_ONLY`, or None (the task has no dry run). Pure."""
+    problems = [f"{flag} is not supported: {why}" for attr, flag, why in _NEVER
+                if getattr(flags, attr)]
+    if flags.hosts and hosts is None:
+        problems.append(f"-H/--hosts: `fab {task}` acts on the hosts its task defines and"
+                        f" takes no subset of them" + _HOSTS_ADVICE.get(task, ""))
+    if flags.dry and dry is None:
+        problems.append(f"-R/--dry: `fab {task}` has no dry run (it would run for real)")
+    return problems
+
+
+_HOSTS_ADVICE = {
+    "deploy.rolling": "; `--canary N` deploys the first N app hosts and stops",
+    "deploy.rollback": "; it rolls every app host back",
+    "deploy.bluegreen": "; it runs on the single host of the inventory",
+}
+
+_CORE: contextvars.ContextVar[CoreFlags] = contextvars.ContextVar("core", default=CoreFlags())
 
 
 @contextmanager
@@ -61,13 +163,18 @@ def session(dry_run: bool = False, *, need_secrets: bool = True, action: str | N
     dry run; ``args`` are its flags for that record. ``hooked``: the inventory's hooks run
     around it (``version`` and ``hosts`` for their environment; see `hooks`)."""
     inventory = load_inventory()
+    core = _CORE.get()
+    if core.connect_timeout:  # -t/--connect-timeout: instead of ssh.connect_timeout
+        inventory = dataclasses.replace(inventory, ssh=dataclasses.replace(
+            inventory.ssh, connect_timeout=float(core.connect_timeout)))
     secrets = load_secrets(inventory) if need_secrets else Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
     reporter = Reporter(json_path=json_path)
     fault_at = os.environ.get(FAULT_ENV, "")
     faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
     executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
-                        trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults)
+                        trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults,
+                        echo=core.echo)
     s = Session(inventory, secrets, executor, reporter, confirm=confirm)
     hook_run = HookRun(s, action or "", version, hosts) if hooked else None
     started = time.monotonic()
@@ -112,6 +219,12 @@ def _task_ended(s: Session, audit_action: str | None, hook_run: HookRun | None,
                              f"audit record not written everywhere: {first_line(werr)}")
     if hook_run is not None:
         hook_run.after(result=result, exit_code=code, error=exc)
+
+
+def use_json_log(path: str | None) -> None:
+    """``--json-log FILE`` of the rollout tasks: the same as RELEASY_JSON_LOG=FILE."""
+    if path:
+        os.environ[JSON_LOG_ENV] = os.path.abspath(os.path.expanduser(path))
 
 
 def _log_executor_facts(path: str, executor: Executor) -> None:
@@ -168,12 +281,24 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_FAILED
 
 
-def operator_task(fn: Callable) -> Callable:
-    """Wrap a task body: expected failures become `Exit(message, code)`, never a traceback."""
+def operator_task(fn: Callable | None = None, *, hosts: str | None = None,
+                  dry: str | None = None) -> Callable:
+    """Wrap a task body: expected failures become `Exit(message, code)`, never a traceback;
+    fab's core flags are honoured or refused (exit 2) before anything is touched.
+
+    ``hosts``: the task's parameter that fab's -H/--hosts fills (a comma-separated list of
+    inventory host names, as the parameter itself takes); None: -H is refused. ``dry``:
+    the parameter -R/--dry sets (``"dry_run"``), `READ_ONLY`, or None: -R is refused."""
+    if fn is None:
+        return functools.partial(operator_task, hosts=hosts, dry=dry)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        token = None
         try:
+            if args:
+                kwargs = _apply_core_flags(fn, args[0], kwargs, hosts=hosts, dry=dry)
+                token = _CORE.set(core_flags(args[0].config))
             return fn(*args, **kwargs)
         except (DeployError, InventoryError) as exc:
             debug = _debug_enabled()
@@ -186,5 +311,44 @@ def operator_task(fn: Callable) -> Callable:
             raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
+        finally:
+            if token is not None:
+                _CORE.reset(token)
 
     return wrapper
+
+
+def _task_name(fn: Callable) -> str:
+    """The task's name as fab lists it (`fabfile/__init__.py` builds the namespace)."""
+    module = fn.__module__.rsplit(".", 1)[-1]
+    name = fn.__name__.replace("_", "-")
+    if module in ("site", "status", "adhoc"):
+        return name
+    namespace = {"bluegreen": "deploy"}.get(module, module)
+    return f"{namespace}.{'backups' if name == 'list-backups' else name}"
+
+
+def _apply_core_flags(fn: Callable, c: Any, kwargs: dict[str, Any], *, hosts: str | None,
+                      dry: str | None) -> dict[str, Any]:
+    """The task's keyword arguments with -H and -R applied; BadInput when a core flag
+    cannot be honoured."""
+    task = _task_name(fn)
+    if isinstance(getattr(c, "host", None), str):
+        # A Fabric Connection: Fabric's own executor expanded -H into one run per host.
+        raise BadInput(f"-H/--hosts: fab ran `{task}` once per host (fabric.yaml's executor"
+                       f" was not loaded); run fab from the project directory")
+    flags = core_flags(c.config)
+    problems = core_flag_refusals(flags, task, hosts=hosts, dry=dry)
+    if problems:
+        raise BadInput("; ".join(problems) + ". Nothing was changed.")
+    kwargs = dict(kwargs)
+    if flags.hosts and hosts is not None:
+        given = kwargs.get(hosts)
+        wanted = ",".join(flags.hosts)
+        if given and given != wanted:
+            raise BadInput(f"-H {wanted} and --{hosts} {given} disagree: give the hosts once."
+                           f" Nothing was changed.")
+        kwargs[hosts] = wanted
+    if flags.dry and dry not in (None, READ_ONLY):
+        kwargs[dry] = True
+    return kwargs

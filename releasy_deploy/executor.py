@@ -619,7 +619,7 @@ class HostConnection:
         self._ex._count(self._ex.round_trips, self.name)
         started = time.monotonic()
         code: int | None = None
-        if echo:
+        if echo or self._ex.echo:
             self.reporter.info(self.name, f"$ {display}")
         deadline = None if timeout is None else time.monotonic() + timeout
         out, err = bytearray(), bytearray()
@@ -780,6 +780,7 @@ class Executor:
         max_parallel: int = MAX_PARALLEL,
         trace: bool = False,
         faults: FaultInjection | None = None,
+        echo: bool = False,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
@@ -798,6 +799,8 @@ class Executor:
         #: with ``trace=True``: every connection set-up and exec request, in finishing order.
         self.trace: list[CommandTrace] | None = [] if trace else None
         self.faults = faults
+        #: fab -e/--echo: print every command (masked) on its host's line before it runs.
+        self.echo = echo
         self.created_at = time.time()  # wall clock; trace times are relative to it
         self._created = time.monotonic()
         self._conns: dict[str, HostConnection] = {}

@@ -46,14 +46,15 @@ from .lock import deploy_lock
 from .pipeline import Pipeline
 from .engine.plan import AppState, plan_restart
 from .engine.runner import DRAIN_TIMEOUT_S, JOURNAL_LINES, RollingRunner
-from .session import Session
+from .session import Session, select_hosts, split_names
 from .status import app_server
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
 __all__ = [
     "UNIT", "INSTANCE_UNITS", "DEFAULT_LOG_LINES", "LastHostInRotation", "AdhocFailed",
-    "RotationView", "Rotation", "RestartPlan", "HostRun", "app_host", "logs_argv", "adhoc_argv",
+    "RotationView", "Rotation", "RestartPlan", "HostRun", "app_host", "app_hosts", "adhoc_hosts",
+    "logs_argv", "adhoc_argv",
     "rotation_after_drain", "rotation_after_undrain", "restart_plan", "run_summary",
     "read_rotation", "restart", "drain", "undrain", "logs", "run_adhoc",
 ]
@@ -82,12 +83,24 @@ def _names(names: Iterable[str]) -> str:
 def app_host(inv: Inventory, name: str) -> Host:
     """The app host called ``name``; BadInput naming the app hosts otherwise."""
     apps = inv.hosts_in("app")
+    if not name:
+        raise BadInput(f"name the app host: --host H (or fab's -H H); app hosts:"
+                       f" {_names(h.name for h in apps)}")
     for h in apps:
         if h.name == name:
             return h
     where = "is not an app host" if any(h.name == name for h in inv.hosts) else "is unknown"
     raise BadInput(f"--host {name}: {where} in {inv.path}; app hosts: "
                    f"{_names(h.name for h in apps)}")
+
+
+def app_hosts(inv: Inventory, spec: str | None) -> list[Host]:
+    """The app hosts named by ``--host H[,H...]`` (or fab's -H), in inventory order; every
+    app host when ``spec`` is empty. BadInput naming a name that is no app host."""
+    if not spec:
+        return list(inv.hosts_in("app"))
+    wanted = {app_host(inv, n).name for n in split_names(spec)}
+    return [h for h in inv.hosts_in("app") if h.name in wanted]
 
 
 def _whole_number(value: Any, flag: str, low: int, high: int) -> int:
@@ -427,9 +440,8 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
     """
     inv = session.inventory
     batch = _whole_number(batch, "--batch", 1, 1000)
-    timeout = float(inv.app.ready_timeout) if ready_timeout is None else float(
-        _whole_number(ready_timeout, "--ready-timeout", 1, 3600))
-    targets = [app_host(inv, host).name] if host else [h.name for h in inv.hosts_in("app")]
+    timeout = rollout.ready_timeout_of(inv, ready_timeout)
+    targets = [h.name for h in app_hosts(inv, host)]
     _split_only(inv, "refusing a rolling restart",
                 "Restarting it is downtime; if that is acceptable: `fab run --tier app --"
                 " systemctl restart UNIT` with the live unit `fab status` names. `fab"
@@ -448,10 +460,6 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
 
 
 # ------------------------------------------------------------------------------ logs
-def _log_targets(inv: Inventory, host: str | None) -> list[Host]:
-    return [app_host(inv, host)] if host else list(inv.hosts_in("app"))
-
-
 def logs(session: Session, *, host: str | None = None, lines: Any = DEFAULT_LOG_LINES,
          follow: bool = False) -> None:
     """Print the Releasy journal of every app host (or ``host``), each line as
@@ -459,7 +467,7 @@ def logs(session: Session, *, host: str | None = None, lines: Any = DEFAULT_LOG_
     hosts at once (whole lines) until Ctrl-C, which ends it normally."""
     inv = session.inventory
     count = _whole_number(lines, "--lines", 1, MAX_LOG_LINES)
-    targets = _log_targets(inv, host)
+    targets = app_hosts(inv, host)
     if follow:
         session.reporter.end_live()  # a stream of lines, not a progress view
         _follow(session, targets, count)
@@ -528,21 +536,37 @@ def _follow(session: Session, targets: Sequence[Host], lines: int) -> None:
 
 
 # ------------------------------------------------------------------------------ ad-hoc
-def run_adhoc(session: Session, tier: str, command: str, *,
-              host: str | None = None) -> list[HostRun]:
-    """Run the operator's ``command`` with ``sh -c`` as root on every host of ``tier`` (or
-    only ``host``) in parallel, output streamed as ``[host] | ...``; print the summary.
-    Raises AdhocFailed when it failed or could not run anywhere."""
-    inv = session.inventory
+def adhoc_hosts(inv: Inventory, tier: str | None, host: str | None) -> list[Host]:
+    """``fab run``'s hosts: those of ``tier``, or only the ``--host H[,H...]`` (fab's -H)
+    among them; without a tier, the named hosts whatever their tiers. BadInput otherwise."""
+    if tier is None:
+        if not host:
+            raise BadInput("say where to run it: --tier TIER and/or --host H[,H...] (or fab's"
+                           " -H H[,H...])")
+        return select_hosts(inv, host, "--host")
     if tier not in TIERS:
         raise BadInput(f"--tier {tier!r}: tiers are {', '.join(TIERS)}")
-    argv = adhoc_argv(command)
     hosts = list(inv.hosts_in(tier))
-    if host is not None:
-        hosts = [h for h in hosts if h.name == host]
-        if not hosts:
-            raise BadInput(f"--host {host}: not one of the {tier} hosts in {inv.path}:"
-                           f" {_names(h.name for h in inv.hosts_in(tier))}")
+    if host:
+        names = {h.name for h in hosts}
+        outside = [n for n in split_names(host) if n not in names]
+        if outside:
+            raise BadInput(f"--host {', '.join(outside)}: not one of the {tier} hosts in"
+                           f" {inv.path}: {_names(names)}")
+        wanted = set(split_names(host))
+        hosts = [h for h in hosts if h.name in wanted]
+    return hosts
+
+
+def run_adhoc(session: Session, tier: str | None, command: str, *,
+              host: str | None = None) -> list[HostRun]:
+    """Run the operator's ``command`` with ``sh -c`` as root on every host of ``tier`` (or
+    the ``host`` list, see `adhoc_hosts`) in parallel, output streamed as
+    ``[host] | ...``; print the summary. Raises AdhocFailed when it failed or could not
+    run anywhere."""
+    inv = session.inventory
+    hosts = adhoc_hosts(inv, tier, host)
+    argv = adhoc_argv(command)
     started = time.monotonic()
 
     def one(c: HostConnection) -> HostRun:
@@ -559,11 +583,11 @@ def run_adhoc(session: Session, tier: str, command: str, *,
     found = session.executor.each(hosts, one, close_on_interrupt=True)  # `tail -f`: one Ctrl-C
     runs = [found[h.name] for h in hosts]
     shown = session.executor.masker(command)
-    print(f"summary of `{shown}` on the {tier} hosts:\n"
+    print(f"summary of `{shown}` on the {tier or 'named'} hosts:\n"
           + run_summary(runs, time.monotonic() - started), flush=True)
     failed = [r for r in runs if not r.ok]
     if failed:
         raise AdhocFailed(f"the command failed on {_names(r.host for r in failed)} of"
-                          f" {len(runs)} {tier} host(s) (see the summary above)",
+                          f" {len(runs)} {tier or 'named'} host(s) (see the summary above)",
                           unreachable=all(r.unreachable for r in failed))
     return runs

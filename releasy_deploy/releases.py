@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .commands import app as appcmd
-from .commands.app import BINARY_NAME
+from .commands.app import BINARY_NAME, version_key
 from .errors import BadInput
 from .inventory import VERSION_RE, Inventory, ReleaseSource, check_version
 
@@ -217,7 +216,7 @@ def available_versions(source: ReleaseSource) -> list[str]:
                         found.add(m["v"])
                 except Exception:  # noqa: BLE001 - a malformed sidecar: not offered
                     continue
-    return sorted(found, key=appcmd.version_key)
+    return sorted(found, key=version_key)
 
 
 def newest_release(source: ReleaseSource, *, prereleases: bool = False) -> str | None:

@@ -54,8 +54,8 @@ from .backups import Backup
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .engine.plan import (AppState, hold_out_behind, hosts_to_roll, plan_batches,
-                          plan_release_rollout, serving_problems)
+from .engine.plan import (AppState, canary_problem, hold_out_behind, hosts_to_roll,
+                          plan_batches, plan_release_rollout, serving_problems)
 from .engine.recovery import FailureReport, explain_failure
 from .engine.recovery import first_line as _first_line
 from .engine.recovery import names as _names
@@ -70,7 +70,7 @@ from .hostos import check_release
 from .inventory import VERSION_RE, Host, Inventory, check_version
 from .lock import deploy_lock
 from .pipeline import Pipeline
-from .releases import available_versions, fetch_release, newest_release
+from .releases import available_versions, fetch_release, is_stable, newest_release
 from .session import Session
 from .tiers import app as app_tier
 from .tiers import maintenance_page
@@ -327,6 +327,21 @@ def _migrations(low: int, high: int) -> str:
 # ======================================================================================
 # Entry points
 # ======================================================================================
+def ready_timeout_of(inv: Inventory, ready_timeout: Any) -> float:
+    """``--ready-timeout`` of every rollout task (deploy.*, app.restart): seconds, 1 to
+    3600; None: the inventory's app.ready_timeout."""
+    if ready_timeout is None:
+        return float(inv.app.ready_timeout)
+    try:
+        timeout = float(ready_timeout)
+    except (TypeError, ValueError):
+        raise BadInput(f"--ready-timeout must be a number of seconds, got"
+                       f" {ready_timeout!r}") from None
+    if not 1 <= timeout <= 3600:
+        raise BadInput(f"--ready-timeout must be between 1 and 3600 seconds, got {timeout:g}")
+    return timeout
+
+
 def _check_common(inv: Inventory, batch: Any, ready_timeout: Any) -> tuple[int, float]:
     try:
         batch = int(batch)
@@ -334,16 +349,7 @@ def _check_common(inv: Inventory, batch: Any, ready_timeout: Any) -> tuple[int, 
         raise BadInput(f"--batch must be a whole number, got {batch!r}") from None
     if batch < 1:
         raise BadInput(f"--batch must be 1 or more, got {batch}")
-    if ready_timeout is None:
-        timeout = float(inv.app.ready_timeout)
-    else:
-        try:
-            timeout = float(ready_timeout)
-        except (TypeError, ValueError):
-            raise BadInput(f"--ready-timeout must be a number of seconds, got"
-                           f" {ready_timeout!r}") from None
-        if not 1 <= timeout <= 3600:
-            raise BadInput(f"--ready-timeout must be between 1 and 3600 seconds, got {timeout:g}")
+    timeout = ready_timeout_of(inv, ready_timeout)
     apps = inv.hosts_in("app")
     if len(apps) < 2:
         raise BadInput(
@@ -368,7 +374,7 @@ def resolve_version(inv: Inventory, version: str) -> str:
 
 def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False,
             wait: float = 0, ready_timeout: Any = None, only_if_newer: bool = False,
-            skip_unreachable: bool = False) -> None:
+            skip_unreachable: bool = False, canary: Any = None) -> None:
     """``fab deploy.rolling``: roll ``version`` (or ``newest``) over the app hosts.
 
     Raises BadInput (2) for bad flags or artifacts, LockBusy (3), RolloutFailed (1/4).
@@ -376,9 +382,17 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
     ``version`` and none runs a newer one (for cron). ``skip_unreachable``: app hosts
     that cannot be reached are taken out of rotation (if they are in) and left behind,
     recorded so on the db host; the db host and every proxy must still answer.
+    ``canary``: change only the first N hosts that need ``version`` (the first runs the
+    migrations), keep them in rotation beside the others and stop; the same command
+    without it continues.
     """
     inv = session.inventory
     batch, timeout = _check_common(inv, batch, ready_timeout)
+    if canary is not None:
+        try:
+            canary = int(canary)
+        except (TypeError, ValueError):
+            raise BadInput(f"--canary must be a whole number of hosts, got {canary!r}") from None
     pipe = Pipeline("deploy.rolling", session.reporter)
     with ExitStack() as stack:
         with pipe.stage("preflight", what="artifact, lock, every host's state"):
@@ -388,15 +402,21 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
             pre = gather(session, skip_unreachable=skip_unreachable)
             if only_if_newer and not _older_somewhere(session, pre, version):
                 return
-            problems = preflight_problems(list(pre.apps.values()), version)
+            states = list(pre.apps.values())
+            problems = preflight_problems(states, version)
             problems += serving_problems(pre.apps.values(), pre.unreachable)
+            refusal = canary_problem(states, version, canary) if canary is not None else None
+            if refusal:
+                raise BadInput(refusal + ". Nothing was changed.")
             if problems:
                 raise DeployError("preflight: not starting the rollout (nothing was changed):\n  "
                                   + "\n  ".join(problems))
-            plan = plan_release_rollout(list(pre.apps.values()), version, batch,
-                                        flow="deploy.rolling", title="Rolling deploy",
-                                        backup=True, stage_release=True,
-                                        unreachable=unreachable_in_rotation(session, pre))
+            plan = plan_release_rollout(
+                states, version, batch, flow="deploy.rolling", title="Rolling deploy",
+                backup=True, stage_release=True, canary=canary,
+                unreachable=unreachable_in_rotation(session, pre),
+                held_advice=f"Continue: `fab deploy.rolling --version {version}` (the other"
+                            f" hosts); go back: `fab deploy.rollback`.")
             r = RollingRunner(session, pipe, lock, pre, plan, release=release,
                               ready_timeout=timeout)
             r.check_disk()
@@ -429,8 +449,12 @@ def default_target(pre: Preflight) -> str:
     """The newest release older than the (common) current one that is installed on every
     app host and actually ran here (a migration level is recorded for it): a release that
     was staged but failed, like 1.2.0-rc.1 before 1.2.0, is not "the previous release".
-    Without any such record, the newest older installed release."""
+    Without any such record, the newest older installed release. A fleet on two releases
+    (a canary, a rollout stopped half-way) goes back to the older of them."""
     currents = {n: st.current for n, st in pre.apps.items()}
+    if len(set(currents.values())) == 2 and None not in currents.values():
+        # A canary (or a rollout stopped half-way): back to what the other hosts run.
+        return min(currents.values(), key=appcmd.version_key)
     if len(set(currents.values())) != 1:
         shown = ", ".join(f"{n}: {v}" for n, v in currents.items())
         raise BadInput(f"the app hosts run different releases ({shown}); say which one to roll"

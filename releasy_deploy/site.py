@@ -111,8 +111,11 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
         if problems:
             raise DeployError("not switching the release (the new files are written):\n  "
                               + "\n  ".join(problems))
-        plan = plan_release_rollout(states, version, 1, flow="site", title="Rolling deploy",
-                                    backup=True, stage_release=False)
+        plan = plan_release_rollout(
+            states, version, 1, flow="site", title="Rolling deploy", backup=True,
+            stage_release=False, only=session.limit,
+            held_advice=f"The other app hosts keep their release: `fab deploy.rolling"
+                        f" --version {version}` brings them to it.")
         pipe = Pipeline("site", session.reporter)
         RollingRunner(session, pipe, lock, pre, plan, release=None,
                       ready_timeout=timeout).run(yes=True)
@@ -128,7 +131,8 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
 
 def run(session: Session, version: str | None = None, *, wait: float = 0,
         rotate: Iterable[str] = ()) -> dict[str, int]:
-    """Converge the whole inventory; returns the change tally summed over hosts.
+    """Converge the whole inventory (or the hosts of ``session.limit``, in the same tier
+    order: plans still derive from every host); returns the change tally summed over hosts.
 
     Under the deploy lock from the app tier on (the database it lives in comes first); a
     lock held elsewhere stops it before anything is touched (exit 3). The app hosts'
@@ -166,5 +170,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     verb = "would change" if session.dry_run else "changed"
     count = totals["would"] + totals["changed"] if session.dry_run else totals["changed"]
     print(f"site: {count} {verb}, {totals['unchanged']} unchanged, "
-          f"{len(session.inventory.hosts)} hosts, {time.monotonic() - started:.1f} s")
+          f"{len(session.targets(session.inventory.hosts))} hosts"
+          f"{' (--limit)' if session.limit is not None else ''},"
+          f" {time.monotonic() - started:.1f} s")
     return totals

@@ -28,7 +28,7 @@ import json
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import bluegreen
@@ -46,7 +46,7 @@ from .inventory import TIERS, VERSION_RE, Host, Inventory
 from .lock import holder_info
 from .hostos import describe, parse_release, supported_list
 from .packages import FIREWALL_PACKAGES
-from .session import Session
+from .session import Session, select_hosts
 from .tiers import app as app_tier
 from .tiers.acme import CertInfo
 from .tiers.db import PgInstallation
@@ -274,6 +274,27 @@ class StatusReport:
     def healthy(self) -> bool:
         return not self.problems
 
+    @property
+    def releases(self) -> dict[str, list[str]]:
+        """release -> the app hosts whose current release it is (newest first)."""
+        found: dict[str, list[str]] = {}
+        for h in self.hosts:
+            if h.app is not None and h.app.current is not None:
+                found.setdefault(h.app.current, []).append(h.name)
+        return dict(sorted(found.items(), key=lambda kv: appcmd.version_key(kv[0]),
+                           reverse=True))
+
+    def fleet_line(self) -> str | None:
+        """A fleet on several releases (a canary, a rollout stopped half-way), said in one
+        line with what to do next; None when every app host runs one release."""
+        releases = self.releases
+        if len(releases) < 2:
+            return None
+        parts = "; ".join(f"{v} on {', '.join(hosts)}" for v, hosts in releases.items())
+        newest, oldest = next(iter(releases)), list(releases)[-1]
+        return (f"MIXED FLEET: {parts}. Continue: `fab deploy.rolling --version {newest}`;"
+                f" go back: `fab deploy.rollback` (to {oldest})")
+
     def to_json(self) -> dict[str, Any]:
         """The machine-readable document printed by ``fab status --json``."""
         return {
@@ -282,6 +303,8 @@ class StatusReport:
             "healthy": self.healthy,
             "problems": self.problems,
             "headlines": list(self.headlines),
+            "releases": self.releases,
+            "mixed_releases": len(self.releases) > 1,
             "lock": {"held": self.lock.holder is not None, "holder": self.lock.holder,
                      "error": self.lock.error},
             "hosts": [_host_json(h) for h in self.hosts],
@@ -636,6 +659,9 @@ def render_table(report: StatusReport) -> str:
     rows = [HEADERS] + [_cells(h) for h in report.hosts]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    fleet = report.fleet_line()
+    if fleet is not None:
+        lines.append(fleet)
     if report.lock.error is not None:
         lines.append(f"deploy lock: unknown ({report.lock.error})")
     elif report.lock.holder is None:
@@ -684,10 +710,16 @@ def _lock_status(session: Session) -> LockStatus:
     return LockStatus(None if info is None else info.describe())
 
 
-def status(session: Session) -> StatusReport:
-    """Read every host and the deploy lock, and build the report."""
+def status(session: Session, only: str | None = None) -> StatusReport:
+    """Read every host and the deploy lock, and build the report; ``only`` (``--host
+    H[,H...]``, fab's -H): the report shows and judges those hosts only (every host is
+    still read: an app host's rotation is what the proxies say)."""
+    shown = {h.name for h in select_hosts(session.inventory, only, "--host")} if only else None
     found, lock = gather(session)
-    return build_report(session.inventory, found, lock)
+    report = build_report(session.inventory, found, lock)
+    if shown is None:
+        return report
+    return replace(report, hosts=tuple(h for h in report.hosts if h.name in shown))
 
 
 def to_json_text(report: StatusReport) -> str:

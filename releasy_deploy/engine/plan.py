@@ -7,7 +7,7 @@ Adding a flow means writing a planner, not copying the runner.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..commands import app as appcmd
@@ -73,6 +73,11 @@ class RollingPlan:
     host_steps: tuple[str, ...]
     batches: tuple[Batch, ...]
     skipped: tuple[str, ...] = ()  # already where the plan wants them
+    #: not yet where the plan wants them, left as they are on purpose (a canary's other
+    #: hosts, hosts outside --limit): they keep serving their release beside the target.
+    held: tuple[str, ...] = ()
+    #: what to do next about the held hosts, said when the plan ends.
+    held_advice: str = ""
     stage_release: bool = False  # upload + unpack the target on hosts lacking it first
     backup: bool = False  # dump the database before the first host changes
     #: after the last batch: record migration levels and prune releases (a release change).
@@ -145,6 +150,11 @@ class RollingPlan:
                     parts.append(f"{n}: {st.current} -> {self.target}{role}")
         if self.skipped:
             parts.append(f"already on {self.target}: {', '.join(self.skipped)}")
+        if self.held:
+            kept = ", ".join(f"{n} ({states[n].current})" if states and n in states else n
+                             for n in self.held)
+            parts.append(f"then stop: {kept} keep their release, in rotation beside"
+                         f" {self.target}")
         sizes = sorted({len(b.hosts) for b in rolling})
         if rolling:
             parts.append(f"then {len(rolling)} batch(es) of {'/'.join(map(str, sizes))}")
@@ -202,28 +212,59 @@ def plan_batches(todo: Sequence[str], batch: int, app_hosts: int, *,
 
 def plan_release_rollout(states: Sequence[AppState], version: str, batch: int, *,
                          flow: str, title: str, backup: bool, stage_release: bool,
-                         unreachable: Sequence[tuple[str, bool]] = ()) -> RollingPlan:
+                         unreachable: Sequence[tuple[str, bool]] = (),
+                         only: Collection[str] | None = None, canary: int | None = None,
+                         held_advice: str = "") -> RollingPlan:
     """Rolling deploy and rollback: every host not yet ready on ``version`` is drained,
     switched, started, checked and re-added; the first one alone when no host runs
-    ``version`` yet (it runs the migrations), then batches of ``batch``. Hosts held out of
-    rotation (behind the fleet) go first, one at a time, in place: they serve nothing, and
-    stay out. ``unreachable`` hosts (not in ``states``) are only named."""
+    ``version`` yet (it runs the migrations), then batches of ``batch``. Hosts out of
+    rotation because they are behind the fleet go first, one at a time, in place: they
+    serve nothing, and stay out. ``unreachable`` hosts (not in ``states``) are only named.
+
+    ``only`` (--limit): hosts outside it are held (left on their release). ``canary``:
+    only the first ``canary`` hosts that need ``version`` change, the rest are held; a
+    later plan without it continues from there (the migrations already ran, so no host
+    goes alone and no dump is taken again)."""
     todo = hosts_to_roll(states, version)
-    held = [s.name for s in states if s.held_out and s.name in todo]
+    kept = [n for n in todo if only is not None and n not in only]
+    todo = [n for n in todo if n not in kept]
+    if canary is not None:
+        if canary < 1:
+            raise ValueError("a canary needs at least one host")
+        kept += todo[canary:]
+        todo = todo[:canary]
+    behind = [s.name for s in states if s.held_out and s.name in todo]
     migrate_first = not any(st.current == version and st.ready for st in states)
     serving = sum(1 for s in states if not s.held_out)
-    rolling = [n for n in todo if n not in held]
+    rolling = [n for n in todo if n not in behind]
     first, batches = plan_batches(rolling, batch, max(serving, 2),
-                                  migrate_first=migrate_first and not held)
+                                  migrate_first=migrate_first and not behind)
     stages = [Batch("migrate" if migrate_first and i == 0 else "roll", (n,), rotates=False)
-              for i, n in enumerate(held)]
+              for i, n in enumerate(behind)]
     stages += ([Batch("migrate", (first,))] if first is not None else []) + [
         Batch("roll", tuple(b)) for b in batches]
+    skipped = tuple(s.name for s in states if s.name not in todo and s.name not in kept)
     return RollingPlan(
         flow=flow, title=title, target=version, host_steps=HOST_STEPS,
-        batches=tuple(stages), skipped=tuple(s.name for s in states if s.name not in todo),
+        batches=tuple(stages), skipped=skipped,
+        held=tuple(n for n in (s.name for s in states) if n in kept),
+        held_advice=held_advice if kept else "",
         stage_release=stage_release and bool(todo), backup=backup and migrate_first
         and bool(todo), records_release=True, unreachable=tuple(unreachable))
+
+
+def canary_problem(states: Sequence[AppState], version: str, canary: int) -> str | None:
+    """Why ``--canary N`` cannot be honoured (None: it can). A canary leaves at least one
+    host that needs ``version`` on its release; a fleet all on ``version`` has nothing
+    to try."""
+    todo = hosts_to_roll(states, version)
+    if canary < 1:
+        return f"--canary must be 1 or more, got {canary}"
+    if todo and canary >= len(todo):
+        return (f"--canary {canary} would change every host that needs {version}"
+                f" ({', '.join(todo)}): that is the whole rollout; run it without --canary,"
+                f" or give fewer hosts")
+    return None
 
 
 def plan_restart(in_place: Sequence[str], batches: Sequence[Sequence[str]],

@@ -440,7 +440,8 @@ class RollingRunner:
 
             def tidy(c: HostConnection) -> None:
                 st = self.pre.apps[c.name]
-                installed = {*st.installed, self.version}
+                staged = c.name not in self.plan.held or self.plan.stage_release
+                installed = {*st.installed, *([self.version] if staged else [])}
                 previous = st.current if st.current != self.version else None
                 prune = releases_to_prune(installed, keep, [self.version, previous,
                                                             *st.instance_releases])
@@ -462,8 +463,10 @@ class RollingRunner:
             serving = self.serving()
             if self.rotation != serving:
                 self.set_rotation(serving)
-            self.record_fleet(level)
-            self.audit("ok", schema_level=level)
+            if not self.plan.held:  # a canary or --limit leaves a mixed fleet: no new record
+                self.record_fleet(level)
+            self.audit("ok", schema_level=level, **({"held": list(self.plan.held)}
+                                                    if self.plan.held else {}))
         elapsed = time.monotonic() - self.started
         out = [n for n in self.inv_app_names() if n not in self.rotation]
         where = (f"in rotation: {names(self.rotation)}; out: {names(out)}" if out
@@ -478,6 +481,16 @@ class RollingRunner:
             else:
                 self.info(n, f"out of rotation on {self.version}: `fab app.undrain --host {n}`"
                              f" puts it back")
+        if self.plan.held:
+            self.say_held()
+
+    def say_held(self) -> None:
+        """The plan stopped before the held hosts on purpose: who runs what, and what next."""
+        plan, apps = self.plan, self.pre.apps
+        on_target = [n for n in self.app_names if n not in plan.held]
+        kept = "; ".join(f"{n} on {apps[n].current}" for n in plan.held)
+        self.info(self.pipe.name, f"stopped as asked: {names(on_target)} on {self.version};"
+                                  f" {kept} (both in rotation). {plan.held_advice}".rstrip())
 
     def serving(self) -> list[str]:
         """The app hosts a finished rollout leaves in rotation: all it reached, except
@@ -524,6 +537,10 @@ class RollingRunner:
                 self.converge_rotation()
                 if plan.records_release and self.pre.unreachable:
                     self.record_fleet(self.pre.db_level)
+            if plan.held:
+                self.info(self.pipe.name, f"no host to change within the limit: nothing to"
+                                          f" do (not on {self.version}: {names(plan.held)})")
+                return
             self.info(self.pipe.name, f"every app host already runs {self.version} and"
                                       f" is ready: nothing to do")
             return
@@ -576,3 +593,6 @@ class RollingRunner:
         if plan.records_release:
             r.would(self.pipe.name, "finish: record the migration level, prune releases"
                                     f" beyond {self.inv.app.releases_keep}, audit record")
+        if plan.held:
+            r.would(self.pipe.name, f"stop there: {names(plan.held)} keep their release."
+                                    f" {plan.held_advice}".rstrip())

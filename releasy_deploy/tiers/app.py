@@ -312,7 +312,13 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
     hosts with the reasons, for a rolling restart or deploy, one batch at a time.
     """
     inv = session.inventory
-    hosts = inv.hosts_in("app")
+    hosts = session.targets(inv.hosts_in("app"))
+    if not hosts:
+        return {}
+    if secrets is None and len(hosts) < len(inv.hosts_in("app")):
+        # --limit: the secrets are the fleet's, read from every app host (a host set up
+        # alone must not generate a pepper of its own).
+        secrets = resolve_secrets(session, rotate)
     release = fetch_release(inv, version) if version is not None else None
     plan = _Plan(inv, {}, version, release, database_url(session))
     ex = session.executor

@@ -210,6 +210,9 @@ def setup(session: Session) -> None:
     Honours session.dry_run."""
     inv = session.inventory
     host = inv.db_host
+    if not session.targets([host]):
+        session.reporter.info(host.name, "not in --limit: the db tier is left as it is")
+        return
     if inv.database.kind == "sqlite":
         session.reporter.info(host.name, (
             "database.kind is sqlite: nothing to do for the db tier (no PostgreSQL; the app "

@@ -632,7 +632,8 @@ def _check_revert_after(revert_after: int) -> int:
 
 
 def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = False) -> None:
-    """Converge every host's firewall to the plan, hosts in parallel (dry-run: report only)."""
+    """Converge every host's firewall (those of ``session.limit``) to the plan, hosts in
+    parallel (dry-run: report only)."""
     _check_revert_after(revert_after)
     inv = session.inventory
     if revert_after <= inv.ssh.connect_timeout:
@@ -657,7 +658,9 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
                         policies=wanted, resolve=tuple(fw.names_to_resolve(inv, c.host)))
 
     try:
-        session.executor.each(inv.hosts, one)
+        # --limit: only those hosts change; every host's rules still derive from the
+        # whole inventory (the topology), as without it.
+        session.executor.each(session.targets(inv.hosts), one)
     finally:
         if fresh is not None:
             fresh.close()

@@ -623,12 +623,15 @@ def _read_tls_material(inv: Inventory, session: Any) -> tuple[bytes, bytes] | No
 # --------------------------------------------------------------------------------------
 def setup(session: Any, *, reset_upstreams: bool = False,
           environ: Mapping[str, str] = os.environ) -> None:
-    """Install and configure nginx on every proxy host, in parallel (see module doc)."""
+    """Install and configure nginx on every proxy host (those of ``session.limit``), in
+    parallel (see module doc)."""
     inv: Inventory = session.inventory
     templates_dir(SITE_TEMPLATE, environ)  # a bad RELEASY_FILES_DIR fails before any SSH
     override = environ.get(FILES_DIR_ENV)
+    hosts = session.targets(inv.hosts_in("proxy"))
+    if not hosts:
+        return
     material = _read_tls_material(inv, session)
-    hosts = inv.hosts_in("proxy")
     if override:
         for h in hosts:
             session.reporter.info(h.name, f"templates: {FILES_DIR_ENV}={override} first,"

@@ -172,7 +172,7 @@ def test_dry_run_shows_the_switch_and_changes_nothing(lab, tmp_path):
 def test_first_deploy_hands_over_from_releasy_service_with_no_failed_request(lab, tmp_path):
     with steady_load(lab, tmp_path) as load:
         assert load.progress()["last_version"] == "1.0.0"
-        proc = fab(lab, "deploy.bluegreen", "--version", "1.1.0")
+        proc = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.1.0")
     summary = load.summary
     assert summary["failed"] == 0, summary["first_failures"]
     assert_switched_once(summary, "1.0.0", "1.1.0")
@@ -210,7 +210,7 @@ def test_first_deploy_hands_over_from_releasy_service_with_no_failed_request(lab
 
 def test_deploying_the_live_version_again_changes_and_restarts_nothing(lab):
     pid = unit(lab, "releasy@8081.service")["MainPID"]
-    proc = fab(lab, "deploy.bluegreen", "--version", "1.1.0")
+    proc = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.1.0")
     assert ("deploy.bluegreen: 1.1.0 is already live on solo (releasy@8081.service); nothing"
             " was restarted") in proc.stdout
     assert re.search(r"^solo\s+0 changed / 1 unchanged / ok$", proc.stdout, re.M), proc.stdout
@@ -241,7 +241,7 @@ def test_a_no_op_run_costs_at_most_three_round_trips(lab, monkeypatch):
 
 def test_second_deploy_goes_back_to_the_first_port_with_no_failed_request(lab, tmp_path):
     with steady_load(lab, tmp_path) as load:
-        fab(lab, "deploy.bluegreen", "--version", "1.1.1")
+        fab(lab, "deploy.bluegreen", "--yes", "--version", "1.1.1")
     assert load.summary["failed"] == 0, load.summary["first_failures"]
     assert_switched_once(load.summary, "1.1.0", "1.1.1")
     assert running(lab, "releasy@8080.service") == ("active", "enabled")
@@ -254,7 +254,7 @@ def test_second_deploy_goes_back_to_the_first_port_with_no_failed_request(lab, t
 
 def test_a_release_older_than_the_database_is_refused_before_anything_changes(lab):
     pid = unit(lab, "releasy@8080.service")["MainPID"]
-    proc = fab(lab, "deploy.bluegreen", "--version", "1.0.0", check=False)
+    proc = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.0.0", check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert ("solo: 1.0.0 ran against migration level 2 (/opt/releasy/releases/1.0.0/"
             ".schema-version), but the database is at level 3") in proc.stderr
@@ -267,8 +267,8 @@ def test_a_release_that_never_becomes_ready_fails_before_the_switch(lab, tmp_pat
     inventory = lab.inventory_variant(tmp_path, lambda d: d.update(app={"ready_timeout": 4}))
     pid = unit(lab, "releasy@8080.service")["MainPID"]
     with steady_load(lab, tmp_path / "load") as load:
-        proc = fab(lab, "deploy.bluegreen", "--version", "1.2.0-neverready", inventory=inventory,
-                   check=False)
+        proc = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.2.0-neverready",
+                   inventory=inventory, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     err = proc.stderr
     assert re.search(r"^solo\s+\d+ changed / \d+ unchanged / FAILED \(1 errors\)$", proc.stdout,
@@ -299,7 +299,7 @@ def test_leftovers_and_a_restarted_releasy_service_are_reported_and_stopped(lab)
     sh(lab, "systemctl", "enable", "--now", "releasy.service")
     sh(lab, "ln", "-sfn", "/opt/releasy/releases/1.1.0", "/opt/releasy/instances/8081")
     sh(lab, "systemctl", "start", "releasy@8081.service")
-    proc = fab(lab, "deploy.bluegreen", "--version", "1.1.1")
+    proc = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.1.1")
     assert re.search(r"conflict: releasy\.service is enabled( and \w+)? while releasy@8080\.service"
                      r" is live", proc.stdout), proc.stdout
     assert "changed: releasy.service disabled (no longer starts at boot)" in proc.stdout
@@ -311,7 +311,7 @@ def test_leftovers_and_a_restarted_releasy_service_are_reported_and_stopped(lab)
     assert running(lab, "releasy@8081.service") == ("inactive", "disabled")
     assert unit(lab, "releasy@8080.service")["MainPID"] == pid
     assert last_audit(lab)["result"] == "already live, converged"
-    again = fab(lab, "deploy.bluegreen", "--version", "1.1.1")
+    again = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.1.1")
     assert re.search(r"^solo\s+0 changed / 1 unchanged / ok$", again.stdout, re.M), again.stdout
 
 
@@ -320,7 +320,7 @@ def test_a_half_applied_migration_keeps_the_old_release_serving_and_says_how_to_
     which keeps serving but could not start again; the message says which dump restores."""
     build_release(HALF, lab.releases, migrations=5, broken_migration=True)
     pid = unit(lab, "releasy@8080.service")["MainPID"]
-    proc = fab(lab, "deploy.bluegreen", "--version", HALF, check=False)
+    proc = fab(lab, "deploy.bluegreen", "--yes", "--version", HALF, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     dump = last_audit(lab)["backup"]
     assert dump and re.fullmatch(rf"lab_\d+T\d+Z_from-1\.1\.1_to-{re.escape(HALF)}_m3\.\w+", dump)
@@ -338,8 +338,8 @@ def test_a_half_applied_migration_keeps_the_old_release_serving_and_says_how_to_
 def test_the_lock_is_held_for_the_whole_deploy(lab, captured_outputs):
     build_release(SLOW, lab.releases, migrations=5, migration_seconds=8)
     env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    slow = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.bluegreen", "--version",
-                             SLOW], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    slow = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.bluegreen", "--yes",
+                             "--version", SLOW], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -350,7 +350,7 @@ def test_the_lock_is_held_for_the_whole_deploy(lab, captured_outputs):
             assert slow.poll() is None, slow.stdout.read()
             assert time.monotonic() < deadline, shown
         assert shown.startswith("deploy lock of lab: held by ") and f"pid={slow.pid}" in shown
-        busy = fab(lab, "deploy.bluegreen", "--version", "1.1.0", check=False)
+        busy = fab(lab, "deploy.bluegreen", "--yes", "--version", "1.1.0", check=False)
         assert busy.returncode == 3, busy.stdout + busy.stderr
         assert "deploy of lab held by" in busy.stderr and f"pid={slow.pid}" in busy.stderr
         out, _ = slow.communicate(timeout=300)

@@ -143,7 +143,7 @@ def test_single_host_blue_green_on_debian_13(lab_session):
     lab = lab_session.fresh("single", suite="trixie")
     out = lab.fab("site", "--version", "1.0.0").stdout
     assert "[solo] Debian 13 (trixie): PostgreSQL 17 (the default of Debian 13)" in out, out
-    proc = lab.fab("deploy.bluegreen", "--version", "1.1.0")
+    proc = lab.fab("deploy.bluegreen", "--yes", "--version", "1.1.0")
     assert "deploy.bluegreen: 1.0.0 -> 1.1.0 live on solo as releasy@8081.service" in proc.stdout
     hosts = status_doc(lab)
     assert hosts["healthy"] is True and hosts["solo"]["os"] == "Debian 13"

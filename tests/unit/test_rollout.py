@@ -569,8 +569,15 @@ def test_default_rollback_target_is_the_previous_release_that_actually_ran():
     assert rollout.default_target(pre) == "1.0.0"
 
 
+def test_default_rollback_target_of_a_canary_is_the_release_the_other_hosts_run():
+    pre = _pre(state("app1", "1.1.0"), state("app2", "1.0.0"), state("app3", "1.0.0"))
+    assert rollout.default_target(pre) == "1.0.0"
+
+
 def test_default_rollback_target_needs_one_current_release_and_an_older_one():
-    with pytest.raises(BadInput, match=r"different releases \(app1: 1.1.0, app2: 1.0.0\)"):
-        rollout.default_target(_pre(state("app1", "1.1.0"), state("app2", "1.0.0")))
+    with pytest.raises(BadInput, match=r"different releases \(app1: 1.1.0, app2: 1.0.0,"
+                                       r" app3: 1.2.0\)"):
+        rollout.default_target(_pre(state("app1", "1.1.0"), state("app2", "1.0.0"),
+                                    state("app3", "1.2.0")))
     with pytest.raises(BadInput, match="no release older than 1.0.0"):
         rollout.default_target(_pre(state("app1", "1.0.0", installed=("1.0.0", "1.1.0"))))
