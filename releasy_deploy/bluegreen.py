@@ -373,20 +373,10 @@ def plan_deploy(state: HostState, version: str) -> Plan:
 
 
 def schema_refusal(state: HostState, version: str) -> str | None:
-    """Why ``version`` cannot start against the database (pure), or None. Upstream's binary
-    refuses a database holding migrations it does not know (sqlx VersionMissing): known
-    from the level recorded for that release, or from the dump taken when leaving it."""
-    if state.db_level is None:
-        return None
-    known = schema.known_level(version, [state.levels], state.backups)
-    if known.level is None or known.level >= state.db_level:
-        return None
-    return (f"{state.host}: {version} ran against migration level {known.level} ({known.source}),"
-            f" but the database is at level {state.db_level}: its binary would refuse to start"
-            f" (sqlx VersionMissing). Nothing was changed. Going back across migrations needs"
-            f" the database restored from a dump taken before them: `fab deploy.rollback --to"
-            f" {version} --restore-db` (it says which dump, and that writes made since are"
-            f" lost).")
+    """Why ``version`` cannot start against the database (pure), or None: known from the
+    level recorded for that release, or from the dump taken when leaving it."""
+    why = schema.older_than_database(version, [state.levels], state.backups, state.db_level)
+    return None if why is None else f"{state.host}: {why}"
 
 
 # ------------------------------------------------------------------------------ scripts

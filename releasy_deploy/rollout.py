@@ -397,6 +397,8 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
             pre = gather(session)
             if only_if_newer and not _older_somewhere(session, pre, version):
                 return
+            schema.refuse_if_behind(version, [st.levels for st in pre.apps.values()],
+                                    pre.backups, pre.db_level)
             problems = preflight_problems(list(pre.apps.values()), version)
             if problems:
                 raise DeployError("preflight: not starting the rollout (nothing was changed):\n  "

@@ -29,6 +29,7 @@ from urllib.parse import quote
 from ..commands import app as cmd
 from ..commands import kept_secrets as kept
 from ..commands import systemd
+from .. import schema
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
 from ..facts import (Fact, FileSha256, FileStat, OsRelease, PackageVersion, read_fact,
@@ -43,7 +44,7 @@ from ..session import Session
 from . import db as db_tier
 
 __all__ = [
-    "setup", "stage_release", "activate_release", "current_release", "installed_releases",
+    "setup", "AppSetup", "record_levels", "stage_release", "activate_release", "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
     "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT", "KeptSecrets", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
 ]
@@ -131,6 +132,7 @@ class HostFacts:
     instances: dict[int, dict[str, str]]  # blue/green port -> systemctl show (single host)
     instances_ready: dict[int, bool]
     kept: kept.KeptState | None = None  # the host's kept secrets, when read in this batch
+    levels: Mapping[str, int] = field(default_factory=dict)  # release -> recorded level
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ def _fact_names(plan: _Plan, bind: str) -> list[Fact]:
     db_file = cmd.sqlite_path(plan.database_url)
     if db_file:
         names.append(FileStat(db_file))
-    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind))]
+    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind)),
+              schema.RecordedLevels()]
     if plan.inv.is_single_host:
         # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
         for port in plan.inv.app.bluegreen_ports:
@@ -195,6 +198,7 @@ def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> Ho
         stats={k.path: v for k, v in found.items() if isinstance(k, FileStat)},
         sums={k.path: v for k, v in found.items() if isinstance(k, FileSha256)},
         releases=found[ReleasyReleases()],
+        levels=found[schema.RecordedLevels()],
         unit=found[ReleasyUnit(SERVICE_UNIT)],
         ready=found[ReleasyReady(cmd.ready_url(bind))],
         instances={p: found[ReleasyUnit(cmd.instance_unit(p))]
@@ -297,7 +301,7 @@ def _resolve_states(session: Session, states: dict[str, kept.KeptState],
 def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,
           rotate: Iterable[str] = (),
           secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None
-          ) -> dict[str, list[str]]:
+          ) -> AppSetup:
     """Install and start Releasy on every app host (in parallel).
 
     ``version``: the release to run; None keeps each host's current release (and fails
@@ -309,7 +313,8 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
     ``defer_restarts`` (an environment that serves, see `releasy_deploy.site`): a host that
     is ready and would need a restart (env file, unit) or a release switch gets its files
     written and the release staged, but is neither switched nor restarted. Returns those
-    hosts with the reasons, for a rolling restart or deploy, one batch at a time.
+    hosts with the reasons, for a rolling restart or deploy, one batch at a time, and the
+    hosts whose release (once every host serves) has no migration level recorded yet.
     """
     inv = session.inventory
     hosts = inv.hosts_in("app")
@@ -326,7 +331,34 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
         if bare:
             raise BadInput(f"no release installed on {', '.join(bare)}: pass --version")
     done = ex.each(hosts, lambda c: _converge(c, plan, found[c.name], defer_restarts))
-    return {h.name: done[h.name] for h in hosts if done[h.name]}
+    unrecorded = schema.levels_to_record(
+        {h.name: version or found[h.name].releases.current for h in hosts},
+        {h.name: found[h.name].levels for h in hosts})
+    return AppSetup({h.name: done[h.name] for h in hosts if done[h.name]}, unrecorded)
+
+
+@dataclass(frozen=True)
+class AppSetup:
+    """What `setup` leaves to its caller: restarts to roll (host -> reasons), and the hosts
+    whose release has no migration level recorded (host -> release; `record_levels`)."""
+
+    deferred: dict[str, list[str]]
+    unrecorded: dict[str, str]
+
+
+def record_levels(session: Session, unrecorded: Mapping[str, str]) -> None:
+    """Once every app host serves: record the database's migration level now for the
+    release each host of ``unrecorded`` runs (it started, or runs, against that level).
+    One read on the db host, one write per host; nothing when all are recorded."""
+    if not unrecorded or session.dry_run:
+        return
+    level = schema.read_level(session)
+
+    def record(c: HostConnection) -> None:
+        c.run(schema.record_script_argv({unrecorded[c.name]: level}), sudo=True)
+        c.reporter.info(c.name, f"migration level {level} recorded for release"
+                                f" {unrecorded[c.name]}")
+    session.executor.each(list(unrecorded), record)
 
 
 def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False) -> list[str]:
