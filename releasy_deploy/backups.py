@@ -47,10 +47,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import schema
+from . import interrupts, schema
 from .commands import app as appcmd
+from .commands import restore as restorecmd
 from .commands import systemd
-from .errors import BadInput, DeployError, first_line
+from .errors import (BadInput, CommandTimeoutError, DeployError, RestoreFailed, StepFailed,
+                     UnreachableError, first_line)
 from .executor import tail
 from .facts import Fact, read_fact, read_facts
 from .inventory import VERSION_RE, Inventory, check_version
@@ -269,23 +271,6 @@ for old in "$@"; do rm -f -- "$dir/$old" && echo "@pruned $old"; done
 """
 
 # $1 dump file, $2 database. The prelude and the whole dump as SQL go to ONE transaction.
-_PG_RESTORE_SCRIPT = """set -eu
-dump=$1 db=$2
-cd /
-if ! [ -f "$dump" ]; then echo "no such dump: $dump" >&2; exit 3; fi
-sql=$(mktemp /tmp/releasy-restore.XXXXXXXX)
-trap 'rm -f -- "$sql"' EXIT
-cat > "$sql" <<'SQL'
-DROP SCHEMA IF EXISTS public CASCADE;
-CREATE SCHEMA public AUTHORIZATION pg_database_owner;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-COMMENT ON SCHEMA public IS 'standard public schema';
-SQL
-# The complete SQL first: a truncated stream must never reach psql (it would commit it).
-runuser -u postgres -- pg_restore --file=- "$dump" >> "$sql"
-runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 --single-transaction -d "$db" < "$sql"
-"""
-
 # $1 dump file, $2 database file, $3 service account. Root opens the dump (in its own
 # 0700 dir) and hands the bytes over on stdin; sqlite3 runs as the service account, so the
 # files it writes (the database, -wal, -shm) are its own and nothing is chowned: a symlink
@@ -335,7 +320,7 @@ def restore_argv(kind: str, target: str, name: str, *, user: str | None = None) 
     if kind == "sqlite":
         return ["sh", "-c", _SQLITE_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}",
                 target, _service_user(user)]
-    return ["sh", "-c", _PG_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}", target]
+    return restorecmd.restore_argv(f"{BACKUP_DIR}/{name}", target)
 
 
 def _service_user(user: str | None) -> str:
@@ -448,7 +433,10 @@ def restore(session, backup: Backup) -> None:
     """Replace the application database's content with ``backup`` (one round trip).
 
     Every Releasy instance must be stopped first: the schema is dropped and recreated. On
-    PostgreSQL this happens in one transaction, so a failure leaves the database as it was.
+    PostgreSQL this happens in one transaction. When it does not finish (a failure, the
+    timeout, Ctrl-C or SIGTERM), the restore is ended on the host (its processes and its
+    database session) and the outcome of its transaction is read from the database:
+    `RestoreFailed` says whether it was applied (``applied``), checked, not assumed.
     """
     inv = session.inventory
     if backup.kind != inv.database.kind:
@@ -458,19 +446,59 @@ def restore(session, backup: Backup) -> None:
     if conn.dry_run:
         conn.reporter.would(conn.name, f"restore the database from {backup.path}")
         return
-    res = conn.run(restore_argv(backup.kind, _target(inv), backup.name,
-                                user=inv.app.service_user), sudo=True,
-                   check=False, timeout=DUMP_TIMEOUT_S)
+    argv = restore_argv(backup.kind, _target(inv), backup.name, user=inv.app.service_user)
+    try:
+        res = conn.run(argv, sudo=True, check=False, timeout=DUMP_TIMEOUT_S)
+    except (KeyboardInterrupt, CommandTimeoutError, UnreachableError) as exc:
+        what = first_line(exc, conn.name)
+        raise _stopped(conn, inv, backup, what, exc) from None
     if not res.ok:
         said = tail(conn.mask(res.stderr.strip() or res.stdout.strip())) or "(no output)"
-        unchanged = (" The restore ran in one transaction: the database is unchanged."
-                     if backup.kind == "postgres" else "")
-        raise DeployError(
-            f"{conn.name}: restoring {backup.path} failed (exit code {res.exit_code}):\n"
-            + "\n".join(f"    {line}" for line in said.splitlines()) + f"\n {unchanged}",
-            host=conn.name)
+        what = (f"restoring {backup.path} failed (exit code {res.exit_code}):\n"
+                + "\n".join(f"    {line}" for line in said.splitlines()))
+        raise _stopped(conn, inv, backup, what, None)
     conn.reporter.changed(conn.name, f"database {inv.database.name} restored from"
                                      f" {backup.path} (migration level {backup.level})")
+
+
+def _stopped(conn, inv: Inventory, backup: Backup, what: str,
+             cause: BaseException | None) -> RestoreFailed:
+    """End what is left of a restore that did not finish and read its outcome."""
+    if backup.kind != "postgres":
+        if cause is None:  # sqlite3 reported the failure: the backup API changed nothing
+            return RestoreFailed(f"{conn.name}: {what}\n  SQLite's restore replaces the file"
+                                 f" in one step: the database is unchanged.", host=conn.name,
+                                 applied=False)
+        return RestoreFailed(f"{conn.name}: {what}\n  {restore_outcome_text('', '')}",
+                             host=conn.name, cause=cause)
+    outcome = restorecmd.UNKNOWN
+    why = ""
+    with interrupts.deferred(f"ending the restore on {conn.name} and reading its outcome"):
+        try:
+            res = conn.run(restorecmd.stop_argv(_target(inv)), sudo=True, check=False,
+                           mutates=False, timeout=restorecmd.STOP_WAIT_TENTHS / 10 + 30)
+            outcome = restorecmd.parse_outcome(res.stdout)
+        except DeployError as exc:
+            why = f" ({first_line(exc, conn.name)})"
+    return RestoreFailed(f"{conn.name}: {what}\n  {restore_outcome_text(outcome, why)}",
+                         host=conn.name, cause=cause,
+                         applied={restorecmd.COMMITTED: True, restorecmd.ABORTED: False,
+                                  restorecmd.NOT_STARTED: False}.get(outcome))
+
+
+def restore_outcome_text(outcome: str, why: str = "") -> str:
+    """What became of the restore's transaction, in words (pure)."""
+    if outcome == restorecmd.COMMITTED:
+        return ("The restore WAS fully applied: its transaction committed (read on the"
+                " database after the restore was ended).")
+    if outcome == restorecmd.ABORTED:
+        return ("Nothing of the restore was applied: its transaction was rolled back (read on"
+                " the database after the restore was ended), so the database is unchanged.")
+    if outcome == restorecmd.NOT_STARTED:
+        return ("Nothing of the restore was applied: it was ended before its transaction"
+                " began, so the database is unchanged.")
+    return (f"Whether the restore was applied could not be read{why}: it is all or nothing"
+            f" (one transaction); compare the data (`fab db.psql`) before going on.")
 
 
 # ====================================================================== day-2 tasks
@@ -809,26 +837,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                     session.executor.each(busy, stop)
                 restore(session, dump)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - restart, then raise
-            note = ""
-            with pipe.stage("failed", what="start again what ran before"):
-                try:
-                    if busy:
-                        session.executor.each(busy, start)
-                except DeployError as sexc:
-                    note = (f" Starting Releasy again failed as well"
-                            f" ({first_line(sexc)}): check the app hosts.")
-            lines = str(exc).splitlines() or [type(exc).__name__]
-            first = lines[0].removeprefix(f"{db}: ").rstrip(":")
-            said = [line for line in lines[1:] if line.startswith("    ")]  # its output
-            unchanged = ("The restore runs in one transaction, so the database is unchanged"
-                         if dump.kind == "postgres" else
-                         "SQLite's restore is one transaction as well: the database is"
-                         " unchanged")
-            raise DeployError("\n".join([
-                f"{db}: {first}" + (":" if said else ""), *said,
-                f"  {unchanged}, and what was running was started again.{note}",
-                f"  Check the dump (`fab db.backups`), or restore another one; the data as it"
-                f" was before is also in {safety.path}."]), host=db) from None
+            raise _restore_stopped(session, pipe, dump, safety, busy, start, exc) from None
         try:
             with pipe.stage("start", what="start Releasy again, wait for /ready"):
                 if busy:
@@ -846,6 +855,40 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
         session.reporter.info(db, f"restored {dump.name}; the data from before is in"
                                   f" {safety.name}")
         return dump
+
+
+def _restore_stopped(session, pipe, dump: Backup, safety: Backup, busy: Sequence[str], start,
+                     exc: BaseException) -> StepFailed:
+    """A restore that did not finish: start again what ran before (with Ctrl-C/SIGTERM
+    deferred: the hosts must not stay down), then the paragraph saying where things stand:
+    whether the dump was applied, as read on the database. The cause is kept, so an
+    interruption exits 130/143."""
+    db = backup_host(session.inventory).name
+    applied = exc.applied if isinstance(exc, RestoreFailed) else False
+    note = ""
+    with interrupts.deferred("starting Releasy again after the stopped restore"):
+        with pipe.stage("failed", what="start again what ran before"):
+            try:
+                if busy:
+                    session.executor.each(busy, start)
+            except DeployError as sexc:
+                note = (f" Starting Releasy again failed as well ({first_line(sexc)}): check"
+                        f" the app hosts.")
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    if not isinstance(exc, DeployError):
+        lines = [f"{db}: the restore of {dump.name} stopped: {first_line(exc)}"]
+    started = f"what was running was started again{' (on the restored data)' if applied else ''}"
+    if applied:
+        after = (f"  To go back to the data from before the restore: `fab db.restore --file"
+                 f" {safety.name}`.")
+    else:
+        after = (f"  Re-run `fab db.restore --file {dump.name}` to restore it; the data as it"
+                 f" was before is also in {safety.path}.")
+    if not isinstance(exc, RestoreFailed):
+        lines.append("  The restore had not begun: the database is unchanged.")
+    cause = exc.cause if isinstance(exc, RestoreFailed) else exc
+    return StepFailed("\n".join([*lines, f"  {started[0].upper()}{started[1:]}.{note}", after]),
+                      host=db, cause=cause)
 
 
 def _report_rotation(session, st: DbState) -> None:

@@ -8,7 +8,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -18,7 +20,8 @@ from typing import Callable, Iterator
 
 from invoke import Exit
 
-from .errors import BadInput, DeployError, LockHeld, ParallelError, is_unreachable
+from .errors import (BadInput, DeployError, LockHeld, ParallelError, Terminated, interruption,
+                     is_unreachable)
 from .executor import Executor, FaultInjection
 from .inventory import InventoryError, load_inventory
 from .output import Reporter, one_screen
@@ -109,6 +112,9 @@ def _debug_enabled() -> bool:
 
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit code of a library error (see the README's table)."""
+    stopped = interruption(exc)
+    if stopped is not None:
+        return EXIT_TERMINATED if isinstance(stopped, Terminated) else EXIT_INTERRUPTED
     if isinstance(exc, (InventoryError, BadInput)):
         return EXIT_BAD_INPUT
     if isinstance(exc, LockHeld):
@@ -127,18 +133,44 @@ def operator_task(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (DeployError, InventoryError) as exc:
-            debug = _debug_enabled()
-            if debug:
-                traceback.print_exc()
-            sys.stdout.flush()
-            # One screen: long detail blocks (journal tails of many hosts) are cut to their
-            # last lines; --debug shows everything.
-            text = str(exc) if debug else one_screen(str(exc))
-            raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
+        with _sigterm_raises():
+            return _run(fn, *args, **kwargs)
 
     return wrapper
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread (a KeyboardInterrupt), so a task
+    ends what it started on the hosts exactly as on Ctrl-C; exit code 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(fn: Callable, *args, **kwargs):
+    """The task body; expected failures become `Exit(message, code)`."""
+    try:
+        return fn(*args, **kwargs)
+    except (DeployError, InventoryError) as exc:
+        debug = _debug_enabled()
+        if debug:
+            traceback.print_exc()
+        sys.stdout.flush()
+        # One screen: long detail blocks (journal tails of many hosts) are cut to their
+        # last lines; --debug shows everything.
+        text = str(exc) if debug else one_screen(str(exc))
+        raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
+    except Terminated:
+        raise Exit("terminated (SIGTERM)", code=EXIT_TERMINATED) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted", code=EXIT_INTERRUPTED) from None

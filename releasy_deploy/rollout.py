@@ -46,7 +46,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from . import audit, schema
+from . import audit, interrupts, schema
 from . import backups as backups_mod
 from .backups import Backup
 from .commands import app as appcmd
@@ -59,7 +59,7 @@ from .engine.recovery import names as _names
 from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFailed,
                             parse_version_probe, releases_to_prune, server_of,
                             version_probe_argv)
-from .errors import BadInput, DeployError, ParallelError
+from .errors import BadInput, DeployError, ParallelError, RestoreFailed
 from .executor import HostConnection
 from .facts import DiskFree, Fact, OsRelease, read_facts
 from .hostos import check_release
@@ -552,6 +552,10 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
             c.reporter.info(c.name, f"ready on {version_of[c.name]}")
         return start
 
+    def target_of(applied: bool | None) -> Mapping[str, str | None]:
+        # The restored database suits the target; the old one the releases that ran.
+        return {n: r.version for n in names} if applied else currents
+
     try:
         with r.pipe.stage("restore", db, f"stop every app host, restore {dump.name}"):
             for n in names:
@@ -559,19 +563,24 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
             s.executor.each(names, stop)
             backups_mod.restore(s, dump)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        # The database is unchanged (one transaction): restart what ran before.
+        # What became of the database was read on it (RestoreFailed.applied).
+        applied = exc.applied if isinstance(exc, RestoreFailed) else False
         note = ""
-        with r.pipe.stage("failed", what="restart every app host on its release"):
+        with interrupts.deferred("restarting the app hosts after the stopped restore"), \
+                r.pipe.stage("failed", what="restart every app host"):
             try:
-                s.executor.each(names, start_on(currents))
+                s.executor.each(names, start_on(target_of(applied)))
             except ParallelError as sexc:
                 note = f" Restarting failed on {_names(sexc.failures)}: check them."
         r.audit("failed", stage="restore", reason=_first_line(exc))
+        outcome = (str(exc).splitlines()[-1].strip() if isinstance(exc, RestoreFailed)
+                   else "The restore had not begun: the database is unchanged.")
+        where = (f"every app host was started on {r.version}" if applied else
+                 "every app host was restarted on the release it ran before")
         raise RolloutFailed(
             f"Rollback of {inv.environment} to {r.version} stopped while restoring"
-            f" {dump.path} on {db}: {_first_line(exc, db)}. The restore runs in one"
-            f" transaction, so the database is unchanged; every app host was restarted on the"
-            f" release it ran before.{note}", host=db, cause=exc) from None
+            f" {dump.path} on {db}: {_first_line(exc, db)}. {outcome} {where}.{note}",
+            host=db, cause=exc.cause if isinstance(exc, RestoreFailed) else exc) from None
 
     target = {n: r.version for n in names}
     first, rest = names[0], names[1:]

@@ -234,7 +234,7 @@ def refuse_if_behind(version: str, recorded: Iterable[Mapping[str, int]], backup
     preflight of every task that switches releases, before anything is changed."""
     why = older_than_database(version, recorded, backups, db_level)
     if why is not None:
-        raise BadInput(f"refusing to roll out {why}")
+        raise BadInput(f"refusing to roll out {version}. {why}")
 
 
 def levels_to_record(running: Mapping[str, str | None],
