@@ -35,9 +35,10 @@ def _summarized(s):
             s.reporter.summary()
 
 
-@task(help={"dry_run": "only report what would change; touch nothing"})
+@task(help={"dry_run": "only report what would change; touch nothing",
+            "yes": "agree to a PostgreSQL restart (downtime) without being asked"})
 @operator_task
-def setup(c, dry_run=False):
+def setup(c, dry_run=False, yes=False):
     """Install and configure PostgreSQL 15: role, database, password, pg_hba, listen.
 
     Refused (exit 3) while another task holds the deploy lock, which lives in this
@@ -46,7 +47,7 @@ def setup(c, dry_run=False):
         try:
             if not s.dry_run:
                 site_ops.refuse_if_locked(s)
-            db_tier.setup(s)
+            db_tier.setup(s, yes=yes)
         finally:
             s.reporter.summary()
 

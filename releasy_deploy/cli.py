@@ -34,6 +34,8 @@ EXIT_FAILED = 1        # a step failed on a host (see the message)
 EXIT_BAD_INPUT = 2     # inventory, secrets, flags or release artifact are wrong: nothing touched
 EXIT_LOCK_BUSY = 3     # another deploy holds the environment's lock
 EXIT_UNREACHABLE = 4   # a host could not be reached or its host key did not verify
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): what was started was ended, the message says where
+EXIT_TERMINATED = 143   # SIGTERM: the same
 
 JSON_LOG_ENV = "RELEASY_JSON_LOG"
 # With a JSON log: RELEASY_TRACE=1 adds one "command" event per SSH command (host, masked
@@ -45,6 +47,7 @@ FAULT_ENV = "RELEASY_FAULT"
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
+           "EXIT_INTERRUPTED", "EXIT_TERMINATED",
            "JSON_LOG_ENV", "TRACE_ENV", "BadInput", "Session", "session", "confirm",
            "exit_code_for", "operator_task"]
 

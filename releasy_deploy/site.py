@@ -165,7 +165,7 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
 
 
 def run(session: Session, version: str | None = None, *, wait: float = 0,
-        rotate: Iterable[str] = ()) -> dict[str, int]:
+        rotate: Iterable[str] = (), yes: bool = False) -> dict[str, int]:
     """Converge the whole inventory; returns the change tally summed over hosts.
 
     Under the deploy lock from the app tier on (the database it lives in comes first); a
@@ -183,7 +183,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
             step_started = time.monotonic()
             session.reporter.info("site", f"--- {step} ---")
             if step == "db":
-                db.setup(session)
+                db.setup(session, yes=yes)  # a PostgreSQL restart (downtime) asks first
                 lock = stack.enter_context(change_lock(session, version=version, wait=wait))
             elif step == "app":
                 setup_app(session, version, lock, rotate=rotate, secrets=secrets)
