@@ -450,7 +450,7 @@ def restore(session, backup: Backup) -> None:
     try:
         res = conn.run(argv, sudo=True, check=False, timeout=DUMP_TIMEOUT_S)
     except (KeyboardInterrupt, CommandTimeoutError, UnreachableError) as exc:
-        what = first_line(exc, conn.name)
+        what = f"restoring {backup.path} stopped: {first_line(exc, conn.name)}"
         raise _stopped(conn, inv, backup, what, exc) from None
     if not res.ok:
         said = tail(conn.mask(res.stderr.strip() or res.stdout.strip())) or "(no output)"
