@@ -42,7 +42,8 @@ JSON_LOG_ENV = "RELEASY_JSON_LOG"
 # command, start, seconds), for the benchmark.
 TRACE_ENV = "RELEASY_TRACE"
 # Tests of the recovery paths: RELEASY_FAULT=N fails the task's N-th host-changing command
-# (0: only count them); the count is printed on stderr at the end.
+# (0: only count them), N:drop drops that host's SSH connection there instead; the count is
+# printed on stderr at the end.
 FAULT_ENV = "RELEASY_FAULT"
 
 
@@ -59,8 +60,7 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
     secrets = load_secrets(inventory) if need_secrets else Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
     reporter = Reporter(json_path=json_path)
-    fault_at = os.environ.get(FAULT_ENV, "")
-    faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
+    faults = fault_injection(os.environ.get(FAULT_ENV, ""))
     executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
                         trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults)
     try:
@@ -72,6 +72,15 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
             print(faults.summary(), file=sys.stderr, flush=True)
         if json_path:
             _log_executor_facts(json_path, executor)
+
+
+def fault_injection(value: str) -> FaultInjection | None:
+    """``RELEASY_FAULT``: ``N`` (the N-th host-changing command fails) or ``N:drop`` (the
+    host's SSH connection drops there); anything else: no injection."""
+    at, _, mode = value.partition(":")
+    if not at.isdigit() or mode not in ("", "drop"):
+        return None
+    return FaultInjection(int(at), drop=mode == "drop")
 
 
 def _log_executor_facts(path: str, executor: Executor) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from releasy_deploy import backups
-from releasy_deploy.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for
+from releasy_deploy.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, exit_code_for,
+                                 fault_injection)
 from releasy_deploy.commands import restore as restorecmd
 from releasy_deploy.errors import (DeployError, RestoreFailed, StepFailed, Terminated,
                                    first_line, interruption)
@@ -56,3 +57,13 @@ def test_an_interrupted_flow_exits_130_or_143_and_a_failed_one_1():
     assert interruption(DeployError("boom")) is None
     assert first_line(Terminated()) == "terminated (SIGTERM)"
     assert first_line(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+
+
+def test_fault_injection_fails_the_command_or_drops_the_connection():
+    assert fault_injection("") is None and fault_injection("x") is None
+    assert fault_injection("3:bogus") is None
+    plain, drop = fault_injection("3"), fault_injection("3:drop")
+    assert (plain.at, plain.drop) == (3, False) and (drop.at, drop.drop) == (3, True)
+    assert [drop.due("app1", f"cmd {i}") for i in range(1, 5)] == [False, False, True, False]
+    assert drop.summary() == ("fault injection: 4 host-changing command(s); #3 connection"
+                              " dropped on purpose: app1: cmd 3")
