@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from contextlib import ExitStack, contextmanager
 
-from . import rollout, schema
+from . import bluegreen, rollout, schema
 from .backups import BackupListing
 from .engine.plan import plan_reconfigure, plan_release_rollout
 from .engine.runner import RollingRunner
@@ -120,10 +120,18 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
     First installs (nothing serves yet) and single hosts start in parallel as before."""
     inv = session.inventory
     rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
-    done = app.setup(session, version, defer_restarts=rolling and lock is not None,
+    done = app.setup(session, version,
+                     defer_restarts=(rolling or inv.is_single_host) and lock is not None,
                      rotate=rotate, secrets=secrets)
     unrecorded = done.unrecorded
-    if done.deferred and lock is not None:
+    if done.deferred and lock is not None and inv.is_single_host:
+        # One host: a fresh instance beside the live one, then the switch (blue/green).
+        if not session.dry_run:
+            bluegreen.run(session, version, lock=lock)
+        else:
+            session.reporter.would(inv.hosts_in("app")[0].name, "start a fresh instance beside"
+                                   " the live one (blue/green), switch the proxy to it")
+    elif done.deferred and lock is not None:
         if _roll_restarts(session, version, lock, done.deferred):
             # The rollout recorded the level of the release it rolled out everywhere.
             unrecorded = {h: v for h, v in unrecorded.items() if v != version}

@@ -375,8 +375,7 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
 
     live = live_instance(inv, f)
     if live is not None:
-        _converge_bluegreen(c, plan, f, group, live)
-        return []
+        return _converge_bluegreen(c, plan, f, group, live, defer)
     serving = (defer and f.ready and f.releases.current is not None
                and f.unit.get("ActiveState") == "active")
 
@@ -428,9 +427,11 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
 
 
 def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,
-                        live: int) -> None:
-    """Blue/green owns the release and the running instance: keep config files right and
-    say when they take effect, but start, restart or switch nothing."""
+                        live: int, defer: bool = False) -> list[str]:
+    """Blue/green owns the release and the running instance: keep config files right, but
+    start, restart or switch nothing here. Returns the reasons for a fresh instance when
+    ``defer`` (the caller switches to one: `releasy_deploy.site`), else [] and says the
+    changes wait for the next `fab deploy.bluegreen`."""
     unit = cmd.instance_unit(live)
     if plan.version and plan.version != f.releases.current:
         raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
@@ -443,17 +444,25 @@ def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str
     if changed_units and not c.dry_run:
         _run_script(c, cmd.script_of([["systemctl", "daemon-reload"]]), "systemctl daemon-reload",
                     hint=f"see `systemctl status {unit}` on {c.name}")
-    if env_changed or changed_units:
+    reasons = [why for why, hit in (("env file changed", env_changed),
+                                    (f"{cmd.TEMPLATE_UNIT} changed",
+                                     cmd.TEMPLATE_UNIT in changed_units)) if hit]
+    if reasons and defer:
+        verb = "would be" if c.dry_run else "is"
+        c.reporter.info(c.name, f"{unit} is live (blue/green): its restart ({'; '.join(reasons)})"
+                                f" {verb} done by starting a fresh instance and switching to it")
+    elif env_changed or changed_units:
         c.reporter.info(c.name, f"{unit} is live (blue/green): the changes take effect at the "
                                 "next `fab deploy.bluegreen`, which starts a fresh instance")
     report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
-    if c.dry_run:
-        return
+    if c.dry_run or (reasons and defer):
+        return reasons if defer else []
     bind = cmd.instance_bind(live)
     if not f.instances_ready.get(live):
         wait_ready(c, bind, plan.inv.app.ready_timeout, unit=unit)
     c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready "
                             f"(release {f.releases.current})")
+    return []
 
 
 def _ensure_account(c: HostConnection, user: str, acct: cmd.Account) -> str:
