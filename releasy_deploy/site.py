@@ -19,7 +19,7 @@ from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .session import Session
-from .tiers import app, db, firewall, proxy
+from .tiers import app, db, firewall, prepare, proxy
 
 STEPS = ("db", "app", "proxy", "firewall")
 
@@ -136,10 +136,18 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     tier is touched."""
     started = time.monotonic()
     check_artifact(session, version)
+    # Every tier's first look at every host, in one parallel read (read-only).
+    seen = prepare.prefetch_all(session)
     if not session.dry_run:
         refuse_if_locked(session)
     secrets = app.resolve_secrets(session, rotate)
     with ExitStack() as stack:
+        step_started = time.monotonic()
+        installed = prepare.install_packages(session, seen)
+        if installed:
+            session.reporter.info("site", f"packages done in"
+                                          f" {time.monotonic() - step_started:.1f} s"
+                                          f" ({', '.join(installed)}, at once)")
         for step in STEPS:
             step_started = time.monotonic()
             session.reporter.info("site", f"--- {step} ---")

@@ -262,10 +262,17 @@ _PROBES = (OsRelease(), SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwSt
            OldStateDir(), AptProxyConf())
 
 
-def read_state(c: HostConnection, resolve: tuple[str, ...] | list[str] = ()) -> HostState:
+def state_facts(inv: Inventory, host: Host) -> list[Fact]:
+    """What `apply` looks at on one host (one round trip; `fab site` prefetches it)."""
+    return [*_PROBES, *(Resolve(n) for n in fw.names_to_resolve(inv, host))]
+
+
+def read_state(c: HostConnection, resolve: tuple[str, ...] | list[str] = (), *,
+               reuse: bool = False) -> HostState:
     """Everything the firewall tasks need from a host, in one round trip (read-only);
-    ``resolve``: DNS names to resolve on the host (`fw.names_to_resolve`)."""
-    seen = read_facts(c, (*_PROBES, *(Resolve(n) for n in resolve)), sudo=True)
+    ``resolve``: DNS names to resolve on the host (`fw.names_to_resolve`). ``reuse``: what
+    `fab site` prefetched will do (`facts.read_facts`)."""
+    seen = read_facts(c, (*_PROBES, *(Resolve(n) for n in resolve)), sudo=True, reuse=reuse)
     check_release(c.name, seen[OsRelease()])  # before anything is changed on it
     installed = seen[PackageVersion(FIREWALL_PACKAGES[0])] is not None
     status, added = seen[UfwStatusVerbose()], seen[UfwShowAdded()]
@@ -531,7 +538,7 @@ def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
     confirms the change (None only in dry-run). The building block of `apply`.
     """
     host = c.host
-    state = read_state(c, resolve)
+    state = read_state(c, resolve, reuse=True)
     check_ssh_source(host, state, admin_cidrs)
     if state.revert_pending:
         raise FirewallRefused(
