@@ -12,10 +12,12 @@ refuses them without ``-H``. `RemainderExecutor` hands them to this task instead
 from fabric import executor as _fabric_executor
 from invoke import Exit, task
 
-from releasy_deploy import maintenance
 from releasy_deploy.cli import EXIT_BAD_INPUT, operator_task, session
-from releasy_deploy.inventory import TIERS
-from releasy_deploy.tiers import app as tier_app
+from releasy_deploy.lazy import lazy_module
+
+maintenance = lazy_module("releasy_deploy.maintenance")
+inventory = lazy_module("releasy_deploy.inventory")
+tier_app = lazy_module("releasy_deploy.tiers.app")
 
 
 @task(help={"tier": "proxy, app or db: every host of that tier (required)",
@@ -31,7 +33,7 @@ def run(c, tier, host=None, command=None):
     (4 when the failing hosts were all unreachable), 2 bad input.
     """
     with session() as s:
-        if tier in TIERS:
+        if tier in inventory.TIERS:
             # `cat /etc/releasy/releasy.env` must not print the secrets that live only on
             # the hosts (the database password, a kept pepper) in clear either.
             tier_app.mask_host_secrets(s, [h for h in s.inventory.hosts_in(tier)

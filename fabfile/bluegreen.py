@@ -3,8 +3,10 @@ import os
 
 from invoke import task
 
-from releasy_deploy import bluegreen as bg
 from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session
+from releasy_deploy.lazy import lazy_module
+
+bg = lazy_module("releasy_deploy.bluegreen")
 
 
 @task(help={

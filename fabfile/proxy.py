@@ -1,9 +1,11 @@
 """proxy tier tasks: nginx terminating TLS in front of the app hosts."""
 from invoke import task
 
-from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
-from releasy_deploy.tiers import proxy
+from releasy_deploy.lazy import lazy_module
+
+site_ops = lazy_module("releasy_deploy.site")
+proxy = lazy_module("releasy_deploy.tiers.proxy")
 
 
 @task(help={"dry-run": "show what would change (with diffs) and touch nothing",

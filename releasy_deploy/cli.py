@@ -14,16 +14,19 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from invoke import Exit
 
 from .errors import BadInput, DeployError, LockHeld, ParallelError, is_unreachable
-from .executor import Executor, FaultInjection
-from .inventory import InventoryError, load_inventory
-from .output import Reporter, one_screen
-from .secrets import Secrets, load_secrets
-from .session import Session
+from .lazy import lazy_module
+
+# Loaded by the first task that runs (not by `fab --list`): see releasy_deploy/lazy.py.
+_executor = lazy_module("releasy_deploy.executor")
+_inventory = lazy_module("releasy_deploy.inventory")
+_output = lazy_module("releasy_deploy.output")
+_secrets = lazy_module("releasy_deploy.secrets")
+_session = lazy_module("releasy_deploy.session")
 
 # Exit codes: documented in the README; cron wrappers rely on them.
 EXIT_OK = 0
@@ -42,23 +45,24 @@ FAULT_ENV = "RELEASY_FAULT"
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
-           "JSON_LOG_ENV", "TRACE_ENV", "BadInput", "Session", "session", "confirm",
+           "JSON_LOG_ENV", "TRACE_ENV", "BadInput", "session", "confirm",
            "exit_code_for", "operator_task"]
 
 
 @contextmanager
-def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Session]:
-    """Inventory and secrets validated before any connection is made."""
-    inventory = load_inventory()
-    secrets = load_secrets(inventory) if need_secrets else Secrets({})
+def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Any]:
+    """The task's `Session`: inventory (parsed once per process) and secrets validated
+    before any connection is made."""
+    inventory = _inventory.load_inventory()
+    secrets = _secrets.load_secrets(inventory) if need_secrets else _secrets.Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
-    reporter = Reporter(json_path=json_path)
+    reporter = _output.Reporter(json_path=json_path)
     fault_at = os.environ.get(FAULT_ENV, "")
-    faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
-    executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
+    faults = _executor.FaultInjection(int(fault_at)) if fault_at.isdigit() else None
+    executor = _executor.Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
                         trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults)
     try:
-        yield Session(inventory, secrets, executor, reporter, confirm=confirm)
+        yield _session.Session(inventory, secrets, executor, reporter, confirm=confirm)
     finally:
         executor.close()
         reporter.close()
@@ -68,7 +72,7 @@ def session(dry_run: bool = False, *, need_secrets: bool = True) -> Iterator[Ses
             _log_executor_facts(json_path, executor)
 
 
-def _log_executor_facts(path: str, executor: Executor) -> None:
+def _log_executor_facts(path: str, executor: Any) -> None:
     """Append what the task cost in SSH terms to the JSON log: one ``round_trips`` event per
     host contacted (exec requests, connections opened), then the trace if one was kept."""
     now = _iso(time.time())
@@ -109,7 +113,7 @@ def _debug_enabled() -> bool:
 
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit code of a library error (see the README's table)."""
-    if isinstance(exc, (InventoryError, BadInput)):
+    if isinstance(exc, (_inventory.InventoryError, BadInput)):
         return EXIT_BAD_INPUT
     if isinstance(exc, LockHeld):
         return EXIT_LOCK_BUSY
@@ -129,14 +133,14 @@ def operator_task(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DeployError, InventoryError) as exc:
+        except (DeployError, _inventory.InventoryError) as exc:
             debug = _debug_enabled()
             if debug:
                 traceback.print_exc()
             sys.stdout.flush()
             # One screen: long detail blocks (journal tails of many hosts) are cut to their
             # last lines; --debug shows everything.
-            text = str(exc) if debug else one_screen(str(exc))
+            text = str(exc) if debug else _output.one_screen(str(exc))
             raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None

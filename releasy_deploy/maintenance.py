@@ -49,7 +49,7 @@ from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
 __all__ = [
-    "UNIT", "INSTANCE_UNITS", "DEFAULT_LOG_LINES", "LastHostInRotation", "AdhocFailed",
+    "UNIT", "INSTANCE_UNITS", "LastHostInRotation", "AdhocFailed",
     "RotationView", "RestartPlan", "HostRun", "app_host", "logs_argv", "adhoc_argv",
     "rotation_after_drain", "rotation_after_undrain", "restart_plan", "run_summary",
     "read_rotation", "restart", "drain", "undrain", "logs", "run_adhoc",
@@ -58,7 +58,6 @@ __all__ = [
 UNIT = app_tier.SERVICE_UNIT
 #: the blue/green instances of a single host (journalctl matches the pattern itself).
 INSTANCE_UNITS = "releasy@*.service"
-DEFAULT_LOG_LINES = 50
 MAX_LOG_LINES = 10000
 
 
@@ -397,7 +396,7 @@ def _log_targets(inv: Inventory, host: str | None) -> list[Host]:
     return [app_host(inv, host)] if host else list(inv.hosts_in("app"))
 
 
-def logs(session: Session, *, host: str | None = None, lines: Any = DEFAULT_LOG_LINES,
+def logs(session: Session, *, host: str | None = None, lines: Any = systemd.DEFAULT_LOG_LINES,
          follow: bool = False) -> None:
     """Print the Releasy journal of every app host (or ``host``), each line as
     ``[host] | ...``: grouped by host, or with ``follow`` streamed as it comes from all
