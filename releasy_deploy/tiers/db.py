@@ -144,6 +144,14 @@ def wanted_packages(c: HostConnection, inv: Inventory) -> tuple[tuple[str, ...],
     """(the PostgreSQL packages the db host needs, whether any is missing), from the facts
     `fab site` prefetched. A host whose apt lists were never loaded gets `apt-get update`
     first (not in a dry-run: it predicts from the release, like `setup`)."""
+    state = _first_look(c, inv)
+    return state.layout.packages, bool(state.missing_packages)
+
+
+def _first_look(c: HostConnection, inv: Inventory) -> HostState:
+    """The db host's state with a PostgreSQL layout: what `fab site` prefetched when it
+    can. A fresh host without apt lists: which majors it offers is unknown until apt-get
+    update, which a dry-run does not run: it predicts from the release."""
     state = _read_state(c, inv, reuse=True)
     if state.layout is None and c.dry_run:
         state = _predicted(c, inv, state)
@@ -151,13 +159,11 @@ def wanted_packages(c: HostConnection, inv: Inventory) -> tuple[tuple[str, ...],
         c.run(APT_UPDATE_ARGV, sudo=True)
         state = _read_state(c, inv)
         if state.layout is None:
-            raise DeployError(_no_lists_message(c.name), host=c.name)
-    return state.layout.packages, bool(state.missing_packages)
-
-
-def _no_lists_message(host: str) -> str:
-    return (f"{host}: apt-get update left no package lists in /var/lib/apt/lists: check "
-            f"the apt sources on {host} (apt-get update; apt-cache policy postgresql).")
+            raise DeployError(
+                f"{c.name}: apt-get update left no package lists in /var/lib/apt/lists: check "
+                f"the apt sources on {c.name} (apt-get update; apt-cache policy postgresql).",
+                host=c.name)
+    return state
 
 
 def _read_state(c: HostConnection, inv: Inventory, *, reuse: bool = False) -> HostState:
@@ -252,16 +258,7 @@ def setup(session: Session) -> None:
 
 
 def _setup_host(c: HostConnection, inv: Inventory) -> None:
-    state = _read_state(c, inv, reuse=True)
-    if state.layout is None and c.dry_run:
-        # A fresh host without apt lists: which majors it offers is unknown until
-        # apt-get update, which a dry-run does not run: predict from the release.
-        state = _predicted(c, inv, state)
-    elif state.layout is None:
-        c.run(APT_UPDATE_ARGV, sudo=True)
-        state = _read_state(c, inv)
-        if state.layout is None:
-            raise DeployError(_no_lists_message(c.name), host=c.name)
+    state = _first_look(c, inv)
     layout = state.layout
     c.reporter.info(c.name, f"{state.release.label}: PostgreSQL {layout.major} "
                             f"({_why_major(inv, state)})")

@@ -571,70 +571,32 @@ def test_revert_after_is_bounded():
     assert tier._check_revert_after(60) == 60
 
 
-# user.rules then user6.rules as ufw 0.36 wrote them on a lab host for the rules below (their
-# `### tuple ###` lines: what ufw keeps of each added rule), and what `ufw show added` said.
+# user.rules then user6.rules as ufw 0.36 wrote them on a lab host (their iptables lines
+# left out: only the `### tuple ###` lines matter), and what `ufw show added` said.
 USER_RULES = """\
 *filter
 :ufw-user-input - [0:0]
 ### RULES ###
 
 ### tuple ### allow tcp 22 0.0.0.0/0 any 10.77.14.1 in comment=72656c656173793a207373682066726f6d2061646d696e206e6574776f726b
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 8080 0.0.0.0/0 any 10.77.14.10 in comment=72656c656173793a206170702066726f6d2070726f787931
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 8080 0.0.0.0/0 any 0.0.0.0/0 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### deny any 25 0.0.0.0/0 any 0.0.0.0/0 out
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 22 0.0.0.0/0 any 0.0.0.0/0 OpenSSH - in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### limit tcp 2222 0.0.0.0/0 any 0.0.0.0/0 in_eth0
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow_log any 9999 0.0.0.0/0 any 0.0.0.0/0 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### reject udp 53 1.2.3.4 any 0.0.0.0/0 out_eth0 comment=782d79
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow udp any 0.0.0.0/0 1000:2000 10.1.0.0/16 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### deny any any 0.0.0.0/0 any 10.9.9.9 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 80,443 0.0.0.0/0 any 0.0.0.0/0 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### route:allow tcp 80 0.0.0.0/0 any 10.0.0.0/8 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 8080 ::/0 any ::/0 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### deny any 25 ::/0 any ::/0 out
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 22 ::/0 any fd77::5 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 22 ::/0 any ::/0 OpenSSH - in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### limit tcp 2222 ::/0 any ::/0 in_eth0
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow_log any 9999 ::/0 any ::/0 in
--A ufw-user-input -j ACCEPT
-
 ### tuple ### allow tcp 80,443 ::/0 any ::/0 in
--A ufw-user-input -j ACCEPT
-
 ### END RULES ###
 COMMIT
 """
