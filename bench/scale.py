@@ -4,7 +4,6 @@ proxies), a rolling deploy over 40 hosts in batches of 5, and the lab's memory p
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 from benchlib import Budget, FabRun, fab, median, parse_ts, say
