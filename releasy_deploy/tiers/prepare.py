@@ -71,11 +71,12 @@ def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list
     """Install what each host lacks, every host at once, its whole set in one apt call.
     ``seen``: what `prefetch_all` read. Returns the hosts that installed something."""
     inv = session.inventory
+    for host in inv.hosts:  # an unsupported host stops the run before any host is changed
+        check_release(host.name, seen[host.name][OsRelease()])
     if session.dry_run:
         return []
 
     def one(c: HostConnection) -> bool:
-        check_release(c.name, seen[c.name][OsRelease()])  # nothing installed on it otherwise
         wanted = list(host_packages(inv, c.host))
         lacking = [p for p in wanted if not seen[c.name].get(PackageVersion(p))]
         if _uses_postgres(inv, c.host):
