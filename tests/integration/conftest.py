@@ -45,12 +45,12 @@ SHAPE_ORDER = (SPLIT, SPLIT3, SINGLE_SQLITE, SINGLE_POSTGRES)
 # touch different hosts or tiers share one fresh lab: test_lab ends with `lab.down`; the
 # firewall module (listeners by hand on 80/443/5432/8080, ufw disabled afterwards), the load
 # generator's (a stand-in on app1), the proxy tier's (nginx on proxy1 only), the db tier's
-# (PostgreSQL on db1 only), then app_tier's split test and the stand-in's (its own port)
-# share a second; test_output and test_site share a third and its first `fab site`
+# (PostgreSQL on db1 only), then the stand-in's (its own port, an empty database) and
+# app_tier's split test share a second; test_output and test_site share a third and its first `fab site`
 # (`lab_session.first_site`). The modules after them reset the lab they share.
 MODULE_ORDER = {
     SPLIT: ("test_lab", "test_firewall", "test_loadgen", "test_proxy_tier", "test_db_tier",
-            "test_app_tier", "test_standin_lab", "test_output", "test_site"),
+            "test_standin_lab", "test_app_tier", "test_output", "test_site"),
     SINGLE_SQLITE: ("test_app_tier", "test_site", "test_backups", "test_lock",
                     "test_bluegreen"),
     SINGLE_POSTGRES: ("test_site", "test_db_tier", "test_bluegreen"),
