@@ -146,6 +146,12 @@ class LabHandle:
                  timeout: float = 600) -> None:
         """A brand-new database, no dumps and no recorded migration levels left by earlier
         modules, then `fab site --version VERSION`."""
+        self.clear(app_hosts, inventory=inventory)
+        self.fab("site", "--version", version, inventory=inventory, timeout=timeout)
+
+    def clear(self, app_hosts, *, inventory: Path | None = None) -> None:
+        """Releasy stopped on ``app_hosts`` (their recorded migration levels gone), the
+        application database dropped (when there is one) and no dumps."""
         data = yaml.safe_load((inventory or self.inventory).read_text())
         for host in app_hosts:
             self.sudo(host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
@@ -157,7 +163,6 @@ class LabHandle:
                 " 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi")
         self.sudo(data["tiers"]["db"][0], "sh", "-c",
                   f"cd / && {drop}; rm -rf /var/backups/releasy")
-        self.fab("site", "--version", version, inventory=inventory, timeout=timeout)
 
     def reset(self, version: str = "1.0.0", *, inventory: Path | None = None,
               timeout: float = 900) -> "LabHandle":
