@@ -3,6 +3,7 @@ the proxy's rotation, the database), and run load through the proxy. One copy he
 of one per module."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -83,3 +84,17 @@ def assert_no_failed_request(load: LoadGenerator, summary: dict) -> None:
     was reusing at a reload, as browsers and curl do; those are counted, not failures."""
     failures = [r for r in load.records() if r["status"] != 200]
     assert summary["failed"] == 0 and not failures, failures[:10]
+
+
+# A no-op `fab site`: its converge reads (3 round trips per host at most), then the audit
+# record every host gets (one more).
+NO_OP_SITE_ROUND_TRIPS = 4
+
+
+def site_round_trips(lab, log: Path) -> tuple[str, dict[str, tuple[int, int]]]:
+    """Run `fab site` with a JSON log: its output, and per host (round trips, connections)
+    as the executor counted them."""
+    out = lab.fab("site", env={"RELEASY_JSON_LOG": str(log)}).stdout
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    return out, {e["host"]: (e["round_trips"], e["connections"])
+                 for e in events if e["event"] == "round_trips"}

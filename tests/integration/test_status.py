@@ -85,8 +85,12 @@ def test_a_stopped_service_makes_status_fail_and_names_the_host(lab):
         assert "stopped (current 1.0.0)" in table["app1"]
         assert "INACTIVE" not in table["app2"]
         problems = proc.stdout.split("lab: UNHEALTHY\n", 1)[1].splitlines()
-        assert problems == ["  - app1: releasy.service is inactive (dead), not active",
-                            "  - app1: /ready does not answer 200"]
+        # The headline first: the proxies still route to it (a stopped, not a dead, host).
+        assert problems == [
+            "  ! app1: the proxies route requests to it but it does not answer /ready; fix it"
+            " (`fab app.restart --host app1`) or `fab app.drain --host app1`",
+            "  - app1: releasy.service is inactive (dead), not active",
+            "  - app1: /ready does not answer 200"]
         doc = json.loads(lab.fab("status", "--json", check=False).stdout)
         assert doc["healthy"] is False
         assert {h["name"]: h["healthy"] for h in doc["hosts"]} == {
