@@ -14,83 +14,31 @@ Two ways to show progress, chosen once per `Reporter`:
   ``print`` or ``sys.stderr`` write while it is shown), so no line is ever cut by it, and
   it is gone before the summary: what stays on the screen is exactly the plain output.
   ``RELEASY_PROGRESS=plain`` turns it off; so do ``TERM=dumb`` and debug logging.
+
+Its parts, every name still importable from here: `masking` (the `Masker`), `live_block`
+(the status block and the terminal stand-in) and `screen_text` (`fit`, `format_elapsed`,
+`one_screen`).
 """
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
-import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Mapping
+from typing import IO, Callable
 
-MASK = "****"
-MIN_SECRET_LEN = 4
-# Lines of a multi-line secret (a PEM key, an env file) are masked on their own too, since
-# output is handled line by line; shorter lines ("-----", "}") would mask innocent text.
-MIN_SECRET_LINE_LEN = 8
-
-#: ``plain`` never draws the live status block; anything else: live when on a terminal.
-PROGRESS_ENV = "RELEASY_PROGRESS"
-#: seconds between redraws of the live block (elapsed times and the spinner move).
-LIVE_TICK_S = 0.25
-#: an error message longer than this many lines is condensed (`one_screen`).
-ONE_SCREEN_LINES = 40
-
-_CSI = "\x1b["
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SPINNER = "|/-\\"
-
-
-class Masker:
-    """Replaces every known secret value (len >= 4) by ``****``; thread-safe to extend."""
-
-    def __init__(self, values: Iterable[str] = ()) -> None:
-        self._lock = threading.Lock()
-        self._values: set[str] = set()
-        self._regex: re.Pattern[str] | None = None
-        self.add(values)
-
-    def add(self, values: Iterable[str]) -> None:
-        new: set[str] = set()
-        for value in values:
-            if not isinstance(value, str):
-                continue
-            if len(value) >= MIN_SECRET_LEN:
-                new.add(value)
-            if "\n" in value:
-                new.update(
-                    line.strip()
-                    for line in value.splitlines()
-                    if len(line.strip()) >= MIN_SECRET_LINE_LEN
-                )
-        with self._lock:
-            if new - self._values:
-                self._values |= new
-                # Longest first, so a secret that contains another is masked whole.
-                ordered = sorted(self._values, key=len, reverse=True)
-                self._regex = re.compile("|".join(re.escape(v) for v in ordered))
-
-    def __bool__(self) -> bool:
-        return bool(self._values)
-
-    def __call__(self, text: str) -> str:
-        regex = self._regex
-        if regex is None or not text:
-            return text
-        return regex.sub(MASK, text)
-
-    def contains_secret(self, text: str) -> bool:
-        regex = self._regex
-        return bool(regex is not None and text and regex.search(text))
+# Also re-exported: callers and tests know one module, `output`.
+from .live_block import (_CSI, LIVE_TICK_S, PROGRESS_ENV, HostStatus, LiveBlock, _TerminalProxy,
+                         live_wanted)
+from .masking import MASK, MIN_SECRET_LEN, MIN_SECRET_LINE_LEN, Masker
+from .screen_text import ONE_SCREEN_LINES, fit, format_elapsed, one_screen
 
 
 @dataclass
@@ -99,234 +47,6 @@ class HostTally:
     unchanged: int = 0
     would: int = 0
     errors: int = 0
-
-
-# --------------------------------------------------------------------------------------
-# Pure helpers (unit-tested)
-# --------------------------------------------------------------------------------------
-def live_wanted(stream: IO[str] | None, environ: Mapping[str, str] = os.environ) -> bool:
-    """Should a Reporter writing to ``stream`` (None: sys.stdout) draw the live block?"""
-    if environ.get(PROGRESS_ENV, "").strip().lower() == "plain":
-        return False
-    if environ.get("TERM", "") == "dumb":
-        return False
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
-        return False  # `fab --debug`: log lines go to stderr behind our back
-    target = stream if stream is not None else sys.stdout
-    if isinstance(target, _TerminalProxy):
-        return False  # another reporter's block is on the screen already
-    try:
-        return bool(target.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-def fit(text: str, width: int) -> str:
-    """``text`` on one line of at most ``width`` characters (cut with ``...``); control
-    characters (line breaks, a remote program's colour codes) become spaces."""
-    text = _CONTROL.sub(" ", text)
-    if width <= 0:
-        return ""
-    if len(text) <= width:
-        return text
-    return text[: max(0, width - 3)] + "..." if width > 3 else text[:width]
-
-
-def format_elapsed(seconds: float) -> str:
-    """``4.2s``, ``1m05s``, ``1h02m``: short and fixed in shape."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def one_screen(text: str, max_lines: int = ONE_SCREEN_LINES) -> str:
-    """Condense an error message to at most ``max_lines`` lines, keeping what matters.
-
-    Messages are a first line, then detail blocks (indented lines: a command's output, a
-    journal tail), then what to do. Long blocks are cut from the top, keeping their last
-    lines (where a failure shows) and saying how many were left out; every other line
-    (the hosts' first lines, the hints) is kept. Texts already short are returned as is.
-    """
-    lines = text.splitlines()
-    if len(lines) <= max_lines:
-        return text
-    # Runs of consecutive lines at the same indentation (>= 4 spaces): the detail blocks.
-    runs: list[tuple[int, int]] = []  # (start, end) of each run worth cutting
-    i = 0
-    while i < len(lines):
-        indent = _indent(lines[i])
-        j = i + 1
-        while j < len(lines) and indent >= 4 and _indent(lines[j]) == indent and lines[j].strip():
-            j += 1
-        if indent >= 4 and j - i >= 3:
-            runs.append((i, j))
-        i = j if j > i else i + 1
-    fixed = len(lines) - sum(end - start for start, end in runs)
-    budget = max_lines - fixed
-    # The largest per-run cap such that every run cut to it (plus a "... N more" line) fits.
-    longest = max((end - start for start, end in runs), default=0)
-    cap = None
-    for keep in range(longest, 1, -1):
-        used = sum(n if n <= keep else keep + 1 for n in (end - start for start, end in runs))
-        if used <= budget:
-            cap = keep
-            break
-    if cap is None:
-        cap = 2
-    out: list[str] = []
-    pos = 0
-    for start, end in runs:
-        out.extend(lines[pos:start])
-        block = lines[start:end]
-        if len(block) > cap:
-            dropped = len(block) - cap
-            pad = " " * _indent(block[0])
-            out.append(f"{pad}... ({dropped} earlier lines not shown; --debug shows all)")
-            out.extend(block[-cap:])
-        else:
-            out.extend(block)
-        pos = end
-    out.extend(lines[pos:])
-    if len(out) > max_lines:  # many hosts each with a line of their own: keep the top
-        hidden = len(out) - (max_lines - 1)
-        out = out[: max_lines - 1] + [f"... and {hidden} more lines (--debug shows all)"]
-    return "\n".join(out)
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
-
-
-# --------------------------------------------------------------------------------------
-# The live status block
-# --------------------------------------------------------------------------------------
-@dataclass
-class HostStatus:
-    """What the live block shows for one host (or pipeline label)."""
-
-    label: str
-    stage: str = ""
-    message: str = ""
-    since: float = 0.0  # when the current stage (or the first event) started
-    ended: float | None = None  # a stage finished: the row is frozen
-    failed: bool = False
-    seq: int = 0  # first-seen order
-
-    def elapsed(self, now: float) -> float:
-        return (self.ended if self.ended is not None else now) - self.since
-
-
-class LiveBlock:
-    """The per-host status rows and the header above them (pure: no I/O, no clock)."""
-
-    def __init__(self) -> None:
-        self.hosts: dict[str, HostStatus] = {}
-
-    def note(self, host: str, event: str, message: str, now: float, *,
-             stage: str | None = None) -> None:
-        first = (message.splitlines() or [""])[0]
-        st = self.hosts.get(host)
-        if st is None:
-            st = self.hosts[host] = HostStatus(host, since=now, seq=len(self.hosts))
-        if event == "stage" and stage is not None:
-            if first.startswith("done in"):
-                st.ended, st.message = now, f"{stage} {first}"
-                return
-            if first.startswith("FAILED"):
-                st.ended, st.failed, st.message = now, True, first
-                return
-            st.stage, st.since, st.ended, st.message = stage, now, None, first
-            return
-        if event == "error":
-            st.failed = True
-            st.message = f"ERROR: {first}"
-            return
-        if st.ended is not None and not st.failed:
-            # A finished stage, then more work on the same host: running again.
-            st.ended, st.since = None, now
-        prefix = {"changed": "changed: ", "unchanged": "ok: ", "would": "would ",
-                  "diff": "diff ", "stdout": "| ", "stderr": "! "}.get(event, "")
-        if event == "diff":
-            first = message if len(message) < 80 else ""
-        st.message = prefix + first
-
-    def rows(self, now: float, width: int, height: int, tick: int, *,
-             started: float, unicode: bool = False) -> list[str]:
-        """Header + one row per host, each at most ``width - 1`` characters (a character
-        in the last column would wrap on some terminals and break the redraw)."""
-        if not self.hosts:
-            return []
-        width = max(20, width - 1)
-        hosts = sorted(self.hosts.values(), key=lambda s: s.seq)
-        running = [s for s in hosts if s.ended is None and not s.failed]
-        failed = sum(1 for s in hosts if s.failed)
-        done_mark, fail_mark = ("\u2713", "\u2717") if unicode else ("+", "!")
-        header = (f"-- {len(running)} running, {len(hosts) - len(running) - failed} done"
-                  + (f", {failed} FAILED" if failed else "")
-                  + f" -- {format_elapsed(now - started)} --")
-        room = max(3, height - 2)
-        shown = hosts
-        if len(hosts) > room:
-            # Failed hosts first, then running ones, the most recently started first.
-            shown = sorted(hosts, key=lambda s: (not s.failed, s.ended is not None,
-                                                 -s.since))[: room - 1]
-            shown.sort(key=lambda s: s.seq)
-        # Column widths shrink with the terminal so the message keeps some room.
-        hw = min(max(len(s.label) for s in shown), 24, max(6, width // 4))
-        sw = min(max((len(s.stage) for s in shown), default=0), 12, max(4, width // 6))
-        out = [fit(header, width)]
-        for s in shown:
-            mark = fail_mark if s.failed else done_mark if s.ended is not None else \
-                _SPINNER[(tick + s.seq) % len(_SPINNER)]
-            right = format_elapsed(s.elapsed(now))
-            left = f"{mark} {fit(s.label, hw):<{hw}}  "
-            if sw:
-                left += f"{fit(s.stage, sw):<{sw}}  "
-            room_msg = width - len(left) - len(right) - 1
-            left += fit(s.message, room_msg).ljust(max(0, room_msg))
-            out.append(fit(f"{left} {right}", width))
-        if len(shown) < len(hosts):
-            out.append(fit(f"   ... and {len(hosts) - len(shown)} more", width))
-        return out
-
-
-class _TerminalProxy(io.TextIOBase):
-    """Stands in for sys.stdout / sys.stderr while the live block is shown, so a ``print``
-    from anywhere erases the block first. ``fileno`` is deliberately unsupported: then
-    ``input()`` writes its prompt through us (and the block steps aside) instead of going
-    straight to the terminal."""
-
-    def __init__(self, reporter: "Reporter", target: IO[str]) -> None:
-        super().__init__()
-        self._reporter = reporter
-        self.target = target
-
-    def write(self, text: str) -> int:
-        self._reporter._foreign_write(self.target, text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-    def isatty(self) -> bool:
-        return self.target.isatty()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self.target, "encoding", "utf-8")
-
-    @property
-    def errors(self) -> str | None:  # type: ignore[override]
-        return getattr(self.target, "errors", None)
-
 
 # --------------------------------------------------------------------------------------
 # The reporter
