@@ -23,14 +23,12 @@ machine). Needs root (the lab does).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
 import re
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,21 +47,17 @@ import yaml  # noqa: E402
 
 from lab import lab as lab_ops  # noqa: E402
 from lab.config import current_identity, topology_hosts  # noqa: E402
-from releasy_deploy.cli import JSON_LOG_ENV, TRACE_ENV  # noqa: E402
-from releasy_deploy.executor import Executor  # noqa: E402
 from releasy_deploy.inventory import load_inventory  # noqa: E402
-from releasy_deploy.output import Reporter  # noqa: E402
-
-FAB = str(Path(sys.executable).parent / "fab")
-RESULTS = ROOT / "bench" / "results"
 
 # Targets (issue 6).
-SITE_MAX_ROUND_TRIPS = 3
+SITE_MAX_ROUND_TRIPS = 2  # issue 15: one read per host, + the proxy's smoke test
 ROLLING_MAX_OVERHEAD_S = 1.0
 FANOUT_MAX_RATIO = 2.0
 
-TOTAL_BUDGET_S = 540.0  # the whole run, lab up and down included, stays under 10 min
-FANOUT_SIZES = (1, 5, 10, 20)
+FANOUT_SIZES = (1, 10, 20, 40)  # app hosts; the largest lab also has 2 proxies
+FANOUT_PROXIES = 2
+SCALE_SIZES = (10, 20, 40)  # the scale curve: no-op site, status and fan-out
+ROLLING_BATCH = 5
 APPS_FOR_ROLLING = 3  # the split lab used for items 1, 2, 3 and 5
 FROM_VERSION, TO_VERSION = "1.0.0", "1.1.0"
 # systemd-nspawn hosts each hold several inotify instances; the kernel default (128 per
@@ -71,101 +65,10 @@ FROM_VERSION, TO_VERSION = "1.0.0", "1.1.0"
 INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
 INOTIFY_NEEDED = 1024
 
-
-class OutOfTime(Exception):
-    pass
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def timeout(self, wanted: float) -> float:
-        """A deadline for one step: what it wants, or what is left of the budget."""
-        left = self.end - time.monotonic()
-        if left < 10:
-            raise OutOfTime(f"bench budget of {TOTAL_BUDGET_S:.0f} s used up")
-        return min(wanted, left)
-
-
-def say(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 2)
-
-
-def parse_ts(ts: str) -> float:
-    return datetime.fromisoformat(ts).timestamp()
-
-
-# --------------------------------------------------------------------------------------
-# Running the real CLI
-# --------------------------------------------------------------------------------------
-class FabRun:
-    def __init__(self, args: Sequence[str], proc: subprocess.CompletedProcess, seconds: float,
-                 events: list[dict]) -> None:
-        self.args = list(args)
-        self.proc = proc
-        self.seconds = seconds
-        self.events = events
-
-    def of(self, kind: str) -> list[dict]:
-        return [e for e in self.events if e.get("event") == kind]
-
-    def round_trips(self) -> dict[str, int]:
-        return {e["host"]: e["round_trips"] for e in self.of("round_trips")}
-
-    def connections(self) -> dict[str, int]:
-        return {e["host"]: e["connections"] for e in self.of("round_trips")}
-
-
-def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
-        trace: bool = False, check: bool = True) -> FabRun:
-    """Run `fab ARGS` as an operator would, with a JSON log; wall time includes start-up."""
-    with tempfile.TemporaryDirectory(prefix="releasy-bench-") as tmp:
-        log = Path(tmp) / "events.jsonl"
-        env = {**os.environ, "RELEASY_INVENTORY": str(inventory), JSON_LOG_ENV: str(log),
-               "PYTHONUNBUFFERED": "1"}
-        env.pop(TRACE_ENV, None)
-        if trace:
-            env[TRACE_ENV] = "1"
-        argv = [FAB, "-r", str(ROOT / "fabfile"), *args]
-        started = time.perf_counter()
-        try:
-            proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=budget.timeout(timeout))
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"fab {' '.join(args)} did not finish within its deadline")
-        seconds = time.perf_counter() - started
-        events = ([json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-                  if log.exists() else [])
-    if check and proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"fab {' '.join(args)} exited {proc.returncode}:\n{tail}")
-    return FabRun(args, proc, seconds, events)
-
-
-def fab_tasks() -> set[str]:
-    proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), "--list"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    return {m.group(1) for m in re.finditer(r"^\s+([\w.-]+)", proc.stdout, re.MULTILINE)}
-
-
-def cpu_busy_sample() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def quiet_executor(inv: Any, **kw: Any) -> Executor:
-    return Executor(inv, reporter=Reporter(io.StringIO()), **kw)
+from benchlib import (  # noqa: E402
+    RESULTS, TOTAL_BUDGET_S, Budget, FabRun, OutOfTime, cpu_busy_sample, fab, fab_tasks,
+    median, ms, parse_ts, quiet_executor, say)
+import scale  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -268,6 +171,7 @@ def measure_site(inventory: Path, budget: Budget, runs: int = 3) -> dict:
         "connect_s": connects,
         "phases_s": phases,
         "critical_path_s": critical,
+        "startup_s": last.startup_s(),
         "slowest_commands": [{"host": e["host"], "seconds": e["seconds"],
                               "command": e["command"].splitlines()[0][:100]} for e in slowest],
         "target_max_round_trips": SITE_MAX_ROUND_TRIPS,
@@ -411,8 +315,9 @@ def subset_inventory(n: int, out_dir: Path) -> Path:
     """The inventory `lab.up --apps N` would write (same names and addresses), for the
     first N app hosts of the running 20-app lab; local paths made absolute."""
     ident = current_identity()
-    request = lab_ops.LabRequest("split", n)
-    data = yaml.safe_load(lab_ops.lab_inventory(ident, topology_hosts("split", n), request))
+    request = lab_ops.LabRequest("split", n, proxies=FANOUT_PROXIES)
+    data = yaml.safe_load(lab_ops.lab_inventory(
+        ident, topology_hosts("split", n, proxies=FANOUT_PROXIES), request))
     sd = ident.state_dir
     data["known_hosts"] = str(sd / data["known_hosts"])
     data["ssh"]["identity_file"] = str(sd / data["ssh"]["identity_file"])
@@ -694,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-fanout", action="store_true",
                         help="skip item 4 (needs a 22-host lab)")
+    parser.add_argument("--skip-first-site", action="store_true",
+                        help="skip the first `fab site` on three fresh labs")
     parser.add_argument("--keep-lab", action="store_true",
                         help="leave the lab up at the end (default: tear it down)")
     parser.add_argument("--output", default=str(RESULTS / "latest.json"),
@@ -733,10 +640,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(note)
             results["machine"]["note"] = note
         tasks = fab_tasks()
+        if args.skip_first_site:
+            m["first_site"] = {"skipped": "--skip-first-site"}
+        else:
+            measure("first_site", lambda: scale.first_site(budget))
         say(f"lab.up --apps {APPS_FOR_ROLLING} (LAB_ID={ident.lab_id or 'unset'})")
         t0 = time.monotonic()
         inventory = lab_ops.up(lab_ops.LabRequest("split", APPS_FOR_ROLLING))
         results["lab_up_s"] = round(time.monotonic() - t0, 1)
+        measure("cli_start", lambda: scale.cli_start(inventory, budget))
         measure("floor", lambda: measure_floor(inventory, budget))
         measure("site_noop", lambda: measure_site(inventory, budget))
         if "status" in tasks:
@@ -750,14 +662,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.skip_fanout:
             m["fanout"] = {"skipped": "--skip-fanout"}
         else:
-            say(f"lab.up --apps {max(FANOUT_SIZES)} (replaces the lab)")
+            big = max(FANOUT_SIZES)
+            say(f"lab.up --apps {big} --proxies {FANOUT_PROXIES} (replaces the lab)")
             t0 = time.monotonic()
             try:
-                lab_ops.up(lab_ops.LabRequest("split", max(FANOUT_SIZES)))
+                lab_ops.up(lab_ops.LabRequest("split", big, proxies=FANOUT_PROXIES))
                 results["fanout_lab_up_s"] = round(time.monotonic() - t0, 1)
+                inv_dir = RESULTS / f"inventories{ident.lab_id or ''}"
+                subsets = {n: subset_inventory(n, inv_dir) for n in FANOUT_SIZES}
                 measure("fanout", lambda: measure_fanout(budget, use_cli="run" in tasks))
+                for n in SCALE_SIZES:
+                    measure(f"scale_{n}", lambda n=n: scale.scale_point(subsets[n], budget))
+                hosts = [h.name for h in load_inventory(subsets[big]).hosts]
+                measure("lab_memory", lambda: scale.lab_memory(hosts))
+                apps = [h for h in hosts if h.startswith("app")]
+                proxies = [h for h in hosts if h.startswith("proxy")]
+                measure("rolling_batches", lambda: scale.rolling_batches(
+                    subsets[big], budget, apps, proxies, batch=ROLLING_BATCH))
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - lab.up raises SystemExit
-                m["fanout"] = {"error": f"lab.up --apps {max(FANOUT_SIZES)} failed: {exc}"}
+                m["fanout"] = {"error": f"lab.up --apps {big} failed: {exc}"}
     finally:
         if not args.keep_lab:
             say("lab.down")
@@ -765,12 +688,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["total_s"] = round(time.monotonic() - started, 1)
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     results["notes"] = notes(results)
+    results.update(scale.summary(m, SCALE_SIZES))  # the fixed names, at the top level
+    results["targets"] = scale.check_targets(results)
+    results["missed"] = [t["name"] for t in results["targets"] if t["met"] is False]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\n{results['machine']['cpus']} CPUs, load average {results['machine']['load_avg_at_start'][0]:.2f}"
           f" at start; bench took {results['total_s']} s; results in {out}")
+    print("\ntargets (issue 15):")
+    print(render([(t["name"], "not measured" if t["value"] is None else t["value"], t["target"],
+                   verdict(t["met"])) for t in results["targets"]],
+                 ("target", "value", "limit", "verdict")))
+    print(f"missed: {', '.join(results['missed']) or 'none'}")
+    print("\nscale curve (seconds; fan-out = `fab run --tier app -- true`):")
+    print(render([(n, p["noop_site_s"], p["status_s"], p["fanout_s"])
+                  for n, p in results["scale"].items()],
+                 ("app hosts", "no-op site", "status", "fan-out")))
+    print(f"status {results['status_s']} s, rolling over {max(SCALE_SIZES)} hosts (batch"
+          f" {ROLLING_BATCH}) {results['rolling_s']} s, lab memory per host"
+          f" {results['lab_mem_per_host_mb']} MB")
     if results["notes"]:
         print("\nnotes:")
         for n in results["notes"]:

@@ -17,10 +17,12 @@ H -- COMMAND`` with no task at all is Fabric's alone: it does not even load this
 from fabric import executor as _fabric_executor
 from invoke import Call, Exit, task
 
-from releasy_deploy import maintenance
 from releasy_deploy.cli import CORE_HOSTS_KEY, EXIT_BAD_INPUT, operator_task, session
-from releasy_deploy.inventory import TIERS
-from releasy_deploy.tiers import app as tier_app
+from releasy_deploy.lazy import lazy_module
+
+maintenance = lazy_module("releasy_deploy.maintenance")
+inventory = lazy_module("releasy_deploy.inventory")
+tier_app = lazy_module("releasy_deploy.tiers.app")
 
 
 @task(help={"tier": "proxy, app or db: every host of that tier",
@@ -37,7 +39,7 @@ def run(c, tier=None, host=None, command=None):
     (4 when the failing hosts were all unreachable), 2 bad input.
     """
     with session() as s:
-        if tier in TIERS or tier is None:
+        if tier in inventory.TIERS or tier is None:
             # `cat /etc/releasy/releasy.env` must not print the secrets that live only on
             # the hosts (the database password, a kept pepper) in clear either.
             tier_app.mask_host_secrets(s, maintenance.adhoc_hosts(s.inventory, tier, host))

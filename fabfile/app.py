@@ -2,10 +2,13 @@
 drain, undrain)."""
 from invoke import task
 
-from releasy_deploy import maintenance
-from releasy_deploy import site as site_ops
 from releasy_deploy.cli import JSON_LOG_ENV, READ_ONLY, operator_task, session, use_json_log
-from releasy_deploy.tiers import app as tier_app
+from releasy_deploy.commands.systemd import DEFAULT_LOG_LINES
+from releasy_deploy.lazy import lazy_module
+
+maintenance = lazy_module("releasy_deploy.maintenance")
+site_ops = lazy_module("releasy_deploy.site")
+tier_app = lazy_module("releasy_deploy.tiers.app")
 
 
 @task(help={"version": "release to install and run, e.g. 1.2.3 (default: keep each host's"
@@ -81,10 +84,10 @@ def restart(c, host=None, batch=1, yes=False, dry_run=False, wait=0, ready_timeo
 
 @task(help={"host": "only these app hosts (H[,H...], fab's -H means the same; default:"
                     " every app host)",
-            "lines": f"journal lines per host (default {maintenance.DEFAULT_LOG_LINES})",
+            "lines": f"journal lines per host (default {DEFAULT_LOG_LINES})",
             "follow": "then keep streaming new lines from every host until Ctrl-C"})
 @operator_task(hosts="host", dry=READ_ONLY)
-def logs(c, host=None, lines=maintenance.DEFAULT_LOG_LINES, follow=False):
+def logs(c, host=None, lines=DEFAULT_LOG_LINES, follow=False):
     """Releasy's journal on the app hosts, every line prefixed by its host."""
     with session() as s:
         # Journal lines can quote the environment (a crash dump, a debug log): hide the

@@ -4,8 +4,10 @@ import sys
 
 from invoke import Exit, task
 
-from releasy_deploy import audit as audit_ops
 from releasy_deploy.cli import EXIT_BAD_INPUT, EXIT_UNREACHABLE, operator_task, session
+from releasy_deploy.lazy import lazy_module
+
+audit_ops = lazy_module("releasy_deploy.audit")
 
 DEFAULT_LAST = 20
 

@@ -1,8 +1,10 @@
 """Blue/green deploy on a single host (registered as `deploy.bluegreen`)."""
 from invoke import task
 
-from releasy_deploy import bluegreen as bg
 from releasy_deploy.cli import JSON_LOG_ENV, operator_task, session, use_json_log
+from releasy_deploy.lazy import lazy_module
+
+bg = lazy_module("releasy_deploy.bluegreen")
 
 
 @task(help={

@@ -9,12 +9,15 @@ from contextlib import contextmanager
 
 from invoke import Exit, task
 
-from releasy_deploy import backups, dbshell
-from releasy_deploy import site as site_ops
 from releasy_deploy.cli import READ_ONLY, BadInput, operator_task, session
 from releasy_deploy.errors import DeployError, ParallelError
-from releasy_deploy.lock import LockBusy
-from releasy_deploy.tiers import db as db_tier
+from releasy_deploy.lazy import lazy_module
+
+backups = lazy_module("releasy_deploy.backups")
+dbshell = lazy_module("releasy_deploy.dbshell")
+lock_ops = lazy_module("releasy_deploy.lock")
+site_ops = lazy_module("releasy_deploy.site")
+db_tier = lazy_module("releasy_deploy.tiers.db")
 
 
 @contextmanager
@@ -25,7 +28,7 @@ def _summarized(s):
     try:
         yield
     except DeployError as exc:
-        if exc.host and not isinstance(exc, (ParallelError, BadInput, LockBusy)):
+        if exc.host and not isinstance(exc, (ParallelError, BadInput, lock_ops.LockBusy)):
             first = (str(exc).splitlines() or [""])[0].removeprefix(f"{exc.host}: ")
             s.reporter.error(exc.host, first + (" (details below)" if "\n" in str(exc) else ""))
         raise

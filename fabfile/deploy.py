@@ -6,11 +6,12 @@ needed but stdin is not a terminal and --yes was not given), 3 another deploy ho
 lock, 4 a host is unreachable."""
 from invoke import task
 
-from releasy_deploy import rollout
-from releasy_deploy import lock as lock_ops
 from releasy_deploy.cli import (JSON_LOG_ENV, READ_ONLY, BadInput, confirm, operator_task,
                                 session, use_json_log)
-from releasy_deploy.lock import holder_info
+from releasy_deploy.lazy import lazy_module
+
+rollout = lazy_module("releasy_deploy.rollout")
+lock_ops = lazy_module("releasy_deploy.lock")
 
 _COMMON_HELP = {
     "batch": "app hosts changed at a time after the first one (default 1; one host always"
@@ -37,7 +38,7 @@ def _summary(s):
 def lock(c):
     """Show who holds the deploy lock of this environment, or 'free'."""
     with session() as s:
-        holder = holder_info(s)
+        holder = lock_ops.holder_info(s)
         env = s.inventory.environment
         if holder is None:
             print(f"deploy lock of {env}: free")
@@ -54,7 +55,7 @@ def unlock(c, yes=False):
     it was changing may be left out of rotation: the next deploy puts them back."""
     with session(action="deploy.unlock", audited=True) as s:
         env = s.inventory.environment
-        holder = holder_info(s)
+        holder = lock_ops.holder_info(s)
         if holder is None:
             print(f"deploy lock of {env}: free; nothing to end")
             return

@@ -8,9 +8,11 @@ connection gets through. With ``egress.restrict`` outgoing traffic is denied exc
 flows derived from the topology (see `fab firewall.plan`)."""
 from invoke import Exit, task
 
-from releasy_deploy import site as site_ops
 from releasy_deploy.cli import READ_ONLY, operator_task, session
-from releasy_deploy.tiers import firewall as fw
+from releasy_deploy.lazy import lazy_module
+
+site_ops = lazy_module("releasy_deploy.site")
+fw = lazy_module("releasy_deploy.tiers.firewall")
 
 
 @task

@@ -2,8 +2,10 @@
 from invoke import task
 
 from releasy_deploy.cli import READ_ONLY, operator_task, session
-from releasy_deploy.inventory import TIERS
-from releasy_deploy.facts import Arch, OsRelease, read_facts
+from releasy_deploy.lazy import lazy_module
+
+inventory = lazy_module("releasy_deploy.inventory")
+facts = lazy_module("releasy_deploy.facts")
 
 
 @task
@@ -13,7 +15,7 @@ def check(c):
     with session() as s:
         inv = s.inventory
         print(f"{inv.path}: ok ({inv.topology} topology, environment {inv.environment})")
-        for tier in TIERS:
+        for tier in inventory.TIERS:
             names = ", ".join(h.name for h in inv.hosts_in(tier)) or "-"
             print(f"  {tier:<6} {names}")
         for jump in inv.jump_hosts:
@@ -29,8 +31,9 @@ def ping(c):
     """Connect to every host (verified host keys, sudo) and show OS, arch and login user."""
     with session(need_secrets=False) as s:
         def probe(conn):
-            found = read_facts(conn, [OsRelease(), Arch()], sudo=True)
-            return found[OsRelease()].get("PRETTY_NAME", "?"), found[Arch()]
+            os_release, arch = facts.OsRelease(), facts.Arch()
+            found = facts.read_facts(conn, [os_release, arch], sudo=True)
+            return found[os_release].get("PRETTY_NAME", "?"), found[arch]
         results = s.executor.each(s.inventory.hosts, probe)
         for host in s.inventory.hosts:
             os_name, arch = results[host.name]

@@ -2,9 +2,12 @@
 page."""
 from invoke import task
 
-from releasy_deploy import site as site_ops
 from releasy_deploy.cli import BadInput, operator_task, session
-from releasy_deploy.tiers import maintenance_page, proxy
+from releasy_deploy.lazy import lazy_module
+
+site_ops = lazy_module("releasy_deploy.site")
+proxy = lazy_module("releasy_deploy.tiers.proxy")
+maintenance_page = lazy_module("releasy_deploy.tiers.maintenance_page")
 
 
 @task(help={"dry-run": "show what would change (with diffs) and touch nothing",

@@ -1,8 +1,10 @@
 """The whole inventory in one task."""
 from invoke import task
 
-from releasy_deploy import site as site_ops
 from releasy_deploy.cli import operator_task, session
+from releasy_deploy.lazy import lazy_module
+
+site_ops = lazy_module("releasy_deploy.site")
 
 
 @task(help={"version": "release to install on app hosts (default: keep what each runs); on"

@@ -1,8 +1,10 @@
 """`fab status`: the whole inventory in one table (or one JSON document)."""
 from invoke import Exit, task
 
-from releasy_deploy import status as status_ops
 from releasy_deploy.cli import EXIT_FAILED, READ_ONLY, operator_task, session
+from releasy_deploy.lazy import lazy_module
+
+status_ops = lazy_module("releasy_deploy.status")
 
 
 @task(help={"json": "print one JSON document instead of the table (for scripts and"

@@ -20,15 +20,19 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from invoke import Exit
 
-from . import audit
 from .errors import (BadInput, DeployError, LockHeld, ParallelError, first_line,
                      is_unreachable)
-from .executor import Executor, FaultInjection
-from .hooks import HookRun
-from .inventory import InventoryError, load_inventory
-from .output import Reporter, one_screen
-from .secrets import Secrets, load_secrets
-from .session import Session
+from .lazy import lazy_module
+
+# Loaded by the first task that runs (not by `fab --list`): see releasy_deploy/lazy.py.
+# Only annotations name their classes (`from __future__ import annotations`: never run).
+_audit = lazy_module("releasy_deploy.audit")
+_executor = lazy_module("releasy_deploy.executor")
+_hooks = lazy_module("releasy_deploy.hooks")
+_inventory = lazy_module("releasy_deploy.inventory")
+_output = lazy_module("releasy_deploy.output")
+_secrets = lazy_module("releasy_deploy.secrets")
+_session = lazy_module("releasy_deploy.session")
 
 # Exit codes: documented in the README; cron wrappers rely on them.
 EXIT_OK = 0
@@ -47,7 +51,7 @@ FAULT_ENV = "RELEASY_FAULT"
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
-           "JSON_LOG_ENV", "TRACE_ENV", "CORE_HOSTS_KEY", "READ_ONLY", "BadInput", "Session",
+           "JSON_LOG_ENV", "TRACE_ENV", "CORE_HOSTS_KEY", "READ_ONLY", "BadInput",
            "CoreFlags", "core_flags", "core_flag_refusals", "session", "confirm",
            "exit_code_for", "operator_task", "use_json_log"]
 
@@ -155,28 +159,28 @@ _CORE: contextvars.ContextVar[CoreFlags] = contextvars.ContextVar("core", defaul
 def session(dry_run: bool = False, *, need_secrets: bool = True, action: str | None = None,
             audited: bool = False, hooked: bool = False, version: str | None = None,
             hosts: Sequence[str] = (), args: Mapping[str, Any] | None = None
-            ) -> Iterator[Session]:
+            ) -> Iterator[_session.Session]:
     """Inventory and secrets validated before any connection is made.
 
     ``audited``: the task (``action``) changes hosts and appends an audit record on every
     host when it ends, unless it was refused (bad input, lock busy: nothing changed) or a
     dry run; ``args`` are its flags for that record. ``hooked``: the inventory's hooks run
     around it (``version`` and ``hosts`` for their environment; see `hooks`)."""
-    inventory = load_inventory()
+    inventory = _inventory.load_inventory()
     core = _CORE.get()
     if core.connect_timeout:  # -t/--connect-timeout: instead of ssh.connect_timeout
         inventory = dataclasses.replace(inventory, ssh=dataclasses.replace(
             inventory.ssh, connect_timeout=float(core.connect_timeout)))
-    secrets = load_secrets(inventory) if need_secrets else Secrets({})
+    secrets = _secrets.load_secrets(inventory) if need_secrets else _secrets.Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
-    reporter = Reporter(json_path=json_path)
+    reporter = _output.Reporter(json_path=json_path)
     fault_at = os.environ.get(FAULT_ENV, "")
-    faults = FaultInjection(int(fault_at)) if fault_at.isdigit() else None
-    executor = Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
+    faults = _executor.FaultInjection(int(fault_at)) if fault_at.isdigit() else None
+    executor = _executor.Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
                         trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults,
                         echo=core.echo)
-    s = Session(inventory, secrets, executor, reporter, confirm=confirm)
-    hook_run = HookRun(s, action or "", version, hosts) if hooked else None
+    s = _session.Session(inventory, secrets, executor, reporter, confirm=confirm)
+    hook_run = _hooks.HookRun(s, action or "", version, hosts) if hooked else None
     started = time.monotonic()
     try:
         if hook_run is not None:
@@ -196,7 +200,8 @@ def session(dry_run: bool = False, *, need_secrets: bool = True, action: str | N
             _log_executor_facts(json_path, executor)
 
 
-def _task_ended(s: Session, audit_action: str | None, hook_run: HookRun | None,
+def _task_ended(s: _session.Session, audit_action: str | None,
+                hook_run: _hooks.HookRun | None,
                 args: Mapping[str, Any] | None, started: float,
                 exc: BaseException | None) -> None:
     """The audit record of a task that changes hosts, then the after/failure hooks."""
@@ -211,7 +216,7 @@ def _task_ended(s: Session, audit_action: str | None, hook_run: HookRun | None,
         text = result if exc is None else f"{result}: {s.reporter.masker(first_line(exc))}"
         changed = {h: t.changed for h, t in s.reporter.tally().items()}
         try:
-            audit.write(s.executor, s.inventory.hosts, audit.task_entry(
+            _audit.write(s.executor, s.inventory.hosts, _audit.task_entry(
                 audit_action, s.inventory.environment, result=text,
                 seconds=time.monotonic() - started, changed=changed, args=args or {}))
         except DeployError as werr:
@@ -227,7 +232,7 @@ def use_json_log(path: str | None) -> None:
         os.environ[JSON_LOG_ENV] = os.path.abspath(os.path.expanduser(path))
 
 
-def _log_executor_facts(path: str, executor: Executor) -> None:
+def _log_executor_facts(path: str, executor: _executor.Executor) -> None:
     """Append what the task cost in SSH terms to the JSON log: one ``round_trips`` event per
     host contacted (exec requests, connections opened), then the trace if one was kept."""
     now = _iso(time.time())
@@ -268,7 +273,7 @@ def _debug_enabled() -> bool:
 
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit code of a library error (see the README's table)."""
-    if isinstance(exc, (InventoryError, BadInput)):
+    if isinstance(exc, (_inventory.InventoryError, BadInput)):
         return EXIT_BAD_INPUT
     if isinstance(exc, LockHeld):
         return EXIT_LOCK_BUSY
@@ -300,14 +305,14 @@ def operator_task(fn: Callable | None = None, *, hosts: str | None = None,
                 kwargs = _apply_core_flags(fn, args[0], kwargs, hosts=hosts, dry=dry)
                 token = _CORE.set(core_flags(args[0].config))
             return fn(*args, **kwargs)
-        except (DeployError, InventoryError) as exc:
+        except (DeployError, _inventory.InventoryError) as exc:
             debug = _debug_enabled()
             if debug:
                 traceback.print_exc()
             sys.stdout.flush()
             # One screen: long detail blocks (journal tails of many hosts) are cut to their
             # last lines; --debug shows everything.
-            text = str(exc) if debug else one_screen(str(exc))
+            text = str(exc) if debug else _output.one_screen(str(exc))
             raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None

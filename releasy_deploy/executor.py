@@ -220,6 +220,9 @@ class HostConnection:
         self._ex = executor
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        #: host-changing commands sent on this connection (what makes remembered facts stale)
+        self.mutations = 0
+        self._remembered: tuple[int, bool, dict[Any, Any]] | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._conn is not None and self._conn.is_connected else "closed"
@@ -256,6 +259,24 @@ class HostConnection:
         if sudo:
             full = with_sudo(full, is_root=self.host.is_root)
         return full
+
+    # -- values read earlier in this task ------------------------------------------------
+    def remember(self, values: Mapping[Any, Any], *, sudo: bool) -> None:
+        """Keep read-only probe results (facts) for `recall`, until this connection next
+        sends a host-changing command."""
+        self._remembered = (self.mutations, sudo, dict(values))
+
+    def recall(self, keys: Iterable[Any], *, sudo: bool) -> dict[Any, Any] | None:
+        """The remembered values of every one of ``keys`` (read with the same ``sudo``), or
+        None when one is missing or the host was changed since through this connection."""
+        kept = self._remembered
+        if kept is None or kept[0] != self.mutations or kept[1] != sudo:
+            return None
+        values = kept[2]
+        wanted = list(keys)
+        if not all(k in values for k in wanted):
+            return None
+        return {k: values[k] for k in wanted}
 
     # -- running ------------------------------------------------------------------------
     def run(
@@ -412,6 +433,8 @@ class HostConnection:
         mutates: bool = False,
     ) -> _Raw:
         self._refuse_secrets(full)
+        if mutates:
+            self.mutations += 1
         if mutates and self._ex.faults is not None and self._ex.faults.due(self.name, display):
             # Fault injection (tests): this host-changing command really fails on the host.
             full, stdin = list(INJECTED_FAULT_ARGV), None

@@ -22,7 +22,8 @@ from .errors import DeployError, UnreachableError
 from .executor import HostConnection
 
 __all__ = [
-    "Fact", "read_facts", "read_fact", "tolerant_reader", "build_facts_script", "parse_facts_output",
+    "Fact", "read_facts", "read_fact", "tolerant_reader", "prefetch", "build_facts_script",
+    "parse_facts_output",
     "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
     "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "LinkTarget", "PathExists", "UserExists",
     "GroupExists", "CommandExists", "PackageVersion",
@@ -105,14 +106,22 @@ def parse_facts_output(facts: Sequence[Fact], nonce: str, stdout: str) -> dict[F
 
 
 def read_facts(c: HostConnection, facts: Iterable[Fact], *,
-               sudo: bool = False) -> dict[Fact, Any]:
-    """Read several facts in ONE round trip (read-only: also runs in dry-run)."""
+               sudo: bool = False, reuse: bool = False) -> dict[Fact, Any]:
+    """Read several facts in ONE round trip (read-only: also runs in dry-run).
+
+    ``reuse=True``: when `prefetch` read every one of them earlier in this task and nothing
+    was changed on the host through this connection since, no round trip at all. Only for a
+    tier's first look at a host, never in a loop that waits for a value to change."""
     wanted = list(dict.fromkeys(facts))
     for fact in wanted:
         if not isinstance(fact, Fact):
             raise TypeError(f"not a fact: {fact!r}")
     if not wanted:
         return {}
+    if reuse:
+        known = c.recall(wanted, sudo=sudo)
+        if known is not None:
+            return known
     nonce = _random.token_hex(8)  # unguessable: file content cannot forge a marker
     script = build_facts_script(wanted, nonce)
     res = c.run_script(script, sudo=sudo, mutates=False,
@@ -139,8 +148,19 @@ def tolerant_reader(wanted: Mapping[str, list[Fact]], tolerated: Iterable[str]):
     return read
 
 
-def read_fact(c: HostConnection, fact: Fact, *, sudo: bool = False) -> Any:
-    return read_facts(c, [fact], sudo=sudo)[fact]
+def read_fact(c: HostConnection, fact: Fact, *, sudo: bool = False,
+              reuse: bool = False) -> Any:
+    return read_facts(c, [fact], sudo=sudo, reuse=reuse)[fact]
+
+
+def prefetch(c: HostConnection, facts: Iterable[Fact], *, sudo: bool = True) -> dict[Fact, Any]:
+    """Read what several steps will look at on this host in ONE round trip, and keep it on
+    the connection: their ``read_facts(..., reuse=True)`` then costs nothing until a
+    host-changing command goes through the connection (`fab site` reads every tier's facts
+    of every host at once this way)."""
+    values = read_facts(c, facts, sudo=sudo)
+    c.remember(values, sudo=sudo)
+    return values
 
 
 # --------------------------------------------------------------------------------------

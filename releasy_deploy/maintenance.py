@@ -52,7 +52,7 @@ from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
 __all__ = [
-    "UNIT", "INSTANCE_UNITS", "DEFAULT_LOG_LINES", "LastHostInRotation", "AdhocFailed",
+    "UNIT", "INSTANCE_UNITS", "LastHostInRotation", "AdhocFailed",
     "RotationView", "Rotation", "RestartPlan", "HostRun", "app_host", "app_hosts", "adhoc_hosts",
     "logs_argv", "adhoc_argv",
     "rotation_after_drain", "rotation_after_undrain", "restart_plan", "run_summary",
@@ -62,7 +62,6 @@ __all__ = [
 UNIT = app_tier.SERVICE_UNIT
 #: the blue/green instances of a single host (journalctl matches the pattern itself).
 INSTANCE_UNITS = "releasy@*.service"
-DEFAULT_LOG_LINES = 50
 MAX_LOG_LINES = 10000
 
 
@@ -460,7 +459,7 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
 
 
 # ------------------------------------------------------------------------------ logs
-def logs(session: Session, *, host: str | None = None, lines: Any = DEFAULT_LOG_LINES,
+def logs(session: Session, *, host: str | None = None, lines: Any = systemd.DEFAULT_LOG_LINES,
          follow: bool = False) -> None:
     """Print the Releasy journal of every app host (or ``host``), each line as
     ``[host] | ...``: grouped by host, or with ``follow`` streamed as it comes from all

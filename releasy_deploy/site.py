@@ -1,9 +1,13 @@
 """`fab site`: provision every tier in dependency order, then the firewall, safely on an
 environment that serves (the deploy lock held, app restarts rolled by the change engine).
 
-db first (the app needs its password), then app (the proxy's upstreams must answer), then
-proxy, then the firewall last so a rule mistake cannot stop the earlier steps from
-finishing. Hosts of one tier run in parallel inside each tier's setup."""
+First every host's facts in one parallel read and its packages in one apt call
+(`tiers.prepare`). Then db first (the app needs its password), then app (the proxy's
+upstreams must answer), then proxy, then the firewall last so a rule mistake cannot stop
+the earlier steps from finishing. On a fleet whose firewall is on already, the allow rules
+new hosts need (the db's PostgreSQL rule for a new app host) are opened before the app
+tier (`firewall.open_ahead`): only the closing waits for the end. Hosts of one tier run in
+parallel inside each tier's setup."""
 from __future__ import annotations
 
 import time
@@ -19,7 +23,7 @@ from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .session import Session
-from .tiers import app, db, firewall, proxy
+from .tiers import app, db, firewall, prepare, proxy
 
 STEPS = ("db", "app", "proxy", "firewall")
 
@@ -140,10 +144,18 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     tier is touched."""
     started = time.monotonic()
     check_artifact(session, version)
+    # Every tier's first look at every host, in one parallel read (read-only).
+    seen = prepare.prefetch_all(session)
     if not session.dry_run:
         refuse_if_locked(session)
     secrets = app.resolve_secrets(session, rotate)
     with ExitStack() as stack:
+        step_started = time.monotonic()
+        installed = prepare.install_packages(session, seen)
+        if installed:
+            session.reporter.info("site", f"packages done in"
+                                          f" {time.monotonic() - step_started:.1f} s"
+                                          f" ({', '.join(installed)}, at once)")
         for step in STEPS:
             step_started = time.monotonic()
             session.reporter.info("site", f"--- {step} ---")
@@ -151,6 +163,9 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
                 db.setup(session)
                 lock = stack.enter_context(change_lock(session, version=version, wait=wait))
             elif step == "app":
+                # A grown fleet behind a firewall that is on: its new hosts' allow rules
+                # (the db's PostgreSQL rule for a new app host) before the app tier.
+                firewall.open_ahead(session, seen)
                 setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
                 proxy.setup(session)

@@ -50,7 +50,7 @@ from .session import Session, select_hosts
 from .tiers import app as app_tier
 from .tiers.acme import CertInfo
 from .tiers.db import PgInstallation
-from .tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
+from .tiers.firewall import UfwConf, UfwDefaultsFile, UfwUserRules
 from .tiers import proxy as proxy_tier
 
 __all__ = [
@@ -338,7 +338,7 @@ def _disk_paths(inv: Inventory, host: Host) -> list[tuple[str, str]]:
     return paths
 
 
-FIREWALL_FACTS = (PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(), UfwShowAdded(),
+FIREWALL_FACTS = (PackageVersion(FIREWALL_PACKAGES[0]), UfwConf(), UfwUserRules(),
                   UfwDefaultsFile())
 
 
@@ -382,7 +382,7 @@ def _servers(text: str | None) -> tuple[list[tuple[str, int]] | None, str | None
 
 def _firewall(inv: Inventory, host: Host, found: Mapping[Fact, Any]) -> FirewallStatus:
     installed = found[FIREWALL_FACTS[0]] is not None
-    status, live = found[UfwStatusVerbose()], found[UfwShowAdded()]
+    status, live = found[UfwConf()], found[UfwUserRules()]
     active = bool(status is not None and status.active)
     if not installed or live is None:
         return FirewallStatus(installed, active)

@@ -18,7 +18,7 @@ RUNNING_STATES = frozenset({"active", "activating", "reloading", "deactivating"}
 __all__ = [
     "UNIT_RE", "ENV_NAME_RE", "check_unit", "quote_env_value", "env_assignment",
     "systemctl", "daemon_reload_argv", "show_argv", "parse_show",
-    "journal_argv", "verify_argv", "SHOW_PROPERTIES",
+    "journal_argv", "DEFAULT_LOG_LINES", "verify_argv", "SHOW_PROPERTIES",
 ]
 
 # unit names we manage: name[@instance].service
@@ -84,6 +84,10 @@ def parse_show(stdout: str) -> dict[str, str]:
         if sep and key:
             out[key] = value
     return out
+
+
+# `fab app.logs`: journal lines per host unless --lines says otherwise.
+DEFAULT_LOG_LINES = 50
 
 
 def journal_argv(unit: str, lines: int = 30) -> list[str]:

@@ -151,19 +151,26 @@ _MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}",
                   f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
 
 
-def _fact_names(plan: _Plan, bind: str) -> list[Fact]:
+def state_facts(inv: Inventory, host: Any) -> list[Fact]:
+    """What the app tier looks at on one app host, the kept secrets included (one round
+    trip; `fab site` prefetches it)."""
+    db_file = cmd.sqlite_path(db_tier.SQLITE_URL) if inv.database.kind == "sqlite" else None
+    return [OsRelease(), *_fact_names(inv, bind_address(inv, host), db_file), KeptSecrets()]
+
+
+def _fact_names(inv: Inventory, bind: str, db_file: str | None) -> list[Fact]:
+    user = inv.app.service_user
     names: list[Fact] = [PackageVersion(p) for p in PACKAGES]
-    names.append(ReleasyAccount(plan.user))
-    names += [FileStat(d.path) for d in cmd.directories(plan.user, plan.user)]
+    names.append(ReleasyAccount(user))
+    names += [FileStat(d.path) for d in cmd.directories(user, user)]
     for path in _MANAGED_FILES:
         names += [FileStat(path), FileSha256(path)]
-    db_file = cmd.sqlite_path(plan.database_url)
     if db_file:
         names.append(FileStat(db_file))
     names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind))]
-    if plan.inv.is_single_host:
+    if inv.is_single_host:
         # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
-        for port in plan.inv.app.bluegreen_ports:
+        for port in inv.app.bluegreen_ports:
             names += [ReleasyUnit(cmd.instance_unit(port)),
                       ReleasyReady(cmd.ready_url(cmd.instance_bind(port)))]
     return names
@@ -186,7 +193,8 @@ def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
 def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
     extra = [KeptSecrets()] if with_secrets else []
-    found = read_facts(c, [OsRelease(), *_fact_names(plan, bind), *extra], sudo=True)
+    names = _fact_names(plan.inv, bind, cmd.sqlite_path(plan.database_url))
+    found = read_facts(c, [OsRelease(), *names, *extra], sudo=True, reuse=True)
     check_release(c.name, found[OsRelease()])  # before anything is changed on it
     return HostFacts(
         kept=found.get(KeptSecrets()),
@@ -240,7 +248,7 @@ def resolve_secrets(session: Session, rotate: Iterable[str] = ()
     rotation breaks. Every value read is masked before anything could print it."""
     states = session.executor.each(
         session.inventory.hosts_in("app"),
-        lambda c: read_fact(c, KeptSecrets(), sudo=True))
+        lambda c: read_fact(c, KeptSecrets(), sudo=True, reuse=True))
     return _resolve_states(session, states, rotate)
 
 

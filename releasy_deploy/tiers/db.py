@@ -27,16 +27,17 @@ from urllib.parse import quote
 from ..commands import postgres as pg
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection
-from ..facts import Fact, OsRelease, PathExists, read_facts
+from ..facts import Fact, OsRelease, PathExists, read_fact, read_facts
 from ..hostos import HostRelease, check_release
 from ..inventory import Inventory
 from ..remote import APT_UPDATE_ARGV, ensure_dir, ensure_packages, put_file
 from ..session import Session
 
-__all__ = ["setup", "database_url", "psql", "PgServerState", "PgFileState", "PgSecretFile",
-           "PgReady", "PgInstallation"]
+__all__ = ["setup", "database_url", "psql", "state_facts", "wanted_packages", "SQLITE_URL",
+           "PgServerState", "PgFileState", "PgSecretFile", "PgReady", "PgInstallation"]
 
 PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
+SQLITE_URL = pg.SQLITE_URL  # database.kind sqlite: the URL every app host gets
 
 
 # --------------------------------------------------------------------------- probes
@@ -130,15 +131,46 @@ class HostState:
                    for f in self.files.values())
 
 
-def _read_state(c: HostConnection, inv: Inventory) -> HostState:
+def state_facts(inv: Inventory) -> list[Fact]:
+    """What the db tier looks at on the db host (one round trip; `fab site` prefetches it)."""
+    db = inv.database
+    return [OsRelease(), PgInstallation(), PathExists(pg.SECRETS_DIR),
+            PgSecretFile(pg.PASSWORD_FILE),
+            # readiness first: the state query then meets a server that finished starting
+            *(PgReady(h) for h in pg.ready_hosts(inv)), PgServerState(db.name, db.user)]
+
+
+def wanted_packages(c: HostConnection, inv: Inventory) -> tuple[tuple[str, ...], bool]:
+    """(the PostgreSQL packages the db host needs, whether any is missing), from the facts
+    `fab site` prefetched. A host whose apt lists were never loaded gets `apt-get update`
+    first (not in a dry-run: it predicts from the release, like `setup`)."""
+    state = _first_look(c, inv)
+    return state.layout.packages, bool(state.missing_packages)
+
+
+def _first_look(c: HostConnection, inv: Inventory) -> HostState:
+    """The db host's state with a PostgreSQL layout: what `fab site` prefetched when it
+    can. A fresh host without apt lists: which majors it offers is unknown until apt-get
+    update, which a dry-run does not run: it predicts from the release."""
+    state = _read_state(c, inv, reuse=True)
+    if state.layout is None and c.dry_run:
+        state = _predicted(c, inv, state)
+    elif state.layout is None:
+        c.run(APT_UPDATE_ARGV, sudo=True)
+        state = _read_state(c, inv)
+        if state.layout is None:
+            raise DeployError(
+                f"{c.name}: apt-get update left no package lists in /var/lib/apt/lists: check "
+                f"the apt sources on {c.name} (apt-get update; apt-cache policy postgresql).",
+                host=c.name)
+    return state
+
+
+def _read_state(c: HostConnection, inv: Inventory, *, reuse: bool = False) -> HostState:
     db = inv.database
     ready = {h: PgReady(h) for h in pg.ready_hosts(inv)}
     server = PgServerState(db.name, db.user)
-    names: list[Fact] = [
-        OsRelease(), PgInstallation(), PathExists(pg.SECRETS_DIR), PgSecretFile(pg.PASSWORD_FILE),
-        # readiness first: the state query then meets a server that finished starting
-        *ready.values(), server]
-    seen = read_facts(c, names, sudo=True)
+    seen = read_facts(c, state_facts(inv), sudo=True, reuse=reuse)
     release = check_release(c.name, seen[OsRelease()])  # before anything is changed
     host: pg.PgHost = seen[PgInstallation()]
     major = pg.select_major(c.name, release.label, host, db.postgres_version)
@@ -186,8 +218,8 @@ def database_url(session: Session) -> str:
     if database_url in session.memo:
         return session.memo[database_url]
     c = session.executor.conn(inv.db_host)
-    data = c.read_file(pg.PASSWORD_FILE, sudo=True)
-    if data is None:
+    found = read_fact(c, PgSecretFile(pg.PASSWORD_FILE), sudo=True, reuse=True)
+    if found is None:
         if session.dry_run:
             session.reporter.info(c.name, (
                 f"dry-run: {pg.PASSWORD_FILE} does not exist yet (`fab db.setup` generates "
@@ -196,7 +228,7 @@ def database_url(session: Session) -> str:
         raise DeployError(
             f"{c.name}: no database password at {pg.PASSWORD_FILE}: run `fab db.setup` first "
             "(it generates the password and creates the database role)", host=c.name)
-    password = data.decode("utf-8", "replace").strip()
+    password = found.content.strip()
     c.mask.add([password, quote(password, safe="")])
     if not password:
         raise DeployError(_empty_password_message(c.name), host=c.name)
@@ -229,19 +261,7 @@ def setup(session: Session) -> None:
 
 
 def _setup_host(c: HostConnection, inv: Inventory) -> None:
-    state = _read_state(c, inv)
-    if state.layout is None and c.dry_run:
-        # A fresh host without apt lists: which majors it offers is unknown until
-        # apt-get update, which a dry-run does not run: predict from the release.
-        state = _predicted(c, inv, state)
-    elif state.layout is None:
-        c.run(APT_UPDATE_ARGV, sudo=True)
-        state = _read_state(c, inv)
-        if state.layout is None:
-            raise DeployError(
-                f"{c.name}: apt-get update left no package lists in /var/lib/apt/lists: check "
-                f"the apt sources on {c.name} (apt-get update; apt-cache policy postgresql).",
-                host=c.name)
+    state = _first_look(c, inv)
     layout = state.layout
     c.reporter.info(c.name, f"{state.release.label}: PostgreSQL {layout.major} "
                             f"({_why_major(inv, state)})")

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from .. import firewall as fw
 from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError, first_line
@@ -62,10 +62,10 @@ from ..remote import FILES_DIR, Change, ensure_packages, put_file, report
 from ..session import Session
 
 __all__ = [
-    "plan", "apply", "status", "audit", "converge", "read_state", "HostState",
+    "plan", "apply", "open_ahead", "status", "audit", "converge", "read_state", "HostState",
     "FirewallRefused", "FirewallLockout", "apply_script", "disarm_script", "probe_reachability",
     "check_ssh_source", "REVERT_UNIT", "REVERT_SCRIPT", "STATE_DIR", "OLD_STATE_DIR",
-    "SshClient", "UfwStatusVerbose", "UfwShowAdded", "UfwDefaultsFile", "TcpListeners",
+    "SshClient", "UfwConf", "UfwUserRules", "UfwDefaultsFile", "TcpListeners",
     "RevertPending", "Resolvers", "Resolve", "Ipv6Addresses", "OldStateDir", "AptProxyConf",
     "host_rules", "APT_PROXY_CONF", "apt_proxy_conf", "listener_probe_script",
     "parse_listener",
@@ -118,27 +118,39 @@ class SshClient(Fact):
         return fw.parse_ssh_connection(out.strip()) if code == 0 else None
 
 
-# `ufw` missing: exit 127 -> None.
+# ufw's own files, not the `ufw` command: each `ufw status` / `ufw show added` starts Python
+# (~0.25 s per host on a busy machine), a `cat` costs nothing. ufw not installed: None.
+UFW_CONF, UFW_DEFAULTS = "/etc/ufw/ufw.conf", "/etc/default/ufw"
+UFW_RULES, UFW_RULES6 = "/etc/ufw/user.rules", "/etc/ufw/user6.rules"
+
+
 @dataclass(frozen=True)
-class UfwStatusVerbose(Fact):
-    """``ufw status verbose`` (`firewall.UfwStatus`), or None when ufw cannot answer."""
+class UfwConf(Fact):
+    """Enabled or not, logging and default policies (`firewall.UfwStatus`, no rows), from
+    ufw.conf and /etc/default/ufw; None when ufw is not installed."""
 
     def shell(self) -> str:
-        return "LANG=C ufw status verbose"
+        return (f"[ -f {UFW_CONF} ] || exit 3; cat -- {UFW_CONF} && echo @defaults &&"
+                f" cat -- {UFW_DEFAULTS}")
 
     def parse(self, out: str, code: int) -> UfwStatus | None:
-        return fw.parse_status(out) if code == 0 else None
+        if code != 0:
+            return None
+        conf, _, defaults = out.partition("@defaults\n")
+        return fw.parse_ufw_conf(conf, defaults)
 
 
 @dataclass(frozen=True)
-class UfwShowAdded(Fact):
-    """The rules as ``ufw show added`` lists them (`firewall.LiveRule`s), or None."""
+class UfwUserRules(Fact):
+    """The rules added to ufw (`firewall.LiveRule`s, as ``ufw show added`` lists them), from
+    user.rules and, when ufw filters IPv6, user6.rules; None when ufw is not installed."""
 
     def shell(self) -> str:
-        return "LANG=C ufw show added"
+        return (f"[ -f {UFW_RULES} ] || exit 3; cat -- {UFW_RULES} &&"
+                f" if ! grep -qi '^IPV6=no' {UFW_DEFAULTS}; then cat -- {UFW_RULES6}; fi")
 
     def parse(self, out: str, code: int) -> list[LiveRule] | None:
-        return fw.parse_show_added(out) if code == 0 else None
+        return fw.parse_user_rules(out) if code == 0 else None
 
 
 @dataclass(frozen=True)
@@ -257,22 +269,29 @@ class HostState:
         return self.status is not None and self.status.active
 
 
-_PROBES = (OsRelease(), SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwStatusVerbose(),
-           UfwShowAdded(), UfwDefaultsFile(), TcpListeners(), RevertPending(), Resolvers(), Ipv6Addresses(),
+_PROBES = (OsRelease(), SshClient(), PackageVersion(FIREWALL_PACKAGES[0]), UfwConf(),
+           UfwUserRules(), UfwDefaultsFile(), TcpListeners(), RevertPending(), Resolvers(), Ipv6Addresses(),
            OldStateDir(), AptProxyConf())
 
 
-def read_state(c: HostConnection, resolve: tuple[str, ...] | list[str] = ()) -> HostState:
+def state_facts(inv: Inventory, host: Host) -> list[Fact]:
+    """What `apply` looks at on one host (one round trip; `fab site` prefetches it)."""
+    return [*_PROBES, *(Resolve(n) for n in fw.names_to_resolve(inv, host))]
+
+
+def read_state(c: HostConnection, resolve: tuple[str, ...] | list[str] = (), *,
+               reuse: bool = False) -> HostState:
     """Everything the firewall tasks need from a host, in one round trip (read-only);
-    ``resolve``: DNS names to resolve on the host (`fw.names_to_resolve`)."""
-    seen = read_facts(c, (*_PROBES, *(Resolve(n) for n in resolve)), sudo=True)
+    ``resolve``: DNS names to resolve on the host (`fw.names_to_resolve`). ``reuse``: what
+    `fab site` prefetched will do (`facts.read_facts`)."""
+    seen = read_facts(c, (*_PROBES, *(Resolve(n) for n in resolve)), sudo=True, reuse=reuse)
     check_release(c.name, seen[OsRelease()])  # before anything is changed on it
     installed = seen[PackageVersion(FIREWALL_PACKAGES[0])] is not None
-    status, added = seen[UfwStatusVerbose()], seen[UfwShowAdded()]
+    status, added = seen[UfwConf()], seen[UfwUserRules()]
     if installed and (status is None or added is None):
         raise DeployError(
-            f"{c.name}: ufw is installed but `ufw status` / `ufw show added` failed; run "
-            f"`sudo ufw status verbose` on {c.name} to see why, fix it and re-run", host=c.name)
+            f"{c.name}: ufw is installed but {UFW_CONF} or {UFW_RULES} cannot be read; "
+            f"run `sudo ufw status verbose` on {c.name} to see why, fix it and re-run", host=c.name)
     net = HostNet(tuple(seen[Resolvers()]), {n: seen[Resolve(n)] for n in resolve})
     return HostState(seen[SshClient()], installed, status, tuple(added or ()),
                      seen[UfwDefaultsFile()], tuple(seen[TcpListeners()]),
@@ -477,7 +496,7 @@ def _report_diff(c: HostConnection, diff: HostDiff, state: HostState, *,
         change(text, f"set {text}")
     if diff.enable:
         change("ufw enabled", "enable ufw")
-    if not diff.defaults and not diff.enable and not diff.ipv6:
+    if not diff.defaults and not diff.enable and not diff.ipv6 and not diff.opening_only:
         r.unchanged(c.name, _policy_text(state))
     for rule in diff.unexpected:
         hint = "" if prune_unmanaged else " (--prune-unmanaged removes it)"
@@ -522,16 +541,29 @@ RulesFor = Callable[[HostState], list[Rule]]
 
 def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
              fresh: Executor | None, revert_after: int = 60, prune_unmanaged: bool = False,
-             policies=fw.WANTED_DEFAULTS, resolve: tuple[str, ...] = ()) -> HostDiff:
+             policies=fw.WANTED_DEFAULTS, resolve: tuple[str, ...] = (),
+             add_only: bool = False) -> HostDiff:
     """Make one host's ufw exactly ``rules`` (lockout-protected); returns what differed.
 
     ``rules``: the list, or a function of the host's probed state (egress depends on it).
     ``policies``: the default policies (`fw.wanted_defaults`); ``resolve``: names the rules
     function needs resolved on the host. ``fresh`` opens the brand-new connection that
-    confirms the change (None only in dry-run). The building block of `apply`.
+    confirms the change (None only in dry-run). ``add_only``: only the planned rules a
+    running ufw lacks (`fw.additions_only`; `open_ahead`), nothing reported otherwise. The
+    building block of `apply`.
     """
     host = c.host
-    state = read_state(c, resolve)
+    state = read_state(c, resolve, reuse=True)
+    if add_only:
+        diff = fw.additions_only(fw.diff_host(
+            host.name, rules(state) if callable(rules) else list(rules), state.rules,
+            active=state.active, defaults=state.defaults, policies=policies))
+        if not diff.changes or state.revert_pending or c.dry_run:
+            return diff  # `apply` at the end reports, or refuses a pending revert
+        c.reporter.info(c.name, "firewall on: opening what the tiers need before they run"
+                                " (the rest of the firewall comes last)")
+        return _change(c, diff, state, fresh=fresh, revert_after=revert_after,
+                       prune_unmanaged=prune_unmanaged, resolve=resolve, policies=policies)
     check_ssh_source(host, state, admin_cidrs)
     if state.revert_pending:
         raise FirewallRefused(
@@ -555,6 +587,16 @@ def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
     if not diff.changes or c.dry_run:
         _report_diff(c, diff, state, done=False, prune_unmanaged=prune_unmanaged)
         return diff
+    return _change(c, diff, state, fresh=fresh, revert_after=revert_after,
+                   prune_unmanaged=prune_unmanaged, resolve=resolve, policies=policies)
+
+
+def _change(c: HostConnection, diff: HostDiff, state: HostState, *, fresh: Executor | None,
+            revert_after: int, prune_unmanaged: bool, resolve: tuple[str, ...],
+            policies=fw.WANTED_DEFAULTS) -> HostDiff:
+    """Apply ``diff`` under the revert timer, confirm it over a brand-new connection, then
+    check ufw reached it."""
+    host = c.host
     assert fresh is not None, "converge needs a fresh Executor outside dry-run"
     put_file(c, REVERT_SCRIPT, REVERT_SOURCE.read_bytes(), mode=0o755)
     token = _random.token_hex(8)
@@ -585,9 +627,11 @@ def converge(c: HostConnection, rules: list[Rule] | RulesFor, *, admin_cidrs,
     _fresh_check(fresh, host, token, revert_after, armed_at)
     c.reporter.info(c.name, "a new SSH connection got through: revert timer disarmed")
     after = read_state(c, resolve)
-    left = fw.diff_host(host.name, planned, after.rules, active=after.active,
+    left = fw.diff_host(host.name, diff.planned, after.rules, active=after.active,
                         defaults=after.defaults, prune_unmanaged=prune_unmanaged,
                         policies=policies)
+    if diff.opening_only:
+        left = fw.additions_only(left)
     if left.changes:
         raise DeployError(
             f"{host.name}: ufw did not converge to the plan (still to do: "
@@ -640,6 +684,28 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
         # Otherwise the host could revert before a failing new connection even times out.
         raise BadInput(f"--revert-after ({revert_after} s) must be longer than "
                        f"ssh.connect_timeout ({inv.ssh.connect_timeout:g} s)")
+    # --limit: only those hosts change; every host's rules still derive from the whole
+    # inventory (the topology), as without it.
+    _converge_all(session, session.targets(inv.hosts), revert_after=revert_after,
+                  prune_unmanaged=prune_unmanaged)
+
+
+def open_ahead(session: Session, seen: Mapping[str, Mapping[Fact, Any]]) -> None:
+    """`fab site` before its app tier: every host whose firewall was on (``seen``: what
+    `prepare.prefetch_all` read) gets the planned allow rules it lacks (a new app host's
+    PostgreSQL rule on the db host, a new proxy's rule on the app hosts), so the tiers can
+    reach each other before `apply` runs last. Only opening: removals, policies and
+    enabling stay with `apply`. No round trip where nothing changed since the prefetch;
+    a dry run does nothing."""
+    hosts = [h for h in session.targets(session.inventory.hosts)
+             if (ufw := seen[h.name].get(UfwConf())) is not None and ufw.active]
+    if hosts and not session.dry_run:
+        _converge_all(session, hosts, revert_after=60, add_only=True)
+
+
+def _converge_all(session: Session, hosts: Sequence[Host], *, revert_after: int,
+                  prune_unmanaged: bool = False, add_only: bool = False) -> None:
+    inv = session.inventory
     wanted = fw.wanted_defaults(inv.egress.restrict)
     fresh = None
     if not session.dry_run:
@@ -651,16 +717,16 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
             # Called by converge once the host passed the lockout checks; apt's proxy
             # drop-in is kept in step here because it needs the same probed state.
             rules = host_rules(inv, c.host, state)
-            _ensure_apt_proxy(c, inv, state)
+            if not add_only:
+                _ensure_apt_proxy(c, inv, state)
             return rules
         return converge(c, rules_for, admin_cidrs=inv.admin_cidrs, fresh=fresh,
                         revert_after=revert_after, prune_unmanaged=prune_unmanaged,
-                        policies=wanted, resolve=tuple(fw.names_to_resolve(inv, c.host)))
+                        policies=wanted, resolve=tuple(fw.names_to_resolve(inv, c.host)),
+                        add_only=add_only)
 
     try:
-        # --limit: only those hosts change; every host's rules still derive from the
-        # whole inventory (the topology), as without it.
-        session.executor.each(session.targets(inv.hosts), one)
+        session.executor.each(hosts, one)
     finally:
         if fresh is not None:
             fresh.close()

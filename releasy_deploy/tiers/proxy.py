@@ -280,13 +280,15 @@ class _HostState:
 
 
 _TEXTS = (SITE_FILE, UPSTREAM_FILE, cmd.MAINTENANCE_PAGE)
+_STATS = (CONF_DIR, TLS_DIR, SITE_FILE, UPSTREAM_FILE, cmd.MAINTENANCE_PAGE)
 
 
-def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
+def state_facts(inv: Inventory) -> list[Fact]:
+    """What the proxy tier looks at on a proxy host (one round trip; `fab site` prefetches
+    it). Read with sudo: the key is root-only."""
     cert, key = tls_paths(inv)
-    names: list[Fact] = [PackageVersion(p) for p in PROXY_PACKAGES]
-    stat_paths = [CONF_DIR, TLS_DIR, SITE_FILE, UPSTREAM_FILE, cmd.MAINTENANCE_PAGE, cert, key]
-    names += [FileStat(p) for p in stat_paths]
+    names: list[Fact] = [OsRelease(), *(PackageVersion(p) for p in PROXY_PACKAGES)]
+    names += [FileStat(p) for p in (*_STATS, cert, key)]
     names += [ProxyText(p) for p in _TEXTS]
     names += [LinkTarget(SITE_LINK),
               ProxyPresent(DEFAULT_SITE), ProxyIpv6(), ServiceActive("nginx"),
@@ -295,7 +297,13 @@ def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
         names += [FileSha256(cert), FileSha256(key)]
     else:
         names.append(ProxyCert(cert))
-    got = read_facts(c, [OsRelease(), *names], sudo=True)  # sudo: the key is root-only
+    return names
+
+
+def _read_state(c: HostConnection, inv: Inventory) -> _HostState:
+    cert, key = tls_paths(inv)
+    stat_paths = [*_STATS, cert, key]
+    got = read_facts(c, state_facts(inv), sudo=True, reuse=True)
     check_release(c.name, got[OsRelease()])  # before anything is changed on it
     return _HostState(
         packages={p: got[PackageVersion(p)] for p in PROXY_PACKAGES},

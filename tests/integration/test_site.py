@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from releasy_deploy.inventory import load_inventory
+from tests.integration.labtools import ready, rotation
 
 
 def service_pids(lab, host: str) -> dict[str, str]:
@@ -220,6 +221,30 @@ def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
         if proc.poll() is None:
             proc.kill()  # only the process this test started
             proc.wait()
+
+
+def test_an_app_host_joining_a_firewalled_fleet_reaches_the_database(split, tmp_path):
+    """The fleet grows behind a firewall that is on. app2 leaves the inventory (`fab site`
+    closes db1's PostgreSQL port to it, takes it out of pg_hba and the proxy) and stops;
+    back in, `fab site` opens db1's rule for it before the app tier starts it (its /ready
+    runs SELECT 1 on db1), not in the firewall step at the end."""
+    def without_app2(data):
+        del data["hosts"]["app2"]
+        data["tiers"]["app"].remove("app2")
+
+    split.fab("site", inventory=split.inventory_variant(tmp_path, without_app2))
+    split.sudo("app2", "systemctl", "stop", "releasy.service")
+    assert "postgres from app2" not in split.sudo("db1", "ufw", "show", "added").stdout
+    try:
+        out = split.fab("site").stdout
+    finally:  # whatever happened: the lab back to its whole inventory for the next tests
+        again = split.fab("site", check=False)
+    opened = re.search(r"^\[db1\] .*firewall rule added: .*postgres from app2.*$", out, re.M)
+    assert opened, out
+    # during the app step: after the db tier, before the proxy and the firewall steps
+    assert out.index("--- app ---") < opened.start() < out.index("--- proxy ---"), out
+    assert ready(split, "app2") and "app2" in rotation(split)
+    assert changed_total(again.stdout) == 0, again.stdout
 
 
 @pytest.mark.parametrize("database", ["postgres", "sqlite"])

@@ -390,6 +390,24 @@ def test_stale_managed_rules_go_unmanaged_ones_stay():
     assert [str(r) for r in pruned.remove] == [stale, hand] and pruned.unexpected == ()
 
 
+def test_additions_only_opens_and_leaves_closing_for_the_full_apply():
+    """`fab site` before its app tier: a new peer's rule on a running ufw is added; the stale
+    rule, the policy and the re-comment wait for the firewall step at the end."""
+    stale = "ufw allow from 10.77.4.9 to any port 8080 proto tcp comment 'releasy: app from old'"
+    d = fw.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), "ufw allow 80/tcp", stale),
+                     active=True, defaults=UfwDefaults("allow", "allow", True))
+    assert d.remove and d.defaults and d.recomment == (HTTP,)
+    opening = fw.additions_only(d)
+    assert opening.changes and opening.opening_only
+    assert fw.ufw_commands(opening) == [fw.add_argv(APP)]
+    # ufw off (it filters nothing yet) or IPv6 filtering to turn on: nothing ahead of time
+    assert not fw.additions_only(fw.diff_host("h", [SSH, APP], [], active=False,
+                                              defaults=GOOD)).changes
+    no_v6 = UfwDefaults("deny", "allow", False)
+    assert not fw.additions_only(fw.diff_host("h", [SSH, APP], live(ours(SSH)), active=True,
+                                              defaults=no_v6)).changes
+
+
 def test_a_planned_rule_with_another_comment_is_adopted():
     d = fw.diff_host("h", [HTTP], live("ufw allow 80/tcp", "ufw allow 80/tcp comment 'x'"),
                      active=True, defaults=GOOD)
@@ -562,3 +580,77 @@ def test_revert_after_is_bounded():
         with pytest.raises(tier.BadInput):
             tier._check_revert_after(bad)
     assert tier._check_revert_after(60) == 60
+
+
+# user.rules then user6.rules as ufw 0.36 wrote them on a lab host (their iptables lines
+# left out: only the `### tuple ###` lines matter), and what `ufw show added` said.
+USER_RULES = """\
+*filter
+:ufw-user-input - [0:0]
+### RULES ###
+
+### tuple ### allow tcp 22 0.0.0.0/0 any 10.77.14.1 in comment=72656c656173793a207373682066726f6d2061646d696e206e6574776f726b
+### tuple ### allow tcp 8080 0.0.0.0/0 any 10.77.14.10 in comment=72656c656173793a206170702066726f6d2070726f787931
+### tuple ### allow tcp 8080 0.0.0.0/0 any 0.0.0.0/0 in
+### tuple ### deny any 25 0.0.0.0/0 any 0.0.0.0/0 out
+### tuple ### allow tcp 22 0.0.0.0/0 any 0.0.0.0/0 OpenSSH - in
+### tuple ### limit tcp 2222 0.0.0.0/0 any 0.0.0.0/0 in_eth0
+### tuple ### allow_log any 9999 0.0.0.0/0 any 0.0.0.0/0 in
+### tuple ### reject udp 53 1.2.3.4 any 0.0.0.0/0 out_eth0 comment=782d79
+### tuple ### allow udp any 0.0.0.0/0 1000:2000 10.1.0.0/16 in
+### tuple ### deny any any 0.0.0.0/0 any 10.9.9.9 in
+### tuple ### allow tcp 80,443 0.0.0.0/0 any 0.0.0.0/0 in
+### tuple ### route:allow tcp 80 0.0.0.0/0 any 10.0.0.0/8 in
+### tuple ### allow tcp 8080 ::/0 any ::/0 in
+### tuple ### deny any 25 ::/0 any ::/0 out
+### tuple ### allow tcp 22 ::/0 any fd77::5 in
+### tuple ### allow tcp 22 ::/0 any ::/0 OpenSSH - in
+### tuple ### limit tcp 2222 ::/0 any ::/0 in_eth0
+### tuple ### allow_log any 9999 ::/0 any ::/0 in
+### tuple ### allow tcp 80,443 ::/0 any ::/0 in
+### END RULES ###
+COMMIT
+"""
+USER_RULES_SHOW_ADDED = """\
+Added user rules (see 'ufw status' for running firewall):
+ufw allow from 10.77.14.1 to any port 22 proto tcp comment 'releasy: ssh from admin network'
+ufw allow from 10.77.14.10 to any port 8080 proto tcp comment 'releasy: app from proxy1'
+ufw allow 8080/tcp
+ufw deny out 25
+ufw allow OpenSSH
+ufw limit in on eth0 to any port 2222 proto tcp
+ufw allow log 9999
+ufw reject out on eth0 to 1.2.3.4 port 53 proto udp comment 'x-y'
+ufw allow from 10.1.0.0/16 port 1000:2000 proto udp
+ufw deny from 10.9.9.9
+ufw allow 80,443/tcp
+ufw route allow from 10.0.0.0/8 to any port 80 proto tcp
+ufw allow from fd77::5 to any port 22 proto tcp
+"""
+
+
+def test_rules_read_from_ufws_files_are_what_show_added_lists():
+    from_files = fw.parse_user_rules(USER_RULES)
+    assert [r.words for r in from_files] == \
+        [r.words for r in fw.parse_show_added(USER_RULES_SHOW_ADDED)]
+    assert from_files[0].managed and from_files[0].key == (
+        "in", 22, "tcp", ipaddress.ip_network("10.77.14.1/32"), None)
+    # the IPv6 twin of "allow 8080/tcp" is folded in; a v6-only rule stays, listed last
+    assert [r.describe() for r in from_files].count("ufw allow 8080/tcp") == 1
+    assert from_files[-1].words[:3] == ("allow", "from", "fd77::5")
+
+
+def test_a_malformed_tuple_is_skipped():
+    assert fw.tuple_command("### tuple ### allow tcp 22") is None
+    assert fw.parse_user_rules("### tuple ### allow tcp\n### tuple ### deny any 25 0.0.0.0/0"
+                               " any 0.0.0.0/0 out\n") [0].words == ("deny", "out", "25")
+
+
+def test_ufw_conf_gives_enabled_logging_and_policies():
+    st = fw.parse_ufw_conf("# comment\nENABLED=yes\nLOGLEVEL=low\n",
+                           'DEFAULT_INPUT_POLICY="DROP"\nDEFAULT_OUTPUT_POLICY="ACCEPT"\n'
+                           'DEFAULT_FORWARD_POLICY="DROP"\n')
+    assert st.active and st.logging == "on (low)"
+    assert st.defaults == {"incoming": "deny", "outgoing": "allow", "routed": "deny"}
+    assert not fw.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").active
+    assert fw.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").logging == "off"

@@ -30,7 +30,7 @@ from releasy_deploy.schema import RecordedLevels, SchemaLevel
 from releasy_deploy.tiers.acme import CertInfo
 from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.db import PgInstallation
-from releasy_deploy.tiers.firewall import UfwDefaultsFile, UfwShowAdded, UfwStatusVerbose
+from releasy_deploy.tiers.firewall import UfwConf, UfwDefaultsFile, UfwUserRules
 from releasy_deploy.tiers.proxy import ProxyText
 
 SPLIT = parse_inventory({
@@ -174,9 +174,8 @@ def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
     return {
         OsRelease(): DEBIAN_12,
         PackageVersion("ufw"): "0.36.2-1",
-        UfwStatusVerbose(): fw.parse_status("Status: active\n" if active
-                                            else "Status: inactive\n"),
-        UfwShowAdded(): fw.parse_show_added(added),
+        UfwConf(): fw.parse_ufw_conf("ENABLED=yes\n" if active else "ENABLED=no\n", ""),
+        UfwUserRules(): fw.parse_show_added(added),
         UfwDefaultsFile(): fw.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
                                              'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
     }
