@@ -1,0 +1,53 @@
+"""`fab site`'s first moves (tiers/prepare.py), the pure parts: which packages each host
+gets in its one apt call, and that the one prefetch read of a host covers every tier's
+first look at it (otherwise that tier would pay its own round trip)."""
+from __future__ import annotations
+
+from releasy_deploy.facts import OsRelease, PackageVersion
+from releasy_deploy.inventory import parse_inventory
+from releasy_deploy.packages import APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
+from releasy_deploy.tiers import app, db, firewall, prepare, proxy
+
+BASE = {"admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
+        "release": {"source": "releases"},
+        "tls": {"mode": "self-signed", "server_name": "releasy.example.test"}}
+SPLIT = parse_inventory({
+    **BASE, "environment": "prod",
+    "hosts": {"proxy1": {"address": "10.9.0.10"}, "app1": {"address": "10.9.0.21"},
+              "db1": {"address": "10.9.0.100"}},
+    "tiers": {"proxy": ["proxy1"], "app": ["app1"], "db": ["db1"]}},
+    "/nonexistent/hosts.yaml", check_files=False)
+SINGLE = parse_inventory({
+    **BASE, "environment": "solo", "hosts": {"solo": {"address": "10.9.0.5"}},
+    "tiers": {"proxy": ["solo"], "app": ["solo"], "db": ["solo"]},
+    "database": {"kind": "sqlite"}},
+    "/nonexistent/hosts.yaml", check_files=False)
+
+
+def host(inv, name):
+    return next(h for h in inv.hosts if h.name == name)
+
+
+def test_each_host_gets_its_tiers_packages_and_the_firewall_once():
+    assert prepare.host_packages(SPLIT, host(SPLIT, "proxy1")) == (
+        *PROXY_PACKAGES, *FIREWALL_PACKAGES)
+    assert prepare.host_packages(SPLIT, host(SPLIT, "app1")) == (
+        *APP_PACKAGES, *FIREWALL_PACKAGES)
+    # PostgreSQL's packages depend on the host's release and cluster: read from it later
+    assert prepare.host_packages(SPLIT, host(SPLIT, "db1")) == tuple(FIREWALL_PACKAGES)
+    both = prepare.host_packages(SINGLE, host(SINGLE, "solo"))
+    assert len(both) == len(set(both)) and set(both) >= {*APP_PACKAGES, *PROXY_PACKAGES}
+
+
+def test_the_prefetch_covers_every_tiers_first_look():
+    looks = {"db1": db.state_facts(SPLIT), "app1": app.state_facts(SPLIT, host(SPLIT, "app1")),
+             "proxy1": proxy.state_facts(SPLIT)}
+    for h in SPLIT.hosts:
+        facts = prepare.host_facts(SPLIT, h)
+        assert facts[0] == OsRelease() and len(facts) == len(set(facts)), h.name
+        assert set(looks[h.name]) <= set(facts), h.name
+        assert set(firewall.state_facts(SPLIT, h)) <= set(facts), h.name
+        assert {PackageVersion(p) for p in prepare.host_packages(SPLIT, h)} <= set(facts)
+    # sqlite: no PostgreSQL facts on the single host
+    solo = prepare.host_facts(SINGLE, host(SINGLE, "solo"))
+    assert not set(db.state_facts(SPLIT)) - {OsRelease()} & set(solo)
