@@ -4,30 +4,47 @@ Every `fab` run imports the whole fabfile to learn the task names, but a run exe
 task: importing every flow, tier and template engine up front cost ~0.4 s of each run
 (`fab --list` included) for code the task never touches. The edge (``fabfile/``,
 ``cli.py``) therefore names the library modules it calls with `lazy_module` at module
-level, like an import, and the module is executed on the first attribute access (the
-task's body, in the main thread). The project keeps imports out of function bodies; this
-keeps them at the top of the file too, where a reader looks for them.
+level, like an import, and the module is imported on the first attribute access (in the
+task's body). The project keeps imports out of function bodies; this keeps them at the top
+of the file too, where a reader looks for them. This is the one place that loads modules
+lazily.
+
+Not `importlib.util.LazyLoader`: it puts a placeholder in ``sys.modules``, so the library's
+own ``from . import x`` would get the placeholder too and could first touch it from a
+worker thread of `Executor.each`, where Python 3.11's lazy module is not thread-safe (a
+second thread sees a half-executed module). The stand-in here is never in
+``sys.modules``: the library's imports stay ordinary, and the first access imports the
+module through the import system, whose per-module lock makes a concurrent access wait.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
 
 __all__ = ["lazy_module"]
 
 
+class _Deferred(ModuleType):
+    """Stands for module ``name`` and reads every attribute through to it, importing it on
+    the first access."""
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only for names the stand-in itself lacks, i.e. every name of the module.
+        module = self.__dict__.get("_releasy_module")
+        if module is None:
+            module = importlib.import_module(self.__name__)
+            self.__dict__["_releasy_module"] = module
+        return getattr(module, attr)
+
+
 def lazy_module(name: str) -> ModuleType:
-    """The module ``name`` (absolute), executed on its first attribute access; the module
+    """The module ``name`` (absolute), imported on its first attribute access; the module
     itself when it is imported already. A missing module fails here, at once."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"no module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+    return _Deferred(name)

@@ -1,0 +1,60 @@
+"""releasy_deploy.lazy: a module named at the top of the edge is imported on first use, once,
+whichever thread gets there first, and never stands in sys.modules for the library."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+
+from releasy_deploy.lazy import lazy_module
+
+# A slow module body: a second thread arriving while the first one runs it must wait for
+# the whole module, not see it half-executed (what LazyLoader does on Python 3.11).
+SLOW_MODULE = """\
+import time
+LOADS = globals().get("LOADS", 0) + 1
+time.sleep(0.3)
+ANSWER = 42
+"""
+
+
+@pytest.fixture
+def slow_module(tmp_path, monkeypatch):
+    name = f"releasy_lazy_probe_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_imported_on_first_attribute_access_not_before(slow_module):
+    deferred = lazy_module(slow_module)
+    assert slow_module not in sys.modules
+    assert deferred.ANSWER == 42 and deferred.LOADS == 1
+    assert sys.modules[slow_module].ANSWER == 42
+    assert lazy_module(slow_module) is sys.modules[slow_module]  # imported: the module itself
+
+
+def test_threads_arriving_together_all_see_the_whole_module(slow_module):
+    deferred = lazy_module(slow_module)
+    seen, failures = [], []
+
+    def use():
+        try:
+            seen.append(deferred.ANSWER)
+        except AttributeError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and seen == [42] * 8
+    assert sys.modules[slow_module].LOADS == 1
+
+
+def test_a_missing_module_fails_at_once():
+    with pytest.raises(ModuleNotFoundError):
+        lazy_module("releasy_deploy.no_such_module")
