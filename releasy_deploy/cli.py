@@ -176,9 +176,9 @@ def session(dry_run: bool = False, *, need_secrets: bool = True, action: str | N
     reporter = _output.Reporter(json_path=json_path)
     fault_at = os.environ.get(FAULT_ENV, "")
     faults = _executor.FaultInjection(int(fault_at)) if fault_at.isdigit() else None
-    executor = _executor.Executor(inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
-                        trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults,
-                        echo=core.echo)
+    executor = _executor.Executor(
+        inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
+        trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults, echo=core.echo)
     s = _session.Session(inventory, secrets, executor, reporter, confirm=confirm)
     hook_run = _hooks.HookRun(s, action or "", version, hosts) if hooked else None
     started = time.monotonic()
