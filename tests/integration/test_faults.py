@@ -64,20 +64,33 @@ def serving_through_proxy(lab) -> bool:
     return proc.stdout.strip() == "200"
 
 
-def test_every_injected_fault_leaves_the_fleet_serving_and_a_rerun_converges(lab, fleet):
+@pytest.mark.parametrize("mode", ["fail", "drop"])
+def test_every_injected_fault_leaves_the_fleet_serving_and_a_rerun_converges(lab, fleet, mode):
+    """``fail``: the N-th host-changing command fails on its host; ``drop``: that host's SSH
+    connection drops at that point instead (the command never runs; on db1 the deploy
+    lock's tunnel goes with it). A drop's cause is an unreachable host: exit 4 when it
+    stopped the rollout."""
     inventory, total = fleet
     assert total >= 10, f"a rolling deploy over 3 hosts ran only {total} host-changing commands"
     tried = []
-    on = "1.1.0"
+    on = current(lab, "app1")
+    suffix, marker = ("", "failed on purpose") if mode == "fail" else (
+        ":drop", "connection dropped on purpose")
+    codes = (0, 1) if mode == "fail" else (0, 1, 4)
     for n in points(total):
         target = RELEASES[0] if on == RELEASES[1] else RELEASES[1]
         proc = lab.fab("deploy.rolling", "--version", target, "--yes", inventory=inventory,
-                       env={"RELEASY_FAULT": str(n)}, check=False)
+                       env={"RELEASY_FAULT": f"{n}{suffix}"}, check=False)
         said = proc.stdout + proc.stderr
-        where = f"fault #{n} of {total}"
-        assert "failed on purpose" in proc.stderr, f"{where}: no command was replaced\n{said}"
-        assert proc.returncode in (0, 1), f"{where}: exit {proc.returncode}\n{said}"
+        where = f"fault #{n} of {total} ({mode})"
+        assert marker in proc.stderr, f"{where}: no command was replaced\n{said}"
+        assert proc.returncode in codes, f"{where}: exit {proc.returncode}\n{said}"
         assert "Traceback" not in said, f"{where}\n{said}"
+        if proc.returncode != 0:  # the message names the host
+            message = "\n".join(line for line in proc.stderr.splitlines()
+                                if not line.startswith("fault injection:"))
+            assert any(h in message for h in (*APPS, "db1", "proxy1")), \
+                f"{where}: no host named\n{said}"
         # Left serving: lock free, the proxy answers, every host out of rotation named.
         lock = lab.fab("deploy.lock", inventory=inventory)
         assert "free" in lock.stdout, f"{where}: lock not free\n{lock.stdout}"
@@ -96,5 +109,5 @@ def test_every_injected_fault_leaves_the_fleet_serving_and_a_rerun_converges(lab
         assert again.returncode == 0
         on = target
         tried.append(n)
-    print(f"\nfault injection: {len(tried)} of {total} points of a rolling deploy tried"
-          f" ({tried}); every one recovered and converged on a re-run")
+    print(f"\nfault injection ({mode}): {len(tried)} of {total} points of a rolling deploy"
+          f" tried ({tried}); every one recovered and converged on a re-run")
