@@ -30,9 +30,9 @@ test: setup
 unit: setup
 	$(PY) -m pytest tests/unit
 
-# Every injection point of a rolling deploy (make test tries the first, a middle and the
-# last): the N-th host-changing command fails, the fleet must stay serving and a re-run
-# converge. Run before submitting a change to a flow.
+# Every injection point of a rolling deploy and of a rolling reconfiguration (`fab site`),
+# failing and connection-drop variants (make test tries the first, a middle and the last):
+# the fleet must stay serving and a re-run converge. Run before submitting a change to a flow.
 faults: setup
 	RELEASY_FAULT_POINTS=all $(PY) -m pytest -s tests/integration/test_faults.py
 

@@ -32,6 +32,7 @@ def setup(c, version=None, dry_run=False, wait=0, rotate_secret=None, limit=None
         s.limit_to(limit)
         try:
             site_ops.check_artifact(s, version)
+            site_ops.refuse_behind_database(s, version)
             with site_ops.change_lock(s, version=version, wait=float(wait)) as lock:
                 site_ops.setup_app(s, version, lock, rotate=rotate_secret or ())
         finally:

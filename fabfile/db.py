@@ -40,9 +40,10 @@ def _summarized(s):
 
 @task(help={"dry_run": "only report what would change; touch nothing",
             "limit": "converge only these hosts (H[,H...], fab's -H means the same): the db"
-                     " host, or nothing to do"})
+                     " host, or nothing to do",
+            "yes": "agree to a PostgreSQL restart (downtime) without being asked"})
 @operator_task(hosts="limit", dry="dry_run")
-def setup(c, dry_run=False, limit=None):
+def setup(c, dry_run=False, limit=None, yes=False):
     """Install and configure PostgreSQL 15: role, database, password, pg_hba, listen.
 
     Refused (exit 3) while another task holds the deploy lock, which lives in this
@@ -52,7 +53,7 @@ def setup(c, dry_run=False, limit=None):
             s.limit_to(limit)
             if not s.dry_run:
                 site_ops.refuse_if_locked(s)
-            db_tier.setup(s)
+            db_tier.setup(s, yes=yes)
         finally:
             s.reporter.summary()
 

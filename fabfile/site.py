@@ -12,16 +12,17 @@ site_ops = lazy_module("releasy_deploy.site")
             "dry_run": "show what would change, with diffs; change nothing",
             "wait": "seconds to wait for the deploy lock if another task holds it (default 0:"
                     " fail at once with exit code 3)",
+            "yes": "agree to a PostgreSQL restart (downtime) without being asked",
             "rotate-secret": "replace this secret's value kept on the app hosts (repeatable;"
                              " e.g. api_key_pepper: every API key stops working)",
             "limit": "converge only these hosts (H[,H...], fab's -H means the same), in the"
                      " usual tier order; plans still derive from the whole inventory"},
       iterable=["rotate_secret"])
 @operator_task(hosts="limit", dry="dry_run")
-def site(c, version=None, dry_run=False, wait=0, rotate_secret=None, limit=None):
+def site(c, version=None, dry_run=False, wait=0, rotate_secret=None, limit=None, yes=False):
     """Provision everything: db -> app -> proxy -> firewall; a second run changes nothing."""
     with session(dry_run=dry_run, action="site", audited=True,
                  args={"version": version, "rotate_secret": rotate_secret,
                        "limit": limit}) as s:
         s.limit_to(limit)
-        site_ops.run(s, version, wait=float(wait), rotate=rotate_secret or ())
+        site_ops.run(s, version, wait=float(wait), rotate=rotate_secret or (), yes=yes)

@@ -47,11 +47,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import schema
+from . import restores, schema
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
+from .commands import restore as restorecmd
 from .commands import systemd
-from .errors import BadInput, DeployError, first_line
+from .errors import BadInput, CommandTimeoutError, DeployError, UnreachableError, first_line
 from .executor import tail
 from .facts import Fact, read_fact, read_facts
 from .inventory import VERSION_RE, Inventory, check_version
@@ -273,23 +274,6 @@ for old in "$@"; do rm -f -- "$dir/$old" && echo "@pruned $old"; done
 """
 
 # $1 dump file, $2 database. The prelude and the whole dump as SQL go to ONE transaction.
-_PG_RESTORE_SCRIPT = """set -eu
-dump=$1 db=$2
-cd /
-if ! [ -f "$dump" ]; then echo "no such dump: $dump" >&2; exit 3; fi
-sql=$(mktemp /tmp/releasy-restore.XXXXXXXX)
-trap 'rm -f -- "$sql"' EXIT
-cat > "$sql" <<'SQL'
-DROP SCHEMA IF EXISTS public CASCADE;
-CREATE SCHEMA public AUTHORIZATION pg_database_owner;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-COMMENT ON SCHEMA public IS 'standard public schema';
-SQL
-# The complete SQL first: a truncated stream must never reach psql (it would commit it).
-runuser -u postgres -- pg_restore --file=- "$dump" >> "$sql"
-runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 --single-transaction -d "$db" < "$sql"
-"""
-
 # $1 dump file, $2 database file, $3 service account. Root opens the dump (in its own
 # 0700 dir) and hands the bytes over on stdin; sqlite3 runs as the service account, so the
 # files it writes (the database, -wal, -shm) are its own and nothing is chowned: a symlink
@@ -339,7 +323,7 @@ def restore_argv(kind: str, target: str, name: str, *, user: str | None = None) 
     if kind == "sqlite":
         return ["sh", "-c", _SQLITE_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}",
                 target, _service_user(user)]
-    return ["sh", "-c", _PG_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}", target]
+    return restorecmd.restore_argv(f"{BACKUP_DIR}/{name}", target)
 
 
 def _service_user(user: str | None) -> str:
@@ -452,7 +436,10 @@ def restore(session, backup: Backup) -> None:
     """Replace the application database's content with ``backup`` (one round trip).
 
     Every Releasy instance must be stopped first: the schema is dropped and recreated. On
-    PostgreSQL this happens in one transaction, so a failure leaves the database as it was.
+    PostgreSQL this happens in one transaction. When it does not finish (a failure, the
+    timeout, Ctrl-C or SIGTERM), the restore is ended on the host (its processes and its
+    database session) and the outcome of its transaction is read from the database:
+    `RestoreFailed` says whether it was applied (``applied``), checked, not assumed.
     """
     inv = session.inventory
     if backup.kind != inv.database.kind:
@@ -462,17 +449,18 @@ def restore(session, backup: Backup) -> None:
     if conn.dry_run:
         conn.reporter.would(conn.name, f"restore the database from {backup.path}")
         return
-    res = conn.run(restore_argv(backup.kind, _target(inv), backup.name,
-                                user=inv.app.service_user), sudo=True,
-                   check=False, timeout=DUMP_TIMEOUT_S)
+    argv = restore_argv(backup.kind, _target(inv), backup.name, user=inv.app.service_user)
+    try:
+        res = conn.run(argv, sudo=True, check=False, timeout=DUMP_TIMEOUT_S)
+    except (KeyboardInterrupt, CommandTimeoutError, UnreachableError) as exc:
+        what = f"restoring {backup.path} stopped: {first_line(exc, conn.name)}"
+        raise restores.stopped(conn, backup.kind, _target(inv), backup.path, what,
+                                  exc) from None
     if not res.ok:
         said = tail(conn.mask(res.stderr.strip() or res.stdout.strip())) or "(no output)"
-        unchanged = (" The restore ran in one transaction: the database is unchanged."
-                     if backup.kind == "postgres" else "")
-        raise DeployError(
-            f"{conn.name}: restoring {backup.path} failed (exit code {res.exit_code}):\n"
-            + "\n".join(f"    {line}" for line in said.splitlines()) + f"\n {unchanged}",
-            host=conn.name)
+        what = (f"restoring {backup.path} failed (exit code {res.exit_code}):\n"
+                + "\n".join(f"    {line}" for line in said.splitlines()))
+        raise restores.stopped(conn, backup.kind, _target(inv), backup.path, what, None)
     conn.reporter.changed(conn.name, f"database {inv.database.name} restored from"
                                      f" {backup.path} (migration level {backup.level})")
 
@@ -810,29 +798,9 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                     session.executor.each(busy, stop)
                 restore(session, dump)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - restart, then raise
-            note = ""
-            with pipe.stage("failed", what="start again what ran before"):
-                try:
-                    if busy:
-                        session.executor.each(busy, start)
-                except DeployError as sexc:
-                    note = (f" Starting Releasy again failed as well"
-                            f" ({first_line(sexc)}): check the app hosts; the maintenance"
-                            f" page stays on until `fab proxy.maintenance --off`.")
-                else:
-                    maintenance_page.switch_for_downtime(session, False, was_on=was_on)
-            lines = str(exc).splitlines() or [type(exc).__name__]
-            first = lines[0].removeprefix(f"{db}: ").rstrip(":")
-            said = [line for line in lines[1:] if line.startswith("    ")]  # its output
-            unchanged = ("The restore runs in one transaction, so the database is unchanged"
-                         if dump.kind == "postgres" else
-                         "SQLite's restore is one transaction as well: the database is"
-                         " unchanged")
-            raise DeployError("\n".join([
-                f"{db}: {first}" + (":" if said else ""), *said,
-                f"  {unchanged}, and what was running was started again.{note}",
-                f"  Check the dump (`fab db.backups`), or restore another one; the data as it"
-                f" was before is also in {safety.path}."]), host=db) from None
+            raise restores.task_stopped(session, pipe, db=db, dump=dump, safety=safety,
+                                        busy=busy, start=start, was_on=was_on,
+                                        exc=exc) from None
         try:
             with pipe.stage("start", what="start Releasy again, wait for /ready"):
                 if busy:

@@ -70,7 +70,7 @@ from .executor import HostConnection, tail
 from .facts import Fact, FileSha256, FileStat, LinkTarget, OsRelease, read_facts
 from .hostos import check_release
 from .inventory import Inventory, check_version
-from .lock import deploy_lock
+from .lock import LockInfo, deploy_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .rollout import ready_timeout_of
@@ -342,8 +342,9 @@ def find_live(state: HostState) -> Live:
     return Live(port, None, None, state.ready[port])
 
 
-def plan_deploy(state: HostState, version: str) -> Plan:
-    """What a deploy of ``version`` does on this host (pure)."""
+def plan_deploy(state: HostState, version: str, *, restart: bool = False) -> Plan:
+    """What a deploy of ``version`` does on this host (pure). ``restart``: start a fresh
+    instance even when ``version`` is live (a changed env file or unit takes effect)."""
     check_version(version)
     live = find_live(state)
     idle = state.ports[1] if live.port == state.ports[0] else state.ports[0]
@@ -355,7 +356,7 @@ def plan_deploy(state: HostState, version: str) -> Plan:
         notes.append(
             f"conflict: {PLAIN_UNIT} is {what} while {live.unit} is live (did `fab app.setup`"
             f" start it again?); it is not in rotation: stopping and disabling it")
-    start = live.unit is None or live.version != version
+    start = live.unit is None or live.version != version or restart
     stop_first: list[str] = []
     if start:
         ours = state.units_on(idle)
@@ -374,20 +375,10 @@ def plan_deploy(state: HostState, version: str) -> Plan:
 
 
 def schema_refusal(state: HostState, version: str) -> str | None:
-    """Why ``version`` cannot start against the database (pure), or None. Upstream's binary
-    refuses a database holding migrations it does not know (sqlx VersionMissing): known
-    from the level recorded for that release, or from the dump taken when leaving it."""
-    if state.db_level is None:
-        return None
-    known = schema.known_level(version, [state.levels], state.backups)
-    if known.level is None or known.level >= state.db_level:
-        return None
-    return (f"{state.host}: {version} ran against migration level {known.level} ({known.source}),"
-            f" but the database is at level {state.db_level}: its binary would refuse to start"
-            f" (sqlx VersionMissing). Nothing was changed. Going back across migrations needs"
-            f" the database restored from a dump taken before them: `fab deploy.rollback --to"
-            f" {version} --restore-db` (it says which dump, and that writes made since are"
-            f" lost).")
+    """Why ``version`` cannot start against the database (pure), or None: known from the
+    level recorded for that release, or from the dump taken when leaving it."""
+    why = schema.older_than_database(version, [state.levels], state.backups, state.db_level)
+    return None if why is None else f"{state.host}: {why}"
 
 
 # ------------------------------------------------------------------------------ scripts
@@ -709,10 +700,13 @@ def _failure_before_switch(c: HostConnection, stage: str, plan: Plan, exc: BaseE
             f"  Fix the cause, then deploy again (the same or another version).")
 
 
-def run(session: Session, version: str, *, wait: float = 0, yes: bool = False,
-        ready_timeout: Any = None) -> Outcome:
+def run(session: Session, version: str | None, *, wait: float = 0, yes: bool = False,
+        ready_timeout: Any = None, lock: LockInfo | None = None) -> Outcome:
     """Blue/green deploy of ``version`` on the single app host (see the module docstring).
 
+    ``version`` None: the live release, restarted through the same switch (a fresh instance
+    picks up a changed env file or unit; `fab site` / `fab app.setup` on a single host that
+    serves). ``lock``: the deploy lock the caller already holds (else it is taken here).
     Raises BadInput (exit 2, nothing touched) for a split topology, a bad artifact or a
     release older than the database's migrations; LockBusy (exit 3) when another deploy
     holds the lock; DeployError otherwise.
@@ -725,7 +719,9 @@ def run(session: Session, version: str, *, wait: float = 0, yes: bool = False,
             f" {len(inv.hosts)} hosts ({inv.topology} topology): use `fab deploy.rolling"
             f" --version {version}` there")
     timeout = ready_timeout_of(inv, ready_timeout)
-    release = fetch_release(inv, version)  # BadInput before any host is contacted
+    restart = version is None
+    # BadInput before any host is contacted (a restart stages nothing).
+    release = None if version is None else fetch_release(inv, version)
     host = inv.hosts_in("app")[0]
     c = session.executor.conn(host)
     reporter = session.reporter
@@ -736,10 +732,15 @@ def run(session: Session, version: str, *, wait: float = 0, yes: bool = False,
                        plan.target_port, session.dry_run, time.monotonic() - started)
 
     with ExitStack() as stack:
-        with pipe.stage("preflight", host.name, f"{version}: lock, live instance"):
-            held = stack.enter_context(deploy_lock(session, version=version, wait=wait))
+        with pipe.stage("preflight", host.name, f"{version or 'restart'}: lock, live instance"):
+            held = lock if lock is not None else stack.enter_context(
+                deploy_lock(session, version=version, wait=wait))
             state = read_state(c, inv)
-            plan = plan_deploy(state, version)
+            if version is None:
+                version = find_live(state).version or state.releases.current
+                if version is None:
+                    raise DeployError(f"{host.name}: no live release to restart", host=host.name)
+            plan = plan_deploy(state, version, restart=restart)
             reporter.info(host.name, f"live: {plan.live.describe()}")
             if plan.live.unit is not None and not plan.live.ready:
                 reporter.info(host.name, "the live instance does not answer /ready: deploying"
@@ -750,7 +751,7 @@ def run(session: Session, version: str, *, wait: float = 0, yes: bool = False,
                 raise DeployError(f"{host.name}: cannot read the database's migration level"
                                   f" (_sqlx_migrations in {inv.database.name}): is the database"
                                   f" up? `fab db.setup` checks it", host=host.name)
-            refusal = schema_refusal(state, version) if plan.start else None
+            refusal = schema_refusal(state, version) if plan.start and not restart else None
             if refusal:
                 raise BadInput(refusal)
 
@@ -774,9 +775,10 @@ def run(session: Session, version: str, *, wait: float = 0, yes: bool = False,
         stage = "stage"
         backup = None
         try:
-            with pipe.stage("stage", host.name, f"upload and unpack {version}"):
-                app_tier.stage_release(c, release)
-            if inv.database.backup_before_deploy:
+            if release is not None:
+                with pipe.stage("stage", host.name, f"upload and unpack {version}"):
+                    app_tier.stage_release(c, release)
+            if inv.database.backup_before_deploy and not restart:  # a restart migrates nothing
                 stage = "backup"
                 with pipe.stage("backup", host.name, f"dump the database (migration level"
                                                      f" {state.db_level})"):

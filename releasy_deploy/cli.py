@@ -10,7 +10,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -20,8 +22,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from invoke import Exit
 
-from .errors import (BadInput, DeployError, LockHeld, ParallelError, first_line,
-                     is_unreachable)
+from .errors import (BadInput, DeployError, LockHeld, ParallelError, Terminated, first_line,
+                     interruption, is_unreachable)
 from .lazy import lazy_module
 
 # Loaded by the first task that runs (not by `fab --list`): see releasy_deploy/lazy.py.
@@ -40,20 +42,24 @@ EXIT_FAILED = 1        # a step failed on a host (see the message)
 EXIT_BAD_INPUT = 2     # inventory, secrets, flags or release artifact are wrong: nothing touched
 EXIT_LOCK_BUSY = 3     # another deploy holds the environment's lock
 EXIT_UNREACHABLE = 4   # a host could not be reached or its host key did not verify
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): what was started was ended, the message says where
+EXIT_TERMINATED = 143   # SIGTERM: the same
 
 JSON_LOG_ENV = "RELEASY_JSON_LOG"
 # With a JSON log: RELEASY_TRACE=1 adds one "command" event per SSH command (host, masked
 # command, start, seconds), for the benchmark.
 TRACE_ENV = "RELEASY_TRACE"
 # Tests of the recovery paths: RELEASY_FAULT=N fails the task's N-th host-changing command
-# (0: only count them); the count is printed on stderr at the end.
+# (0: only count them), N:drop drops that host's SSH connection there instead; the count is
+# printed on stderr at the end.
 FAULT_ENV = "RELEASY_FAULT"
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_LOCK_BUSY", "EXIT_UNREACHABLE",
+           "EXIT_INTERRUPTED", "EXIT_TERMINATED",
            "JSON_LOG_ENV", "TRACE_ENV", "CORE_HOSTS_KEY", "READ_ONLY", "BadInput",
            "CoreFlags", "core_flags", "core_flag_refusals", "session", "confirm",
-           "exit_code_for", "operator_task", "use_json_log"]
+           "exit_code_for", "fault_injection", "operator_task", "use_json_log"]
 
 # ------------------------------------------------------------------------------ core flags
 #: Where `fabfile.adhoc.ReleasyExecutor` leaves fab's -H/--hosts value for the task: the
@@ -174,8 +180,7 @@ def session(dry_run: bool = False, *, need_secrets: bool = True, action: str | N
     secrets = _secrets.load_secrets(inventory) if need_secrets else _secrets.Secrets({})
     json_path = os.environ.get(JSON_LOG_ENV) or None
     reporter = _output.Reporter(json_path=json_path)
-    fault_at = os.environ.get(FAULT_ENV, "")
-    faults = _executor.FaultInjection(int(fault_at)) if fault_at.isdigit() else None
+    faults = fault_injection(os.environ.get(FAULT_ENV, ""))
     executor = _executor.Executor(
         inventory, dry_run=dry_run, reporter=reporter, secrets=secrets,
         trace=bool(json_path and os.environ.get(TRACE_ENV)), faults=faults, echo=core.echo)
@@ -207,8 +212,8 @@ def _task_ended(s: _session.Session, audit_action: str | None,
     """The audit record of a task that changes hosts, then the after/failure hooks."""
     if exc is None:
         result, code = "ok", EXIT_OK
-    elif isinstance(exc, KeyboardInterrupt):
-        result, code = "interrupted", 130
+    elif interruption(exc) is not None:  # Ctrl-C / SIGTERM, itself or as a failure's cause
+        result, code = "interrupted", exit_code_for(exc)
     else:
         code = exit_code_for(exc)
         result = "refused" if code in (EXIT_BAD_INPUT, EXIT_LOCK_BUSY) else "failed"
@@ -230,6 +235,15 @@ def use_json_log(path: str | None) -> None:
     """``--json-log FILE`` of the rollout tasks: the same as RELEASY_JSON_LOG=FILE."""
     if path:
         os.environ[JSON_LOG_ENV] = os.path.abspath(os.path.expanduser(path))
+
+
+def fault_injection(value: str) -> _executor.FaultInjection | None:
+    """``RELEASY_FAULT``: ``N`` (the N-th host-changing command fails) or ``N:drop`` (the
+    host's SSH connection drops there); anything else: no injection."""
+    at, _, mode = value.partition(":")
+    if not at.isdigit() or mode not in ("", "drop"):
+        return None
+    return _executor.FaultInjection(int(at), drop=mode == "drop")
 
 
 def _log_executor_facts(path: str, executor: _executor.Executor) -> None:
@@ -273,6 +287,9 @@ def _debug_enabled() -> bool:
 
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit code of a library error (see the README's table)."""
+    stopped = interruption(exc)
+    if stopped is not None:
+        return EXIT_TERMINATED if isinstance(stopped, Terminated) else EXIT_INTERRUPTED
     if isinstance(exc, (_inventory.InventoryError, BadInput)):
         return EXIT_BAD_INPUT
     if isinstance(exc, LockHeld):
@@ -299,26 +316,8 @@ def operator_task(fn: Callable | None = None, *, hosts: str | None = None,
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        token = None
-        try:
-            if args:
-                kwargs = _apply_core_flags(fn, args[0], kwargs, hosts=hosts, dry=dry)
-                token = _CORE.set(core_flags(args[0].config))
-            return fn(*args, **kwargs)
-        except (DeployError, _inventory.InventoryError) as exc:
-            debug = _debug_enabled()
-            if debug:
-                traceback.print_exc()
-            sys.stdout.flush()
-            # One screen: long detail blocks (journal tails of many hosts) are cut to their
-            # last lines; --debug shows everything.
-            text = str(exc) if debug else _output.one_screen(str(exc))
-            raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
-        finally:
-            if token is not None:
-                _CORE.reset(token)
+        with _sigterm_raises():
+            return _run(fn, args, kwargs, hosts=hosts, dry=dry)
 
     return wrapper
 
@@ -357,3 +356,49 @@ def _apply_core_flags(fn: Callable, c: Any, kwargs: dict[str, Any], *, hosts: st
     if flags.dry and dry not in (None, READ_ONLY):
         kwargs[dry] = True
     return kwargs
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread (a KeyboardInterrupt), so a task
+    ends what it started on the hosts exactly as on Ctrl-C; exit code 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(fn: Callable, args: tuple, kwargs: dict[str, Any], *, hosts: str | None,
+         dry: str | None):
+    """The core flags applied, then the task body; expected failures become
+    `Exit(message, code)`."""
+    token = None
+    try:
+        if args:
+            kwargs = _apply_core_flags(fn, args[0], kwargs, hosts=hosts, dry=dry)
+            token = _CORE.set(core_flags(args[0].config))
+        return fn(*args, **kwargs)
+    except (DeployError, _inventory.InventoryError) as exc:
+        debug = _debug_enabled()
+        if debug:
+            traceback.print_exc()
+        sys.stdout.flush()
+        # One screen: long detail blocks (journal tails of many hosts) are cut to their
+        # last lines; --debug shows everything.
+        text = str(exc) if debug else _output.one_screen(str(exc))
+        raise Exit(f"error: {text}", code=exit_code_for(exc)) from None
+    except Terminated:
+        raise Exit("terminated (SIGTERM)", code=EXIT_TERMINATED) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted", code=EXIT_INTERRUPTED) from None
+    finally:
+        if token is not None:
+            _CORE.reset(token)

@@ -42,6 +42,33 @@ class StepFailed(DeployError):
                             else bool(unreachable))
 
 
+class RestoreFailed(StepFailed):
+    """A database restore did not finish (failed, timed out, interrupted). ``applied``:
+    whether its transaction committed, as read on the database (None: could not be read)."""
+
+    def __init__(self, message: str, *, host: str | None = None,
+                 cause: BaseException | None = None, applied: bool | None = None) -> None:
+        super().__init__(message, host=host, cause=cause)
+        self.applied = applied
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (so every flow
+    recovers the same way), told apart for the exit code (143, not 130)."""
+
+
+def interruption(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM that ended a flow: ``exc`` itself or what caused it (a flow
+    that recovered from an interruption raises its failure with the interruption as cause)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = getattr(exc, "cause", None)
+        seen += 1
+    return None
+
+
 class HostKeyError(DeployError):
     """The host's SSH key is unknown or differs from known_hosts: never connect anyway."""
 
@@ -122,6 +149,8 @@ class ParallelError(DeployError):
 def first_line(exc: BaseException, host: str | None = None) -> str:
     """The first line of an error's message (its type name when it has none), without a
     leading "HOST: " when ``host`` is given: for one-line summaries that name the host."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     text = str(exc).strip()

@@ -436,6 +436,14 @@ class HostConnection:
         if mutates:
             self.mutations += 1
         if mutates and self._ex.faults is not None and self._ex.faults.due(self.name, display):
+            if self._ex.faults.drop:
+                # Fault injection (tests): the host's SSH connection drops at this point (what
+                # it carries, the deploy lock's tunnel included, goes with it).
+                self.close()
+                raise UnreachableError(
+                    f"{self.name}: lost the SSH connection while running: {display}"
+                    f" (injected connection drop, RELEASY_FAULT). The command did not run;"
+                    f" check the host and re-run.", host=self.name)
             # Fault injection (tests): this host-changing command really fails on the host.
             full, stdin = list(INJECTED_FAULT_ARGV), None
         raw = self._exec(
@@ -769,10 +777,12 @@ INJECTED_FAULT_ARGV = ("sh", "-c", "echo 'injected fault (RELEASY_FAULT)' >&2; e
 class FaultInjection:
     """A test hook for recovery paths (``RELEASY_FAULT=N``): the N-th host-changing command
     of the task (a mutating run, script or upload, counted across hosts in the order they
-    start) is replaced by one that fails on its host. ``at=0`` only counts them."""
+    start) is replaced by one that fails on its host; with ``drop`` (``RELEASY_FAULT=N:drop``)
+    the host's SSH connection is closed there instead. ``at=0`` only counts them."""
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, *, drop: bool = False) -> None:
         self.at = at
+        self.drop = drop
         self.count = 0
         self.fired: str | None = None  # "host: command" of the one that failed
         self._lock = threading.Lock()
@@ -786,7 +796,8 @@ class FaultInjection:
             return True
 
     def summary(self) -> str:
-        fired = f"; #{self.at} failed on purpose: {self.fired}" if self.fired else ""
+        how = "connection dropped on purpose" if self.drop else "failed on purpose"
+        fired = f"; #{self.at} {how}: {self.fired}" if self.fired else ""
         return f"fault injection: {self.count} host-changing command(s){fired}"
 
 

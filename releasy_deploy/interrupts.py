@@ -13,14 +13,17 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from .errors import Terminated
+
 __all__ = ["deferred"]
 
 
 @contextmanager
 def deferred(what: str) -> Iterator[list[int]]:
-    """Run the block with SIGINT deferred; raise KeyboardInterrupt after it when one came
-    (unless the block raised already). Yields the list of signals received. Outside the
-    main thread (where no signal handler can be set) it changes nothing."""
+    """Run the block with SIGINT and SIGTERM deferred; raise KeyboardInterrupt (or
+    `Terminated` for SIGTERM) after it when one came (unless the block raised already).
+    Yields the list of signals received. Outside the main thread (where no signal handler
+    can be set) it changes nothing."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -28,13 +31,15 @@ def deferred(what: str) -> Iterator[list[int]]:
 
     def note(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
         received.append(signum)
-        print(f"\nCtrl-C: still {what}; it finishes first (the steps are bounded), then"
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"\n{name}: still {what}; it finishes first (the steps are bounded), then"
               f" the task stops.", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, note)
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt

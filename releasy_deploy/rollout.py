@@ -48,7 +48,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from . import audit, schema
+from . import audit, interrupts, schema
 from . import backups as backups_mod
 from .backups import Backup
 from .commands import app as appcmd
@@ -62,7 +62,8 @@ from .engine.recovery import names as _names
 from .engine.runner import (JOURNAL_LINES, Preflight, RollingRunner, RolloutFailed,
                             parse_version_probe, releases_to_prune, server_of,
                             version_probe_argv)
-from .errors import BadInput, DeployError, ParallelError, StepFailed, UnreachableError
+from .errors import (BadInput, DeployError, ParallelError, RestoreFailed, StepFailed,
+                     UnreachableError)
 from .executor import HostConnection
 from .facts import DiskFree, Fact, OsRelease, tolerant_reader
 from .fleet import FleetFile
@@ -403,6 +404,8 @@ def rolling(session: Session, version: str, *, batch: Any = 1, yes: bool = False
             if only_if_newer and not _older_somewhere(session, pre, version):
                 return
             states = list(pre.apps.values())
+            schema.refuse_if_behind(version, [st.levels for st in states], pre.backups,
+                                    pre.db_level)
             problems = preflight_problems(states, version)
             problems += serving_problems(pre.apps.values(), pre.unreachable)
             refusal = canary_problem(states, version, canary) if canary is not None else None
@@ -574,6 +577,10 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
             c.reporter.info(c.name, f"ready on {version_of[c.name]}")
         return start
 
+    def target_of(applied: bool | None) -> Mapping[str, str | None]:
+        # The restored database suits the target; the old one the releases that ran.
+        return {n: r.version for n in names} if applied else currents
+
     # Clients get a 503 maintenance page (Retry-After) meanwhile, never a raw 502.
     was_on = maintenance_page.switch_for_downtime(s, True)
     try:
@@ -583,22 +590,27 @@ def _restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) ->
             s.executor.each(names, stop)
             backups_mod.restore(s, dump)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        # The database is unchanged (one transaction): restart what ran before.
+        # What became of the database was read on it (RestoreFailed.applied).
+        applied = exc.applied if isinstance(exc, RestoreFailed) else False
         note = ""
-        with r.pipe.stage("failed", what="restart every app host on its release"):
+        with interrupts.deferred("restarting the app hosts after the stopped restore"), \
+                r.pipe.stage("failed", what="restart every app host"):
             try:
-                s.executor.each(names, start_on(currents))
+                s.executor.each(names, start_on(target_of(applied)))
             except ParallelError as sexc:
                 note = (f" Restarting failed on {_names(sexc.failures)}: check them; the"
                         f" maintenance page stays on until `fab proxy.maintenance --off`.")
             else:
                 maintenance_page.switch_for_downtime(s, False, was_on=was_on)
         r.audit("failed", stage="restore", reason=_first_line(exc))
+        outcome = (str(exc).splitlines()[-1].strip() if isinstance(exc, RestoreFailed)
+                   else "The restore had not begun: the database is unchanged.")
+        where = (f"every app host was started on {r.version}" if applied else
+                 "every app host was restarted on the release it ran before")
         raise RolloutFailed(
             f"Rollback of {inv.environment} to {r.version} stopped while restoring"
-            f" {dump.path} on {db}: {_first_line(exc, db)}. The restore runs in one"
-            f" transaction, so the database is unchanged; every app host was restarted on the"
-            f" release it ran before.{note}", host=db, cause=exc) from None
+            f" {dump.path} on {db}: {_first_line(exc, db)}. {outcome} {where}.{note}",
+            host=db, cause=exc.cause if isinstance(exc, RestoreFailed) else exc) from None
 
     target = {n: r.version for n in names}
     first, rest = names[0], names[1:]

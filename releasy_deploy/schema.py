@@ -24,14 +24,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .commands import app as appcmd
-from .errors import DeployError
+from .errors import BadInput, DeployError
 from .facts import Fact, read_fact
 from .inventory import VERSION_RE, Host, Inventory, check_version
 
 __all__ = [
     "SCHEMA_FILE", "schema_path", "SchemaLevel", "level_fact", "level_host", "parse_level",
     "read_level", "RecordedLevels", "parse_recorded", "record_script_argv", "known_level",
-    "postgres_level_shell", "sqlite_level_shell",
+    "postgres_level_shell", "sqlite_level_shell", "older_than_database", "refuse_if_behind",
+    "levels_to_record",
 ]
 
 SCHEMA_FILE = ".schema-version"
@@ -204,3 +205,45 @@ def known_level(version: str, recorded: Iterable[Mapping[str, int]],
         newest = max(leaving, key=lambda b: (b.taken_at, b.name))
         return LevelSource(newest.level, f"the dump {newest.name}")
     return LevelSource(None, "no record")
+
+
+def older_than_database(version: str, recorded: Iterable[Mapping[str, int]], backups: Sequence,
+                        db_level: int | None) -> str | None:
+    """Why ``version`` cannot be rolled out on a database at ``db_level`` (pure), or None.
+
+    Upstream's binary refuses a database holding migrations it does not know (sqlx
+    VersionMissing): a release whose recorded level (or the level of the dump taken when
+    leaving it) is below the database's would be switched to and fail to start. Unknown
+    levels are not refused (nothing says the release is behind)."""
+    if db_level is None:
+        return None
+    known = known_level(version, recorded, backups)
+    if known.level is None or known.level >= db_level:
+        return None
+    return (f"{version} ran against migration level {known.level} ({known.source}), but the"
+            f" database is at level {db_level}: its binary would refuse to start (sqlx"
+            f" VersionMissing). Nothing was changed. Going back across migrations needs the"
+            f" database restored from a dump taken before them: `fab deploy.rollback --to"
+            f" {version} --restore-db` (it says which dump, and that writes made since are"
+            f" lost).")
+
+
+def refuse_if_behind(version: str, recorded: Iterable[Mapping[str, int]], backups: Sequence,
+                     db_level: int | None) -> None:
+    """BadInput (exit 2) when `older_than_database` refuses ``version``: called in the
+    preflight of every task that switches releases, before anything is changed."""
+    why = older_than_database(version, recorded, backups, db_level)
+    if why is not None:
+        raise BadInput(f"refusing to roll out {version}. {why}")
+
+
+def levels_to_record(running: Mapping[str, str | None],
+                     recorded: Mapping[str, Mapping[str, int]]) -> dict[str, str]:
+    """Hosts whose running release has no level recorded: host -> release (pure).
+
+    ``running``: host -> the release it runs and serves (ready) now; ``recorded``: host ->
+    the levels its ``.schema-version`` files hold. A release that is running and ready knows
+    the database's current level (it would have refused to start otherwise), so that level
+    is what gets recorded for it."""
+    return {h: v for h, v in running.items()
+            if v is not None and v not in recorded.get(h, {})}

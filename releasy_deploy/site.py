@@ -15,10 +15,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from contextlib import ExitStack, contextmanager
 
-from . import rollout
+from . import bluegreen, rollout, schema
+from .backups import BackupListing
 from .engine.plan import plan_reconfigure, plan_release_rollout
 from .engine.runner import RollingRunner
 from .errors import DeployError
+from .facts import Fact, read_facts
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
@@ -68,6 +70,25 @@ def refuse_if_locked(session: Session) -> None:
         raise LockBusy(busy_message(session.inventory.environment, holder), holder=holder)
 
 
+def refuse_behind_database(session: Session, version: str | None) -> None:
+    """Before anything is touched: BadInput (exit 2) when ``version`` is known to have run
+    against fewer migrations than the database holds (its binary would refuse to start).
+    One read-only round trip per app host and the db host; nothing to check without a
+    database yet (a first install)."""
+    if version is None:
+        return
+    inv = session.inventory
+    levels, where = schema.level_fact(inv), schema.level_host(inv)
+    wanted: dict[str, list[Fact]] = {h.name: [schema.RecordedLevels()]
+                                     for h in inv.hosts_in("app")}
+    wanted.setdefault(where.name, []).extend([levels, BackupListing()])
+    found = session.executor.each([inv.host(n) for n in wanted],
+                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
+    schema.refuse_if_behind(version, [found[h.name][schema.RecordedLevels()]
+                                      for h in inv.hosts_in("app")],
+                            found[where.name][BackupListing()], found[where.name][levels])
+
+
 @contextmanager
 def change_lock(session: Session, *, version: str | None = None,
                 wait: float = 0) -> Iterator[LockInfo | None]:
@@ -103,14 +124,37 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
     First installs (nothing serves yet) and single hosts start in parallel as before."""
     inv = session.inventory
     rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
-    deferred = app.setup(session, version, defer_restarts=rolling and lock is not None,
-                         rotate=rotate, secrets=secrets)
-    if not deferred or lock is None:
-        return
+    done = app.setup(session, version,
+                     defer_restarts=(rolling or inv.is_single_host) and lock is not None,
+                     rotate=rotate, secrets=secrets)
+    unrecorded = done.unrecorded
+    if done.deferred and lock is not None and inv.is_single_host:
+        # One host: a fresh instance beside the live one, then the switch (blue/green).
+        if not session.dry_run:
+            bluegreen.run(session, version, lock=lock, yes=True)  # site asks nothing here
+        else:
+            session.reporter.would(inv.hosts_in("app")[0].name, "start a fresh instance beside"
+                                   " the live one (blue/green), switch the proxy to it")
+    elif done.deferred and lock is not None:
+        if _roll_restarts(session, version, lock, done.deferred):
+            # The rollout recorded the level of the release it rolled out everywhere.
+            unrecorded = {h: v for h, v in unrecorded.items() if v != version}
+    app.record_levels(session, unrecorded)
+
+
+def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
+                   deferred: dict[str, list[str]]) -> bool:
+    """The deferred restarts (and release switches) of the app hosts, by the change
+    engine. True when ``version`` was rolled out (its level recorded by the runner)."""
+    inv = session.inventory
+    rolled = False
     timeout = float(inv.app.ready_timeout)
     pre = rollout.gather(session)
     states = list(pre.apps.values())
     if version is not None and any(pre.apps[n].current != version for n in deferred):
+        # Checked before anything was touched too; again under the lock, on fresh facts.
+        schema.refuse_if_behind(version, [st.levels for st in states], pre.backups,
+                                pre.db_level)
         problems = rollout.preflight_problems(states, version)
         if problems:
             raise DeployError("not switching the release (the new files are written):\n  "
@@ -123,18 +167,20 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
         pipe = Pipeline("site", session.reporter)
         RollingRunner(session, pipe, lock, pre, plan, release=None,
                       ready_timeout=timeout).run(yes=True)
+        rolled = bool(plan.batches)
         deferred = {n: why for n, why in deferred.items() if n in plan.skipped}
         if not deferred:
-            return
+            return rolled
         pre = rollout.gather(session)
     plan = plan_reconfigure(list(deferred), pre.apps)
     pipe = Pipeline("app.setup", session.reporter)
     RollingRunner(session, pipe, lock, pre, plan, release=None,
                   ready_timeout=timeout).run(yes=True)
+    return rolled
 
 
 def run(session: Session, version: str | None = None, *, wait: float = 0,
-        rotate: Iterable[str] = ()) -> dict[str, int]:
+        rotate: Iterable[str] = (), yes: bool = False) -> dict[str, int]:
     """Converge the whole inventory (or the hosts of ``session.limit``, in the same tier
     order: plans still derive from every host); returns the change tally summed over hosts.
 
@@ -148,6 +194,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     seen = prepare.prefetch_all(session)
     if not session.dry_run:
         refuse_if_locked(session)
+    refuse_behind_database(session, version)
     secrets = app.resolve_secrets(session, rotate)
     with ExitStack() as stack:
         step_started = time.monotonic()
@@ -160,7 +207,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
             step_started = time.monotonic()
             session.reporter.info("site", f"--- {step} ---")
             if step == "db":
-                db.setup(session)
+                db.setup(session, yes=yes)  # a PostgreSQL restart (downtime) asks first
                 lock = stack.enter_context(change_lock(session, version=version, wait=wait))
             elif step == "app":
                 # A grown fleet behind a firewall that is on: its new hosts' allow rules

@@ -29,6 +29,7 @@ from urllib.parse import quote
 from ..commands import app as cmd
 from ..commands import kept_secrets as kept
 from ..commands import systemd
+from .. import schema
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
 from ..facts import (Fact, FileSha256, FileStat, OsRelease, PackageVersion, read_fact,
@@ -43,7 +44,8 @@ from ..session import Session
 from . import db as db_tier
 
 __all__ = [
-    "setup", "stage_release", "activate_release", "current_release", "installed_releases",
+    "setup", "AppSetup", "record_levels", "stage_release", "activate_release",
+    "current_release", "installed_releases",
     "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
     "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT", "KeptSecrets", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
 ]
@@ -131,6 +133,7 @@ class HostFacts:
     instances: dict[int, dict[str, str]]  # blue/green port -> systemctl show (single host)
     instances_ready: dict[int, bool]
     kept: kept.KeptState | None = None  # the host's kept secrets, when read in this batch
+    levels: Mapping[str, int] = field(default_factory=dict)  # release -> recorded level
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ def _fact_names(inv: Inventory, bind: str, db_file: str | None) -> list[Fact]:
         names += [FileStat(path), FileSha256(path)]
     if db_file:
         names.append(FileStat(db_file))
-    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind))]
+    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind)),
+              schema.RecordedLevels()]
     if inv.is_single_host:
         # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
         for port in inv.app.bluegreen_ports:
@@ -203,6 +207,7 @@ def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> Ho
         stats={k.path: v for k, v in found.items() if isinstance(k, FileStat)},
         sums={k.path: v for k, v in found.items() if isinstance(k, FileSha256)},
         releases=found[ReleasyReleases()],
+        levels=found[schema.RecordedLevels()],
         unit=found[ReleasyUnit(SERVICE_UNIT)],
         ready=found[ReleasyReady(cmd.ready_url(bind))],
         instances={p: found[ReleasyUnit(cmd.instance_unit(p))]
@@ -305,7 +310,7 @@ def _resolve_states(session: Session, states: dict[str, kept.KeptState],
 def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,
           rotate: Iterable[str] = (),
           secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None
-          ) -> dict[str, list[str]]:
+          ) -> AppSetup:
     """Install and start Releasy on every app host (in parallel).
 
     ``version``: the release to run; None keeps each host's current release (and fails
@@ -317,7 +322,8 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
     ``defer_restarts`` (an environment that serves, see `releasy_deploy.site`): a host that
     is ready and would need a restart (env file, unit) or a release switch gets its files
     written and the release staged, but is neither switched nor restarted. Returns those
-    hosts with the reasons, for a rolling restart or deploy, one batch at a time.
+    hosts with the reasons, for a rolling restart or deploy, one batch at a time, and the
+    hosts whose release (once every host serves) has no migration level recorded yet.
     """
     inv = session.inventory
     hosts = session.targets(inv.hosts_in("app"))
@@ -340,7 +346,34 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
         if bare:
             raise BadInput(f"no release installed on {', '.join(bare)}: pass --version")
     done = ex.each(hosts, lambda c: _converge(c, plan, found[c.name], defer_restarts))
-    return {h.name: done[h.name] for h in hosts if done[h.name]}
+    unrecorded = schema.levels_to_record(
+        {h.name: version or found[h.name].releases.current for h in hosts},
+        {h.name: found[h.name].levels for h in hosts})
+    return AppSetup({h.name: done[h.name] for h in hosts if done[h.name]}, unrecorded)
+
+
+@dataclass(frozen=True)
+class AppSetup:
+    """What `setup` leaves to its caller: restarts to roll (host -> reasons), and the hosts
+    whose release has no migration level recorded (host -> release; `record_levels`)."""
+
+    deferred: dict[str, list[str]]
+    unrecorded: dict[str, str]
+
+
+def record_levels(session: Session, unrecorded: Mapping[str, str]) -> None:
+    """Once every app host serves: record the database's migration level now for the
+    release each host of ``unrecorded`` runs (it started, or runs, against that level).
+    One read on the db host, one write per host; nothing when all are recorded."""
+    if not unrecorded or session.dry_run:
+        return
+    level = schema.read_level(session)
+
+    def record(c: HostConnection) -> None:
+        c.run(schema.record_script_argv({unrecorded[c.name]: level}), sudo=True)
+        c.reporter.info(c.name, f"migration level {level} recorded for release"
+                                f" {unrecorded[c.name]}")
+    session.executor.each(list(unrecorded), record)
 
 
 def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False) -> list[str]:
@@ -357,8 +390,7 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
 
     live = live_instance(inv, f)
     if live is not None:
-        _converge_bluegreen(c, plan, f, group, live)
-        return []
+        return _converge_bluegreen(c, plan, f, group, live, defer)
     serving = (defer and f.ready and f.releases.current is not None
                and f.unit.get("ActiveState") == "active")
 
@@ -410,9 +442,11 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
 
 
 def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,
-                        live: int) -> None:
-    """Blue/green owns the release and the running instance: keep config files right and
-    say when they take effect, but start, restart or switch nothing."""
+                        live: int, defer: bool = False) -> list[str]:
+    """Blue/green owns the release and the running instance: keep config files right, but
+    start, restart or switch nothing here. Returns the reasons for a fresh instance when
+    ``defer`` (the caller switches to one: `releasy_deploy.site`), else [] and says the
+    changes wait for the next `fab deploy.bluegreen`."""
     unit = cmd.instance_unit(live)
     if plan.version and plan.version != f.releases.current:
         raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
@@ -425,17 +459,25 @@ def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str
     if changed_units and not c.dry_run:
         _run_script(c, cmd.script_of([["systemctl", "daemon-reload"]]), "systemctl daemon-reload",
                     hint=f"see `systemctl status {unit}` on {c.name}")
-    if env_changed or changed_units:
+    reasons = [why for why, hit in (("env file changed", env_changed),
+                                    (f"{cmd.TEMPLATE_UNIT} changed",
+                                     cmd.TEMPLATE_UNIT in changed_units)) if hit]
+    if reasons and defer:
+        verb = "would be" if c.dry_run else "is"
+        c.reporter.info(c.name, f"{unit} is live (blue/green): its restart ({'; '.join(reasons)})"
+                                f" {verb} done by starting a fresh instance and switching to it")
+    elif env_changed or changed_units:
         c.reporter.info(c.name, f"{unit} is live (blue/green): the changes take effect at the "
                                 "next `fab deploy.bluegreen`, which starts a fresh instance")
     report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
-    if c.dry_run:
-        return
+    if c.dry_run or (reasons and defer):
+        return reasons if defer else []
     bind = cmd.instance_bind(live)
     if not f.instances_ready.get(live):
         wait_ready(c, bind, plan.inv.app.ready_timeout, unit=unit)
     c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready "
                             f"(release {f.releases.current})")
+    return []
 
 
 def _ensure_account(c: HostConnection, user: str, acct: cmd.Account) -> str:

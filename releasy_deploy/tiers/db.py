@@ -236,10 +236,13 @@ def database_url(session: Session) -> str:
     return url
 
 
-def setup(session: Session) -> None:
+def setup(session: Session, *, yes: bool = False) -> None:
     """PostgreSQL (the major read from the host) installed and configured on the db host;
     role, database and password in place; the cluster answering on every listen address.
-    Honours session.dry_run."""
+    Honours session.dry_run. A running server whose change needs a restart (a
+    postmaster-context setting: downtime for every app host) is restarted only once the
+    operator agreed (``yes``, or the question on a terminal), asked before anything is
+    written; a change that a reload applies is reloaded without asking."""
     inv = session.inventory
     host = inv.db_host
     if not session.targets([host]):
@@ -254,14 +257,30 @@ def setup(session: Session) -> None:
         pg.check_names(inv.database.name, inv.database.user)
     except ValueError as exc:
         raise BadInput(f"{inv.path}: {exc}") from None
-    session.executor.each([host], lambda c: _setup_host(c, inv))
+    ex = session.executor
+    state = ex.each([host], lambda c: _first_look(c, inv))[host.name]
+    restart = restart_needed(inv, state)
+    if restart and not session.dry_run:
+        session.confirm(f"{host.name}: PostgreSQL must be RESTARTED to apply {restart}. That"
+                        f" is DOWNTIME: Releasy cannot reach its database for the length of the"
+                        f" restart (requests fail meanwhile). Restart it now?", yes=yes)
+    ex.each([host], lambda c: _setup_host(c, inv, state))
+
+
+def restart_needed(inv: Inventory, state: HostState) -> str:
+    """The running server's postmaster-context settings that differ from the inventory's
+    ("" when none, or when nothing can be served from it yet: no server running, or no
+    application database in it; a first start is no downtime). Pure."""
+    if state.server is None or state.server.database_owner is None:
+        return ""
+    return ", ".join(pg.setting_changes(state.server.settings, pg.desired_settings(inv),
+                                        pg.POSTMASTER_SETTINGS))
 
 
 # --------------------------------------------------------------------------- steps
 
 
-def _setup_host(c: HostConnection, inv: Inventory) -> None:
-    state = _first_look(c, inv)
+def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
     layout = state.layout
     c.reporter.info(c.name, f"{state.release.label}: PostgreSQL {layout.major} "
                             f"({_why_major(inv, state)})")
@@ -383,7 +402,8 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
         c.reporter.unchanged(c.name, f"service {service} (running the managed settings)")
         return state
     if action == "restart":
-        why = ", ".join(pg.setting_changes(server.settings, wanted, pg.POSTMASTER_SETTINGS))
+        why = (", ".join(pg.setting_changes(server.settings, wanted, pg.POSTMASTER_SETTINGS))
+               + "; downtime: asked first")
     else:
         reasons = pg.setting_changes(server.settings, wanted, pg.RELOADABLE_SETTINGS)
         if files_changed:

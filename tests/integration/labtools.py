@@ -67,6 +67,13 @@ def report_latency(what: str, summary: dict) -> None:
           f" than {lat['slow_ms']:g} ms (load average {os.getloadavg()[0]:.1f})")
 
 
+def set_log_level(lab, inventory: Path, level: str) -> None:
+    """Rewrite ``inventory`` (a `inventory_variant` of the lab's) with app.log_level LEVEL:
+    one changed app env value, which `fab site` applies by a rolling reconfiguration."""
+    lab.inventory_variant(inventory.parent, lambda d: d.setdefault("app", {}).update(
+        log_level=level))
+
+
 def report_load(what: str, summary: dict) -> None:
     """Print the request count and the version split over time (seconds since start)."""
     print(f"\n{what}: {summary['total']} requests, {summary['ok']} ok, {summary['failed']}"

@@ -14,8 +14,10 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +128,66 @@ def test_restore_asks_and_without_a_terminal_refuses(split):
     assert missing.returncode == 2 and "no dump named" in missing.stderr
     assert psql(split, "SELECT count(*) FROM standin_m1") == before
     assert all(ready_on_host(split, h) for h in APPS)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_left(
+        split, captured_outputs, signum, code):
+    """The restore is held inside its transaction (another session holds a lock its DROP
+    SCHEMA waits for), then fab gets Ctrl-C / SIGTERM: the remote psql and its database
+    session end, the database holds the old content, the message says so (read on the
+    database), Releasy runs again and the lock is free."""
+    lab = split
+    psql(lab, "DELETE FROM standin_m1 WHERE id = 777")  # the other signal's run restored it
+    psql(lab, "INSERT INTO standin_m1 (id, label) VALUES (777, 'only in the dump')")
+    name = dump_name(lab.fab("db.backup").stdout)
+    psql(lab, "DELETE FROM standin_m1 WHERE id = 777")
+    before = psql(lab, "SELECT count(*) FROM standin_m1")
+    hold = ("cd / && exec runuser -u postgres -- env PGAPPNAME=test-blocker psql -XAtq -d"
+            " releasy -c 'LOCK TABLE standin_m1 IN ACCESS SHARE MODE; SELECT pg_sleep(300)'")
+    blocker = threading.Thread(target=lab.ssh, args=("db1", "sudo", "-n", "sh", "-c", hold),
+                               kwargs={"check": False, "timeout": 400}, daemon=True)
+    blocker.start()
+    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "db.restore", "--file", name,
+                             "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                   " 'releasy-restore' AND wait_event_type = 'Lock'")
+        deadline = time.monotonic() + 120
+        while psql(lab, waiting) != ["1"]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the restore never reached its transaction"
+            time.sleep(0.3)
+        proc.send_signal(signum)  # the fab we started, by its PID
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        psql(lab, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                  " WHERE application_name = 'test-blocker'")
+        blocker.join(timeout=60)
+    captured_outputs.append(out + err)
+    assert proc.returncode == code, out + err
+    assert "Nothing of the restore was applied: its transaction was rolled back (read on the"
+    " database" in " ".join(err.split()), err
+    assert "Traceback" not in out + err
+    # Checked independently: nothing of the restore is left running, the old content is there.
+    for program in ("psql", "pg_restore"):
+        assert lab.ssh("db1", "pgrep", "-x", program, check=False).returncode == 1, program
+    assert psql(lab, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                     " 'releasy-restore'") == ["0"]
+    assert psql(lab, "SELECT count(*) FROM standin_m1") == before
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == []
+    for host in APPS:
+        assert ready_on_host(lab, host), host
+    assert rotation(lab) == {app_address(lab, h) for h in APPS}
+    assert "free" in lab.fab("deploy.lock").stdout
+    # The same restore, run again, applies it.
+    lab.fab("db.restore", "--file", name, "--yes")
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == ["only in the dump"]
 
 
 def read_until(fd: int, pattern: bytes, seen: bytearray, timeout: float = 30) -> None:

@@ -366,6 +366,33 @@ def test_the_lock_is_held_for_the_whole_deploy(lab, captured_outputs):
     assert fab(lab, "deploy.lock").stdout.strip() == "deploy lock of lab: free"
 
 
+def test_a_changed_setting_applied_by_site_switches_to_a_fresh_instance_with_no_failed_request(
+        lab, tmp_path):
+    """`fab site` with a changed app setting on the single host that serves: the new env
+    file is written, a fresh instance of the live release starts beside the live one and
+    the proxy switches to it (no restart in place), under steady load."""
+    (before,) = upstreams(lab)
+    release = sh(lab, "readlink", "/opt/releasy/current").removeprefix("releases/")
+    (tmp_path / "inventory").mkdir()
+    changed = lab.inventory_variant(tmp_path / "inventory", lambda d: d.setdefault(
+        "app", {}).update(log_level="debug"))
+    (tmp_path / "load").mkdir()
+    with steady_load(lab, tmp_path / "load") as load:
+        proc = fab(lab, "site", inventory=changed)
+    assert load.summary["failed"] == 0, load.summary["first_failures"]
+    assert "by starting a fresh instance and switching to it" in proc.stdout, proc.stdout
+    (after,) = upstreams(lab)
+    assert after != before
+    port = int(after.rsplit(":", 1)[1])
+    assert running(lab, f"releasy@{port}.service") == ("active", "enabled")
+    assert running(lab, f"releasy@{before.rsplit(':', 1)[1]}.service")[0] == "inactive"
+    assert version_on(lab, port) == release
+    assert "debug" in sh(lab, "grep", "LOG", "/etc/releasy/releasy.env")
+    # Back to the lab's own inventory: the same switch, then nothing left to do.
+    fab(lab, "site")
+    assert "site: 0 changed" in fab(lab, "site").stdout
+
+
 def test_no_secret_appears_in_any_output(lab, captured_outputs):
     secrets = list(yaml.safe_load((lab.state_dir / "secrets.yaml").read_text()).values())
     if lab.database == "postgres":

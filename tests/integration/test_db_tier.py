@@ -175,9 +175,18 @@ def test_a_listen_addresses_change_restarts(lab):
                                "systemctl restart postgresql@15-main")
     assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432"}
     pid, _, _ = server_clock(lab)
-    proc = lab.fab("db.setup")
+    dropin = on(lab, "db1", "cat", DROPIN).stdout
+    # A restart is downtime: asked first, and without a terminal (nor --yes) refused with
+    # nothing changed.
+    refused = lab.fab("db.setup", check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ("db1: PostgreSQL must be RESTARTED to apply listen_addresses 'localhost' ->"
+            f" 'localhost,{DB}'. That is DOWNTIME") in refused.stderr
+    assert "re-run with --yes" in refused.stderr and "changed:" not in refused.stdout
+    assert on(lab, "db1", "cat", DROPIN).stdout == dropin and server_clock(lab)[0] == pid
+    proc = lab.fab("db.setup", "--yes")
     assert ("[db1] changed: service postgresql@15-main restarted (listen_addresses "
-            f"'localhost' -> 'localhost,{DB}')") in proc.stdout
+            f"'localhost' -> 'localhost,{DB}'; downtime: asked first)") in proc.stdout
     assert server_clock(lab)[0] != pid
     assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", f"{DB}:5432"}
     assert connect(lab, "app2", password(lab)) == "connected as releasy"

@@ -54,12 +54,37 @@ def lab(lab_session):
     lab = lab_session.use("split", apps=3)
     # A brand-new database, no dumps, no recorded levels left from earlier tests.
     lab.reset_to("1.0.0", APPS, timeout=900)
+    # `fab site` recorded the migration level of the release it installed (not only rollouts).
+    assert {h: lab.ssh(h, "cat", "/opt/releasy/releases/1.0.0/.schema-version").stdout.strip()
+            for h in APPS} == {h: "2" for h in APPS}
     lab.fab("proxy.setup", "--reset-upstreams")
     for version in ("1.1.0", "1.1.1"):
         lab.fab("deploy.rolling", "--version", version, "--yes")
     assert_all_on(lab, "1.1.1")
     assert level(lab) == 3
     return lab
+
+
+def test_a_rollout_to_a_release_behind_the_database_is_refused_before_anything(lab):
+    """1.0.0 ran against level 2 (recorded by `fab site`), the database is at 3: every task
+    that would switch to it refuses in preflight, exit 2, pointing at --restore-db."""
+    dumps_before = lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split()
+    audit_before = lab.sudo("app1", "wc", "-l", "/var/log/releasy-deploy/audit.log").stdout
+    for task in (("deploy.rolling", "--version", "1.0.0", "--yes"),
+                 ("site", "--version", "1.0.0"), ("app.setup", "--version", "1.0.0")):
+        proc = lab.fab(*task, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out
+        assert ("refusing to roll out 1.0.0. 1.0.0 ran against migration level 2"
+                " (/opt/releasy/releases/1.0.0/.schema-version), but the database is at"
+                " level 3") in out, out
+        assert "`fab deploy.rollback --to 1.0.0 --restore-db`" in out, out
+        assert "drain" not in out and " changed: " not in proc.stdout, out
+    # Nothing touched: no dump taken, no host drained or switched, no audit record.
+    assert lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split() == dumps_before
+    assert lab.sudo("app1", "wc", "-l", "/var/log/releasy-deploy/audit.log").stdout == audit_before
+    assert_all_on(lab, "1.1.1")
+    assert level(lab) == 3
 
 
 def test_rollback_to_a_release_with_the_same_migrations(lab):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
-                                       ready, report_load, rotation)
+                                       ready, report_load, rotation, set_log_level)
 
 pytestmark = pytest.mark.lab
 
@@ -68,11 +68,6 @@ def restart_window(lab, host, since_us: int) -> tuple[int, int]:
             starts.append(when)
     assert len(stops) == 1 and len(starts) == 1, (host, stops, starts)
     return stops[0], starts[0]
-
-
-def set_log_level(lab, inventory: Path, level: str) -> None:
-    lab.inventory_variant(inventory.parent, lambda d: d.setdefault("app", {}).update(
-        log_level=level))
 
 
 def test_a_changed_setting_is_rolled_host_by_host_without_a_failed_request(lab, inventory,

@@ -409,3 +409,24 @@ def test_reserved_role_name_is_bad_input_before_any_connection():
     with pytest.raises(BadInput, match="database.user 'postgres' is reserved"):
         db_tier.setup(session)
     assert session.executor.connections_opened == {}
+
+
+
+def test_a_restart_is_asked_for_only_when_a_served_database_would_go_down():
+    inv = inventory()
+    wanted = pg.desired_settings(inv)
+
+    def state(settings, database_owner="releasy", running=True):
+        server = pg.ServerState(role=None, database_owner=database_owner,
+                                settings=settings, conf_loaded_at=0.0) if running else None
+        return db_tier.HostState(release=None, layout=None, missing_packages=(),
+                                 cluster_exists=True, secrets_dir_exists=True,
+                                 password_file=None, files={}, ready={}, server=server)
+
+    narrowed = {**wanted, "listen_addresses": "localhost"}
+    said = db_tier.restart_needed(inv, state(narrowed))
+    assert said == f"listen_addresses 'localhost' -> {wanted['listen_addresses']!r}"
+    # A reloadable change, no database yet, no server running: nothing to ask.
+    assert db_tier.restart_needed(inv, state({**wanted, "password_encryption": "md5"})) == ""
+    assert db_tier.restart_needed(inv, state(narrowed, database_owner=None)) == ""
+    assert db_tier.restart_needed(inv, state(narrowed, running=False)) == ""

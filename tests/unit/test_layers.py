@@ -20,7 +20,7 @@ LAYER_OF = {
     "rollout": FLOWS, "maintenance": FLOWS, "bluegreen": FLOWS, "site": FLOWS,
     "status": FLOWS, "dbshell": FLOWS,
     # The runner (engine), the lock, and the steps it runs: the tiers' and the backups'.
-    "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS,
+    "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS, "restores": TIERS,
     "commands": COMMANDS,
     "errors": BASE, "inventory": BASE, "packages": BASE, "templates": BASE,
     # The inventory's own parts: the hooks' schema, the environments' files.

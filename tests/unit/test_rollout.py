@@ -402,6 +402,30 @@ def test_known_level_prefers_host_records_then_the_dump_taken_when_leaving():
     assert schema.known_level("0.9.0", [{}], leaving).level is None
 
 
+def test_a_rollout_to_a_release_behind_the_database_is_refused_pointing_at_restore_db():
+    leaving = dumps((0, "1.0.0", "1.1.0", 2))
+    said = schema.older_than_database("1.0.0", [{"1.1.0": 3}, {"1.0.0": 2}], (), 3)
+    assert said.startswith("1.0.0 ran against migration level 2 (/opt/releasy/releases/1.0.0/")
+    assert "`fab deploy.rollback --to 1.0.0 --restore-db`" in said
+    assert "Nothing was changed" in said
+    # Known from the dump taken when leaving it, when no host kept the record.
+    assert "the dump " + leaving[0].name in schema.older_than_database("1.0.0", [{}], leaving, 3)
+    # Not behind (same level or above), unknown level, unreadable database: not refused.
+    assert schema.older_than_database("1.1.0", [{"1.1.0": 3}], (), 3) is None
+    assert schema.older_than_database("0.9.0", [{"1.0.0": 2}], leaving, 3) is None
+    assert schema.older_than_database("1.0.0", [{"1.0.0": 2}], (), None) is None
+    with pytest.raises(BadInput, match=r"refusing to roll out 1\.0\.0\. 1\.0\.0 ran against"):
+        schema.refuse_if_behind("1.0.0", [{"1.0.0": 2}], (), 3)
+    schema.refuse_if_behind("1.0.0", [{"1.0.0": 2}], (), 2)
+
+
+def test_levels_are_recorded_for_running_releases_that_have_none():
+    running = {"app1": "1.0.0", "app2": "1.0.0", "app3": None}
+    recorded = {"app1": {"1.0.0": 2}, "app2": {"0.9.0": 1}}
+    assert schema.levels_to_record(running, recorded) == {"app2": "1.0.0"}
+    assert schema.levels_to_record({"app1": "1.0.0"}, recorded) == {}
+
+
 # ====================================================================== migration-aware refusal
 def verdict(target_level, db_level, *, restore_db=False, backup_name=None, backups_=()):
     return rollout.rollback_verdict(
