@@ -39,7 +39,9 @@ SLOW = "1.3.0"  # built by the test: migrations 4 and 5, sleeping inside the new
 
 
 # ------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=[
+    pytest.param(db, marks=pytest.mark.lab_shape("single", database=db))
+    for db in ("sqlite", "postgres")])
 def lab(request, lab_session):
     handle = lab_session.fresh("single", database=request.param)
     handle.database = request.param

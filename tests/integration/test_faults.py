@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.labtools import current, ready, rotation
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 APPS = ("app1", "app2", "app3")
 # Two releases with the same migrations, so the sweep can go back and forth between them.

@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.labtools import current, psql, rotation
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")

@@ -24,7 +24,7 @@ from lab.standin.build import build_release
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
                                        psql, ready, report_load, rotation)
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")

@@ -15,7 +15,7 @@ import pytest
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
                                        ready, report_load, rotation)
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = ("app1", "app2", "app3")

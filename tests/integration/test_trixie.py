@@ -20,6 +20,9 @@ DEBIAN_11 = ('PRETTY_NAME="Debian GNU/Linux 11 (bullseye)"\nNAME="Debian GNU/Lin
              'VERSION_ID="11"\nVERSION_CODENAME=bullseye\nID=debian\n')
 
 
+pytestmark = pytest.mark.lab_shape("split", 2, suite="trixie")
+
+
 @pytest.fixture(scope="module")
 def trixie(lab_session):
     return lab_session.fresh("split", 2, suite="trixie")
