@@ -16,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ import yaml
 from lab import lab as lab_ops
 from lab.config import LabIdentity, current_identity
 from releasy_deploy.commands.fleet import FLEET_FILE
+from releasy_deploy.commands.lock import FREEZE_FILE
+from releasy_deploy.commands.nginx import MAINTENANCE_FLAG
 from releasy_deploy.commands.postgres import SQLITE_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +52,10 @@ SHAPE_ORDER = (SPLIT, SPLIT3, SINGLE_SQLITE, SINGLE_POSTGRES)
 # generator's (a stand-in on app1), the proxy tier's (nginx on proxy1 only), the db tier's
 # (PostgreSQL on db1 only), then the stand-in's (its own port, an empty database) and
 # app_tier's split test share a second; test_output and test_site share a third and its first `fab site`
-# (`lab_session.first_site`). The modules after them reset the lab they share.
+# (`lab_session.first_site`). The modules after them reset the lab they share. On one host,
+# test_bluegreen comes last: it shares the lab like the others, but leaves the application
+# under its releasy@PORT units, which a reset (`fab site` keeps the live instance) does not
+# undo.
 MODULE_ORDER = {
     SPLIT: ("test_lab", "test_firewall", "test_loadgen", "test_proxy_tier", "test_db_tier",
             "test_standin_lab", "test_app_tier", "test_output", "test_site"),
@@ -152,8 +159,11 @@ class LabHandle:
 
     def clear(self, app_hosts, *, inventory: Path | None = None) -> None:
         """Releasy stopped on ``app_hosts`` (their recorded migration levels gone), the
-        application database dropped (when there is one), no dumps and no fleet record."""
+        application database dropped (when there is one), no dumps, no fleet record, no
+        deploy freeze and no maintenance page."""
         data = yaml.safe_load((inventory or self.inventory).read_text())
+        for host in data["tiers"]["proxy"]:
+            self.sudo(host, "rm", "-f", MAINTENANCE_FLAG)
         for host in app_hosts:
             self.sudo(host, "sh", "-c", "systemctl stop releasy.service 2>/dev/null;"
                                         " rm -f /opt/releasy/releases/*/.schema-version",
@@ -163,7 +173,7 @@ class LabHandle:
                 "if command -v psql >/dev/null; then runuser -u postgres -- psql -XAtq -c"
                 " 'DROP DATABASE IF EXISTS releasy WITH (FORCE)'; fi")
         self.sudo(data["tiers"]["db"][0], "sh", "-c",
-                  f"cd / && {drop}; rm -rf /var/backups/releasy {FLEET_FILE}")
+                  f"cd / && {drop}; rm -rf /var/backups/releasy {FLEET_FILE} {FREEZE_FILE}")
 
     def reset(self, version: str = "1.0.0", *, inventory: Path | None = None,
               timeout: float = 900) -> "LabHandle":
@@ -175,6 +185,21 @@ class LabHandle:
         self.reset_to(version, data["tiers"]["app"], inventory=inventory, timeout=timeout)
         self.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
         return self
+
+    def settle(self, version: str | None = None) -> None:
+        """What a module sharing the lab leaves for the next one, whatever its tests did or
+        where one failed, through the operator's own tasks: every host's network link up,
+        the maintenance page off, deploys not frozen, the whole fleet on ``version`` (when
+        given: a canary or a skipped host finished) and every app host in the proxies'
+        rotation. Best effort: what it cannot fix, the next module's `reset` does."""
+        tiers = yaml.safe_load(self.inventory.read_text())["tiers"]
+        for host in dict.fromkeys(h for names in tiers.values() for h in names):
+            lab_ops.restore_link(host)
+        self.fab("proxy.maintenance", "--off", check=False)
+        self.fab("deploy.unfreeze", check=False)
+        if version is not None:
+            self.fab("deploy.rolling", "--version", version, "--yes", check=False)
+        self.fab("proxy.setup", "--reset-upstreams", check=False)
 
     def ssh(self, host: str, *argv: str, check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess:
@@ -234,7 +259,8 @@ class LabSession:
     def __init__(self) -> None:
         self.ident = current_identity()
         self.current: tuple | None = None
-        self.bring_ups: list[str] = []  # every time hosts were booted, for the summary
+        # every time hosts were booted (the shape, seconds), for the summary
+        self.bring_ups: list[tuple[str, float]] = []
         self._first_site: tuple | None = None
 
     def use(self, topology: str = "split", apps: int = 2, database: str = "postgres",
@@ -280,18 +306,20 @@ class LabSession:
 
     def _up(self, request: lab_ops.LabRequest) -> LabHandle:
         before = lab_ops.read_state(self.ident)
+        started = time.monotonic()
         inventory = lab_ops.up(request)
         after = lab_ops.read_state(self.ident)
         if before is None or _launchers(before) != _launchers(after):
             normalized = request.normalized()
-            self.bring_ups.append(f"{normalized.topology} apps={normalized.apps}"
-                                  f" {normalized.database} {normalized.suite}"
-                                  + (f"/{normalized.db_suite}" if normalized.db_suite
-                                     != normalized.suite else "")
-                                  + (" bastion" if normalized.bastion else "")
-                                  + (" acme" if normalized.acme else "")
-                                  + (f" proxies={normalized.proxies}"
-                                     if normalized.proxies != 1 else ""))
+            self.bring_ups.append((f"{normalized.topology} apps={normalized.apps}"
+                                   f" {normalized.database} {normalized.suite}"
+                                   + (f"/{normalized.db_suite}" if normalized.db_suite
+                                      != normalized.suite else "")
+                                   + (" bastion" if normalized.bastion else "")
+                                   + (" acme" if normalized.acme else "")
+                                   + (f" proxies={normalized.proxies}"
+                                      if normalized.proxies != 1 else ""),
+                                   time.monotonic() - started))
         self.current = tuple(asdict(request).values())
         return LabHandle(self.ident, request.topology, inventory)
 
@@ -303,11 +331,30 @@ def _launchers(state: dict | None) -> dict:
 _SESSION: list[LabSession] = []
 
 
+# Seconds per integration module: its tests' setup, call and teardown (module fixtures, and
+# so any lab bring-up or reset, count for the module that needed them).
+_MODULE_SECONDS: defaultdict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::", 1)[0]
+    if "tests/integration/" in module:
+        _MODULE_SECONDS[module.rsplit("/", 1)[-1]] += report.duration
+
+
 def pytest_terminal_summary(terminalreporter):
+    """The lab's costs, to see where the suite's time goes: each bring-up (hosts booted) and
+    each module's wall time, with the machine's load (the figures depend on it)."""
     for session in _SESSION:
-        terminalreporter.write_line(f"lab bring-ups: {len(session.bring_ups)}")
-        for n, shape in enumerate(session.bring_ups, 1):
-            terminalreporter.write_line(f"  {n:2}. {shape}")
+        booted = sum(seconds for _, seconds in session.bring_ups)
+        terminalreporter.write_line(f"lab bring-ups: {len(session.bring_ups)} ({booted:.0f} s)")
+        for n, (shape, seconds) in enumerate(session.bring_ups, 1):
+            terminalreporter.write_line(f"  {n:2}. {shape}: {seconds:.0f} s")
+    if _MODULE_SECONDS:
+        terminalreporter.write_line(f"integration modules, slowest first (load average"
+                                    f" {os.getloadavg()[0]:.1f}):")
+        for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"  {seconds:7.0f} s  {module}")
 
 
 @pytest.fixture(scope="session")

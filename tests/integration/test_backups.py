@@ -75,7 +75,7 @@ def fab_with_input(lab, captured_outputs, data: str, *args) -> subprocess.Comple
 def split(lab_session):
     lab = lab_session.use("split", 2)
     # A brand-new database and no dumps, whatever earlier modules left behind.
-    lab.reset_to("1.0.0", APPS)
+    lab.reset("1.0.0")
     return lab
 
 

@@ -36,8 +36,7 @@ def fleet(lab, tmp_path_factory):
     """Every host on 1.1.0 and in rotation, 1.1.1 staged too; returns the number of
     host-changing commands a clean rolling deploy between the two runs."""
     inventory = lab.inventory_variant(tmp_path_factory.mktemp("faults"))
-    lab.reset_to("1.1.0", APPS, inventory=inventory, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
+    lab.reset("1.1.0", inventory=inventory)
     # Both releases staged everywhere first, so every run of the sweep does the same steps.
     lab.fab("deploy.rolling", "--version", "1.1.1", "--yes", inventory=inventory)
     clean = lab.fab("deploy.rolling", "--version", "1.1.0", "--yes", inventory=inventory,

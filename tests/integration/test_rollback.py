@@ -53,8 +53,7 @@ def fab_without_terminal(lab, captured_outputs, *args) -> subprocess.CompletedPr
 def lab(lab_session):
     lab = lab_session.use("split", apps=3)
     # A brand-new database, no dumps, no recorded levels left from earlier tests.
-    lab.reset_to("1.0.0", APPS, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams")
+    lab.reset("1.0.0")
     for version in ("1.1.0", "1.1.1"):
         lab.fab("deploy.rolling", "--version", version, "--yes")
     assert_all_on(lab, "1.1.1")

@@ -43,8 +43,7 @@ def assert_all_on(lab, version):
 def provision(lab, inventory: Path) -> None:
     """Every app host on 1.0.0 against a brand-new database, all in rotation, no dumps and
     no recorded migration levels left from earlier tests."""
-    lab.reset_to("1.0.0", APPS, inventory=inventory, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
+    lab.reset("1.0.0", inventory=inventory)
     assert_all_on(lab, "1.0.0")
 
 

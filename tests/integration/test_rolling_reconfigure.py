@@ -41,8 +41,7 @@ def lab(lab_session):
 @pytest.fixture(scope="module")
 def inventory(lab, tmp_path_factory) -> Path:
     path = lab.inventory_variant(tmp_path_factory.mktemp("reconfigure"))
-    lab.reset_to("1.0.0", APPS, inventory=path, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams", inventory=path)
+    lab.reset("1.0.0", inventory=path)
     return path
 
 
