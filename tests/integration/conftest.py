@@ -154,8 +154,10 @@ class LabHandle:
                  timeout: float = 600) -> None:
         """A brand-new database, no dumps, no recorded migration levels and no fleet record
         left by earlier modules, then `fab site --version VERSION`."""
+        started = time.monotonic()
         self.clear(app_hosts, inventory=inventory)
         self.fab("site", "--version", version, inventory=inventory, timeout=timeout)
+        _RESET_SECONDS.append(time.monotonic() - started)
 
     def clear(self, app_hosts, *, inventory: Path | None = None) -> None:
         """Releasy stopped on ``app_hosts`` (their recorded migration levels gone), the
@@ -334,6 +336,8 @@ _SESSION: list[LabSession] = []
 # Seconds per integration module: its tests' setup, call and teardown (module fixtures, and
 # so any lab bring-up or reset, count for the module that needed them).
 _MODULE_SECONDS: defaultdict[str, float] = defaultdict(float)
+# Seconds of each `LabHandle.reset_to` (a shared lab put back to a known state).
+_RESET_SECONDS: list[float] = []
 
 
 def pytest_runtest_logreport(report):
@@ -350,6 +354,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"lab bring-ups: {len(session.bring_ups)} ({booted:.0f} s)")
         for n, (shape, seconds) in enumerate(session.bring_ups, 1):
             terminalreporter.write_line(f"  {n:2}. {shape}: {seconds:.0f} s")
+    if _RESET_SECONDS:
+        terminalreporter.write_line(f"lab resets (new database, `fab site`):"
+                                    f" {len(_RESET_SECONDS)} ({sum(_RESET_SECONDS):.0f} s)")
     if _MODULE_SECONDS:
         terminalreporter.write_line(f"integration modules, slowest first (load average"
                                     f" {os.getloadavg()[0]:.1f}):")
