@@ -103,6 +103,16 @@ def lab_order(items) -> list:
     return [item for _, item in sorted(enumerate(items), key=key)]
 
 
+# The test being set up and its lab shape: a lab it asks for must have that shape, or the
+# grouping above would boot labs back and forth without anyone noticing.
+_RUNNING: list = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _RUNNING[:] = [item.nodeid, shape_of(item)]
+
+
 def pytest_collection_modifyitems(session, config, items):
     here = Path(__file__).parent
     slots = [i for i, item in enumerate(items) if here in Path(str(item.path)).parents]
@@ -307,23 +317,26 @@ class LabSession:
         return self._first_site
 
     def _up(self, request: lab_ops.LabRequest) -> LabHandle:
+        if _RUNNING and _RUNNING[1] != request.normalized():
+            pytest.fail(f"{_RUNNING[0]} asks for the lab {_label(request)} but its lab_shape"
+                        f" is {_label(_RUNNING[1])}: mark it with the shape it uses"
+                        f" (`pytest.mark.lab_shape(...)`, see tests/integration/conftest.py)")
         before = lab_ops.read_state(self.ident)
         started = time.monotonic()
         inventory = lab_ops.up(request)
         after = lab_ops.read_state(self.ident)
         if before is None or _launchers(before) != _launchers(after):
-            normalized = request.normalized()
-            self.bring_ups.append((f"{normalized.topology} apps={normalized.apps}"
-                                   f" {normalized.database} {normalized.suite}"
-                                   + (f"/{normalized.db_suite}" if normalized.db_suite
-                                      != normalized.suite else "")
-                                   + (" bastion" if normalized.bastion else "")
-                                   + (" acme" if normalized.acme else "")
-                                   + (f" proxies={normalized.proxies}"
-                                      if normalized.proxies != 1 else ""),
-                                   time.monotonic() - started))
+            self.bring_ups.append((_label(request), time.monotonic() - started))
         self.current = tuple(asdict(request).values())
         return LabHandle(self.ident, request.topology, inventory)
+
+
+def _label(request: lab_ops.LabRequest) -> str:
+    shape = request.normalized()
+    return (f"{shape.topology} apps={shape.apps} {shape.database} {shape.suite}"
+            + (f"/{shape.db_suite}" if shape.db_suite != shape.suite else "")
+            + (" bastion" if shape.bastion else "") + (" acme" if shape.acme else "")
+            + (f" proxies={shape.proxies}" if shape.proxies != 1 else ""))
 
 
 def _launchers(state: dict | None) -> dict:
