@@ -129,7 +129,9 @@ def up(request: LabRequest = LabRequest()) -> Path:
     if request.bastion:
         net.create_private_bridge(ident)
     state = {"request": asdict(request), "state_dir": str(ident.state_dir), "hosts": {}}
-    for spec in specs:
+    recording = threading.Lock()
+
+    def start(spec: HostSpec) -> None:
         address = spec.ssh_address(ident)
         for i, (network, addr) in enumerate(spec.addresses(ident)):
             net.attach(ident, spec.name, addr, ifname=f"eth{i}",
@@ -137,15 +139,23 @@ def up(request: LabRequest = LabRequest()) -> Path:
         base, repo = images[request.suite_of(spec)]
         root = machine.prepare_root(ident, spec, base, address, key)
         pid = machine.launch(ident, spec, root, repo)
-        state["hosts"][spec.name] = {"address": address,
-                                     # None: only on the IPv4-only private network
-                                     "address6": ident.address6(spec.last_octet)
-                                     if PUBLIC in spec.networks else None,
-                                     "launcher": pid,
-                                     "tiers": list(spec.tiers), "ssh_user": spec.ssh_user,
-                                     "suite": request.suite_of(spec)}
-        # Recorded after every host so a failure half-way can still be cleaned up.
-        _state_file(ident).write_text(json.dumps(state, indent=2))
+        with recording:
+            state["hosts"][spec.name] = {"address": address,
+                                         # None: only on the IPv4-only private network
+                                         "address6": ident.address6(spec.last_octet)
+                                         if PUBLIC in spec.networks else None,
+                                         "launcher": pid,
+                                         "tiers": list(spec.tiers), "ssh_user": spec.ssh_user,
+                                         "suite": request.suite_of(spec)}
+            # Recorded after every host so a failure half-way can still be cleaned up.
+            _state_file(ident).write_text(json.dumps(state, indent=2))
+
+    # Every host is prepared and started at once (they boot in parallel anyway); the
+    # state file keeps the inventory's host order.
+    with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
+        list(pool.map(start, specs))
+    state["hosts"] = {s.name: state["hosts"][s.name] for s in specs}
+    _state_file(ident).write_text(json.dumps(state, indent=2))
     _write_client_files(ident, specs, request)
     if request.acme:
         # The CA reaches the LAST proxy: with several, every other proxy's challenge has to

@@ -17,7 +17,7 @@ from releasy_deploy.cli import session
 from releasy_deploy.releases import fetch_release
 from releasy_deploy.tiers import app
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
 HOST = "solo"
 WEIRD_KEY = "adm key 'sq' \"dq\" $HOME `id` \\back é€ # ;x"
@@ -249,6 +249,7 @@ def test_release_that_never_becomes_ready_fails_with_the_journal_tail(lab, tmp_p
 
 
 # ------------------------------------------------------------------------------ split topology
+@pytest.mark.lab_shape("split", 2)
 def test_split_topology_with_postgres_and_a_sudo_user(lab_session):
     """db.setup (the db tier) then app.setup on app1 (root) and app2 (`deploy` + sudo)."""
     split = lab_session.use("split", 2)

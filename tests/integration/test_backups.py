@@ -77,7 +77,7 @@ def fab_with_input(lab, captured_outputs, data: str, *args) -> subprocess.Comple
 def split(lab_session):
     lab = lab_session.use("split", 2)
     # A brand-new database and no dumps, whatever earlier modules left behind.
-    lab.reset_to("1.0.0", APPS)
+    lab.reset("1.0.0")
     return lab
 
 
@@ -241,9 +241,9 @@ def test_psql_in_a_real_terminal_as_the_app_role(split, captured_outputs):
                 check=False).stdout == ""
 
 
+@pytest.mark.lab_shape("single", database="sqlite")
 def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
-    lab = lab_session.fresh("single", database="sqlite")
-    lab.fab("site", "--version", "1.0.0")
+    lab = lab_session.use("single", database="sqlite").reset("1.0.0")
     db = "/var/lib/releasy/releasy.db"
 
     def sql(statement: str) -> list[str]:
@@ -268,6 +268,7 @@ def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
     assert "kept by the dump" in shell.stdout
 
 
+@pytest.mark.lab_shape("single", database="sqlite")
 def test_sqlite_backup_and_restore_never_follow_the_service_accounts_symlinks(lab_session):
     """The service account owns /var/lib/releasy: it plants symlinks to a root-owned file at
     every name there a root step could touch (the database, -wal, -shm, -journal). Backup

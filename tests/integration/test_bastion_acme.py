@@ -31,7 +31,8 @@ from releasy_deploy.inventory import load_inventory
 
 from .conftest import FAB, ROOT
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab,
+              pytest.mark.lab_shape("split", 2, bastion=True, acme=True, proxies=2)]
 
 PRIVATE_HOSTS = ("app1", "app2", "db1")
 ARCHIVE = "/etc/letsencrypt/archive/releasy"

@@ -1,6 +1,7 @@
 """`fab deploy.bluegreen` on the real lab: one host (proxy + app + db), once with SQLite and
-once with PostgreSQL. The tests of one database run in file order on one fresh host:
-`fab site --version 1.0.0`, then 1.0.0 -> 1.1.0 (hand-over from releasy.service) -> 1.1.1
+once with PostgreSQL. The tests of one database run in file order on one host, shared with
+the modules of that shape before it and reset first (a brand-new database, `fab site
+--version 1.0.0`), then 1.0.0 -> 1.1.0 (hand-over from releasy.service) -> 1.1.1
 (back to the first port), a release that never becomes ready, a conflicting releasy.service,
 and a slow migration during which the deploy lock is shown held. Traffic comes from the
 load generator in the outside namespace, HTTPS through the proxy; hosts are looked at with
@@ -39,11 +40,12 @@ SLOW = "1.3.0"  # built by the test: migrations 4 and 5, sleeping inside the new
 
 
 # ------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=[
+    pytest.param(db, marks=pytest.mark.lab_shape("single", database=db))
+    for db in ("sqlite", "postgres")])
 def lab(request, lab_session):
-    handle = lab_session.fresh("single", database=request.param)
+    handle = lab_session.use("single", database=request.param).reset("1.0.0")
     handle.database = request.param
-    handle.fab("site", "--version", "1.0.0")
     return handle
 
 

@@ -23,7 +23,7 @@ from tests.integration.labtools import (assert_no_failed_request, current, load_
                                        ready, report_latency, report_load, rotation,
                                        sequential_gets)
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 APPS = ("app1", "app2", "app3")
 SECONDS = 20
@@ -45,12 +45,11 @@ def wait_reachable(lab, host: str, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def lab(lab_session):
     handle = lab_session.use("split", apps=3)
-    handle.reset_to("1.0.0", APPS, timeout=900)
-    handle.fab("proxy.setup", "--reset-upstreams")
+    handle.reset("1.0.0")
     assert rotation(handle) == list(APPS)
     yield handle
-    # Whatever happened: the link is back (link_cut restores it), every host in rotation.
-    handle.fab("proxy.setup", "--reset-upstreams", check=False)
+    # Whatever happened: links up, app3 on the fleet's release, every host in rotation.
+    handle.settle("1.1.0")
 
 
 def test_a_black_holed_host_costs_a_few_slow_requests_and_none_fails(lab, tmp_path):

@@ -28,7 +28,7 @@ APPS = ("app1", "app2")
 def lab(lab_session):
     lab = lab_session.use("split", 2)
     # A brand-new database (earlier modules may have migrated it past 1.0.0), then 1.0.0.
-    lab.reset_to("1.0.0", APPS)
+    lab.reset("1.0.0")
     return lab
 
 

@@ -21,7 +21,7 @@ import pytest
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
                                        ready, report_load, rotation, set_log_level)
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 APPS = ("app1", "app2", "app3")
 # Two releases with the same migrations, so the sweep can go back and forth between them.
@@ -44,8 +44,7 @@ def fleet(lab, tmp_path_factory):
     """Every host on 1.1.0 and in rotation, 1.1.1 staged too; returns the number of
     host-changing commands a clean rolling deploy between the two runs."""
     inventory = lab.inventory_variant(tmp_path_factory.mktemp("faults"))
-    lab.reset_to("1.1.0", APPS, inventory=inventory, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
+    lab.reset("1.1.0", inventory=inventory)
     # Both releases staged everywhere first, so every run of the sweep does the same steps.
     lab.fab("deploy.rolling", "--version", "1.1.1", "--yes", inventory=inventory)
     clean = lab.fab("deploy.rolling", "--version", "1.1.0", "--yes", inventory=inventory,

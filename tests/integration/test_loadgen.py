@@ -96,6 +96,12 @@ def test_summarize_counts_and_splits_versions_per_second():
 STANDIN_UNIT = "loadgen-test-standin"
 
 
+@pytest.fixture(scope="module")
+def split_lab(lab_session):
+    """The stand-in below listens on app1:8080: no Releasy set up there yet."""
+    return lab_session.pristine("split", 2, untouched={"app1": ("/opt/releasy",)})
+
+
 @pytest.fixture
 def standin_on_app1(split_lab):
     """The 1.0.0 stand-in on app1:8080 with SQLite, by hand (systemd-run), not the app tier."""

@@ -408,6 +408,7 @@ def sqlite_lab(lab_session):
     return lab_session.use("single", database="sqlite")
 
 
+@pytest.mark.lab_shape("single", database="sqlite")
 def test_flock_lock_busy_wait_and_release(sqlite_lab, tmp_path_factory):
     assert fab_lock(sqlite_lab, tmp_path_factory).stdout.strip() == "deploy lock of lab: free"
     first = Holder(sqlite_lab.inventory, "1.1.0")
@@ -441,6 +442,7 @@ def test_flock_lock_busy_wait_and_release(sqlite_lab, tmp_path_factory):
                           check=False).returncode == 1
 
 
+@pytest.mark.lab_shape("single", database="sqlite")
 def test_flock_lock_freed_when_the_holder_is_killed(sqlite_lab):
     holder = Holder(sqlite_lab.inventory, "1.1.0")
     try:
@@ -452,6 +454,7 @@ def test_flock_lock_freed_when_the_holder_is_killed(sqlite_lab):
         holder.kill()
 
 
+@pytest.mark.lab_shape("single", database="sqlite")
 def test_flock_lock_loss_is_detected(sqlite_lab):
     os.environ["RELEASY_INVENTORY"] = str(sqlite_lab.inventory)
     with session() as s, lock.deploy_lock(s, version="1.1.0") as info:

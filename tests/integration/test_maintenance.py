@@ -79,8 +79,7 @@ def audit_tail(lab, host: str) -> dict:
 
 @pytest.fixture(scope="module")
 def lab(split_lab):
-    split_lab.fab("site", "--version", "1.0.0", timeout=900)
-    split_lab.fab("proxy.setup", "--reset-upstreams")
+    split_lab.reset("1.0.0")
     for host in APPS:
         wait_ready(split_lab, host)
     return split_lab

@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.labtools import current, ready, rotation
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 APPS = ("app1", "app2", "app3")
 ENV_FILE = "/etc/releasy/releasy.env"
@@ -39,11 +39,12 @@ def assert_fleet_on(lab, version):
 @pytest.fixture(scope="module")
 def lab(lab_session):
     lab = lab_session.use("split", apps=3)
-    lab.reset_to("1.0.0", APPS, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams")
+    lab.reset("1.0.0")
     lab.fab("deploy.rolling", "--version", "1.1.0", "--yes")
     assert_fleet_on(lab, "1.1.0")
-    return lab
+    yield lab
+    # A canary stopped half-way leaves a mixed fleet: finish it, every host in rotation.
+    lab.settle("1.1.1")
 
 
 # ------------------------------------------------------------------------------ core flags

@@ -44,10 +44,10 @@ DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-[0-9.]+_m\d+\.dump")
 @pytest.fixture(scope="module")
 def lab(lab_session):
     lab = lab_session.use("split", 2)
-    lab.reset_to("1.0.0", APPS)
+    lab.reset("1.0.0")
     yield lab
-    # The next module finds the site converged, every host in rotation, the page off.
-    lab.fab("proxy.maintenance", "--off")
+    # The next module finds every host in rotation, the page off, deploys not frozen.
+    lab.settle()
 
 
 def env_file(path: Path) -> dict[str, str]:

@@ -9,7 +9,6 @@ holds exactly those plain lines and the summary, with no trace of the block."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pty
 import re
@@ -46,10 +45,8 @@ def expected_lines(event: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fresh_site(lab_session, tmp_path_factory):
-    lab = lab_session.fresh("split", 2)
-    log = tmp_path_factory.mktemp("output") / "events.jsonl"
-    proc = lab.fab("site", "--version", "1.0.0", env={"RELEASY_JSON_LOG": str(log)})
-    events = [json.loads(line) for line in log.read_text().splitlines()]
+    # The first site on a fresh split lab (test_site looks at the same run).
+    lab, proc, events = lab_session.first_site(tmp_path_factory.mktemp("output"))
     return lab, proc, [e for e in events if e.get("event") not in (
         "summary", "round_trips", "command")]
 

@@ -163,12 +163,10 @@ def hosts_answering(lab, requests: int = 8) -> set[str]:
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lab(lab_session):
-    # The dry-run test needs a proxy that was never provisioned: replace the lab only if
-    # an earlier module installed nginx on proxy1 (a fresh lab costs a reboot of all hosts).
-    handle = lab_session.use("split", 2)
-    if ssh(handle, "proxy1", "test -e /etc/nginx", check=False).returncode == 0:
-        handle = lab_session.fresh("split", 2)
-    return handle
+    # The dry-run test needs a proxy that was never provisioned, and the stand-ins need
+    # port 8080 free on the app hosts: a fresh lab only if an earlier module set them up.
+    return lab_session.pristine("split", 2, untouched={
+        "proxy1": ("/etc/nginx",), "app1": ("/opt/releasy",), "app2": ("/opt/releasy",)})
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.labtools import current, psql, rotation
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
@@ -53,11 +53,10 @@ def fab_without_terminal(lab, captured_outputs, *args) -> subprocess.CompletedPr
 def lab(lab_session):
     lab = lab_session.use("split", apps=3)
     # A brand-new database, no dumps, no recorded levels left from earlier tests.
-    lab.reset_to("1.0.0", APPS, timeout=900)
+    lab.reset("1.0.0")
     # `fab site` recorded the migration level of the release it installed (not only rollouts).
     assert {h: lab.ssh(h, "cat", "/opt/releasy/releases/1.0.0/.schema-version").stdout.strip()
             for h in APPS} == {h: "2" for h in APPS}
-    lab.fab("proxy.setup", "--reset-upstreams")
     for version in ("1.1.0", "1.1.1"):
         lab.fab("deploy.rolling", "--version", version, "--yes")
     assert_all_on(lab, "1.1.1")

@@ -24,7 +24,7 @@ from lab.standin.build import build_release
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
                                        psql, ready, report_load, rotation)
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
@@ -43,8 +43,7 @@ def assert_all_on(lab, version):
 def provision(lab, inventory: Path) -> None:
     """Every app host on 1.0.0 against a brand-new database, all in rotation, no dumps and
     no recorded migration levels left from earlier tests."""
-    lab.reset_to("1.0.0", APPS, inventory=inventory, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams", inventory=inventory)
+    lab.reset("1.0.0", inventory=inventory)
     assert_all_on(lab, "1.0.0")
 
 

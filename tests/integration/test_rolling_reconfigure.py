@@ -15,7 +15,7 @@ import pytest
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
                                        ready, report_load, rotation, set_log_level)
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = ("app1", "app2", "app3")
@@ -41,8 +41,7 @@ def lab(lab_session):
 @pytest.fixture(scope="module")
 def inventory(lab, tmp_path_factory) -> Path:
     path = lab.inventory_variant(tmp_path_factory.mktemp("reconfigure"))
-    lab.reset_to("1.0.0", APPS, inventory=path, timeout=900)
-    lab.fab("proxy.setup", "--reset-upstreams", inventory=path)
+    lab.reset("1.0.0", inventory=path)
     return path
 
 

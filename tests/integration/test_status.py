@@ -33,9 +33,7 @@ def rows(stdout: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def lab(split_lab):
-    split_lab.fab("site", "--version", "1.0.0", timeout=900)
-    split_lab.fab("proxy.setup", "--reset-upstreams")
-    return split_lab
+    return split_lab.reset("1.0.0")
 
 
 def test_status_on_a_healthy_split_lab(lab, monkeypatch):

@@ -20,6 +20,9 @@ DEBIAN_11 = ('PRETTY_NAME="Debian GNU/Linux 11 (bullseye)"\nNAME="Debian GNU/Lin
              'VERSION_ID="11"\nVERSION_CODENAME=bullseye\nID=debian\n')
 
 
+pytestmark = pytest.mark.lab_shape("split", 2, suite="trixie")
+
+
 @pytest.fixture(scope="module")
 def trixie(lab_session):
     return lab_session.fresh("split", 2, suite="trixie")
@@ -139,6 +142,7 @@ def test_an_unsupported_release_is_refused_before_anything_changes(trixie):
 
 
 # ------------------------------------------------------------------------------ single host
+@pytest.mark.lab_shape("single", suite="trixie")
 def test_single_host_blue_green_on_debian_13(lab_session):
     lab = lab_session.fresh("single", suite="trixie")
     out = lab.fab("site", "--version", "1.0.0").stdout
@@ -151,6 +155,7 @@ def test_single_host_blue_green_on_debian_13(lab_session):
 
 
 # ------------------------------------------------------------------------------ mixed fleet
+@pytest.mark.lab_shape("split", 2, suite="trixie", db_suite="bookworm")
 def test_a_mixed_fleet_debian_13_apps_and_a_debian_12_db(lab_session, tmp_path):
     lab = lab_session.fresh("split", 2, suite="trixie", db_suite="bookworm")
     # A pin the db host's release does not offer: refused, nothing installed.
