@@ -143,8 +143,12 @@ def state_facts(inv: Inventory) -> list[Fact]:
 def wanted_packages(c: HostConnection, inv: Inventory) -> tuple[tuple[str, ...], bool]:
     """(the PostgreSQL packages the db host needs, whether any is missing), from the facts
     `fab site` prefetched. A host whose apt lists were never loaded gets `apt-get update`
-    first (not in a dry-run: it predicts from the release, like `setup`)."""
+    first (not in a dry-run: it predicts from the release, like `setup`). When packages are
+    missing, the major and why are said here, where they are decided (after the install
+    the db tier finds the cluster that exists)."""
     state = _first_look(c, inv)
+    if state.missing_packages:
+        _report_major(c, inv, state)
     return state.layout.packages, bool(state.missing_packages)
 
 
@@ -282,8 +286,7 @@ def restart_needed(inv: Inventory, state: HostState) -> str:
 
 def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
     layout = state.layout
-    c.reporter.info(c.name, f"{state.release.label}: PostgreSQL {layout.major} "
-                            f"({_why_major(inv, state)})")
+    _report_major(c, inv, state)
     if _ensure_packages(c, state):
         state = _read_state(c, inv)  # the package created and started the cluster
     if not state.missing_packages and not state.cluster_exists:
@@ -309,6 +312,11 @@ def _predicted(c: HostConnection, inv: Inventory, state: HostState) -> HostState
         f"{layout.major} ({why}) be checked against what apt offers"))
     return replace(state, layout=layout, missing_packages=layout.packages,
                    files={f"{layout.conf_dir}/{rel}": None for rel in pg.MANAGED_RELS})
+
+
+def _report_major(c: HostConnection, inv: Inventory, state: HostState) -> None:
+    c.reporter.info(c.name, f"{state.release.label}: PostgreSQL {state.layout.major} "
+                            f"({_why_major(inv, state)})")
 
 
 def _why_major(inv: Inventory, state: HostState) -> str:
