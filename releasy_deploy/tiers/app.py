@@ -42,6 +42,7 @@ from ..secret_policy import ROTATION_EFFECTS, Resolution, SecretDrift, resolve
 from ..remote import Change, ensure_packages, render_diff, report
 from ..session import Session
 from . import db as db_tier
+from .proxy import UPSTREAM_FILE
 
 __all__ = [
     "setup", "AppSetup", "record_levels", "stage_release", "activate_release",
@@ -173,6 +174,8 @@ def _fact_names(inv: Inventory, bind: str, db_file: str | None) -> list[Fact]:
     names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind)),
               schema.RecordedLevels()]
     if inv.is_single_host:
+        # Whether the proxy routes to Releasy yet: only then does a restart cost requests.
+        names.append(FileStat(UPSTREAM_FILE))
         # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
         for port in inv.app.bluegreen_ports:
             names += [ReleasyUnit(cmd.instance_unit(port)),
@@ -391,8 +394,11 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
     live = live_instance(inv, f)
     if live is not None:
         return _converge_bluegreen(c, plan, f, group, live, defer)
+    # A single host serves only once its proxy routes to Releasy (before `proxy.setup`
+    # there is nothing to switch: a restart in place costs no request).
     serving = (defer and f.ready and f.releases.current is not None
-               and f.unit.get("ActiveState") == "active")
+               and f.unit.get("ActiveState") == "active"
+               and (not inv.is_single_host or f.stats.get(UPSTREAM_FILE) is not None))
 
     target = plan.version or f.releases.current
     assert target is not None  # setup() refused hosts without a release
