@@ -65,7 +65,7 @@ from . import backups as backups_mod
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
 from .commands import systemd
-from .errors import BadInput, DeployError
+from .errors import BadInput, DeployError, StepFailed
 from .executor import HostConnection, tail
 from .facts import Fact, FileSha256, FileStat, LinkTarget, OsRelease, read_facts
 from .hostos import check_release
@@ -817,9 +817,9 @@ def run(session: Session, version: str | None, *, wait: float = 0, yes: bool = F
                                           f" '{stage}', before the switch (details below)")
                 if isinstance(exc, BadInput) or not isinstance(exc, Exception):
                     raise  # bad input keeps its exit code; Ctrl-C stays an interrupt
-                raise DeployError(_failure_before_switch(
+                raise StepFailed(_failure_before_switch(
                     c, stage, plan, exc, cleaned=cleaned, level_before=state.db_level,
-                    level_now=level_after, backup=backup), host=host.name) from None
+                    level_now=level_after, backup=backup), host=host.name, cause=exc) from None
             _audit(session, host, plan, "failed in switch" + ("" if switched else
                                                                " (switch state unknown)"),
                    started=started, changed=True, backup=backup,
@@ -829,12 +829,12 @@ def run(session: Session, version: str | None, *, wait: float = 0, yes: bool = F
             if not isinstance(exc, Exception):
                 raise
             state_now = "is live" if switched else "is running and may be live"
-            raise DeployError(
-                f"{host.name}: deploy.bluegreen of {version} failed during the switch:"
+            raise StepFailed(
+                f"{host.name}: deploy.bluegreen of {version} failed in stage 'switch':"
                 f" {plan.new_unit} on {instance_bind(plan.idle_port)} {state_now}; nothing"
                 f" was rolled back.\n  Cause: {_indent(str(exc)).lstrip()}\n  Re-run `fab"
                 f" deploy.bluegreen --version {version}`: it converges.",
-                host=host.name) from None
+                host=host.name, cause=exc) from None
 
         with pipe.stage("finish", host.name, f"stop {plan.live.unit or 'nothing'}, enable"
                                              f" {plan.new_unit}, current -> {version}"):
@@ -846,11 +846,11 @@ def run(session: Session, version: str | None, *, wait: float = 0, yes: bool = F
                 _audit(session, host, plan, "switched, then finish failed", started=started,
                        changed=True, backup=backup, live_unit=plan.new_unit,
                        live_port=plan.idle_port, schema_level=level_now)
-                raise DeployError(
+                raise StepFailed(
                     f"{host.name}: {version} is live ({plan.new_unit} on"
-                    f" {instance_bind(plan.idle_port)}), but finishing failed: {exc}\n"
+                    f" {instance_bind(plan.idle_port)}), but stage 'finish' failed: {exc}\n"
                     f"  Re-run `fab deploy.bluegreen --version {version}`: it converges.",
-                    host=host.name) from None
+                    host=host.name, cause=exc) from None
             _audit(session, host, plan, "ok", started=started, changed=True, backup=backup,
                    live_unit=plan.new_unit, live_port=plan.idle_port, schema_level=level_now)
     return outcome("deployed", plan)
