@@ -30,11 +30,13 @@ test: setup
 unit: setup
 	$(PY) -m pytest tests/unit
 
-# Every injection point of a rolling deploy and of a rolling reconfiguration (`fab site`),
-# failing and connection-drop variants (make test tries the first, a middle and the last):
-# the fleet must stay serving and a re-run converge. Run before submitting a change to a flow.
+# Every injection point of a rolling deploy and of a rolling reconfiguration (`fab site`) on
+# the split lab, and of a blue/green deploy on the single host, failing and connection-drop
+# variants (make test tries the first, a middle and the last): the fleet must stay serving
+# and a re-run converge. Run before submitting a change to a flow.
 faults: setup
-	RELEASY_FAULT_POINTS=all $(PY) -m pytest -s tests/integration/test_faults.py
+	RELEASY_FAULT_POINTS=all $(PY) -m pytest -s tests/integration/test_faults.py \
+		tests/integration/test_faults_bluegreen.py
 
 # Not part of `test`: brings up its own lab (LAB_ID like every lab command), measures what
 # the tasks cost against the SSH floor, prints a table, writes bench/results/latest.json.
