@@ -126,7 +126,7 @@ def test_every_injected_fault_in_a_bluegreen_deploy_keeps_the_site_serving(
         again = lab.fab("deploy.bluegreen", "--version", target, "--yes")
         assert "Traceback" not in again.stdout + again.stderr, where
         assert_converged(lab, target, where)
-        tried.append(n)
+        tried.append(f"#{n} {fired.split(' on purpose: ', 1)[1].splitlines()[0][:60]}")
     print(f"\nfault injection ({mode}): {len(tried)} of {total} points of a blue/green deploy"
-          f" tried ({tried}), {requests} requests through nginx meanwhile, none failed; every"
-          f" one recovered and converged on a re-run")
+          f" tried, {requests} requests through nginx meanwhile, none failed; every"
+          f" one recovered and converged on a re-run:\n  " + "\n  ".join(tried))
