@@ -8,9 +8,9 @@ a message naming the host and the stage, no traceback, the deploy lock free, ngi
 again converges (V live, one instance running and enabled).
 
 `make test` tries the first, a middle and the last point of each mode; `make faults`
-(RELEASY_FAULT_POINTS=all) tries every one and prints how many. The module runs on the
-single-host shape after test_bluegreen (it leaves the application under its releasy@PORT
-units as that module does), and ends with the site serving: lock free, no maintenance page.
+(RELEASY_FAULT_POINTS=all) tries every one and prints how many. The module runs last on the
+single-host shape, on a fresh lab (test_bluegreen, before it, leaves releasy@PORT units
+live), and ends with the site serving: lock free, no maintenance page.
 """
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def assert_converged(lab, version: str, where: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab(lab_session):
-    handle = lab_session.use("single", database="sqlite").reset("1.0.0")
+    # A fresh lab: the modules before it on this shape (test_bluegreen) leave releasy@PORT
+    # instances live, which a reset does not undo. A bring-up from the cache takes seconds.
+    handle = lab_session.fresh("single", database="sqlite").reset("1.0.0")
     yield handle
     # What the next module finds: the site serving, nothing held, no maintenance page.
     handle.fab("proxy.maintenance", "--off", check=False)
