@@ -25,7 +25,7 @@ demo: setup
 	@scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest
+	$(PY) scripts/run-tests.py
 
 unit: setup
 	$(PY) -m pytest tests/unit

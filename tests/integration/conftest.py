@@ -113,11 +113,59 @@ def pytest_runtest_setup(item):
     _RUNNING[:] = [item.nodeid, shape_of(item)]
 
 
+# Roughly what each shape's tests cost (seconds, from the suite's own summary on the 2-core
+# machine): `--lab-shard` balances the shards on it. A shape not listed counts as 60 s.
+SHAPE_SECONDS = {SPLIT: 700, SPLIT3: 660, SINGLE_SQLITE: 350, SINGLE_POSTGRES: 150}
+# The unit tests run in shard 1: what they cost, for the balance.
+UNIT_SECONDS = 80
+
+
+def shards(shapes: list, count: int) -> list[set]:
+    """The lab shapes of each of ``count`` shards: the costliest shape first, each to the
+    shard with the least so far (shard 1 starts with the unit tests)."""
+    load = [UNIT_SECONDS] + [0] * (count - 1)
+    chosen: list[set] = [set() for _ in range(count)]
+    for shape in sorted(shapes, key=lambda s: -SHAPE_SECONDS.get(s, 60)):
+        least = load.index(min(load))
+        chosen[least].add(shape)
+        load[least] += SHAPE_SECONDS.get(shape, 60)
+    return chosen
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--lab-shard I/N`` -> (I, N); None without it."""
+    if not text:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise pytest.UsageError(f"--lab-shard wants I/N with 1 <= I <= N, got {text!r}")
+    return index, count
+
+
 def pytest_collection_modifyitems(session, config, items):
     here = Path(__file__).parent
     slots = [i for i, item in enumerate(items) if here in Path(str(item.path)).parents]
     for slot, item in zip(slots, lab_order([items[i] for i in slots])):
         items[slot] = item
+    shard = parse_shard(config.getoption("lab_shard"))
+    if shard is None:
+        return
+    index, count = shard
+    lab_items = [items[i] for i in slots]
+    mine = shards(list(dict.fromkeys(shape_of(i) for i in lab_items)), count)[index - 1]
+    # The last modules look at what the others left in this process: every shard runs them.
+    keep = [i for i in items if here not in Path(str(i.path)).parents
+            or shape_of(i) in mine or i.module.__name__.rsplit(".", 1)[-1] in LAST_MODULES]
+    if index > 1:  # the unit tests run once, in shard 1
+        keep = [i for i in keep if here in Path(str(i.path)).parents]
+    kept = {id(i) for i in keep}
+    dropped = [i for i in items if id(i) not in kept]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @dataclass
