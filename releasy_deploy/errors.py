@@ -77,6 +77,11 @@ class UnreachableError(DeployError):
     """TCP connect, SSH handshake or authentication failed, or the connection dropped."""
 
 
+class ConnectionDropped(UnreachableError):
+    """The SSH connection was up, then lost while a command ran (the command may or may not
+    have completed). Unlike a refused or timed-out connect, the host did let us in."""
+
+
 class SudoError(DeployError):
     """The SSH user is not root and cannot run ``sudo -n`` (missing NOPASSWD rule or sudo)."""
 
