@@ -172,7 +172,7 @@ def test_state_moves_out_of_the_service_directory_and_symlinks_are_never_followe
         broken = [*good, ufw.Rule(0, "tcp", None, "a port ufw refuses")]
         with pytest.raises(DeployError) as exc:
             tier.converge(conn, broken, admin_cidrs=inv.admin_cidrs, fresh=fresh,
-                        policies=fw_diff.wanted_defaults(True), revert_after=30)
+                          policies=fw_diff.wanted_defaults(True), revert_after=30)
     assert "the previous firewall was restored" in str(exc.value)
     marker = lab.sudo("app1", "cat", "/var/lib/releasy-deploy/firewall/reverted").stdout
     assert re.fullmatch(r"[0-9a-f]{16}\n", marker)  # the revert ran, in root's own dir

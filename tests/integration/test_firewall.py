@@ -192,7 +192,7 @@ def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
     with Executor(inv) as ex, Executor(inv) as fresh:
         with pytest.raises(fw_guard.FirewallLockout) as exc:
             tier.converge(ex.conn("app2"), bad, admin_cidrs=inv.admin_cidrs, fresh=fresh,
-                        revert_after=5)
+                          revert_after=5)
     assert "stays armed" in str(exc.value) or "fired before" in str(exc.value)
 
     def restored() -> bool:

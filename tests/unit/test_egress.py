@@ -79,7 +79,7 @@ def test_off_by_default_nothing_is_derived_and_outgoing_stays_allowed(tmp_path):
     assert not inv.egress.restrict
     assert all(fw_egress.egress_rules(inv, h, HostNet()) == [] for h in inv.hosts)
     assert fw_egress.names_to_resolve(load(SPLIT, tmp_path, **{"egress.restrict": False},
-                                    app={"operator_jwt": JWT}), inv.host("app1")) == []
+                                           app={"operator_jwt": JWT}), inv.host("app1")) == []
     assert fw_diff.wanted_defaults(False) == (("incoming", "deny"), ("outgoing", "allow"))
     assert fw_diff.wanted_defaults(True) == (("incoming", "deny"), ("outgoing", "deny"))
 
@@ -101,7 +101,8 @@ def test_app_reaches_the_database_and_the_database_reaches_nothing(tmp_path):
 
 def test_app_reaches_storage_and_jwks_at_the_addresses_the_host_resolved(tmp_path):
     inv = load(SPLIT, tmp_path, app={"operator_jwt": JWT, "artifact_storage": STORAGE})
-    assert fw_egress.names_to_resolve(inv, inv.host("app1")) == ["s3.example.com", "login.example.com"]
+    assert fw_egress.names_to_resolve(inv, inv.host("app1")) == ["s3.example.com",
+                                                                 "login.example.com"]
     assert fw_egress.names_to_resolve(inv, inv.host("proxy1")) == []
     facts = HostNet((), {"s3.example.com": (addr("192.0.2.80"), addr("2001:db8::80")),
                          "login.example.com": (addr("192.0.2.90"),)})
@@ -188,7 +189,7 @@ def test_egress_rules_become_ufw_allow_out_commands(tmp_path):
     inv = load(SPLIT, tmp_path)
     db, ntp = fw_egress.egress_rules(inv, inv.host("app1"), HostNet())
     assert ufw.add_argv(db) == ["ufw", "allow", "out", "proto", "tcp", "to", "10.0.0.30/32",
-                               "port", "5432", "comment", "releasy: app -> db1:5432: the database"]
+                                "port", "5432", "comment", "releasy: app -> db1:5432: the database"]
     assert ufw.add_argv(ntp)[:7] == ["ufw", "allow", "out", "proto", "udp", "to", "any"]
     # what ufw 0.36.2 prints back for them matches the plan: nothing to do the second time
     live = [ufw.parse_added_line(
@@ -196,8 +197,8 @@ def test_egress_rules_become_ufw_allow_out_commands(tmp_path):
                 "comment 'releasy: app -> db1:5432: the database'"),
             ufw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp: time sync'")]
     d = fw_diff.diff_host("app1", [db, ntp], live, active=True,
-                     defaults=UfwDefaults("deny", "deny", True),
-                     policies=fw_diff.wanted_defaults(True))
+                          defaults=UfwDefaults("deny", "deny", True),
+                          policies=fw_diff.wanted_defaults(True))
     assert not d.changes
 
 
@@ -205,7 +206,7 @@ def test_turning_restrict_off_removes_our_out_rules_and_allows_outgoing(tmp_path
     live = [ufw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp: time sync'"),
             ufw.parse_added_line("ufw allow out 25/tcp")]  # someone else's: kept
     d = fw_diff.diff_host("db1", [], live, active=True, defaults=UfwDefaults("deny", "deny", True),
-                     policies=fw_diff.wanted_defaults(False))
+                          policies=fw_diff.wanted_defaults(False))
     assert fw_diff.ufw_commands(d) == [
         ["ufw", "--force", "delete", "allow", "out", "123/udp", "comment", "releasy: ntp: time sync"],
         ["ufw", "default", "allow", "outgoing"]]
@@ -231,12 +232,14 @@ def test_ipv6_off_turns_it_on_and_re_adds_every_rule_first():
     live = [ufw.parse_added_line(
         "ufw allow from 203.0.113.0/24 to any port 22 proto tcp "
         "comment 'releasy: ssh from admin network'")]
-    d = fw_diff.diff_host("h", [ssh], live, active=True, defaults=UfwDefaults("deny", "allow", False))
+    d = fw_diff.diff_host("h", [ssh], live, active=True,
+                          defaults=UfwDefaults("deny", "allow", False))
     assert d.changes and d.ipv6 and d.add == (ssh,)
     assert fw_diff.ufw_commands(d) == [
         ["sed", "-i", "s/^IPV6=.*/IPV6=yes/", "/etc/default/ufw"], ["ufw", "reload"],
         ufw.add_argv(ssh)]
-    on = fw_diff.diff_host("h", [ssh], live, active=True, defaults=UfwDefaults("deny", "allow", True))
+    on = fw_diff.diff_host("h", [ssh], live, active=True,
+                           defaults=UfwDefaults("deny", "allow", True))
     assert not on.changes
 
 
@@ -356,7 +359,8 @@ def test_acme_proxies_reach_the_ca_as_resolved_on_the_host_and_each_other_on_80(
                    for port, dest, _ in rules)  # the CA only, not the internet
     # The app hosts reach nothing of it; without restrict nothing is planned at all.
     assert not any("ACME" in why for _, _, why in out_rules(inv, "app1"))
-    assert fw_egress.egress_rules(two_proxies(tmp_path, egress=None), inv.host("proxy1"), facts) == []
+    assert fw_egress.egress_rules(two_proxies(tmp_path, egress=None), inv.host("proxy1"),
+                                  facts) == []
 
 
 def test_acme_directory_on_its_own_port_and_an_ip_literal(tmp_path):

@@ -325,7 +325,7 @@ def test_listeners():
             "LISTEN 0      511          *:80       *:*\n"
             "garbage\n")
     assert netprobe.parse_listeners(text) == [("0.0.0.0", 22), ("::", 22), ("127.0.0.53", 53),
-                                        ("*", 80)]
+                                              ("*", 80)]
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -378,7 +378,7 @@ def test_fresh_host_gets_everything():
 
 def test_converged_host_has_nothing_to_do():
     d = fw_diff.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), ours(HTTP), ours(APP)),
-                     active=True, defaults=GOOD)
+                          active=True, defaults=GOOD)
     assert not d.changes and fw_diff.ufw_commands(d) == []
     assert d.satisfied == (SSH, HTTP, APP)
 
@@ -393,7 +393,7 @@ def test_stale_managed_rules_go_unmanaged_ones_stay():
         ["ufw", "--force", "delete", "allow", "from", "10.77.4.9", "to", "any", "port", "8080",
          "proto", "tcp", "comment", "releasy: app from old"]]
     pruned = fw_diff.diff_host("h", [SSH], live(ours(SSH), stale, hand), active=True,
-                          defaults=GOOD, prune_unmanaged=True)
+                               defaults=GOOD, prune_unmanaged=True)
     assert [str(r) for r in pruned.remove] == [stale, hand] and pruned.unexpected == ()
 
 
@@ -402,22 +402,22 @@ def test_additions_only_opens_and_leaves_closing_for_the_full_apply():
     rule, the policy and the re-comment wait for the firewall step at the end."""
     stale = "ufw allow from 10.77.4.9 to any port 8080 proto tcp comment 'releasy: app from old'"
     d = fw_diff.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), "ufw allow 80/tcp", stale),
-                     active=True, defaults=UfwDefaults("allow", "allow", True))
+                          active=True, defaults=UfwDefaults("allow", "allow", True))
     assert d.remove and d.defaults and d.recomment == (HTTP,)
     opening = fw_diff.additions_only(d)
     assert opening.changes and opening.opening_only
     assert fw_diff.ufw_commands(opening) == [ufw.add_argv(APP)]
     # ufw off (it filters nothing yet) or IPv6 filtering to turn on: nothing ahead of time
     assert not fw_diff.additions_only(fw_diff.diff_host("h", [SSH, APP], [], active=False,
-                                              defaults=GOOD)).changes
+                                                   defaults=GOOD)).changes
     no_v6 = UfwDefaults("deny", "allow", False)
-    assert not fw_diff.additions_only(fw_diff.diff_host("h", [SSH, APP], live(ours(SSH)), active=True,
-                                              defaults=no_v6)).changes
+    assert not fw_diff.additions_only(fw_diff.diff_host("h", [SSH, APP], live(ours(SSH)),
+                                                   active=True, defaults=no_v6)).changes
 
 
 def test_a_planned_rule_with_another_comment_is_adopted():
     d = fw_diff.diff_host("h", [HTTP], live("ufw allow 80/tcp", "ufw allow 80/tcp comment 'x'"),
-                     active=True, defaults=GOOD)
+                          active=True, defaults=GOOD)
     # first match taken and re-commented; the duplicate is someone else's: kept, reported
     assert d.recomment == (HTTP,) and d.add == ()
     assert [str(r) for r in d.unexpected] == ["ufw allow 80/tcp comment x"]
@@ -426,15 +426,15 @@ def test_a_planned_rule_with_another_comment_is_adopted():
 
 def test_policy_drift_is_fixed_without_touching_rules():
     d = fw_diff.diff_host("h", [SSH], live(ours(SSH)), active=True,
-                     defaults=UfwDefaults("allow", "allow", True))
+                          defaults=UfwDefaults("allow", "allow", True))
     assert fw_diff.ufw_commands(d) == [["ufw", "default", "deny", "incoming"]]
 
 
 def test_command_order_is_lockout_safe():
     stale = "ufw allow from 10.0.0.9 to any port 22 proto tcp comment 'releasy: old admin'"
     d = fw_diff.diff_host("h", [SSH], live(stale, "ufw route allow from 10.0.0.0/8"),
-                     active=False, defaults=UfwDefaults("allow", "allow", True),
-                     prune_unmanaged=True)
+                          active=False, defaults=UfwDefaults("allow", "allow", True),
+                          prune_unmanaged=True)
     verbs = [argv[1:4] for argv in fw_diff.ufw_commands(d)]
     assert verbs == [["allow", "proto", "tcp"], ["--force", "delete", "allow"],
                      ["--force", "route", "delete"], ["default", "deny", "incoming"],
@@ -448,7 +448,7 @@ def test_argv_keeps_awkward_comments_as_one_word():
     assert shlex.split(shlex.join(argv)) == argv
     gone = LiveRule(("allow", "80/tcp", "comment", "with space"))
     assert ufw.delete_argv(gone) == ["ufw", "--force", "delete", "allow", "80/tcp",
-                                    "comment", "with space"]
+                                     "comment", "with space"]
 
 
 # --------------------------------------------------------------------------- audit logic
@@ -554,7 +554,7 @@ def test_lockout_guard_behind_a_jump_host_wants_the_jump_hosts_address(tmp_path)
 
 def test_apply_script_saves_and_arms_before_any_ufw_command():
     d = fw_diff.diff_host("h", [SSH], live("ufw allow 9999/tcp comment 'releasy: x y'"),
-                     active=True, defaults=GOOD)
+                          active=True, defaults=GOOD)
     script = revert.apply_script(fw_diff.ufw_commands(d), token="abc123", revert_after=42)
     assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
     lines = script.splitlines()
@@ -650,13 +650,13 @@ def test_rules_read_from_ufws_files_are_what_show_added_lists():
 def test_a_malformed_tuple_is_skipped():
     assert ufw.tuple_command("### tuple ### allow tcp 22") is None
     assert ufw.parse_user_rules("### tuple ### allow tcp\n### tuple ### deny any 25 0.0.0.0/0"
-                               " any 0.0.0.0/0 out\n") [0].words == ("deny", "out", "25")
+                                " any 0.0.0.0/0 out\n") [0].words == ("deny", "out", "25")
 
 
 def test_ufw_conf_gives_enabled_logging_and_policies():
     st = ufw_state.parse_ufw_conf("# comment\nENABLED=yes\nLOGLEVEL=low\n",
-                           'DEFAULT_INPUT_POLICY="DROP"\nDEFAULT_OUTPUT_POLICY="ACCEPT"\n'
-                           'DEFAULT_FORWARD_POLICY="DROP"\n')
+                                  'DEFAULT_INPUT_POLICY="DROP"\nDEFAULT_OUTPUT_POLICY="ACCEPT"\n'
+                                  'DEFAULT_FORWARD_POLICY="DROP"\n')
     assert st.active and st.logging == "on (low)"
     assert st.defaults == {"incoming": "deny", "outgoing": "allow", "routed": "deny"}
     assert not ufw_state.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").active

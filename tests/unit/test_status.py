@@ -178,7 +178,7 @@ def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
         UfwConf(): ufw_state.parse_ufw_conf("ENABLED=yes\n" if active else "ENABLED=no\n", ""),
         UfwUserRules(): ufw.parse_show_added(added),
         UfwDefaultsFile(): ufw_state.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
-                                             'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
+                                                    'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
     }
 
 
