@@ -13,6 +13,8 @@ from releasy_deploy.lazy import lazy_module
 
 site_ops = lazy_module("releasy_deploy.site")
 fw = lazy_module("releasy_deploy.tiers.firewall")
+fw_views = lazy_module("releasy_deploy.tiers.firewall_views")
+fw_audit = lazy_module("releasy_deploy.tiers.firewall_audit")
 
 
 @task
@@ -21,7 +23,7 @@ def plan(c):
     """Show per host the firewall rules apply would add and remove (changes nothing)."""
     with session(dry_run=True, need_secrets=False) as s:
         try:
-            fw.plan(s)
+            fw_views.plan(s)
         finally:
             s.reporter.summary()
 
@@ -56,7 +58,7 @@ def status(c):
     """Show per host ufw's state and rules, marked planned / unexpected / missing."""
     with session(need_secrets=False) as s:
         try:
-            fw.status(s)
+            fw_views.status(s)
         finally:
             s.reporter.summary()
 
@@ -71,7 +73,7 @@ def audit(c, netns=None, listener=None):
     listener, and compare with the plan (exit 1 on any difference)."""
     with session(need_secrets=False) as s:
         try:
-            ok = fw.audit(s, netns, listener)
+            ok = fw_audit.audit(s, netns, listener)
         finally:
             s.reporter.summary()
     if not ok:

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import bluegreen
-from . import firewall as fw
 from .commands import acme as acmecmd
 from .commands import app as appcmd
 from .commands import nginx as nginxcmd
@@ -40,6 +39,7 @@ from .commands import postgres as pgcmd
 from .engine.runner import parse_version_probe, version_probe_argv
 from .errors import DeployError, HostKeyError, UnreachableError, first_line
 from .executor import HostConnection
+from .firewall_diff import summary_diff
 from .fleet import AppView, FleetFile, fleet_headlines
 from .facts import Fact, FileStat, LinkTarget, OsRelease, PackageVersion, ServiceActive, read_facts
 from .inventory import TIERS, VERSION_RE, Host, Inventory
@@ -50,7 +50,7 @@ from .session import Session, select_hosts
 from .tiers import app as app_tier
 from .tiers.acme import CertInfo
 from .tiers.db import PgInstallation
-from .tiers.firewall import UfwConf, UfwDefaultsFile, UfwUserRules
+from .tiers.firewall_state import UfwConf, UfwDefaultsFile, UfwUserRules
 from .tiers import proxy as proxy_tier
 
 __all__ = [
@@ -386,7 +386,7 @@ def _firewall(inv: Inventory, host: Host, found: Mapping[Fact, Any]) -> Firewall
     active = bool(status is not None and status.active)
     if not installed or live is None:
         return FirewallStatus(installed, active)
-    diff = fw.summary_diff(inv, host, live, active=active, defaults=found[UfwDefaultsFile()])
+    diff = summary_diff(inv, host, live, active=active, defaults=found[UfwDefaultsFile()])
     return FirewallStatus(installed, active, missing=len(diff.add) + len(diff.recomment),
                           stale=len(diff.remove), unmanaged=len(diff.unexpected),
                           policy_differs=bool(diff.defaults or diff.ipv6))

@@ -28,7 +28,7 @@ from ..inventory import Host, Inventory
 from ..packages import ACME_PACKAGES, APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
 from ..remote import ensure_packages
 from ..session import Session
-from . import app, db, firewall, proxy
+from . import app, db, firewall_state, proxy
 
 __all__ = ["host_facts", "host_packages", "prefetch_all", "install_packages"]
 
@@ -60,7 +60,7 @@ def host_facts(inv: Inventory, host: Host) -> list[Fact]:
         facts += app.state_facts(inv, host)
     if host.has("proxy"):
         facts += proxy.state_facts(inv)
-    facts += firewall.state_facts(inv, host)
+    facts += firewall_state.state_facts(inv, host)
     facts += [PackageVersion(p) for p in host_packages(inv, host)]
     return list(dict.fromkeys(facts))
 

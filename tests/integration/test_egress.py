@@ -23,11 +23,14 @@ import subprocess
 import pytest
 
 from lab import lab as lab_ops
-from releasy_deploy import firewall as fwp
+from releasy_deploy import firewall_diff as fw_diff
+from releasy_deploy.commands import firewall_revert as revert
+from releasy_deploy.commands import ufw
 from releasy_deploy.errors import DeployError
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import load_inventory
-from releasy_deploy.tiers import firewall as fw
+from releasy_deploy.tiers import firewall as tier
+from releasy_deploy.tiers import firewall_state as fw_state
 
 pytestmark = pytest.mark.lab
 
@@ -165,11 +168,11 @@ def test_state_moves_out_of_the_service_directory_and_symlinks_are_never_followe
     inv = load_inventory(restricted)
     with Executor(inv) as ex, Executor(inv) as fresh:
         conn = ex.conn("app1")
-        good = fw.host_rules(inv, inv.host("app1"), fw.read_state(conn))
-        broken = [*good, fwp.Rule(0, "tcp", None, "a port ufw refuses")]
+        good = fw_state.host_rules(inv, inv.host("app1"), fw_state.read_state(conn))
+        broken = [*good, ufw.Rule(0, "tcp", None, "a port ufw refuses")]
         with pytest.raises(DeployError) as exc:
-            fw.converge(conn, broken, admin_cidrs=inv.admin_cidrs, fresh=fresh,
-                        policies=fwp.wanted_defaults(True), revert_after=30)
+            tier.converge(conn, broken, admin_cidrs=inv.admin_cidrs, fresh=fresh,
+                          policies=fw_diff.wanted_defaults(True), revert_after=30)
     assert "the previous firewall was restored" in str(exc.value)
     marker = lab.sudo("app1", "cat", "/var/lib/releasy-deploy/firewall/reverted").stdout
     assert re.fullmatch(r"[0-9a-f]{16}\n", marker)  # the revert ran, in root's own dir
@@ -182,7 +185,7 @@ def test_state_moves_out_of_the_service_directory_and_symlinks_are_never_followe
     saved = "/var/lib/releasy-deploy/firewall/previous"
     lab.sudo("app1", "sh", "-c", f"mv {saved}/user.rules {saved}/user.rules.bak && "
                                  f"ln -s {CANARY} {saved}/user.rules")
-    refused = lab.sudo("app1", fw.REVERT_SCRIPT, "t0k", check=False)
+    refused = lab.sudo("app1", revert.REVERT_SCRIPT, "t0k", check=False)
     assert refused.returncode == 2 and "is not a regular file owned by root" in refused.stderr
     lab.sudo("app1", "sh", "-c", f"rm {saved}/user.rules && "
                                  f"mv {saved}/user.rules.bak {saved}/user.rules")

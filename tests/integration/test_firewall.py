@@ -17,13 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from releasy_deploy import firewall as fwp
+from releasy_deploy import firewall as fw
+from releasy_deploy.commands import ufw
 from releasy_deploy.session import Session
 from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import load_inventory
 from releasy_deploy.output import Reporter
 from releasy_deploy.secrets import Secrets
-from releasy_deploy.tiers import firewall as fw
+from releasy_deploy.tiers import firewall as tier
+from releasy_deploy.tiers import firewall_guard as fw_guard
 
 pytestmark = pytest.mark.lab
 
@@ -131,7 +133,7 @@ def test_second_apply_changes_nothing_in_one_round_trip_per_host(lab):
     inv = load_inventory(lab.inventory)
     reporter = Reporter()
     with Executor(inv, reporter=reporter) as ex:
-        fw.apply(Session(inv, Secrets({}), ex, reporter))
+        tier.apply(Session(inv, Secrets({}), ex, reporter))
         assert ex.round_trips == {h: 1 for h in HOSTS}
     assert all(t.changed == 0 and t.errors == 0 for t in reporter.tally().values())
 
@@ -184,13 +186,13 @@ def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
     the new connection fails, the timer stays armed, and app2 (reached via sudo) reverts."""
     inv = load_inventory(lab.inventory)
     before = ufw_view(lab, "app2")
-    bad = [r if r.port != 22 else fwp.Rule(22, "tcp", ipaddress.ip_network("192.0.2.0/24"),
+    bad = [r if r.port != 22 else ufw.Rule(22, "tcp", ipaddress.ip_network("192.0.2.0/24"),
                                             "ssh from somewhere else")
-           for r in fwp.plan_rules(inv)["app2"]]
+           for r in fw.plan_rules(inv)["app2"]]
     with Executor(inv) as ex, Executor(inv) as fresh:
-        with pytest.raises(fw.FirewallLockout) as exc:
-            fw.converge(ex.conn("app2"), bad, admin_cidrs=inv.admin_cidrs, fresh=fresh,
-                        revert_after=5)
+        with pytest.raises(fw_guard.FirewallLockout) as exc:
+            tier.converge(ex.conn("app2"), bad, admin_cidrs=inv.admin_cidrs, fresh=fresh,
+                          revert_after=5)
     assert "stays armed" in str(exc.value) or "fired before" in str(exc.value)
 
     def restored() -> bool:

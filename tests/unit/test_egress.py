@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from releasy_deploy import firewall as fw
-from releasy_deploy.firewall import HostNet, UfwDefaults
+from releasy_deploy import firewall_diff as fw_diff
+from releasy_deploy import firewall_egress as fw_egress
+from releasy_deploy.commands import apt_proxy, netprobe, ufw
+from releasy_deploy.commands.ufw_state import UfwDefaults
+from releasy_deploy.errors import BadInput
+from releasy_deploy.firewall_egress import HostNet
 from releasy_deploy.inventory import InventoryError
-from releasy_deploy.tiers import firewall as tier
+from releasy_deploy.tiers import firewall_audit as fw_audit
 
 from inventories import build
 
@@ -60,8 +64,8 @@ def load(text: str | dict, tmp_path: Path, **changes):
 
 def out_rules(inv, host: str, facts: HostNet = HostNet()) -> list[tuple[str, str, str]]:
     """(port/proto, destination, reason) of a host's egress rules."""
-    return [(f"{r.port}/{r.proto}", fw.format_source(r.dest), r.reason)
-            for r in fw.egress_rules(inv, inv.host(host), facts)]
+    return [(f"{r.port}/{r.proto}", ufw.format_source(r.dest), r.reason)
+            for r in fw_egress.egress_rules(inv, inv.host(host), facts)]
 
 
 NTP = ("123/udp", "anywhere", "ntp: time sync")
@@ -73,11 +77,11 @@ NTP = ("123/udp", "anywhere", "ntp: time sync")
 def test_off_by_default_nothing_is_derived_and_outgoing_stays_allowed(tmp_path):
     inv = load(SPLIT, tmp_path, egress=None)
     assert not inv.egress.restrict
-    assert all(fw.egress_rules(inv, h, HostNet()) == [] for h in inv.hosts)
-    assert fw.names_to_resolve(load(SPLIT, tmp_path, **{"egress.restrict": False},
-                                    app={"operator_jwt": JWT}), inv.host("app1")) == []
-    assert fw.wanted_defaults(False) == (("incoming", "deny"), ("outgoing", "allow"))
-    assert fw.wanted_defaults(True) == (("incoming", "deny"), ("outgoing", "deny"))
+    assert all(fw_egress.egress_rules(inv, h, HostNet()) == [] for h in inv.hosts)
+    assert fw_egress.names_to_resolve(load(SPLIT, tmp_path, **{"egress.restrict": False},
+                                           app={"operator_jwt": JWT}), inv.host("app1")) == []
+    assert fw_diff.wanted_defaults(False) == (("incoming", "deny"), ("outgoing", "allow"))
+    assert fw_diff.wanted_defaults(True) == (("incoming", "deny"), ("outgoing", "deny"))
 
 
 def test_proxy_reaches_each_app_host_on_the_bind_port(tmp_path):
@@ -97,8 +101,9 @@ def test_app_reaches_the_database_and_the_database_reaches_nothing(tmp_path):
 
 def test_app_reaches_storage_and_jwks_at_the_addresses_the_host_resolved(tmp_path):
     inv = load(SPLIT, tmp_path, app={"operator_jwt": JWT, "artifact_storage": STORAGE})
-    assert fw.names_to_resolve(inv, inv.host("app1")) == ["s3.example.com", "login.example.com"]
-    assert fw.names_to_resolve(inv, inv.host("proxy1")) == []
+    assert fw_egress.names_to_resolve(inv, inv.host("app1")) == ["s3.example.com",
+                                                                 "login.example.com"]
+    assert fw_egress.names_to_resolve(inv, inv.host("proxy1")) == []
     facts = HostNet((), {"s3.example.com": (addr("192.0.2.80"), addr("2001:db8::80")),
                          "login.example.com": (addr("192.0.2.90"),)})
     assert out_rules(inv, "app2", facts) == [
@@ -112,8 +117,8 @@ def test_app_reaches_storage_and_jwks_at_the_addresses_the_host_resolved(tmp_pat
 
 def test_a_name_that_does_not_resolve_names_the_host_and_the_pin(tmp_path):
     inv = load(SPLIT, tmp_path, app={"operator_jwt": JWT})
-    with pytest.raises(fw.EgressError) as exc:
-        fw.egress_rules(inv, inv.host("app1"), HostNet((), {"login.example.com": ()}))
+    with pytest.raises(fw_egress.EgressError) as exc:
+        fw_egress.egress_rules(inv, inv.host("app1"), HostNet((), {"login.example.com": ()}))
     assert exc.value.host == "app1"
     assert "login.example.com (JWKS URL)" in str(exc.value)
     assert "pin: operator_jwt" in str(exc.value)
@@ -122,7 +127,7 @@ def test_a_name_that_does_not_resolve_names_the_host_and_the_pin(tmp_path):
 def test_an_ip_literal_endpoint_needs_no_resolution(tmp_path):
     storage = {**STORAGE, "endpoint": "http://192.0.2.7:9000"}
     inv = load(SPLIT, tmp_path, app={"artifact_storage": storage})
-    assert fw.names_to_resolve(inv, inv.host("app1")) == []
+    assert fw_egress.names_to_resolve(inv, inv.host("app1")) == []
     assert ("9000/tcp", "192.0.2.7", "app -> 192.0.2.7:9000: artifact storage") in \
         out_rules(inv, "app1")
 
@@ -131,7 +136,7 @@ def test_a_pin_replaces_resolution_with_the_operators_networks(tmp_path):
     inv = load(SPLIT, tmp_path, app={"artifact_storage": STORAGE}, egress={
         "restrict": True, "allow": [{"to": "192.0.2.0/24", "port": 9000, "tiers": ["app"],
                                      "pin": "artifact_storage"}]})
-    assert fw.names_to_resolve(inv, inv.host("app1")) == []
+    assert fw_egress.names_to_resolve(inv, inv.host("app1")) == []
     assert out_rules(inv, "app1") == [
         ("5432/tcp", "10.0.0.30", "app -> db1:5432: the database"), NTP,
         ("9000/tcp", "192.0.2.0/24", "egress.allow[0]: artifact_storage")]
@@ -174,35 +179,35 @@ def test_apt_proxy_is_reached_by_every_host_and_configured_for_apt(tmp_path):
     inv = load(SPLIT, tmp_path, egress={"restrict": True,
                                         "apt_proxy": "http://10.0.0.3:3142"})
     assert ("3142/tcp", "10.0.0.3", "db1 -> 10.0.0.3:3142: apt proxy") in out_rules(inv, "db1")
-    conf = tier.apt_proxy_conf(inv.egress.apt_proxy).decode()
+    conf = apt_proxy.apt_proxy_conf(inv.egress.apt_proxy).decode()
     assert 'Acquire::http::Proxy "http://10.0.0.3:3142/";' in conf
     assert 'Acquire::https::Proxy "http://10.0.0.3:3142/";' in conf
-    assert tier.apt_proxy_conf(None) is None
+    assert apt_proxy.apt_proxy_conf(None) is None
 
 
 def test_egress_rules_become_ufw_allow_out_commands(tmp_path):
     inv = load(SPLIT, tmp_path)
-    db, ntp = fw.egress_rules(inv, inv.host("app1"), HostNet())
-    assert fw.add_argv(db) == ["ufw", "allow", "out", "proto", "tcp", "to", "10.0.0.30/32",
-                               "port", "5432", "comment", "releasy: app -> db1:5432: the database"]
-    assert fw.add_argv(ntp)[:7] == ["ufw", "allow", "out", "proto", "udp", "to", "any"]
+    db, ntp = fw_egress.egress_rules(inv, inv.host("app1"), HostNet())
+    assert ufw.add_argv(db) == ["ufw", "allow", "out", "proto", "tcp", "to", "10.0.0.30/32",
+                                "port", "5432", "comment", "releasy: app -> db1:5432: the database"]
+    assert ufw.add_argv(ntp)[:7] == ["ufw", "allow", "out", "proto", "udp", "to", "any"]
     # what ufw 0.36.2 prints back for them matches the plan: nothing to do the second time
-    live = [fw.parse_added_line(
+    live = [ufw.parse_added_line(
                 "ufw allow out to 10.0.0.30 port 5432 proto tcp "
                 "comment 'releasy: app -> db1:5432: the database'"),
-            fw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp: time sync'")]
-    d = fw.diff_host("app1", [db, ntp], live, active=True,
-                     defaults=UfwDefaults("deny", "deny", True),
-                     policies=fw.wanted_defaults(True))
+            ufw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp: time sync'")]
+    d = fw_diff.diff_host("app1", [db, ntp], live, active=True,
+                          defaults=UfwDefaults("deny", "deny", True),
+                          policies=fw_diff.wanted_defaults(True))
     assert not d.changes
 
 
 def test_turning_restrict_off_removes_our_out_rules_and_allows_outgoing(tmp_path):
-    live = [fw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp: time sync'"),
-            fw.parse_added_line("ufw allow out 25/tcp")]  # someone else's: kept
-    d = fw.diff_host("db1", [], live, active=True, defaults=UfwDefaults("deny", "deny", True),
-                     policies=fw.wanted_defaults(False))
-    assert fw.ufw_commands(d) == [
+    live = [ufw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp: time sync'"),
+            ufw.parse_added_line("ufw allow out 25/tcp")]  # someone else's: kept
+    d = fw_diff.diff_host("db1", [], live, active=True, defaults=UfwDefaults("deny", "deny", True),
+                          policies=fw_diff.wanted_defaults(False))
+    assert fw_diff.ufw_commands(d) == [
         ["ufw", "--force", "delete", "allow", "out", "123/udp", "comment", "releasy: ntp: time sync"],
         ["ufw", "default", "allow", "outgoing"]]
     assert [str(r) for r in d.unexpected] == ["ufw allow out 25/tcp"]
@@ -211,28 +216,30 @@ def test_turning_restrict_off_removes_our_out_rules_and_allows_outgoing(tmp_path
 def test_egress_allowed_for_the_audit(tmp_path):
     inv = load(SPLIT, tmp_path, egress={"restrict": True, "allow": [
         {"to": "192.0.2.0/24", "port": 9443, "tiers": ["app"]}]})
-    app = fw.egress_rules(inv, inv.host("app1"), HostNet())
-    db = fw.egress_rules(inv, inv.host("db1"), HostNet())
-    assert fw.egress_allowed(app, addr("192.0.2.254"), 9443, restrict=True)
-    assert not fw.egress_allowed(app, addr("192.0.2.254"), 9444, restrict=True)
-    assert not fw.egress_allowed(db, addr("192.0.2.254"), 9443, restrict=True)
-    assert fw.egress_allowed(db, addr("192.0.2.254"), 9443, restrict=False)
+    app = fw_egress.egress_rules(inv, inv.host("app1"), HostNet())
+    db = fw_egress.egress_rules(inv, inv.host("db1"), HostNet())
+    assert fw_egress.egress_allowed(app, addr("192.0.2.254"), 9443, restrict=True)
+    assert not fw_egress.egress_allowed(app, addr("192.0.2.254"), 9444, restrict=True)
+    assert not fw_egress.egress_allowed(db, addr("192.0.2.254"), 9443, restrict=True)
+    assert fw_egress.egress_allowed(db, addr("192.0.2.254"), 9443, restrict=False)
 
 
 # --------------------------------------------------------------------------- IPv6 policy
 
 
 def test_ipv6_off_turns_it_on_and_re_adds_every_rule_first():
-    ssh = fw.Rule(22, "tcp", net("203.0.113.0/24"), "ssh from admin network")
-    live = [fw.parse_added_line(
+    ssh = ufw.Rule(22, "tcp", net("203.0.113.0/24"), "ssh from admin network")
+    live = [ufw.parse_added_line(
         "ufw allow from 203.0.113.0/24 to any port 22 proto tcp "
         "comment 'releasy: ssh from admin network'")]
-    d = fw.diff_host("h", [ssh], live, active=True, defaults=UfwDefaults("deny", "allow", False))
+    d = fw_diff.diff_host("h", [ssh], live, active=True,
+                          defaults=UfwDefaults("deny", "allow", False))
     assert d.changes and d.ipv6 and d.add == (ssh,)
-    assert fw.ufw_commands(d) == [
+    assert fw_diff.ufw_commands(d) == [
         ["sed", "-i", "s/^IPV6=.*/IPV6=yes/", "/etc/default/ufw"], ["ufw", "reload"],
-        fw.add_argv(ssh)]
-    on = fw.diff_host("h", [ssh], live, active=True, defaults=UfwDefaults("deny", "allow", True))
+        ufw.add_argv(ssh)]
+    on = fw_diff.diff_host("h", [ssh], live, active=True,
+                           defaults=UfwDefaults("deny", "allow", True))
     assert not on.changes
 
 
@@ -241,32 +248,32 @@ def test_ipv6_off_turns_it_on_and_re_adds_every_rule_first():
 
 def test_resolvers_from_resolv_conf_and_resolveds_upstreams():
     plain = "# generated\nsearch example.com\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\n"
-    assert fw.parse_resolvers(plain + "\n@resolved\n") == (addr("10.0.0.2"), addr("fe80::1"))
+    assert netprobe.parse_resolvers(plain + "\n@resolved\n") == (addr("10.0.0.2"), addr("fe80::1"))
     stub = "nameserver 127.0.0.53\noptions edns0 trust-ad\n"
     upstream = "nameserver 192.0.2.53\nnameserver 2001:db8::53\n"
-    assert fw.parse_resolvers(f"{stub}\n@resolved\n{upstream}") == (
+    assert netprobe.parse_resolvers(f"{stub}\n@resolved\n{upstream}") == (
         addr("192.0.2.53"), addr("2001:db8::53"))
     # no stub: resolved's file is not what this host uses
-    assert fw.parse_resolvers(f"nameserver 10.0.0.2\n\n@resolved\n{upstream}") == (
+    assert netprobe.parse_resolvers(f"nameserver 10.0.0.2\n\n@resolved\n{upstream}") == (
         addr("10.0.0.2"),)
-    assert fw.parse_resolvers("\n@resolved\n") == ()
+    assert netprobe.parse_resolvers("\n@resolved\n") == ()
 
 
 def test_getent_and_ip_outputs():
     getent = ("192.0.2.80      STREAM s3.example.com\n192.0.2.80      DGRAM  \n"
               "192.0.2.80      RAW    \n2001:db8::80    STREAM \n")
-    assert fw.parse_getent_hosts(getent) == (addr("192.0.2.80"), addr("2001:db8::80"))
+    assert netprobe.parse_getent_hosts(getent) == (addr("192.0.2.80"), addr("2001:db8::80"))
     ip6 = ("83: eth0    inet6 fd77:0:16::21/64 scope global nodad \\       valid_lft forever "
            "preferred_lft forever\n")
-    assert fw.parse_ipv6_addresses(ip6) == (addr("fd77:0:16::21"),)
+    assert netprobe.parse_ipv6_addresses(ip6) == (addr("fd77:0:16::21"),)
 
 
 def test_listener_argument():
-    assert tier.parse_listener("10.77.16.254:9443") == (addr("10.77.16.254"), 9443)
-    assert tier.parse_listener("[fd77::fe]:80") == (addr("fd77::fe"), 80)
+    assert fw_audit.parse_listener("10.77.16.254:9443") == (addr("10.77.16.254"), 9443)
+    assert fw_audit.parse_listener("[fd77::fe]:80") == (addr("fd77::fe"), 80)
     for bad in ("10.77.16.254", "host:80", "10.0.0.1:0", "10.0.0.1:99999", "1.2.3.4:8a"):
-        with pytest.raises(tier.BadInput):
-            tier.parse_listener(bad)
+        with pytest.raises(BadInput):
+            fw_audit.parse_listener(bad)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -339,8 +346,8 @@ def two_proxies(tmp_path, **changes):
 def test_acme_proxies_reach_the_ca_as_resolved_on_the_host_and_each_other_on_80(tmp_path):
     inv = two_proxies(tmp_path)
     ca = "acme-v02.api.letsencrypt.org"
-    assert fw.names_to_resolve(inv, inv.host("proxy1")) == [ca]
-    assert fw.names_to_resolve(inv, inv.host("app1")) == []
+    assert fw_egress.names_to_resolve(inv, inv.host("proxy1")) == [ca]
+    assert fw_egress.names_to_resolve(inv, inv.host("app1")) == []
     facts = HostNet((), {ca: (addr("192.0.2.44"), addr("2001:db8::44"))})
     rules = out_rules(inv, "proxy2", facts)
     assert ("80/tcp", "10.0.0.10", "proxy -> proxy1:80: ACME challenge relay") in rules
@@ -352,12 +359,13 @@ def test_acme_proxies_reach_the_ca_as_resolved_on_the_host_and_each_other_on_80(
                    for port, dest, _ in rules)  # the CA only, not the internet
     # The app hosts reach nothing of it; without restrict nothing is planned at all.
     assert not any("ACME" in why for _, _, why in out_rules(inv, "app1"))
-    assert fw.egress_rules(two_proxies(tmp_path, egress=None), inv.host("proxy1"), facts) == []
+    assert fw_egress.egress_rules(two_proxies(tmp_path, egress=None), inv.host("proxy1"),
+                                  facts) == []
 
 
 def test_acme_directory_on_its_own_port_and_an_ip_literal(tmp_path):
     inv = two_proxies(tmp_path, **{"tls.acme.directory_url": "https://192.0.2.9:14000/dir"})
-    assert fw.names_to_resolve(inv, inv.host("proxy1")) == []
+    assert fw_egress.names_to_resolve(inv, inv.host("proxy1")) == []
     rules = out_rules(inv, "proxy1")
     assert [(p, d) for p, d, why in rules if "ACME directory" in why] == [
         ("80/tcp", "192.0.2.9"), ("443/tcp", "192.0.2.9"), ("14000/tcp", "192.0.2.9")]
@@ -365,12 +373,12 @@ def test_acme_directory_on_its_own_port_and_an_ip_literal(tmp_path):
 
 def test_acme_directory_that_does_not_resolve_or_is_pinned(tmp_path):
     inv = two_proxies(tmp_path)
-    with pytest.raises(fw.EgressError) as exc:
-        fw.egress_rules(inv, inv.host("proxy1"), HostNet())
+    with pytest.raises(fw_egress.EgressError) as exc:
+        fw_egress.egress_rules(inv, inv.host("proxy1"), HostNet())
     assert exc.value.host == "proxy1" and "pin: acme_directory" in str(exc.value)
     pinned = two_proxies(tmp_path, egress={"restrict": True, "allow": [
         {"to": "192.0.2.0/24", "port": 443, "tiers": ["proxy"], "pin": "acme_directory"}]})
-    assert fw.names_to_resolve(pinned, pinned.host("proxy1")) == []
+    assert fw_egress.names_to_resolve(pinned, pinned.host("proxy1")) == []
     assert ("443/tcp", "192.0.2.0/24", "egress.allow[0]: acme_directory") in \
         out_rules(pinned, "proxy1")
     assert not any("ACME directory" in why for _, _, why in out_rules(pinned, "proxy1"))

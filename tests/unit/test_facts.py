@@ -35,9 +35,9 @@ from releasy_deploy.facts import (
     read_fact,
     read_facts,
 )
-from releasy_deploy.tiers import app, db, firewall, proxy
+from releasy_deploy.tiers import app, db, firewall_state, proxy
 
-FACT_MODULES = (backups, bluegreen, rollout, schema, status, app, db, firewall, proxy)
+FACT_MODULES = (backups, bluegreen, rollout, schema, status, app, db, firewall_state, proxy)
 
 
 class LocalHost:

@@ -15,8 +15,15 @@ import pytest
 import yaml
 
 from releasy_deploy import firewall as fw
-from releasy_deploy.firewall import LiveRule, Rule, UfwDefaults
-from releasy_deploy.tiers import firewall as tier
+from releasy_deploy import firewall_diff as fw_diff
+from releasy_deploy.commands import firewall_revert as revert
+from releasy_deploy.commands import netprobe, ufw, ufw_state
+from releasy_deploy.commands.ufw import LiveRule, Rule
+from releasy_deploy.commands.ufw_state import UfwDefaults
+from releasy_deploy.errors import BadInput
+from releasy_deploy.tiers import firewall_audit as fw_audit
+from releasy_deploy.tiers import firewall_guard as fw_guard
+from releasy_deploy.tiers import firewall_state as fw_state
 
 from inventories import build
 
@@ -117,7 +124,7 @@ def test_ipv6_admin_network_becomes_an_ipv6_rule(tmp_path):
     inv = inventory(SPLIT_YAML, tmp_path, admin_cidrs=["2001:db8:100::/48", "203.0.113.7"])
     rules = fw.plan_rules(inv)["db1"]
     assert [str(r.source) for r in rules[:2]] == ["2001:db8:100::/48", "203.0.113.7/32"]
-    assert fw.add_argv(rules[0]) == [
+    assert ufw.add_argv(rules[0]) == [
         "ufw", "allow", "proto", "tcp", "from", "2001:db8:100::/48", "to", "any",
         "port", "22", "comment", "releasy: ssh from admin network"]
     assert rules[1].describe() == "allow 22/tcp from 203.0.113.7"
@@ -160,7 +167,7 @@ ufw allow from 2001:db8::/32 to any port 22 proto tcp comment 'releasy: ssh v6'
 
 
 def test_show_added_is_parsed_rule_by_rule():
-    rules = fw.parse_show_added(SHOW_ADDED)
+    rules = ufw.parse_show_added(SHOW_ADDED)
     assert len(rules) == 17
     got = [(r.action, r.direction, r.port, r.proto, r.source, r.comment) for r in rules]
     assert got[0] == ("allow", "in", "22", "tcp", net("10.77.4.1/32"), "releasy: ssh from admin")
@@ -182,7 +189,7 @@ def test_show_added_is_parsed_rule_by_rule():
 
 
 def test_only_plain_allow_rules_can_match_a_planned_rule():
-    rules = fw.parse_show_added(SHOW_ADDED)
+    rules = ufw.parse_show_added(SHOW_ADDED)
     keys = [r.key for r in rules]
     assert keys[0] == ("in", 22, "tcp", net("10.77.4.1/32"), None)
     assert keys[1] == ("in", 80, "tcp", None, None)
@@ -191,35 +198,35 @@ def test_only_plain_allow_rules_can_match_a_planned_rule():
     # multiport, in with a destination, reject, sport
     assert keys[3:16] == [None] * 13
     assert keys[16] == ("in", 22, "tcp", net("2001:db8::/32"), None)
-    out = fw.parse_added_line(
+    out = ufw.parse_added_line(
         "ufw allow out to 10.77.16.100 port 5432 proto tcp comment 'releasy: x'")
     assert out.key == ("out", 5432, "tcp", None, net("10.77.16.100/32"))
-    assert fw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp'").key == \
+    assert ufw.parse_added_line("ufw allow out 123/udp comment 'releasy: ntp'").key == \
         ("out", 123, "udp", None, None)
 
 
 def test_tcp_ports_of_live_rules_for_the_audit():
-    rules = fw.parse_show_added(SHOW_ADDED)
+    rules = ufw.parse_show_added(SHOW_ADDED)
     assert rules[3].tcp_ports() == [23]  # no proto: tcp and udp
     assert rules[6].tcp_ports() == []  # udp
     assert rules[12].tcp_ports() == [80, 443]
     assert rules[9].tcp_ports() == []  # outgoing
-    assert fw.parse_added_line("ufw allow 8000:8010/tcp").tcp_ports() == [8000, 8010]
+    assert ufw.parse_added_line("ufw allow 8000:8010/tcp").tcp_ports() == [8000, 8010]
 
 
 def test_show_added_without_rules_and_odd_lines():
-    assert fw.parse_show_added(
+    assert ufw.parse_show_added(
         "Added user rules (see 'ufw status' for running firewall):\n(None)\n") == []
-    odd = fw.parse_added_line("ufw allow from 10.0.0.1 frobnicate 7")
+    odd = ufw.parse_added_line("ufw allow from 10.0.0.1 frobnicate 7")
     assert odd is not None and not odd.parsed and odd.key is None
     assert odd.words == ("allow", "from", "10.0.0.1", "frobnicate", "7")
-    unbalanced = fw.parse_added_line("ufw allow 80/tcp comment 'oops")
+    unbalanced = ufw.parse_added_line("ufw allow 80/tcp comment 'oops")
     assert unbalanced is not None and not unbalanced.parsed
 
 
 def test_a_rule_prints_back_as_the_ufw_command():
     line = "ufw allow from 10.77.4.1 to any port 22 proto tcp comment 'releasy: ssh from admin'"
-    assert str(fw.parse_added_line(line)) == line
+    assert str(ufw.parse_added_line(line)) == line
 
 
 # --------------------------------------------------------------------------- ufw status
@@ -269,7 +276,7 @@ To                         Action      From
 
 
 def test_status_numbered_folds_ipv6_twins():
-    st = fw.parse_status(STATUS_NUMBERED)
+    st = ufw_state.parse_status(STATUS_NUMBERED)
     assert st.active
     rows = [(r.number, r.to, r.action, r.source, r.comment, r.flags, sorted(r.families))
             for r in st.rows]
@@ -291,7 +298,7 @@ def test_status_numbered_folds_ipv6_twins():
 
 
 def test_status_verbose_gives_defaults_and_logging():
-    st = fw.parse_status(STATUS_VERBOSE)
+    st = ufw_state.parse_status(STATUS_VERBOSE)
     assert st.active and st.logging == "on (low)"
     assert st.defaults == {"incoming": "deny", "outgoing": "allow", "routed": "disabled"}
     assert [(r.to, sorted(r.families)) for r in st.rows] == [
@@ -299,15 +306,15 @@ def test_status_verbose_gives_defaults_and_logging():
 
 
 def test_inactive_status():
-    st = fw.parse_status("Status: inactive\n")
+    st = ufw_state.parse_status("Status: inactive\n")
     assert not st.active and st.rows == () and st.defaults == {}
 
 
 def test_defaults_file():
     text = ('# /etc/default/ufw\nIPV6=yes\nDEFAULT_INPUT_POLICY="DROP"\n'
             'DEFAULT_OUTPUT_POLICY="ACCEPT"\nDEFAULT_FORWARD_POLICY="DROP"\n')
-    assert fw.parse_defaults(text) == UfwDefaults("deny", "allow", True)
-    assert fw.parse_defaults('IPV6=no\nDEFAULT_INPUT_POLICY="REJECT"\n') == \
+    assert ufw_state.parse_defaults(text) == UfwDefaults("deny", "allow", True)
+    assert ufw_state.parse_defaults('IPV6=no\nDEFAULT_INPUT_POLICY="REJECT"\n') == \
         UfwDefaults("reject", None, False)
 
 
@@ -317,8 +324,8 @@ def test_listeners():
             "LISTEN 0      4096 127.0.0.53%lo:53 0.0.0.0:*\n"
             "LISTEN 0      511          *:80       *:*\n"
             "garbage\n")
-    assert fw.parse_listeners(text) == [("0.0.0.0", 22), ("::", 22), ("127.0.0.53", 53),
-                                        ("*", 80)]
+    assert netprobe.parse_listeners(text) == [("0.0.0.0", 22), ("::", 22), ("127.0.0.53", 53),
+                                              ("*", 80)]
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -331,7 +338,7 @@ def test_listeners():
     ("not-an-ip 1 10.0.0.2 22", None),
 ])
 def test_ssh_connection(value, expected):
-    assert fw.parse_ssh_connection(value) == expected
+    assert netprobe.parse_ssh_connection(value) == expected
 
 
 # --------------------------------------------------------------------------- the diff
@@ -343,22 +350,22 @@ GOOD = UfwDefaults("deny", "allow", True)
 
 
 def live(*lines: str) -> list[LiveRule]:
-    return [fw.parse_added_line(line) for line in lines]
+    return [ufw.parse_added_line(line) for line in lines]
 
 
 def ours(rule: Rule) -> str:
     """What `ufw show added` prints for a rule we added with add_argv."""
     if rule.source is None:
         return f"ufw allow {rule.port}/{rule.proto} comment '{rule.comment}'"
-    return (f"ufw allow from {fw.format_source(rule.source)} to any port {rule.port} "
+    return (f"ufw allow from {ufw.format_source(rule.source)} to any port {rule.port} "
             f"proto {rule.proto} comment '{rule.comment}'")
 
 
 def test_fresh_host_gets_everything():
-    d = fw.diff_host("h", [SSH, HTTP], [], active=False, defaults=None)
+    d = fw_diff.diff_host("h", [SSH, HTTP], [], active=False, defaults=None)
     assert d.add == (SSH, HTTP) and d.enable and d.changes
     assert d.defaults == (("incoming", None, "deny"), ("outgoing", None, "allow"))
-    assert fw.ufw_commands(d) == [
+    assert fw_diff.ufw_commands(d) == [
         ["ufw", "allow", "proto", "tcp", "from", "10.77.4.1/32", "to", "any", "port", "22",
          "comment", "releasy: ssh from admin network"],
         ["ufw", "allow", "proto", "tcp", "from", "any", "to", "any", "port", "80",
@@ -370,23 +377,23 @@ def test_fresh_host_gets_everything():
 
 
 def test_converged_host_has_nothing_to_do():
-    d = fw.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), ours(HTTP), ours(APP)),
-                     active=True, defaults=GOOD)
-    assert not d.changes and fw.ufw_commands(d) == []
+    d = fw_diff.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), ours(HTTP), ours(APP)),
+                          active=True, defaults=GOOD)
+    assert not d.changes and fw_diff.ufw_commands(d) == []
     assert d.satisfied == (SSH, HTTP, APP)
 
 
 def test_stale_managed_rules_go_unmanaged_ones_stay():
     stale = "ufw allow from 10.77.4.9 to any port 8080 proto tcp comment 'releasy: app from old'"
     hand = "ufw allow 9999/tcp"
-    d = fw.diff_host("h", [SSH], live(ours(SSH), stale, hand), active=True, defaults=GOOD)
+    d = fw_diff.diff_host("h", [SSH], live(ours(SSH), stale, hand), active=True, defaults=GOOD)
     assert [str(r) for r in d.remove] == [stale]
     assert [str(r) for r in d.unexpected] == [hand]
-    assert fw.ufw_commands(d) == [
+    assert fw_diff.ufw_commands(d) == [
         ["ufw", "--force", "delete", "allow", "from", "10.77.4.9", "to", "any", "port", "8080",
          "proto", "tcp", "comment", "releasy: app from old"]]
-    pruned = fw.diff_host("h", [SSH], live(ours(SSH), stale, hand), active=True,
-                          defaults=GOOD, prune_unmanaged=True)
+    pruned = fw_diff.diff_host("h", [SSH], live(ours(SSH), stale, hand), active=True,
+                               defaults=GOOD, prune_unmanaged=True)
     assert [str(r) for r in pruned.remove] == [stale, hand] and pruned.unexpected == ()
 
 
@@ -394,41 +401,41 @@ def test_additions_only_opens_and_leaves_closing_for_the_full_apply():
     """`fab site` before its app tier: a new peer's rule on a running ufw is added; the stale
     rule, the policy and the re-comment wait for the firewall step at the end."""
     stale = "ufw allow from 10.77.4.9 to any port 8080 proto tcp comment 'releasy: app from old'"
-    d = fw.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), "ufw allow 80/tcp", stale),
-                     active=True, defaults=UfwDefaults("allow", "allow", True))
+    d = fw_diff.diff_host("h", [SSH, HTTP, APP], live(ours(SSH), "ufw allow 80/tcp", stale),
+                          active=True, defaults=UfwDefaults("allow", "allow", True))
     assert d.remove and d.defaults and d.recomment == (HTTP,)
-    opening = fw.additions_only(d)
+    opening = fw_diff.additions_only(d)
     assert opening.changes and opening.opening_only
-    assert fw.ufw_commands(opening) == [fw.add_argv(APP)]
+    assert fw_diff.ufw_commands(opening) == [ufw.add_argv(APP)]
     # ufw off (it filters nothing yet) or IPv6 filtering to turn on: nothing ahead of time
-    assert not fw.additions_only(fw.diff_host("h", [SSH, APP], [], active=False,
-                                              defaults=GOOD)).changes
+    assert not fw_diff.additions_only(fw_diff.diff_host("h", [SSH, APP], [], active=False,
+                                                   defaults=GOOD)).changes
     no_v6 = UfwDefaults("deny", "allow", False)
-    assert not fw.additions_only(fw.diff_host("h", [SSH, APP], live(ours(SSH)), active=True,
-                                              defaults=no_v6)).changes
+    assert not fw_diff.additions_only(fw_diff.diff_host("h", [SSH, APP], live(ours(SSH)),
+                                                   active=True, defaults=no_v6)).changes
 
 
 def test_a_planned_rule_with_another_comment_is_adopted():
-    d = fw.diff_host("h", [HTTP], live("ufw allow 80/tcp", "ufw allow 80/tcp comment 'x'"),
-                     active=True, defaults=GOOD)
+    d = fw_diff.diff_host("h", [HTTP], live("ufw allow 80/tcp", "ufw allow 80/tcp comment 'x'"),
+                          active=True, defaults=GOOD)
     # first match taken and re-commented; the duplicate is someone else's: kept, reported
     assert d.recomment == (HTTP,) and d.add == ()
     assert [str(r) for r in d.unexpected] == ["ufw allow 80/tcp comment x"]
-    assert fw.ufw_commands(d) == [fw.add_argv(HTTP)]
+    assert fw_diff.ufw_commands(d) == [ufw.add_argv(HTTP)]
 
 
 def test_policy_drift_is_fixed_without_touching_rules():
-    d = fw.diff_host("h", [SSH], live(ours(SSH)), active=True,
-                     defaults=UfwDefaults("allow", "allow", True))
-    assert fw.ufw_commands(d) == [["ufw", "default", "deny", "incoming"]]
+    d = fw_diff.diff_host("h", [SSH], live(ours(SSH)), active=True,
+                          defaults=UfwDefaults("allow", "allow", True))
+    assert fw_diff.ufw_commands(d) == [["ufw", "default", "deny", "incoming"]]
 
 
 def test_command_order_is_lockout_safe():
     stale = "ufw allow from 10.0.0.9 to any port 22 proto tcp comment 'releasy: old admin'"
-    d = fw.diff_host("h", [SSH], live(stale, "ufw route allow from 10.0.0.0/8"),
-                     active=False, defaults=UfwDefaults("allow", "allow", True),
-                     prune_unmanaged=True)
-    verbs = [argv[1:4] for argv in fw.ufw_commands(d)]
+    d = fw_diff.diff_host("h", [SSH], live(stale, "ufw route allow from 10.0.0.0/8"),
+                          active=False, defaults=UfwDefaults("allow", "allow", True),
+                          prune_unmanaged=True)
+    verbs = [argv[1:4] for argv in fw_diff.ufw_commands(d)]
     assert verbs == [["allow", "proto", "tcp"], ["--force", "delete", "allow"],
                      ["--force", "route", "delete"], ["default", "deny", "incoming"],
                      ["--force", "enable"]]
@@ -436,12 +443,12 @@ def test_command_order_is_lockout_safe():
 
 def test_argv_keeps_awkward_comments_as_one_word():
     rule = Rule(8443, "tcp", None, "caf\u00e9 \"quoted\" it's; $(rm -rf /)")
-    argv = fw.add_argv(rule)
+    argv = ufw.add_argv(rule)
     assert argv[-1] == "releasy: caf\u00e9 \"quoted\" it's; $(rm -rf /)"
     assert shlex.split(shlex.join(argv)) == argv
     gone = LiveRule(("allow", "80/tcp", "comment", "with space"))
-    assert fw.delete_argv(gone) == ["ufw", "--force", "delete", "allow", "80/tcp",
-                                    "comment", "with space"]
+    assert ufw.delete_argv(gone) == ["ufw", "--force", "delete", "allow", "80/tcp",
+                                     "comment", "with space"]
 
 
 # --------------------------------------------------------------------------- audit logic
@@ -471,7 +478,7 @@ def test_probe_program_tells_open_from_closed(tmp_path):
     closed.bind(("127.0.0.1", 0))  # bound, not listening: connecting gets a RST
     try:
         open_port, closed_port = listener.getsockname()[1], closed.getsockname()[1]
-        sources, results = tier.probe_reachability(
+        sources, results = fw_audit.probe_reachability(
             [("127.0.0.1", open_port), ("127.0.0.1", closed_port)], None, timeout=2)
     finally:
         listener.close()
@@ -481,22 +488,22 @@ def test_probe_program_tells_open_from_closed(tmp_path):
 
 
 def test_probe_refuses_a_bad_namespace_name():
-    with pytest.raises(tier.BadInput):
-        tier.probe_reachability([("127.0.0.1", 1)], "x; rm -rf /")
+    with pytest.raises(BadInput):
+        fw_audit.probe_reachability([("127.0.0.1", 1)], "x; rm -rf /")
 
 
 # --------------------------------------------------------------------------- lockout layer 1
 
 
-def state(ssh_client) -> tier.HostState:
-    return tier.HostState(ssh_client, True, None, (), None)
+def state(ssh_client) -> fw_state.HostState:
+    return fw_state.HostState(ssh_client, True, None, (), None)
 
 
 def test_ssh_source_inside_admin_networks_is_accepted(tmp_path):
     inv = inventory(SPLIT_YAML, tmp_path, admin_cidrs=["203.0.113.0/24", "2001:db8::/32"])
     host = inv.host("app2")
-    tier.check_ssh_source(host, state((addr("203.0.113.9"), 2222)), inv.admin_cidrs)
-    tier.check_ssh_source(host, state((addr("2001:db8::9"), 2222)), inv.admin_cidrs)
+    fw_guard.check_ssh_source(host, state((addr("203.0.113.9"), 2222)), inv.admin_cidrs)
+    fw_guard.check_ssh_source(host, state((addr("2001:db8::9"), 2222)), inv.admin_cidrs)
 
 
 @pytest.mark.parametrize("seen, words", [
@@ -506,8 +513,8 @@ def test_ssh_source_inside_admin_networks_is_accepted(tmp_path):
 ])
 def test_ssh_source_outside_the_plan_is_refused(tmp_path, seen, words):
     inv = inventory(SPLIT_YAML, tmp_path)
-    with pytest.raises(tier.FirewallRefused) as exc:
-        tier.check_ssh_source(inv.host("app2"), state(seen), inv.admin_cidrs)
+    with pytest.raises(fw_guard.FirewallRefused) as exc:
+        fw_guard.check_ssh_source(inv.host("app2"), state(seen), inv.admin_cidrs)
     for word in words:
         assert word in str(exc.value)
     assert exc.value.host == "app2"
@@ -534,10 +541,10 @@ def test_hosts_behind_a_jump_host_allow_ssh_from_its_private_address_only(tmp_pa
 def test_lockout_guard_behind_a_jump_host_wants_the_jump_hosts_address(tmp_path):
     inv = jumped(tmp_path)
     app2 = inv.host("app2")
-    tier.check_ssh_source(app2, state((addr("10.0.0.5"), 2222)), inv.admin_cidrs)
+    fw_guard.check_ssh_source(app2, state((addr("10.0.0.5"), 2222)), inv.admin_cidrs)
     # Our own admin address is not enough behind a bastion: the plan does not allow it.
-    with pytest.raises(tier.FirewallRefused) as exc:
-        tier.check_ssh_source(app2, state((addr("203.0.113.9"), 2222)), inv.admin_cidrs)
+    with pytest.raises(fw_guard.FirewallRefused) as exc:
+        fw_guard.check_ssh_source(app2, state((addr("203.0.113.9"), 2222)), inv.admin_cidrs)
     assert "jump host bastion's private_address (10.0.0.5)" in str(exc.value)
     assert "Set private_address of jump host bastion to 203.0.113.9" in str(exc.value)
 
@@ -546,9 +553,9 @@ def test_lockout_guard_behind_a_jump_host_wants_the_jump_hosts_address(tmp_path)
 
 
 def test_apply_script_saves_and_arms_before_any_ufw_command():
-    d = fw.diff_host("h", [SSH], live("ufw allow 9999/tcp comment 'releasy: x y'"),
-                     active=True, defaults=GOOD)
-    script = tier.apply_script(fw.ufw_commands(d), token="abc123", revert_after=42)
+    d = fw_diff.diff_host("h", [SSH], live("ufw allow 9999/tcp comment 'releasy: x y'"),
+                          active=True, defaults=GOOD)
+    script = revert.apply_script(fw_diff.ufw_commands(d), token="abc123", revert_after=42)
     assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
     lines = script.splitlines()
     arm = next(i for i, ln in enumerate(lines) if ln.startswith("systemd-run"))
@@ -565,21 +572,21 @@ def test_apply_script_saves_and_arms_before_any_ufw_command():
     assert "state=/var/lib/releasy-deploy/firewall" in lines
     assert not any("/var/lib/releasy/" in ln for ln in lines)
     assert [shlex.split(ln) for ln in lines[first_ufw:]] == [
-        ["ufw_do", *fw.add_argv(SSH)],
+        ["ufw_do", *ufw.add_argv(SSH)],
         ["ufw_do", "ufw", "--force", "delete", "allow", "9999/tcp", "comment", "releasy: x y"]]
 
 
 def test_revert_script_is_valid_shell():
-    assert subprocess.run(["sh", "-n", str(tier.REVERT_SOURCE)]).returncode == 0
-    assert subprocess.run(["sh", "-n"], input=tier.disarm_script("t0k"), text=True,
+    assert subprocess.run(["sh", "-n", str(revert.REVERT_SOURCE)]).returncode == 0
+    assert subprocess.run(["sh", "-n"], input=revert.disarm_script("t0k"), text=True,
                           ).returncode == 0
 
 
 def test_revert_after_is_bounded():
     for bad in (0, 4, 3601, "60"):
-        with pytest.raises(tier.BadInput):
-            tier._check_revert_after(bad)
-    assert tier._check_revert_after(60) == 60
+        with pytest.raises(BadInput):
+            fw_guard.check_revert_after(bad)
+    assert fw_guard.check_revert_after(60) == 60
 
 
 # user.rules then user6.rules as ufw 0.36 wrote them on a lab host (their iptables lines
@@ -630,9 +637,9 @@ ufw allow from fd77::5 to any port 22 proto tcp
 
 
 def test_rules_read_from_ufws_files_are_what_show_added_lists():
-    from_files = fw.parse_user_rules(USER_RULES)
+    from_files = ufw.parse_user_rules(USER_RULES)
     assert [r.words for r in from_files] == \
-        [r.words for r in fw.parse_show_added(USER_RULES_SHOW_ADDED)]
+        [r.words for r in ufw.parse_show_added(USER_RULES_SHOW_ADDED)]
     assert from_files[0].managed and from_files[0].key == (
         "in", 22, "tcp", ipaddress.ip_network("10.77.14.1/32"), None)
     # the IPv6 twin of "allow 8080/tcp" is folded in; a v6-only rule stays, listed last
@@ -641,16 +648,16 @@ def test_rules_read_from_ufws_files_are_what_show_added_lists():
 
 
 def test_a_malformed_tuple_is_skipped():
-    assert fw.tuple_command("### tuple ### allow tcp 22") is None
-    assert fw.parse_user_rules("### tuple ### allow tcp\n### tuple ### deny any 25 0.0.0.0/0"
-                               " any 0.0.0.0/0 out\n") [0].words == ("deny", "out", "25")
+    assert ufw.tuple_command("### tuple ### allow tcp 22") is None
+    assert ufw.parse_user_rules("### tuple ### allow tcp\n### tuple ### deny any 25 0.0.0.0/0"
+                                " any 0.0.0.0/0 out\n") [0].words == ("deny", "out", "25")
 
 
 def test_ufw_conf_gives_enabled_logging_and_policies():
-    st = fw.parse_ufw_conf("# comment\nENABLED=yes\nLOGLEVEL=low\n",
-                           'DEFAULT_INPUT_POLICY="DROP"\nDEFAULT_OUTPUT_POLICY="ACCEPT"\n'
-                           'DEFAULT_FORWARD_POLICY="DROP"\n')
+    st = ufw_state.parse_ufw_conf("# comment\nENABLED=yes\nLOGLEVEL=low\n",
+                                  'DEFAULT_INPUT_POLICY="DROP"\nDEFAULT_OUTPUT_POLICY="ACCEPT"\n'
+                                  'DEFAULT_FORWARD_POLICY="DROP"\n')
     assert st.active and st.logging == "on (low)"
     assert st.defaults == {"incoming": "deny", "outgoing": "allow", "routed": "deny"}
-    assert not fw.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").active
-    assert fw.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").logging == "off"
+    assert not ufw_state.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").active
+    assert ufw_state.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").logging == "off"

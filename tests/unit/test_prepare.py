@@ -6,7 +6,7 @@ from __future__ import annotations
 from releasy_deploy.facts import OsRelease, PackageVersion
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.packages import APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
-from releasy_deploy.tiers import app, db, firewall, prepare, proxy
+from releasy_deploy.tiers import app, db, firewall_state, prepare, proxy
 
 BASE = {"admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
         "release": {"source": "releases"},
@@ -46,7 +46,7 @@ def test_the_prefetch_covers_every_tiers_first_look():
         facts = prepare.host_facts(SPLIT, h)
         assert facts[0] == OsRelease() and len(facts) == len(set(facts)), h.name
         assert set(looks[h.name]) <= set(facts), h.name
-        assert set(firewall.state_facts(SPLIT, h)) <= set(facts), h.name
+        assert set(firewall_state.state_facts(SPLIT, h)) <= set(facts), h.name
         assert {PackageVersion(p) for p in prepare.host_packages(SPLIT, h)} <= set(facts)
     # sqlite: no PostgreSQL facts on the single host
     solo = prepare.host_facts(SINGLE, host(SINGLE, "solo"))

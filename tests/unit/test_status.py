@@ -21,6 +21,7 @@ from releasy_deploy.facts import LinkTarget
 from releasy_deploy.commands import acme as acmecmd
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import postgres as pg
+from releasy_deploy.commands import ufw, ufw_state
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
 from releasy_deploy.facts import (FileSha256, FileStat, OsRelease, PackageVersion, ServiceActive,
                                   build_facts_script, parse_facts_output)
@@ -30,7 +31,7 @@ from releasy_deploy.schema import RecordedLevels, SchemaLevel
 from releasy_deploy.tiers.acme import CertInfo
 from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.db import PgInstallation
-from releasy_deploy.tiers.firewall import UfwConf, UfwDefaultsFile, UfwUserRules
+from releasy_deploy.tiers.firewall_state import UfwConf, UfwDefaultsFile, UfwUserRules
 from releasy_deploy.tiers.proxy import ProxyText
 
 SPLIT = parse_inventory({
@@ -170,14 +171,14 @@ PG_15 = pg.parse_pg_host("cluster|15|main\ninstalled|postgresql-15\n", 0)
 def ufw_facts(inv, host, *, active=True, rules=None, extra=()):
     planned = fw.plan_rules(inv)[host] if rules is None else rules
     added = "Added user rules (see 'ufw status' for running firewall):\n" + "\n".join(
-        [shlex.join(fw.add_argv(r)) for r in planned] + list(extra))
+        [shlex.join(ufw.add_argv(r)) for r in planned] + list(extra))
     return {
         OsRelease(): DEBIAN_12,
         PackageVersion("ufw"): "0.36.2-1",
-        UfwConf(): fw.parse_ufw_conf("ENABLED=yes\n" if active else "ENABLED=no\n", ""),
-        UfwUserRules(): fw.parse_show_added(added),
-        UfwDefaultsFile(): fw.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
-                                             'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
+        UfwConf(): ufw_state.parse_ufw_conf("ENABLED=yes\n" if active else "ENABLED=no\n", ""),
+        UfwUserRules(): ufw.parse_show_added(added),
+        UfwDefaultsFile(): ufw_state.parse_defaults('DEFAULT_INPUT_POLICY="DROP"\n'
+                                                    'DEFAULT_OUTPUT_POLICY="ACCEPT"\nIPV6=yes\n'),
     }
 
 
