@@ -25,7 +25,8 @@ from ..commands.firewall_revert import (
     disarm_script,
     revert_now_argv,
 )
-from ..errors import BadInput, DeployError, RemoteCommandError, UnreachableError, first_line
+from ..errors import (BadInput, ConnectionDropped, DeployError, RemoteCommandError,
+                      UnreachableError, first_line)
 from ..executor import Executor, HostConnection
 from ..firewall import ssh_sources
 from ..inventory import Host
@@ -149,13 +150,28 @@ def run_armed(c: HostConnection, commands: list[list[str]], revert_after: int
     return token, armed_at
 
 
+def _disarm(fresh: Executor, host: Host, token: str, *, again: bool = True):
+    """The disarm script over a brand-new connection. When that connection got in and was
+    then lost (`ConnectionDropped`), once more over another new one: the host let us in, so
+    that is no lockout, and the script is idempotent. A refused or timed-out connect fails at
+    once."""
+    conn = fresh.conn(host)
+    try:
+        return conn.run_script(disarm_script(token), sudo=True, label="disarm firewall revert")
+    except ConnectionDropped:
+        if not again:
+            raise
+    finally:
+        conn.close()
+    return _disarm(fresh, host, token, again=False)
+
+
 def confirm_fresh(fresh: Executor, host: Host, token: str, revert_after: int,
                   armed_at: float) -> None:
     """Disarm the revert timer over a brand-new SSH connection, or leave it armed."""
     by = time.strftime("%H:%M:%S", time.localtime(armed_at + revert_after))
-    conn = fresh.conn(host)
     try:
-        res = conn.run_script(disarm_script(token), sudo=True, label="disarm firewall revert")
+        res = _disarm(fresh, host, token)
     except DeployError as exc:  # unreachable, host key, sudo, the script itself
         first = first_line(exc)
         raise FirewallLockout(
@@ -166,8 +182,6 @@ def confirm_fresh(fresh: Executor, host: Host, token: str, revert_after: int,
             f"itself {revert_after} s after the change (by about {by}).\n"
             f"  Check admin_cidrs and the host's SSH port, then re-run `fab firewall.apply`.",
             host=host.name) from None
-    finally:
-        conn.close()
     if "@fired" in res.stdout:
         raise FirewallLockout(
             f"{host.name}: the revert timer fired before the new SSH connection confirmed the "
