@@ -61,7 +61,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import audit, schema
 from . import backups as backups_mod
@@ -295,10 +295,13 @@ class Flow:
 
     def __init__(self, session: Session, c: HostConnection, state: HostState, plan: Plan, *,
                  release: LocalRelease | None = None, timeout: float = 0,
-                 started: float = 0.0) -> None:
+                 started: float = 0.0, record: Callable[..., None] | None = None) -> None:
+        """``record(result, changed=, **fields)``: where the audit record goes (default:
+        appended on the host, `_audit`)."""
         self.s, self.c, self.state, self.plan = session, c, state, plan
         self.host = session.inventory.hosts_in("app")[0]
         self.release, self.timeout, self.started = release, timeout, started
+        self.record = record or self._append_audit
         self.dump: Any = None  # the backup step's dump
         self.level_now: int | None = None  # the database's level after the start
 
@@ -307,7 +310,7 @@ class Flow:
                 "switch": self.switch, "finish": self.finish, "converge": self.converge,
                 "stop_idle": self.stop_idle, "check_switch": self.check_switch}
 
-    def audit(self, result: str, *, changed: bool, **fields: object) -> None:
+    def _append_audit(self, result: str, *, changed: bool, **fields: Any) -> None:
         _audit(self.s, self.host, self.plan, result, started=self.started, changed=changed,
                **fields)
 
@@ -331,7 +334,7 @@ class Flow:
 
     def finish(self, _step: Step) -> None:
         _finish(self.c, self.state, self.plan, level_now=self.level_now)
-        self.audit("ok", changed=True, backup=self.dump, live_unit=self.plan.new_unit,
+        self.record("ok", changed=True, backup=self.dump, live_unit=self.plan.new_unit,
                    live_port=self.plan.idle_port, schema_level=self.level_now)
 
     def converge(self, _step: Step) -> bool:
@@ -342,7 +345,7 @@ class Flow:
         if stops:  # e.g. a deploy killed after its switch left the old one running
             _drain(self.s, self.host.name, ", ".join(stops))
         changed = _finish(self.c, state, plan)
-        self.audit("already live" + (", converged" if changed else ""), changed=changed,
+        self.record("already live" + (", converged" if changed else ""), changed=changed,
                    live_unit=plan.target_unit, live_port=plan.target_port,
                    schema_level=state.db_level)
         return changed
@@ -384,7 +387,7 @@ class Flow:
                 return None
             self.s.reporter.error(name, f"{version} is live, but finishing failed (details"
                                         f" below)")
-            self.audit("switched, then finish failed", changed=True, backup=backup,
+            self.record("switched, then finish failed", changed=True, backup=backup,
                        live_unit=plan.new_unit, live_port=plan.idle_port,
                        schema_level=self.level_now)
             return StepFailed(
@@ -395,7 +398,7 @@ class Flow:
         kept = f.kept
         if kept is not None:
             switched = kept.found
-            self.audit("failed in switch" + ("" if switched else " (switch state unknown)"),
+            self.record("failed in switch" + ("" if switched else " (switch state unknown)"),
                        changed=True, backup=backup,
                        live_unit=plan.new_unit if switched else None)
             self.s.reporter.error(name, f"deploy.bluegreen of {version} failed during the"
@@ -412,7 +415,7 @@ class Flow:
         undone = f.undo_result("stop_idle")
         cleanup = (Cleanup(True) if undone is None else undone.result
                    if isinstance(undone.result, Cleanup) else Cleanup(None))
-        self.audit(f"failed in {stage}, before the switch", changed=undone is not None,
+        self.record(f"failed in {stage}, before the switch", changed=undone is not None,
                    backup=backup, live_unit=plan.live.unit, live_port=plan.live.port,
                    schema_level=cleanup.level)
         self.s.reporter.error(name, f"deploy.bluegreen of {version} failed in stage"
