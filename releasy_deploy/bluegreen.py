@@ -72,8 +72,9 @@ from .commands import nginx as nginxcmd
 from .commands.bluegreen import (WARMUP_SUCCESSES, cleanup_script, finish_script,
                                  instance_bind, instance_env_file, instance_link,
                                  instance_unit, render_instance_env, warmup_argv)
-from .engine.bluegreen import (FLOW, Plan, finish_commands, plan_bluegreen, plan_deploy,
-                               schema_refusal, start_script)
+from .engine.bluegreen import (FLOW, Plan, before_switch_paragraph, finish_commands,
+                               finish_paragraph, indent, plan_bluegreen, plan_deploy,
+                               schema_refusal, start_script, switch_paragraph)
 from .engine.sequence import Failure, Kept, Step, run_sequence
 from .errors import BadInput, DeployError, StepFailed
 from .executor import HostConnection, tail
@@ -115,17 +116,13 @@ class Outcome:
     seconds: float = 0.0
 
 
-def _indent(text: str) -> str:
-    return "\n".join(f"    {line}" for line in text.splitlines())
-
-
 def _run_checked(c: HostConnection, script: str, label: str, *, hint: str) -> None:
     res = c.run_script(script, sudo=True, check=False, label=label)
     if res.ok or res.dry_run:
         return
     said = c.mask(res.stderr.strip() or res.stdout.strip()) or "(no output)"
     raise DeployError(f"{c.name}: {label} failed (exit code {res.exit_code}):\n"
-                      f"{_indent(tail(said))}\n  {hint}", host=c.name)
+                      f"{indent(tail(said))}\n  {hint}", host=c.name)
 
 
 def _start_idle(c: HostConnection, state: HostState, plan: Plan, timeout: float) -> None:
@@ -148,7 +145,7 @@ def _start_idle(c: HostConnection, state: HostState, plan: Plan, timeout: float)
         raise DeployError(
             f"{c.name}: {unit} answered /ready once but did not stay ready: {said}\n"
             f"  Last lines of `journalctl -u {unit}`:\n"
-            f"{_indent(app_tier.journal_tail(c, unit))}", host=c.name)
+            f"{indent(app_tier.journal_tail(c, unit))}", host=c.name)
     c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready after {waited:.1f} s; {said}")
 
 
@@ -241,44 +238,6 @@ def _audit(session: Session, host: Any, plan: Plan, result: str, *, started: flo
         session.reporter.error(host.name, f"could not write the audit record: {exc}")
 
 
-def _failure_before_switch(c: HostConnection, stage: str, plan: Plan, exc: BaseException,
-                           *, cleaned: bool | None, level_before: int | None = None,
-                           level_now: int | None = None, backup: Any = None) -> str:
-    """The one-paragraph explanation: host, stage, what still serves, the cause (with the
-    journal lines wait_ready attached), what to do."""
-    text = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
-    # wait_ready's advice ("app.setup --version PREVIOUS switches back") is for the plain
-    # unit; here the old instance never stopped serving: there is nothing to switch back.
-    text = "\n".join(ln for ln in text.splitlines() if "app.setup --version PREVIOUS" not in ln)
-    text = text.removeprefix(f"{c.name}: ")
-    live = plan.live
-    if live.unit is not None:
-        kept = (f"the proxy still sends every request to {live.unit} on"
-                f" {instance_bind(live.port)} ({live.version or 'unknown release'}), untouched")
-    else:
-        kept = f"the proxy was not changed (it still points at {instance_bind(live.port)})"
-    if stage in ("stage", "backup"):
-        idle = "nothing was started"
-    elif cleaned:
-        idle = f"{plan.new_unit} was stopped and its link removed"
-    elif cleaned is None:
-        idle = f"{plan.new_unit} may still be running (not in rotation); a re-run stops it"
-    else:
-        idle = f"stopping {plan.new_unit} failed too (it is not in rotation); a re-run stops it"
-    database = ""
-    if level_now is not None and level_before is not None and level_now != level_before:
-        restore = (f"`fab deploy.rollback --to {live.version} --restore-db --backup"
-                   f" {backup.name}` restores the dump taken before this deploy (writes made"
-                   f" since {backup.when} are lost)" if backup is not None and live.version
-                   else "restore a dump taken before this deploy")
-        database = (f"\n  The database is now at migration level {level_now} (was"
-                    f" {level_before}): {live.version or 'the live release'} keeps serving,"
-                    f" but would refuse to start again (sqlx VersionMissing): {restore}.")
-    return (f"{c.name}: deploy.bluegreen of {plan.version} failed in stage '{stage}', before"
-            f" the switch: {kept}; {idle}.{database}\n  Cause: {_indent(text).lstrip()}\n"
-            f"  Fix the cause, then deploy again (the same or another version).")
-
-
 @dataclass(frozen=True)
 class Cleanup:
     """What undoing the start did: ``cleaned`` as `_cleanup_idle` says; ``level``: the
@@ -335,7 +294,7 @@ class Flow:
     def finish(self, _step: Step) -> None:
         _finish(self.c, self.state, self.plan, level_now=self.level_now)
         self.record("ok", changed=True, backup=self.dump, live_unit=self.plan.new_unit,
-                   live_port=self.plan.idle_port, schema_level=self.level_now)
+                    live_port=self.plan.idle_port, schema_level=self.level_now)
 
     def converge(self, _step: Step) -> bool:
         """The live version again: only the finish step, converged."""
@@ -346,8 +305,8 @@ class Flow:
             _drain(self.s, self.host.name, ", ".join(stops))
         changed = _finish(self.c, state, plan)
         self.record("already live" + (", converged" if changed else ""), changed=changed,
-                   live_unit=plan.target_unit, live_port=plan.target_port,
-                   schema_level=state.db_level)
+                    live_unit=plan.target_unit, live_port=plan.target_port,
+                    schema_level=state.db_level)
         return changed
 
     # ------------------------------------------------------------------ the undo
@@ -388,42 +347,33 @@ class Flow:
             self.s.reporter.error(name, f"{version} is live, but finishing failed (details"
                                         f" below)")
             self.record("switched, then finish failed", changed=True, backup=backup,
-                       live_unit=plan.new_unit, live_port=plan.idle_port,
-                       schema_level=self.level_now)
-            return StepFailed(
-                f"{name}: {version} is live ({plan.new_unit} on"
-                f" {instance_bind(plan.idle_port)}), but stage 'finish' failed: {exc}\n"
-                f"  Re-run `fab deploy.bluegreen --version {version}`: it converges.",
-                host=name, cause=exc)
+                        live_unit=plan.new_unit, live_port=plan.idle_port,
+                        schema_level=self.level_now)
+            return StepFailed(finish_paragraph(name, plan, exc), host=name, cause=exc)
         kept = f.kept
         if kept is not None:
             switched = kept.found
             self.record("failed in switch" + ("" if switched else " (switch state unknown)"),
-                       changed=True, backup=backup,
-                       live_unit=plan.new_unit if switched else None)
+                        changed=True, backup=backup,
+                        live_unit=plan.new_unit if switched else None)
             self.s.reporter.error(name, f"deploy.bluegreen of {version} failed during the"
                                         f" switch (details below)")
             if not isinstance(exc, Exception):
                 return None
-            state_now = "is live" if switched else "is running and may be live"
-            return StepFailed(
-                f"{name}: deploy.bluegreen of {version} failed in stage 'switch':"
-                f" {plan.new_unit} on {instance_bind(plan.idle_port)} {state_now}; nothing"
-                f" was rolled back.\n  Cause: {_indent(str(exc)).lstrip()}\n  Re-run `fab"
-                f" deploy.bluegreen --version {version}`: it converges.",
-                host=name, cause=exc)
+            return StepFailed(switch_paragraph(name, plan, exc, switched=switched),
+                              host=name, cause=exc)
         undone = f.undo_result("stop_idle")
         cleanup = (Cleanup(True) if undone is None else undone.result
                    if isinstance(undone.result, Cleanup) else Cleanup(None))
         self.record(f"failed in {stage}, before the switch", changed=undone is not None,
-                   backup=backup, live_unit=plan.live.unit, live_port=plan.live.port,
-                   schema_level=cleanup.level)
+                    backup=backup, live_unit=plan.live.unit, live_port=plan.live.port,
+                    schema_level=cleanup.level)
         self.s.reporter.error(name, f"deploy.bluegreen of {version} failed in stage"
                                     f" '{stage}', before the switch (details below)")
         if isinstance(exc, BadInput) or not isinstance(exc, Exception):
             return None
-        return StepFailed(_failure_before_switch(
-            self.c, stage, plan, exc, cleaned=cleanup.cleaned,
+        return StepFailed(before_switch_paragraph(
+            name, stage, plan, exc, cleaned=cleanup.cleaned,
             level_before=self.state.db_level, level_now=cleanup.level, backup=backup),
             host=name, cause=exc)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import schema
 from ..bluegreen_state import PLAIN_UNIT, HostState, Live, NotBlueGreenReady, find_live
@@ -22,11 +23,13 @@ from ..commands import app as appcmd
 from ..commands import bluegreen as bgcmd
 from ..commands import systemd
 from ..commands.bluegreen import instance_bind, instance_unit
+from ..errors import DeployError
 from ..inventory import check_version
 from .sequence import SequencePlan, Step
 
 __all__ = ["FLOW", "Plan", "plan_deploy", "schema_refusal", "finish_commands", "start_script",
-           "plan_bluegreen"]
+           "plan_bluegreen", "before_switch_paragraph", "switch_paragraph",
+           "finish_paragraph", "indent"]
 
 FLOW = "deploy.bluegreen"
 
@@ -178,3 +181,63 @@ def plan_bluegreen(state: HostState, plan: Plan, *, stage: bool, backup: bool,
                                     f" current -> {version}"),
     ]
     return SequencePlan(FLOW, f"deploy.bluegreen of {version}", tuple(steps), plan.notes)
+
+
+# ------------------------------------------------------------------------------ the paragraphs
+def indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+def before_switch_paragraph(host: str, stage: str, plan: Plan, exc: BaseException, *,
+                            cleaned: bool | None, level_before: int | None = None,
+                            level_now: int | None = None, backup: Any = None) -> str:
+    """The one-paragraph explanation: host, stage, what still serves, the cause (with the
+    journal lines wait_ready attached), what to do."""
+    text = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
+    # wait_ready's advice ("app.setup --version PREVIOUS switches back") is for the plain
+    # unit; here the old instance never stopped serving: there is nothing to switch back.
+    text = "\n".join(ln for ln in text.splitlines() if "app.setup --version PREVIOUS" not in ln)
+    text = text.removeprefix(f"{host}: ")
+    live = plan.live
+    if live.unit is not None:
+        kept = (f"the proxy still sends every request to {live.unit} on"
+                f" {instance_bind(live.port)} ({live.version or 'unknown release'}), untouched")
+    else:
+        kept = f"the proxy was not changed (it still points at {instance_bind(live.port)})"
+    if stage in ("stage", "backup"):
+        idle = "nothing was started"
+    elif cleaned:
+        idle = f"{plan.new_unit} was stopped and its link removed"
+    elif cleaned is None:
+        idle = f"{plan.new_unit} may still be running (not in rotation); a re-run stops it"
+    else:
+        idle = f"stopping {plan.new_unit} failed too (it is not in rotation); a re-run stops it"
+    database = ""
+    if level_now is not None and level_before is not None and level_now != level_before:
+        restore = (f"`fab deploy.rollback --to {live.version} --restore-db --backup"
+                   f" {backup.name}` restores the dump taken before this deploy (writes made"
+                   f" since {backup.when} are lost)" if backup is not None and live.version
+                   else "restore a dump taken before this deploy")
+        database = (f"\n  The database is now at migration level {level_now} (was"
+                    f" {level_before}): {live.version or 'the live release'} keeps serving,"
+                    f" but would refuse to start again (sqlx VersionMissing): {restore}.")
+    return (f"{host}: deploy.bluegreen of {plan.version} failed in stage '{stage}', before"
+            f" the switch: {kept}; {idle}.{database}\n  Cause: {indent(text).lstrip()}\n"
+            f"  Fix the cause, then deploy again (the same or another version).")
+
+
+def switch_paragraph(host: str, plan: Plan, exc: BaseException, *, switched: bool | None) -> str:
+    """A failed switch after which a proxy uses the new port (``switched``), or may
+    (None): the new instance stays, nothing is rolled back."""
+    state_now = "is live" if switched else "is running and may be live"
+    return (f"{host}: deploy.bluegreen of {plan.version} failed in stage 'switch':"
+            f" {plan.new_unit} on {instance_bind(plan.idle_port)} {state_now}; nothing"
+            f" was rolled back.\n  Cause: {indent(str(exc)).lstrip()}\n  Re-run `fab"
+            f" deploy.bluegreen --version {plan.version}`: it converges.")
+
+
+def finish_paragraph(host: str, plan: Plan, exc: BaseException) -> str:
+    """A failed finish: the new release is live; a re-run converges the rest."""
+    return (f"{host}: {plan.version} is live ({plan.new_unit} on"
+            f" {instance_bind(plan.idle_port)}), but stage 'finish' failed: {exc}\n"
+            f"  Re-run `fab deploy.bluegreen --version {plan.version}`: it converges.")
