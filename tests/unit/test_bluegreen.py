@@ -713,3 +713,11 @@ def test_a_dropped_connection_exits_as_unreachable(tmp_path):
     _log, exc, _records, _ = run_failing(tmp_path, "start",
                                          exc=UnreachableError("solo: connection dropped"))
     assert isinstance(exc, StepFailed) and exit_code_for(exc) == 4
+
+
+@pytest.mark.parametrize("shape, restart", [(HANDOVER, False), (ON_8081, True), (ON_8081, False)])
+def test_the_flow_has_an_action_for_every_step_and_undo_it_plans(tmp_path, shape, restart):
+    s = session_for(tmp_path, single=True)
+    st, plan, steps = deploy_plan(shape, restart=restart)
+    wanted = {*steps.kinds, *(step.undo for step in steps.steps if step.undo)}
+    assert wanted <= set(bg.Flow(s, s.executor.conn("solo"), st, plan).actions())
