@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from .. import interrupts
 from ..pipeline import Pipeline
 
-__all__ = ["Step", "SequencePlan", "Undone", "Failure", "plan_undo", "run_sequence"]
+__all__ = ["Step", "SequencePlan", "Kept", "Undone", "Failure", "plan_undo", "run_sequence"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class Step:
     undo_what: str = ""
     #: changes a host: the lock is verified right before it
     changes: bool = True
+    #: the point of no return: once this step has finished, a later failure undoes nothing
+    #: of it or before it (e.g. traffic already goes to the new instance: fixed forward,
+    #: a re-run converges)
+    final: bool = False
 
     @property
     def label(self) -> str | None:
@@ -83,18 +87,31 @@ class SequencePlan:
 
 def plan_undo(plan: SequencePlan, failed: str) -> tuple[Step, ...]:
     """What puts things back after step ``failed`` failed: the undo of every step reached
-    (the failed one included: it may have half-run), latest first, each once."""
+    (the failed one included: it may have half-run), latest first, each once; nothing of a
+    `final` step that finished, or of the steps before it."""
     reached = plan.kinds[: plan.kinds.index(failed) + 1]
     undo: list[Step] = []
     seen: set[str] = set()
     for kind in reversed(reached):
         s = plan.step(kind)
+        if s.final and kind != failed:
+            break
         if s.undo is None or s.undo in seen:
             continue
         seen.add(s.undo)
         undo.append(Step(s.undo, "failed", s.hosts, s.undo_what or f"undo {s.what}",
                          changes=True))
     return tuple(undo)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What an undo action returns when it finds its step took effect and must stay (e.g. a
+    proxy already sends traffic to the new instance): the runner undoes nothing before it.
+    ``found``: what it found, for the failure paragraph."""
+
+    why: str
+    found: Any = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,11 @@ class Undone:
     @property
     def ok(self) -> bool:
         return self.error is None and self.result is not False
+
+    @property
+    def kept(self) -> bool:
+        """The undo found its step must stay (`Kept`): the steps before it stayed too."""
+        return isinstance(self.result, Kept)
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,11 @@ class Failure:
     def undo_result(self, kind: str) -> Undone | None:
         return next((u for u in self.undone if u.step.kind == kind), None)
 
+    @property
+    def kept(self) -> Kept | None:
+        """The `Kept` an undo returned (the undo stopped there), or None."""
+        return next((u.result for u in self.undone if u.kept), None)
+
 
 class HeldLock(Protocol):
     def ensure_held(self) -> None: ...
@@ -137,7 +164,8 @@ def run_sequence(plan: SequencePlan, actions: Mapping[str, Action], *, pipe: Pip
     """Run ``plan``'s steps in order; returns each step's result by kind.
 
     On a failure: the undo steps `plan_undo` picks run (signals deferred; an undo that
-    fails is recorded, never raised over the original failure), then ``on_failure`` gets the
+    fails is recorded, never raised over the original failure; one that returns `Kept`
+    ends the undo: what came before stays), then ``on_failure`` gets the
     `Failure` and returns the error to raise (None: the original one is re-raised, e.g. bad
     input keeps its exit code).
     """
@@ -174,5 +202,7 @@ def _undo(plan: SequencePlan, failed: Step, actions: Mapping[str, Action],
                     undone.append(Undone(step, actions[step.kind](step)))
             except Exception as exc:  # noqa: BLE001 - the original failure is the one raised
                 undone.append(Undone(step, error=exc))
+            if undone[-1].kept:
+                break
     return tuple(undone)
 

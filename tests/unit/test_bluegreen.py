@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import shlex
 import stat
 import subprocess
 import threading
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,10 @@ import pytest
 from releasy_deploy import backups as backups_mod
 from releasy_deploy import bluegreen as bg
 from releasy_deploy import schema
-from releasy_deploy.errors import BadInput
+from releasy_deploy.cli import exit_code_for
+from releasy_deploy.engine.sequence import Kept, Step, plan_undo, run_sequence
+from releasy_deploy.errors import BadInput, DeployError, StepFailed, UnreachableError
+from releasy_deploy.pipeline import Pipeline
 from releasy_deploy.session import Session
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import systemd
@@ -520,3 +525,199 @@ def test_a_missing_or_bad_artifact_is_refused_before_any_connection(tmp_path, ve
     with pytest.raises(BadInput, match=message):
         bg.run(s, version)
     assert s.executor.round_trips == {} and s.executor.connections_opened == {}
+
+
+# ------------------------------------------------------------------------------ the plan
+def deploy_plan(shape, version="1.1.0", *, restart=False):
+    st = state(**shape)
+    plan = bg.plan_deploy(st, version, restart=restart)
+    return st, plan, bg.plan_bluegreen(st, plan, stage=not restart, backup=not restart,
+                                        proxies=["solo"])
+
+
+def test_the_plan_of_a_deploy_is_stage_backup_start_switch_finish():
+    _st, _plan, steps = deploy_plan(HANDOVER)
+    assert steps.flow == "deploy.bluegreen"
+    assert steps.kinds == ("stage", "backup", "start", "switch", "finish")
+    assert [s.stage for s in steps.steps] == list(bg.STAGES[1:6])
+    assert {s.hosts for s in steps.steps} == {("solo",)}
+    assert [(s.undo, s.final) for s in steps.steps] == [
+        (None, False), (None, False), ("stop_idle", False), ("check_switch", True),
+        (None, False)]
+    assert steps.describe() == [
+        "1. stage: upload and unpack 1.1.0 on solo",
+        "2. backup: dump the database (migration level 2) on solo",
+        "3. start: releasy@8081.service with 1.1.0: migrations, /ready, warm-up on solo"
+        " (undone by: stop releasy@8081.service (never in rotation), remove its link)",
+        "4. switch: proxy -> 127.0.0.1:8081, drain 127.0.0.1:8080 on solo (undone by: stop"
+        " releasy@8081.service if no proxy uses 127.0.0.1:8081 yet; once one does, it stays"
+        " live (a re-run converges))",
+        "5. finish: stop releasy.service, enable releasy@8081.service, current -> 1.1.0 on solo",
+    ]
+
+
+def test_the_plan_of_a_restart_stages_and_dumps_nothing():
+    _st, plan, steps = deploy_plan(ON_8081, restart=True)
+    assert plan.start and plan.new_unit == "releasy@8080.service"
+    assert steps.kinds == ("start", "switch", "finish")
+    assert steps.step("switch").what == "proxy -> 127.0.0.1:8080, drain 127.0.0.1:8081"
+
+
+def test_the_plan_of_the_live_version_is_one_converging_finish():
+    _st, plan, steps = deploy_plan(ON_8081)
+    assert not plan.start
+    assert steps.kinds == ("converge",)
+    assert steps.describe() == ["1. finish: 1.1.0 is already live on solo"]
+    assert plan_undo(steps, "converge") == ()
+
+
+@pytest.mark.parametrize("kind, undo", [
+    ("stage", []), ("backup", []), ("start", ["stop_idle"]),
+    ("switch", ["check_switch", "stop_idle"]),
+    ("finish", []),  # the switch finished: the point of no return
+])
+def test_what_the_plan_puts_back_after_a_failure_at_each_step(kind, undo):
+    _st, _plan, steps = deploy_plan(HANDOVER)
+    assert [s.kind for s in plan_undo(steps, kind)] == undo
+
+
+# ------------------------------------------------------------------------------ failures
+DUMP = backups_mod.Backup("pre-deploy-test-1.0.0-to-1.1.0.dump", "test",
+                          datetime(2026, 12, 1, 12, 0), "1.0.0",
+                          "1.1.0", 2, "sqlite")
+
+
+def run_failing(tmp_path, fail_at, shape=HANDOVER, *, exc=None, switched=False,
+                cleaned=True, level=None, version="1.1.0"):
+    """The deploy's plan run by the sequence runner with recording actions (the real
+    ones talk SSH) and the flow's own failure hook; returns (actions run, error raised,
+    audit records, the failed stages)."""
+    s = session_for(tmp_path, single=True)
+    st, plan, steps = deploy_plan(shape, version)
+    records: list[tuple[str, dict]] = []
+    flow = bg.Flow(s, s.executor.conn("solo"), st, plan,
+                   record=lambda result, **f: records.append((result, f)))
+    results = {"backup": DUMP, "stop_idle": bg.Cleanup(cleaned, level),
+               "check_switch": "no proxy uses it" if switched is False
+               else Kept("live", found=switched)}
+    log: list[str] = []
+
+    def act(step: Step):
+        log.append(step.kind)
+        if step.kind == fail_at:
+            raise exc if exc is not None else DeployError(f"solo: {step.kind} broke")
+        return results.get(step.kind)
+
+    pipe = Pipeline(bg.PIPELINE, Reporter(io.StringIO()))
+    kinds = {*steps.kinds, "stop_idle", "check_switch"} & set(flow.actions())
+    with pytest.raises(BaseException) as raised:
+        run_sequence(steps, {k: act for k in kinds}, pipe=pipe, lock=None,
+                     on_failure=flow.on_failure)
+    failed = [t.stage for t in pipe.timings if not t.ok]
+    return log, raised.value, records, failed
+
+
+KEPT = ("the proxy still sends every request to releasy.service on 127.0.0.1:8080 (1.0.0),"
+        " untouched")
+
+
+@pytest.mark.parametrize("kind", ["stage", "backup"])
+def test_a_failure_before_anything_started_undoes_nothing(tmp_path, kind):
+    log, exc, records, failed = run_failing(tmp_path, kind)
+    assert log[-1] == kind  # nothing ran after it
+    assert isinstance(exc, StepFailed) and exc.cause.args == (f"solo: {kind} broke",)
+    assert str(exc).startswith(
+        f"solo: deploy.bluegreen of 1.1.0 failed in stage '{kind}', before the switch:"
+        f" {KEPT}; nothing was started.\n  Cause: {kind} broke\n")
+    assert str(exc).endswith("Fix the cause, then deploy again (the same or another version).")
+    assert records == [(f"failed in {kind}, before the switch", dict(
+        changed=False, backup=None,
+        live_unit="releasy.service", live_port=8080, schema_level=None))]
+    assert failed == [kind]
+
+
+@pytest.mark.parametrize("cleaned, said", [
+    (True, "releasy@8081.service was stopped and its link removed"),
+    (None, "releasy@8081.service may still be running (not in rotation); a re-run stops it"),
+    (False, "stopping releasy@8081.service failed too (it is not in rotation); a re-run"
+            " stops it"),
+])
+def test_a_failed_start_stops_the_idle_instance(tmp_path, cleaned, said):
+    log, exc, records, failed = run_failing(tmp_path, "start", cleaned=cleaned)
+    assert log == ["stage", "backup", "start", "stop_idle"]
+    assert (f"failed in stage 'start', before the switch: {KEPT}; {said}.\n  Cause: start"
+            f" broke") in str(exc)
+    assert records[0][0] == "failed in start, before the switch"
+    assert records[0][1]["changed"] is True and records[0][1]["backup"] == DUMP
+    assert failed == ["start"]
+
+
+def test_a_failed_start_that_migrated_says_how_to_restore_the_dump(tmp_path):
+    _log, exc, records, _ = run_failing(tmp_path, "start", level=3)
+    assert ("The database is now at migration level 3 (was 2): 1.0.0 keeps serving, but"
+            " would refuse to start again (sqlx VersionMissing): `fab deploy.rollback --to"
+            " 1.0.0 --restore-db --backup pre-deploy-test-1.0.0-to-1.1.0.dump` restores"
+            " the dump taken before this deploy") in str(exc)
+    assert records[0][1]["schema_level"] == 3
+
+
+def test_a_switch_that_did_not_happen_stops_the_idle_instance(tmp_path):
+    log, exc, records, _ = run_failing(tmp_path, "switch", switched=False)
+    assert log == ["stage", "backup", "start", "switch", "check_switch", "stop_idle"]
+    assert (f"failed in stage 'switch', before the switch: {KEPT}; releasy@8081.service was"
+            f" stopped and its link removed.") in str(exc)
+    assert records[0][0] == "failed in switch, before the switch"
+
+
+@pytest.mark.parametrize("switched, now, result, live_unit", [
+    (True, "is live", "failed in switch", "releasy@8081.service"),
+    (None, "is running and may be live", "failed in switch (switch state unknown)", None),
+])
+def test_a_switch_that_happened_or_may_have_is_kept(tmp_path, switched, now, result,
+                                                    live_unit):
+    log, exc, records, failed = run_failing(tmp_path, "switch", switched=switched)
+    assert log == ["stage", "backup", "start", "switch", "check_switch"]  # no stop_idle
+    assert str(exc) == (
+        f"solo: deploy.bluegreen of 1.1.0 failed in stage 'switch': releasy@8081.service on"
+        f" 127.0.0.1:8081 {now}; nothing was rolled back.\n  Cause: solo: switch broke\n"
+        f"  Re-run `fab deploy.bluegreen --version 1.1.0`: it converges.")
+    assert records == [(result, dict(changed=True, backup=DUMP, live_unit=live_unit))]
+    assert failed == ["switch"]
+
+
+def test_a_failed_finish_undoes_nothing_the_new_release_is_live(tmp_path):
+    log, exc, records, _ = run_failing(tmp_path, "finish")
+    assert log == ["stage", "backup", "start", "switch", "finish"]
+    assert str(exc) == (
+        "solo: 1.1.0 is live (releasy@8081.service on 127.0.0.1:8081), but stage 'finish'"
+        " failed: solo: finish broke\n  Re-run `fab deploy.bluegreen --version 1.1.0`: it"
+        " converges.")
+    assert records[0][0] == "switched, then finish failed"
+
+
+def test_a_failed_convergence_of_the_live_version_is_raised_as_it_is(tmp_path):
+    log, exc, records, _ = run_failing(tmp_path, "converge", ON_8081)
+    assert log == ["converge"] and records == []
+    assert type(exc) is DeployError and str(exc) == "solo: converge broke"
+
+
+def test_bad_input_keeps_its_exit_code_and_ctrl_c_stays_an_interrupt(tmp_path):
+    _log, exc, records, _ = run_failing(tmp_path, "stage", exc=BadInput("bad artifact"))
+    assert type(exc) is BadInput and exit_code_for(exc) == 2
+    assert records[0][0] == "failed in stage, before the switch"
+    log, exc, _records, _ = run_failing(tmp_path, "start", exc=KeyboardInterrupt())
+    assert type(exc) is KeyboardInterrupt and log[-1] == "stop_idle"  # still put back
+
+
+def test_a_dropped_connection_exits_as_unreachable(tmp_path):
+    _log, exc, _records, _ = run_failing(tmp_path, "start",
+                                         exc=UnreachableError("solo: connection dropped"))
+    assert isinstance(exc, StepFailed) and exit_code_for(exc) == 4
+
+
+@pytest.mark.parametrize("shape, restart", [(HANDOVER, False), (ON_8081, True), (ON_8081, False)])
+def test_the_flow_has_an_action_for_every_step_and_undo_it_plans(tmp_path, shape, restart):
+    s = session_for(tmp_path, single=True)
+    st, plan, steps = deploy_plan(shape, restart=restart)
+    wanted = {*steps.kinds, *(step.undo for step in steps.steps if step.undo)}
+    assert wanted <= set(bg.Flow(s, s.executor.conn("solo"), st, plan).actions())

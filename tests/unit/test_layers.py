@@ -21,6 +21,8 @@ LAYER_OF = {
     "status": FLOWS, "dbshell": FLOWS,
     # The runner (engine), the lock, and the steps it runs: the tiers' and the backups'.
     "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS, "restores": TIERS,
+    # What blue/green decides from (its planner in engine/ reads it).
+    "bluegreen_state": TIERS,
     "commands": COMMANDS,
     "errors": BASE, "inventory": BASE, "packages": BASE, "templates": BASE,
     # The inventory's own parts: the hooks' schema, the environments' files.

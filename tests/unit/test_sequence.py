@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from releasy_deploy.engine.sequence import (Failure, SequencePlan, Step, plan_undo,
+from releasy_deploy.engine.sequence import (Failure, Kept, SequencePlan, Step, plan_undo,
                                             run_sequence)
 from releasy_deploy.errors import StepFailed
 from releasy_deploy.output import Reporter
@@ -119,3 +119,38 @@ def test_duplicate_step_kinds_are_refused_and_the_plan_describes_itself():
     lines = PLAN.describe()
     assert lines[2] == "3. start: start the new instance on h1 (undone by: stop the new instance)"
     assert lines[3].startswith("4. switch: point the proxies at it on p1, p2")
+
+
+FINAL = SequencePlan("demo.final", "Demo", (
+    Step("start", "start", ("h1",), "start it", undo="stop_new", undo_what="stop it"),
+    Step("switch", "switch", ("h1",), "switch", undo="check", undo_what="check", final=True),
+    Step("finish", "finish", ("h1",), "finish"),
+))
+
+
+def test_a_final_step_that_finished_is_the_point_of_no_return():
+    assert [s.kind for s in plan_undo(FINAL, "switch")] == ["check", "stop_new"]
+    assert plan_undo(FINAL, "finish") == ()
+
+
+@pytest.mark.parametrize("check, undone", [
+    ("not switched", ["check", "stop_new"]),
+    (Kept("it is live", found=True), ["check"]),
+])
+def test_an_undo_that_returns_kept_ends_the_undo(check, undone):
+    log: list[str] = []
+    seen: list[Failure] = []
+
+    def act(step: Step):
+        log.append(step.kind)
+        if step.kind == "switch":
+            raise RuntimeError("switch broke")
+        return check if step.kind == "check" else None
+
+    with pytest.raises(StepFailed):
+        run_sequence(FINAL, {k: act for k in ("start", "switch", "finish", "stop_new", "check")},
+                     pipe=Pipeline("x", Reporter(io.StringIO())), lock=None,
+                     on_failure=lambda f: seen.append(f) or StepFailed("x"))
+    assert log == ["start", "switch", *undone]
+    assert [u.step.kind for u in seen[0].undone] == undone
+    assert seen[0].kept == (check if isinstance(check, Kept) else None)
