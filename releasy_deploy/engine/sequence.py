@@ -40,6 +40,10 @@ class Step:
     undo_what: str = ""
     #: changes a host: the lock is verified right before it
     changes: bool = True
+    #: kinds of earlier steps this one takes over once reached: their undo no longer runs
+    #: after a failure here or later (starting the units again ends what stopping them
+    #: began; a retry of what just failed is not a way back).
+    settles: tuple[str, ...] = ()
 
     @property
     def label(self) -> str | None:
@@ -83,13 +87,15 @@ class SequencePlan:
 
 def plan_undo(plan: SequencePlan, failed: str) -> tuple[Step, ...]:
     """What puts things back after step ``failed`` failed: the undo of every step reached
-    (the failed one included: it may have half-run), latest first, each once."""
+    (the failed one included: it may have half-run), latest first, each once; not that of a
+    step a reached step settles."""
     reached = plan.kinds[: plan.kinds.index(failed) + 1]
+    settled = {k for kind in reached for k in plan.step(kind).settles}
     undo: list[Step] = []
     seen: set[str] = set()
     for kind in reversed(reached):
         s = plan.step(kind)
-        if s.undo is None or s.undo in seen:
+        if s.undo is None or s.undo in seen or kind in settled:
             continue
         seen.add(s.undo)
         undo.append(Step(s.undo, "failed", s.hosts, s.undo_what or f"undo {s.what}",

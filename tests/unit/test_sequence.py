@@ -119,3 +119,13 @@ def test_duplicate_step_kinds_are_refused_and_the_plan_describes_itself():
     lines = PLAN.describe()
     assert lines[2] == "3. start: start the new instance on h1 (undone by: stop the new instance)"
     assert lines[3].startswith("4. switch: point the proxies at it on p1, p2")
+
+
+def test_a_step_that_settles_an_earlier_one_ends_its_undo():
+    plan = SequencePlan("f", "F", (
+        Step("stop", "stop", ("h1",), "stop it", undo="start", undo_what="start it again"),
+        Step("work", "work", ("h1",), "the work"),
+        Step("start", "start", ("h1",), "start it", settles=("stop",)),
+    ))
+    assert [s.kind for s in plan_undo(plan, "work")] == ["start"]
+    assert plan_undo(plan, "start") == ()
