@@ -37,7 +37,7 @@ from .pipeline import Pipeline
 from .tiers import app as app_tier
 from .tiers import maintenance_page
 
-__all__ = ["plan_restore", "restore_task", "RestoreActions"]
+__all__ = ["plan_restore", "restore_task", "RestoreActions", "failure_paragraph"]
 
 
 def plan_restore(st: DbState, dump: Backup, *, db: str, proxies: Sequence[str]) -> SequencePlan:
@@ -71,12 +71,14 @@ def plan_restore(st: DbState, dump: Backup, *, db: str, proxies: Sequence[str]) 
 
 @dataclass
 class RestoreActions:
-    """The steps' actions: the existing functions, and what they learn as they run (the
-    page's earlier state, the safety dump, whether the hosts are down)."""
+    """The steps' actions, and what they learn as they run (the page's earlier state, the
+    safety dump, whether the hosts are down). What touches the hosts is in the last
+    methods (the existing functions); the rest is the flow's logic."""
 
     session: Any
     st: DbState
     dump: Backup
+    db: str
     running: dict[str, list[str]] = field(default_factory=dict)
     was_on: bool = False
     safety: Backup | None = None
@@ -90,27 +92,57 @@ class RestoreActions:
                 "restore": self.restore, "start": self.start, "page_off": self.page_off}
 
     def backup(self, step: Step) -> Backup:
-        self.safety = backups.take_snapshot(
-            self.session, running=self.st.running_release, level=self.st.level or 0,
-            purpose=PRE_RESTORE, existing=self.st.backups, protect=[self.dump.name])
+        self.safety = self.take_dump()
         return self.safety
 
     def page_on(self, step: Step) -> bool:
         # Clients get a 503 maintenance page (Retry-After) meanwhile, never a raw 502.
-        self.was_on = maintenance_page.switch_for_downtime(self.session, True)
+        self.was_on = self.switch_page(True)
         return self.was_on
 
     def stop(self, step: Step) -> None:
+        self.stop_units(step.hosts)
+
+    def restore(self, step: Step) -> None:
+        self.restore_dump()
+
+    def start(self, step: Step) -> None:
+        try:
+            self.start_units(step.hosts)
+        except BaseException:
+            self.down = True
+            raise
+
+    def page_off(self, step: Step) -> bool:
+        """Off once the hosts are back (as it was before); False: left on."""
+        if self.down:
+            return False
+        self.switch_page(False)
+        return True
+
+    def failed(self, f: Failure) -> BaseException | None:
+        return failure_paragraph(f, db=self.db, dump=self.dump, safety=self.safety)
+
+    # -- what touches the hosts
+    def take_dump(self) -> Backup:
+        return backups.take_snapshot(
+            self.session, running=self.st.running_release, level=self.st.level or 0,
+            purpose=PRE_RESTORE, existing=self.st.backups, protect=[self.dump.name])
+
+    def switch_page(self, on: bool) -> bool:
+        return maintenance_page.switch_for_downtime(self.session, on, was_on=self.was_on)
+
+    def stop_units(self, hosts: Sequence[str]) -> None:
         def one(c) -> None:
             units = self.running[c.name]
             c.run(systemd.systemctl("stop", *units), sudo=True)
             c.reporter.changed(c.name, f"stopped {', '.join(units)} (database restore)")
-        self.session.executor.each(step.hosts, one)
+        self.session.executor.each(hosts, one)
 
-    def restore(self, step: Step) -> None:
+    def restore_dump(self) -> None:
         backups.restore(self.session, self.dump)
 
-    def start(self, step: Step) -> None:
+    def start_units(self, hosts: Sequence[str]) -> None:
         inv = self.session.inventory
 
         def one(c) -> None:
@@ -120,27 +152,17 @@ class RestoreActions:
                 waited = app_tier.wait_ready(c, bind, inv.app.ready_timeout, unit=unit)
                 c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready after"
                                         f" {waited:.1f} s")
-        try:
-            self.session.executor.each(step.hosts, one)
-        except BaseException:
-            self.down = True
-            raise
+        self.session.executor.each(hosts, one)
 
-    def page_off(self, step: Step) -> bool:
-        """Off once the hosts are back (as it was before); False: left on."""
-        if self.down:
-            return False
-        maintenance_page.switch_for_downtime(self.session, False, was_on=self.was_on)
-        return True
 
-    def failed(self, f: Failure) -> BaseException | None:
-        """The one failure paragraph (None: the original error as it is)."""
-        if f.step.kind == "backup":
-            return None  # nothing changed yet: the dump's own error says what to do
-        db = backups.backup_host(self.session.inventory).name
-        say = restores.not_back if f.step.kind in ("start", "page_off") else \
-            restores.not_restored
-        return say(f, db=db, dump=self.dump, safety=self.safety)
+def failure_paragraph(f: Failure, *, db: str, dump: Backup,
+                      safety: Backup | None) -> BaseException | None:
+    """The one failure paragraph of `fab db.restore` (None: the original error as it is:
+    the safety dump failed, nothing had changed and its own message says what to do)."""
+    if f.step.kind == "backup":
+        return None
+    say = restores.not_back if f.step.kind in ("start", "page_off") else restores.not_restored
+    return say(f, db=db, dump=dump, safety=safety)
 
 
 def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> Backup:
@@ -180,7 +202,7 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                 f" {dump.when}, {dump.origin})? Every write made since then is LOST, and"
                 f" Releasy is DOWN until it is done:\n  " + "\n  ".join(plan.describe()),
                 yes=yes)
-        actions = RestoreActions(session, st, dump)
+        actions = RestoreActions(session, st, dump, db)
         run_sequence(plan, actions.table(), pipe=pipe, lock=lock, on_failure=actions.failed)
         for h, units in actions.running.items():
             if not units:
