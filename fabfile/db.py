@@ -14,6 +14,8 @@ from releasy_deploy.errors import DeployError, ParallelError
 from releasy_deploy.lazy import lazy_module
 
 backups = lazy_module("releasy_deploy.backups")
+db_tasks = lazy_module("releasy_deploy.db_tasks")
+restore_flow = lazy_module("releasy_deploy.restore_flow")
 dbshell = lazy_module("releasy_deploy.dbshell")
 lock_ops = lazy_module("releasy_deploy.lock")
 site_ops = lazy_module("releasy_deploy.site")
@@ -71,7 +73,7 @@ def backup(c, download=None, dry_run=False):
     pre-deploy ones are counted apart."""
     with session(dry_run=dry_run) as s:
         with _summarized(s):
-            backups.backup_task(s, download_to=download)
+            db_tasks.backup_task(s, download_to=download)
 
 
 @task(name="backups")
@@ -82,7 +84,7 @@ def list_backups(c):
     Kind: pre-deploy FROM -> TO (taken by a rollout), manual (fab db.backup) or pre-restore
     (the data fab db.restore replaced)."""
     with session(need_secrets=False) as s:
-        found = backups.list_task(s)
+        found = db_tasks.list_task(s)
         host = backups.backup_host(s.inventory).name
         if not found:
             print(f"no dumps in {backups.BACKUP_DIR} on {host} (`fab db.backup` takes one)")
@@ -110,7 +112,7 @@ def restore(c, file, yes=False, dry_run=False, wait=0):
     with session(dry_run=dry_run, action="db.restore", audited=True, hooked=True,
                  args={"file": file}) as s:
         with _summarized(s):
-            backups.restore_task(s, file, yes=yes, wait=float(wait))
+            restore_flow.restore_task(s, file, yes=yes, wait=float(wait))
 
 
 @task

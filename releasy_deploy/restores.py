@@ -4,21 +4,21 @@ again what ran before, and say where things stand.
 
 `backups.restore` runs the restore (`commands/restore.py` builds it: its own process group,
 a named database session, its transaction id in a state directory) and hands a restore that
-did not finish to `stopped`; `backups.restore_task` hands the whole task's failure to
-`task_stopped`, which restarts the app hosts (Ctrl-C/SIGTERM deferred meanwhile) and builds
-the paragraph. The cause is kept on the error, so an interrupted task exits 130/143.
+did not finish to `stopped`. `fab db.restore` is a plan run by `engine.sequence`
+(`restore_flow`); its failure hook builds the paragraph from the runner's `Failure` record
+(`not_restored`, `not_back`): what was put back and whether the dump was applied. The cause
+is kept on the error, so an interrupted task exits 130/143.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import interrupts
 from .commands import restore as restorecmd
+from .engine.sequence import Failure
 from .errors import DeployError, RestoreFailed, StepFailed, first_line
-from .tiers import maintenance_page
 
-__all__ = ["stopped", "outcome_text", "task_stopped"]
+__all__ = ["stopped", "outcome_text", "not_restored", "not_back"]
 
 
 def stopped(conn, kind: str, target: str, backup_path: str, what: str,
@@ -64,29 +64,27 @@ def outcome_text(outcome: str, why: str = "") -> str:
             f" (one transaction); compare the data (`fab db.psql`) before going on.")
 
 
-def task_stopped(session: Any, pipe: Any, *, db: str, dump: Any, safety: Any,
-                 busy: Sequence[str], start: Callable[[Any], None], was_on: bool,
-                 exc: BaseException) -> StepFailed:
-    """`fab db.restore` did not finish: start again what ran before (Ctrl-C/SIGTERM deferred:
-    the hosts must not stay down), take the maintenance page off once they are back, then
-    the paragraph: whether the dump was applied, as read on the database."""
+def not_restored(f: Failure, *, db: str, dump: Any, safety: Any) -> StepFailed:
+    """`fab db.restore` stopped before its dump was in (maintenance page, stop, restore):
+    the runner has started again what ran before and taken the page off once the hosts
+    were back (`Failure.undone`); the paragraph says whether the dump was applied, as read
+    on the database."""
+    exc = f.cause
     applied = exc.applied if isinstance(exc, RestoreFailed) else False
     note = ""
-    with interrupts.deferred("starting Releasy again after the stopped restore"):
-        with pipe.stage("failed", what="start again what ran before"):
-            try:
-                if busy:
-                    session.executor.each(busy, start)
-            except DeployError as sexc:
-                note = (f" Starting Releasy again failed as well ({first_line(sexc)}): check"
-                        f" the app hosts; the maintenance page stays on until"
-                        f" `fab proxy.maintenance --off`.")
-            else:
-                maintenance_page.switch_for_downtime(session, False, was_on=was_on)
+    started = f.undo_result("start")
+    if started is not None and not started.ok:
+        note = (f" Starting Releasy again failed as well ({first_line(started.error)}):"
+                f" check the app hosts; the maintenance page stays on until"
+                f" `fab proxy.maintenance --off`.")
     lines = str(exc).splitlines() or [type(exc).__name__]
     if not isinstance(exc, DeployError):
         lines = [f"{db}: the restore of {dump.name} stopped: {first_line(exc)}"]
-    started = f"what was running was started again{' (on the restored data)' if applied else ''}"
+    if started is None:
+        done = "Nothing had been stopped."
+    else:
+        done = (f"What was running was started again"
+                f"{' (on the restored data)' if applied else ''}.{note}")
     if applied:
         after = (f"  To go back to the data from before the restore: `fab db.restore --file"
                  f" {safety.name}`.")
@@ -97,5 +95,24 @@ def task_stopped(session: Any, pipe: Any, *, db: str, dump: Any, safety: Any,
     if not isinstance(exc, RestoreFailed):
         lines.append("  The restore had not begun: the database is unchanged.")
     cause = exc.cause if isinstance(exc, RestoreFailed) else exc
-    return StepFailed("\n".join([*lines, f"  {started[0].upper()}{started[1:]}.{note}", after]),
-                      host=db, cause=cause)
+    return StepFailed("\n".join([*lines, f"  {done}", after]), host=db, cause=cause)
+
+
+def not_back(f: Failure, *, db: str, dump: Any, safety: Any) -> DeployError:
+    """The dump is in, but Releasy did not come back (or the maintenance page did not come
+    off): nothing is put back (the restored data stays), the page stays on."""
+    exc = f.cause
+    said = str(exc) if isinstance(exc, DeployError) else first_line(exc)
+    if f.step.kind == "start":
+        text = (f"the database WAS restored from {dump.name}, but Releasy did not come back"
+                f" on every app host:\n{said}\n  The data as it was before the restore is in"
+                f" {safety.path} on {db} (`fab db.restore --file {safety.name}` goes back to"
+                f" it). The maintenance page stays on until `fab proxy.maintenance --off`.")
+    else:
+        text = (f"the database WAS restored from {dump.name} and Releasy is back, but the"
+                f" maintenance page was not switched off: {first_line(exc)}\n  `fab"
+                f" proxy.maintenance --off` ends it; the data as it was before the restore is"
+                f" in {safety.path} on {db}.")
+    if isinstance(exc, DeployError) and f.step.kind == "start":
+        return DeployError(text)
+    return StepFailed(text, cause=exc)

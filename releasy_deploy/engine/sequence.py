@@ -44,6 +44,10 @@ class Step:
     #: of it or before it (e.g. traffic already goes to the new instance: fixed forward,
     #: a re-run converges)
     final: bool = False
+    #: kinds of earlier steps this one takes over once reached: their undo no longer runs
+    #: after a failure here or later (starting the units again ends what stopping them
+    #: began; a retry of what just failed is not a way back).
+    settles: tuple[str, ...] = ()
 
     @property
     def label(self) -> str | None:
@@ -88,15 +92,17 @@ class SequencePlan:
 def plan_undo(plan: SequencePlan, failed: str) -> tuple[Step, ...]:
     """What puts things back after step ``failed`` failed: the undo of every step reached
     (the failed one included: it may have half-run), latest first, each once; nothing of a
-    `final` step that finished, or of the steps before it."""
+    `final` step that finished, or of the steps before it; not that of a step a reached step
+    settles."""
     reached = plan.kinds[: plan.kinds.index(failed) + 1]
+    settled = {k for kind in reached for k in plan.step(kind).settles}
     undo: list[Step] = []
     seen: set[str] = set()
     for kind in reversed(reached):
         s = plan.step(kind)
         if s.final and kind != failed:
             break
-        if s.undo is None or s.undo in seen:
+        if s.undo is None or s.undo in seen or kind in settled:
             continue
         seen.add(s.undo)
         undo.append(Step(s.undo, "failed", s.hosts, s.undo_what or f"undo {s.what}",

@@ -123,6 +123,12 @@ def test_restore_asks_and_without_a_terminal_refuses(split):
     assert proc.returncode == 2, proc.stderr
     assert "re-run with --yes" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     assert "DOWN" in proc.stderr  # the question says it is downtime
+    # --dry-run: the plan the run would follow, from the same data; nothing is touched.
+    dry = split.fab("db.restore", "--file", name, "--dry-run").stdout
+    assert "4. restore: restore " + name in dry, dry
+    assert ("3. stop: stop releasy.service on app1, app2 (undone by: start them again and"
+            " wait for /ready)") in dry, dry
+    assert "changed: stopped" not in dry and "would create backup" in dry
     missing = split.fab("db.restore", "--file", name.replace("_m2.", "_m9."), "--yes",
                         check=False)
     assert missing.returncode == 2 and "no dump named" in missing.stderr

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from releasy_deploy import backups, interactive
+from releasy_deploy import backups, db_state, db_tasks, interactive
 from releasy_deploy.backups import MANUAL, PRE_DEPLOY, PRE_RESTORE
 from releasy_deploy.cli import BadInput
+from releasy_deploy.commands import backup as backupcmd
 from releasy_deploy.commands import dbshell as dbshell_cmd
 from releasy_deploy.executor import Executor
 from releasy_deploy.output import Reporter
@@ -162,7 +163,7 @@ def at_level(level):
     (3, 2, {"app1": (None, None)}, False),  # nothing installed: nothing to refuse
 ])
 def test_restore_level_problem(dump_level, db_level, running, blocked):
-    problem = backups.restore_level_problem(at_level(dump_level), db_level, running)
+    problem = db_state.restore_level_problem(at_level(dump_level), db_level, running)
     assert (problem is not None) is blocked
     if blocked:
         assert "1.0.0 (on app1, app2) knows migrations up to 2" in problem
@@ -170,22 +171,22 @@ def test_restore_level_problem(dump_level, db_level, running, blocked):
 
 
 def test_units_on_hosts_groups_hosts():
-    assert backups.units_on_hosts({"app1": ["releasy.service"], "app2": ["releasy.service"],
+    assert db_state.units_on_hosts({"app1": ["releasy.service"], "app2": ["releasy.service"],
                                    "app3": []}) == "releasy.service on app1, app2"
-    assert backups.units_on_hosts({"solo": []}).startswith("nothing")
+    assert db_state.units_on_hosts({"solo": []}).startswith("nothing")
 
 
 # ====================================================================== download target
 def test_download_target(tmp_path):
-    assert backups.download_target(tmp_path) == tmp_path
-    assert backups.download_target(tmp_path, "x.dump") == tmp_path / "x.dump"
-    assert backups.download_target(tmp_path / "my copy.dump", "x.dump") == \
+    assert db_tasks.download_target(tmp_path) == tmp_path
+    assert db_tasks.download_target(tmp_path, "x.dump") == tmp_path / "x.dump"
+    assert db_tasks.download_target(tmp_path / "my copy.dump", "x.dump") == \
         tmp_path / "my copy.dump"
     (tmp_path / "old.dump").write_text("keep")
     with pytest.raises(BadInput, match="exists"):
-        backups.download_target(tmp_path / "old.dump", "x.dump")
+        db_tasks.download_target(tmp_path / "old.dump", "x.dump")
     with pytest.raises(BadInput, match="does not exist"):
-        backups.download_target(tmp_path / "nope" / "x.dump")
+        db_tasks.download_target(tmp_path / "nope" / "x.dump")
 
 
 # ====================================================================== remote scripts
@@ -237,7 +238,7 @@ def test_sqlite_restore_runs_as_the_service_account(service_dir, tmp_path):
     dump = tmp_path / name
     subprocess.run(["sqlite3", str(db), f".backup {dump}"], check=True)
     _as_nobody(nobody, lambda: sqlite3.connect(db).execute("DELETE FROM t").connection.commit())
-    argv = backups.restore_argv("sqlite", str(db), name, user="nobody")
+    argv = backupcmd.restore_argv("sqlite", str(db), name, user="nobody")
     argv[4] = str(dump)  # the dump's path: here, not in /var/backups/releasy
     res = subprocess.run(argv, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -262,19 +263,19 @@ def test_sqlite_dump_and_restore_never_write_through_planted_symlinks(service_di
                .commit())
     name = backups.snapshot_name("lab", T0, "1.0.0", 1, "sqlite")
     store = tmp_path / "store"
-    dump = backups.dump_argv("sqlite", str(db), name, user="nobody")
+    dump = backupcmd.dump_argv("sqlite", str(db), name, user="nobody")
     dump[4] = str(store)
     assert subprocess.run(dump, capture_output=True, text=True).returncode == 0
     for suffix in ("-wal", "-shm", "-journal"):
         Path(f"{db}{suffix}").symlink_to(canary)
     os.lchown(f"{db}-wal", nobody.pw_uid, nobody.pw_gid)
-    restore = backups.restore_argv("sqlite", str(db), name, user="nobody")
+    restore = backupcmd.restore_argv("sqlite", str(db), name, user="nobody")
     restore[4] = str(store / name)
     subprocess.run(restore, capture_output=True, text=True)
     db.unlink()
     db.symlink_to(canary)
     subprocess.run(restore, capture_output=True, text=True)
-    dump2 = backups.dump_argv("sqlite", str(db), backups.snapshot_name(
+    dump2 = backupcmd.dump_argv("sqlite", str(db), backups.snapshot_name(
         "lab", T0 + timedelta(hours=1), "1.0.0", 1, "sqlite"), user="nobody")
     dump2[4] = str(store)
     subprocess.run(dump2, capture_output=True, text=True)

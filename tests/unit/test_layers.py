@@ -18,11 +18,12 @@ EDGE, FLOWS, TIERS, HELPERS, COMMANDS, BASE = 5, 4, 3, 2, 1, 0
 LAYER_OF = {
     "cli": EDGE,
     "rollout": FLOWS, "maintenance": FLOWS, "bluegreen": FLOWS, "site": FLOWS,
-    "status": FLOWS, "dbshell": FLOWS,
+    "status": FLOWS, "dbshell": FLOWS, "db_tasks": FLOWS, "restore_flow": FLOWS,
     # The runner (engine), the lock, and the steps it runs: the tiers' and the backups'.
     "engine": TIERS, "tiers": TIERS, "lock": TIERS, "backups": TIERS, "restores": TIERS,
     # What blue/green decides from (its planner in engine/ reads it).
     "bluegreen_state": TIERS,
+    "db_state": TIERS,
     "commands": COMMANDS,
     "errors": BASE, "inventory": BASE, "packages": BASE, "templates": BASE,
     # The inventory's own parts: the hooks' schema, the environments' files.

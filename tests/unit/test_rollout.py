@@ -18,6 +18,7 @@ import pytest
 from releasy_deploy import backups, rollout, schema
 from releasy_deploy.engine import plan, runner, steps
 from releasy_deploy.backups import Backup
+from releasy_deploy.commands import backup as backupcmd
 from releasy_deploy.errors import BadInput
 from releasy_deploy.inventory import ReleaseSource
 from releasy_deploy.rollout import AppState, FailureReport
@@ -255,20 +256,20 @@ def test_choose_restore_point_is_the_newest_dump_the_target_can_start_on():
 
 def test_dump_and_restore_argv_are_lists_and_refuse_foreign_names():
     name = backups.backup_name("lab", T0, "1.0.0", "1.1.0", 2, "postgres")
-    argv = backups.dump_argv("postgres", "my db", name, [name])
+    argv = backupcmd.dump_argv("postgres", "my db", name, [name])
     assert argv[:2] == ["sh", "-c"] and argv[3:] == ["releasy-backup", "/var/backups/releasy",
                                                       name, "my db", name]
-    assert backups.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name,
+    assert backupcmd.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name,
                                 user="releasy")[3:] == [
         "releasy-restore", f"/var/backups/releasy/{name}", "/var/lib/releasy/releasy.db",
         "releasy"]
     with pytest.raises(ValueError, match="service account"):
-        backups.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name)
+        backupcmd.restore_argv("sqlite", "/var/lib/releasy/releasy.db", name)
     for bad in ("../../etc/shadow", "x.dump", f"{name}; reboot"):
         with pytest.raises(ValueError, match="not a backup name"):
-            backups.restore_argv("postgres", "releasy", bad)
+            backupcmd.restore_argv("postgres", "releasy", bad)
         with pytest.raises(ValueError, match="not a backup name"):
-            backups.dump_argv("postgres", "releasy", name, [bad])
+            backupcmd.dump_argv("postgres", "releasy", name, [bad])
 
 
 needs_sqlite3 = pytest.mark.skipif(shutil.which("sqlite3") is None or os.geteuid() != 0,
@@ -297,17 +298,17 @@ def test_sqlite_dump_prune_and_restore_scripts_for_real(tmp_path):
             backups.BACKUP_DIR, str(store))
         return subprocess.run(argv, capture_output=True, text=True)
 
-    res = run(backups.dump_argv("sqlite", str(db), name, [old], user="nobody"))
+    res = run(backupcmd.dump_argv("sqlite", str(db), name, [old], user="nobody"))
     assert res.returncode == 0, res.stderr
     assert f"@pruned {old}" in res.stdout and not (store / old).exists()
     assert oct((store / name).stat().st_mode & 0o777) == "0o600"
     assert oct(store.stat().st_mode & 0o777) == "0o700"
     # never overwritten
-    assert run(backups.dump_argv("sqlite", str(db), name, user="nobody")).returncode == 3
+    assert run(backupcmd.dump_argv("sqlite", str(db), name, user="nobody")).returncode == 3
     with sqlite3.connect(db) as c:
         c.execute("UPDATE t SET v = 'after'")
         c.execute("CREATE TABLE newer (x)")
-    res = run(backups.restore_argv("sqlite", str(db), name, user="nobody"))
+    res = run(backupcmd.restore_argv("sqlite", str(db), name, user="nobody"))
     assert res.returncode == 0, res.stderr
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT v FROM t").fetchall() == [("before",)]

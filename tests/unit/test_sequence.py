@@ -154,3 +154,13 @@ def test_an_undo_that_returns_kept_ends_the_undo(check, undone):
     assert log == ["start", "switch", *undone]
     assert [u.step.kind for u in seen[0].undone] == undone
     assert seen[0].kept == (check if isinstance(check, Kept) else None)
+
+
+def test_a_step_that_settles_an_earlier_one_ends_its_undo():
+    plan = SequencePlan("f", "F", (
+        Step("stop", "stop", ("h1",), "stop it", undo="start", undo_what="start it again"),
+        Step("work", "work", ("h1",), "the work"),
+        Step("start", "start", ("h1",), "start it", settles=("stop",)),
+    ))
+    assert [s.kind for s in plan_undo(plan, "work")] == ["start"]
+    assert plan_undo(plan, "start") == ()
