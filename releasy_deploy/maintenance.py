@@ -47,7 +47,7 @@ from .pipeline import Pipeline
 from .engine.plan import AppState, plan_restart
 from .engine.runner import DRAIN_TIMEOUT_S, JOURNAL_LINES, RollingRunner
 from .session import Session, select_hosts, split_names
-from .status import app_server
+from .status.assess import app_server
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
