@@ -1,12 +1,15 @@
 """Read-only probe scripts of ``fab status`` (disk use of a directory, the release the
-unit's main process runs, PostgreSQL answering and the database's size), as shell text
-for one batched facts script, and the paths and limits they use. Pure builders; the
-parsers of their output sit with the facts that read them (`releasy_deploy.status.probes`).
+unit's main process runs, PostgreSQL answering and the database's size) and of the
+rollout's preflight (the releases blue/green instance links use), as shell text for one
+batched facts script, and the paths and limits they use. Pure builders; the parsers of
+their output sit with the facts that read them (`releasy_deploy.status.probes`,
+`releasy_deploy.rollout.preflight`).
 """
 from __future__ import annotations
 
 import shlex
 
+from . import app as appcmd
 from . import postgres as pgcmd
 
 #: PostgreSQL's data directory on the db host (``fab status`` shows its disk use).
@@ -43,3 +46,10 @@ def pg_shell(database: str) -> str:
     # cd /: runuser keeps root's cwd, which postgres may not enter.
     return (f"cd / || exit 4\n{ready} || {{ echo down; exit 0; }}\n"
             f"s=$({size} 2>/dev/null) && echo \"up $s\" || echo 'up ?'")
+
+
+# The targets of the blue/green instance links (``instances/PORT -> releases/V``).
+INSTANCES_PROBE = f"""for l in {appcmd.INSTANCES_DIR}/*; do
+  [ -L "$l" ] && readlink -- "$l"
+done
+exit 0"""

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from releasy_deploy import backups, bluegreen, rollout, schema
+from releasy_deploy import backups, bluegreen, schema
 from releasy_deploy.errors import DeployError
 from releasy_deploy.facts import (
     Arch,
@@ -35,10 +35,11 @@ from releasy_deploy.facts import (
     read_fact,
     read_facts,
 )
+from releasy_deploy.rollout import preflight as rollout_preflight
 from releasy_deploy.status import probes as status_probes
 from releasy_deploy.tiers import app, db, firewall, proxy
 
-FACT_MODULES = (backups, bluegreen, rollout, schema, status_probes, app, db, firewall, proxy)
+FACT_MODULES = (backups, bluegreen, rollout_preflight, schema, status_probes, app, db, firewall, proxy)
 
 
 class LocalHost:
