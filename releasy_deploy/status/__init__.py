@@ -18,7 +18,6 @@ The deploy lock holder costs the db host one more round trip and a query through
 tunnel (`lock.holder_info`: the same answer as ``fab deploy.lock``), right after its facts
 while the other hosts are still being read.
 
-
 Nothing here changes anything and no local secret is needed. An unreachable host is a
 row marked unreachable, not a failure of the task. `StatusReport.problems` lists what is
 unhealthy; the task exits 1 when there is anything in it (see `fabfile/status.py`).
