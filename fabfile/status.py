@@ -5,6 +5,7 @@ from releasy_deploy.cli import EXIT_FAILED, READ_ONLY, operator_task, session
 from releasy_deploy.lazy import lazy_module
 
 status_ops = lazy_module("releasy_deploy.status")
+status_text = lazy_module("releasy_deploy.status.render")
 
 
 @task(help={"json": "print one JSON document instead of the table (for scripts and"
@@ -23,8 +24,8 @@ def status(c, json=False, host=None):
     with session(need_secrets=False) as s:
         report = status_ops.status(s, only=host)
     if json:
-        print(status_ops.to_json_text(report), flush=True)
+        print(status_text.to_json_text(report), flush=True)
     else:
-        print(status_ops.render_table(report), flush=True)
+        print(status_text.render_table(report), flush=True)
     if not report.healthy:
         raise Exit(code=EXIT_FAILED)

@@ -44,10 +44,11 @@ from .fleet import FleetFile, FleetRecord, behind_reason, fleet_release, undrain
 from .inventory import TIERS, Host, Inventory
 from .lock import deploy_lock
 from .pipeline import Pipeline
+from .rollout import preflight
 from .engine.plan import AppState, plan_restart
 from .engine.runner import DRAIN_TIMEOUT_S, JOURNAL_LINES, RollingRunner
 from .session import Session, select_hosts, split_names
-from .status import app_server
+from .status.assess import app_server
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
@@ -449,7 +450,7 @@ def restart(session: Session, *, host: str | None = None, batch: Any = 1, yes: b
     with ExitStack() as stack:
         with pipe.stage("preflight", what="lock, every host's state"):
             lock = stack.enter_context(deploy_lock(session, version=None, wait=wait))
-            pre = rollout.gather(session)
+            pre = preflight.gather(session)
             order = restart_plan(list(pre.apps.values()), targets, batch)
             plan = plan_restart(order.in_place, order.batches, pre.apps)
             r = RollingRunner(session, pipe, lock, pre, plan, release=None,

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from contextlib import ExitStack, contextmanager
 
-from . import bluegreen, rollout, schema
+from . import bluegreen, schema
 from .backups import BackupListing
 from .engine.plan import plan_reconfigure, plan_release_rollout
 from .engine.runner import RollingRunner
@@ -24,6 +24,7 @@ from .facts import Fact, read_facts
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
+from .rollout import preflight
 from .session import Session
 from .tiers import app, db, firewall, prepare, proxy
 
@@ -149,13 +150,13 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
     inv = session.inventory
     rolled = False
     timeout = float(inv.app.ready_timeout)
-    pre = rollout.gather(session)
+    pre = preflight.gather(session)
     states = list(pre.apps.values())
     if version is not None and any(pre.apps[n].current != version for n in deferred):
         # Checked before anything was touched too; again under the lock, on fresh facts.
         schema.refuse_if_behind(version, [st.levels for st in states], pre.backups,
                                 pre.db_level)
-        problems = rollout.preflight_problems(states, version)
+        problems = preflight.preflight_problems(states, version)
         if problems:
             raise DeployError("not switching the release (the new files are written):\n  "
                               + "\n  ".join(problems))
@@ -171,7 +172,7 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
         deferred = {n: why for n, why in deferred.items() if n in plan.skipped}
         if not deferred:
             return rolled
-        pre = rollout.gather(session)
+        pre = preflight.gather(session)
     plan = plan_reconfigure(list(deferred), pre.apps)
     pipe = Pipeline("app.setup", session.reporter)
     RollingRunner(session, pipe, lock, pre, plan, release=None,

@@ -24,11 +24,11 @@ from releasy_deploy.executor import (
     Executor,
     HostConnection,
     Result,
-    _Raw,
     render,
     render_masked,
     with_sudo,
 )
+from releasy_deploy.executor.channel import Raw
 from releasy_deploy.output import Masker, Reporter
 
 from sshd_fixture import FakeHost, FakeInventory, FakeSecrets, FakeSSH, keygen
@@ -216,7 +216,7 @@ def test_result_repr_hides_output():
     assert r.ok and not Result("h", ("false",), 1, "", "").ok
 
 
-def scripted(hc: HostConnection, *replies: _Raw) -> list[str]:
+def scripted(hc: HostConnection, *replies: Raw) -> list[str]:
     """Replace the SSH exec of one HostConnection by canned replies; return sent commands."""
     sent: list[str] = []
     queue = list(replies)
@@ -243,7 +243,7 @@ def test_sudo_refusal_becomes_sudo_error(stderr):
     host = FakeHost("db1", ssh_user="deploy")
     ex = Executor(offline_inventory(host), reporter=Reporter(io.StringIO()))
     hc = ex.conn("db1")
-    sent = scripted(hc, _Raw(1, b"", stderr))
+    sent = scripted(hc, Raw(1, b"", stderr))
     with pytest.raises(SudoError) as info:
         hc.run(["systemctl", "reload", "nginx"], sudo=True, check=False)
     assert sent == ["sudo -n -- systemctl reload nginx"]
@@ -256,7 +256,7 @@ def test_sudo_missing_becomes_sudo_error():
     host = FakeHost("db1", ssh_user="deploy")
     ex = Executor(offline_inventory(host), reporter=Reporter(io.StringIO()))
     hc = ex.conn("db1")
-    scripted(hc, _Raw(127, b"", b"bash: line 1: sudo: command not found\n"))
+    scripted(hc, Raw(127, b"", b"bash: line 1: sudo: command not found\n"))
     with pytest.raises(SudoError, match="sudo is not installed"):
         hc.run(["true"], sudo=True)
 
@@ -268,7 +268,7 @@ def test_failed_command_error_is_masked_and_actionable():
         reporter=Reporter(io.StringIO()),
     )
     hc = ex.conn("web1")
-    scripted(hc, _Raw(2, b"", b"".join(f"noise {i}\n".encode() for i in range(40)) + b"bad key key-0123456789\n"))
+    scripted(hc, Raw(2, b"", b"".join(f"noise {i}\n".encode() for i in range(40)) + b"bad key key-0123456789\n"))
     with pytest.raises(RemoteCommandError) as info:
         hc.run(["app", "check"])
     err = info.value
@@ -278,7 +278,7 @@ def test_failed_command_error_is_masked_and_actionable():
     assert "noise 0" not in str(err)  # only the tail
     assert str(err).startswith("web1: remote command failed (exit code 2): app check")
     # check=False returns the (unmasked) result instead
-    scripted(hc, _Raw(2, b"out", b"err"))
+    scripted(hc, Raw(2, b"out", b"err"))
     res = hc.run(["app", "check"], check=False)
     assert (res.exit_code, res.stdout, res.stderr) == (2, "out", "err")
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from releasy_deploy import backups, bluegreen, rollout, schema, status
+from releasy_deploy import backups, bluegreen, schema
 from releasy_deploy.errors import DeployError
 from releasy_deploy.facts import (
     Arch,
@@ -35,9 +35,12 @@ from releasy_deploy.facts import (
     read_fact,
     read_facts,
 )
+from releasy_deploy.rollout import preflight as rollout_preflight
+from releasy_deploy.status import probes as status_probes
 from releasy_deploy.tiers import app, db, firewall_state, proxy
 
-FACT_MODULES = (backups, bluegreen, rollout, schema, status, app, db, firewall_state, proxy)
+FACT_MODULES = (backups, bluegreen, rollout_preflight, schema, status_probes, app, db,
+                firewall_state, proxy)
 
 
 class LocalHost:
@@ -106,7 +109,7 @@ def test_fact_modules_are_the_owners():
 @pytest.mark.parametrize("make", [
     lambda v: FileStat(v), lambda v: DiskFree(v), lambda v: app.ReleasyReady(v),
     lambda v: app.ReleasyUnit(v), lambda v: schema.SchemaLevel("sqlite", v),
-    lambda v: db.PgServerState("releasy", v), lambda v: status.StatusDisk(v),
+    lambda v: db.PgServerState("releasy", v), lambda v: status_probes.StatusDisk(v),
     lambda v: LinkTarget(v), lambda v: proxy.ProxyText(v),
 ])
 def test_nul_bytes_are_refused(make):

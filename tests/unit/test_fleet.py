@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from releasy_deploy import fleet, rollout
+from releasy_deploy import fleet
 from releasy_deploy.engine.plan import (AppState, hold_out_behind, plan_release_rollout,
                                         serving_problems)
 from releasy_deploy.fleet import FleetRecord
 from releasy_deploy.maintenance import Rotation, RotationView
+from releasy_deploy.rollout.preflight import preflight_problems
 
 RECORD = FleetRecord("1.1.0", 3, {"app3": "1.0.0"}, "deploy.rolling", "2026-12-06T16:00Z")
 
@@ -141,6 +142,6 @@ def test_skipping_hosts_needs_two_others_to_take_turns(states, unreachable, ok):
 def test_a_held_out_host_that_does_not_start_does_not_block_the_deploy_that_fixes_it():
     # Its old release may refuse the database's newer migrations: it is updated in place.
     back = state("app3", "1.0.0", in_rotation=False, ready=False, held=True)
-    assert rollout.preflight_problems([state("app1", "1.1.0"), back], "1.1.0") == []
+    assert preflight_problems([state("app1", "1.1.0"), back], "1.1.0") == []
     not_behind = state("app3", "1.0.0", in_rotation=False, ready=False)
-    assert rollout.preflight_problems([state("app1", "1.1.0"), not_behind], "1.1.0")
+    assert preflight_problems([state("app1", "1.1.0"), not_behind], "1.1.0")

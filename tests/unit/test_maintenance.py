@@ -19,7 +19,7 @@ from releasy_deploy.cli import BadInput
 from releasy_deploy.executor import render, with_sudo
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.output import Reporter
-from releasy_deploy.rollout import AppState
+from releasy_deploy.engine.plan import AppState
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from releasy_deploy.errors import DeployError, RemoteCommandError
-from releasy_deploy.executor import Executor, HostConnection, _Raw
+from releasy_deploy.executor import Executor, HostConnection
+from releasy_deploy.executor.channel import Raw
 from releasy_deploy.facts import (
     Arch,
     DiskFree,
@@ -57,14 +58,14 @@ class Scripted:
         self.ex = Executor(inv, dry_run=dry_run, reporter=Reporter(self.out))
         self.c: HostConnection = self.ex.conn("web1")
         self.sent: list[list[str]] = []
-        self.replies: list[_Raw] = []
+        self.replies: list[Raw] = []
         self.c._exec = self._exec  # type: ignore[method-assign]
 
     def reply(self, stdout: str = "", code: int = 0, stderr: str = "") -> Scripted:
-        self.replies.append(_Raw(code, stdout.encode(), stderr.encode()))
+        self.replies.append(Raw(code, stdout.encode(), stderr.encode()))
         return self
 
-    def _exec(self, command: str, display: str, **kw) -> _Raw:
+    def _exec(self, command: str, display: str, **kw) -> Raw:
         self.sent.append(shlex.split(command))
         if not self.replies:
             raise AssertionError(f"unexpected command: {command}")

@@ -21,7 +21,11 @@ from releasy_deploy.backups import Backup
 from releasy_deploy.commands import backup as backupcmd
 from releasy_deploy.errors import BadInput
 from releasy_deploy.inventory import ReleaseSource
-from releasy_deploy.rollout import AppState, FailureReport
+from releasy_deploy.engine.plan import AppState
+from releasy_deploy.engine.recovery import FailureReport, explain_failure
+from releasy_deploy.releases import available_versions, newest_release
+from releasy_deploy.rollout.preflight import parse_instance_links, preflight_problems
+from releasy_deploy.rollout.verdict import default_target, previous_release, rollback_verdict
 
 from inventories import build
 
@@ -80,7 +84,7 @@ def test_hosts_to_roll_skips_hosts_already_on_v_and_puts_out_of_rotation_hosts_f
      "out of rotation and not answering /ready"),
 ])
 def test_preflight_problems_name_the_host_and_what_to_do(st, fragment):
-    (problem,) = rollout.preflight_problems([st, state("app2")], "1.1.0")
+    (problem,) = preflight_problems([st, state("app2")], "1.1.0")
     assert problem.startswith("app1: ") and fragment in problem
 
 
@@ -90,7 +94,7 @@ def test_preflight_problems_name_the_host_and_what_to_do(st, fragment):
     state("app1", "1.1.0", ready=False, in_rotation=False),  # cut while starting V: re-rolled
 ])
 def test_preflight_accepts_what_a_rerun_converges(st):
-    assert rollout.preflight_problems([st], "1.1.0") == []
+    assert preflight_problems([st], "1.1.0") == []
 
 
 # ====================================================================== releases
@@ -117,7 +121,7 @@ def test_releases_to_prune(installed, keep, protect, pruned):
     ([], None, None),
 ])
 def test_previous_release(installed, current, previous):
-    assert rollout.previous_release(installed, current) == previous
+    assert previous_release(installed, current) == previous
 
 
 def test_disk_needed_counts_tarball_unpacked_and_margin():
@@ -126,7 +130,7 @@ def test_disk_needed_counts_tarball_unpacked_and_margin():
 
 def test_instance_links_name_the_releases_blue_green_uses():
     out = "/opt/releasy/releases/1.1.0\nreleases/1.2.0-rc.1/\n/elsewhere\nreleases/../x\n"
-    assert rollout.parse_instance_links(out) == {"1.1.0", "1.2.0-rc.1"}
+    assert parse_instance_links(out) == {"1.1.0", "1.2.0-rc.1"}
 
 
 # ====================================================================== version probe
@@ -138,11 +142,11 @@ def test_instance_links_name_the_releases_blue_green_uses():
     ("garbage", (None, None)),
 ])
 def test_parse_version_probe(stdout, parsed):
-    assert rollout.parse_version_probe(stdout) == parsed
+    assert runner.parse_version_probe(stdout) == parsed
 
 
 def test_version_probe_argv_is_a_list_with_the_url_last():
-    argv = rollout.version_probe_argv("[2001:db8::21]:8080")
+    argv = runner.version_probe_argv("[2001:db8::21]:8080")
     assert argv[0] == "curl" and argv[-1] == "http://[2001:db8::21]:8080/version"
 
 
@@ -162,9 +166,9 @@ def test_newest_release_of_a_directory_ignores_unpinned_prereleases_and_other_ar
     (tmp_path / "releasy-server-2.0.0-linux-x86_64.tar.gz").write_bytes(b"no sum pinned")
     (tmp_path / "releasy-server-3.0.0-linux-arm64.tar.gz").write_bytes(b"other arch")
     source = _source(tmp_path)
-    assert rollout.available_versions(source) == ["1.0.0", "1.9.0", "1.10.0", "1.11.0-rc.1"]
-    assert rollout.newest_release(source) == "1.10.0"
-    assert rollout.newest_release(source, prereleases=True) == "1.11.0-rc.1"
+    assert available_versions(source) == ["1.0.0", "1.9.0", "1.10.0", "1.11.0-rc.1"]
+    assert newest_release(source) == "1.10.0"
+    assert newest_release(source, prereleases=True) == "1.11.0-rc.1"
 
 
 def test_newest_release_of_a_url_source_is_the_newest_pinned(tmp_path):
@@ -173,8 +177,8 @@ def test_newest_release_of_a_url_source_is_the_newest_pinned(tmp_path):
                     f"{'c' * 64} *releasy-server-9.0.0-linux-arm64.tar.gz\n")
     source = _source(tmp_path, url=True, sha256={"1.2.0": "d" * 64, "1.3.0-rc.1": "e" * 64},
                      sha256_file=sums)
-    assert rollout.newest_release(source) == "1.4.0"
-    assert rollout.newest_release(_source(tmp_path, url=True)) is None
+    assert newest_release(source) == "1.4.0"
+    assert newest_release(_source(tmp_path, url=True)) is None
 
 
 # ====================================================================== backups: names
@@ -429,7 +433,7 @@ def test_levels_are_recorded_for_running_releases_that_have_none():
 
 # ====================================================================== migration-aware refusal
 def verdict(target_level, db_level, *, restore_db=False, backup_name=None, backups_=()):
-    return rollout.rollback_verdict(
+    return rollback_verdict(
         environment="lab", kind="postgres", target="1.0.0", target_level=target_level,
         level_source="(record)", db_level=db_level, backups=list(backups_),
         restore_db=restore_db, backup_name=backup_name, db_host="db1")
@@ -495,7 +499,7 @@ def report(**kw) -> FailureReport:
 
 
 def test_explanation_is_one_paragraph_then_the_journal():
-    text = rollout.explain_failure(report())
+    text = explain_failure(report())
     paragraph, journal = text.split("\nLast journal lines of releasy.service on app1:\n")
     assert "\n" not in paragraph
     assert paragraph.startswith("Rolling deploy of lab to 1.2.0 stopped at app1, stage migrate"
@@ -509,20 +513,20 @@ def test_explanation_is_one_paragraph_then_the_journal():
 
 def test_explanation_of_a_failed_migration_names_the_dump_and_the_restore_command():
     dump = PRE_110[1]
-    unchanged = rollout.explain_failure(report(migration_failed=True, backup=dump,
+    unchanged = explain_failure(report(migration_failed=True, backup=dump,
                                                backup_host="db1"))
     assert f"The dump taken before this deploy is on db1: {dump.path}." in unchanged
     assert "still at migration level 3" in unchanged and "nothing needs restoring" in unchanged
     assert f"`fab deploy.rollback --to 1.1.0 --restore-db --backup {dump.name}`" in unchanged
-    moved = rollout.explain_failure(report(migration_failed=True, backup=dump,
+    moved = explain_failure(report(migration_failed=True, backup=dump,
                                            backup_host="db1", level_now=4))
     assert "now at migration level 4 (was 3)" in moved and "loses writes made since" in moved
-    off = rollout.explain_failure(report(migration_failed=True, backups_enabled=False))
+    off = explain_failure(report(migration_failed=True, backups_enabled=False))
     assert "no dump was taken before this deploy" in off
 
 
 def test_explanation_when_the_revert_and_the_rotation_fail_too():
-    text = rollout.explain_failure(report(
+    text = explain_failure(report(
         reverted={"app1": ("1.1.0", False)}, reverted_notes={"app1": " (not ready in 60 s)"},
         rotation_error="proxy1: nginx -t failed", succeeded=["app4"], done=["app5"],
         journal=""))
@@ -575,8 +579,8 @@ def test_recent_journal_argv_only_covers_this_attempt():
     assert runner.recent_journal_argv("releasy.service", 0)[-1] == "-1s"
 
 
-def _pre(*states) -> rollout.Preflight:
-    return rollout.Preflight({st.name: st for st in states}, {}, 3, [])
+def _pre(*states) -> runner.Preflight:
+    return runner.Preflight({st.name: st for st in states}, {}, 3, [])
 
 
 def test_default_rollback_target_is_the_previous_release_that_actually_ran():
@@ -584,25 +588,25 @@ def test_default_rollback_target_is_the_previous_release_that_actually_ran():
     ran = {"1.0.0": 2, "1.1.0": 3, "1.2.0": 3}  # 1.2.0-broken was staged, never ran
     pre = _pre(state("app1", "1.2.0", installed=installed, levels=ran),
                state("app2", "1.2.0", installed=installed, levels={}))
-    assert rollout.default_target(pre) == "1.1.0"
+    assert default_target(pre) == "1.1.0"
     # No records at all (releases installed by hand): the newest older installed one.
     pre = _pre(state("app1", "1.2.0", installed=installed))
-    assert rollout.default_target(pre) == "1.2.0-broken"
+    assert default_target(pre) == "1.2.0-broken"
     # Only releases every host holds.
     pre = _pre(state("app1", "1.2.0", installed=installed, levels=ran),
                state("app2", "1.2.0", installed=("1.0.0", "1.2.0"), levels=ran))
-    assert rollout.default_target(pre) == "1.0.0"
+    assert default_target(pre) == "1.0.0"
 
 
 def test_default_rollback_target_of_a_canary_is_the_release_the_other_hosts_run():
     pre = _pre(state("app1", "1.1.0"), state("app2", "1.0.0"), state("app3", "1.0.0"))
-    assert rollout.default_target(pre) == "1.0.0"
+    assert default_target(pre) == "1.0.0"
 
 
 def test_default_rollback_target_needs_one_current_release_and_an_older_one():
     with pytest.raises(BadInput, match=r"different releases \(app1: 1.1.0, app2: 1.0.0,"
                                        r" app3: 1.2.0\)"):
-        rollout.default_target(_pre(state("app1", "1.1.0"), state("app2", "1.0.0"),
+        default_target(_pre(state("app1", "1.1.0"), state("app2", "1.0.0"),
                                     state("app3", "1.2.0")))
     with pytest.raises(BadInput, match="no release older than 1.0.0"):
-        rollout.default_target(_pre(state("app1", "1.0.0", installed=("1.0.0", "1.1.0"))))
+        default_target(_pre(state("app1", "1.0.0", installed=("1.0.0", "1.1.0"))))

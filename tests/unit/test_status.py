@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from releasy_deploy import firewall as fw
-from releasy_deploy import status as st
 from releasy_deploy.backups import BackupListing
 from releasy_deploy.bluegreen import Listening
 from releasy_deploy.facts import LinkTarget
@@ -28,6 +27,12 @@ from releasy_deploy.facts import (FileSha256, FileStat, OsRelease, PackageVersio
 from releasy_deploy.fleet import FleetFile, FleetRecord
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.schema import RecordedLevels, SchemaLevel
+from releasy_deploy.status.assess import build_report
+from releasy_deploy.status.model import AppStatus, DbStatus, LockStatus
+from releasy_deploy.status.probes import (FIREWALL_FACTS, StatusDisk, StatusExe, StatusPg,
+                                          StatusVersion, fact_names, parse_disk,
+                                          parse_exe_release, parse_pg)
+from releasy_deploy.status.render import HEADERS, _size, render_table, to_json_text
 from releasy_deploy.tiers.acme import CertInfo
 from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.db import PgInstallation
@@ -64,7 +69,7 @@ def cert(days: float, issuer: str = "CN=releasy.example.test", self_signed: bool
 
 
 UPSTREAM = "upstream releasy_app {\n%s    keepalive 32;\n}\n"
-FREE = st.LockStatus(None)
+FREE = LockStatus(None)
 
 
 def upstream(*servers: str) -> str:
@@ -80,7 +85,7 @@ def upstream(*servers: str) -> str:
     ("", 3, None),
 ])
 def test_parse_disk(out, code, expected):
-    assert st.parse_disk(out, code) == expected
+    assert parse_disk(out, code) == expected
 
 
 @pytest.mark.parametrize("out,code,expected", [
@@ -92,7 +97,7 @@ def test_parse_disk(out, code, expected):
     ("", 3, None),
 ])
 def test_parse_exe_release(out, code, expected):
-    assert st.parse_exe_release(out, code) == expected
+    assert parse_exe_release(out, code) == expected
 
 
 @pytest.mark.parametrize("out,code,expected", [
@@ -103,7 +108,7 @@ def test_parse_exe_release(out, code, expected):
     ("garbage", 0, None),
 ])
 def test_parse_pg(out, code, expected):
-    assert st.parse_pg(out, code) == expected
+    assert parse_pg(out, code) == expected
 
 
 def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
@@ -111,11 +116,11 @@ def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
     d = tmp_path / "data dir"
     d.mkdir()
     (d / "f").write_bytes(b"x" * 40000)
-    probe = st.StatusDisk(str(d))
+    probe = StatusDisk(str(d))
     res = subprocess.run(["sh", "-c", probe.shell()], capture_output=True, text=True)
     used, pct = probe.parse(res.stdout, res.returncode)
     assert used >= 40000 and 0 <= pct <= 100
-    gone = subprocess.run(["sh", "-c", st.StatusDisk(f"{d}-missing").shell()],
+    gone = subprocess.run(["sh", "-c", StatusDisk(f"{d}-missing").shell()],
                           capture_output=True, text=True)
     assert probe.parse(gone.stdout, gone.returncode) is None
 
@@ -123,43 +128,43 @@ def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
 def test_every_fact_has_a_probe_and_values_are_quoted():
     for inv in (SPLIT, SINGLE):
         for host in inv.hosts:
-            names = st.fact_names(inv, host)
+            names = fact_names(inv, host)
             assert len(names) == len(set(names))
             script = build_facts_script(names, "n0nce")
             assert "n0nce" in script
-    assert shlex.quote("/var/lib/releasy") in st.StatusDisk("/var/lib/releasy").shell()
+    assert shlex.quote("/var/lib/releasy") in StatusDisk("/var/lib/releasy").shell()
     weird = "releasy@it's.service"
-    assert shlex.quote(weird) in st.StatusExe(weird).shell()
+    assert shlex.quote(weird) in StatusExe(weird).shell()
 
 
 def test_which_facts_each_host_gets():
-    by = {h.name: st.fact_names(SPLIT, h) for h in SPLIT.hosts}
+    by = {h.name: fact_names(SPLIT, h) for h in SPLIT.hosts}
     assert ReleasyUnit("releasy.service") in by["app1"]
     assert ReleasyReady("http://10.9.0.21:8080/ready") in by["app1"]
-    assert st.StatusVersion("10.9.0.22:8080") in by["app2"]
-    assert st.StatusDisk("/opt/releasy") in by["app1"]
+    assert StatusVersion("10.9.0.22:8080") in by["app2"]
+    assert StatusDisk("/opt/releasy") in by["app1"]
     assert ProxyText("/etc/nginx/releasy/upstream.conf") in by["proxy1"]
-    assert st.StatusPg("releasy") in by["db1"]
-    assert st.StatusDisk("/var/lib/postgresql") in by["db1"]
-    assert not any(isinstance(f, (ReleasyUnit, ReleasyReady, ReleasyReleases, st.StatusPg))
+    assert StatusPg("releasy") in by["db1"]
+    assert StatusDisk("/var/lib/postgresql") in by["db1"]
+    assert not any(isinstance(f, (ReleasyUnit, ReleasyReady, ReleasyReleases, StatusPg))
                    for f in by["proxy1"])
     for names in by.values():
-        assert set(st.FIREWALL_FACTS) <= set(names)
-    solo = st.fact_names(SINGLE, SINGLE.hosts[0])
+        assert set(FIREWALL_FACTS) <= set(names)
+    solo = fact_names(SINGLE, SINGLE.hosts[0])
     # One host, every tier: the blue/green instances, the proxy and the SQLite file.
     assert {ReleasyUnit("releasy@8080.service"), ReleasyUnit("releasy@8081.service"),
-            st.StatusVersion("127.0.0.1:8081"), LinkTarget("/opt/releasy/instances/8081"),
+            StatusVersion("127.0.0.1:8081"), LinkTarget("/opt/releasy/instances/8081"),
             FileStat("/var/lib/releasy/releasy.db"), ServiceActive("nginx")} <= set(solo)
 
 
 def test_facts_output_round_trip_of_the_status_probes():
     """The parsers get what the facts framework frames: stdout and exit code."""
-    names = [st.StatusPg("releasy"), st.StatusExe("releasy.service")]
+    names = [StatusPg("releasy"), StatusExe("releasy.service")]
     out = ("@@releasy:n:0:begin@@\nup 123\n\n@@releasy:n:0:end:0@@\n"
            "@@releasy:n:1:begin@@\n/opt/releasy/releases/1.1.0/releasy-server\n\n"
            "@@releasy:n:1:end:0@@\n")
     assert parse_facts_output(names, "n", out) == {
-        st.StatusPg("releasy"): (True, 123), st.StatusExe("releasy.service"): "1.1.0"}
+        StatusPg("releasy"): (True, 123), StatusExe("releasy.service"): "1.1.0"}
 
 
 # ------------------------------------------------------------------------------ facts as found
@@ -198,10 +203,10 @@ def app_facts(bind, *, state="active", ready=True, running="1.1.0", current="1.1
         ReleasyReleases(): releases(current),
         ReleasyUnit("releasy.service"): unit(state),
         ReleasyReady(f"http://{bind}/ready"): ready,
-        st.StatusVersion(bind): running if state == "active" else None,
-        st.StatusExe("releasy.service"): None,  # a script: no release in /proc/PID/exe
-        st.StatusDisk("/opt/releasy"): (70 * 1024, 23),
-        st.StatusDisk("/var/lib/releasy"): (28 * 1024, 23),
+        StatusVersion(bind): running if state == "active" else None,
+        StatusExe("releasy.service"): None,  # a script: no release in /proc/PID/exe
+        StatusDisk("/opt/releasy"): (70 * 1024, 23),
+        StatusDisk("/var/lib/releasy"): (28 * 1024, 23),
     }
 
 
@@ -213,9 +218,9 @@ def split_facts(**over):
                        upstream("10.9.0.21:8080", "10.9.0.22:8080")},
         "app1": {**ufw_facts(SPLIT, "app1"), **app_facts("10.9.0.21:8080")},
         "app2": {**ufw_facts(SPLIT, "app2"), **app_facts("10.9.0.22:8080")},
-        "db1": {**ufw_facts(SPLIT, "db1"), st.StatusPg("releasy"): (True, 8_000_000),
+        "db1": {**ufw_facts(SPLIT, "db1"), StatusPg("releasy"): (True, 8_000_000),
                 PgInstallation(): PG_15, FleetFile(): None,
-                st.StatusDisk("/var/lib/postgresql"): (42 * 2**20, 23)},
+                StatusDisk("/var/lib/postgresql"): (42 * 2**20, 23)},
     }
     for host, changes in over.items():
         if isinstance(changes, BaseException):
@@ -225,23 +230,23 @@ def split_facts(**over):
     # Every fact status reads is there (no more, no fewer).
     for h in SPLIT.hosts:
         if isinstance(found[h.name], dict):
-            assert set(found[h.name]) == set(st.fact_names(SPLIT, h)), h.name
+            assert set(found[h.name]) == set(fact_names(SPLIT, h)), h.name
     return found
 
 
 # ------------------------------------------------------------------------------ the report
 def test_a_healthy_split_environment():
-    report = st.build_report(SPLIT, split_facts(), FREE)
+    report = build_report(SPLIT, split_facts(), FREE)
     assert report.healthy and report.problems == []
     assert [h.name for h in report.hosts] == ["proxy1", "app1", "app2", "db1"]
     app1 = report.hosts[1]
-    assert app1.app == st.AppStatus("releasy.service", "active", "running", 200, "1.1.0",
+    assert app1.app == AppStatus("releasy.service", "active", "running", 200, "1.1.0",
                                     "1.1.0", True, True)
-    assert app1.firewall.matches_plan and report.hosts[3].db == st.DbStatus("postgres", True,
+    assert app1.firewall.matches_plan and report.hosts[3].db == DbStatus("postgres", True,
                                                                             8_000_000, "15")
-    table = st.render_table(report)
+    table = render_table(report)
     lines = table.splitlines()
-    assert lines[0].split() == st.HEADERS
+    assert lines[0].split() == HEADERS
     assert [ln.split()[0] for ln in lines[1:5]] == ["proxy1", "app1", "app2", "db1"]
     assert "deploy lock: free" in table and table.endswith("prod: healthy")
     row = lines[2]
@@ -255,7 +260,7 @@ def test_a_healthy_split_environment():
 
 
 def test_a_stopped_service_marks_its_host_and_makes_it_unhealthy():
-    report = st.build_report(SPLIT, split_facts(app1=app_facts(
+    report = build_report(SPLIT, split_facts(app1=app_facts(
         "10.9.0.21:8080", state="inactive", ready=False)), FREE)
     assert not report.healthy
     assert report.problems == ["app1: the proxies route requests to it but it does not"
@@ -263,8 +268,8 @@ def test_a_stopped_service_marks_its_host_and_makes_it_unhealthy():
                                " `fab app.drain --host app1`",
                                "app1: releasy.service is inactive (dead), not active",
                                "app1: /ready does not answer 200"]
-    assert "  ! app1: the proxies route requests to it" in st.render_table(report)
-    row = st.render_table(report).splitlines()[2]
+    assert "  ! app1: the proxies route requests to it" in render_table(report)
+    row = render_table(report).splitlines()[2]
     assert "stopped (current 1.1.0)" in row and "INACTIVE" in row and " NO " in row
     doc = json.loads(json.dumps(report.to_json()))
     assert doc["healthy"] is False and doc["hosts"][1]["name"] == "app1"
@@ -275,7 +280,7 @@ def test_a_stopped_service_marks_its_host_and_makes_it_unhealthy():
 def test_an_unreachable_host_is_a_row_not_a_crash():
     down = UnreachableError("app2 (deploy@10.9.0.22:22): cannot connect: [Errno 111]"
                             " Connection refused. Is the host up?", host="app2")
-    report = st.build_report(SPLIT, split_facts(app2=down), FREE)
+    report = build_report(SPLIT, split_facts(app2=down), FREE)
     app2 = report.hosts[2]
     assert not app2.reachable and app2.app is None
     assert report.problems == [
@@ -283,14 +288,14 @@ def test_an_unreachable_host_is_a_row_not_a_crash():
         " app2` takes it out (it does not need app2)",
         "app2: unreachable: app2 (deploy@10.9.0.22:22): cannot connect: [Errno 111] Connection"
         " refused. Is the host up?"]
-    assert "UNREACHABLE" in st.render_table(report).splitlines()[3]
-    assert json.loads(st.to_json_text(report))["hosts"][2]["reachable"] is False
-    keys = st.build_report(SPLIT, split_facts(app2=HostKeyError("HOST KEY CHANGED for app2")),
+    assert "UNREACHABLE" in render_table(report).splitlines()[3]
+    assert json.loads(to_json_text(report))["hosts"][2]["reachable"] is False
+    keys = build_report(SPLIT, split_facts(app2=HostKeyError("HOST KEY CHANGED for app2")),
                            FREE)
     assert not keys.hosts[2].reachable
     # A host that answered but whose probe failed is reachable, and still a problem.
     failed = RemoteCommandError("app1", "sudo -n -- sh -s", 1, "sudo: oops")
-    other = st.build_report(SPLIT, split_facts(app1=failed), FREE)
+    other = build_report(SPLIT, split_facts(app1=failed), FREE)
     assert other.hosts[1].reachable and other.hosts[1].error.startswith("remote command failed")
     assert other.problems[0].startswith("app1: could not be read: ")
 
@@ -299,7 +304,7 @@ def test_a_host_behind_the_fleet_is_headlined_reachable_or_not():
     drained = {ProxyText("/etc/nginx/releasy/upstream.conf"): upstream("10.9.0.21:8080")}
     old = app_facts("10.9.0.22:8080")
     old[ReleasyReleases()] = releases("1.0.0", "1.0.0", "1.1.0")
-    report = st.build_report(SPLIT, split_facts(proxy1=drained, app2=old), FREE)
+    report = build_report(SPLIT, split_facts(proxy1=drained, app2=old), FREE)
     assert report.headlines == (
         "app2: behind the fleet's release (it runs 1.0.0, but the hosts in rotation (app1) run"
         " 1.1.0); `fab deploy.rolling --version 1.1.0 --yes` brings it up to date, then `fab"
@@ -307,41 +312,41 @@ def test_a_host_behind_the_fleet_is_headlined_reachable_or_not():
     # Unreachable: only the record on the db host can say it.
     record = FleetRecord("1.1.0", 3, {"app2": "1.0.0"}, "deploy.rolling", "2026-12-06T16:00Z")
     down = UnreachableError("app2: cannot connect", host="app2")
-    gone = st.build_report(SPLIT, split_facts(proxy1=drained, app2=down,
+    gone = build_report(SPLIT, split_facts(proxy1=drained, app2=down,
                                               db1={FleetFile(): record}), FREE)
     assert gone.headlines == (
         "app2: behind the fleet's release (last known on 1.0.0; deploy.rolling left the fleet"
         " on 1.1.0); `fab deploy.rolling --version 1.1.0 --yes` brings it up to date, then"
         " `fab app.undrain --host app2`",)
     # Drained and on the fleet's release: only "out of rotation", no headline.
-    assert st.build_report(SPLIT, split_facts(proxy1=drained), FREE).headlines == ()
+    assert build_report(SPLIT, split_facts(proxy1=drained), FREE).headlines == ()
 
 
 def test_rotation_comes_from_every_proxy():
     drained = split_facts(proxy1={ProxyText("/etc/nginx/releasy/upstream.conf"):
                                   upstream("10.9.0.22:8080")})
-    report = st.build_report(SPLIT, drained, FREE)
+    report = build_report(SPLIT, drained, FREE)
     assert [h.app.in_rotation for h in report.hosts[1:3]] == [False, True]
     assert report.problems == ["app1: out of rotation (`fab app.undrain --host app1` puts it"
                                " back)"]
-    assert " OUT " in st.render_table(report).splitlines()[2]
+    assert " OUT " in render_table(report).splitlines()[2]
     # No proxy answer: unknown, not "out".
-    blind = st.build_report(SPLIT, split_facts(proxy1=UnreachableError("proxy1: down")), FREE)
+    blind = build_report(SPLIT, split_facts(proxy1=UnreachableError("proxy1: down")), FREE)
     assert [h.app.in_rotation for h in blind.hosts[1:3]] == [None, None]
     stranger = split_facts(proxy1={ProxyText("/etc/nginx/releasy/upstream.conf"):
                                    upstream("10.9.0.21:8080", "10.9.0.22:8080", "10.9.9.9:80")})
-    assert st.build_report(SPLIT, stranger, FREE).problems == [
+    assert build_report(SPLIT, stranger, FREE).problems == [
         "proxy1: the upstream lists servers that are no app host of the inventory: 10.9.9.9:80"]
 
 
 def test_release_drift_nginx_database_firewall_and_disk_problems():
     found = split_facts(
-        app1={st.StatusVersion("10.9.0.21:8080"): "1.0.0"},  # current says 1.1.0
+        app1={StatusVersion("10.9.0.21:8080"): "1.0.0"},  # current says 1.1.0
         proxy1={ServiceActive("nginx"): False},
-        db1={st.StatusPg("releasy"): (False, None), st.StatusDisk("/var/lib/postgresql"): (1, 95)},
+        db1={StatusPg("releasy"): (False, None), StatusDisk("/var/lib/postgresql"): (1, 95)},
         app2=ufw_facts(SPLIT, "app2", rules=fw.plan_rules(SPLIT)["app2"][:1]),
     )
-    report = st.build_report(SPLIT, found, FREE)
+    report = build_report(SPLIT, found, FREE)
     assert report.problems == [
         "proxy1: nginx is not running",
         "app1: runs 1.0.0 but current points at 1.1.0 (not restarted since the switch?)",
@@ -350,35 +355,35 @@ def test_release_drift_nginx_database_firewall_and_disk_problems():
         "db1: PostgreSQL does not answer",
         "db1: the file system of /var/lib/postgresql is 95% full",
     ]
-    table = st.render_table(report)
+    table = render_table(report)
     assert "1.0.0 (current 1.1.0)" in table and "postgres 15 DOWN" in table
     assert "DIFFERS" in table and "nginx INACTIVE" in table
-    inactive = st.build_report(SPLIT, split_facts(db1=ufw_facts(SPLIT, "db1", active=False)),
+    inactive = build_report(SPLIT, split_facts(db1=ufw_facts(SPLIT, "db1", active=False)),
                                FREE)
     assert inactive.problems == ["db1: the firewall is not active (run `fab firewall.apply`)"]
 
 
 def test_a_rule_added_by_hand_is_shown_but_not_a_problem():
     facts = ufw_facts(SPLIT, "app1", extra=["ufw allow 8443/tcp comment 'by hand'"])
-    report = st.build_report(SPLIT, split_facts(app1=facts), FREE)
+    report = build_report(SPLIT, split_facts(app1=facts), FREE)
     assert report.healthy, report.problems
     assert report.hosts[1].firewall.unmanaged == 1
-    assert "ok (+1 by hand)" in st.render_table(report)
+    assert "ok (+1 by hand)" in render_table(report)
     # One of ours that the plan no longer has: apply would remove it, so it differs.
     stale = ufw_facts(SPLIT, "app1", extra=["ufw allow 9999/tcp comment 'releasy: old'"])
-    report = st.build_report(SPLIT, split_facts(app1=stale), FREE)
+    report = build_report(SPLIT, split_facts(app1=stale), FREE)
     assert report.problems == ["app1: the firewall differs from the plan: 1 stale rule(s) of"
                                " ours (`fab firewall.status` shows them, `fab firewall.apply`"
                                " fixes them)"]
 
 
 def test_the_lock_line():
-    held = st.LockStatus("ana@laptop pid=4242 version=1.2.0 since 2026-11-26T08:00:00Z")
-    text = st.render_table(st.build_report(SPLIT, split_facts(), held))
+    held = LockStatus("ana@laptop pid=4242 version=1.2.0 since 2026-11-26T08:00:00Z")
+    text = render_table(build_report(SPLIT, split_facts(), held))
     assert "deploy lock: held by ana@laptop pid=4242 version=1.2.0" in text
-    unknown = st.LockStatus(None, "db1: cannot connect")
-    report = st.build_report(SPLIT, split_facts(), unknown)
-    assert "deploy lock: unknown (db1: cannot connect)" in st.render_table(report)
+    unknown = LockStatus(None, "db1: cannot connect")
+    report = build_report(SPLIT, split_facts(), unknown)
+    assert "deploy lock: unknown (db1: cannot connect)" in render_table(report)
     assert report.healthy  # the lock state itself is never a health problem
     assert report.to_json()["lock"] == {"held": False, "holder": None,
                                         "error": "db1: cannot connect"}
@@ -399,9 +404,9 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
              SchemaLevel("sqlite", "/var/lib/releasy/releasy.db", "releasy"): 3,
              RecordedLevels(): {}, BackupListing(): [], FleetFile(): None,
              ReleasyUnit("releasy.service"): unit("inactive"),
-             st.StatusExe("releasy.service"): None,
-             st.StatusDisk("/opt/releasy"): (140 * 1024, 40),
-             st.StatusDisk("/var/lib/releasy"): (60 * 1024, 40)}
+             StatusExe("releasy.service"): None,
+             StatusDisk("/opt/releasy"): (140 * 1024, 40),
+             StatusDisk("/var/lib/releasy"): (60 * 1024, 40)}
     for port, version in ((8080, "1.0.0"), (8081, "1.1.0")):
         live = port == live_port
         bind = f"127.0.0.1:{port}"
@@ -412,42 +417,42 @@ def single_facts(live_port=8081, *, live_state="active", ready=True):
             FileSha256(f"/etc/releasy/instance-{port}.env"): "b" * 64,
             Listening(port): live and live_state == "active",
             ReleasyReady(f"http://{bind}/ready"): live and ready,
-            st.StatusVersion(bind): None,  # no /version: the link says which release
-            st.StatusExe(f"releasy@{port}.service"): None,
+            StatusVersion(bind): None,  # no /version: the link says which release
+            StatusExe(f"releasy@{port}.service"): None,
         })
-    assert set(found) == set(st.fact_names(SINGLE, SINGLE.hosts[0]))
+    assert set(found) == set(fact_names(SINGLE, SINGLE.hosts[0]))
     return {"solo": found}
 
 
 def test_single_host_shows_the_live_blue_green_instance():
-    report = st.build_report(SINGLE, single_facts(8081), FREE)
+    report = build_report(SINGLE, single_facts(8081), FREE)
     assert report.healthy, report.problems
     solo = report.hosts[0]
     assert solo.app.unit == "releasy@8081.service" and solo.app.running == "1.1.0"
     assert solo.app.in_rotation is True and solo.app.main_pid == 301
-    assert solo.db == st.DbStatus("sqlite", True, 20480)
-    row = st.render_table(report).splitlines()[1]
+    assert solo.db == DbStatus("sqlite", True, 20480)
+    row = render_table(report).splitlines()[1]
     assert "in (releasy@8081)" in row and "releasy@8081 active pid 301" in row
     assert "nginx active" in row and "sqlite 20K" in row
     # The other instance live: it runs the release its link names (1.0.0), not `current`.
-    other = st.build_report(SINGLE, single_facts(8080), FREE)
+    other = build_report(SINGLE, single_facts(8080), FREE)
     assert other.hosts[0].app.unit == "releasy@8080.service"
     assert other.problems == ["solo: runs 1.0.0 but current points at 1.1.0 (not restarted"
                               " since the switch?)"]
 
 
 def test_single_host_with_the_live_instance_down():
-    report = st.build_report(SINGLE, single_facts(8081, live_state="failed", ready=False), FREE)
+    report = build_report(SINGLE, single_facts(8081, live_state="failed", ready=False), FREE)
     assert report.problems[:2] == ["solo: releasy@8081.service is failed (dead), not active",
                                    "solo: /ready does not answer 200"]
     lost = single_facts()
     lost["solo"][ProxyText("/etc/nginx/releasy/upstream.conf")] = upstream("10.1.1.1:80")
-    problems = st.build_report(SINGLE, lost, FREE).problems
+    problems = build_report(SINGLE, lost, FREE).problems
     assert any("a blue/green deploy needs exactly one server" in p for p in problems)
 
 
 def test_sizes_are_short():
-    assert [st._size(n) for n in (None, 0, 900, 2048, 70 * 1024, 8_000_000, 3 * 2**40)] == [
+    assert [_size(n) for n in (None, 0, 900, 2048, 70 * 1024, 8_000_000, 3 * 2**40)] == [
         "?", "0B", "900B", "2.0K", "70K", "7.6M", "3.0T"]
 
 
@@ -477,7 +482,7 @@ tls: {{mode: self-signed, server_name: releasy.unit.test}}
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == st.HEADERS and lines[1].split()[:3] == ["solo",
+    assert lines[0].split() == HEADERS and lines[1].split()[:3] == ["solo",
                                                                      "proxy,app,db", "ok"]
     assert "unit: UNHEALTHY" in lines and "  - solo: /ready does not answer 200" in lines
     doc = json.loads(subprocess.run([*fab, "--json"], cwd=ROOT, env=env, capture_output=True,
@@ -488,15 +493,15 @@ tls: {{mode: self-signed, server_name: releasy.unit.test}}
 
 # ------------------------------------------------------------------------------ certificate
 def test_certificate_issuer_and_days_show_and_under_14_days_is_unhealthy():
-    report = st.build_report(SPLIT, split_facts(), FREE)
+    report = build_report(SPLIT, split_facts(), FREE)
     proxy = report.hosts[0].proxy
     assert (proxy.cert_issuer, proxy.cert_days) == ("releasy.example.test", 299)
-    assert "nginx active, cert releasy.example.test, 299 days" in st.render_table(report)
-    soon = st.build_report(SPLIT, split_facts(proxy1={SELF_CERT: cert(13.5, "CN=Pebble CA 1a",
+    assert "nginx active, cert releasy.example.test, 299 days" in render_table(report)
+    soon = build_report(SPLIT, split_facts(proxy1={SELF_CERT: cert(13.5, "CN=Pebble CA 1a",
                                                                       False)}), FREE)
     assert soon.problems == ["proxy1: the TLS certificate expires in 13.5 days (from Pebble"
                              " CA 1a); renewal is not working"]
-    gone = st.build_report(SPLIT, split_facts(proxy1={SELF_CERT: None}), FREE)
+    gone = build_report(SPLIT, split_facts(proxy1={SELF_CERT: None}), FREE)
     assert gone.problems == ["proxy1: nginx has no TLS certificate (run `fab proxy.setup`)"]
 
 
@@ -506,7 +511,7 @@ def test_acme_mode_flags_the_bootstrap_certificate():
     facts = split_facts()
     facts["proxy1"] = {k: v for k, v in facts["proxy1"].items() if k != SELF_CERT}
     facts["proxy1"][CertInfo("/etc/nginx/releasy/tls/acme.crt")] = cert(300)
-    report = st.build_report(acme, facts, FREE)
+    report = build_report(acme, facts, FREE)
     assert report.problems == ["proxy1: still the bootstrap self-signed certificate: the ACME"
                                " CA has not issued one (run `fab proxy.setup`)"]
 
@@ -518,13 +523,13 @@ def test_each_hosts_release_and_postgresql_major_are_shown_and_an_unsupported_on
         app2={OsRelease(): {"ID": "ubuntu", "VERSION_ID": "24.04",
                             "PRETTY_NAME": "Ubuntu 24.04.1 LTS"}},
         db1={OsRelease(): trixie, PgInstallation(): pg.parse_pg_host("cluster|17|main\n", 0)})
-    report = st.build_report(SPLIT, found, FREE)
+    report = build_report(SPLIT, found, FREE)
     assert [h.os for h in report.hosts] == ["Debian 12", "Debian 13", "Ubuntu 24.04.1 LTS",
                                             "Debian 13"]
     assert report.hosts[3].db.major == "17"
     assert report.problems == ["app2: runs Ubuntu 24.04.1 LTS: not supported (Debian 12 "
                                "(bookworm), Debian 13 (trixie))"]
-    lines = st.render_table(report).splitlines()
+    lines = render_table(report).splitlines()
     assert "postgres 17 up" in lines[4] and "Ubuntu 24.04.1 LTS" in lines[3]
     doc = report.to_json()
     assert doc["hosts"][3]["os"] == "Debian 13" and doc["hosts"][3]["db"]["major"] == "17"

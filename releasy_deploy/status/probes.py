@@ -1,0 +1,159 @@
+"""What ``fab status`` reads on each host, as typed facts for ONE batched round trip: its
+own probes (`StatusDisk`, `StatusExe`, `StatusVersion`, `StatusPg`, with the parsers of
+their output) and `fact_names`, every fact a host's tiers need (the tiers', blue/green's
+and the firewall's facts included)."""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from .. import bluegreen
+from ..commands import app as appcmd
+from ..commands import postgres as pgcmd
+from ..commands import probes
+from ..engine.runner import parse_version_probe, version_probe_argv
+from ..facts import Fact, FileStat, OsRelease, PackageVersion, ServiceActive
+from ..fleet import FleetFile
+from ..inventory import VERSION_RE, Host, Inventory
+from ..packages import FIREWALL_PACKAGES
+from ..tiers import app as app_tier
+from ..tiers import proxy as proxy_tier
+from ..tiers.acme import CertInfo
+from ..tiers.db import PgInstallation
+from ..tiers.firewall_state import UfwConf, UfwDefaultsFile, UfwUserRules
+
+UNIT = app_tier.SERVICE_UNIT
+
+
+def parse_disk(out: str, code: int) -> tuple[int | None, int | None] | None:
+    """``KB PERCENT`` -> (bytes used by the directory, use% of its file system); None when
+    the directory does not exist."""
+    if code != 0:
+        return None
+    words = out.split()
+    kb = int(words[0]) if words and words[0].isdigit() else None
+    pct = words[1].rstrip("%") if len(words) > 1 else ""
+    return (kb * 1024 if kb is not None else None, int(pct) if pct.isdigit() else None)
+
+
+def parse_exe_release(out: str, code: int) -> str | None:
+    """The release a process runs, from ``readlink /proc/PID/exe``:
+    ``/opt/releasy/releases/V/releasy-server`` -> V (None for anything else, e.g. an
+    interpreter running a script). A release directory removed since still names it."""
+    if code != 0:
+        return None
+    path = out.strip().removesuffix(" (deleted)")
+    m = re.fullmatch(re.escape(appcmd.RELEASES_DIR) + r"/([^/]+)/[^/]+", path)
+    return m.group(1) if m and VERSION_RE.fullmatch(m.group(1)) else None
+
+
+def parse_pg(out: str, code: int) -> tuple[bool, int | None] | None:
+    """(up, database size in bytes) from `commands.probes.pg_shell`; None when the probe itself failed
+    (PostgreSQL not installed)."""
+    words = out.split()
+    if code != 0 or not words or words[0] not in ("up", "down"):
+        return None
+    if words[0] == "down":
+        return (False, None)
+    size = words[1] if len(words) > 1 else ""
+    return (True, int(size) if size.isdigit() else None)
+
+
+@dataclass(frozen=True)
+class StatusDisk(Fact):
+    """(bytes used by the directory ``path``, use% of its file system), or None."""
+
+    path: str
+
+    def shell(self) -> str:
+        return probes.disk_shell(self.path)
+
+    def parse(self, out: str, code: int) -> tuple[int | None, int | None] | None:
+        return parse_disk(out, code)
+
+
+@dataclass(frozen=True)
+class StatusExe(Fact):
+    """The release the unit's main process runs, from its executable, or None."""
+
+    unit: str
+
+    def shell(self) -> str:
+        return probes.exe_shell(self.unit)
+
+    def parse(self, out: str, code: int) -> str | None:
+        return parse_exe_release(out, code)
+
+
+@dataclass(frozen=True)
+class StatusVersion(Fact):
+    """The ``version`` GET /version on ``bind`` answers, or None."""
+
+    bind: str
+
+    def shell(self) -> str:
+        return shlex.join(version_probe_argv(self.bind))
+
+    def parse(self, out: str, code: int) -> str | None:
+        return parse_version_probe(out)[1]
+
+
+@dataclass(frozen=True)
+class StatusPg(Fact):
+    """(up, size of ``database`` in bytes), or None when the probe itself failed."""
+
+    database: str
+
+    def shell(self) -> str:
+        return probes.pg_shell(self.database)
+
+    def parse(self, out: str, code: int) -> tuple[bool, int | None] | None:
+        return parse_pg(out, code)
+
+
+
+def app_units(inv: Inventory, host: Host) -> dict[str, str]:
+    """unit -> bind address of every unit that may be the live Releasy on ``host``."""
+    units = {UNIT: app_tier.bind_address(inv, host)}
+    if inv.topology == "single":
+        for port in inv.app.bluegreen_ports:
+            units[bluegreen.instance_unit(port)] = bluegreen.instance_bind(port)
+    return units
+
+
+def disk_paths(inv: Inventory, host: Host) -> list[tuple[str, str]]:
+    paths = []
+    if host.has("app"):
+        paths += [("releasy", appcmd.RELEASY_ROOT), ("data", appcmd.DATA_DIR)]
+    if host.has("db") and inv.database.kind == "postgres":
+        paths.append(("pgdata", probes.PG_DATA_DIR))
+    return paths
+
+
+FIREWALL_FACTS = (PackageVersion(FIREWALL_PACKAGES[0]), UfwConf(), UfwUserRules(),
+                  UfwDefaultsFile())
+
+
+def fact_names(inv: Inventory, host: Host) -> list[Fact]:
+    """Every fact ``fab status`` reads on ``host``: ONE facts round trip."""
+    names: list[Fact] = [OsRelease(), *FIREWALL_FACTS]
+    names += [StatusDisk(path) for _, path in disk_paths(inv, host)]
+    if host.has("app"):
+        names.append(app_tier.ReleasyReleases())
+        for unit, bind in app_units(inv, host).items():
+            names += [app_tier.ReleasyUnit(unit), app_tier.ReleasyReady(appcmd.ready_url(bind)),
+                      StatusVersion(bind), StatusExe(unit)]
+        if inv.topology == "single":
+            names += bluegreen.fact_names(inv)
+    if host.has("proxy"):
+        names += [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE), ServiceActive("nginx"),
+                  CertInfo(proxy_tier.tls_paths(inv)[0])]
+    if host.has("db"):
+        names.append(FleetFile())
+        if inv.database.kind == "postgres":
+            names += [StatusPg(inv.database.name), PgInstallation()]
+        else:
+            names.append(FileStat(pgcmd.SQLITE_PATH))
+    return list(dict.fromkeys(names))
+
