@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 from fabric import Connection
 
-from ..errors import CommandTimeoutError, RemoteCommandError, SudoError, UnreachableError
+from ..errors import CommandTimeoutError, ConnectionDropped, RemoteCommandError, SudoError
 from ..output import Masker, Reporter
 from .argv import (SUDO_PREFIX, render, render_masked, tail, validate_argv, with_cwd, with_env,
                    with_sudo)
@@ -282,7 +282,7 @@ class HostConnection:
                 # Fault injection (tests): the host's SSH connection drops at this point (what
                 # it carries, the deploy lock's tunnel included, goes with it).
                 self.close()
-                raise UnreachableError(
+                raise ConnectionDropped(
                     f"{self.name}: lost the SSH connection while running: {display}"
                     f" (injected connection drop, RELEASY_FAULT). The command did not run;"
                     f" check the host and re-run.", host=self.name)
@@ -409,7 +409,7 @@ class HostConnection:
             ) from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self.close()
-            raise UnreachableError(
+            raise ConnectionDropped(
                 f"{self.name}: lost the SSH connection while running: {display}"
                 f" ({type(exc).__name__}: {self.mask(str(exc))}). The command may or may not"
                 f" have completed; check the host and re-run.",

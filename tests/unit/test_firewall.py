@@ -5,6 +5,7 @@ host after adding the rules they show.
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 import shlex
 import socket
@@ -20,7 +21,10 @@ from releasy_deploy.commands import firewall_revert as revert
 from releasy_deploy.commands import netprobe, ufw, ufw_state
 from releasy_deploy.commands.ufw import LiveRule, Rule
 from releasy_deploy.commands.ufw_state import UfwDefaults
-from releasy_deploy.errors import BadInput
+from releasy_deploy.errors import BadInput, ConnectionDropped
+from releasy_deploy.executor import Executor
+from releasy_deploy.executor.faults import FaultInjection
+from releasy_deploy.output import Reporter
 from releasy_deploy.tiers import firewall_audit as fw_audit
 from releasy_deploy.tiers import firewall_guard as fw_guard
 from releasy_deploy.tiers import firewall_state as fw_state
@@ -661,3 +665,24 @@ def test_ufw_conf_gives_enabled_logging_and_policies():
     assert st.defaults == {"incoming": "deny", "outgoing": "allow", "routed": "deny"}
     assert not ufw_state.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").active
     assert ufw_state.parse_ufw_conf("ENABLED=no\nLOGLEVEL=off\n", "").logging == "off"
+
+
+# ============================================================ the fresh-connection check
+def _dropping_executor(sshd) -> Executor:
+    """An Executor over the loopback sshd whose first host-changing command loses its
+    connection (the fault injection's drop: the command does not run)."""
+    return Executor(sshd.inventory(), reporter=Reporter(io.StringIO()),
+                    faults=FaultInjection(1, drop=True))
+
+
+def test_the_fresh_check_tries_a_new_connection_once_more_after_a_dropped_one(sshd):
+    with _dropping_executor(sshd) as fresh:
+        res = fw_guard._disarm(fresh, fresh.host("loop"), "token-1")
+    assert res.stdout.strip() == "@disarmed"
+    assert fresh.faults.count == 2
+
+
+def test_a_second_dropped_connection_reaches_the_caller(sshd):
+    with _dropping_executor(sshd) as fresh:
+        with pytest.raises(ConnectionDropped, match="lost the SSH connection"):
+            fw_guard._disarm(fresh, fresh.host("loop"), "token-1", again=False)
