@@ -25,7 +25,7 @@ from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .session import Session
-from .tiers import app, db, firewall, prepare, proxy
+from .tiers import app_secrets, app_setup, db, firewall, prepare, proxy_setup
 
 STEPS = ("db", "app", "proxy", "firewall")
 
@@ -46,7 +46,7 @@ def smoke_test(session: Session) -> None:
             raise DeployError(
                 f"{conn.name}: https://{session.inventory.tls.server_name}/ready through the "
                 f"proxy answered {result.stdout.strip() or result.stderr.strip()!r}, not 200; "
-                "check `fab app.setup` output and the app hosts' journals", host=conn.name)
+                "check `fab app_setup.setup` output and the app hosts' journals", host=conn.name)
         session.reporter.info(conn.name, "https /ready through the proxy: 200")
 
     session.executor.each(session.inventory.hosts_in("proxy"), check)
@@ -124,7 +124,7 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
     First installs (nothing serves yet) and single hosts start in parallel as before."""
     inv = session.inventory
     rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
-    done = app.setup(session, version,
+    done = app_setup.setup(session, version,
                      defer_restarts=(rolling or inv.is_single_host) and lock is not None,
                      rotate=rotate, secrets=secrets)
     unrecorded = done.unrecorded
@@ -139,7 +139,7 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
         if _roll_restarts(session, version, lock, done.deferred):
             # The rollout recorded the level of the release it rolled out everywhere.
             unrecorded = {h: v for h, v in unrecorded.items() if v != version}
-    app.record_levels(session, unrecorded)
+    app_setup.record_levels(session, unrecorded)
 
 
 def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
@@ -173,7 +173,7 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
             return rolled
         pre = rollout.gather(session)
     plan = plan_reconfigure(list(deferred), pre.apps)
-    pipe = Pipeline("app.setup", session.reporter)
+    pipe = Pipeline("app_setup.setup", session.reporter)
     RollingRunner(session, pipe, lock, pre, plan, release=None,
                   ready_timeout=timeout).run(yes=True)
     return rolled
@@ -195,7 +195,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     if not session.dry_run:
         refuse_if_locked(session)
     refuse_behind_database(session, version)
-    secrets = app.resolve_secrets(session, rotate)
+    secrets = app_secrets.resolve_secrets(session, rotate)
     with ExitStack() as stack:
         step_started = time.monotonic()
         installed = prepare.install_packages(session, seen)
@@ -215,7 +215,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
                 firewall.open_ahead(session, seen)
                 setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
-                proxy.setup(session)
+                proxy_setup.setup(session)
             else:
                 firewall.apply(session)
             session.reporter.info("site", f"{step} done in"

@@ -28,7 +28,7 @@ from ..inventory import Host, Inventory
 from ..packages import ACME_PACKAGES, APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
 from ..remote import ensure_packages
 from ..session import Session
-from . import app, db, firewall, proxy
+from . import app_facts, db, firewall, proxy_state
 
 __all__ = ["host_facts", "host_packages", "prefetch_all", "install_packages"]
 
@@ -57,9 +57,9 @@ def host_facts(inv: Inventory, host: Host) -> list[Fact]:
     if _uses_postgres(inv, host):
         facts += db.state_facts(inv)
     if host.has("app"):
-        facts += app.state_facts(inv, host)
+        facts += app_facts.state_facts(inv, host)
     if host.has("proxy"):
-        facts += proxy.state_facts(inv)
+        facts += proxy_state.state_facts(inv)
     facts += firewall.state_facts(inv, host)
     facts += [PackageVersion(p) for p in host_packages(inv, host)]
     return list(dict.fromkeys(facts))

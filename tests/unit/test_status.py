@@ -28,10 +28,10 @@ from releasy_deploy.fleet import FleetFile, FleetRecord
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.schema import RecordedLevels, SchemaLevel
 from releasy_deploy.tiers.acme import CertInfo
-from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
+from releasy_deploy.tiers.app_facts import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.db import PgInstallation
 from releasy_deploy.tiers.firewall import UfwConf, UfwDefaultsFile, UfwUserRules
-from releasy_deploy.tiers.proxy import ProxyText
+from releasy_deploy.tiers.proxy_state import ProxyText
 
 SPLIT = parse_inventory({
     "environment": "prod", "admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
