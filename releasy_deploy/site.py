@@ -21,6 +21,7 @@ from .engine.plan import plan_reconfigure, plan_release_rollout
 from .engine.runner import RollingRunner
 from .errors import DeployError
 from .facts import Fact, read_facts
+from .inventory import Inventory
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
@@ -70,23 +71,36 @@ def refuse_if_locked(session: Session) -> None:
         raise LockBusy(busy_message(session.inventory.environment, holder), holder=holder)
 
 
+def behind_database_facts(inv: Inventory, version: str | None) -> dict[str, list[Fact]]:
+    """What `refuse_behind_database` reads, host name -> facts: the recorded levels on every
+    app host, the migration level and the backups on the db host; nothing without a
+    version. `run` prefetches them with every tier's facts (no round trip of their own)."""
+    if version is None:
+        return {}
+    wanted: dict[str, list[Fact]] = {h.name: [schema.RecordedLevels()]
+                                     for h in inv.hosts_in("app")}
+    wanted.setdefault(schema.level_host(inv).name, []).extend(
+        [schema.level_fact(inv), BackupListing()])
+    return wanted
+
+
 def refuse_behind_database(session: Session, version: str | None) -> None:
     """Before anything is touched: BadInput (exit 2) when ``version`` is known to have run
     against fewer migrations than the database holds (its binary would refuse to start).
-    One read-only round trip per app host and the db host; nothing to check without a
+    Reads `behind_database_facts`: one read-only round trip per app host and the db host,
+    none on a host whose facts were prefetched (`fab site`); nothing to check without a
     database yet (a first install)."""
     if version is None:
         return
     inv = session.inventory
-    levels, where = schema.level_fact(inv), schema.level_host(inv)
-    wanted: dict[str, list[Fact]] = {h.name: [schema.RecordedLevels()]
-                                     for h in inv.hosts_in("app")}
-    wanted.setdefault(where.name, []).extend([levels, BackupListing()])
-    found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
+    wanted = behind_database_facts(inv, version)
+    found = session.executor.each(
+        [inv.host(n) for n in wanted],
+        lambda c: read_facts(c, wanted[c.name], sudo=True, reuse=True))
+    where = schema.level_host(inv).name
     schema.refuse_if_behind(version, [found[h.name][schema.RecordedLevels()]
                                       for h in inv.hosts_in("app")],
-                            found[where.name][BackupListing()], found[where.name][levels])
+                            found[where][BackupListing()], found[where][schema.level_fact(inv)])
 
 
 @contextmanager
@@ -190,8 +204,9 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     tier is touched."""
     started = time.monotonic()
     check_artifact(session, version)
-    # Every tier's first look at every host, in one parallel read (read-only).
-    seen = prepare.prefetch_all(session)
+    # Every tier's first look at every host, in one parallel read (read-only), with what
+    # the database-level check below looks at.
+    seen = prepare.prefetch_all(session, behind_database_facts(session.inventory, version))
     if not session.dry_run:
         refuse_if_locked(session)
     refuse_behind_database(session, version)

@@ -19,6 +19,7 @@ read and installed.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..executor import HostConnection
@@ -65,12 +66,16 @@ def host_facts(inv: Inventory, host: Host) -> list[Fact]:
     return list(dict.fromkeys(facts))
 
 
-def prefetch_all(session: Session) -> dict[str, dict[Fact, Any]]:
+def prefetch_all(session: Session, extra: Mapping[str, Iterable[Fact]] | None = None
+                 ) -> dict[str, dict[Fact, Any]]:
     """Read every host's facts at once (one round trip per host, all hosts in parallel;
-    those of ``--limit``)."""
+    those of ``--limit``). ``extra``: host name -> more facts the caller will look at on
+    that host before anything changes (read in the same round trip)."""
     inv = session.inventory
-    return session.executor.each(session.targets(inv.hosts),
-                                 lambda c: prefetch(c, host_facts(inv, c.host), sudo=True))
+    more = extra or {}
+    return session.executor.each(
+        session.targets(inv.hosts),
+        lambda c: prefetch(c, [*host_facts(inv, c.host), *more.get(c.name, ())], sudo=True))
 
 
 def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list[str]:
