@@ -1,6 +1,6 @@
 """nginx on the proxy hosts, as data: argv lists and shell scripts built from quoted parts.
 
-Pure functions only (no SSH); `releasy_deploy.tiers.proxy` hands what they build to the
+Pure functions only (no SSH); `releasy_deploy.tiers.proxy_apply` hands what they build to the
 executor. Every value that reaches a script goes through `shlex.quote`.
 
 The one script that changes nginx's configuration (`apply_script`) does, in ONE remote
