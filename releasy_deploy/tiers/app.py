@@ -50,7 +50,6 @@ def run_script(c: HostConnection, script: str, label: str, *, hint: str) -> None
     )
 
 
-
 def _releases(c: HostConnection) -> cmd.ReleaseState:
     return read_fact(c, ReleasyReleases(), sudo=True)
 

@@ -108,7 +108,6 @@ class HostFacts:
     levels: Mapping[str, int] = field(default_factory=dict)  # release -> recorded level
 
 
-
 _MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}",
                   f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
 

@@ -93,4 +93,3 @@ def resolve_states(session: Session, states: dict[str, kept.KeptState],
     for name in res.rotated:
         session.reporter.info("secrets", f"WARNING: rotating {name}: {ROTATION_EFFECTS[name]}")
     return res, states
-

@@ -55,7 +55,6 @@ class _Plan:
         return self.inv.app.service_user
 
 
-
 def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> HostFacts:
     bind = bind_address(plan.inv, c.host)
     extra = [KeptSecrets()] if with_secrets else []
@@ -77,7 +76,6 @@ def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> Ho
         instances_ready={p: found[ReleasyReady(cmd.ready_url(cmd.instance_bind(p)))]
                          for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
     )
-
 
 
 def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,

@@ -22,7 +22,6 @@ class NginxConfigRejected(DeployError):
     """``nginx -t`` refused the new files; they were rolled back, nothing was reloaded."""
 
 
-
 @dataclass
 class Upload:
     """A file to upload (to a staging path) before the apply script runs."""
@@ -44,7 +43,6 @@ class Item:
     diff_path: str | None = None
     uploads: list[Upload] = field(default_factory=list)
     ops: list[cmd.Op] = field(default_factory=list)
-
 
 
 def report_item(c: HostConnection, item: Item) -> None:
@@ -113,4 +111,3 @@ def apply(c: HostConnection, ops: Sequence[cmd.Op], *, enable: bool, fix_hint: s
         c.name, f"sh -s  # script: swap nginx config ({len(ops)} operations)",
         res.exit_code, said,
         hint=f"the previous files were restored; fix the cause on {c.name} and re-run")
-

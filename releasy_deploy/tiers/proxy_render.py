@@ -146,4 +146,3 @@ def staged_path(path: str, token: str) -> str:
     head, _, name = path.rpartition("/")
     # A dot name: nginx's "include sites-enabled/*" never picks it up.
     return f"{head}/.{name}.releasy-new-{token}"
-

@@ -154,7 +154,6 @@ def _upstream_servers_to_write(c: HostConnection, inv: Inventory, live_text: str
     return live
 
 
-
 def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
                 tls_material: tuple[bytes, bytes] | None, environ: Mapping[str, str]) -> None:
     st = read_state(c, inv)
@@ -261,7 +260,6 @@ def _read_tls_material(inv: Inventory, session: Any) -> tuple[bytes, bytes] | No
     return cert, key
 
 
-
 def setup(session: Any, *, reset_upstreams: bool = False,
           environ: Mapping[str, str] = os.environ) -> None:
     """Install and configure nginx on every proxy host (those of ``session.limit``), in
@@ -283,4 +281,3 @@ def setup(session: Any, *, reset_upstreams: bool = False,
                     environ=environ)
 
     session.executor.each(hosts, one)
-

@@ -139,4 +139,3 @@ def assume_installed(st: HostState) -> HostState:
     st.default_site = True
     st.active = st.enabled = True
     return st
-
