@@ -22,7 +22,7 @@ from releasy_deploy.lazy import lazy_module
 
 maintenance = lazy_module("releasy_deploy.maintenance")
 inventory = lazy_module("releasy_deploy.inventory")
-tier_app = lazy_module("releasy_deploy.tiers.app")
+app_secrets = lazy_module("releasy_deploy.tiers.app_secrets")
 
 
 @task(help={"tier": "proxy, app or db: every host of that tier",
@@ -42,7 +42,7 @@ def run(c, tier=None, host=None, command=None):
         if tier in inventory.TIERS or tier is None:
             # `cat /etc/releasy/releasy.env` must not print the secrets that live only on
             # the hosts (the database password, a kept pepper) in clear either.
-            tier_app.mask_host_secrets(s, maintenance.adhoc_hosts(s.inventory, tier, host))
+            app_secrets.mask_host_secrets(s, maintenance.adhoc_hosts(s.inventory, tier, host))
         maintenance.run_adhoc(s, tier, command or "", host=host)
 
 

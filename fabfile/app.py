@@ -8,7 +8,7 @@ from releasy_deploy.lazy import lazy_module
 
 maintenance = lazy_module("releasy_deploy.maintenance")
 site_ops = lazy_module("releasy_deploy.site")
-tier_app = lazy_module("releasy_deploy.tiers.app")
+app_secrets = lazy_module("releasy_deploy.tiers.app_secrets")
 
 
 @task(help={"version": "release to install and run, e.g. 1.2.3 (default: keep each host's"
@@ -93,7 +93,7 @@ def logs(c, host=None, lines=DEFAULT_LOG_LINES, follow=False):
     with session() as s:
         # Journal lines can quote the environment (a crash dump, a debug log): hide the
         # secrets that live only on the hosts too.
-        tier_app.mask_host_secrets(s, maintenance.app_hosts(s.inventory, host))
+        app_secrets.mask_host_secrets(s, maintenance.app_hosts(s.inventory, host))
         maintenance.logs(s, host=host, lines=lines, follow=follow)
 
 

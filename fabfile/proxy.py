@@ -6,7 +6,7 @@ from releasy_deploy.cli import BadInput, operator_task, session
 from releasy_deploy.lazy import lazy_module
 
 site_ops = lazy_module("releasy_deploy.site")
-proxy = lazy_module("releasy_deploy.tiers.proxy")
+proxy_setup = lazy_module("releasy_deploy.tiers.proxy_setup")
 maintenance_page = lazy_module("releasy_deploy.tiers.maintenance_page")
 
 
@@ -26,7 +26,7 @@ def setup(c, dry_run=False, reset_upstreams=False, wait=0, limit=None):
         s.limit_to(limit)
         try:
             with site_ops.change_lock(s, wait=float(wait)):
-                proxy.setup(s, reset_upstreams=reset_upstreams)
+                proxy_setup.setup(s, reset_upstreams=reset_upstreams)
         finally:
             s.reporter.summary()
 

@@ -7,7 +7,7 @@ code into a typed value. The fact object is its own key: equal by value, hashabl
 ``read_facts(c, [FileStat(p)])[FileStat(p)]`` is how a caller asks and reads.
 
 The generic facts live here; a fact whose meaning belongs to a tier or a flow lives next to
-that code (``tiers/app.py: ReleasyReady``, ``schema.py: SchemaLevel``, ...). Nothing is
+that code (``tiers/app_facts.py: ReleasyReady``, ``schema.py: SchemaLevel``, ...). Nothing is
 registered anywhere: a caller imports the class it reads.
 """
 from __future__ import annotations

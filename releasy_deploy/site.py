@@ -21,12 +21,13 @@ from .engine.plan import plan_reconfigure, plan_release_rollout
 from .engine.runner import RollingRunner
 from .errors import DeployError
 from .facts import Fact, read_facts
+from .inventory import Inventory
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .rollout import preflight
 from .session import Session
-from .tiers import app, db, firewall, prepare, proxy
+from .tiers import app_secrets, app_setup, db, firewall, prepare, proxy_setup
 
 STEPS = ("db", "app", "proxy", "firewall")
 
@@ -47,7 +48,7 @@ def smoke_test(session: Session) -> None:
             raise DeployError(
                 f"{conn.name}: https://{session.inventory.tls.server_name}/ready through the "
                 f"proxy answered {result.stdout.strip() or result.stderr.strip()!r}, not 200; "
-                "check `fab app.setup` output and the app hosts' journals", host=conn.name)
+                "check `fab app_setup.setup` output and the app hosts' journals", host=conn.name)
         session.reporter.info(conn.name, "https /ready through the proxy: 200")
 
     session.executor.each(session.inventory.hosts_in("proxy"), check)
@@ -71,23 +72,36 @@ def refuse_if_locked(session: Session) -> None:
         raise LockBusy(busy_message(session.inventory.environment, holder), holder=holder)
 
 
+def behind_database_facts(inv: Inventory, version: str | None) -> dict[str, list[Fact]]:
+    """What `refuse_behind_database` reads, host name -> facts: the recorded levels on every
+    app host, the migration level and the backups on the db host; nothing without a
+    version. `run` prefetches them with every tier's facts (no round trip of their own)."""
+    if version is None:
+        return {}
+    wanted: dict[str, list[Fact]] = {h.name: [schema.RecordedLevels()]
+                                     for h in inv.hosts_in("app")}
+    wanted.setdefault(schema.level_host(inv).name, []).extend(
+        [schema.level_fact(inv), BackupListing()])
+    return wanted
+
+
 def refuse_behind_database(session: Session, version: str | None) -> None:
     """Before anything is touched: BadInput (exit 2) when ``version`` is known to have run
     against fewer migrations than the database holds (its binary would refuse to start).
-    One read-only round trip per app host and the db host; nothing to check without a
+    Reads `behind_database_facts`: one read-only round trip per app host and the db host,
+    none on a host whose facts were prefetched (`fab site`); nothing to check without a
     database yet (a first install)."""
     if version is None:
         return
     inv = session.inventory
-    levels, where = schema.level_fact(inv), schema.level_host(inv)
-    wanted: dict[str, list[Fact]] = {h.name: [schema.RecordedLevels()]
-                                     for h in inv.hosts_in("app")}
-    wanted.setdefault(where.name, []).extend([levels, BackupListing()])
-    found = session.executor.each([inv.host(n) for n in wanted],
-                                  lambda c: read_facts(c, wanted[c.name], sudo=True))
+    wanted = behind_database_facts(inv, version)
+    found = session.executor.each(
+        [inv.host(n) for n in wanted],
+        lambda c: read_facts(c, wanted[c.name], sudo=True, reuse=True))
+    where = schema.level_host(inv).name
     schema.refuse_if_behind(version, [found[h.name][schema.RecordedLevels()]
                                       for h in inv.hosts_in("app")],
-                            found[where.name][BackupListing()], found[where.name][levels])
+                            found[where][BackupListing()], found[where][schema.level_fact(inv)])
 
 
 @contextmanager
@@ -125,7 +139,7 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
     First installs (nothing serves yet) and single hosts start in parallel as before."""
     inv = session.inventory
     rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
-    done = app.setup(session, version,
+    done = app_setup.setup(session, version,
                      defer_restarts=(rolling or inv.is_single_host) and lock is not None,
                      rotate=rotate, secrets=secrets)
     unrecorded = done.unrecorded
@@ -140,7 +154,7 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
         if _roll_restarts(session, version, lock, done.deferred):
             # The rollout recorded the level of the release it rolled out everywhere.
             unrecorded = {h: v for h, v in unrecorded.items() if v != version}
-    app.record_levels(session, unrecorded)
+    app_setup.record_levels(session, unrecorded)
 
 
 def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
@@ -174,7 +188,7 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
             return rolled
         pre = preflight.gather(session)
     plan = plan_reconfigure(list(deferred), pre.apps)
-    pipe = Pipeline("app.setup", session.reporter)
+    pipe = Pipeline("app_setup.setup", session.reporter)
     RollingRunner(session, pipe, lock, pre, plan, release=None,
                   ready_timeout=timeout).run(yes=True)
     return rolled
@@ -191,12 +205,13 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     tier is touched."""
     started = time.monotonic()
     check_artifact(session, version)
-    # Every tier's first look at every host, in one parallel read (read-only).
-    seen = prepare.prefetch_all(session)
+    # Every tier's first look at every host, in one parallel read (read-only), with what
+    # the database-level check below looks at.
+    seen = prepare.prefetch_all(session, behind_database_facts(session.inventory, version))
     if not session.dry_run:
         refuse_if_locked(session)
     refuse_behind_database(session, version)
-    secrets = app.resolve_secrets(session, rotate)
+    secrets = app_secrets.resolve_secrets(session, rotate)
     with ExitStack() as stack:
         step_started = time.monotonic()
         installed = prepare.install_packages(session, seen)
@@ -216,7 +231,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
                 firewall.open_ahead(session, seen)
                 setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
-                proxy.setup(session)
+                proxy_setup.setup(session)
             else:
                 firewall.apply(session)
             session.reporter.info("site", f"{step} done in"

@@ -1,6 +1,6 @@
 """nginx on the proxy hosts, as data: argv lists and shell scripts built from quoted parts.
 
-Pure functions only (no SSH); `releasy_deploy.tiers.proxy` hands what they build to the
+Pure functions only (no SSH); `releasy_deploy.tiers.proxy_apply` hands what they build to the
 executor. Every value that reaches a script goes through `shlex.quote`.
 
 The one script that changes nginx's configuration (`apply_script`) does, in ONE remote
@@ -40,9 +40,21 @@ __all__ = [
     "apply_script", "reload_script", "wait_old_workers_script", "parse_markers",
     "tidy_nginx_messages", "MAINTENANCE_FLAG", "MAINTENANCE_PAGE", "MAINTENANCE_URI",
     "MAINTENANCE_RETRY_AFTER_S", "EXIT_NO_MAINTENANCE_PAGE", "maintenance_argv",
+    "SITE_FILE", "SITE_LINK", "DEFAULT_SITE", "CONF_DIR", "TLS_DIR", "UPSTREAM_FILE",
+    "UPSTREAM_NAME",
 ]
 
 SERVICE = "nginx"
+
+# Where Releasy's nginx files live on a proxy host (`tiers.proxy_setup` writes them).
+SITE_FILE = "/etc/nginx/sites-available/releasy.conf"
+SITE_LINK = "/etc/nginx/sites-enabled/releasy.conf"
+DEFAULT_SITE = "/etc/nginx/sites-enabled/default"  # Debian's "Welcome to nginx" site
+CONF_DIR = "/etc/nginx/releasy"
+TLS_DIR = f"{CONF_DIR}/tls"
+#: The upstream block alone, included by the site: the rotation rollouts rewrite.
+UPSTREAM_FILE = f"{CONF_DIR}/upstream.conf"
+UPSTREAM_NAME = "releasy_app"
 LOCK_PATH = "/run/releasy-nginx.lock"
 RELOAD_TIMEOUT = 20  # seconds for the master to start workers with the new configuration
 LOCK_TIMEOUT = 120   # seconds to wait for another releasy change on the same host
@@ -515,8 +527,8 @@ def parse_markers(stdout: str) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------- maintenance page
 #: While this file exists, the site answers every HTTPS request with 503, ``Retry-After``
 #: and the maintenance page (nginx checks for it per request: no reload to switch).
-MAINTENANCE_FLAG = "/etc/nginx/releasy/maintenance.on"
-MAINTENANCE_PAGE = "/etc/nginx/releasy/maintenance.html"
+MAINTENANCE_FLAG = f"{CONF_DIR}/maintenance.on"
+MAINTENANCE_PAGE = f"{CONF_DIR}/maintenance.html"
 MAINTENANCE_URI = "/releasy-maintenance.html"  # internal: clients cannot request it
 MAINTENANCE_RETRY_AFTER_S = 30
 EXIT_NO_MAINTENANCE_PAGE = 20  # the proxy's site predates the page: run fab proxy.setup

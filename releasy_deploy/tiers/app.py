@@ -1,226 +1,42 @@
-"""App tier: Releasy on every app host, as an unprivileged systemd service.
+"""The app tier's steps on one app host, as the flows (rolling and blue/green rollouts,
+restores, `tiers.app_setup`) run them: stage a release, switch ``current`` to it, restart
+the service, wait until it is ready (or show its journal).
 
-`setup` works in two passes over the app hosts, each pass in parallel:
-
-1. look: ONE batched facts script per host reads everything the later steps compare
-   against (packages, account, directories, files, releases, unit state, readiness);
-2. act: each step compares with those facts and only acts on a difference, reporting
-   changed / ok / would change. A run that finds nothing to do costs that one round trip.
-
-Before either pass the release tarball is verified locally (`releases.fetch_release`), so a
-bad artifact fails with nothing changed on any host. Release switches follow Capistrano:
-unpack into ``/opt/releasy/releases/V`` via a temp dir + rename, then switch the
-``/opt/releasy/current`` symlink atomically. The service restarts only when something it
-uses changed (release, env file, unit), and is then polled on ``/ready`` from the host.
-
-The helpers below `setup` (`stage_release`, `activate_release`, `wait_ready`, ...) are the
-building blocks the rolling and blue/green rollouts reuse.
+Release switches follow Capistrano: unpack into ``/opt/releasy/releases/V`` via a temp dir +
+rename, then switch the ``/opt/releasy/current`` symlink atomically. Readiness is polled on
+``/ready`` from the host itself. The facts are in `tiers.app_facts`, setting hosts up in
+`tiers.app_setup`, the secrets in `tiers.app_secrets`.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-import shlex
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
-from urllib.parse import quote
 
 from ..commands import app as cmd
-from ..commands import kept_secrets as kept
 from ..commands import systemd
-from .. import schema
 from ..errors import BadInput, DeployError
 from ..executor import HostConnection, tail
-from ..facts import (Fact, FileSha256, FileStat, OsRelease, PackageVersion, read_fact,
-                     read_facts)
-from ..inventory import Inventory, check_version
-from ..hostos import check_release
-from ..packages import APP_PACKAGES
-from ..releases import LocalRelease, fetch_release
-from ..secret_policy import ROTATION_EFFECTS, Resolution, SecretDrift, resolve
-from ..remote import Change, ensure_packages, render_diff, report
-from ..session import Session
-from . import db as db_tier
-from .proxy import UPSTREAM_FILE
+from ..facts import read_fact
+from ..inventory import check_version
+from ..releases import LocalRelease
+from ..remote import Change, report
+from .app_facts import SERVICE_UNIT, ReleasyReleases
+# Reached as ``app_tier.X`` by flows split in parallel (rollout, status, bluegreen, backups,
+# maintenance, engine.runner): kept importable from here; new code imports app_facts.
+from .app_facts import ReleasyReady, ReleasyUnit, bind_address
 
 __all__ = [
-    "setup", "AppSetup", "record_levels", "stage_release", "activate_release",
-    "current_release", "installed_releases",
-    "restart_service", "wait_ready", "journal_tail", "bind_address", "database_url",
-    "resolve_secrets", "mask_host_secrets", "SERVICE_UNIT", "KeptSecrets", "ReleasyAccount", "ReleasyReleases", "ReleasyUnit", "ReleasyReady",
+    "run_script", "current_release", "installed_releases", "stage_release", "stage_with",
+    "activate_release", "activate_from", "restart_service", "journal_tail", "wait_ready",
+    "JOURNAL_LINES", "SERVICE_UNIT", "ReleasyReleases", "ReleasyReady", "ReleasyUnit",
+    "bind_address",
 ]
-
-SERVICE_UNIT = cmd.SERVICE
-bind_address = cmd.bind_address
-
-PACKAGES = APP_PACKAGES
 
 JOURNAL_LINES = 30
 
 
-# ------------------------------------------------------------------------------ facts
-@dataclass(frozen=True)
-class ReleasyAccount(Fact):
-    """The service account ``name`` (`commands.app.Account`)."""
-
-    name: str
-
-    def shell(self) -> str:
-        return cmd.account_probe(self.name)
-
-    def parse(self, out: str, code: int) -> cmd.Account:
-        return cmd.parse_account(out)
-
-
-@dataclass(frozen=True)
-class ReleasyReleases(Fact):
-    """The installed releases and where ``current`` points (`commands.app.ReleaseState`)."""
-
-    def shell(self) -> str:
-        return cmd.RELEASES_PROBE
-
-    def parse(self, out: str, code: int) -> cmd.ReleaseState:
-        return cmd.parse_releases(out)
-
-
-@dataclass(frozen=True)
-class ReleasyUnit(Fact):
-    """``systemctl show`` of a Releasy unit, as {property: value}."""
-
-    unit: str
-
-    def shell(self) -> str:
-        return shlex.join(systemd.show_argv(self.unit))
-
-    def parse(self, out: str, code: int) -> dict[str, str]:
-        return systemd.parse_show(out)
-
-
-@dataclass(frozen=True)
-class ReleasyReady(Fact):
-    """GET ``url`` (a /ready URL) answered 2xx from the host itself."""
-
-    url: str
-
-    def shell(self) -> str:
-        return f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(self.url)}"
-
-    def parse(self, out: str, code: int) -> bool:
-        return code == 0
-
-
-@dataclass(frozen=True)
-class KeptSecrets(Fact):
-    """The secrets the host keeps (`commands.kept_secrets.KeptState`): the kept file, and
-    the secret lines of releasy.env (hosts set up before the file existed)."""
-
-    def shell(self) -> str:
-        return kept.PROBE
-
-    def parse(self, out: str, code: int) -> kept.KeptState:
-        return kept.parse_probe(out)
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    missing_packages: tuple[str, ...]
-    account: cmd.Account
-    stats: dict[str, dict[str, Any] | None]  # path -> file_stat fact
-    sums: dict[str, str | None]  # path -> sha256 of a regular file
-    releases: cmd.ReleaseState
-    unit: dict[str, str]  # systemctl show of releasy.service
-    ready: bool
-    instances: dict[int, dict[str, str]]  # blue/green port -> systemctl show (single host)
-    instances_ready: dict[int, bool]
-    kept: kept.KeptState | None = None  # the host's kept secrets, when read in this batch
-    levels: Mapping[str, int] = field(default_factory=dict)  # release -> recorded level
-
-
-@dataclass(frozen=True)
-class _Plan:
-    inv: Inventory
-    secrets: Any
-    version: str | None
-    release: LocalRelease | None
-    database_url: str
-    kept: Mapping[str, kept.KeptState] = field(default_factory=dict)  # host -> kept secrets
-
-    @property
-    def user(self) -> str:
-        return self.inv.app.service_user
-
-
-_MANAGED_FILES = (cmd.ENV_FILE, f"{cmd.UNIT_DIR}/{cmd.SERVICE}",
-                  f"{cmd.UNIT_DIR}/{cmd.TEMPLATE_UNIT}")
-
-
-def state_facts(inv: Inventory, host: Any) -> list[Fact]:
-    """What the app tier looks at on one app host, the kept secrets included (one round
-    trip; `fab site` prefetches it)."""
-    db_file = cmd.sqlite_path(db_tier.SQLITE_URL) if inv.database.kind == "sqlite" else None
-    return [OsRelease(), *_fact_names(inv, bind_address(inv, host), db_file), KeptSecrets()]
-
-
-def _fact_names(inv: Inventory, bind: str, db_file: str | None) -> list[Fact]:
-    user = inv.app.service_user
-    names: list[Fact] = [PackageVersion(p) for p in PACKAGES]
-    names.append(ReleasyAccount(user))
-    names += [FileStat(d.path) for d in cmd.directories(user, user)]
-    for path in _MANAGED_FILES:
-        names += [FileStat(path), FileSha256(path)]
-    if db_file:
-        names.append(FileStat(db_file))
-    names += [ReleasyReleases(), ReleasyUnit(SERVICE_UNIT), ReleasyReady(cmd.ready_url(bind)),
-              schema.RecordedLevels()]
-    if inv.is_single_host:
-        # Whether the proxy routes to Releasy yet: only then does a restart cost requests.
-        names.append(FileStat(UPSTREAM_FILE))
-        # Blue/green instances (fab deploy.bluegreen) may have taken over from releasy.service.
-        for port in inv.app.bluegreen_ports:
-            names += [ReleasyUnit(cmd.instance_unit(port)),
-                      ReleasyReady(cmd.ready_url(cmd.instance_bind(port)))]
-    return names
-
-
-def live_instance(inv: Inventory, f: "HostFacts") -> int | None:
-    """The port of the blue/green instance serving instead of releasy.service, if any.
-
-    After the first `fab deploy.bluegreen`, releasy.service is disabled and releasy@PORT
-    runs; app.setup must then leave the service alone rather than start a second copy."""
-    if f.unit.get("UnitFileState") == "enabled":
-        return None
-    for port in inv.app.bluegreen_ports:
-        props = f.instances.get(port, {})
-        if props.get("UnitFileState") == "enabled" or props.get("ActiveState") == "active":
-            return port
-    return None
-
-
-def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> HostFacts:
-    bind = bind_address(plan.inv, c.host)
-    extra = [KeptSecrets()] if with_secrets else []
-    names = _fact_names(plan.inv, bind, cmd.sqlite_path(plan.database_url))
-    found = read_facts(c, [OsRelease(), *names, *extra], sudo=True, reuse=True)
-    check_release(c.name, found[OsRelease()])  # before anything is changed on it
-    return HostFacts(
-        kept=found.get(KeptSecrets()),
-        missing_packages=tuple(p for p in PACKAGES if not found[PackageVersion(p)]),
-        account=found[ReleasyAccount(plan.user)],
-        stats={k.path: v for k, v in found.items() if isinstance(k, FileStat)},
-        sums={k.path: v for k, v in found.items() if isinstance(k, FileSha256)},
-        releases=found[ReleasyReleases()],
-        levels=found[schema.RecordedLevels()],
-        unit=found[ReleasyUnit(SERVICE_UNIT)],
-        ready=found[ReleasyReady(cmd.ready_url(bind))],
-        instances={p: found[ReleasyUnit(cmd.instance_unit(p))]
-                   for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
-        instances_ready={p: found[ReleasyReady(cmd.ready_url(cmd.instance_bind(p)))]
-                         for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
-    )
-
-
-def _run_script(c: HostConnection, script: str, label: str, *, hint: str) -> None:
+def run_script(c: HostConnection, script: str, label: str, *, hint: str) -> None:
     """Run a mutating script as root; a failure names the step and what to do."""
     res = c.run_script(script, sudo=True, check=False, label=label)
     if res.ok or res.dry_run:
@@ -234,446 +50,6 @@ def _run_script(c: HostConnection, script: str, label: str, *, hint: str) -> Non
     )
 
 
-# ------------------------------------------------------------------------------ the task
-def database_url(session: Session) -> str:
-    """RELEASY_DATABASE_URL, from the db tier: the one place the app tier asks for it.
-
-    For PostgreSQL the URL holds the role's password; it is registered with the masker
-    (the db tier does so too) before anything could print it.
-    """
-    url = db_tier.database_url(session)
-    password = cmd.database_password(url)
-    if password:
-        session.executor.masker.add([password, quote(password, safe="")])
-    return url
-
-
-def resolve_secrets(session: Session, rotate: Iterable[str] = ()
-                    ) -> tuple[Resolution, dict[str, kept.KeptState]]:
-    """The secrets every app host must run with, checked against what the hosts keep
-    (one round trip per app host, in parallel). Raises BadInput (exit 2, nothing changed)
-    when a value would change without ``--rotate-secret NAME``; warns what a requested
-    rotation breaks. Every value read is masked before anything could print it."""
-    states = session.executor.each(
-        session.inventory.hosts_in("app"),
-        lambda c: read_fact(c, KeptSecrets(), sudo=True, reuse=True))
-    return _resolve_states(session, states, rotate)
-
-
-def mask_host_secrets(session: Session, hosts: Iterable[Any] = ()) -> None:
-    """Register the secrets that live only on hosts with the masker before a task that
-    prints what hosts say (`fab app.logs`, `fab run`): the database password (PostgreSQL)
-    and the secrets kept on those of ``hosts`` that are app hosts (one round trip each,
-    in parallel). A host that cannot be read is skipped: the task itself will say why."""
-    inv = session.inventory
-    if inv.database.kind == "postgres":
-        try:
-            database_url(session)
-        except DeployError:
-            pass
-    app_names = {h.name for h in inv.hosts_in("app")}
-    targets = [h for h in hosts if getattr(h, "name", h) in app_names]
-    if not targets:
-        return
-
-    def read(c: HostConnection) -> None:
-        try:
-            state = read_fact(c, KeptSecrets(), sudo=True)
-        except DeployError:
-            return
-        session.executor.masker.add([*(state.kept or {}).values(), *state.env.values()])
-
-    try:
-        session.executor.each(targets, read)
-    except DeployError:
-        pass
-
-
-def _resolve_states(session: Session, states: dict[str, kept.KeptState],
-                    rotate: Iterable[str]) -> tuple[Resolution, dict[str, kept.KeptState]]:
-    ex = session.executor
-    for state in states.values():
-        ex.masker.add([*(state.kept or {}).values(), *state.env.values()])
-    try:
-        res = resolve(session.secrets.values, states, rotate)
-    except (SecretDrift, ValueError) as exc:
-        raise BadInput(str(exc)) from None
-    ex.masker.add(res.values.values())
-    ex.secrets.update(res.values)  # never in a command line either
-    for name in res.generated:
-        session.reporter.info("secrets", f"{name} generated (none was set or kept on the app"
-                                         f" hosts); kept in {kept.KEPT_FILE} on every app host")
-    for name in res.kept_from_hosts:
-        session.reporter.info("secrets", f"{name}: not set here, keeping the app hosts' value")
-    for name in res.rotated:
-        session.reporter.info("secrets", f"WARNING: rotating {name}: {ROTATION_EFFECTS[name]}")
-    return res, states
-
-
-def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,
-          rotate: Iterable[str] = (),
-          secrets: tuple[Resolution, dict[str, kept.KeptState]] | None = None
-          ) -> AppSetup:
-    """Install and start Releasy on every app host (in parallel).
-
-    ``version``: the release to run; None keeps each host's current release (and fails
-    when a host has none). ``rotate``: secret names whose value may change (see
-    `resolve_secrets`; ``secrets`` is its result when the caller already has it). Raises
-    BadInput before touching any host when the artifact is missing, unpinned or does not
-    verify, or when a secret would drift.
-
-    ``defer_restarts`` (an environment that serves, see `releasy_deploy.site`): a host that
-    is ready and would need a restart (env file, unit) or a release switch gets its files
-    written and the release staged, but is neither switched nor restarted. Returns those
-    hosts with the reasons, for a rolling restart or deploy, one batch at a time, and the
-    hosts whose release (once every host serves) has no migration level recorded yet.
-    """
-    inv = session.inventory
-    hosts = session.targets(inv.hosts_in("app"))
-    if not hosts:
-        return {}
-    if secrets is None and len(hosts) < len(inv.hosts_in("app")):
-        # --limit: the secrets are the fleet's, read from every app host (a host set up
-        # alone must not generate a pepper of its own).
-        secrets = resolve_secrets(session, rotate)
-    release = fetch_release(inv, version) if version is not None else None
-    plan = _Plan(inv, {}, version, release, database_url(session))
-    ex = session.executor
-    # Without a resolution from the caller, the kept secrets come in the same batch.
-    found = ex.each(hosts, lambda c: _gather(c, plan, with_secrets=secrets is None))
-    res, states = secrets if secrets is not None else _resolve_states(
-        session, {n: f.kept for n, f in found.items()}, rotate)
-    plan = replace(plan, secrets=res.values, kept=states)
-    if version is None:
-        bare = [h.name for h in hosts if found[h.name].releases.current is None]
-        if bare:
-            raise BadInput(f"no release installed on {', '.join(bare)}: pass --version")
-    done = ex.each(hosts, lambda c: _converge(c, plan, found[c.name], defer_restarts))
-    unrecorded = schema.levels_to_record(
-        {h.name: version or found[h.name].releases.current for h in hosts},
-        {h.name: found[h.name].levels for h in hosts})
-    return AppSetup({h.name: done[h.name] for h in hosts if done[h.name]}, unrecorded)
-
-
-@dataclass(frozen=True)
-class AppSetup:
-    """What `setup` leaves to its caller: restarts to roll (host -> reasons), and the hosts
-    whose release has no migration level recorded (host -> release; `record_levels`)."""
-
-    deferred: dict[str, list[str]]
-    unrecorded: dict[str, str]
-
-
-def record_levels(session: Session, unrecorded: Mapping[str, str]) -> None:
-    """Once every app host serves: record the database's migration level now for the
-    release each host of ``unrecorded`` runs (it started, or runs, against that level).
-    One read on the db host, one write per host; nothing when all are recorded."""
-    if not unrecorded or session.dry_run:
-        return
-    level = schema.read_level(session)
-
-    def record(c: HostConnection) -> None:
-        c.run(schema.record_script_argv({unrecorded[c.name]: level}), sudo=True)
-        c.reporter.info(c.name, f"migration level {level} recorded for release"
-                                f" {unrecorded[c.name]}")
-    session.executor.each(list(unrecorded), record)
-
-
-def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False) -> list[str]:
-    """Converge one host; returns the reasons of a restart left to a rolling one ([]: none
-    was needed, or it was done here)."""
-    inv = plan.inv
-    if f.missing_packages:
-        ensure_packages(c, PACKAGES)
-    else:
-        report(c, Change(False, f"packages {' '.join(PACKAGES)}"))
-    group = _ensure_account(c, plan.user, f.account)
-    _ensure_dirs(c, plan.user, group, f)
-    _ensure_sqlite_file(c, plan, group, f)
-
-    live = live_instance(inv, f)
-    if live is not None:
-        return _converge_bluegreen(c, plan, f, group, live, defer)
-    # A single host serves only once its proxy routes to Releasy (before `proxy.setup`
-    # there is nothing to switch: a restart in place costs no request).
-    serving = (defer and f.ready and f.releases.current is not None
-               and f.unit.get("ActiveState") == "active"
-               and (not inv.is_single_host or f.stats.get(UPSTREAM_FILE) is not None))
-
-    target = plan.version or f.releases.current
-    assert target is not None  # setup() refused hosts without a release
-    staged = False
-    if plan.release is not None:
-        staged = _stage(c, plan.release, f.releases).changed
-
-    _ensure_kept_secrets(c, plan)
-    env_changed = _ensure_env_file(c, plan, group, f)
-
-    activated = False
-    if f.releases.current is None:
-        # Nothing runs a release yet: switching first lets the units verify against it.
-        activated = _activate(c, target, f.releases.current).changed
-    units = cmd.render_units(plan.user, group)
-    changed_units = _ensure_units(c, units, f, probe_target=f"{cmd.RELEASES_DIR}/{target}")
-    switch_later = serving and target != f.releases.current
-    if f.releases.current is not None and not switch_later:
-        activated = _activate(c, target, f.releases.current).changed
-
-    reasons = [why for why, hit in (
-        (f"release {target} staged", staged), (f"switched to {target}", activated),
-        ("env file changed", env_changed),
-        (f"{SERVICE_UNIT} changed", SERVICE_UNIT in changed_units),
-    ) if hit]
-    if switch_later:
-        reasons.append(f"switch {f.releases.current} -> {target}")
-    deferred = reasons if serving else []
-    restarted = _ensure_service(c, f.unit, reload=bool(changed_units),
-                                reasons=[] if deferred else reasons)
-    if deferred:
-        verb = "would be" if c.dry_run else "is"
-        c.reporter.info(c.name, f"{SERVICE_UNIT} serves: its restart ({'; '.join(deferred)})"
-                                f" {verb} done one batch at a time, drained first")
-        return deferred
-
-    bind = bind_address(inv, c.host)
-    if c.dry_run:
-        return []
-    if restarted or not f.ready:
-        waited = wait_ready(c, bind, inv.app.ready_timeout)
-        c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready after {waited:.1f} s"
-                                f" (release {target})")
-    else:
-        c.reporter.info(c.name, f"{SERVICE_UNIT} ready at http://{bind}/ready (release {target})")
-    return []
-
-
-def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,
-                        live: int, defer: bool = False) -> list[str]:
-    """Blue/green owns the release and the running instance: keep config files right, but
-    start, restart or switch nothing here. Returns the reasons for a fresh instance when
-    ``defer`` (the caller switches to one: `releasy_deploy.site`), else [] and says the
-    changes wait for the next `fab deploy.bluegreen`."""
-    unit = cmd.instance_unit(live)
-    if plan.version and plan.version != f.releases.current:
-        raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
-                       f"the release with `fab deploy.bluegreen --version {plan.version}`")
-    _ensure_kept_secrets(c, plan)
-    env_changed = _ensure_env_file(c, plan, group, f)
-    units = cmd.render_units(plan.user, group)
-    changed_units = _ensure_units(c, units, f,
-                                  probe_target=f"{cmd.RELEASES_DIR}/{f.releases.current}")
-    if changed_units and not c.dry_run:
-        _run_script(c, cmd.script_of([["systemctl", "daemon-reload"]]), "systemctl daemon-reload",
-                    hint=f"see `systemctl status {unit}` on {c.name}")
-    reasons = [why for why, hit in (("env file changed", env_changed),
-                                    (f"{cmd.TEMPLATE_UNIT} changed",
-                                     cmd.TEMPLATE_UNIT in changed_units)) if hit]
-    if reasons and defer:
-        verb = "would be" if c.dry_run else "is"
-        c.reporter.info(c.name, f"{unit} is live (blue/green): its restart ({'; '.join(reasons)})"
-                                f" {verb} done by starting a fresh instance and switching to it")
-    elif env_changed or changed_units:
-        c.reporter.info(c.name, f"{unit} is live (blue/green): the changes take effect at the "
-                                "next `fab deploy.bluegreen`, which starts a fresh instance")
-    report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
-    if c.dry_run or (reasons and defer):
-        return reasons if defer else []
-    bind = cmd.instance_bind(live)
-    if not f.instances_ready.get(live):
-        wait_ready(c, bind, plan.inv.app.ready_timeout, unit=unit)
-    c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready "
-                            f"(release {f.releases.current})")
-    return []
-
-
-def _ensure_account(c: HostConnection, user: str, acct: cmd.Account) -> str:
-    """Create the service account if missing; returns its primary group."""
-    if acct.exists:
-        if acct.shell not in cmd.NO_SHELLS:
-            raise DeployError(
-                f"{c.name}: the service user {user} exists with login shell {acct.shell}; Releasy"
-                f" must run as an account without a shell. Run `usermod -s {cmd.NOLOGIN} {user}`"
-                f" on {c.name} if {user} is only used by Releasy, or set app.service_user to an"
-                f" unused name",
-                host=c.name,
-            )
-        group = acct.group or user
-        report(c, Change(False, f"user {user} (uid {acct.uid}, group {group})"))
-        return group
-    commands = cmd.account_commands(user, acct)
-    uid = "uid 10001" if not acct.uid_taken else "system uid (10001 is taken)"
-    if not c.dry_run:
-        _run_script(c, cmd.script_of(commands), f"create user {user}",
-                    hint=f"check /etc/passwd and /etc/group on {c.name} for a conflicting {user}")
-    report(c, Change(True, f"user {user} (created: {uid}, no login shell, home {cmd.DATA_DIR})"))
-    return user
-
-
-def _ensure_dirs(c: HostConnection, user: str, group: str, f: HostFacts) -> None:
-    commands: list[list[str]] = []
-    changes: list[Change] = []
-    for d in cmd.directories(user, group):
-        st = f.stats.get(d.path)
-        mode = f"{d.mode:04o}"
-        if st is None:
-            change = Change(True, f"dir {d.path} (created, {d.owner}:{d.group} {mode})")
-            commands.append(["mkdir", "-p", "--", d.path])
-        elif st["type"] != "directory":
-            raise DeployError(f"{c.name}: {d.path} exists but is a {st['type']}, not a directory;"
-                              f" move it away and re-run", host=c.name)
-        elif (st["owner"], st["group"], st["mode"]) != (d.owner, d.group, d.mode):
-            change = Change(True, f"dir {d.path} ({st['owner']}:{st['group']} {st['mode']:04o}"
-                                  f" -> {d.owner}:{d.group} {mode})")
-        else:
-            report(c, Change(False, f"dir {d.path}"))
-            continue
-        commands += [["chown", "--", f"{d.owner}:{d.group}", d.path], ["chmod", "--", mode, d.path]]
-        changes.append(change)
-    if commands and not c.dry_run:
-        _run_script(c, cmd.script_of(commands), "create the app directories",
-                    hint=f"check the file systems under /opt, /etc and /var/lib on {c.name}")
-    for change in changes:
-        report(c, change)
-
-
-def _ensure_sqlite_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> None:
-    """SQLite only: an empty database file owned by the service user, if none exists yet
-    (sqlx does not create one unless the URL says mode=rwc). An existing file is left as is."""
-    path = cmd.sqlite_path(plan.database_url)
-    if not path:
-        return
-    if f.stats.get(path) is not None:
-        report(c, Change(False, f"sqlite database {path}"))
-        return
-    if not path.startswith(cmd.DATA_DIR + "/"):
-        raise DeployError(f"{c.name}: the SQLite database {path} does not exist and is outside"
-                          f" {cmd.DATA_DIR}, the only directory Releasy may write to", host=c.name)
-    if not c.dry_run:
-        # Created by the service account itself, never replacing anything (noclobber): the
-        # directory is its own, so whatever it planted there root must not write through.
-        argv = ["runuser", "-u", plan.user, "--", "sh", "-c", 'umask 077; set -C; : > "$1"',
-                "releasy-create-db", path]
-        _run_script(c, cmd.script_of([argv]), f"create {path}",
-                    hint=f"check that {cmd.DATA_DIR} exists on {c.name}")
-    report(c, Change(True, f"sqlite database {path} (created empty, {plan.user}:{group} 0600)"))
-
-
-def _ensure_kept_secrets(c: HostConnection, plan: _Plan) -> None:
-    """The host keeps the secrets it runs with (root:root 0600 in a root 0700 directory),
-    written before the env file: a later run without them keeps them (secret_policy)."""
-    state = plan.kept.get(c.name, kept.KeptState())
-    values = dict(plan.secrets)
-    if state.kept == values and state.tidy:
-        report(c, Change(False, f"file {kept.KEPT_FILE} (secrets kept, not shown)"))
-        return
-    how = ("created" if state.kept is None else "owner/mode fixed" if state.kept == values
-           else "updated")
-    if not c.dry_run:
-        res = c.run(kept.write_argv(), sudo=True, stdin=kept.render(values), check=False)
-        if not res.ok:
-            out = c.mask(res.stderr.strip() or res.stdout.strip()) or "(no output)"
-            raise DeployError(f"{c.name}: writing {kept.KEPT_FILE} failed (exit code"
-                              f" {res.exit_code}): {tail(out)}", host=c.name)
-    report(c, Change(True, f"file {kept.KEPT_FILE} ({how}, root:root 0600, names: "
-                           f"{', '.join(sorted(values)) or 'none'}; values not shown)"))
-
-
-def _ensure_env_file(c: HostConnection, plan: _Plan, group: str, f: HostFacts) -> bool:
-    """The env file has the rendered content, root:GROUP 0640. True if its content changed
-    (an owner/mode fix alone does not need a restart)."""
-    path = cmd.ENV_FILE
-    text = cmd.render_env_file(
-        cmd.env_variables(plan.inv, c.host, plan.secrets, plan.database_url), group)
-    data = text.encode("utf-8")
-    st, current_sum = f.stats.get(path), f.sums.get(path)
-    if st is not None and not st["type"].startswith("regular"):
-        raise DeployError(f"{c.name}: {path} is a {st['type']}, not a file; move it away and"
-                          f" re-run", host=c.name)
-    want = ("root", group, 0o640)
-    same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
-    same_attrs = st is not None and (st["owner"], st["group"], st["mode"]) == want
-    if same_content and same_attrs:
-        report(c, Change(False, f"file {path}"))
-        return False
-    if same_content:
-        change = Change(True, f"file {path} ({st['owner']}:{st['group']} {st['mode']:04o}"
-                              f" -> root:{group} 0640)")
-        if not c.dry_run:
-            _run_script(c, cmd.script_of([["chown", "--", f"root:{group}", path],
-                                          ["chmod", "--", "0640", path]]),
-                        f"fix owner/mode of {path}", hint=f"check {path} on {c.name}")
-        report(c, change)
-        return False
-    diff = None
-    if c.dry_run:
-        # Secret values are hidden by variable name, so even rotated-away ones never show.
-        old = c.read_file(path, sudo=True) if st is not None else None
-        shown_old, shown_new = cmd.redact_env_texts(
-            "" if old is None else old.decode("utf-8", "replace"), text)
-        diff = render_diff(None if old is None else shown_old.encode(), shown_new.encode(), path)
-    change = Change(True, f"file {path} ({'content' if st is not None else 'created'},"
-                          f" root:{group} 0640, secret values not shown)", diff)
-    if not c.dry_run:
-        c.put_bytes(data, path, owner="root", group=group, mode=0o640, secret=True)
-    report(c, change, path=path)
-    return True
-
-
-def _ensure_units(c: HostConnection, units: dict[str, str], f: HostFacts, *,
-                  probe_target: str) -> set[str]:
-    """Install the unit files that differ (verified first). Returns the names whose content
-    changed: only those need a daemon-reload (an owner/mode fix does not)."""
-    changed: dict[str, str] = {}
-    content_changed: set[str] = set()
-    changes: list[tuple[Change, str]] = []
-    for name, content in units.items():
-        path = f"{cmd.UNIT_DIR}/{name}"
-        st, current_sum = f.stats.get(path), f.sums.get(path)
-        data = content.encode("utf-8")
-        same_content = st is not None and current_sum == hashlib.sha256(data).hexdigest()
-        if same_content and (st["owner"], st["group"], st["mode"]) == ("root", "root", 0o644):
-            report(c, Change(False, f"unit {path}"))
-            continue
-        diff = None
-        if c.dry_run:
-            old = c.read_file(path, sudo=True) if st is not None else None
-            diff = render_diff(old, data, path)
-        verb = ("owner/mode fixed" if same_content else "updated" if st is not None
-                else "created")
-        changes.append((Change(True, f"unit {path} ({verb}, verified with systemd-analyze)",
-                               diff), path))
-        changed[name] = content
-        if not same_content:
-            content_changed.add(name)
-    if changed and not c.dry_run:
-        _run_script(
-            c, cmd.install_units_script(changed, probe_target=probe_target),
-            f"install {', '.join(changed)} (systemd-analyze verify)",
-            hint="the candidate unit files were NOT installed; fix the templates in"
-                 " files/systemd/ (or what the messages above point at) and re-run")
-    for change, path in changes:
-        report(c, change, path=path)
-    return content_changed
-
-
-def _ensure_service(c: HostConnection, unit: dict[str, str], *, reload: bool,
-                    reasons: list[str]) -> bool:
-    """daemon-reload / enable / (re)start as needed, in one round trip. True if (re)started."""
-    plan = cmd.service_plan(unit, units_changed=reload, reasons=reasons)
-    if plan.commands and not c.dry_run:
-        _run_script(c, cmd.script_of(plan.commands), f"systemctl ({SERVICE_UNIT})",
-                    hint=f"see `journalctl -u {SERVICE_UNIT}` and `systemctl status"
-                         f" {SERVICE_UNIT}` on {c.name}")
-    report(c, Change(plan.enable, f"{SERVICE_UNIT} enabled"
-                                   + (" (starts at boot)" if plan.enable else "")))
-    if plan.start:
-        report(c, Change(True, f"{SERVICE_UNIT} {plan.start}"))
-    else:
-        report(c, Change(False, f"{SERVICE_UNIT} active (MainPID {unit.get('MainPID', '?')})"))
-    return plan.start is not None
-
-
-# ------------------------------------------------------------------------------ building blocks
 def _releases(c: HostConnection) -> cmd.ReleaseState:
     return read_fact(c, ReleasyReleases(), sudo=True)
 
@@ -693,10 +69,11 @@ def stage_release(c: HostConnection, release: LocalRelease) -> Change:
 
     Skipped when the host already holds it with the same sha256 (its ``.sha256`` marker).
     """
-    return _stage(c, release, _releases(c))
+    return stage_with(c, release, _releases(c))
 
 
-def _stage(c: HostConnection, release: LocalRelease, state: cmd.ReleaseState) -> Change:
+def stage_with(c: HostConnection, release: LocalRelease, state: cmd.ReleaseState) -> Change:
+    """`stage_release`, with the host's releases already read (``state``)."""
     target = f"{cmd.RELEASES_DIR}/{release.version}"
     if state.holds(release.version, release.sha256):
         return report(c, Change(False, f"release {release.version} in {target}"))
@@ -725,15 +102,16 @@ def activate_release(c: HostConnection, version: str) -> Change:
     """Point /opt/releasy/current at releases/V atomically (the release must be staged).
     Does not restart anything."""
     check_version(version)
-    return _activate(c, version, current_release(c))
+    return activate_from(c, version, current_release(c))
 
 
-def _activate(c: HostConnection, version: str, current: str | None) -> Change:
+def activate_from(c: HostConnection, version: str, current: str | None) -> Change:
+    """`activate_release`, with the release ``current`` points at already read."""
     if current == version:
         return report(c, Change(False, f"current -> releases/{version}"))
     change = Change(True, f"current -> releases/{version} (was {current or 'none'})")
     if not c.dry_run:
-        _run_script(c, cmd.script_of([cmd.activate_argv(version)]),
+        run_script(c, cmd.script_of([cmd.activate_argv(version)]),
                     f"switch {cmd.CURRENT_LINK} to {version}",
                     hint=f"stage the release first (fab app.setup --version {version})")
     return report(c, change)
@@ -743,7 +121,7 @@ def restart_service(c: HostConnection, unit: str = SERVICE_UNIT) -> Change:
     """Restart ``unit`` now (reset-failed first, so a unit that hit its start limit starts)."""
     change = Change(True, f"{unit} restarted")
     if not c.dry_run:
-        _run_script(c, cmd.script_of([systemd.systemctl("reset-failed", unit),
+        run_script(c, cmd.script_of([systemd.systemctl("reset-failed", unit),
                                       systemd.systemctl("restart", unit)]),
                     f"restart {unit}", hint=f"see `journalctl -u {unit}` on {c.name}")
     return report(c, change)

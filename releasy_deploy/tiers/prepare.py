@@ -19,6 +19,7 @@ read and installed.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..executor import HostConnection
@@ -28,7 +29,7 @@ from ..inventory import Host, Inventory
 from ..packages import ACME_PACKAGES, APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
 from ..remote import ensure_packages
 from ..session import Session
-from . import app, db, firewall_state, proxy
+from . import app_facts, db, firewall_state, proxy_state
 
 __all__ = ["host_facts", "host_packages", "prefetch_all", "install_packages"]
 
@@ -57,20 +58,24 @@ def host_facts(inv: Inventory, host: Host) -> list[Fact]:
     if _uses_postgres(inv, host):
         facts += db.state_facts(inv)
     if host.has("app"):
-        facts += app.state_facts(inv, host)
+        facts += app_facts.state_facts(inv, host)
     if host.has("proxy"):
-        facts += proxy.state_facts(inv)
+        facts += proxy_state.state_facts(inv)
     facts += firewall_state.state_facts(inv, host)
     facts += [PackageVersion(p) for p in host_packages(inv, host)]
     return list(dict.fromkeys(facts))
 
 
-def prefetch_all(session: Session) -> dict[str, dict[Fact, Any]]:
+def prefetch_all(session: Session, extra: Mapping[str, Iterable[Fact]] | None = None
+                 ) -> dict[str, dict[Fact, Any]]:
     """Read every host's facts at once (one round trip per host, all hosts in parallel;
-    those of ``--limit``)."""
+    those of ``--limit``). ``extra``: host name -> more facts the caller will look at on
+    that host before anything changes (read in the same round trip)."""
     inv = session.inventory
-    return session.executor.each(session.targets(inv.hosts),
-                                 lambda c: prefetch(c, host_facts(inv, c.host), sudo=True))
+    more = extra or {}
+    return session.executor.each(
+        session.targets(inv.hosts),
+        lambda c: prefetch(c, [*host_facts(inv, c.host), *more.get(c.name, ())], sudo=True))
 
 
 def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list[str]:

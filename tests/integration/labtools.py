@@ -99,10 +99,10 @@ def assert_no_failed_request(load: LoadGenerator, summary: dict) -> None:
 NO_OP_SITE_ROUND_TRIPS = 3
 
 
-def site_round_trips(lab, log: Path) -> tuple[str, dict[str, tuple[int, int]]]:
-    """Run `fab site` with a JSON log: its output, and per host (round trips, connections)
-    as the executor counted them."""
-    out = lab.fab("site", env={"RELEASY_JSON_LOG": str(log)}).stdout
+def site_round_trips(lab, log: Path, *args: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """Run `fab site` (with ``args``) with a JSON log: its output, and per host (round
+    trips, connections) as the executor counted them."""
+    out = lab.fab("site", *args, env={"RELEASY_JSON_LOG": str(log)}).stdout
     events = [json.loads(line) for line in log.read_text().splitlines()]
     return out, {e["host"]: (e["round_trips"], e["connections"])
                  for e in events if e["event"] == "round_trips"}

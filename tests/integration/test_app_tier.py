@@ -15,7 +15,7 @@ import yaml
 
 from releasy_deploy.cli import session
 from releasy_deploy.releases import fetch_release
-from releasy_deploy.tiers import app
+from releasy_deploy.tiers import app, app_setup
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
@@ -127,7 +127,7 @@ def test_second_run_changes_nothing_and_restarts_nothing(lab):
 def test_a_no_op_run_costs_one_round_trip(lab, monkeypatch, capsys):
     monkeypatch.setenv("RELEASY_INVENTORY", str(lab.inventory))
     with session() as s:
-        app.setup(s, "1.0.0")
+        app_setup.setup(s, "1.0.0")
         trips = dict(s.executor.round_trips)
         tally = s.reporter.tally()[HOST]
     assert tally.changed == 0 and tally.errors == 0

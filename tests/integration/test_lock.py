@@ -17,7 +17,7 @@ import pytest
 
 from releasy_deploy import lock
 from releasy_deploy.commands import lock as lockcmd
-from releasy_deploy.tiers import app as app_tier
+from releasy_deploy.tiers import app_setup
 from releasy_deploy.cli import exit_code_for, session
 from releasy_deploy.inventory import load_inventory
 
@@ -285,7 +285,7 @@ def test_releasy_migrates_and_starts_while_the_deploy_lock_is_held(pg_lab):
         holder.expect("held ")
         os.environ["RELEASY_INVENTORY"] = str(pg_lab.inventory)
         with session() as s:
-            app_tier.setup(s, "1.0.0")
+            app_setup.setup(s, "1.0.0")
             started = {h.name for h in s.inventory.hosts_in("app")}
         assert started == {"app1", "app2"}
         inv = load_inventory(pg_lab.inventory)

@@ -233,9 +233,9 @@ def test_second_run_changes_nothing_and_does_not_reload(lab, apps_running):
     assert "changed:" not in proc.stdout
     assert nginx_processes(lab) == before  # same master, same workers: no reload
 
-    from releasy_deploy.tiers import proxy
+    from releasy_deploy.tiers import proxy_setup
     with lab_session_env(lab) as s:
-        proxy.setup(s)
+        proxy_setup.setup(s)
         assert s.executor.round_trips["proxy1"] == 1  # one facts probe, nothing else
     assert nginx_processes(lab) == before
 
@@ -261,7 +261,7 @@ def test_broken_template_is_refused_and_the_old_config_keeps_serving(lab, apps_r
 
 def test_set_upstreams_to_one_server_and_back(lab, apps_running):
     from releasy_deploy.cli import BadInput
-    from releasy_deploy.tiers import proxy
+    from releasy_deploy.tiers import proxy, proxy_render
 
     app1, app2 = (address(lab, "app1"), PORT), (address(lab, "app2"), PORT)
     with lab_session_env(lab) as s:
@@ -297,7 +297,7 @@ def test_set_upstreams_to_one_server_and_back(lab, apps_running):
         assert proxy.current_upstreams(s.executor.conn("proxy1")) == [app1, app2]
         proxy.set_upstreams(s, [app2])
         assert hosts_answering(lab) == {"app2"}
-        proxy.set_upstreams(s, proxy.upstreams_for(s.inventory))
+        proxy.set_upstreams(s, proxy_render.upstreams_for(s.inventory))
         assert hosts_answering(lab) == {"app1", "app2"}
 
 
@@ -317,7 +317,7 @@ def test_a_config_the_master_cannot_load_is_rolled_back_too(lab, apps_running, t
 
 
 def test_wait_old_workers_gone_waits_for_an_in_flight_request(lab, apps_running):
-    from releasy_deploy.tiers import proxy
+    from releasy_deploy.tiers import proxy, proxy_render
 
     app1 = address(lab, "app1")
     ssh(lab, "app1", "rm -f /run/hold-arrived /run/hold-release;"
@@ -338,7 +338,7 @@ def test_wait_old_workers_gone_waits_for_an_in_flight_request(lab, apps_running)
                                    check=False).returncode == 0, "the request to reach app1")
 
             # Take the hold server out of the rotation: the old worker keeps the request.
-            proxy.set_upstreams(s, proxy.upstreams_for(s.inventory))
+            proxy.set_upstreams(s, proxy_render.upstreams_for(s.inventory))
             assert proxy.wait_old_workers_gone(conn, 1) is False
             assert client.poll() is None
 

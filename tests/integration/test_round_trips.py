@@ -26,3 +26,13 @@ def test_a_no_op_site_costs_a_few_round_trips_per_host(provisioned, tmp_path):
     over = {h: n for h, (n, _) in counted.items() if n > NO_OP_SITE_ROUND_TRIPS}
     assert not over, f"round trips per host above {NO_OP_SITE_ROUND_TRIPS}: {counted}"
     assert all(conns == 1 for _, conns in counted.values()), counted
+
+
+def test_a_no_op_site_with_its_version_costs_what_one_without_does(provisioned, tmp_path):
+    """`fab site --version V` checks V against the database's migration level on the facts
+    its first read took: not one round trip more on any host (the db host's level and
+    backups are read with every tier's facts)."""
+    _, plain = site_round_trips(provisioned, tmp_path / "plain.jsonl")
+    out, pinned = site_round_trips(provisioned, tmp_path / "pinned.jsonl", "--version", "1.0.0")
+    assert re.search(r"^site: 0 changed", out, re.MULTILINE), out
+    assert pinned == plain

@@ -31,8 +31,8 @@ from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.output import Reporter
 from releasy_deploy.facts import FileSha256, FileStat, LinkTarget, build_facts_script
 from releasy_deploy.secrets import Secrets
-from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
-from releasy_deploy.tiers.proxy import ProxyText
+from releasy_deploy.tiers.app_facts import ReleasyReady, ReleasyReleases, ReleasyUnit
+from releasy_deploy.tiers.proxy_state import ProxyText
 
 PORTS = (8080, 8081)
 # A single-host inventory (files are not checked: nothing here touches them).

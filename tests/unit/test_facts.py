@@ -37,10 +37,10 @@ from releasy_deploy.facts import (
 )
 from releasy_deploy.rollout import preflight as rollout_preflight
 from releasy_deploy.status import probes as status_probes
-from releasy_deploy.tiers import app, db, firewall_state, proxy
+from releasy_deploy.tiers import app_facts, db, firewall_state, proxy_state
 
-FACT_MODULES = (backups, bluegreen, rollout_preflight, schema, status_probes, app, db,
-                firewall_state, proxy)
+FACT_MODULES = (backups, bluegreen, rollout_preflight, schema, status_probes, app_facts, db,
+                firewall_state, proxy_state)
 
 
 class LocalHost:
@@ -77,7 +77,7 @@ def test_a_fact_is_its_own_key():
     assert FileStat("/etc/hosts") != FileStat("/etc/passwd")
     # Same argument, another fact: another key (the class is part of the identity).
     assert FileStat("/etc/hosts") != PathExists("/etc/hosts")
-    assert FileSha256("/x") != proxy.ProxyText("/x")
+    assert FileSha256("/x") != proxy_state.ProxyText("/x")
     assert Arch() == Arch() and Arch() != Hostname()
     assert schema.SchemaLevel("sqlite", "/a") != schema.SchemaLevel("postgres", "/a")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -98,8 +98,8 @@ def test_every_fact_class_is_a_frozen_dataclass_with_both_methods():
 def test_fact_modules_are_the_owners():
     """Each domain fact lives next to the code that owns its meaning."""
     owners = {c.__name__: c.__module__ for c in every_fact_class()}
-    assert owners["ReleasyReady"] == "releasy_deploy.tiers.app"
-    assert owners["ProxyText"] == "releasy_deploy.tiers.proxy"
+    assert owners["ReleasyReady"] == "releasy_deploy.tiers.app_facts"
+    assert owners["ProxyText"] == "releasy_deploy.tiers.proxy_state"
     assert owners["SchemaLevel"] == owners["RecordedLevels"] == "releasy_deploy.schema"
     assert owners["BackupListing"] == "releasy_deploy.backups"
     assert owners["ServiceActive"] == owners["FileStat"] == "releasy_deploy.facts"
@@ -107,10 +107,10 @@ def test_fact_modules_are_the_owners():
 
 # ------------------------------------------------------------------------------ arguments
 @pytest.mark.parametrize("make", [
-    lambda v: FileStat(v), lambda v: DiskFree(v), lambda v: app.ReleasyReady(v),
-    lambda v: app.ReleasyUnit(v), lambda v: schema.SchemaLevel("sqlite", v),
+    lambda v: FileStat(v), lambda v: DiskFree(v), lambda v: app_facts.ReleasyReady(v),
+    lambda v: app_facts.ReleasyUnit(v), lambda v: schema.SchemaLevel("sqlite", v),
     lambda v: db.PgServerState("releasy", v), lambda v: status_probes.StatusDisk(v),
-    lambda v: LinkTarget(v), lambda v: proxy.ProxyText(v),
+    lambda v: LinkTarget(v), lambda v: proxy_state.ProxyText(v),
 ])
 def test_nul_bytes_are_refused(make):
     with pytest.raises(ValueError, match="NUL"):
@@ -121,7 +121,7 @@ def test_arguments_of_the_wrong_type_are_refused():
     with pytest.raises(TypeError, match="must be a str"):
         FileStat(Path("/etc/hosts"))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        app.ReleasyUnit(None)  # type: ignore[arg-type]
+        app_facts.ReleasyUnit(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown database kind"):
         schema.SchemaLevel("mysql", "releasy")
     for bad in (0, 70000, "8080; reboot", True):
@@ -224,8 +224,8 @@ def test_forged_markers_in_content_are_just_content(tmp_path):
               "@@releasy:other:1:end:0@@\n")
     f = tmp_path / "upstream.conf"
     f.write_text(forged)
-    values = read_facts(LocalHost(), [proxy.ProxyText(str(f)), Kernel()])  # type: ignore[arg-type]
-    assert values[proxy.ProxyText(str(f))] == forged
+    values = read_facts(LocalHost(), [proxy_state.ProxyText(str(f)), Kernel()])  # type: ignore[arg-type]
+    assert values[proxy_state.ProxyText(str(f))] == forged
     assert values[Kernel()] == os.uname().release
 
 

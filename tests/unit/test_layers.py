@@ -126,3 +126,23 @@ def test_commands_are_pure_builders():
         allowed = {n for n in lib if n.startswith("releasy_deploy.commands")
                    or _layer(n) == BASE}
         assert lib == allowed, f"{path.name} imports {sorted(lib - allowed)}"
+
+
+def _tier_family(module: str) -> str | None:
+    """``app`` for releasy_deploy.tiers.app and its split-out parts (app_facts, app_setup,
+    ...), ``proxy`` likewise; None for other modules."""
+    parts = module.split(".")
+    if parts[:2] != ["releasy_deploy", "tiers"] or len(parts) < 3:
+        return None
+    family = parts[2].split("_")[0]
+    return family if family in ("app", "proxy") else None
+
+
+@pytest.mark.parametrize("path", sorted((LIB / "tiers").glob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_app_and_proxy_tiers_do_not_import_each_other(path):
+    """What both tiers need (the upstream file's path, ...) lives in `commands/`."""
+    mine = _tier_family(_module_name(path))
+    others = sorted({name for name, _ in _imports(path)
+                     if _tier_family(name) not in (None, mine)})
+    assert mine is None or not others, f"{path.name} ({mine} tier) imports {others}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from releasy_deploy.facts import OsRelease, PackageVersion
 from releasy_deploy.inventory import parse_inventory
 from releasy_deploy.packages import APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
-from releasy_deploy.tiers import app, db, firewall_state, prepare, proxy
+from releasy_deploy.tiers import app_facts, db, firewall_state, prepare, proxy_state
 
 BASE = {"admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
         "release": {"source": "releases"},
@@ -40,8 +40,8 @@ def test_each_host_gets_its_tiers_packages_and_the_firewall_once():
 
 
 def test_the_prefetch_covers_every_tiers_first_look():
-    looks = {"db1": db.state_facts(SPLIT), "app1": app.state_facts(SPLIT, host(SPLIT, "app1")),
-             "proxy1": proxy.state_facts(SPLIT)}
+    looks = {"db1": db.state_facts(SPLIT), "app1": app_facts.state_facts(SPLIT, host(SPLIT, "app1")),
+             "proxy1": proxy_state.state_facts(SPLIT)}
     for h in SPLIT.hosts:
         facts = prepare.host_facts(SPLIT, h)
         assert facts[0] == OsRelease() and len(facts) == len(set(facts)), h.name

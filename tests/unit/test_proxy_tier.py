@@ -19,7 +19,7 @@ from releasy_deploy.cli import BadInput
 from releasy_deploy.commands import nginx as cmd
 from releasy_deploy.facts import LinkTarget, build_facts_script, parse_facts_output
 from releasy_deploy.remote import FILES_DIR
-from releasy_deploy.tiers import proxy
+from releasy_deploy.tiers import proxy_render, proxy_setup, proxy_state
 
 from inventories import build
 
@@ -111,22 +111,22 @@ def test_parse_upstream_servers_ignores_comments_and_options():
 
 
 def test_upstreams_for_split_uses_private_addresses_and_bind_port():
-    assert proxy.upstreams_for(inventory()) == [("10.0.0.21", 8080), ("2001:db8::22", 8080)]
+    assert proxy_render.upstreams_for(inventory()) == [("10.0.0.21", 8080), ("2001:db8::22", 8080)]
 
 
 def test_upstreams_for_single_host_is_loopback():
-    assert proxy.upstreams_for(inventory(SINGLE)) == [("127.0.0.1", 9090)]
+    assert proxy_render.upstreams_for(inventory(SINGLE)) == [("127.0.0.1", 9090)]
 
 
 @pytest.mark.parametrize("text", [SPLIT, SINGLE])
 def test_render_upstream_round_trips_through_the_parser(text):
-    servers = proxy.upstreams_for(inventory(text))
-    rendered = proxy.render_upstream(servers, environ=NO_OVERRIDE)
+    servers = proxy_render.upstreams_for(inventory(text))
+    rendered = proxy_render.render_upstream(servers, environ=NO_OVERRIDE)
     assert cmd.parse_upstream_servers(rendered) == servers
 
 
 def test_render_upstream_split_with_ipv6_exact_block():
-    rendered = proxy.render_upstream(proxy.upstreams_for(inventory()), environ=NO_OVERRIDE)
+    rendered = proxy_render.render_upstream(proxy_render.upstreams_for(inventory()), environ=NO_OVERRIDE)
     block = rendered[rendered.index("upstream "):]
     assert block == ("upstream releasy_app {\n"
                      "    zone releasy_app 64k;\n"
@@ -137,7 +137,7 @@ def test_render_upstream_split_with_ipv6_exact_block():
 
 
 def test_the_site_gives_up_on_a_dead_app_host_within_a_lan_sized_connect_timeout():
-    site = proxy.render_site(inventory(), environ=NO_OVERRIDE)
+    site = proxy_render.render_site(inventory(), environ=NO_OVERRIDE)
     assert "proxy_connect_timeout 1s;" in site
     # a failed try goes to another host; a drained host is not listed at all
     assert "proxy_next_upstream error timeout http_502 http_503;" in site
@@ -145,7 +145,7 @@ def test_the_site_gives_up_on_a_dead_app_host_within_a_lan_sized_connect_timeout
 
 def test_render_upstream_refuses_empty():
     with pytest.raises(ValueError, match="empty"):
-        proxy.render_upstream([], environ=NO_OVERRIDE)
+        proxy_render.render_upstream([], environ=NO_OVERRIDE)
 
 
 # --------------------------------------------------------------------------------------
@@ -157,17 +157,17 @@ def directives(text: str) -> list[str]:
 
 
 def test_site_redirects_http_to_https_and_terminates_tls():
-    site = directives(proxy.render_site(inventory(), environ=NO_OVERRIDE))
+    site = directives(proxy_render.render_site(inventory(), environ=NO_OVERRIDE))
     http = site[site.index("listen 80 default_server;"):site.index("listen 443 ssl default_server;")]
     assert "return 308 https://$host$request_uri;" in http
     assert "proxy_pass http://releasy_app;" not in http
     assert site.count("server_tokens off;") == 2
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in site
-    assert f"include {proxy.UPSTREAM_FILE};" == site[0]
+    assert f"include {cmd.UPSTREAM_FILE};" == site[0]
 
 
 def test_site_self_signed_tls_paths():
-    site = directives(proxy.render_site(inventory(), environ=NO_OVERRIDE))
+    site = directives(proxy_render.render_site(inventory(), environ=NO_OVERRIDE))
     assert "ssl_certificate /etc/nginx/releasy/tls/self-signed.crt;" in site
     assert "ssl_certificate_key /etc/nginx/releasy/tls/self-signed.key;" in site
     assert "server_name releasy.example.com;" in site
@@ -175,15 +175,15 @@ def test_site_self_signed_tls_paths():
 
 def test_site_files_mode_tls_paths():
     inv = files_mode()
-    assert proxy.tls_paths(inv) == ("/etc/nginx/releasy/tls/releasy.crt",
+    assert proxy_render.tls_paths(inv) == ("/etc/nginx/releasy/tls/releasy.crt",
                                     "/etc/nginx/releasy/tls/releasy.key")
-    site = directives(proxy.render_site(inv, environ=NO_OVERRIDE))
+    site = directives(proxy_render.render_site(inv, environ=NO_OVERRIDE))
     assert "ssl_certificate /etc/nginx/releasy/tls/releasy.crt;" in site
     assert "ssl_certificate_key /etc/nginx/releasy/tls/releasy.key;" in site
 
 
 def test_site_proxy_settings_keepalive_retries_headers():
-    site = directives(proxy.render_site(inventory(), environ=NO_OVERRIDE))
+    site = directives(proxy_render.render_site(inventory(), environ=NO_OVERRIDE))
     for line in ("proxy_pass http://releasy_app;", "proxy_http_version 1.1;",
                  'proxy_set_header Connection "";', "proxy_set_header Host $host;",
                  "proxy_set_header X-Real-IP $remote_addr;",
@@ -197,8 +197,8 @@ def test_site_proxy_settings_keepalive_retries_headers():
 
 
 def test_site_listens_on_ipv6_only_when_the_host_has_it():
-    with_v6 = directives(proxy.render_site(inventory(), ipv6=True, environ=NO_OVERRIDE))
-    without = directives(proxy.render_site(inventory(), ipv6=False, environ=NO_OVERRIDE))
+    with_v6 = directives(proxy_render.render_site(inventory(), ipv6=True, environ=NO_OVERRIDE))
+    without = directives(proxy_render.render_site(inventory(), ipv6=False, environ=NO_OVERRIDE))
     assert "listen [::]:443 ssl default_server;" in with_v6
     assert "listen [::]:80 default_server;" in with_v6
     assert not any("[::]" in ln for ln in without)
@@ -209,19 +209,19 @@ def test_site_listens_on_ipv6_only_when_the_host_has_it():
 # --------------------------------------------------------------------------------------
 def test_override_dir_wins_per_template_and_falls_back(tmp_path):
     (tmp_path / "nginx").mkdir()
-    site = (FILES_DIR / proxy.SITE_TEMPLATE).read_text()
-    (tmp_path / proxy.SITE_TEMPLATE).write_text(site.replace("server_tokens off;",
+    site = (FILES_DIR / proxy_render.SITE_TEMPLATE).read_text()
+    (tmp_path / proxy_render.SITE_TEMPLATE).write_text(site.replace("server_tokens off;",
                                                              "server_tokens off; # overridden"))
-    env = {proxy.FILES_DIR_ENV: str(tmp_path)}
-    assert proxy.templates_dir(proxy.SITE_TEMPLATE, env) == tmp_path
-    assert proxy.templates_dir(proxy.UPSTREAM_TEMPLATE, env) == FILES_DIR
-    assert "# overridden" in proxy.render_site(inventory(), environ=env)
-    assert "keepalive 32;" in proxy.render_upstream([("10.0.0.1", 80)], environ=env)
+    env = {proxy_render.FILES_DIR_ENV: str(tmp_path)}
+    assert proxy_render.templates_dir(proxy_render.SITE_TEMPLATE, env) == tmp_path
+    assert proxy_render.templates_dir(proxy_render.UPSTREAM_TEMPLATE, env) == FILES_DIR
+    assert "# overridden" in proxy_render.render_site(inventory(), environ=env)
+    assert "keepalive 32;" in proxy_render.render_upstream([("10.0.0.1", 80)], environ=env)
 
 
 def test_override_dir_that_does_not_exist_is_bad_input(tmp_path):
     with pytest.raises(BadInput, match="RELEASY_FILES_DIR"):
-        proxy.templates_dir(proxy.SITE_TEMPLATE, {proxy.FILES_DIR_ENV: str(tmp_path / "nope")})
+        proxy_render.templates_dir(proxy_render.SITE_TEMPLATE, {proxy_render.FILES_DIR_ENV: str(tmp_path / "nope")})
 
 
 # --------------------------------------------------------------------------------------
@@ -283,20 +283,20 @@ def test_proxy_facts_on_real_files(tmp_path):
     (d / "site.conf").write_text("server {}\n")
     os.symlink(str(d / "site.conf"), d / "enabled")
     os.symlink(str(d / "gone"), d / "dangling")
-    names = [proxy.ProxyText(f"{d}/site.conf"), proxy.ProxyText(f"{d}/absent"),
+    names = [proxy_state.ProxyText(f"{d}/site.conf"), proxy_state.ProxyText(f"{d}/absent"),
              LinkTarget(f"{d}/enabled"), LinkTarget(f"{d}/site.conf"),
-             proxy.ProxyPresent(f"{d}/dangling"), proxy.ProxyPresent(f"{d}/absent"),
-             proxy.ProxyIpv6()]
+             proxy_state.ProxyPresent(f"{d}/dangling"), proxy_state.ProxyPresent(f"{d}/absent"),
+             proxy_state.ProxyIpv6()]
     script = build_facts_script(names, "n0nce")
     out = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True).stdout
     got = parse_facts_output(names, "n0nce", out)
-    assert got[proxy.ProxyText(f"{d}/site.conf")] == "server {}\n"
-    assert got[proxy.ProxyText(f"{d}/absent")] is None
+    assert got[proxy_state.ProxyText(f"{d}/site.conf")] == "server {}\n"
+    assert got[proxy_state.ProxyText(f"{d}/absent")] is None
     assert got[LinkTarget(f"{d}/enabled")] == str(d / "site.conf")
     assert got[LinkTarget(f"{d}/site.conf")] is None
-    assert got[proxy.ProxyPresent(f"{d}/dangling")] is True
-    assert got[proxy.ProxyPresent(f"{d}/absent")] is False
-    assert got[proxy.ProxyIpv6()] == os.path.exists("/proc/net/if_inet6")
+    assert got[proxy_state.ProxyPresent(f"{d}/dangling")] is True
+    assert got[proxy_state.ProxyPresent(f"{d}/absent")] is False
+    assert got[proxy_state.ProxyIpv6()] == os.path.exists("/proc/net/if_inet6")
 
 
 # --------------------------------------------------------------------------------------
@@ -307,15 +307,15 @@ def stat(mode: int, kind: str = "regular file") -> dict:
 
 
 def test_file_item_unchanged_created_content_and_mode():
-    same = proxy._file_item("/etc/x.conf", b"a\n", "a\n", stat(0o644), 0o644, "t")
+    same = proxy_setup._file_item("/etc/x.conf", b"a\n", "a\n", stat(0o644), 0o644, "t")
     assert not same.changed and not same.ops and not same.uploads
-    created = proxy._file_item("/etc/x.conf", b"a\n", None, None, 0o644, "t")
+    created = proxy_setup._file_item("/etc/x.conf", b"a\n", None, None, 0o644, "t")
     assert created.changed and created.ops == [cmd.Install("/etc/x.conf", "/etc/.x.conf.releasy-new-t")]
     assert created.uploads[0].path == "/etc/.x.conf.releasy-new-t"
     assert created.diff.startswith("--- /dev/null")
-    content = proxy._file_item("/etc/x.conf", b"b\n", "a\n", stat(0o644), 0o644, "t")
+    content = proxy_setup._file_item("/etc/x.conf", b"b\n", "a\n", stat(0o644), 0o644, "t")
     assert "(content)" in content.what and "-a" in content.diff and "+b" in content.diff
-    mode = proxy._file_item("/etc/x.conf", b"a\n", "a\n", stat(0o666), 0o644, "t")
+    mode = proxy_setup._file_item("/etc/x.conf", b"a\n", "a\n", stat(0o666), 0o644, "t")
     assert mode.changed and mode.diff is None and "owner/mode" in mode.what
 
 
@@ -323,21 +323,21 @@ def test_key_item_never_shows_content_and_fixes_mode_without_upload():
     import hashlib
     key = b"-----BEGIN PRIVATE KEY-----\nsecretsecret\n"
     sha = hashlib.sha256(key).hexdigest()
-    fix = proxy._blob_item("/k", key, sha, stat(0o644), 0o600, "t", secret=True)
+    fix = proxy_setup._blob_item("/k", key, sha, stat(0o644), 0o600, "t", secret=True)
     assert fix.ops == [cmd.SetAttrs("/k", "root", "root", 0o600)] and not fix.uploads
-    new = proxy._blob_item("/k", key, "0" * 64, stat(0o600), 0o600, "t", secret=True)
+    new = proxy_setup._blob_item("/k", key, "0" * 64, stat(0o600), 0o600, "t", secret=True)
     assert new.uploads[0].secret and new.uploads[0].mode == 0o600 and new.diff is None
     assert "secret content" in new.what
 
 
-def _state(**kw) -> proxy._HostState:
+def _state(**kw) -> proxy_state.HostState:
     cert, key = "/etc/nginx/releasy/tls/self-signed.crt", "/etc/nginx/releasy/tls/self-signed.key"
     base = dict(packages={"nginx": "1", "openssl": "1"},
                 stats={cert: stat(0o644), key: stat(0o600)}, texts={}, sha256={},
                 cert=cmd.CertInfo(("releasy.example.com",), True), site_link=None,
                 default_site=False, ipv6=True, active=True, enabled=True)
     base.update(kw)
-    return proxy._HostState(**base)
+    return proxy_state.HostState(**base)
 
 
 @pytest.mark.parametrize("changes, generated", [
@@ -348,7 +348,7 @@ def _state(**kw) -> proxy._HostState:
     ({"stats": {"/etc/nginx/releasy/tls/self-signed.crt": stat(0o644)}}, True),  # no key
 ])
 def test_self_signed_regenerated_only_when_needed(changes, generated):
-    items = proxy._tls_items(inventory(), _state(**changes), "t", None)
+    items = proxy_setup._tls_items(inventory(), _state(**changes), "t", None)
     gens = [op for it in items for op in it.ops if isinstance(op, cmd.Generate)]
     assert bool(gens) == generated
     if generated:
@@ -359,7 +359,7 @@ def test_self_signed_key_with_loose_mode_is_chmodded_not_regenerated():
     key = "/etc/nginx/releasy/tls/self-signed.key"
     st = _state()
     st.stats[key] = stat(0o644)
-    ops = [op for it in proxy._tls_items(inventory(), st, "t", None) for op in it.ops]
+    ops = [op for it in proxy_setup._tls_items(inventory(), st, "t", None) for op in it.ops]
     assert ops == [cmd.SetAttrs(key, "root", "root", 0o600)]
 
 
@@ -557,21 +557,21 @@ def acme_inventory(proxies=("proxy1",)):
 
 def test_acme_site_answers_challenges_on_port_80_and_redirects_the_rest():
     inv = acme_inventory()
-    assert proxy.tls_paths(inv) == ("/etc/nginx/releasy/tls/acme.crt",
+    assert proxy_render.tls_paths(inv) == ("/etc/nginx/releasy/tls/acme.crt",
                                     "/etc/nginx/releasy/tls/acme.key")
-    site = directives(proxy.render_site(inv, host="proxy1", environ=NO_OVERRIDE))
+    site = directives(proxy_render.render_site(inv, host="proxy1", environ=NO_OVERRIDE))
     http = site[site.index("listen 80 default_server;"):site.index("listen 443 ssl default_server;")]
     start = http.index("location ^~ /.well-known/acme-challenge/ {")
     assert http[start + 1:start + 3] == ["root /var/lib/releasy/acme;", "default_type text/plain;"]
     assert "return 308 https://$host$request_uri;" in http
     assert not any("acme_peers" in line for line in site)  # one proxy: nobody to ask
-    plain = directives(proxy.render_site(inventory(), host="proxy1", environ=NO_OVERRIDE))
+    plain = directives(proxy_render.render_site(inventory(), host="proxy1", environ=NO_OVERRIDE))
     assert not any("acme-challenge" in line for line in plain)
 
 
 def test_acme_with_several_proxies_asks_the_others_once():
     inv = acme_inventory(("proxy1", "proxy2"))
-    site = directives(proxy.render_site(inv, host="proxy1", environ=NO_OVERRIDE))
+    site = directives(proxy_render.render_site(inv, host="proxy1", environ=NO_OVERRIDE))
     peers = site[site.index("upstream releasy_acme_peers {"):]
     assert peers[1] == "server 10.0.0.11:80 max_fails=0;"  # the other proxy, not itself
     assert "10.0.0.10:80" not in " ".join(site)

@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from releasy_deploy import cli
+from releasy_deploy import cli, site
+from releasy_deploy.tiers import prepare
 from releasy_deploy.executor import Executor, HostConnection
 from releasy_deploy.output import Reporter
 from releasy_deploy.facts import (Arch, CommandExists, Hostname, Kernel, MemTotal, OsRelease,
@@ -142,3 +143,20 @@ def test_fab_inventory_ping_costs_one_round_trip_per_host(sshd, tmp_path):
     assert proc.stdout.startswith("solo ")
     events = _events(log, "round_trips")
     assert [(e["host"], e["round_trips"], e["connections"]) for e in events] == [("solo", 1, 1)]
+
+
+def test_fab_site_checks_the_database_level_on_the_prefetched_facts(sshd, tmp_path, monkeypatch):
+    """`fab site --version V` refuses a release behind the database on the facts its
+    prefetch read: the check costs no round trip of its own (without them prefetched, one
+    per host it reads)."""
+    monkeypatch.setenv("RELEASY_INVENTORY", str(_loopback_inventory(sshd, tmp_path)))
+    with cli.session(need_secrets=False) as s:
+        prepare.prefetch_all(s)  # the tiers' facts only
+        before = s.executor.round_trips["solo"]
+        site.refuse_behind_database(s, "1.0.0")
+        assert s.executor.round_trips["solo"] == before + 1
+    with cli.session(need_secrets=False) as s:
+        prepare.prefetch_all(s, site.behind_database_facts(s.inventory, "1.0.0"))
+        assert s.executor.round_trips["solo"] == 1
+        site.refuse_behind_database(s, "1.0.0")
+        assert s.executor.round_trips["solo"] == 1

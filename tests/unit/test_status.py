@@ -34,10 +34,10 @@ from releasy_deploy.status.probes import (FIREWALL_FACTS, StatusDisk, StatusExe,
                                           parse_exe_release, parse_pg)
 from releasy_deploy.status.render import HEADERS, _size, render_table, to_json_text
 from releasy_deploy.tiers.acme import CertInfo
-from releasy_deploy.tiers.app import ReleasyReady, ReleasyReleases, ReleasyUnit
+from releasy_deploy.tiers.app_facts import ReleasyReady, ReleasyReleases, ReleasyUnit
 from releasy_deploy.tiers.db import PgInstallation
 from releasy_deploy.tiers.firewall_state import UfwConf, UfwDefaultsFile, UfwUserRules
-from releasy_deploy.tiers.proxy import ProxyText
+from releasy_deploy.tiers.proxy_state import ProxyText
 
 SPLIT = parse_inventory({
     "environment": "prod", "admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
