@@ -19,14 +19,14 @@ from .executor import HostConnection
 from .facts import Fact, FileSha256, FileStat, LinkTarget, OsRelease, read_facts
 from .hostos import check_release
 from .inventory import Inventory
-from .tiers import app as app_tier
-from .tiers import proxy as proxy_tier
+from .tiers import proxy_state
+from .tiers import app_facts
 
 __all__ = ["PLAIN_UNIT", "LOOPBACK", "NotBlueGreenReady", "Listening", "UnitState",
            "HostState", "Live", "version_of_link", "fact_names", "parse_state", "read_state",
            "find_live"]
 
-PLAIN_UNIT = app_tier.SERVICE_UNIT  # releasy.service, what app.setup runs
+PLAIN_UNIT = app_facts.SERVICE_UNIT  # releasy.service, what app.setup runs
 LOOPBACK = "127.0.0.1"
 
 _RUNNING_STATES = systemd.RUNNING_STATES
@@ -127,33 +127,33 @@ def fact_names(inv: Inventory) -> list[Fact]:
     """Everything preflight reads, as ONE facts call (on a single host the proxy and the
     database are local too)."""
     names: list[Fact] = [
-        app_tier.ReleasyUnit(PLAIN_UNIT), app_tier.ReleasyReleases(),
-        proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE),
+        app_facts.ReleasyUnit(PLAIN_UNIT), app_facts.ReleasyReleases(),
+        proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE),
         FileStat(f"{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}"),
         schema.level_fact(inv), schema.RecordedLevels(), backups_mod.BackupListing()]
     for port in inv.app.bluegreen_ports:
-        names += [app_tier.ReleasyUnit(instance_unit(port)), LinkTarget(instance_link(port)),
+        names += [app_facts.ReleasyUnit(instance_unit(port)), LinkTarget(instance_link(port)),
                   FileSha256(instance_env_file(port)), Listening(port),
-                  app_tier.ReleasyReady(appcmd.ready_url(instance_bind(port)))]
+                  app_facts.ReleasyReady(appcmd.ready_url(instance_bind(port)))]
     return names
 
 
 def parse_state(host: str, found: Mapping[Fact, Any], inv: Inventory) -> HostState:
     ports = inv.app.bluegreen_ports
     units = {PLAIN_UNIT: UnitState.from_show(PLAIN_UNIT,
-                                             found[app_tier.ReleasyUnit(PLAIN_UNIT)])}
+                                             found[app_facts.ReleasyUnit(PLAIN_UNIT)])}
     for port in ports:
         unit = instance_unit(port)
-        units[unit] = UnitState.from_show(unit, found[app_tier.ReleasyUnit(unit)])
+        units[unit] = UnitState.from_show(unit, found[app_facts.ReleasyUnit(unit)])
     return HostState(
         host=host, ports=ports, bind_port=inv.app.bind_port, units=units,
         links={p: found[LinkTarget(instance_link(p))] for p in ports},
         env_sums={p: found[FileSha256(instance_env_file(p))] for p in ports},
         listening={p: bool(found[Listening(p)]) for p in ports},
-        ready={p: bool(found[app_tier.ReleasyReady(appcmd.ready_url(instance_bind(p)))])
+        ready={p: bool(found[app_facts.ReleasyReady(appcmd.ready_url(instance_bind(p)))])
                for p in ports},
-        releases=found[app_tier.ReleasyReleases()],
-        upstream_text=found[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)],
+        releases=found[app_facts.ReleasyReleases()],
+        upstream_text=found[proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)],
         template_installed=found[FileStat(f"{appcmd.UNIT_DIR}/{appcmd.TEMPLATE_UNIT}")]
         is not None,
         db_level=found[schema.level_fact(inv)],
@@ -196,7 +196,7 @@ def find_live(state: HostState) -> Live:
             f" the app tier is not set up. Run `fab site --version VERSION` first.", host=h)
     if state.upstream_text is None:
         raise NotBlueGreenReady(
-            f"{h}: {proxy_tier.UPSTREAM_FILE} does not exist: the proxy is not set up. Run"
+            f"{h}: {nginxcmd.UPSTREAM_FILE} does not exist: the proxy is not set up. Run"
             f" `fab site --version VERSION` first.", host=h)
     try:
         servers = nginxcmd.parse_upstream_servers(state.upstream_text)
@@ -209,7 +209,7 @@ def find_live(state: HostState) -> Live:
     if len(servers) != 1 or servers[0][0] != LOOPBACK or servers[0][1] not in ports:
         wanted = " or ".join(instance_bind(p) for p in ports)
         raise NotBlueGreenReady(
-            f"{h}: {proxy_tier.UPSTREAM_FILE} {why}; a blue/green deploy needs exactly one"
+            f"{h}: {nginxcmd.UPSTREAM_FILE} {why}; a blue/green deploy needs exactly one"
             f" server, {wanted} (app.bluegreen_ports). If no rollout is running, `fab"
             f" proxy.setup --reset-upstreams` restores the default, then re-run.", host=h)
     port = servers[0][1]

@@ -14,8 +14,8 @@ from .commands import nginx as nginxcmd
 from .commands import systemd
 from .facts import Fact, read_facts
 from .inventory import Inventory
-from .tiers import app as app_tier
-from .tiers import proxy as proxy_tier
+from .tiers import proxy_state
+from .tiers import app_facts
 
 __all__ = ["AppUnits", "DbState", "gather_state", "units_on_hosts", "app_units", "unit_bind",
            "restore_level_problem"]
@@ -63,7 +63,7 @@ def units_on_hosts(running: Mapping[str, Sequence[str]]) -> str:
 
 def app_units(inv: Inventory) -> list[str]:
     """The Releasy units that may run on an app host (blue/green only on a single host)."""
-    units = [app_tier.SERVICE_UNIT]
+    units = [app_facts.SERVICE_UNIT]
     if inv.is_single_host:
         units += [appcmd.instance_unit(p) for p in inv.app.bluegreen_ports]
     return units
@@ -83,13 +83,13 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
     upstream lists."""
     inv = session.inventory
     db = backups.backup_host(inv)
-    upstream_fact = proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)
+    upstream_fact = proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)
     wanted: dict[str, list[Fact]] = {db.name: [BackupListing(), schema.level_fact(inv)]}
     if with_apps:
         for h in inv.hosts_in("app"):
             wanted.setdefault(h.name, []).extend(
-                [app_tier.ReleasyReleases(), schema.RecordedLevels(),
-                 *(app_tier.ReleasyUnit(u) for u in app_units(inv))])
+                [app_facts.ReleasyReleases(), schema.RecordedLevels(),
+                 *(app_facts.ReleasyUnit(u) for u in app_units(inv))])
     if with_rotation and not inv.is_single_host:
         for h in inv.hosts_in("proxy"):
             wanted.setdefault(h.name, []).append(upstream_fact)
@@ -100,8 +100,8 @@ def gather_state(session, *, with_apps: bool = True, with_rotation: bool = False
         for h in inv.hosts_in("app"):
             f = found[h.name]
             apps[h.name] = AppUnits(
-                h.name, f[app_tier.ReleasyReleases()].current,
-                {u: f[app_tier.ReleasyUnit(u)].get("ActiveState", "unknown")
+                h.name, f[app_facts.ReleasyReleases()].current,
+                {u: f[app_facts.ReleasyUnit(u)].get("ActiveState", "unknown")
                  for u in app_units(inv)},
                 f[schema.RecordedLevels()])
     upstreams: dict[str, list[tuple[str, int]] | None] = {}

@@ -49,6 +49,8 @@ from .engine.plan import AppState, plan_restart
 from .engine.runner import DRAIN_TIMEOUT_S, JOURNAL_LINES, RollingRunner
 from .session import Session, select_hosts, split_names
 from .status.assess import app_server
+from .tiers import proxy_state
+from .tiers import app_facts
 from .tiers import app as app_tier
 from .tiers import proxy as proxy_tier
 
@@ -60,7 +62,7 @@ __all__ = [
     "read_rotation", "restart", "drain", "undrain", "logs", "run_adhoc",
 ]
 
-UNIT = app_tier.SERVICE_UNIT
+UNIT = app_facts.SERVICE_UNIT
 #: the blue/green instances of a single host (journalctl matches the pattern itself).
 INSTANCE_UNITS = "releasy@*.service"
 MAX_LOG_LINES = 10000
@@ -282,27 +284,27 @@ def read_rotation(session: Session) -> Rotation:
     inv = session.inventory
     wanted: dict[str, list[Fact]] = {}
     for h in inv.hosts_in("proxy"):
-        wanted[h.name] = [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
+        wanted[h.name] = [proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)]
     for h in inv.hosts_in("app"):
-        bind = app_tier.bind_address(inv, h)
+        bind = app_facts.bind_address(inv, h)
         wanted.setdefault(h.name, []).extend(
-            [app_tier.ReleasyReady(appcmd.ready_url(bind)), app_tier.ReleasyUnit(UNIT),
-             app_tier.ReleasyReleases(), schema.RecordedLevels()])
+            [app_facts.ReleasyReady(appcmd.ready_url(bind)), app_facts.ReleasyUnit(UNIT),
+             app_facts.ReleasyReleases(), schema.RecordedLevels()])
     wanted.setdefault(inv.db_host.name, []).extend([schema.level_fact(inv), FleetFile()])
     app_only = [h.name for h in inv.hosts_in("app") if h.tiers == ("app",)]
     found = session.executor.each([inv.host(n) for n in wanted],
                                   tolerant_reader(wanted, app_only))
     lists = []
     for p in inv.hosts_in("proxy"):
-        text = found[p.name][proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
+        text = found[p.name][proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)]
         if text is None:
-            raise DeployError(f"{p.name}: {proxy_tier.UPSTREAM_FILE} does not exist: nginx is"
+            raise DeployError(f"{p.name}: {nginxcmd.UPSTREAM_FILE} does not exist: nginx is"
                               f" not set up for Releasy there; run `fab proxy.setup` first",
                               host=p.name)
         try:
             lists.append(nginxcmd.check_servers(nginxcmd.parse_upstream_servers(text)))
         except ValueError as exc:
-            raise DeployError(f"{p.name}: {proxy_tier.UPSTREAM_FILE}: {exc}; run `fab"
+            raise DeployError(f"{p.name}: {nginxcmd.UPSTREAM_FILE}: {exc}; run `fab"
                               f" proxy.setup --reset-upstreams`", host=p.name) from None
     views = {}
     for h in inv.hosts_in("app"):
@@ -312,11 +314,11 @@ def read_rotation(session: Session) -> Rotation:
         if isinstance(f, UnreachableError):
             views[h.name] = RotationView(h.name, listed, False, "unknown", reachable=False)
             continue
-        current = f[app_tier.ReleasyReleases()].current
+        current = f[app_facts.ReleasyReleases()].current
         views[h.name] = RotationView(
             h.name, listed,
-            bool(f[app_tier.ReleasyReady(appcmd.ready_url(app_tier.bind_address(inv, h)))]),
-            f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"), current=current,
+            bool(f[app_facts.ReleasyReady(appcmd.ready_url(app_facts.bind_address(inv, h)))]),
+            f[app_facts.ReleasyUnit(UNIT)].get("ActiveState", "unknown"), current=current,
             level=f[schema.RecordedLevels()].get(current or ""))
     db = found[inv.db_host.name]
     return Rotation(views, db[schema.level_fact(inv)], db[FleetFile()])

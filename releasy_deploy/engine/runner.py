@@ -28,6 +28,7 @@ from ..lock import LockInfo
 from ..pipeline import Pipeline
 from ..releases import LocalRelease
 from ..session import Session
+from ..tiers import app_facts
 from ..tiers import app as app_tier
 from ..tiers import proxy as proxy_tier
 from .plan import UNIT, AppState, Batch, RollingPlan
@@ -109,7 +110,7 @@ class RollingRunner:
         return [server_of(self.inv, self.inv.host(n)) for n in self.app_names if n in chosen]
 
     def bind(self, name: str) -> str:
-        return app_tier.bind_address(self.inv, self.inv.host(name))
+        return app_facts.bind_address(self.inv, self.inv.host(name))
 
     def set_rotation(self, wanted: Iterable[str]) -> None:
         chosen = set(wanted)

@@ -23,10 +23,10 @@ from ..fleet import FleetFile
 from ..hostos import check_release
 from ..inventory import VERSION_RE, Host, Inventory
 from ..session import Session
-from ..tiers import app as app_tier
-from ..tiers import proxy as proxy_tier
+from ..tiers import proxy_state
+from ..tiers import app_facts
 
-UNIT = app_tier.SERVICE_UNIT
+UNIT = app_facts.SERVICE_UNIT
 
 
 def parse_instance_links(out: str, code: int = 0) -> frozenset[str]:
@@ -52,14 +52,14 @@ class InstanceReleases(Fact):
 
 
 def _app_facts(inv: Inventory, host: Host) -> list[Fact]:
-    bind = app_tier.bind_address(inv, host)
-    return [app_tier.ReleasyReleases(), app_tier.ReleasyUnit(UNIT),
-            app_tier.ReleasyReady(appcmd.ready_url(bind)), DiskFree(appcmd.RELEASY_ROOT),
+    bind = app_facts.bind_address(inv, host)
+    return [app_facts.ReleasyReleases(), app_facts.ReleasyUnit(UNIT),
+            app_facts.ReleasyReady(appcmd.ready_url(bind)), DiskFree(appcmd.RELEASY_ROOT),
             schema.RecordedLevels(), InstanceReleases()]
 
 
 def _proxy_facts() -> list[Fact]:
-    return [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
+    return [proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)]
 
 
 def _db_facts(inv: Inventory) -> list[Fact]:
@@ -103,15 +103,15 @@ def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
 
     upstreams: dict[str, list[tuple[str, int]]] = {}
     for h in inv.hosts_in("proxy"):
-        text = found[h.name][proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)]
+        text = found[h.name][proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)]
         if text is None:
-            raise DeployError(f"{h.name}: {proxy_tier.UPSTREAM_FILE} does not exist: nginx is not"
+            raise DeployError(f"{h.name}: {nginxcmd.UPSTREAM_FILE} does not exist: nginx is not"
                               f" set up for Releasy there; run `fab proxy.setup` (or `fab"
                               f" site`) first", host=h.name)
         try:
             upstreams[h.name] = nginxcmd.check_servers(nginxcmd.parse_upstream_servers(text))
         except ValueError as exc:
-            raise DeployError(f"{h.name}: {proxy_tier.UPSTREAM_FILE}: {exc}; run `fab"
+            raise DeployError(f"{h.name}: {nginxcmd.UPSTREAM_FILE}: {exc}; run `fab"
                               f" proxy.setup --reset-upstreams`", host=h.name) from None
 
     db = found[inv.db_host.name]
@@ -125,13 +125,13 @@ def gather(session: Session, *, skip_unreachable: bool = False) -> Preflight:
         if h.name in unreachable:
             continue
         f = found[h.name]
-        rel: appcmd.ReleaseState = f[app_tier.ReleasyReleases()]
+        rel: appcmd.ReleaseState = f[app_facts.ReleasyReleases()]
         server = server_of(inv, h)
         apps[h.name] = AppState(
             name=h.name, current=rel.current, installed=tuple(rel.installed()),
             markers={v: m for v, (m, _) in rel.releases.items()},
-            active=f[app_tier.ReleasyUnit(UNIT)].get("ActiveState", "unknown"),
-            ready=f[app_tier.ReleasyReady(appcmd.ready_url(app_tier.bind_address(inv, h)))],
+            active=f[app_facts.ReleasyUnit(UNIT)].get("ActiveState", "unknown"),
+            ready=f[app_facts.ReleasyReady(appcmd.ready_url(app_facts.bind_address(inv, h)))],
             free_bytes=f[DiskFree(appcmd.RELEASY_ROOT)],
             levels=f[schema.RecordedLevels()], instance_releases=f[InstanceReleases()],
             in_rotation=all(server in servers for servers in upstreams.values()))

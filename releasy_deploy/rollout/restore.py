@@ -15,11 +15,12 @@ from ..engine.recovery import names as _names
 from ..engine.runner import JOURNAL_LINES, RollingRunner, RolloutFailed
 from ..errors import ParallelError, RestoreFailed
 from ..executor import HostConnection
+from ..tiers import app_facts
 from ..tiers import app as app_tier
 from ..tiers import maintenance_page
 from .verdict import RollbackVerdict
 
-UNIT = app_tier.SERVICE_UNIT
+UNIT = app_facts.SERVICE_UNIT
 
 
 def restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) -> None:

@@ -18,8 +18,9 @@ from ..firewall_diff import summary_diff
 from ..fleet import AppView, FleetFile, fleet_headlines
 from ..hostos import describe, parse_release, supported_list
 from ..inventory import Host, Inventory
-from ..tiers import app as app_tier
-from ..tiers import proxy as proxy_tier
+from ..tiers import proxy_state
+from ..tiers import proxy_render
+from ..tiers import app_facts
 from ..tiers.acme import CertInfo
 from ..tiers.db import PgInstallation
 from ..tiers.firewall_state import UfwConf, UfwDefaultsFile, UfwUserRules
@@ -39,11 +40,11 @@ def app_server(inv: Inventory, host: Host) -> tuple[str, int]:
 
 def _servers(text: str | None) -> tuple[list[tuple[str, int]] | None, str | None]:
     if text is None:
-        return None, f"{proxy_tier.UPSTREAM_FILE} does not exist (run `fab proxy.setup`)"
+        return None, f"{nginxcmd.UPSTREAM_FILE} does not exist (run `fab proxy.setup`)"
     try:
         return nginxcmd.check_servers(nginxcmd.parse_upstream_servers(text)), None
     except ValueError as exc:
-        return None, f"{proxy_tier.UPSTREAM_FILE}: {exc}"
+        return None, f"{nginxcmd.UPSTREAM_FILE}: {exc}"
 
 
 def _firewall(inv: Inventory, host: Host, found: Mapping[Fact, Any]) -> FirewallStatus:
@@ -79,10 +80,10 @@ def _app(inv: Inventory, host: Host, found: Mapping[Fact, Any],
     else:
         unit, in_rotation = UNIT, rotation.get(host.name)
     bind = units[unit]
-    props = found[app_tier.ReleasyUnit(unit)]
+    props = found[app_facts.ReleasyUnit(unit)]
     pid = props.get("MainPID", "0")
     running = found[StatusVersion(bind)] or found[StatusExe(unit)]
-    current = found[app_tier.ReleasyReleases()].current
+    current = found[app_facts.ReleasyReleases()].current
     ports = {bluegreen.instance_unit(p): p for p in inv.app.bluegreen_ports}
     if unit in ports:  # a blue/green instance runs the release its link names
         running = running or bluegreen.version_of_link(
@@ -90,7 +91,7 @@ def _app(inv: Inventory, host: Host, found: Mapping[Fact, Any],
     app = AppStatus(unit=unit, active_state=props.get("ActiveState") or "inactive",
                     sub_state=props.get("SubState") or "", main_pid=int(pid) if pid.isdigit()
                     and int(pid) > 0 else None, current=current, running=running,
-                    ready=bool(found[app_tier.ReleasyReady(appcmd.ready_url(bind))]),
+                    ready=bool(found[app_facts.ReleasyReady(appcmd.ready_url(bind))]),
                     in_rotation=in_rotation)
     return app, note
 
@@ -114,8 +115,8 @@ def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseExce
         if note:
             problems.append(note)
     if host.has("proxy"):
-        servers, note = _servers(found[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)])
-        cert = found[CertInfo(proxy_tier.tls_paths(inv)[0])]
+        servers, note = _servers(found[proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)])
+        cert = found[CertInfo(proxy_render.tls_paths(inv)[0])]
         days = cert.days_left() if cert is not None else None
         proxy = ProxyStatus(bool(found[ServiceActive("nginx")]),
                             None if servers is None else tuple(
@@ -224,7 +225,7 @@ def rotation_of(inv: Inventory, found: Mapping[str, Mapping[Fact, Any] | BaseExc
     for p in inv.hosts_in("proxy"):
         f = found.get(p.name)
         lists.append(None if isinstance(f, BaseException) or f is None
-                     else _servers(f[proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE)])[0])
+                     else _servers(f[proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE)])[0])
     out: dict[str, bool | None] = {}
     for h in inv.hosts_in("app"):
         server = app_server(inv, h)

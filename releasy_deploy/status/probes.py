@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass
 
 from .. import bluegreen
+from ..commands import nginx as nginxcmd
 from ..commands import app as appcmd
 from ..commands import postgres as pgcmd
 from ..commands import probes
@@ -17,13 +18,14 @@ from ..facts import Fact, FileStat, OsRelease, PackageVersion, ServiceActive
 from ..fleet import FleetFile
 from ..inventory import VERSION_RE, Host, Inventory
 from ..packages import FIREWALL_PACKAGES
-from ..tiers import app as app_tier
-from ..tiers import proxy as proxy_tier
+from ..tiers import proxy_state
+from ..tiers import proxy_render
+from ..tiers import app_facts
 from ..tiers.acme import CertInfo
 from ..tiers.db import PgInstallation
 from ..tiers.firewall_state import UfwConf, UfwDefaultsFile, UfwUserRules
 
-UNIT = app_tier.SERVICE_UNIT
+UNIT = app_facts.SERVICE_UNIT
 
 
 def parse_disk(out: str, code: int) -> tuple[int | None, int | None] | None:
@@ -115,7 +117,7 @@ class StatusPg(Fact):
 
 def app_units(inv: Inventory, host: Host) -> dict[str, str]:
     """unit -> bind address of every unit that may be the live Releasy on ``host``."""
-    units = {UNIT: app_tier.bind_address(inv, host)}
+    units = {UNIT: app_facts.bind_address(inv, host)}
     if inv.topology == "single":
         for port in inv.app.bluegreen_ports:
             units[bluegreen.instance_unit(port)] = bluegreen.instance_bind(port)
@@ -140,15 +142,15 @@ def fact_names(inv: Inventory, host: Host) -> list[Fact]:
     names: list[Fact] = [OsRelease(), *FIREWALL_FACTS]
     names += [StatusDisk(path) for _, path in disk_paths(inv, host)]
     if host.has("app"):
-        names.append(app_tier.ReleasyReleases())
+        names.append(app_facts.ReleasyReleases())
         for unit, bind in app_units(inv, host).items():
-            names += [app_tier.ReleasyUnit(unit), app_tier.ReleasyReady(appcmd.ready_url(bind)),
+            names += [app_facts.ReleasyUnit(unit), app_facts.ReleasyReady(appcmd.ready_url(bind)),
                       StatusVersion(bind), StatusExe(unit)]
         if inv.topology == "single":
             names += bluegreen.fact_names(inv)
     if host.has("proxy"):
-        names += [proxy_tier.ProxyText(proxy_tier.UPSTREAM_FILE), ServiceActive("nginx"),
-                  CertInfo(proxy_tier.tls_paths(inv)[0])]
+        names += [proxy_state.ProxyText(nginxcmd.UPSTREAM_FILE), ServiceActive("nginx"),
+                  CertInfo(proxy_render.tls_paths(inv)[0])]
     if host.has("db"):
         names.append(FleetFile())
         if inv.database.kind == "postgres":

@@ -22,15 +22,11 @@ from ..inventory import check_version
 from ..releases import LocalRelease
 from ..remote import Change, report
 from .app_facts import SERVICE_UNIT, ReleasyReleases
-# Reached as ``app_tier.X`` by flows split in parallel (rollout, status, bluegreen, backups,
-# maintenance, engine.runner): kept importable from here; new code imports app_facts.
-from .app_facts import ReleasyReady, ReleasyUnit, bind_address
 
 __all__ = [
     "run_script", "current_release", "installed_releases", "stage_release", "stage_with",
     "activate_release", "activate_from", "restart_service", "journal_tail", "wait_ready",
-    "JOURNAL_LINES", "SERVICE_UNIT", "ReleasyReleases", "ReleasyReady", "ReleasyUnit",
-    "bind_address",
+    "JOURNAL_LINES",
 ]
 
 JOURNAL_LINES = 30

@@ -26,14 +26,10 @@ from ..remote import render_diff
 from .proxy_apply import (APPLY_TIMEOUT, Item, NginxConfigRejected, Upload, apply, report_item,
                           upload)
 from .proxy_render import describe, render_upstream, staged_path
-# Reached as ``proxy_tier.X`` by flows split in parallel (status, rollout, bluegreen,
-# backups, maintenance): kept importable from here; new code imports from their homes.
-from .proxy_render import tls_paths
-from .proxy_state import ProxyText
 
 __all__ = [
     "set_upstreams", "current_upstreams", "nginx_reload", "wait_old_workers_gone",
-    "UPSTREAM_FILE", "ProxyText", "tls_paths", "NginxConfigRejected",
+    "NginxConfigRejected",
 ]
 
 
