@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from lab import lab as lab_ops
 from lab.loadgen import LoadGenerator
 
 
@@ -106,3 +110,95 @@ def site_round_trips(lab, log: Path, *args: str) -> tuple[str, dict[str, tuple[i
     events = [json.loads(line) for line in log.read_text().splitlines()]
     return out, {e["host"]: (e["round_trips"], e["connections"])
                  for e in events if e["event"] == "round_trips"}
+
+
+# ------------------------------------------------------------------ fault injection sweeps
+FAULT_POINTS_ENV = "RELEASY_FAULT_POINTS"
+#: what a run with RELEASY_FAULT set says on stderr: how many host-changing commands it ran
+FAULT_COUNT = re.compile(r"fault injection: (\d+) host-changing command")
+#: mode -> (RELEASY_FAULT suffix, what the message says, the exit codes allowed)
+FAULT_MODES = {"fail": ("", "failed on purpose", (0, 1)),
+               "drop": (":drop", "connection dropped on purpose", (0, 1, 4))}
+
+
+def fault_points(total: int) -> list[int]:
+    """The injection points a sweep tries: the first, a middle and the last, or every one
+    with RELEASY_FAULT_POINTS=all (`make faults`)."""
+    if os.environ.get(FAULT_POINTS_ENV) == "all":
+        return list(range(1, total + 1))
+    return sorted({1, (total + 1) // 2, total})
+
+
+# ------------------------------------------------------------------ the single-host lab
+SOLO = "solo"
+SERVER_NAME = "releasy.lab.test"
+LOAD_THREADS = 4
+
+
+def sh(lab, *argv: str, check: bool = True, host: str = SOLO) -> str:
+    """A command on a lab host (the single host by default) over plain OpenSSH."""
+    return lab.ssh(host, *argv, check=check).stdout.strip()  # each word arrives as one
+
+
+def unit(lab, name: str) -> dict[str, str]:
+    out = sh(lab, "systemctl", "show", "--property=ActiveState,UnitFileState,MainPID", name)
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def running(lab, name: str) -> tuple[str, str]:
+    u = unit(lab, name)
+    return u["ActiveState"], u["UnitFileState"]
+
+
+def upstreams(lab) -> list[str]:
+    text = sh(lab, "cat", "/etc/nginx/releasy/upstream.conf")
+    return re.findall(r"^\s*server\s+(\S+)", text, re.MULTILINE)
+
+
+def version_on(lab, port: int) -> str:
+    return json.loads(sh(lab, "curl", "-fsS", f"http://127.0.0.1:{port}/version"))["version"]
+
+
+def version_timeline(summary: dict) -> list[tuple[int, dict[str, int]]]:
+    # In time order: the JSON summary's keys may come back sorted as strings ("10" < "9").
+    return sorted((int(second), split) for second, split in summary["per_second"].items())
+
+
+def describe_load(summary: dict, retries: int) -> str:
+    """Count and version split over time, runs of equal seconds folded together."""
+    lines = [f"{summary['total']} requests, {summary['ok']} ok, {summary['failed']} failed,"
+             f" {retries} retried on a stale keep-alive connection"]
+    runs: list[list] = []
+    for second, split in version_timeline(summary):
+        key = tuple(sorted(split))
+        if runs and runs[-1][2] == key and len(key) == 1:
+            runs[-1][1] = second
+            for v, n in split.items():
+                runs[-1][3][v] += n
+        else:
+            runs.append([second, second, key, dict(split)])
+    for first, last, _key, split in runs:
+        span = f"{first} s" if first == last else f"{first}-{last} s"
+        lines.append(f"  {span:>9}: " + ", ".join(f"{v} x {n}" for v, n in sorted(split.items())))
+    return "\n".join(lines)
+
+
+@contextmanager
+def steady_load(lab, workdir: Path) -> Iterator[LoadGenerator]:
+    """HTTPS through the proxy from the outside namespace for the ``with`` block: starts once
+    answers flow, ends after more have flowed. Then checks nginx was only ever reloaded."""
+    address = lab_ops.read_state(lab.ident)["hosts"][SOLO]["address"]
+    load = LoadGenerator(f"https://{address}/", server_name=SERVER_NAME, threads=LOAD_THREADS,
+                         rate=100, duration=300, workdir=workdir, timeout=5)
+    nginx_before = unit(lab, "nginx.service")["MainPID"]
+    with load:
+        load.wait_until(lambda p: p["ok"] >= 50, timeout=30)
+        yield load
+        seen = load.progress()["total"]
+        load.wait_until(lambda p: p["total"] >= seen + 100, timeout=30)
+    assert unit(lab, "nginx.service")["MainPID"] == nginx_before, "nginx was restarted"
+    # nginx closes idle keep-alive connections on every reload; the generator retries a
+    # request once when that happens before any response byte (as real clients do).
+    load.retries = load.summary["retried_stale_connections"]
+    print(describe_load(load.summary, load.retries))
+    assert load.retries <= 2 * LOAD_THREADS, load.summary  # about one per connection per reload

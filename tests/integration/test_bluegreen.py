@@ -15,26 +15,22 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lab import lab as lab_ops
-from lab.loadgen import LoadGenerator
 from lab.standin.build import build_release
 from releasy_deploy import bluegreen
 from releasy_deploy.cli import session
+from tests.integration.labtools import SOLO as HOST
+from tests.integration.labtools import (running, sh, steady_load, unit, upstreams,
+                                       version_on, version_timeline)
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
-HOST = "solo"
-SERVER_NAME = "releasy.lab.test"
-THREADS = 4
 HALF = "1.2.1"  # built by the test: migration 4 works, migration 5 fails
 SLOW = "1.3.0"  # built by the test: migrations 4 and 5, sleeping inside the new one
 
@@ -49,29 +45,6 @@ def lab(request, lab_session):
     return handle
 
 
-def sh(lab, *argv: str, check: bool = True) -> str:
-    return lab.ssh(HOST, *argv, check=check).stdout.strip()  # each word arrives as one
-
-
-def unit(lab, name: str) -> dict[str, str]:
-    out = sh(lab, "systemctl", "show", "--property=ActiveState,UnitFileState,MainPID", name)
-    return dict(line.split("=", 1) for line in out.splitlines())
-
-
-def running(lab, name: str) -> tuple[str, str]:
-    u = unit(lab, name)
-    return u["ActiveState"], u["UnitFileState"]
-
-
-def upstreams(lab) -> list[str]:
-    text = sh(lab, "cat", "/etc/nginx/releasy/upstream.conf")
-    return re.findall(r"^\s*server\s+(\S+)", text, re.MULTILINE)
-
-
-def version_on(lab, port: int) -> str:
-    return json.loads(sh(lab, "curl", "-fsS", f"http://127.0.0.1:{port}/version"))["version"]
-
-
 def last_audit(lab) -> dict:
     return json.loads(sh(lab, "tail", "-n", "1", "/var/log/releasy-deploy/audit.log"))
 
@@ -83,30 +56,6 @@ def sql(lab, query: str) -> str:
               "-c", query)
 
 
-def version_timeline(summary: dict) -> list[tuple[int, dict[str, int]]]:
-    # In time order: the JSON summary's keys may come back sorted as strings ("10" < "9").
-    return sorted((int(second), split) for second, split in summary["per_second"].items())
-
-
-def describe_load(summary: dict, retries: int) -> str:
-    """Count and version split over time, runs of equal seconds folded together."""
-    lines = [f"{summary['total']} requests, {summary['ok']} ok, {summary['failed']} failed,"
-             f" {retries} retried on a stale keep-alive connection"]
-    runs: list[list] = []
-    for second, split in version_timeline(summary):
-        key = tuple(sorted(split))
-        if runs and runs[-1][2] == key and len(key) == 1:
-            runs[-1][1] = second
-            for v, n in split.items():
-                runs[-1][3][v] += n
-        else:
-            runs.append([second, second, key, dict(split)])
-    for first, last, _key, split in runs:
-        span = f"{first} s" if first == last else f"{first}-{last} s"
-        lines.append(f"  {span:>9}: " + ", ".join(f"{v} x {n}" for v, n in sorted(split.items())))
-    return "\n".join(lines)
-
-
 def assert_switched_once(summary: dict, old: str, new: str) -> None:
     """Only `old` answered, then only `new`: at most two seconds saw both."""
     timeline = version_timeline(summary)
@@ -116,27 +65,6 @@ def assert_switched_once(summary: dict, old: str, new: str) -> None:
     last_old = max(i for i, s in enumerate(seen) if old in s)
     assert last_old - first_new <= 1, timeline
     assert all(s <= {old, new} for s in seen), timeline
-
-
-@contextmanager
-def steady_load(lab, workdir: Path) -> Iterator[LoadGenerator]:
-    """HTTPS through the proxy from the outside namespace for the ``with`` block: starts once
-    answers flow, ends after more have flowed. Then checks nginx was only ever reloaded."""
-    address = lab_ops.read_state(lab.ident)["hosts"][HOST]["address"]
-    load = LoadGenerator(f"https://{address}/", server_name=SERVER_NAME, threads=THREADS,
-                         rate=100, duration=300, workdir=workdir, timeout=5)
-    nginx_before = unit(lab, "nginx.service")["MainPID"]
-    with load:
-        load.wait_until(lambda p: p["ok"] >= 50, timeout=30)
-        yield load
-        seen = load.progress()["total"]
-        load.wait_until(lambda p: p["total"] >= seen + 100, timeout=30)
-    assert unit(lab, "nginx.service")["MainPID"] == nginx_before, "nginx was restarted"
-    # nginx closes idle keep-alive connections on every reload; the generator retries a
-    # request once when that happens before any response byte (as real clients do).
-    load.retries = load.summary["retried_stale_connections"]
-    print(describe_load(load.summary, load.retries))
-    assert load.retries <= 2 * THREADS, load.summary  # about one per connection per reload
 
 
 def fab(lab, *args: str, inventory: Path | None = None, check: bool = True):

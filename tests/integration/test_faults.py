@@ -12,13 +12,13 @@ reconfiguration sweep runs under mixed load through the proxy: no request may fa
 RELEASY_FAULT_POINTS=all) tries every one and prints how many."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 
 import pytest
 
-from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
+from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, fault_points,
+                                       assert_no_failed_request, current, load_through_proxy,
                                        ready, report_load, rotation, set_log_level)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
@@ -26,12 +26,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 APPS = ("app1", "app2", "app3")
 # Two releases with the same migrations, so the sweep can go back and forth between them.
 RELEASES = ("1.1.0", "1.1.1")
-POINTS_ENV = "RELEASY_FAULT_POINTS"
-_COUNT = re.compile(r"fault injection: (\d+) host-changing command")
 # The sweep of `fab site` flips app.log_level between these: one changed env value a run.
 LOG_LEVELS = ("debug", "warn")
-MODES = {"fail": ("", "failed on purpose", (0, 1)),
-         "drop": (":drop", "connection dropped on purpose", (0, 1, 4))}
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +45,9 @@ def fleet(lab, tmp_path_factory):
     lab.fab("deploy.rolling", "--version", "1.1.1", "--yes", inventory=inventory)
     clean = lab.fab("deploy.rolling", "--version", "1.1.0", "--yes", inventory=inventory,
                     env={"RELEASY_FAULT": "0"})
-    total = int(_COUNT.search(clean.stderr).group(1))
+    total = int(FAULT_COUNT.search(clean.stderr).group(1))
     assert {h: current(lab, h) for h in APPS} == dict.fromkeys(APPS, "1.1.0")
     return inventory, total
-
-
-def points(total: int) -> list[int]:
-    if os.environ.get(POINTS_ENV) == "all":
-        return list(range(1, total + 1))
-    return sorted({1, (total + 1) // 2, total})
 
 
 def serving_through_proxy(lab) -> bool:
@@ -75,7 +65,7 @@ def assert_left_serving(lab, inventory, proc, where: str, mode: str) -> None:
     """After a run with an injected fault: the exit code, no traceback, a message that names
     the host, the lock free, the proxy answering, every app host out of rotation named."""
     said = proc.stdout + proc.stderr
-    _suffix, marker, codes = MODES[mode]
+    _suffix, marker, codes = FAULT_MODES[mode]
     assert marker in proc.stderr, f"{where}: no command was replaced\n{said}"
     assert proc.returncode in codes, f"{where}: exit {proc.returncode}\n{said}"
     assert "Traceback" not in said, f"{where}\n{said}"
@@ -96,7 +86,7 @@ def assert_left_serving(lab, inventory, proc, where: str, mode: str) -> None:
             assert ready(lab, h), f"{where}: {h} in rotation but not ready"
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", sorted(FAULT_MODES))
 def test_every_injected_fault_leaves_the_fleet_serving_and_a_rerun_converges(lab, fleet, mode):
     """``fail``: the N-th host-changing command fails on its host; ``drop``: that host's SSH
     connection drops at that point instead (the command never runs; on db1 the deploy
@@ -106,10 +96,10 @@ def test_every_injected_fault_leaves_the_fleet_serving_and_a_rerun_converges(lab
     assert total >= 10, f"a rolling deploy over 3 hosts ran only {total} host-changing commands"
     tried = []
     on = current(lab, "app1")
-    for n in points(total):
+    for n in fault_points(total):
         target = RELEASES[0] if on == RELEASES[1] else RELEASES[1]
         proc = lab.fab("deploy.rolling", "--version", target, "--yes", inventory=inventory,
-                       env={"RELEASY_FAULT": f"{n}{MODES[mode][0]}"}, check=False)
+                       env={"RELEASY_FAULT": f"{n}{FAULT_MODES[mode][0]}"}, check=False)
         where = f"fault #{n} of {total} ({mode})"
         assert_left_serving(lab, inventory, proc, where, mode)
         # The same command again converges.
@@ -140,11 +130,11 @@ def reconfiguration(lab, fleet, tmp_path_factory):
     set_log_level(lab, inventory, LOG_LEVELS[0])
     clean = lab.fab("site", inventory=inventory, env={"RELEASY_FAULT": "0"})
     assert "rolling reconfiguration done: app1, app2, app3" in clean.stdout, clean.stdout
-    yield inventory, int(_COUNT.search(clean.stderr).group(1))
+    yield inventory, int(FAULT_COUNT.search(clean.stderr).group(1))
     lab.fab("site")
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", sorted(FAULT_MODES))
 def test_every_injected_fault_in_a_rolling_reconfiguration_keeps_the_fleet_serving(
         lab, reconfiguration, mode, tmp_path):
     """`fab site` applying a changed app.log_level (drain, restart, /ready, re-add, one host
@@ -154,14 +144,14 @@ def test_every_injected_fault_in_a_rolling_reconfiguration_keeps_the_fleet_servi
     inventory, total = reconfiguration
     assert total >= 10, f"a rolling reconfiguration ran only {total} host-changing commands"
     tried, requests = [], 0
-    for n in points(total):
+    for n in fault_points(total):
         target = LOG_LEVELS[0] if log_level_on(lab, "app1") == LOG_LEVELS[1] else LOG_LEVELS[1]
         set_log_level(lab, inventory, target)
         where = f"fault #{n} of {total} in fab site ({mode})"
         with load_through_proxy(lab, tmp_path / f"load-{n}") as load:
             load.wait_until(lambda p: p["ok"] >= 50, timeout=60)
             proc = lab.fab("site", inventory=inventory, check=False,
-                           env={"RELEASY_FAULT": f"{n}{MODES[mode][0]}"})
+                           env={"RELEASY_FAULT": f"{n}{FAULT_MODES[mode][0]}"})
             after = load.progress()["total"]
             load.wait_until(lambda p: p["total"] >= after + 50, timeout=60)
         report_load(where, load.summary)

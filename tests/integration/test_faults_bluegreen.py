@@ -20,8 +20,8 @@ import pytest
 
 from releasy_deploy.bluegreen import STAGES
 from releasy_deploy.commands.nginx import MAINTENANCE_FLAG
-from tests.integration.test_bluegreen import HOST, running, sh, steady_load, upstreams, version_on
-from tests.integration.test_faults import _COUNT, MODES, points
+from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, SOLO, fault_points, running,
+                                       sh, steady_load, upstreams, version_on)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
@@ -70,7 +70,7 @@ def lab(lab_session):
     # What the next module finds: the site serving, nothing held, no maintenance page.
     handle.fab("proxy.maintenance", "--off", check=False)
     assert handle.fab("deploy.lock").stdout.strip() == "deploy lock of lab: free"
-    assert handle.ssh(HOST, "test", "-e", MAINTENANCE_FLAG, check=False).returncode == 1
+    assert handle.ssh(SOLO, "test", "-e", MAINTENANCE_FLAG, check=False).returncode == 1
     assert serving_through_proxy(handle)
 
 
@@ -84,10 +84,10 @@ def total(lab) -> int:
     clean = lab.fab("deploy.bluegreen", "--version", RELEASES[0], "--yes",
                     env={"RELEASY_FAULT": "0"})
     assert_converged(lab, RELEASES[0], "clean run")
-    return int(_COUNT.search(clean.stderr).group(1))
+    return int(FAULT_COUNT.search(clean.stderr).group(1))
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", sorted(FAULT_MODES))
 def test_every_injected_fault_in_a_bluegreen_deploy_keeps_the_site_serving(
         lab, total, mode, tmp_path):
     """``fail``: the N-th host-changing command fails on the host; ``drop``: the host's SSH
@@ -96,29 +96,29 @@ def test_every_injected_fault_in_a_bluegreen_deploy_keeps_the_site_serving(
     the lock is free, nginx serves; the same command again puts V live."""
     assert total >= 5, f"a blue/green deploy ran only {total} host-changing commands"
     tried, requests = [], 0
-    for n in points(total):
+    for n in fault_points(total):
         target = RELEASES[0] if live_version(lab) == RELEASES[1] else RELEASES[1]
         where = f"fault #{n} of {total} in deploy.bluegreen ({mode})"
         with steady_load(lab, tmp_path / f"load-{n}") as load:
             proc = lab.fab("deploy.bluegreen", "--version", target, "--yes", check=False,
-                           env={"RELEASY_FAULT": f"{n}{MODES[mode][0]}"})
+                           env={"RELEASY_FAULT": f"{n}{FAULT_MODES[mode][0]}"})
         said = proc.stdout + proc.stderr
         assert load.summary["failed"] == 0, f"{where}: {load.summary['first_failures']}"
         requests += load.summary["total"]
         fired = next(line for line in proc.stderr.splitlines()
                      if line.startswith("fault injection:"))
-        assert MODES[mode][1] in fired, f"{where}: no command was replaced\n{said}"
+        assert FAULT_MODES[mode][1] in fired, f"{where}: no command was replaced\n{said}"
         assert "Traceback" not in said, f"{where}\n{said}"
         if AUDIT_WRITE in said[said.index(fired):]:
             # The audit record comes after the deploy's last change: its failure is only
             # reported (on the host's line), the deploy itself succeeded.
             assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{said}"
-            assert f"[{HOST}] ERROR: " in proc.stdout, f"{where}: not reported\n{said}"
+            assert f"[{SOLO}] ERROR: " in proc.stdout, f"{where}: not reported\n{said}"
             assert_converged(lab, target, where)
         else:
             assert proc.returncode == EXIT[mode], f"{where}: exit {proc.returncode}\n{said}"
             # The paragraph's first line names the host and the stage.
-            assert re.search(rf"^error: {HOST}: .*stage '({'|'.join(STAGES)})'", proc.stderr,
+            assert re.search(rf"^error: {SOLO}: .*stage '({'|'.join(STAGES)})'", proc.stderr,
                              re.MULTILINE), f"{where}: host and stage not named\n{said}"
         lock = lab.fab("deploy.lock")
         assert lock.stdout.strip() == "deploy lock of lab: free", f"{where}\n{lock.stdout}"
