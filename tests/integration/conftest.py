@@ -113,22 +113,45 @@ def pytest_runtest_setup(item):
     _RUNNING[:] = [item.nodeid, shape_of(item)]
 
 
-# Roughly what each shape's tests cost (seconds, from the suite's own summary on the 2-core
-# machine): `--lab-shard` balances the shards on it. A shape not listed counts as 60 s.
-SHAPE_SECONDS = {SPLIT: 700, SPLIT3: 660, SINGLE_SQLITE: 350, SINGLE_POSTGRES: 150}
+# What each module's tests cost (seconds, all its lab shapes together; the suite's own summary,
+# 2 shards on the 2-core machine): `--lab-shard` balances the shards on it. A module's tests
+# of one shape are one unit of work (they share that shape's lab in whichever shard runs
+# them); a module not listed counts as 60 s.
+MODULE_SECONDS = {
+    "test_faults": 180, "test_bluegreen": 173, "test_trixie": 164, "test_site": 153,
+    "test_dead_host": 143, "test_operator_flags": 135, "test_faults_bluegreen": 99,
+    "test_bastion_acme": 98, "test_egress": 81, "test_backups": 72, "test_rolling": 69,
+    "test_maintenance": 69, "test_operator_ops": 64, "test_db_tier": 62, "test_firewall": 62,
+    "test_rollback": 53, "test_lock": 53, "test_app_tier": 51, "test_output": 44,
+    "test_proxy_tier": 40, "test_rolling_reconfigure": 33, "test_failures": 29,
+    "test_lab": 21, "test_status": 19, "test_standin_lab": 12, "test_round_trips": 11,
+    "test_loadgen": 8, "test_executor_lab": 4,
+}
 # The unit tests run in shard 1: what they cost, for the balance.
 UNIT_SECONDS = 80
 
 
-def shards(shapes: list, count: int) -> list[set]:
-    """The lab shapes of each of ``count`` shards: the costliest shape first, each to the
-    shard with the least so far (shard 1 starts with the unit tests)."""
-    load = [UNIT_SECONDS] + [0] * (count - 1)
+def _module(item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1]
+
+
+def shards(items, count: int) -> list[set]:
+    """The (lab shape, module) units of each of ``count`` shards: the costliest unit first,
+    each to the shard with the least so far (shard 1 starts with the unit tests)."""
+    units = list(dict.fromkeys((shape_of(i), _module(i)) for i in items))
+    shapes_of: defaultdict[str, int] = defaultdict(int)
+    for _shape, module in units:
+        shapes_of[module] += 1
+
+    def cost(unit) -> float:
+        return MODULE_SECONDS.get(unit[1], 60) / shapes_of[unit[1]]
+
+    load = [UNIT_SECONDS] + [0.0] * (count - 1)
     chosen: list[set] = [set() for _ in range(count)]
-    for shape in sorted(shapes, key=lambda s: -SHAPE_SECONDS.get(s, 60)):
+    for unit in sorted(units, key=lambda u: (-cost(u), u[1])):
         least = load.index(min(load))
-        chosen[least].add(shape)
-        load[least] += SHAPE_SECONDS.get(shape, 60)
+        chosen[least].add(unit)
+        load[least] += cost(unit)
     return chosen
 
 
@@ -154,11 +177,11 @@ def pytest_collection_modifyitems(session, config, items):
     if shard is None:
         return
     index, count = shard
-    lab_items = [items[i] for i in slots]
-    mine = shards(list(dict.fromkeys(shape_of(i) for i in lab_items)), count)[index - 1]
+    lab_items = [items[i] for i in slots if _module(items[i]) not in LAST_MODULES]
+    mine = shards(lab_items, count)[index - 1]
     # The last modules look at what the others left in this process: every shard runs them.
     keep = [i for i in items if here not in Path(str(i.path)).parents
-            or shape_of(i) in mine or i.module.__name__.rsplit(".", 1)[-1] in LAST_MODULES]
+            or (shape_of(i), _module(i)) in mine or _module(i) in LAST_MODULES]
     if index > 1:  # the unit tests run once, in shard 1
         keep = [i for i in keep if here in Path(str(i.path)).parents]
     kept = {id(i) for i in keep}
