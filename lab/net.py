@@ -84,12 +84,18 @@ def private_subnet(ident: LabIdentity) -> str:
 PRIVATE_BRIDGE = "br1"
 
 
+#: interface of a lab host -> the suffixes of its veth pair's (bridge, host) ends
+VETH_SUFFIXES = {"eth0": ("-o", "-i"), "eth1": ("-p", "-j")}
+
+
 def _veth_names(ident: LabIdentity, name: str, ifname: str) -> tuple[str, str]:
     """(the bridge side, the host side) of host NAME's veth pair for its IFNAME."""
-    # Interface names: 15 characters at most.
-    stem = f"{ident.prefix}-{name}"[:13] if ifname == "eth0" \
-        else f"{ident.prefix}-{name}"[:12] + ifname[-1]
-    return stem + "-o", stem + "-i"
+    # Interface names: 15 characters at most, so long names are cut to 13; the suffix alone
+    # tells the pairs of one host apart (a cut name plus an interface digit could repeat the
+    # other pair's name: lab101-proxy1 for both of proxy1's interfaces).
+    stem = f"{ident.prefix}-{name}"[:13]
+    outer, inner = VETH_SUFFIXES[ifname]
+    return stem + outer, stem + inner
 
 
 def set_link(ident: LabIdentity, name: str, up: bool) -> list[str]:

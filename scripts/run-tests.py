@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""`make test`: the whole suite as N shards at once (3 unless RELEASY_TEST_SHARDS says),
+"""`make test`: the whole suite as N shards at once (2 unless RELEASY_TEST_SHARDS says),
 each pytest on its own lab.
 
 The lab tests spend most of their time waiting on hosts (apt, timers, load windows), so
-labs side by side cut the wall time on the 2-core machine. Shard I runs the lab
-units (a module's tests of one lab shape) `tests/integration/conftest.py` assigns to it (`--lab-shard I/N`; shard 1 also runs
-the unit tests) with LAB_ID set so its hosts, addresses and state never meet another
-shard's; the image cache is shared (its builds take a lock). Each shard's output goes to
-.lab-logs/shard-I.log and, line by line with an `[I]` prefix, to this terminal. The exit
-code is the first failing shard's (0 when all pass). Ctrl-C or SIGTERM is passed on to the
-shards (by the PIDs started here), which tear their labs down.
+labs side by side cut the wall time on the 2-core machine. Shard I runs the units of lab
+work (a module's tests of one lab shape) `tests/integration/conftest.py` assigns to it
+(`--lab-shard I/N`; shard 1 also runs the unit tests) with LAB_ID set so its hosts,
+addresses and state never meet another shard's; the image cache is shared (its builds
+take a lock). Each shard's output goes to .lab-logs/shard-I.log and, line by line with an
+`[I]` prefix, to this terminal. The exit code is the first failing shard's (0 when all
+pass). Ctrl-C or SIGTERM is passed on to the shards (by the PIDs started here), which tear
+their labs down.
 
 `RELEASY_TEST_SHARDS=1` runs the suite as one plain pytest (also what extra pytest
 arguments do: `scripts/run-tests.py tests/unit -q`).
@@ -25,9 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".lab-logs"
-DEFAULT_SHARDS = 3
-# Shards after the first run on LAB_ID base + 100 + I (the operator's own lab, LAB_ID or
-# the default one, stays shard 1's).
+DEFAULT_SHARDS = 2
+# Shard I > 1 runs on LAB_ID base + 100 + I - 2 (shard 2: 101 with no LAB_ID set); the
+# operator's own lab, LAB_ID or the default one, stays shard 1's.
 LAB_ID_OFFSET = 100
 
 

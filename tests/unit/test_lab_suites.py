@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lab import image
-from lab.config import topology_hosts
+from lab import image, net
+from lab.config import LabIdentity, topology_hosts
 from lab.lab import LabRequest
 
 
@@ -39,3 +39,14 @@ def test_the_image_cache_keys_on_the_suite():
     assert image.repo_dir("trixie").name.startswith("apt-repo-trixie-")
     assert image.base_dir("bookworm").name.split("-")[-1] != \
         image.base_dir("trixie").name.split("-")[-1]
+
+
+@pytest.mark.parametrize("lab_id", ["", "7", "35", "101", "200"])
+def test_veth_names_fit_and_never_repeat_whatever_the_lab_id(lab_id):
+    """A 3-digit LAB_ID (the test shards' 101, 102) cuts `lab101-proxy1`: both of proxy1's
+    interfaces (public and the bastion's private network) still get their own pair."""
+    ident = LabIdentity(lab_id)
+    names = [end for host in ("proxy1", "proxy2", "bastion", "app1", "app40", "db1", "solo")
+             for ifname in ("eth0", "eth1") for end in net._veth_names(ident, host, ifname)]
+    assert len(set(names)) == len(names)
+    assert max(map(len, names)) <= 15
