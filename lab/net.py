@@ -25,6 +25,15 @@ def list_netns(prefix: str) -> list[str]:
     return [n for n in names if n.startswith(prefix + "-")]
 
 
+def list_links(prefix: str) -> list[str]:
+    """This lab's interfaces left in the machine's own namespace (a host whose set-up
+    stopped between creating its veth pair and moving the ends away)."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = [line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines()
+             if line.count(":") >= 2]
+    return [n for n in names if n.startswith(prefix + "-")]
+
+
 def _in(ns: str, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
@@ -142,6 +151,8 @@ def destroy(ident: LabIdentity) -> None:
     deletes its veth ends). Safe to call on a half-built or already removed lab."""
     for ns in list_netns(ident.prefix):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for link in list_links(ident.prefix):  # deleting one end of a veth pair deletes both
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
     if ok(["ip", "link", "show", ident.uplink_if]):
         subprocess.run(["ip", "link", "del", ident.uplink_if], capture_output=True)
     subprocess.run(["ip", "route", "del", "unreachable", private_subnet(ident)],
