@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +21,40 @@ def app_octet(host: str) -> int:
     return 20 + int(host.removeprefix("app"))
 
 
-def psql(lab, sql: str) -> list[list[str]]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
+# ------------------------------------------------------------------ any lab host
+SOLO = "solo"
+SERVER_NAME = "releasy.lab.test"
+LOAD_THREADS = 4
+
+
+def sh(lab, *argv: str, check: bool = True, host: str = SOLO) -> str:
+    """A command on a lab host (the single host by default) over plain OpenSSH."""
+    return lab.ssh(host, *argv, check=check).stdout.strip()  # each word arrives as one
+
+
+def psql(lab, sql: str, host: str = "db1", database: str = "releasy") -> list[list[str]]:
+    """The rows ``sql`` returns (columns split at |), run as postgres on ``host``."""
+    out = lab.sudo(host, "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+                                     ' -v ON_ERROR_STOP=1 -d "$2" -c "$1"', "psql", sql, database)
     return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def main_pid(lab, host: str = SOLO) -> str:
+    """releasy.service's MainPID on ``host`` as systemd shows it ("0" when not running)."""
+    return sh(lab, "systemctl", "show", "--property=MainPID", "--value", "releasy.service",
+              host=host)
+
+
+def main_pids(lab, hosts) -> dict[str, str]:
+    """`main_pid` of each of ``hosts``."""
+    return {h: main_pid(lab, h) for h in hosts}
+
+
+def changed_total(output: str) -> int:
+    """N of the "site: N changed" summary line of a `fab site` output."""
+    match = re.search(r"^site: (\d+) changed", output, re.MULTILINE)
+    assert match, output
+    return int(match.group(1))
 
 
 def current(lab, host) -> str:
@@ -35,6 +67,21 @@ def ready(lab, host) -> bool:
     return lab.ssh(host, "curl", "-fsS", "--max-time", "3", url, check=False).returncode == 0
 
 
+def wait_ready(lab, host: str, within: float = 60) -> None:
+    """Poll `ready` until ``host`` answers /ready; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not ready(lab, host):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{host} not ready within {within} s")
+        time.sleep(0.2)
+
+
+def served_version(lab, host) -> str:
+    """/version of the process running on an app host, asked on the host itself."""
+    url = f"http://10.77.{lab.ident.subnet_octet}.{app_octet(host)}:8080/version"
+    return json.loads(lab.ssh(host, "curl", "-fsS", "--max-time", "3", url).stdout)["version"]
+
+
 def rotation(lab, proxy: str = "proxy1") -> list[str]:
     """The app hosts the proxy's upstream file lists, in order (addresses it cannot name
     stay addresses)."""
@@ -43,6 +90,25 @@ def rotation(lab, proxy: str = "proxy1") -> list[str]:
                   for i in range(1, 41)}
     return [by_address.get(w[1], w[1]) for line in text.splitlines()
             if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"]
+
+
+def assert_all_on(lab, version: str, apps) -> None:
+    """Every one of ``apps`` on ``version`` (linked and served), ready, and in rotation."""
+    assert {h: current(lab, h) for h in apps} == dict.fromkeys(apps, version)
+    assert {h: served_version(lab, h) for h in apps} == dict.fromkeys(apps, version)
+    assert all(ready(lab, h) for h in apps), {h: ready(lab, h) for h in apps}
+    assert rotation(lab) == list(apps)
+
+
+def serving_through_proxy(lab, proxy: str = "proxy1") -> bool:
+    """GET /ready through ``proxy``'s TLS site (SNI the site's name) from the outside
+    namespace (the internet) answers 200."""
+    address = lab_ops.read_state(lab.ident)["hosts"][proxy]["address"]
+    proc = subprocess.run(
+        ["ip", "netns", "exec", lab.ident.outside_ns, "curl", "-ksS", "--max-time", "5",
+         "-o", "/dev/null", "-w", "%{http_code}", "--resolve", f"{SERVER_NAME}:443:{address}",
+         f"https://{SERVER_NAME}/ready"], capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() == "200"
 
 
 def load_through_proxy(lab, workdir: Path) -> LoadGenerator:
@@ -130,16 +196,6 @@ def fault_points(total: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the single-host lab
-SOLO = "solo"
-SERVER_NAME = "releasy.lab.test"
-LOAD_THREADS = 4
-
-
-def sh(lab, *argv: str, check: bool = True, host: str = SOLO) -> str:
-    """A command on a lab host (the single host by default) over plain OpenSSH."""
-    return lab.ssh(host, *argv, check=check).stdout.strip()  # each word arrives as one
-
-
 def unit(lab, name: str) -> dict[str, str]:
     out = sh(lab, "systemctl", "show", "--property=ActiveState,UnitFileState,MainPID", name)
     return dict(line.split("=", 1) for line in out.splitlines())
@@ -155,7 +211,8 @@ def upstreams(lab) -> list[str]:
     return re.findall(r"^\s*server\s+(\S+)", text, re.MULTILINE)
 
 
-def version_on(lab, port: int) -> str:
+def version_on(lab, port: int = 8080) -> str:
+    """/version of the instance on ``port`` of the single host, asked on the host."""
     return json.loads(sh(lab, "curl", "-fsS", f"http://127.0.0.1:{port}/version"))["version"]
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
-                                       ready, report_load, rotation, set_log_level)
+                                       main_pid, main_pids, ready, report_load, rotation,
+                                       set_log_level)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -45,11 +46,6 @@ def inventory(lab, tmp_path_factory) -> Path:
     return path
 
 
-def main_pid(lab, host) -> str:
-    return lab.ssh(host, "systemctl", "show", "-p", "MainPID", "--value",
-                   "releasy.service").stdout.strip()
-
-
 def restart_window(lab, host, since_us: int) -> tuple[int, int]:
     """(stop began, start done) of releasy.service on ``host`` since ``since_us``, in
     microseconds of the (shared) realtime clock, from the host's journal."""
@@ -71,7 +67,7 @@ def restart_window(lab, host, since_us: int) -> tuple[int, int]:
 
 def test_a_changed_setting_is_rolled_host_by_host_without_a_failed_request(lab, inventory,
                                                                           tmp_path):
-    before = {h: main_pid(lab, h) for h in APPS}
+    before = main_pids(lab, APPS)
     set_log_level(lab, inventory, "debug")
     since_us = int(lab.ssh("db1", "date", "+%s%6N").stdout.strip())
     with load_through_proxy(lab, tmp_path / "load") as load:
@@ -111,7 +107,7 @@ def test_site_and_setups_wait_for_the_lock_held_by_another_task(lab, inventory):
                 break
         assert line.startswith("held "), f"the holder did not get the lock: {line!r}"
         set_log_level(lab, inventory, "warn")
-        pids = {h: main_pid(lab, h) for h in APPS}
+        pids = main_pids(lab, APPS)
         for task in (["site"], ["app.setup"], ["proxy.setup"], ["firewall.apply"],
                      ["db.setup"]):
             proc = lab.fab(*task, inventory=inventory, check=False)
