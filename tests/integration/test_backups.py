@@ -23,40 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.labtools import SOLO, psql, ready, rotation, serving_through_proxy
+
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2")
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-1\.0\.0_m2\.(?:dump|sqlite3)")
-
-
-def psql(lab, sql: str) -> list[str]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
-    return out.stdout.splitlines()
-
-
-def rotation(lab) -> set[str]:
-    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
-    return {w[1] for line in text.splitlines()
-            if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"}
-
-
-def app_address(lab, host: str) -> str:
-    return f"10.77.{lab.ident.subnet_octet}.{20 + int(host[-1])}:8080"
-
-
-def ready_on_host(lab, host: str) -> bool:
-    return lab.ssh(host, "curl", "-fsS", "--max-time", "3",
-                   f"http://{app_address(lab, host)}/ready", check=False).returncode == 0
-
-
-def through_proxy(address: str) -> int:
-    proc = subprocess.run(["curl", "-ksS", "--max-time", "10", "-o", "/dev/null", "-w",
-                           "%{http_code}", f"https://{address}/ready"],
-                          capture_output=True, text=True)
-    return int(proc.stdout or 0)
 
 
 def dump_name(output: str) -> str:
@@ -102,12 +76,12 @@ def test_backup_then_restore_brings_back_a_row_deleted_in_between(split, tmp_pat
     assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == []
     proc = lab.fab("db.restore", "--file", name, "--yes")
     assert proc.returncode == 0
-    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == [["kept by the dump"]]
     for host in APPS:
         assert f"[{host}] changed: stopped releasy.service (database restore)" in proc.stdout
-        assert ready_on_host(lab, host), host
-    assert rotation(lab) == {app_address(lab, h) for h in APPS}
-    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+        assert ready(lab, host), host
+    assert set(rotation(lab)) == set(APPS)
+    assert serving_through_proxy(lab)
     # The data it replaced was saved first, and the listing tells the dumps apart.
     listing = lab.fab("db.backups").stdout
     assert re.search(rf"^{name}\s+[\d.]+ KiB\s+\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\s+2\s+manual"
@@ -133,7 +107,7 @@ def test_restore_asks_and_without_a_terminal_refuses(split):
                         check=False)
     assert missing.returncode == 2 and "no dump named" in missing.stderr
     assert psql(split, "SELECT count(*) FROM standin_m1") == before
-    assert all(ready_on_host(split, h) for h in APPS)
+    assert all(ready(split, h) for h in APPS)
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
@@ -163,7 +137,7 @@ def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_lef
         waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                    " 'releasy-restore' AND wait_event_type = 'Lock'")
         deadline = time.monotonic() + 120
-        while psql(lab, waiting) != ["1"]:
+        while psql(lab, waiting) != [["1"]]:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the restore never reached its transaction"
             time.sleep(0.3)
@@ -184,16 +158,16 @@ def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_lef
     for program in ("psql", "pg_restore"):
         assert lab.ssh("db1", "pgrep", "-x", program, check=False).returncode == 1, program
     assert psql(lab, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-                     " 'releasy-restore'") == ["0"]
+                     " 'releasy-restore'") == [["0"]]
     assert psql(lab, "SELECT count(*) FROM standin_m1") == before
     assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == []
     for host in APPS:
-        assert ready_on_host(lab, host), host
-    assert rotation(lab) == {app_address(lab, h) for h in APPS}
+        assert ready(lab, host), host
+    assert set(rotation(lab)) == set(APPS)
     assert "free" in lab.fab("deploy.lock").stdout
     # The same restore, run again, applies it.
     lab.fab("db.restore", "--file", name, "--yes")
-    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == ["only in the dump"]
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == [["only in the dump"]]
 
 
 def read_until(fd: int, pattern: bytes, seen: bytearray, timeout: float = 30) -> None:
@@ -266,7 +240,7 @@ def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
     assert sql("SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
     owners = lab.ssh("solo", "sh", "-c", f"stat -c %U {db}*").stdout.split()
     assert set(owners) == {"releasy"}, owners
-    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+    assert serving_through_proxy(lab, SOLO)
     # The SQLite variant of db.psql: sqlite3 on the file, fed from a pipe.
     shell = fab_with_input(lab, captured_outputs, "SELECT label FROM standin_m1 WHERE id = 4242;\n",
                            "db.psql")
@@ -313,4 +287,4 @@ def test_sqlite_backup_and_restore_never_follow_the_service_accounts_symlinks(la
         lab.sudo("solo", *as_service, f"mv {db}.keep {db}")
         lab.sudo("solo", "systemctl", "start", "releasy.service")
     lab.fab("db.restore", "--file", name, "--yes")  # the tasks work again
-    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+    assert serving_through_proxy(lab, SOLO)

@@ -24,7 +24,7 @@ from lab.standin.build import build_release
 from releasy_deploy import bluegreen
 from releasy_deploy.cli import session
 from tests.integration.labtools import SOLO as HOST
-from tests.integration.labtools import (running, sh, steady_load, unit, upstreams,
+from tests.integration.labtools import (psql, running, sh, steady_load, unit, upstreams,
                                        version_on, version_timeline)
 
 pytestmark = pytest.mark.lab
@@ -49,11 +49,12 @@ def last_audit(lab) -> dict:
     return json.loads(sh(lab, "tail", "-n", "1", "/var/log/releasy-deploy/audit.log"))
 
 
-def sql(lab, query: str) -> str:
-    if lab.database == "sqlite":
-        return sh(lab, "sqlite3", "-separator", "|", "/var/lib/releasy/releasy.db", query)
-    return sh(lab, "runuser", "-u", "postgres", "--", "psql", "-XAtq", "-d", "releasy",
-              "-c", query)
+def db_rows(lab, query: str) -> list[list[str]]:
+    """The rows of ``query`` (columns split at |) on the single host's SQLite or PostgreSQL."""
+    if lab.database == "postgres":
+        return psql(lab, query, host=HOST)
+    out = sh(lab, "sqlite3", "-separator", "|", "/var/lib/releasy/releasy.db", query)
+    return [line.split("|") for line in out.splitlines() if line]
 
 
 def assert_switched_once(summary: dict, old: str, new: str) -> None:
@@ -119,8 +120,8 @@ def test_first_deploy_hands_over_from_releasy_service_with_no_failed_request(lab
     assert lab.probe(HOST, 8080, source=HOST) == "closed"
     # The new instance itself applied the new migration, once, before it got traffic.
     pid = unit(lab, "releasy@8081.service")["MainPID"]
-    assert sql(lab, "SELECT binary_version, pid FROM standin_migration_log"
-                    " WHERE migration = 3").splitlines() == [f"1.1.0|{pid}"]
+    assert db_rows(lab, "SELECT binary_version, pid FROM standin_migration_log"
+                        " WHERE migration = 3") == [["1.1.0", pid]]
     # What deploy.rollback judges from: a dump taken before, the level of each release.
     dumps = sh(lab, "ls", "/var/backups/releasy").split()
     assert len(dumps) == 1 and re.fullmatch(r"lab_\d+T\d+Z_from-1\.0\.0_to-1\.1\.0_m2\."
