@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from releasy_deploy.inventory import load_inventory
-from tests.integration.labtools import ready, rotation
+from tests.integration.labtools import changed_total, ready, rotation
 
 
 def service_pids(lab, host: str) -> dict[str, str]:
@@ -28,12 +28,6 @@ def via_proxy(address: str, path: str) -> tuple[int, str]:
                            f"https://{address}{path}"], capture_output=True, text=True)
     body, _, code = proc.stdout.rpartition("\n")
     return int(code or 0), body
-
-
-def changed_total(output: str) -> int:
-    match = re.search(r"^site: (\d+) changed", output, re.MULTILINE)
-    assert match, output
-    return int(match.group(1))
 
 
 @pytest.fixture(scope="module")
