@@ -270,14 +270,17 @@ class LabHandle:
         return lab_ops.probe(host, port, source)
 
     def fab(self, *args: str, inventory: Path | None = None, check: bool = True,
-            env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run the operator CLI exactly as an operator would (a separate process)."""
+            env: dict | None = None, timeout: float = 600,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run the operator CLI exactly as an operator would (a separate process); stdin is
+        ``input`` on a pipe, or /dev/null: never a terminal."""
         full_env = {**os.environ, "RELEASY_INVENTORY": str(inventory or self.inventory),
                     "PYTHONUNBUFFERED": "1", **(env or {})}
         # stdin from /dev/null, as under cron: nothing may wait for an answer.
+        stdin = {"stdin": subprocess.DEVNULL} if input is None else {"input": input}
         proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
                               env=full_env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              **stdin)
         _CAPTURED.append(proc.stdout + proc.stderr)
         _remember_secrets(self)
         if check and proc.returncode != 0:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +17,61 @@ from lab import lab as lab_ops
 from lab.loadgen import LoadGenerator
 
 
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).parent / "fab")
+
+
+# ------------------------------------------------------------------ the operator's CLI
+def fab_env(inventory: Path, **extra: str) -> dict[str, str]:
+    """The environment `fab` runs in against ``inventory`` (output unbuffered)."""
+    return {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def start_fab(inventory: Path, *args: str, **popen) -> subprocess.Popen:
+    """`fab ARGS` as an operator starts it, in the background: stdout and stderr piped as
+    text unless ``popen`` says otherwise (stdin: ours, unless it says so too)."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
+                            env=fab_env(inventory), **options)
+
+
+# Takes the deploy lock through the library in a process of its own and holds it until its
+# stdin closes, as a long rollout would (argv[1]: the version it records, "" for none).
+HOLDER_CODE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from releasy_deploy.cli import session
+from releasy_deploy.lock import deploy_lock
+with session() as s, deploy_lock(s, version=sys.argv[1] or None) as info:
+    print("held", info.describe(), flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def deploy_lock_held(inventory: Path, version: str | None = None) -> Iterator[subprocess.Popen]:
+    """The deploy lock held by another process for the ``with`` block (yielded once it holds
+    the lock); released cleanly at the end."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_CODE, version or ""],
+                              env=fab_env(inventory), cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or not (lines[-1].startswith("held ") or lines[-1] == ""):
+            lines.append(holder.stdout.readline())  # the reporter's lines come first
+        assert lines[-1].startswith("held "), lines
+        yield holder
+    finally:
+        holder.stdin.close()  # a clean release
+        holder.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ hosts, as the tests see them
 def app_octet(host: str) -> int:
     """The last address octet of an app host (app1 -> 21)."""
     return 20 + int(host.removeprefix("app"))
 
 
-# ------------------------------------------------------------------ any lab host
 SOLO = "solo"
 SERVER_NAME = "releasy.lab.test"
 LOAD_THREADS = 4

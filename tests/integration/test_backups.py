@@ -39,14 +39,6 @@ def dump_name(output: str) -> str:
     return names.pop()
 
 
-def fab_with_input(lab, captured_outputs, data: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT, env=env,
-                          input=data, capture_output=True, text=True, timeout=120)
-    captured_outputs.append(proc.stdout + proc.stderr)
-    return proc
-
-
 @pytest.fixture(scope="module")
 def split(lab_session):
     lab = lab_session.use("split", 2)
@@ -242,8 +234,8 @@ def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
     assert set(owners) == {"releasy"}, owners
     assert serving_through_proxy(lab, SOLO)
     # The SQLite variant of db.psql: sqlite3 on the file, fed from a pipe.
-    shell = fab_with_input(lab, captured_outputs, "SELECT label FROM standin_m1 WHERE id = 4242;\n",
-                           "db.psql")
+    shell = lab.fab("db.psql", input="SELECT label FROM standin_m1 WHERE id = 4242;\n",
+                    check=False, timeout=120)
     assert shell.returncode == 0, shell.stderr
     assert "kept by the dump" in shell.stdout
 

@@ -15,26 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.labtools import (load_through_proxy, main_pid, main_pids, rotation,
-                                       wait_ready)
+from tests.integration.labtools import (deploy_lock_held, load_through_proxy, main_pid,
+                                       main_pids, rotation, wait_ready)
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2")
-
-# Takes the deploy lock through the public API in its own process and holds it until its
-# stdin closes.
-HOLDER_CODE = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from releasy_deploy.cli import session
-from releasy_deploy.lock import deploy_lock
-with session() as s, deploy_lock(s, version=None) as info:
-    print("held", info.describe(), flush=True)
-    sys.stdin.read()
-"""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -239,12 +227,7 @@ def test_run_on_every_host_of_a_tier(lab):
 
 # ------------------------------------------------------------------------------ the lock
 def test_restart_and_drain_refuse_while_another_deploy_holds_the_lock(lab):
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER_CODE], env=env, cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        lines = [holder.stdout.readline() for _ in range(2)]  # the reporter's line, ours
-        assert lines[-1].startswith("held "), lines
+    with deploy_lock_held(lab.inventory) as holder:
         pids = main_pids(lab, APPS)
         for args in (["app.restart", "--yes"], ["app.drain", "--host", "app1"],
                      ["app.undrain", "--host", "app1"]):
@@ -254,6 +237,3 @@ def test_restart_and_drain_refuse_while_another_deploy_holds_the_lock(lab):
         assert main_pids(lab, APPS) == pids and rotation(lab) == list(APPS)
         status = lab.fab("status")  # read-only: not blocked, and says who holds it
         assert "deploy lock: held by " in status.stdout and f"pid={holder.pid}" in status.stdout
-    finally:
-        holder.stdin.close()  # a clean release
-        holder.wait(timeout=30)
