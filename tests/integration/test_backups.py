@@ -16,19 +16,16 @@ import re
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.integration.labtools import SOLO, psql, ready, rotation, serving_through_proxy
+from tests.integration.labtools import (FAB, ROOT, SOLO, psql, ready, rotation,
+                                       serving_through_proxy, start_fab)
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2")
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-1\.0\.0_m2\.(?:dump|sqlite3)")
 
@@ -121,10 +118,8 @@ def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_lef
     blocker = threading.Thread(target=lab.ssh, args=("db1", "sudo", "-n", "sh", "-c", hold),
                                kwargs={"check": False, "timeout": 400}, daemon=True)
     blocker.start()
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "db.restore", "--file", name,
-                             "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_fab(lab.inventory, "db.restore", "--file", name, "--yes",
+                     stdin=subprocess.DEVNULL)
     try:
         waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                    " 'releasy-restore' AND wait_event_type = 'Lock'")

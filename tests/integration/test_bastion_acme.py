@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from lab import acme as lab_acme
 from lab.loadgen import LoadGenerator
 from releasy_deploy.inventory import load_inventory
 
-from .conftest import FAB, ROOT
+from tests.integration.labtools import start_fab
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.lab_shape("split", 2, bastion=True, acme=True, proxies=2)]
@@ -164,17 +163,12 @@ def test_rolling_deploy_status_and_db_shell_through_the_bastion(lab):
     rows = json.loads(status.stdout)
     text = json.dumps(rows)
     assert '"1.1.0"' in text and '"1.0.0"' not in text
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory)}
-    psql = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), "db.psql"], input="SELECT 40 + 2;\n",
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    psql = lab.fab("db.psql", input="SELECT 40 + 2;\n", check=False, timeout=120)
     assert psql.returncode == 0 and "42" in psql.stdout, psql.stdout + psql.stderr
 
 
 def test_logs_follow_through_the_bastion(lab):
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "app.logs", "--follow",
-                             "--host", "app1", "--lines", "1"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_fab(lab.inventory, "app.logs", "--follow", "--host", "app1", "--lines", "1")
     seen: list[str] = []
     got = threading.Event()
 

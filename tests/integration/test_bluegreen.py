@@ -10,10 +10,8 @@ plain OpenSSH.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,13 +22,11 @@ from lab.standin.build import build_release
 from releasy_deploy import bluegreen
 from releasy_deploy.cli import session
 from tests.integration.labtools import SOLO as HOST
-from tests.integration.labtools import (psql, running, sh, steady_load, unit, upstreams,
-                                       version_on, version_timeline)
+from tests.integration.labtools import (psql, running, sh, start_fab, steady_load, unit,
+                                       upstreams, version_on, version_timeline)
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 HALF = "1.2.1"  # built by the test: migration 4 works, migration 5 fails
 SLOW = "1.3.0"  # built by the test: migrations 4 and 5, sleeping inside the new one
 
@@ -268,10 +264,8 @@ def test_a_half_applied_migration_keeps_the_old_release_serving_and_says_how_to_
 
 def test_the_lock_is_held_for_the_whole_deploy(lab, captured_outputs):
     build_release(SLOW, lab.releases, migrations=5, migration_seconds=8)
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    slow = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.bluegreen", "--yes",
-                             "--version", SLOW], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    slow = start_fab(lab.inventory, "deploy.bluegreen", "--yes", "--version", SLOW,
+                     stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -20,9 +20,8 @@ from releasy_deploy.commands import lock as lockcmd
 from releasy_deploy.tiers import app_setup
 from releasy_deploy.cli import exit_code_for, session
 from releasy_deploy.inventory import load_inventory
+from tests.integration.labtools import FAB, ROOT, fab_env, start_fab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 FREE_WITHIN_S = 15.0
 
 # Takes the lock through the public API in its own process, prints "held ...", then holds
@@ -57,10 +56,10 @@ class Holder:
     """A separate process that takes (or tries to take) the deploy lock."""
 
     def __init__(self, inventory: Path, version: str, wait: float = 0) -> None:
-        env = {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER_CODE, version, str(wait)], env=env, cwd=ROOT,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, "-c", HOLDER_CODE, version, str(wait)], env=fab_env(inventory),
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
         self.pid = self.proc.pid
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
@@ -111,7 +110,7 @@ def fab_lock(lab, tmp_path_factory) -> subprocess.CompletedProcess:
     through a scratch collection holding only fabfile/deploy.py."""
     import fabfile
 
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
+    env = fab_env(lab.inventory)
     if "deploy" in fabfile.ns.collections:
         argv = [FAB, "-r", str(ROOT / "fabfile"), "deploy.lock"]
     else:
@@ -358,10 +357,8 @@ def test_lock_frees_itself_when_the_operators_network_vanishes(pg_lab):
     assert "clientaliveinterval 0" in sshd_settings  # what real hosts have
     pg_lab.reset_to("1.0.0", ["app1", "app2"])
     build_release("1.3.0", pg_lab.releases, migrations=4, migration_seconds=30)
-    env = {**os.environ, "RELEASY_INVENTORY": str(pg_lab.inventory), "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.rolling", "--version",
-                              "1.3.0", "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_fab(pg_lab.inventory, "deploy.rolling", "--version", "1.3.0", "--yes",
+                      stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     db1 = load_inventory(pg_lab.inventory).host("db1").address
     operator = pg_lab.ident.address(1)
     rules: list[list[str]] = []

@@ -5,23 +5,17 @@ inspected with plain OpenSSH."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.integration.labtools import (deploy_lock_held, load_through_proxy, main_pid,
-                                       main_pids, rotation, wait_ready)
+                                       main_pids, rotation, start_fab, wait_ready)
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2")
 
 
@@ -167,10 +161,7 @@ def test_logs_prefix_every_line_with_its_host(lab):
 
 
 def test_logs_follow_streams_every_host_until_ctrl_c(lab):
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "app.logs", "--follow",
-                             "--lines", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_fab(lab.inventory, "app.logs", "--follow", "--lines", "1")
     seen: list[str] = []
     both = threading.Event()
 

@@ -10,24 +10,21 @@ module's inventory is a copy of the lab's whose release source is a directory of
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from lab.standin.build import build_release
-from tests.integration.labtools import (assert_all_on, assert_no_failed_request, current,
-                                       load_through_proxy, psql, report_load, rotation)
+from tests.integration.labtools import (ROOT, assert_all_on, assert_no_failed_request, current,
+                                       fab_env, load_through_proxy, psql, report_load, rotation,
+                                       start_fab)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2", "app3")
 SLOW_MIGRATION_S = 6
 LOCK_FREE_WITHIN_S = 15
@@ -172,10 +169,8 @@ def test_a_bad_release_stops_at_the_first_host_and_no_request_fails(lab, invento
 
 def test_second_deploy_is_refused_and_a_killed_deploy_converges_from_cron(lab, inventory,
                                                                           tmp_path):
-    env = {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.rolling", "--version",
-                              "1.3.0", "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_fab(inventory, "deploy.rolling", "--version", "1.3.0", "--yes",
+                      stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 120
@@ -208,7 +203,7 @@ def test_second_deploy_is_refused_and_a_killed_deploy_converges_from_cron(lab, i
 
     # The rerun: cron's wrapper upgrades to the newest release, 1.3.0, converging.
     logs = tmp_path / "cron"
-    cron_env = {**env, "RELEASY_CRON_LOG_DIR": str(logs)}
+    cron_env = fab_env(inventory, RELEASY_CRON_LOG_DIR=str(logs))
     cron = subprocess.run([str(ROOT / "scripts" / "cron-upgrade.sh")], env=cron_env,
                           capture_output=True, text=True, timeout=300)
     log = (logs / "cron.log").read_text()

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 import yaml
 
 from releasy_deploy.inventory import load_inventory
-from tests.integration.labtools import changed_total, ready, rotation
+from tests.integration.labtools import changed_total, ready, rotation, start_fab
 
 
 def service_pids(lab, host: str) -> dict[str, str]:
@@ -188,19 +190,9 @@ def test_host_secrets_are_masked_in_ad_hoc_output_and_the_json_log_is_private(sp
 
 
 def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
-    import os
-    import signal
-    import sys
-    import time
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    fab = str(Path(sys.executable).parent / "fab")
-    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([fab, "-r", str(root / "fabfile"), "run", "--tier", "app", "--",
-                             "echo started; exec tail -f /dev/null"], cwd=root, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_fab(split.inventory, "run", "--tier", "app", "--",
+                     "echo started; exec tail -f /dev/null", stdin=subprocess.DEVNULL,
+                     stderr=subprocess.STDOUT)
     try:
         seen = []
         for line in proc.stdout:  # both hosts are running it
