@@ -82,6 +82,14 @@ def sh(lab, *argv: str, check: bool = True, host: str = SOLO) -> str:
     return lab.ssh(host, *argv, check=check).stdout.strip()  # each word arrives as one
 
 
+AUDIT_LOG = "/var/log/releasy-deploy/audit.log"
+
+
+def last_audit(lab, host: str = SOLO) -> dict:
+    """The last record of the audit log on ``host`` (read as root)."""
+    return json.loads(lab.sudo(host, "tail", "-n1", AUDIT_LOG).stdout)
+
+
 def psql(lab, sql: str, host: str = "db1", database: str = "releasy") -> list[list[str]]:
     """The rows ``sql`` returns (columns split at |), run as postgres on ``host``."""
     out = lab.sudo(host, "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'

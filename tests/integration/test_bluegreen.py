@@ -22,7 +22,7 @@ from lab.standin.build import build_release
 from releasy_deploy import bluegreen
 from releasy_deploy.cli import session
 from tests.integration.labtools import SOLO as HOST
-from tests.integration.labtools import (psql, running, sh, start_fab, steady_load, unit,
+from tests.integration.labtools import (last_audit, psql, running, sh, start_fab, steady_load, unit,
                                        upstreams, version_on, version_timeline)
 
 pytestmark = pytest.mark.lab
@@ -39,10 +39,6 @@ def lab(request, lab_session):
     handle = lab_session.use("single", database=request.param).reset("1.0.0")
     handle.database = request.param
     return handle
-
-
-def last_audit(lab) -> dict:
-    return json.loads(sh(lab, "tail", "-n", "1", "/var/log/releasy-deploy/audit.log"))
 
 
 def db_rows(lab, query: str) -> list[list[str]]:

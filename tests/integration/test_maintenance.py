@@ -4,14 +4,13 @@ real CLI: `app.restart` under HTTPS load through the proxy, `app.drain`/`app.und
 inspected with plain OpenSSH."""
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
 
 import pytest
 
-from tests.integration.labtools import (deploy_lock_held, load_through_proxy, main_pid,
+from tests.integration.labtools import (deploy_lock_held, last_audit, load_through_proxy, main_pid,
                                        main_pids, rotation, start_fab, wait_ready)
 
 pytestmark = pytest.mark.lab
@@ -20,11 +19,6 @@ APPS = ("app1", "app2")
 
 
 # ------------------------------------------------------------------------------ helpers
-def audit_tail(lab, host: str) -> dict:
-    return json.loads(lab.ssh(host, "sudo", "-n", "tail", "-n1",
-                              "/var/log/releasy-deploy/audit.log").stdout)
-
-
 @pytest.fixture(scope="module")
 def lab(split_lab):
     split_lab.reset("1.0.0")
@@ -66,7 +60,7 @@ def test_rolling_restart_under_load_fails_no_request(lab, tmp_path, back_to_norm
         "[app2] changed: releasy.service restarted")
     assert out.count("nginx reloaded") == 3  # out app1; app1 back + app2 out; app2 back
     assert rotation(lab) == list(APPS)
-    record = audit_tail(lab, "app2")
+    record = last_audit(lab, "app2")
     assert (record["action"], record["result"], record["hosts_changed"]) == (
         "app.restart", "ok", ["app1", "app2"])
     # Without --yes and without a terminal it asks nobody and changes nothing.
@@ -97,7 +91,7 @@ def test_a_host_that_does_not_come_back_stays_out_and_the_rest_is_untouched(lab,
         assert "broken on purpose" in err.split("Last journal lines of releasy.service on"
                                                 " app1:", 1)[1]
         assert rotation(lab) == ["app2"] and main_pid(lab, "app2") == app2_pid
-        assert audit_tail(lab, "db1")["result"] == "failed"
+        assert last_audit(lab, "db1")["result"] == "failed"
     finally:
         lab.ssh("app1", "sh", "-c", 'rm -rf "$1" && systemctl daemon-reload', "sh", dropin)
     lab.ssh("app1", "systemctl", "restart", "releasy.service")
@@ -143,7 +137,7 @@ def test_drain_refuses_the_last_host_and_undrain_checks_ready(lab, back_to_norma
     back = lab.fab("app.undrain", "--host", "app1")
     assert "[app1] changed: back in rotation (in rotation now: app1, app2)" in back.stdout
     assert rotation(lab) == list(APPS)
-    assert audit_tail(lab, "proxy1")["action"] == "app.undrain"
+    assert last_audit(lab, "proxy1")["action"] == "app.undrain"
 
 
 # ------------------------------------------------------------------------------ logs

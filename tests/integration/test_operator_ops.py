@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.labtools import current, load_through_proxy, main_pids
+from tests.integration.labtools import AUDIT_LOG, current, load_through_proxy, main_pids
 from releasy_deploy.cli import session
 from releasy_deploy.lock import deploy_lock
 
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.lab
 
 APPS = ("app1", "app2")
 HOSTS = ("proxy1", "app1", "app2", "db1")
-AUDIT_LOG = "/var/log/releasy-deploy/audit.log"
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-[0-9.]+_m\d+\.dump")
 
 

@@ -7,11 +7,10 @@ One provisioned lab for the module: `fab site --version 1.0.0` on a fresh databa
 migrations 1-2, 1.1.0 and 1.1.1 add migration 3)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from tests.integration.labtools import assert_all_on, psql
+from tests.integration.labtools import AUDIT_LOG, assert_all_on, last_audit, psql
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -41,7 +40,7 @@ def test_a_rollout_to_a_release_behind_the_database_is_refused_before_anything(l
     """1.0.0 ran against level 2 (recorded by `fab site`), the database is at 3: every task
     that would switch to it refuses in preflight, exit 2, pointing at --restore-db."""
     dumps_before = lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split()
-    audit_before = lab.sudo("app1", "wc", "-l", "/var/log/releasy-deploy/audit.log").stdout
+    audit_before = lab.sudo("app1", "wc", "-l", AUDIT_LOG).stdout
     for task in (("deploy.rolling", "--version", "1.0.0", "--yes"),
                  ("site", "--version", "1.0.0"), ("app.setup", "--version", "1.0.0")):
         proc = lab.fab(*task, check=False)
@@ -54,7 +53,7 @@ def test_a_rollout_to_a_release_behind_the_database_is_refused_before_anything(l
         assert "drain" not in out and " changed: " not in proc.stdout, out
     # Nothing touched: no dump taken, no host drained or switched, no audit record.
     assert lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split() == dumps_before
-    assert lab.sudo("app1", "wc", "-l", "/var/log/releasy-deploy/audit.log").stdout == audit_before
+    assert lab.sudo("app1", "wc", "-l", AUDIT_LOG).stdout == audit_before
     assert_all_on(lab, "1.1.1", APPS)
     assert level(lab) == 3
 
@@ -67,8 +66,7 @@ def test_rollback_to_a_release_with_the_same_migrations(lab):
     # No dump is taken for a rollback that restores nothing.
     assert not any("from-1.1.1_to-1.1.0" in line for line in lab.sudo(
         "db1", "ls", "/var/backups/releasy").stdout.split())
-    record = json.loads(lab.sudo("app1", "tail", "-n1", "/var/log/releasy-deploy/audit.log"
-                             ).stdout)
+    record = last_audit(lab, "app1")
     assert (record["action"], record["to"], record["result"]) == ("deploy.rollback", "1.1.0",
                                                                  "ok")
     assert record["from_versions"] == {h: "1.1.1" for h in APPS}

@@ -20,8 +20,8 @@ import pytest
 
 from lab.standin.build import build_release
 from tests.integration.labtools import (ROOT, assert_all_on, assert_no_failed_request, current,
-                                       fab_env, load_through_proxy, psql, report_load, rotation,
-                                       start_fab)
+                                       fab_env, last_audit, load_through_proxy, psql, report_load,
+                                       rotation, start_fab)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -115,8 +115,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     assert lab.ssh("app2", "cat", "/opt/releasy/releases/1.0.0/.schema-version",
                    "/opt/releasy/releases/1.1.0/.schema-version").stdout.split() == ["2", "3"]
     for host in ("proxy1", "app2", "db1"):
-        record = json.loads(lab.sudo(host, "tail", "-n1",
-                                 "/var/log/releasy-deploy/audit.log").stdout)
+        record = last_audit(lab, host)
         assert (record["action"], record["to"], record["result"], record["host"]) == (
             "deploy.rolling", "1.1.0", "ok", host)
 
