@@ -125,13 +125,22 @@ def ready(lab, host) -> bool:
     return lab.ssh(host, "curl", "-fsS", "--max-time", "3", url, check=False).returncode == 0
 
 
+def wait_until(predicate, what: str, timeout: float = 30.0, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout``
+    seconds naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
 def wait_ready(lab, host: str, within: float = 60) -> None:
     """Poll `ready` until ``host`` answers /ready; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not ready(lab, host):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{host} not ready within {within} s")
-        time.sleep(0.2)
+    wait_until(lambda: ready(lab, host), f"{host} to answer /ready", within, interval=0.2)
 
 
 def served_version(lab, host) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,6 +25,7 @@ from releasy_deploy.output import Reporter
 from releasy_deploy.secrets import Secrets
 from releasy_deploy.tiers import firewall as tier
 from releasy_deploy.tiers import firewall_guard as fw_guard
+from tests.integration.labtools import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -50,19 +50,8 @@ def listen(lab, host: str, port: int) -> None:
     unit = f"fwtest-{port}"
     lab.sudo(host, "sh", "-c", f"systemctl is-active --quiet {unit} || systemd-run --quiet"
                                f" --unit={unit} python3 -m http.server --bind 0.0.0.0 {port}")
-    poll(lambda: lab.sudo(host, "sh", "-c", f"ss -Hltn 'sport = :{port}'").stdout.strip(),
-         f"{host} listening on {port}")
-
-
-def poll(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    wait_until(lambda: lab.sudo(host, "sh", "-c", f"ss -Hltn 'sport = :{port}'").stdout.strip(),
+               f"{host} listening on {port}", timeout=60, interval=0.2)
 
 
 def probes(lab, cases: dict[tuple[str, int, str], str]) -> dict:
@@ -198,7 +187,7 @@ def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
                        timeout=20)
         return proc.returncode == 0 and proc.stdout == before
 
-    poll(restored, "app2 to restore its previous firewall", timeout=90)
+    wait_until(restored, "app2 to restore its previous firewall", timeout=90, interval=0.2)
     marker = lab.sudo("app2", "sh", "-c", "cat /var/lib/releasy-deploy/firewall/reverted;"
                                           " systemctl is-active releasy-firewall-revert.timer"
                                           " || true").stdout

@@ -15,17 +15,15 @@ import shutil
 import socket
 import subprocess
 import tarfile
-import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from lab import lab as lab_ops
+from tests.integration.labtools import ROOT, wait_until
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 8080
 HOLD_PORT = 9000
 SITE = "/etc/nginx/sites-available/releasy.conf"
@@ -83,17 +81,6 @@ def https(lab, path: str = "/") -> tuple[int, str]:
     proc = curl("-k", "-o", "-", "-w", "\n%{http_code}", f"https://{address(lab, 'proxy1')}{path}")
     body, _, code = proc.stdout.rpartition("\n")
     return int(code or 0), body
-
-
-def wait_until(predicate, what: str, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def port_open(host: str, port: int) -> bool:
