@@ -167,15 +167,32 @@ def assert_all_on(lab, version: str, apps) -> None:
     assert rotation(lab) == list(apps)
 
 
-def serving_through_proxy(lab, proxy: str = "proxy1") -> bool:
-    """GET /ready through ``proxy``'s TLS site (SNI the site's name) from the outside
-    namespace (the internet) answers 200."""
+def outside_get(lab, url: str, proxy: str = "proxy1",
+                name: str = SERVER_NAME) -> tuple[int, str]:
+    """GET ``url`` from the outside namespace (the internet), the site's ``name`` resolved
+    to ``proxy`` (certificate not checked): (status, body), status 0 when nothing answered."""
     address = lab_ops.read_state(lab.ident)["hosts"][proxy]["address"]
     proc = subprocess.run(
-        ["ip", "netns", "exec", lab.ident.outside_ns, "curl", "-ksS", "--max-time", "5",
-         "-o", "/dev/null", "-w", "%{http_code}", "--resolve", f"{SERVER_NAME}:443:{address}",
-         f"https://{SERVER_NAME}/ready"], capture_output=True, text=True, timeout=30)
-    return proc.stdout.strip() == "200"
+        ["ip", "netns", "exec", lab.ident.outside_ns, "curl", "-ksS", "--max-time", "10",
+         "--resolve", f"{name}:443:{address}", "-o", "-", "-w", "\n%{http_code}", url],
+        capture_output=True, text=True, timeout=30)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def serving_through_proxy(lab, proxy: str = "proxy1") -> bool:
+    """GET /ready through ``proxy``'s TLS site from the outside namespace answers 200."""
+    return outside_get(lab, f"https://{SERVER_NAME}/ready", proxy)[0] == 200
+
+
+def via_proxy(address: str, path: str = "/", timeout: float = 10) -> tuple[int, str]:
+    """GET https://ADDRESS/PATH from this machine, the certificate not checked: (status,
+    body), status 0 when nothing answered."""
+    proc = subprocess.run(["curl", "-ksS", "--max-time", str(timeout), "-o", "-", "-w",
+                           "\n%{http_code}", f"https://{address}{path}"],
+                          capture_output=True, text=True, timeout=timeout + 30)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
 
 
 def load_through_proxy(lab, workdir: Path) -> LoadGenerator:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import pytest
 
 from lab import lab as lab_ops
-from tests.integration.labtools import ROOT, wait_until
+from tests.integration.labtools import ROOT, via_proxy, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -75,12 +75,6 @@ def out(proc: subprocess.CompletedProcess) -> str:
 def curl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True,
                           text=True, timeout=60)
-
-
-def https(lab, path: str = "/") -> tuple[int, str]:
-    proc = curl("-k", "-o", "-", "-w", "\n%{http_code}", f"https://{address(lab, 'proxy1')}{path}")
-    body, _, code = proc.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def port_open(host: str, port: int) -> bool:
@@ -139,7 +133,7 @@ def lab_session_env(lab):
 def hosts_answering(lab, requests: int = 8) -> set[str]:
     seen = set()
     for _ in range(requests):
-        code, body = https(lab, "/version")
+        code, body = via_proxy(address(lab, "proxy1"), "/version", timeout=20)
         assert code == 200, (code, body)
         seen.add(json.loads(body)["host"])
     return seen

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from releasy_deploy.inventory import load_inventory
-from tests.integration.labtools import changed_total, ready, rotation, start_fab
+from tests.integration.labtools import (changed_total, outside_get, ready, rotation, start_fab,
+                                       via_proxy)
 
 
 def service_pids(lab, host: str) -> dict[str, str]:
@@ -23,13 +24,6 @@ def service_pids(lab, host: str) -> dict[str, str]:
                   "printf '%s=%s\\n' $u $(systemctl show -p MainPID --value $u 2>/dev/null); "
                   "done").stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def via_proxy(address: str, path: str) -> tuple[int, str]:
-    proc = subprocess.run(["curl", "-ksS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}",
-                           f"https://{address}{path}"], capture_output=True, text=True)
-    body, _, code = proc.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +51,12 @@ def test_download_link_is_reachable_from_the_internet(split):
     """Releasy builds download links from RELEASY_PUBLIC_BASE_URL: https:// + the served
     name, not upstream's default http://127.0.0.1:8080 (the app host's own loopback)."""
     inv = load_inventory(split.inventory)
-    proxy = inv.hosts_in("proxy")[0].address
-    name = inv.tls.server_name
-
-    def outside_get(url: str) -> tuple[int, str]:
-        proc = subprocess.run(
-            ["ip", "netns", "exec", split.ident.outside_ns, "curl", "-ksS", "--max-time", "10",
-             "--resolve", f"{name}:443:{proxy}", "-o", "-", "-w", "\n%{http_code}", url],
-            capture_output=True, text=True, timeout=30)
-        body, _, code = proc.stdout.rpartition("\n")
-        return int(code or 0), body
-
-    code, body = outside_get(f"https://{name}/api/download-link")
+    proxy, name = inv.hosts_in("proxy")[0].name, inv.tls.server_name
+    code, body = outside_get(split, f"https://{name}/api/download-link", proxy, name)
     assert code == 200, body
     url = json.loads(body)["url"]
     assert url.startswith(f"https://{name}/"), url
-    code, body = outside_get(url)
+    code, body = outside_get(split, url, proxy, name)
     assert code == 200 and json.loads(body)["version"] == "1.0.0", body
 
 
