@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +36,64 @@ def start_fab(inventory: Path, *args: str, **popen) -> subprocess.Popen:
     options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
     return subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
                             env=fab_env(inventory), **options)
+
+
+class FabTerminal:
+    """`fab ARGS` with a terminal (a local pty) as its stdin and stdout, for a ``with`` block
+    (which kills it, by its PID, if it is still running at the end)."""
+
+    def __init__(self, inventory: Path, *args: str, **env: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the real CLI
+            os.chdir(ROOT)
+            os.execve(FAB, [FAB, "-r", str(ROOT / "fabfile"), *args], fab_env(inventory, **env))
+        self.seen = bytearray()
+        self.exit_code: int | None = None
+
+    def __enter__(self) -> FabTerminal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.exit_code is None:
+            os.kill(self.pid, signal.SIGKILL)  # only the process we started
+            self._reap()
+
+    def _read(self, timeout: float) -> bytes | None:
+        """What arrived within ``timeout`` s (None: nothing did; b"": the terminal closed)."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            return os.read(self.fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            return b""
+
+    def read_until(self, pattern: bytes, timeout: float = 30) -> None:
+        """Read until ``pattern`` has been written (fail after ``timeout`` s, or at EOF)."""
+        deadline = time.monotonic() + timeout
+        while pattern not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"waited for {pattern!r}; got {bytes(self.seen)[-500:]!r}"
+            data = self._read(left)
+            assert data != b"", f"EOF waiting for {pattern!r}; got {bytes(self.seen)[-500:]!r}"
+            self.seen += data or b""
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def finish(self, timeout: float, what: str) -> str:
+        """Read to the end (fail, saying ``what``, when ``timeout`` s pass without a byte),
+        reap the process (`exit_code`): everything it wrote, CRLF as LF."""
+        while data := self._read(timeout):
+            self.seen += data
+        assert data is not None, what
+        self._reap()
+        return bytes(self.seen).decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def _reap(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        self.exit_code = os.waitstatus_to_exitcode(status)
 
 
 # Takes the deploy lock through the library in a process of its own and holds it until its

@@ -10,10 +10,7 @@ topology, where the dump is SQLite's online backup of the live file."""
 from __future__ import annotations
 
 import hashlib
-import os
-import pty
 import re
-import select
 import signal
 import subprocess
 import threading
@@ -21,7 +18,7 @@ import time
 
 import pytest
 
-from tests.integration.labtools import (FAB, ROOT, SOLO, psql, ready, rotation,
+from tests.integration.labtools import (SOLO, FabTerminal, psql, ready, rotation,
                                        serving_through_proxy, start_fab)
 
 pytestmark = pytest.mark.lab
@@ -157,49 +154,15 @@ def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_lef
     assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == [["only in the dump"]]
 
 
-def read_until(fd: int, pattern: bytes, seen: bytearray, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while pattern not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"waited for {pattern!r}; got {bytes(seen)[-500:]!r}"
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                data = b""
-            assert data, f"EOF while waiting for {pattern!r}; got {bytes(seen)[-500:]!r}"
-            seen += data
-
-
 def test_psql_in_a_real_terminal_as_the_app_role(split, captured_outputs):
-    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "TERM": "vt100"}
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the real CLI, its stdin/stdout a terminal
-        os.chdir(ROOT)
-        os.execve(FAB, [FAB, "-r", str(ROOT / "fabfile"), "db.psql"], env)
-    seen = bytearray()
-    try:
-        read_until(fd, b"releasy=> ", seen)
-        os.write(fd, b"SELECT current_user AS who, 6 * 7 AS answer;\n")
-        read_until(fd, b"(1 row)", seen)
-        os.write(fd, b"\\q\n")
-        while True:  # to EOF
-            ready, _, _ = select.select([fd], [], [], 30)
-            assert ready, "fab db.psql did not end after \\q"
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            seen += data
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    text = bytes(seen).decode("utf-8", "replace").replace("\r\n", "\n")
+    with FabTerminal(split.inventory, "db.psql", TERM="vt100") as term:
+        term.read_until(b"releasy=> ")
+        term.write(b"SELECT current_user AS who, 6 * 7 AS answer;\n")
+        term.read_until(b"(1 row)")
+        term.write(b"\\q\n")
+        text = term.finish(30, "fab db.psql did not end after \\q")
     captured_outputs.append(text)
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert term.exit_code == 0, text
     assert re.search(r"^ releasy \|\s+42$", text, re.MULTILINE), text
     # The pty echoed what was "typed": psql really had a terminal.
     assert "releasy=> SELECT current_user" in text
