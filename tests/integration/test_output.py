@@ -8,13 +8,13 @@ pty): the live status block is drawn while the run goes on, and once it is over 
 holds exactly those plain lines and the summary, with no trace of the block."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter
 
 import pytest
 
-from tests.integration.labtools import ROOT, FabTerminal
+from tests.integration.labtools import FabTerminal
+from tests.unit.terminal_screen import Screen
 
 pytestmark = pytest.mark.lab
 
@@ -74,15 +74,6 @@ def test_the_hosts_really_ran_in_parallel(fresh_site):
     assert a_first < b_last and b_first < a_last, spans
 
 
-def _screen_class():
-    """The terminal emulator of the unit tests (CSI n F and CSI J, as the Reporter emits)."""
-    spec = importlib.util.spec_from_file_location(
-        "releasy_unit_test_output", ROOT / "tests" / "unit" / "test_output.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Screen
-
-
 def test_on_a_terminal_the_live_block_goes_and_the_plain_lines_stay(fresh_site):
     lab, _, _ = fresh_site
     with FabTerminal(lab.inventory, "site", TERM="xterm", RELEASY_PROGRESS="auto",
@@ -91,7 +82,7 @@ def test_on_a_terminal_the_live_block_goes_and_the_plain_lines_stay(fresh_site):
     assert term.exit_code == 0, text
     assert "\x1b[" in text and re.search(r"-- \d+ running, \d+ done", text), \
         "no live block was drawn"
-    screen = _screen_class()()
+    screen = Screen()
     screen.feed(text)
     final = screen.text_lines()
     assert final[-1].startswith("site: 0 changed"), final[-8:]
