@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,36 @@ def start_fab(inventory: Path, *args: str, **popen) -> subprocess.Popen:
     options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
     return subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
                             env=fab_env(inventory), **options)
+
+
+class Following:
+    """`fab ARGS` (typically ``app.logs --follow``) started by `start_fab`, its stdout read
+    into `lines` in the background; the end of the ``with`` block is one Ctrl-C (SIGINT, to
+    the PID we started), after which `exit_code` holds how it ended."""
+
+    def __init__(self, inventory: Path, *args: str) -> None:
+        self.proc = start_fab(inventory, *args)
+        self.lines: list[str] = []
+        self.exit_code: int | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, predicate, what: str, timeout: float = 30) -> None:
+        """Until ``predicate(lines)`` holds (fail after ``timeout`` s, showing the lines)."""
+        wait_until(lambda: predicate(self.lines), f"{what} (lines so far: {self.lines})",
+                   timeout)
+
+    def __enter__(self) -> Following:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.exit_code = self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
 
 
 class FabTerminal:

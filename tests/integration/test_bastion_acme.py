@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import errno
 import json
-import signal
 import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from lab import acme as lab_acme
 from lab.loadgen import LoadGenerator
 from releasy_deploy.inventory import load_inventory
 
-from tests.integration.labtools import start_fab
+from tests.integration.labtools import Following
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.lab_shape("split", 2, bastion=True, acme=True, proxies=2)]
@@ -168,30 +165,13 @@ def test_rolling_deploy_status_and_db_shell_through_the_bastion(lab):
 
 
 def test_logs_follow_through_the_bastion(lab):
-    proc = start_fab(lab.inventory, "app.logs", "--follow", "--host", "app1", "--lines", "1")
-    seen: list[str] = []
-    got = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            seen.append(line)
-            if len(seen) > 1 and "listening" in line:
-                got.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not seen:  # following: the first line is there
-            assert time.monotonic() < deadline and proc.poll() is None, seen
-            time.sleep(0.1)
+    with Following(lab.inventory, "app.logs", "--follow", "--host", "app1",
+                   "--lines", "1") as logs:
+        logs.wait_for(lambda lines: lines, "the first line")  # following: it is there
         lab.sudo("app1", "systemctl", "restart", "releasy.service")  # new lines arrive
-        assert got.wait(30), seen
-    finally:
-        proc.send_signal(signal.SIGINT)  # the fab we started, by its PID
-        code = proc.wait(timeout=30)
-    reader.join(timeout=5)
-    assert code == 0, proc.stderr.read()
+        logs.wait_for(lambda lines: any("listening" in line for line in lines[1:]),
+                      "a new line from the restart")
+    assert logs.exit_code == 0, logs.proc.stderr.read()
 
 
 def test_renewal_under_restricted_egress(lab, tmp_path):

@@ -4,14 +4,12 @@ real CLI: `app.restart` under HTTPS load through the proxy, `app.drain`/`app.und
 inspected with plain OpenSSH."""
 from __future__ import annotations
 
-import signal
-import threading
 import time
 
 import pytest
 
-from tests.integration.labtools import (deploy_lock_held, last_audit, load_through_proxy, main_pid,
-                                       main_pids, rotation, start_fab, wait_ready)
+from tests.integration.labtools import (Following, deploy_lock_held, last_audit, load_through_proxy,
+                                       main_pid, main_pids, rotation, wait_ready)
 
 pytestmark = pytest.mark.lab
 
@@ -155,32 +153,16 @@ def test_logs_prefix_every_line_with_its_host(lab):
 
 
 def test_logs_follow_streams_every_host_until_ctrl_c(lab):
-    proc = start_fab(lab.inventory, "app.logs", "--follow", "--lines", "1")
-    seen: list[str] = []
-    both = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            seen.append(line)
-            if {h for h in APPS if any(s.startswith(f"[{h}] | ") for s in seen)} == set(APPS):
-                both.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
+    with Following(lab.inventory, "app.logs", "--follow", "--lines", "1") as logs:
+        logs.wait_for(lambda lines: all(any(s.startswith(f"[{h}] | ") for s in lines)
+                                        for h in APPS), "a line from every app host")
         # New lines arrive too: a restart logs on app2 while we follow.
-        assert both.wait(30), seen
-        count = len(seen)
+        count = len(logs.lines)
         lab.ssh("app2", "sudo", "-n", "systemctl", "restart", "releasy.service")
-        deadline = time.monotonic() + 30
-        while not any("listening" in s and s.startswith("[app2] | ") for s in seen[count:]):
-            assert time.monotonic() < deadline, seen
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGINT)  # the fab we started, by its PID
-        code = proc.wait(timeout=30)
-    reader.join(timeout=5)
-    assert code == 0, proc.stderr.read()
+        logs.wait_for(lambda lines: any("listening" in s and s.startswith("[app2] | ")
+                                        for s in lines[count:]), "app2's restart")
+    seen = logs.lines
+    assert logs.exit_code == 0, logs.proc.stderr.read()
     assert all(s.startswith(("[app1] ", "[app2] ")) for s in seen), seen
     # The remote journalctl processes end with our connections.
     deadline = time.monotonic() + 20
