@@ -57,8 +57,10 @@ class Following:
 
     def wait_for(self, predicate, what: str, timeout: float = 30) -> None:
         """Until ``predicate(lines)`` holds (fail after ``timeout`` s, showing the lines)."""
-        wait_until(lambda: predicate(self.lines), f"{what} (lines so far: {self.lines})",
-                   timeout)
+        try:
+            wait_until(lambda: predicate(self.lines), what, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its lines so far: {self.lines}") from None
 
     def __enter__(self) -> Following:
         return self
