@@ -1,5 +1,7 @@
-"""Helpers the lab test modules share: look at hosts with plain OpenSSH (releases, /ready,
-the proxy's rotation, the database), and run load through the proxy. One copy here instead
+"""Helpers the lab test modules share: run the operator's CLI as a person would (in the
+background, following its output, on a terminal, or holding the deploy lock against it),
+look at hosts with plain OpenSSH (releases, PIDs, /ready, the proxy's rotation, the audit
+log, the database), fetch through the proxy, and run load through it. One copy here instead
 of one per module."""
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from pathlib import Path
 
 from lab import lab as lab_ops
 from lab.loadgen import LoadGenerator
-
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
@@ -160,7 +161,7 @@ def deploy_lock_held(inventory: Path, version: str | None = None) -> Iterator[su
         holder.wait(timeout=30)
 
 
-# ------------------------------------------------------------------ hosts, as the tests see them
+# ------------------------------------------------------------------ hosts, seen over plain SSH
 def app_octet(host: str) -> int:
     """The last address octet of an app host (app1 -> 21)."""
     return 20 + int(host.removeprefix("app"))
@@ -215,6 +216,7 @@ def current(lab, host) -> str:
 
 
 def ready(lab, host) -> bool:
+    """An app host answers /ready (asked on the host itself, on its private address)."""
     url = f"http://10.77.{lab.ident.subnet_octet}.{app_octet(host)}:8080/ready"
     return lab.ssh(host, "curl", "-fsS", "--max-time", "3", url, check=False).returncode == 0
 
