@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
 APPS = ("app1", "app2", "app3")
 
+
 @pytest.fixture(scope="module")
 def lab(lab_session):
     return lab_session.use("split", apps=3)
