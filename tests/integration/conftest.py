@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -30,9 +29,8 @@ from releasy_deploy.commands.fleet import FLEET_FILE
 from releasy_deploy.commands.lock import FREEZE_FILE
 from releasy_deploy.commands.nginx import MAINTENANCE_FLAG
 from releasy_deploy.commands.postgres import SQLITE_PATH
+from tests.integration.labtools import FAB, ROOT, fab_env
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 
 # ------------------------------------------------------------------------- lab shapes
 Shape = lab_ops.LabRequest
@@ -293,14 +291,16 @@ class LabHandle:
         return lab_ops.probe(host, port, source)
 
     def fab(self, *args: str, inventory: Path | None = None, check: bool = True,
-            env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run the operator CLI exactly as an operator would (a separate process)."""
-        full_env = {**os.environ, "RELEASY_INVENTORY": str(inventory or self.inventory),
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+            env: dict | None = None, timeout: float = 600,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run the operator CLI exactly as an operator would (a separate process); stdin is
+        ``input`` on a pipe, or /dev/null: never a terminal."""
+        full_env = fab_env(inventory or self.inventory, **(env or {}))
         # stdin from /dev/null, as under cron: nothing may wait for an answer.
+        stdin = {"stdin": subprocess.DEVNULL} if input is None else {"input": input}
         proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
                               env=full_env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              **stdin)
         _CAPTURED.append(proc.stdout + proc.stderr)
         _remember_secrets(self)
         if check and proc.returncode != 0:

@@ -1,11 +1,20 @@
-"""Helpers the lab test modules share: look at hosts with plain OpenSSH (releases, /ready,
-the proxy's rotation, the database), and run load through the proxy. One copy here instead
+"""Helpers the lab test modules share: run the operator's CLI as a person would (in the
+background, following its output, on a terminal, or holding the deploy lock against it),
+look at hosts with plain OpenSSH (releases, PIDs, /ready, the proxy's rotation, the audit
+log, the database), fetch through the proxy, and run load through it. One copy here instead
 of one per module."""
 from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,16 +22,192 @@ from pathlib import Path
 from lab import lab as lab_ops
 from lab.loadgen import LoadGenerator
 
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).parent / "fab")
 
+
+# ------------------------------------------------------------------ the operator's CLI
+def fab_env(inventory: Path, **extra: str) -> dict[str, str]:
+    """The environment `fab` runs in against ``inventory`` (output unbuffered)."""
+    return {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def start_fab(inventory: Path, *args: str, **popen) -> subprocess.Popen:
+    """`fab ARGS` as an operator starts it, in the background: stdout and stderr piped as
+    text unless ``popen`` says otherwise (stdin: ours, unless it says so too)."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT,
+                            env=fab_env(inventory), **options)
+
+
+class Following:
+    """`fab ARGS` (typically ``app.logs --follow``) started by `start_fab`, its stdout read
+    into `lines` in the background; the end of the ``with`` block is one Ctrl-C (SIGINT, to
+    the PID we started), after which `exit_code` holds how it ended."""
+
+    def __init__(self, inventory: Path, *args: str) -> None:
+        self.proc = start_fab(inventory, *args)
+        self.lines: list[str] = []
+        self.exit_code: int | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, predicate, what: str, timeout: float = 30) -> None:
+        """Until ``predicate(lines)`` holds (fail after ``timeout`` s, showing the lines)."""
+        try:
+            wait_until(lambda: predicate(self.lines), what, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its lines so far: {self.lines}") from None
+
+    def __enter__(self) -> Following:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.exit_code = self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
+
+
+class FabTerminal:
+    """`fab ARGS` with a terminal (a local pty) as its stdin and stdout, for a ``with`` block
+    (which kills it, by its PID, if it is still running at the end)."""
+
+    def __init__(self, inventory: Path, *args: str, **env: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the real CLI
+            os.chdir(ROOT)
+            os.execve(FAB, [FAB, "-r", str(ROOT / "fabfile"), *args], fab_env(inventory, **env))
+        self.seen = bytearray()
+        self.exit_code: int | None = None
+
+    def __enter__(self) -> FabTerminal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.exit_code is None:
+            os.kill(self.pid, signal.SIGKILL)  # only the process we started
+            self._reap()
+
+    def _read(self, timeout: float) -> bytes | None:
+        """What arrived within ``timeout`` s (None: nothing did; b"": the terminal closed)."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            return os.read(self.fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            return b""
+
+    def read_until(self, pattern: bytes, timeout: float = 30) -> None:
+        """Read until ``pattern`` has been written (fail after ``timeout`` s, or at EOF)."""
+        deadline = time.monotonic() + timeout
+        while pattern not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"waited for {pattern!r}; got {bytes(self.seen)[-500:]!r}"
+            data = self._read(left)
+            assert data != b"", f"EOF waiting for {pattern!r}; got {bytes(self.seen)[-500:]!r}"
+            self.seen += data or b""
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def finish(self, timeout: float, what: str) -> str:
+        """Read to the end (fail, saying ``what``, when ``timeout`` s pass without a byte),
+        reap the process (`exit_code`): everything it wrote, CRLF as LF."""
+        while data := self._read(timeout):
+            self.seen += data
+        assert data is not None, what
+        self._reap()
+        return bytes(self.seen).decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def _reap(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        self.exit_code = os.waitstatus_to_exitcode(status)
+
+
+# Takes the deploy lock through the library in a process of its own and holds it until its
+# stdin closes, as a long rollout would (argv[1]: the version it records, "" for none).
+HOLDER_CODE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from releasy_deploy.cli import session
+from releasy_deploy.lock import deploy_lock
+with session() as s, deploy_lock(s, version=sys.argv[1] or None) as info:
+    print("held", info.describe(), flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def deploy_lock_held(inventory: Path, version: str | None = None) -> Iterator[subprocess.Popen]:
+    """The deploy lock held by another process for the ``with`` block (yielded once it holds
+    the lock); released cleanly at the end."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_CODE, version or ""],
+                              env=fab_env(inventory), cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or not (lines[-1].startswith("held ") or lines[-1] == ""):
+            lines.append(holder.stdout.readline())  # the reporter's lines come first
+        assert lines[-1].startswith("held "), lines
+        yield holder
+    finally:
+        holder.stdin.close()  # a clean release
+        holder.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ hosts, seen over plain SSH
 def app_octet(host: str) -> int:
     """The last address octet of an app host (app1 -> 21)."""
     return 20 + int(host.removeprefix("app"))
 
 
-def psql(lab, sql: str) -> list[list[str]]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
+SOLO = "solo"
+SERVER_NAME = "releasy.lab.test"
+LOAD_THREADS = 4
+
+
+def sh(lab, *argv: str, check: bool = True, host: str = SOLO) -> str:
+    """A command on a lab host (the single host by default) over plain OpenSSH."""
+    return lab.ssh(host, *argv, check=check).stdout.strip()  # each word arrives as one
+
+
+AUDIT_LOG = "/var/log/releasy-deploy/audit.log"
+
+
+def last_audit(lab, host: str = SOLO) -> dict:
+    """The last record of the audit log on ``host`` (read as root)."""
+    return json.loads(lab.sudo(host, "tail", "-n1", AUDIT_LOG).stdout)
+
+
+def psql(lab, sql: str, host: str = "db1", database: str = "releasy") -> list[list[str]]:
+    """The rows ``sql`` returns (columns split at |), run as postgres on ``host``."""
+    out = lab.sudo(host, "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
+                                     ' -v ON_ERROR_STOP=1 -d "$2" -c "$1"', "psql", sql, database)
     return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def main_pid(lab, host: str = SOLO) -> str:
+    """releasy.service's MainPID on ``host`` as systemd shows it ("0" when not running)."""
+    return sh(lab, "systemctl", "show", "--property=MainPID", "--value", "releasy.service",
+              host=host)
+
+
+def main_pids(lab, hosts) -> dict[str, str]:
+    """`main_pid` of each of ``hosts``."""
+    return {h: main_pid(lab, h) for h in hosts}
+
+
+def changed_total(output: str) -> int:
+    """N of the "site: N changed" summary line of a `fab site` output."""
+    match = re.search(r"^site: (\d+) changed", output, re.MULTILINE)
+    assert match, output
+    return int(match.group(1))
 
 
 def current(lab, host) -> str:
@@ -31,8 +216,33 @@ def current(lab, host) -> str:
 
 
 def ready(lab, host) -> bool:
+    """An app host answers /ready (asked on the host itself, on its private address)."""
     url = f"http://10.77.{lab.ident.subnet_octet}.{app_octet(host)}:8080/ready"
     return lab.ssh(host, "curl", "-fsS", "--max-time", "3", url, check=False).returncode == 0
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout``
+    seconds naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_ready(lab, host: str, within: float = 60) -> None:
+    """Poll `ready` until ``host`` answers /ready; fail after ``within`` seconds."""
+    wait_until(lambda: ready(lab, host), f"{host} to answer /ready", within, interval=0.2)
+
+
+def served_version(lab, host) -> str:
+    """/version of the process running on an app host, asked on the host itself."""
+    url = f"http://10.77.{lab.ident.subnet_octet}.{app_octet(host)}:8080/version"
+    return json.loads(lab.ssh(host, "curl", "-fsS", "--max-time", "3", url).stdout)["version"]
 
 
 def rotation(lab, proxy: str = "proxy1") -> list[str]:
@@ -43,6 +253,42 @@ def rotation(lab, proxy: str = "proxy1") -> list[str]:
                   for i in range(1, 41)}
     return [by_address.get(w[1], w[1]) for line in text.splitlines()
             if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"]
+
+
+def assert_all_on(lab, version: str, apps) -> None:
+    """Every one of ``apps`` on ``version`` (linked and served), ready, and in rotation."""
+    assert {h: current(lab, h) for h in apps} == dict.fromkeys(apps, version)
+    assert {h: served_version(lab, h) for h in apps} == dict.fromkeys(apps, version)
+    assert all(ready(lab, h) for h in apps), {h: ready(lab, h) for h in apps}
+    assert rotation(lab) == list(apps)
+
+
+def outside_get(lab, url: str, proxy: str = "proxy1",
+                name: str = SERVER_NAME) -> tuple[int, str]:
+    """GET ``url`` from the outside namespace (the internet), the site's ``name`` resolved
+    to ``proxy`` (certificate not checked): (status, body), status 0 when nothing answered."""
+    address = lab_ops.read_state(lab.ident)["hosts"][proxy]["address"]
+    proc = subprocess.run(
+        ["ip", "netns", "exec", lab.ident.outside_ns, "curl", "-ksS", "--max-time", "10",
+         "--resolve", f"{name}:443:{address}", "-o", "-", "-w", "\n%{http_code}", url],
+        capture_output=True, text=True, timeout=30)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def serving_through_proxy(lab, proxy: str = "proxy1") -> bool:
+    """GET /ready through ``proxy``'s TLS site from the outside namespace answers 200."""
+    return outside_get(lab, f"https://{SERVER_NAME}/ready", proxy)[0] == 200
+
+
+def via_proxy(address: str, path: str = "/", timeout: float = 10) -> tuple[int, str]:
+    """GET https://ADDRESS/PATH from this machine, the certificate not checked: (status,
+    body), status 0 when nothing answered."""
+    proc = subprocess.run(["curl", "-ksS", "--max-time", str(timeout), "-o", "-", "-w",
+                           "\n%{http_code}", f"https://{address}{path}"],
+                          capture_output=True, text=True, timeout=timeout + 30)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
 
 
 def load_through_proxy(lab, workdir: Path) -> LoadGenerator:
@@ -130,16 +376,6 @@ def fault_points(total: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the single-host lab
-SOLO = "solo"
-SERVER_NAME = "releasy.lab.test"
-LOAD_THREADS = 4
-
-
-def sh(lab, *argv: str, check: bool = True, host: str = SOLO) -> str:
-    """A command on a lab host (the single host by default) over plain OpenSSH."""
-    return lab.ssh(host, *argv, check=check).stdout.strip()  # each word arrives as one
-
-
 def unit(lab, name: str) -> dict[str, str]:
     out = sh(lab, "systemctl", "show", "--property=ActiveState,UnitFileState,MainPID", name)
     return dict(line.split("=", 1) for line in out.splitlines())
@@ -155,7 +391,8 @@ def upstreams(lab) -> list[str]:
     return re.findall(r"^\s*server\s+(\S+)", text, re.MULTILINE)
 
 
-def version_on(lab, port: int) -> str:
+def version_on(lab, port: int = 8080) -> str:
+    """/version of the instance on ``port`` of the single host, asked on the host."""
     return json.loads(sh(lab, "curl", "-fsS", f"http://127.0.0.1:{port}/version"))["version"]
 
 

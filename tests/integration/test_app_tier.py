@@ -16,10 +16,11 @@ import yaml
 from releasy_deploy.cli import session
 from releasy_deploy.releases import fetch_release
 from releasy_deploy.tiers import app, app_setup
+from tests.integration.labtools import SOLO, main_pid, sh, version_on
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
-HOST = "solo"
+HOST = SOLO
 WEIRD_KEY = "adm key 'sq' \"dq\" $HOME `id` \\back é€ # ;x"
 
 
@@ -32,22 +33,9 @@ def remote(lab, *argv: str, check: bool = True):
     return lab.ssh(HOST, *argv, check=check)  # argv arrives as words (operator_ssh quotes)
 
 
-def sh(lab, *argv: str, check: bool = True) -> str:
-    return remote(lab, *argv, check=check).stdout.strip()
-
-
-def main_pid(lab) -> str:
-    return sh(lab, "systemctl", "show", "--property=MainPID", "--value", "releasy.service")
-
-
 def http(lab, port: int, path: str) -> str:
     return sh(lab, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
               f"http://127.0.0.1:{port}{path}", check=False)
-
-
-def version_on(lab, port: int = 8080) -> str:
-    out = sh(lab, "curl", "-fsS", f"http://127.0.0.1:{port}/version")
-    return yaml.safe_load(out)["version"]  # JSON is YAML
 
 
 def changed_count(out: str) -> int:

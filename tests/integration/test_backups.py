@@ -10,67 +10,27 @@ topology, where the dump is SQLite's online backup of the live file."""
 from __future__ import annotations
 
 import hashlib
-import os
-import pty
 import re
-import select
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.integration.labtools import (SOLO, FabTerminal, psql, ready, rotation,
+                                       serving_through_proxy, start_fab)
+
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2")
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-1\.0\.0_m2\.(?:dump|sqlite3)")
-
-
-def psql(lab, sql: str) -> list[str]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
-    return out.stdout.splitlines()
-
-
-def rotation(lab) -> set[str]:
-    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
-    return {w[1] for line in text.splitlines()
-            if len(w := line.split("#", 1)[0].split()) >= 2 and w[0] == "server"}
-
-
-def app_address(lab, host: str) -> str:
-    return f"10.77.{lab.ident.subnet_octet}.{20 + int(host[-1])}:8080"
-
-
-def ready_on_host(lab, host: str) -> bool:
-    return lab.ssh(host, "curl", "-fsS", "--max-time", "3",
-                   f"http://{app_address(lab, host)}/ready", check=False).returncode == 0
-
-
-def through_proxy(address: str) -> int:
-    proc = subprocess.run(["curl", "-ksS", "--max-time", "10", "-o", "/dev/null", "-w",
-                           "%{http_code}", f"https://{address}/ready"],
-                          capture_output=True, text=True)
-    return int(proc.stdout or 0)
 
 
 def dump_name(output: str) -> str:
     names = set(DUMP_RE.findall(output))
     assert len(names) == 1, output
     return names.pop()
-
-
-def fab_with_input(lab, captured_outputs, data: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT, env=env,
-                          input=data, capture_output=True, text=True, timeout=120)
-    captured_outputs.append(proc.stdout + proc.stderr)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +62,12 @@ def test_backup_then_restore_brings_back_a_row_deleted_in_between(split, tmp_pat
     assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == []
     proc = lab.fab("db.restore", "--file", name, "--yes")
     assert proc.returncode == 0
-    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == [["kept by the dump"]]
     for host in APPS:
         assert f"[{host}] changed: stopped releasy.service (database restore)" in proc.stdout
-        assert ready_on_host(lab, host), host
-    assert rotation(lab) == {app_address(lab, h) for h in APPS}
-    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+        assert ready(lab, host), host
+    assert set(rotation(lab)) == set(APPS)
+    assert serving_through_proxy(lab)
     # The data it replaced was saved first, and the listing tells the dumps apart.
     listing = lab.fab("db.backups").stdout
     assert re.search(rf"^{name}\s+[\d.]+ KiB\s+\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\s+2\s+manual"
@@ -133,7 +93,7 @@ def test_restore_asks_and_without_a_terminal_refuses(split):
                         check=False)
     assert missing.returncode == 2 and "no dump named" in missing.stderr
     assert psql(split, "SELECT count(*) FROM standin_m1") == before
-    assert all(ready_on_host(split, h) for h in APPS)
+    assert all(ready(split, h) for h in APPS)
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
@@ -155,15 +115,13 @@ def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_lef
     blocker = threading.Thread(target=lab.ssh, args=("db1", "sudo", "-n", "sh", "-c", hold),
                                kwargs={"check": False, "timeout": 400}, daemon=True)
     blocker.start()
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "db.restore", "--file", name,
-                             "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_fab(lab.inventory, "db.restore", "--file", name, "--yes",
+                     stdin=subprocess.DEVNULL)
     try:
         waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                    " 'releasy-restore' AND wait_event_type = 'Lock'")
         deadline = time.monotonic() + 120
-        while psql(lab, waiting) != ["1"]:
+        while psql(lab, waiting) != [["1"]]:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the restore never reached its transaction"
             time.sleep(0.3)
@@ -184,61 +142,27 @@ def test_a_restore_interrupted_mid_way_is_ended_on_the_host_and_says_what_it_lef
     for program in ("psql", "pg_restore"):
         assert lab.ssh("db1", "pgrep", "-x", program, check=False).returncode == 1, program
     assert psql(lab, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-                     " 'releasy-restore'") == ["0"]
+                     " 'releasy-restore'") == [["0"]]
     assert psql(lab, "SELECT count(*) FROM standin_m1") == before
     assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == []
     for host in APPS:
-        assert ready_on_host(lab, host), host
-    assert rotation(lab) == {app_address(lab, h) for h in APPS}
+        assert ready(lab, host), host
+    assert set(rotation(lab)) == set(APPS)
     assert "free" in lab.fab("deploy.lock").stdout
     # The same restore, run again, applies it.
     lab.fab("db.restore", "--file", name, "--yes")
-    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == ["only in the dump"]
-
-
-def read_until(fd: int, pattern: bytes, seen: bytearray, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while pattern not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"waited for {pattern!r}; got {bytes(seen)[-500:]!r}"
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                data = b""
-            assert data, f"EOF while waiting for {pattern!r}; got {bytes(seen)[-500:]!r}"
-            seen += data
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 777") == [["only in the dump"]]
 
 
 def test_psql_in_a_real_terminal_as_the_app_role(split, captured_outputs):
-    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "TERM": "vt100"}
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the real CLI, its stdin/stdout a terminal
-        os.chdir(ROOT)
-        os.execve(FAB, [FAB, "-r", str(ROOT / "fabfile"), "db.psql"], env)
-    seen = bytearray()
-    try:
-        read_until(fd, b"releasy=> ", seen)
-        os.write(fd, b"SELECT current_user AS who, 6 * 7 AS answer;\n")
-        read_until(fd, b"(1 row)", seen)
-        os.write(fd, b"\\q\n")
-        while True:  # to EOF
-            ready, _, _ = select.select([fd], [], [], 30)
-            assert ready, "fab db.psql did not end after \\q"
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            seen += data
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    text = bytes(seen).decode("utf-8", "replace").replace("\r\n", "\n")
+    with FabTerminal(split.inventory, "db.psql", TERM="vt100") as term:
+        term.read_until(b"releasy=> ")
+        term.write(b"SELECT current_user AS who, 6 * 7 AS answer;\n")
+        term.read_until(b"(1 row)")
+        term.write(b"\\q\n")
+        text = term.finish(30, "fab db.psql did not end after \\q")
     captured_outputs.append(text)
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert term.exit_code == 0, text
     assert re.search(r"^ releasy \|\s+42$", text, re.MULTILINE), text
     # The pty echoed what was "typed": psql really had a terminal.
     assert "releasy=> SELECT current_user" in text
@@ -266,10 +190,10 @@ def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
     assert sql("SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
     owners = lab.ssh("solo", "sh", "-c", f"stat -c %U {db}*").stdout.split()
     assert set(owners) == {"releasy"}, owners
-    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+    assert serving_through_proxy(lab, SOLO)
     # The SQLite variant of db.psql: sqlite3 on the file, fed from a pipe.
-    shell = fab_with_input(lab, captured_outputs, "SELECT label FROM standin_m1 WHERE id = 4242;\n",
-                           "db.psql")
+    shell = lab.fab("db.psql", input="SELECT label FROM standin_m1 WHERE id = 4242;\n",
+                    check=False, timeout=120)
     assert shell.returncode == 0, shell.stderr
     assert "kept by the dump" in shell.stdout
 
@@ -313,4 +237,4 @@ def test_sqlite_backup_and_restore_never_follow_the_service_accounts_symlinks(la
         lab.sudo("solo", *as_service, f"mv {db}.keep {db}")
         lab.sudo("solo", "systemctl", "start", "releasy.service")
     lab.fab("db.restore", "--file", name, "--yes")  # the tasks work again
-    assert through_proxy(f"10.77.{lab.ident.subnet_octet}.10") == 200
+    assert serving_through_proxy(lab, SOLO)

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import signal
 import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +25,7 @@ from lab import acme as lab_acme
 from lab.loadgen import LoadGenerator
 from releasy_deploy.inventory import load_inventory
 
-from .conftest import FAB, ROOT
+from tests.integration.labtools import Following
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.lab_shape("split", 2, bastion=True, acme=True, proxies=2)]
@@ -164,40 +160,18 @@ def test_rolling_deploy_status_and_db_shell_through_the_bastion(lab):
     rows = json.loads(status.stdout)
     text = json.dumps(rows)
     assert '"1.1.0"' in text and '"1.0.0"' not in text
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory)}
-    psql = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), "db.psql"], input="SELECT 40 + 2;\n",
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    psql = lab.fab("db.psql", input="SELECT 40 + 2;\n", check=False, timeout=120)
     assert psql.returncode == 0 and "42" in psql.stdout, psql.stdout + psql.stderr
 
 
 def test_logs_follow_through_the_bastion(lab):
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "app.logs", "--follow",
-                             "--host", "app1", "--lines", "1"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen: list[str] = []
-    got = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            seen.append(line)
-            if len(seen) > 1 and "listening" in line:
-                got.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not seen:  # following: the first line is there
-            assert time.monotonic() < deadline and proc.poll() is None, seen
-            time.sleep(0.1)
+    with Following(lab.inventory, "app.logs", "--follow", "--host", "app1",
+                   "--lines", "1") as logs:
+        logs.wait_for(lambda lines: lines, "the first line")  # following: it is there
         lab.sudo("app1", "systemctl", "restart", "releasy.service")  # new lines arrive
-        assert got.wait(30), seen
-    finally:
-        proc.send_signal(signal.SIGINT)  # the fab we started, by its PID
-        code = proc.wait(timeout=30)
-    reader.join(timeout=5)
-    assert code == 0, proc.stderr.read()
+        logs.wait_for(lambda lines: any("listening" in line for line in lines[1:]),
+                      "a new line from the restart")
+    assert logs.exit_code == 0, logs.proc.stderr.read()
 
 
 def test_renewal_under_restricted_egress(lab, tmp_path):

@@ -10,10 +10,8 @@ plain OpenSSH.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,13 +22,11 @@ from lab.standin.build import build_release
 from releasy_deploy import bluegreen
 from releasy_deploy.cli import session
 from tests.integration.labtools import SOLO as HOST
-from tests.integration.labtools import (running, sh, steady_load, unit, upstreams,
-                                       version_on, version_timeline)
+from tests.integration.labtools import (last_audit, psql, running, sh, start_fab, steady_load, unit,
+                                       upstreams, version_on, version_timeline)
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 HALF = "1.2.1"  # built by the test: migration 4 works, migration 5 fails
 SLOW = "1.3.0"  # built by the test: migrations 4 and 5, sleeping inside the new one
 
@@ -45,15 +41,12 @@ def lab(request, lab_session):
     return handle
 
 
-def last_audit(lab) -> dict:
-    return json.loads(sh(lab, "tail", "-n", "1", "/var/log/releasy-deploy/audit.log"))
-
-
-def sql(lab, query: str) -> str:
-    if lab.database == "sqlite":
-        return sh(lab, "sqlite3", "-separator", "|", "/var/lib/releasy/releasy.db", query)
-    return sh(lab, "runuser", "-u", "postgres", "--", "psql", "-XAtq", "-d", "releasy",
-              "-c", query)
+def db_rows(lab, query: str) -> list[list[str]]:
+    """The rows of ``query`` (columns split at |) on the single host's SQLite or PostgreSQL."""
+    if lab.database == "postgres":
+        return psql(lab, query, host=HOST)
+    out = sh(lab, "sqlite3", "-separator", "|", "/var/lib/releasy/releasy.db", query)
+    return [line.split("|") for line in out.splitlines() if line]
 
 
 def assert_switched_once(summary: dict, old: str, new: str) -> None:
@@ -119,8 +112,8 @@ def test_first_deploy_hands_over_from_releasy_service_with_no_failed_request(lab
     assert lab.probe(HOST, 8080, source=HOST) == "closed"
     # The new instance itself applied the new migration, once, before it got traffic.
     pid = unit(lab, "releasy@8081.service")["MainPID"]
-    assert sql(lab, "SELECT binary_version, pid FROM standin_migration_log"
-                    " WHERE migration = 3").splitlines() == [f"1.1.0|{pid}"]
+    assert db_rows(lab, "SELECT binary_version, pid FROM standin_migration_log"
+                        " WHERE migration = 3") == [["1.1.0", pid]]
     # What deploy.rollback judges from: a dump taken before, the level of each release.
     dumps = sh(lab, "ls", "/var/backups/releasy").split()
     assert len(dumps) == 1 and re.fullmatch(r"lab_\d+T\d+Z_from-1\.0\.0_to-1\.1\.0_m2\."
@@ -267,10 +260,8 @@ def test_a_half_applied_migration_keeps_the_old_release_serving_and_says_how_to_
 
 def test_the_lock_is_held_for_the_whole_deploy(lab, captured_outputs):
     build_release(SLOW, lab.releases, migrations=5, migration_seconds=8)
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    slow = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.bluegreen", "--yes",
-                             "--version", SLOW], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    slow = start_fab(lab.inventory, "deploy.bluegreen", "--yes", "--version", SLOW,
+                     stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:

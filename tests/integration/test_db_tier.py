@@ -18,6 +18,7 @@ from lab.config import current_identity
 from lab import lab as lab_ops
 from releasy_deploy.cli import session
 from releasy_deploy.tiers import db as db_tier
+from tests.integration.labtools import psql
 
 pytestmark = pytest.mark.lab
 
@@ -26,6 +27,7 @@ PASSWORD_FILE = "/etc/releasy/database-password"
 DB = current_identity().address(100)
 HBA = "/etc/postgresql/15/main/pg_hba.conf"
 DROPIN = "/etc/postgresql/15/main/conf.d/releasy.conf"
+VERIFIER = "SELECT rolpassword FROM pg_authid WHERE rolname = 'releasy';"
 
 # Runs on an app host: password on stdin, never in argv.
 CONNECT = """
@@ -63,18 +65,12 @@ def connect(lab, source: str, password: str, target: str | None = None) -> str:
     return ssh_input(lab, source, ["python3", "-c", CONNECT, target or DB], password)
 
 
-def sql(lab, host: str, query: str) -> str:
-    """A query as postgres on the db host, SQL on stdin (test-side look, not our executor)."""
-    return ssh_input(lab, host, ["sh", "-c", "cd / && runuser -u postgres -- psql -XAtq"],
-                     query)
-
-
 def server_clock(lab, host: str = "db1") -> tuple[str, str, str]:
     """(postmaster PID, start time, config load time): a restart changes all, a reload the last."""
     pid = on(lab, host, "head", "-1", "/var/lib/postgresql/15/main/postmaster.pid").stdout
     pid = pid.strip()
-    start, loaded = sql(lab, host, "SELECT pg_postmaster_start_time(), pg_conf_load_time();"
-                        ).split("|")
+    [[start, loaded]] = psql(lab, "SELECT pg_postmaster_start_time(), pg_conf_load_time();",
+                             host, database="postgres")
     return pid, start, loaded
 
 
@@ -133,9 +129,9 @@ def test_app_hosts_connect_with_scram_and_proxy_is_refused(lab):
     refused = connect(lab, "proxy1", pw)
     assert refused.startswith("refused:") and "no pg_hba.conf entry" in refused
     assert connect(lab, "app1", pw + "x").startswith("refused:")
-    assert sql(lab, "db1", "SELECT rolpassword FROM pg_authid WHERE rolname = 'releasy';"
-               ).startswith("SCRAM-SHA-256$4096:")
-    assert sql(lab, "db1", "SHOW password_encryption;") == "scram-sha-256"
+    [[verifier]] = psql(lab, VERIFIER, database="postgres")
+    assert verifier.startswith("SCRAM-SHA-256$4096:")
+    assert psql(lab, "SHOW password_encryption;", database="postgres") == [["scram-sha-256"]]
 
 
 def test_second_run_changes_nothing_and_neither_restarts_nor_reloads(lab):
@@ -158,7 +154,7 @@ def test_database_url_reads_the_password_in_one_round_trip_and_masks_it(lab, mon
 
 def test_pg_hba_drift_and_a_changed_password_are_fixed_by_a_reload_not_a_restart(lab):
     on(lab, "db1", "sh", "-c", f"echo 'host all all 0.0.0.0/0 trust' >> {HBA}")
-    sql(lab, "db1", "ALTER ROLE releasy PASSWORD 'tampered' SUPERUSER;")
+    psql(lab, "ALTER ROLE releasy PASSWORD 'tampered' SUPERUSER;", database="postgres")
     pid, start, loaded = server_clock(lab)
     proc = lab.fab("db.setup")
     assert f"[db1] changed: file {HBA} (content)" in proc.stdout
@@ -196,7 +192,7 @@ def test_a_listen_addresses_change_restarts(lab):
 
 def test_password_and_verifier_never_appear_in_any_output(lab, captured_outputs):
     secrets = [password(lab),
-               sql(lab, "db1", "SELECT rolpassword FROM pg_authid WHERE rolname = 'releasy';")]
+               psql(lab, VERIFIER, database="postgres")[0][0]]
     assert captured_outputs  # the runs above were captured
     for output in captured_outputs:
         for secret in secrets:

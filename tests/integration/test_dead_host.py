@@ -14,14 +14,12 @@ no answer, no refusal), or its service is stopped (connection refused).
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from lab import lab as lab_ops
 from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
                                        ready, report_latency, report_load, rotation,
-                                       sequential_gets)
+                                       sequential_gets, wait_ready, wait_until)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -33,13 +31,6 @@ SLOW_ALLOWED = 3
 
 def output(proc) -> str:
     return proc.stdout + proc.stderr
-
-
-def wait_reachable(lab, host: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while lab.ssh(host, "true", check=False, timeout=15).returncode != 0:
-        assert time.monotonic() < deadline, f"{host} did not come back within {timeout} s"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +61,7 @@ def test_a_host_refusing_connections_costs_nothing(lab, tmp_path):
     report_latency("app3's service stopped, sequential GET /version through proxy1", summary)
     assert summary["failed"] == 0, summary["first_failures"]
     assert summary["latency_ms"]["slow"] <= SLOW_ALLOWED, summary["latency_ms"]
-    deadline = time.monotonic() + 30
-    while not ready(lab, "app3"):
-        assert time.monotonic() < deadline, "app3 did not become ready again"
-        time.sleep(0.2)
+    wait_ready(lab, "app3", within=30)
 
 
 def test_a_dead_host_is_drained_deployed_around_and_brought_back(lab, tmp_path):
@@ -111,7 +99,8 @@ def test_a_dead_host_is_drained_deployed_around_and_brought_back(lab, tmp_path):
         assert "! app3: behind the fleet's release (last known on 1.0.0" in behind.stdout
 
     # app3 is back, on its old release, and ready: it must not serve through the proxy.
-    wait_reachable(lab, "app3")
+    wait_until(lambda: lab.ssh("app3", "true", check=False, timeout=15).returncode == 0,
+               "app3 to answer SSH again", timeout=60, interval=0.5)
     assert current(lab, "app3") == "1.0.0" and ready(lab, "app3")
     # As after a reboot: its old release starts again (or tries to: the database holds a
     # migration 1.0.0 does not know); whatever it does, the proxy does not route to it.

@@ -31,17 +31,12 @@ from releasy_deploy.executor import Executor
 from releasy_deploy.inventory import load_inventory
 from releasy_deploy.tiers import firewall as tier
 from releasy_deploy.tiers import firewall_state as fw_state
+from tests.integration.labtools import changed_total
 
 pytestmark = pytest.mark.lab
 
 LISTENER_PORT = 9443
 CANARY = "/etc/releasy-canary"
-
-
-def changed_total(output: str) -> int:
-    match = re.search(r"^site: (\d+) changed", output, re.MULTILINE)
-    assert match, output
-    return int(match.group(1))
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.integration.labtools import deploy_lock_held
+
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCK_BUSY, EXIT_UNREACHABLE = 1, 2, 3, 4
 ONE_SCREEN = 40
 APPS = ("app1", "app2")
@@ -117,28 +116,11 @@ def test_sudo_refused_says_how_to_grant_it(lab):
 
 
 def test_lock_busy(lab):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys\n"
-         "from releasy_deploy.cli import session\n"
-         "from releasy_deploy.lock import deploy_lock\n"
-         "with session() as s, deploy_lock(s, version=None):\n"
-         "    print('HELD', flush=True)\n"
-         "    sys.stdin.read()\n"],
-        cwd=ROOT, env={**os.environ, "RELEASY_INVENTORY": str(lab.inventory),
-                       "RELEASY_PROGRESS": "plain"},
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        while (line := holder.stdout.readline()) and "HELD" not in line:
-            pass
-        assert "HELD" in line, "the lock holder did not get the lock"
+    with deploy_lock_held(lab.inventory):
         proc = lab.fab("db.restore", "--file", "lab_20260101T000000Z_manual_at-1.0.0_m2.dump",
                        "--yes", check=False)
         expect_failure(proc, EXIT_LOCK_BUSY, "deploy of lab held by", "--wait SECONDS",
                        "fab deploy.lock")
-    finally:
-        holder.stdin.close()  # the holder lets go
-        holder.wait(timeout=60)
 
 
 def test_failed_health_check_is_one_screen_and_debug_shows_the_traceback(lab, tmp_path):

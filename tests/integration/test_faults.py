@@ -13,13 +13,13 @@ RELEASY_FAULT_POINTS=all) tries every one and prints how many."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
-from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, fault_points,
-                                       assert_no_failed_request, current, load_through_proxy,
-                                       ready, report_load, rotation, set_log_level)
+from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, assert_no_failed_request,
+                                       current, fault_points, load_through_proxy, ready,
+                                       report_load, rotation, serving_through_proxy,
+                                       set_log_level)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -48,17 +48,6 @@ def fleet(lab, tmp_path_factory):
     total = int(FAULT_COUNT.search(clean.stderr).group(1))
     assert {h: current(lab, h) for h in APPS} == dict.fromkeys(APPS, "1.1.0")
     return inventory, total
-
-
-def serving_through_proxy(lab) -> bool:
-    """GET /ready through proxy1's TLS site from the outside namespace (the internet)."""
-    proxy = f"10.77.{lab.ident.subnet_octet}.10"
-    proc = subprocess.run(
-        ["ip", "netns", "exec", lab.ident.outside_ns, "curl", "-ksS", "--max-time", "5",
-         "-o", "/dev/null", "-w", "%{http_code}", "--resolve",
-         f"releasy.lab.test:443:{proxy}", "https://releasy.lab.test/ready"],
-        capture_output=True, text=True, timeout=30)
-    return proc.stdout.strip() == "200"
 
 
 def assert_left_serving(lab, inventory, proc, where: str, mode: str) -> None:

@@ -21,7 +21,8 @@ import pytest
 from releasy_deploy.bluegreen import STAGES
 from releasy_deploy.commands.nginx import MAINTENANCE_FLAG
 from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, SOLO, fault_points, running,
-                                       sh, steady_load, upstreams, version_on)
+                                       serving_through_proxy, sh, steady_load, upstreams,
+                                       version_on)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
@@ -38,14 +39,6 @@ def live_version(lab) -> str:
     """The version answering on the one port the proxy's upstream lists."""
     (server,) = upstreams(lab)
     return version_on(lab, int(server.rsplit(":", 1)[1]))
-
-
-def serving_through_proxy(lab) -> bool:
-    """GET /ready through nginx from the host itself (its TLS site, SNI the site name)."""
-    code = sh(lab, "curl", "-ksS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}",
-              "--resolve", "releasy.lab.test:443:127.0.0.1", "https://releasy.lab.test/ready",
-              check=False)
-    return code == "200"
 
 
 def assert_converged(lab, version: str, where: str) -> None:
@@ -71,7 +64,7 @@ def lab(lab_session):
     handle.fab("proxy.maintenance", "--off", check=False)
     assert handle.fab("deploy.lock").stdout.strip() == "deploy lock of lab: free"
     assert handle.ssh(SOLO, "test", "-e", MAINTENANCE_FLAG, check=False).returncode == 1
-    assert serving_through_proxy(handle)
+    assert serving_through_proxy(handle, SOLO)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +115,7 @@ def test_every_injected_fault_in_a_bluegreen_deploy_keeps_the_site_serving(
                              re.MULTILINE), f"{where}: host and stage not named\n{said}"
         lock = lab.fab("deploy.lock")
         assert lock.stdout.strip() == "deploy lock of lab: free", f"{where}\n{lock.stdout}"
-        assert serving_through_proxy(lab), f"{where}: nginx does not answer /ready"
+        assert serving_through_proxy(lab, SOLO), f"{where}: nginx does not answer /ready"
         assert live_version(lab) in RELEASES, where  # the upstream port answers
         # The same command again converges.
         again = lab.fab("deploy.bluegreen", "--version", target, "--yes")

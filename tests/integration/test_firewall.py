@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,6 +25,7 @@ from releasy_deploy.output import Reporter
 from releasy_deploy.secrets import Secrets
 from releasy_deploy.tiers import firewall as tier
 from releasy_deploy.tiers import firewall_guard as fw_guard
+from tests.integration.labtools import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -41,32 +41,17 @@ def lab(lab_session):
     yield handle
     # Leave the lab usable by other modules: no firewall, no test listeners.
     for host in HOSTS:
-        sh(handle, host, "if command -v ufw >/dev/null; then ufw --force disable; fi; "
-                         "systemctl stop 'fwtest-*' 2>/dev/null || true", check=False)
-
-
-def sh(lab, host: str, script: str, check: bool = True):
-    """A shell command as root on a lab host, over plain OpenSSH (not our executor)."""
-    return lab.ssh(host, "sudo", "sh", "-c", script, check=check)
+        handle.sudo(host, "sh", "-c", "if command -v ufw >/dev/null; then ufw --force disable;"
+                                      " fi; systemctl stop 'fwtest-*' 2>/dev/null || true",
+                    check=False)
 
 
 def listen(lab, host: str, port: int) -> None:
     unit = f"fwtest-{port}"
-    sh(lab, host, f"systemctl is-active --quiet {unit} || systemd-run --quiet --unit={unit} "
-                  f"python3 -m http.server --bind 0.0.0.0 {port}")
-    poll(lambda: sh(lab, host, f"ss -Hltn 'sport = :{port}'").stdout.strip(),
-         f"{host} listening on {port}")
-
-
-def poll(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    lab.sudo(host, "sh", "-c", f"systemctl is-active --quiet {unit} || systemd-run --quiet"
+                               f" --unit={unit} python3 -m http.server --bind 0.0.0.0 {port}")
+    wait_until(lambda: lab.sudo(host, "sh", "-c", f"ss -Hltn 'sport = :{port}'").stdout.strip(),
+               f"{host} listening on {port}", timeout=60, interval=0.2)
 
 
 def probes(lab, cases: dict[tuple[str, int, str], str]) -> dict:
@@ -77,8 +62,9 @@ def probes(lab, cases: dict[tuple[str, int, str], str]) -> dict:
 
 
 def ufw_view(lab, host: str) -> str:
-    return sh(lab, host, "if command -v ufw >/dev/null; then LANG=C ufw status verbose; "
-                         "LANG=C ufw show added; else echo no ufw; fi").stdout
+    return lab.sudo(host, "sh", "-c", "if command -v ufw >/dev/null; then LANG=C ufw status"
+                                      " verbose; LANG=C ufw show added; else echo no ufw; fi"
+                    ).stdout
 
 
 def summary(stdout: str) -> dict[str, str]:
@@ -146,7 +132,7 @@ def test_audit_passes_then_flags_a_port_opened_by_hand(lab):
     # IPv6 too: each host's ULA address, with the same policy
     assert "[proxy1] audit of %s from %s (netns %s): reachable 80, 443;" % (
         lab.ident.address6(10), lab.ident.outside_address6, netns) in ok.stdout
-    sh(lab, "app1", "ufw allow 9999/tcp")
+    lab.sudo("app1", "ufw", "allow", "9999/tcp")
     listen(lab, "app1", 9999)
     bad = lab.fab("firewall.audit", "--netns", netns, check=False)
     assert bad.returncode == 1, bad.stdout + bad.stderr
@@ -168,7 +154,7 @@ def test_audit_passes_then_flags_a_port_opened_by_hand(lab):
 
 def test_lockout_layer1_refuses_when_admin_cidrs_exclude_us(lab, tmp_path):
     other = lab.inventory_variant(tmp_path, lambda d: d.update(admin_cidrs=["192.0.2.0/24"]))
-    sh(lab, "app2", "ufw allow 7777/tcp")  # something apply would otherwise remove/keep
+    lab.sudo("app2", "ufw", "allow", "7777/tcp")  # something apply would otherwise remove/keep
     before = {h: ufw_view(lab, h) for h in HOSTS}
     proc = lab.fab("firewall.apply", inventory=other, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -178,7 +164,7 @@ def test_lockout_layer1_refuses_when_admin_cidrs_exclude_us(lab, tmp_path):
                 f"admin_cidrs (192.0.2.0/24)") in proc.stdout
     after = {h: ufw_view(lab, h) for h in HOSTS}  # SSH still works...
     assert after == before  # ...and nothing changed
-    sh(lab, "app2", "ufw delete allow 7777/tcp")
+    lab.sudo("app2", "ufw", "delete", "allow", "7777/tcp")
 
 
 def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
@@ -201,9 +187,10 @@ def test_lockout_layer2_revert_timer_restores_the_host_by_itself(lab):
                        timeout=20)
         return proc.returncode == 0 and proc.stdout == before
 
-    poll(restored, "app2 to restore its previous firewall", timeout=90)
-    marker = sh(lab, "app2", "cat /var/lib/releasy-deploy/firewall/reverted; "
-                             "systemctl is-active releasy-firewall-revert.timer || true").stdout
+    wait_until(restored, "app2 to restore its previous firewall", timeout=90, interval=0.2)
+    marker = lab.sudo("app2", "sh", "-c", "cat /var/lib/releasy-deploy/firewall/reverted;"
+                                          " systemctl is-active releasy-firewall-revert.timer"
+                                          " || true").stdout
     assert marker.split()[-1] == "inactive" and len(marker.split()) == 2
     assert lab.probe("app2", 22, "operator") == "open"
     again = lab.fab("firewall.apply").stdout

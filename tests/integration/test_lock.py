@@ -3,9 +3,11 @@ SQLite). Holders are real separate processes taking the lock through the public 
 CLI is the real `fab deploy.lock`; hosts are inspected with plain OpenSSH."""
 from __future__ import annotations
 
+import getpass
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
+import fabfile
+from lab.standin.build import build_release
 from releasy_deploy import lock
 from releasy_deploy.commands import lock as lockcmd
 from releasy_deploy.tiers import app_setup
 from releasy_deploy.cli import exit_code_for, session
 from releasy_deploy.inventory import load_inventory
+from tests.integration.labtools import FAB, ROOT, fab_env, psql, start_fab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 FREE_WITHIN_S = 15.0
 
 # Takes the lock through the public API in its own process, prints "held ...", then holds
@@ -57,10 +60,10 @@ class Holder:
     """A separate process that takes (or tries to take) the deploy lock."""
 
     def __init__(self, inventory: Path, version: str, wait: float = 0) -> None:
-        env = {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER_CODE, version, str(wait)], env=env, cwd=ROOT,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, "-c", HOLDER_CODE, version, str(wait)], env=fab_env(inventory),
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
         self.pid = self.proc.pid
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
@@ -109,9 +112,7 @@ class Holder:
 def fab_lock(lab, tmp_path_factory) -> subprocess.CompletedProcess:
     """`fab deploy.lock` through the real fabfile once `deploy` is registered there, else
     through a scratch collection holding only fabfile/deploy.py."""
-    import fabfile
-
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
+    env = fab_env(lab.inventory)
     if "deploy" in fabfile.ns.collections:
         argv = [FAB, "-r", str(ROOT / "fabfile"), "deploy.lock"]
     else:
@@ -142,9 +143,6 @@ def wait_free(inventory: Path, within: float) -> float:
 
 
 def who(pid: int, version: str) -> str:
-    import getpass
-    import socket
-
     return f"{getpass.getuser()}@{socket.gethostname().split('.')[0]} pid={pid} version={version}"
 
 
@@ -168,20 +166,6 @@ def pg_lab(lab_session):
     # The lock's tunnel arrives on db1's loopback: the db tier's pg_hba must admit it.
     assert holder_now(lab.inventory) is None
     return lab
-
-
-def psql_db1(lab, sql: str) -> str:
-    """SQL as the postgres superuser on db1, in a session of its own (stdin, not argv)."""
-    proc = subprocess.run(
-        [*lab_ssh_base(lab), "db1", "runuser -u postgres -- psql -XAtq -d releasy"],
-        input=sql, capture_output=True, text=True, timeout=60, check=True)
-    return proc.stdout.strip()
-
-
-def lab_ssh_base(lab) -> list[str]:
-    from lab import lab as lab_ops
-
-    return lab_ops.ssh_base(lab.ident)
 
 
 def test_postgres_lock_busy_wait_and_release(pg_lab, tmp_path_factory):
@@ -216,18 +200,18 @@ def test_postgres_lock_busy_wait_and_release(pg_lab, tmp_path_factory):
         assert busy.value.holder.pid == first.pid
 
         # In pg_locks: our two-int key space (objsubid 2), class 'RLSY', objid crc32(env).
-        rows = psql_db1(pg_lab, "SELECT l.classid, l.objid, l.objsubid, a.application_name"
-                                " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-                                " WHERE l.locktype = 'advisory' AND l.granted;")
-        assert len(rows.splitlines()) == 1, rows
-        classid, objid, objsubid, app_name = rows.split("|")
+        rows = psql(pg_lab, "SELECT l.classid, l.objid, l.objsubid, a.application_name"
+                            " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                            " WHERE l.locktype = 'advisory' AND l.granted;")
+        assert len(rows) == 1, rows
+        [[classid, objid, objsubid, app_name]] = rows
         assert (int(classid), int(objid), int(objsubid)) == (
             lock.LOCK_CLASSID, zlib.crc32(b"lab"), 2)
         assert app_name.startswith("releasy-deploy ") and f" {first.pid} 1.1.0 " in app_name
 
         # Upstream's migration key (a bigint) is not blocked by ours.
         key = lock.upstream_migration_key("releasy")
-        assert psql_db1(pg_lab, f"SELECT pg_try_advisory_lock({key});") == "t"
+        assert psql(pg_lab, f"SELECT pg_try_advisory_lock({key});") == [["t"]]
 
         # --wait queues behind the holder and gets the lock once it is released.
         waiter = Holder(pg_lab.inventory, "1.1.1", wait=60)
@@ -265,10 +249,10 @@ def test_postgres_lock_loss_is_detected_and_dry_run_only_reports(pg_lab, capsys)
         assert (f"[db1] would take the deploy lock of lab (now held by"
                 f" {who(os.getpid(), '1.1.0')} since") in capsys.readouterr().out
         # The session behind the lock ends (a DBA, a db restart...): the holder must notice.
-        killed = psql_db1(pg_lab, "SELECT count(pg_terminate_backend(pid)) FROM"
-                                  " pg_stat_activity WHERE application_name LIKE"
-                                  " 'releasy-deploy %';")
-        assert killed == "1"
+        killed = psql(pg_lab, "SELECT count(pg_terminate_backend(pid)) FROM"
+                              " pg_stat_activity WHERE application_name LIKE"
+                              " 'releasy-deploy %';")
+        assert killed == [["1"]]
         with pytest.raises(lock.LockLost, match="deploy lock of lab was lost"):
             info.ensure_held()
     out = capsys.readouterr().out
@@ -292,7 +276,7 @@ def test_releasy_migrates_and_starts_while_the_deploy_lock_is_held(pg_lab):
         for host in ("app1", "app2"):  # /ready answers only after migrations are done
             url = f"http://{inv.host(host).private_address}:{inv.app.bind_port}/ready"
             assert '"ok"' in pg_lab.ssh(host, "curl", "-fsS", url).stdout
-        applied = psql_db1(pg_lab, "SELECT count(*) FROM _sqlx_migrations WHERE success;")
+        [[applied]] = psql(pg_lab, "SELECT count(*) FROM _sqlx_migrations WHERE success;")
         assert int(applied) >= 1
         assert f"pid={holder.pid}" in holder_now(pg_lab.inventory)  # still ours throughout
     finally:
@@ -352,16 +336,12 @@ def test_lock_frees_itself_when_the_operators_network_vanishes(pg_lab):
     """Stock sshd (no ClientAlive in the lab image): a rolling deploy holds the lock in a
     slow migration; every packet between it and db1 is dropped (in db1's own netfilter,
     for its connection only); a second deploy gets the lock within 30 s."""
-    from lab.standin.build import build_release
-
     sshd_settings = pg_lab.sudo("db1", "sshd", "-T").stdout
     assert "clientaliveinterval 0" in sshd_settings  # what real hosts have
     pg_lab.reset_to("1.0.0", ["app1", "app2"])
     build_release("1.3.0", pg_lab.releases, migrations=4, migration_seconds=30)
-    env = {**os.environ, "RELEASY_INVENTORY": str(pg_lab.inventory), "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.rolling", "--version",
-                              "1.3.0", "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_fab(pg_lab.inventory, "deploy.rolling", "--version", "1.3.0", "--yes",
+                      stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     db1 = load_inventory(pg_lab.inventory).host("db1").address
     operator = pg_lab.ident.address(1)
     rules: list[list[str]] = []

@@ -4,79 +4,19 @@ real CLI: `app.restart` under HTTPS load through the proxy, `app.drain`/`app.und
 inspected with plain OpenSSH."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from lab.loadgen import LoadGenerator
+from tests.integration.labtools import (Following, deploy_lock_held, last_audit, load_through_proxy,
+                                       main_pid, main_pids, rotation, wait_ready)
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2")
-
-# Takes the deploy lock through the public API in its own process and holds it until its
-# stdin closes.
-HOLDER_CODE = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from releasy_deploy.cli import session
-from releasy_deploy.lock import deploy_lock
-with session() as s, deploy_lock(s, version=None) as info:
-    print("held", info.describe(), flush=True)
-    sys.stdin.read()
-"""
 
 
 # ------------------------------------------------------------------------------ helpers
-def octet(lab, host: str) -> int:
-    return {"proxy1": 10, "app1": 21, "app2": 22, "db1": 100}[host]
-
-
-def main_pid(lab, host: str) -> int:
-    out = lab.ssh(host, "systemctl", "show", "--property=MainPID", "--value",
-                  "releasy.service").stdout
-    return int(out.strip())
-
-
-def is_ready(lab, host: str) -> bool:
-    url = f"http://10.77.{lab.ident.subnet_octet}.{octet(lab, host)}:8080/ready"
-    return lab.ssh(host, "curl", "-fsS", "--max-time", "2", url, check=False).returncode == 0
-
-
-def wait_ready(lab, host: str, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while not is_ready(lab, host):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{host} not ready within {within} s")
-        time.sleep(0.2)
-
-
-def rotation(lab) -> list[str]:
-    """The app hosts proxy1's upstream file lists, in order."""
-    text = lab.ssh("proxy1", "cat", "/etc/nginx/releasy/upstream.conf").stdout
-    by_address = {f"10.77.{lab.ident.subnet_octet}.{octet(lab, h)}:8080": h for h in APPS}
-    servers = []
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if len(words) >= 2 and words[0] == "server":
-            servers.append(by_address.get(words[1], words[1]))
-    return servers
-
-
-def audit_tail(lab, host: str) -> dict:
-    return json.loads(lab.ssh(host, "sudo", "-n", "tail", "-n1",
-                              "/var/log/releasy-deploy/audit.log").stdout)
-
-
 @pytest.fixture(scope="module")
 def lab(split_lab):
     split_lab.reset("1.0.0")
@@ -98,10 +38,8 @@ def back_to_normal(lab):
 
 # ------------------------------------------------------------------------------ restart
 def test_rolling_restart_under_load_fails_no_request(lab, tmp_path, back_to_normal):
-    before = {h: main_pid(lab, h) for h in APPS}
-    url = f"https://10.77.{lab.ident.subnet_octet}.10/"
-    with LoadGenerator(url, server_name="releasy.lab.test", threads=4, rate=100,
-                       duration=300, timeout=10, workdir=tmp_path / "load") as load:
+    before = main_pids(lab, APPS)
+    with load_through_proxy(lab, tmp_path / "load") as load:
         load.wait_until(lambda p: p["ok"] >= 100, timeout=60)
         proc = lab.fab("app.restart", "--yes")
         after = load.progress()["total"]
@@ -112,21 +50,21 @@ def test_rolling_restart_under_load_fails_no_request(lab, tmp_path, back_to_norm
           f" connection nginx closed at a reload, {summary['requests_per_s']} req/s")
     assert summary["failed"] == 0, summary["first_failures"]
     assert summary["failed_by_method"] == {}
-    pids = {h: main_pid(lab, h) for h in APPS}
-    assert all(pids[h] and pids[h] != before[h] for h in APPS), (before, pids)
+    pids = main_pids(lab, APPS)
+    assert all(pids[h] != "0" and pids[h] != before[h] for h in APPS), (before, pids)
     out = proc.stdout
     assert "rolling restart done: app1, app2" in out
     assert out.index("[app1] changed: releasy.service restarted") < out.index(
         "[app2] changed: releasy.service restarted")
     assert out.count("nginx reloaded") == 3  # out app1; app1 back + app2 out; app2 back
     assert rotation(lab) == list(APPS)
-    record = audit_tail(lab, "app2")
+    record = last_audit(lab, "app2")
     assert (record["action"], record["result"], record["hosts_changed"]) == (
         "app.restart", "ok", ["app1", "app2"])
     # Without --yes and without a terminal it asks nobody and changes nothing.
     refused = lab.fab("app.restart", check=False)
     assert refused.returncode == 2 and "re-run with --yes" in refused.stderr
-    assert {h: main_pid(lab, h) for h in APPS} == pids
+    assert main_pids(lab, APPS) == pids
 
 
 def test_a_host_that_does_not_come_back_stays_out_and_the_rest_is_untouched(lab,
@@ -151,7 +89,7 @@ def test_a_host_that_does_not_come_back_stays_out_and_the_rest_is_untouched(lab,
         assert "broken on purpose" in err.split("Last journal lines of releasy.service on"
                                                 " app1:", 1)[1]
         assert rotation(lab) == ["app2"] and main_pid(lab, "app2") == app2_pid
-        assert audit_tail(lab, "db1")["result"] == "failed"
+        assert last_audit(lab, "db1")["result"] == "failed"
     finally:
         lab.ssh("app1", "sh", "-c", 'rm -rf "$1" && systemctl daemon-reload', "sh", dropin)
     lab.ssh("app1", "systemctl", "restart", "releasy.service")
@@ -197,7 +135,7 @@ def test_drain_refuses_the_last_host_and_undrain_checks_ready(lab, back_to_norma
     back = lab.fab("app.undrain", "--host", "app1")
     assert "[app1] changed: back in rotation (in rotation now: app1, app2)" in back.stdout
     assert rotation(lab) == list(APPS)
-    assert audit_tail(lab, "proxy1")["action"] == "app.undrain"
+    assert last_audit(lab, "proxy1")["action"] == "app.undrain"
 
 
 # ------------------------------------------------------------------------------ logs
@@ -215,35 +153,16 @@ def test_logs_prefix_every_line_with_its_host(lab):
 
 
 def test_logs_follow_streams_every_host_until_ctrl_c(lab):
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "app.logs", "--follow",
-                             "--lines", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    seen: list[str] = []
-    both = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            seen.append(line)
-            if {h for h in APPS if any(s.startswith(f"[{h}] | ") for s in seen)} == set(APPS):
-                both.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
+    with Following(lab.inventory, "app.logs", "--follow", "--lines", "1") as logs:
+        logs.wait_for(lambda lines: all(any(s.startswith(f"[{h}] | ") for s in lines)
+                                        for h in APPS), "a line from every app host")
         # New lines arrive too: a restart logs on app2 while we follow.
-        assert both.wait(30), seen
-        count = len(seen)
+        count = len(logs.lines)
         lab.ssh("app2", "sudo", "-n", "systemctl", "restart", "releasy.service")
-        deadline = time.monotonic() + 30
-        while not any("listening" in s and s.startswith("[app2] | ") for s in seen[count:]):
-            assert time.monotonic() < deadline, seen
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGINT)  # the fab we started, by its PID
-        code = proc.wait(timeout=30)
-    reader.join(timeout=5)
-    assert code == 0, proc.stderr.read()
+        logs.wait_for(lambda lines: any("listening" in s and s.startswith("[app2] | ")
+                                        for s in lines[count:]), "app2's restart")
+    seen = logs.lines
+    assert logs.exit_code == 0, logs.proc.stderr.read()
     assert all(s.startswith(("[app1] ", "[app2] ")) for s in seen), seen
     # The remote journalctl processes end with our connections.
     deadline = time.monotonic() + 20
@@ -275,21 +194,13 @@ def test_run_on_every_host_of_a_tier(lab):
 
 # ------------------------------------------------------------------------------ the lock
 def test_restart_and_drain_refuse_while_another_deploy_holds_the_lock(lab):
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER_CODE], env=env, cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        lines = [holder.stdout.readline() for _ in range(2)]  # the reporter's line, ours
-        assert lines[-1].startswith("held "), lines
-        pids = {h: main_pid(lab, h) for h in APPS}
+    with deploy_lock_held(lab.inventory) as holder:
+        pids = main_pids(lab, APPS)
         for args in (["app.restart", "--yes"], ["app.drain", "--host", "app1"],
                      ["app.undrain", "--host", "app1"]):
             proc = lab.fab(*args, check=False)
             assert proc.returncode == 3, (args, proc.stdout, proc.stderr)
             assert f"pid={holder.pid}" in proc.stderr and "Traceback" not in proc.stderr
-        assert {h: main_pid(lab, h) for h in APPS} == pids and rotation(lab) == list(APPS)
+        assert main_pids(lab, APPS) == pids and rotation(lab) == list(APPS)
         status = lab.fab("status")  # read-only: not blocked, and says who holds it
         assert "deploy lock: held by " in status.stdout and f"pid={holder.pid}" in status.stdout
-    finally:
-        holder.stdin.close()  # a clean release
-        holder.wait(timeout=30)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.integration.labtools import current, ready, rotation
+from tests.integration.labtools import assert_all_on, current, main_pids, ready, rotation
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -21,19 +21,8 @@ APPS = ("app1", "app2", "app3")
 ENV_FILE = "/etc/releasy/releasy.env"
 
 
-def main_pids(lab) -> dict[str, str]:
-    return {h: lab.ssh(h, "systemctl", "show", "--property=MainPID", "--value",
-                       "releasy.service").stdout.strip() for h in APPS}
-
-
 def currents(lab) -> dict[str, str]:
     return {h: current(lab, h) for h in APPS}
-
-
-def assert_fleet_on(lab, version):
-    assert currents(lab) == {h: version for h in APPS}
-    assert all(ready(lab, h) for h in APPS)
-    assert rotation(lab) == list(APPS)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def lab(lab_session):
     lab = lab_session.use("split", apps=3)
     lab.reset("1.0.0")
     lab.fab("deploy.rolling", "--version", "1.1.0", "--yes")
-    assert_fleet_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
     yield lab
     # A canary stopped half-way leaves a mixed fleet: finish it, every host in rotation.
     lab.settle("1.1.1")
@@ -49,9 +38,9 @@ def lab(lab_session):
 
 # ------------------------------------------------------------------------------ core flags
 def test_hosts_flag_restarts_only_that_host_once(lab):
-    before = main_pids(lab)
+    before = main_pids(lab, APPS)
     proc = lab.fab("-H", "app1", "app.restart", "--yes")
-    after = main_pids(lab)
+    after = main_pids(lab, APPS)
     assert after["app1"] != before["app1"]
     assert {h: after[h] for h in ("app2", "app3")} == {h: before[h] for h in ("app2", "app3")}
     assert proc.stdout.count("rolling restart done") == 1, proc.stdout  # one run, not per host
@@ -79,19 +68,19 @@ def test_hosts_flag_with_a_command_runs_it_on_those_hosts_only(lab):
     (["-R", "run", "--tier", "app", "--", "touch /tmp/x"], "has no dry run"),
 ])
 def test_core_flags_refused_touch_nothing(lab, args, message):
-    before = main_pids(lab), currents(lab)
+    before = main_pids(lab, APPS), currents(lab)
     proc = lab.fab(*args, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert (main_pids(lab), currents(lab)) == before
+    assert (main_pids(lab, APPS), currents(lab)) == before
 
 
 def test_dry_flag_is_our_dry_run(lab):
-    before = main_pids(lab)
+    before = main_pids(lab, APPS)
     proc = lab.fab("-R", "deploy.rolling", "--version", "1.1.1", "--yes")
     assert "would migrate" in proc.stdout or "would roll" in proc.stdout, proc.stdout
     assert currents(lab) == {h: "1.1.0" for h in APPS}
-    assert main_pids(lab) == before
+    assert main_pids(lab, APPS) == before
     # A read-only task simply runs.
     assert lab.fab("-R", "status").returncode == 0
 
@@ -118,7 +107,7 @@ def test_canary_then_rollback_then_canary_and_continue(lab):
 
     back = lab.fab("deploy.rollback", "--yes")
     assert "rollback to 1.1.0 done: app1" in back.stdout, back.stdout
-    assert_fleet_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
 
     refused = lab.fab("deploy.rolling", "--version", "1.1.1", "--canary", "3", "--yes",
                       check=False)
@@ -127,11 +116,11 @@ def test_canary_then_rollback_then_canary_and_continue(lab):
 
     lab.fab("deploy.rolling", "--version", "1.1.1", "--canary", "2", "--yes")
     assert currents(lab) == {"app1": "1.1.1", "app2": "1.1.1", "app3": "1.1.0"}
-    pids = main_pids(lab)
+    pids = main_pids(lab, APPS)
     done = lab.fab("deploy.rolling", "--version", "1.1.1", "--yes")  # continues
     assert "app1: " not in done.stdout.split("plan:", 1)[-1].splitlines()[0]
-    assert_fleet_on(lab, "1.1.1")
-    after = main_pids(lab)
+    assert_all_on(lab, "1.1.1", APPS)
+    after = main_pids(lab, APPS)
     assert after["app1"] == pids["app1"] and after["app2"] == pids["app2"]
 
 
@@ -141,11 +130,11 @@ def test_limit_converges_only_the_named_hosts(lab):
     assert bad.returncode == 2 and "nope is not in" in bad.stderr
     for h in ("app1", "app2"):
         lab.sudo(h, "sh", "-c", f"echo '# edited by hand' >> {ENV_FILE}")
-    before = main_pids(lab)
+    before = main_pids(lab, APPS)
     lab.fab("app.setup", "--limit", "app1")
     assert "edited by hand" not in lab.sudo("app1", "cat", ENV_FILE).stdout
     assert "edited by hand" in lab.sudo("app2", "cat", ENV_FILE).stdout
-    after = main_pids(lab)
+    after = main_pids(lab, APPS)
     assert after["app1"] != before["app1"]  # its env changed: restarted, drained first
     assert after["app2"] == before["app2"] and after["app3"] == before["app3"]
     # The same through fab's -H, on site: app2 converges now, in the usual tier order.

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.labtools import current, load_through_proxy
+from tests.integration.labtools import AUDIT_LOG, current, load_through_proxy, main_pids
 from releasy_deploy.cli import session
 from releasy_deploy.lock import deploy_lock
 
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.lab
 
 APPS = ("app1", "app2")
 HOSTS = ("proxy1", "app1", "app2", "db1")
-AUDIT_LOG = "/var/log/releasy-deploy/audit.log"
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-[0-9.]+_m\d+\.dump")
 
 
@@ -53,11 +52,6 @@ def lab(lab_session):
 def env_file(path: Path) -> dict[str, str]:
     """`env` output -> dict (values without newlines here)."""
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
-def main_pids(lab) -> dict[str, str]:
-    return {h: lab.ssh(h, "systemctl", "show", "-p", "MainPID", "--value",
-                       "releasy.service").stdout.strip() for h in APPS}
 
 
 def audit_lines(lab) -> dict[str, int]:
@@ -143,12 +137,12 @@ def test_failing_before_hook_touches_nothing(lab, tmp_path, hook, says):
         data["hooks"] = {"before_deploy": [hook], "timeout": 2,
                          "after_deploy": ["touch after-ran"], "on_failure": ["touch failure-ran"]}
     inv = lab.inventory_variant(tmp_path, add_hooks)
-    pids, logged = main_pids(lab), audit_lines(lab)
+    pids, logged = main_pids(lab, APPS), audit_lines(lab)
     proc = lab.fab("app.restart", "--yes", inventory=inv, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert says in proc.stdout + proc.stderr
     assert "no host was contacted" in proc.stdout + proc.stderr
-    assert main_pids(lab) == pids and audit_lines(lab) == logged
+    assert main_pids(lab, APPS) == pids and audit_lines(lab) == logged
     assert not (tmp_path / "after-ran").exists() and not (tmp_path / "failure-ran").exists()
 
 

@@ -8,21 +8,16 @@ pty): the live status block is drawn while the run goes on, and once it is over 
 holds exactly those plain lines and the summary, with no trace of the block."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import pty
 import re
-import select
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
+from tests.integration.labtools import FabTerminal
+from tests.unit.terminal_screen import Screen
+
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 HOSTS = ("proxy1", "app1", "app2", "db1")
 LABELS = (*HOSTS, "site")
 
@@ -79,43 +74,15 @@ def test_the_hosts_really_ran_in_parallel(fresh_site):
     assert a_first < b_last and b_first < a_last, spans
 
 
-def _screen_class():
-    """The terminal emulator of the unit tests (CSI n F and CSI J, as the Reporter emits)."""
-    spec = importlib.util.spec_from_file_location(
-        "releasy_unit_test_output", ROOT / "tests" / "unit" / "test_output.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Screen
-
-
 def test_on_a_terminal_the_live_block_goes_and_the_plain_lines_stay(fresh_site):
     lab, _, _ = fresh_site
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "TERM": "xterm",
-           "RELEASY_PROGRESS": "auto", "COLUMNS": "100"}
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(ROOT)
-        os.execve(FAB, [FAB, "-r", str(ROOT / "fabfile"), "site"], env)
-    raw = bytearray()
-    try:
-        while True:
-            ready, _, _ = select.select([fd], [], [], 120)
-            assert ready, "fab site under a terminal did not finish"
-            try:
-                data = os.read(fd, 65536)
-            except OSError:  # EIO: the child is gone
-                break
-            if not data:
-                break
-            raw += data
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    with FabTerminal(lab.inventory, "site", TERM="xterm", RELEASY_PROGRESS="auto",
+                     COLUMNS="100") as term:
+        text = term.finish(120, "fab site under a terminal did not finish")
+    assert term.exit_code == 0, text
     assert "\x1b[" in text and re.search(r"-- \d+ running, \d+ done", text), \
         "no live block was drawn"
-    screen = _screen_class()()
+    screen = Screen()
     screen.feed(text)
     final = screen.text_lines()
     assert final[-1].startswith("site: 0 changed"), final[-8:]

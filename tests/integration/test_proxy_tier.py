@@ -15,17 +15,18 @@ import shutil
 import socket
 import subprocess
 import tarfile
-import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from lab import lab as lab_ops
+from releasy_deploy.cli import BadInput, session
+from releasy_deploy.commands.nginx import self_signed_argv
+from releasy_deploy.tiers import proxy, proxy_render, proxy_setup
+from tests.integration.labtools import ROOT, via_proxy, wait_until
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 8080
 HOLD_PORT = 9000
 SITE = "/etc/nginx/sites-available/releasy.conf"
@@ -79,23 +80,6 @@ def curl(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
-def https(lab, path: str = "/") -> tuple[int, str]:
-    proc = curl("-k", "-o", "-", "-w", "\n%{http_code}", f"https://{address(lab, 'proxy1')}{path}")
-    body, _, code = proc.stdout.rpartition("\n")
-    return int(code or 0), body
-
-
-def wait_until(predicate, what: str, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -138,8 +122,6 @@ def start_standin(lab, host: str, binary: bytes) -> None:
 @contextmanager
 def lab_session_env(lab):
     """An in-process operator session against the lab (for the rollout API)."""
-    from releasy_deploy.cli import session
-
     mp = pytest.MonkeyPatch()
     mp.setenv("RELEASY_INVENTORY", str(lab.inventory))
     try:
@@ -152,7 +134,7 @@ def lab_session_env(lab):
 def hosts_answering(lab, requests: int = 8) -> set[str]:
     seen = set()
     for _ in range(requests):
-        code, body = https(lab, "/version")
+        code, body = via_proxy(address(lab, "proxy1"), "/version", timeout=20)
         assert code == 200, (code, body)
         seen.add(json.loads(body)["host"])
     return seen
@@ -233,7 +215,6 @@ def test_second_run_changes_nothing_and_does_not_reload(lab, apps_running):
     assert "changed:" not in proc.stdout
     assert nginx_processes(lab) == before  # same master, same workers: no reload
 
-    from releasy_deploy.tiers import proxy_setup
     with lab_session_env(lab) as s:
         proxy_setup.setup(s)
         assert s.executor.round_trips["proxy1"] == 1  # one facts probe, nothing else
@@ -260,9 +241,6 @@ def test_broken_template_is_refused_and_the_old_config_keeps_serving(lab, apps_r
 
 
 def test_set_upstreams_to_one_server_and_back(lab, apps_running):
-    from releasy_deploy.cli import BadInput
-    from releasy_deploy.tiers import proxy, proxy_render
-
     app1, app2 = (address(lab, "app1"), PORT), (address(lab, "app2"), PORT)
     with lab_session_env(lab) as s:
         conn = s.executor.conn("proxy1")
@@ -317,8 +295,6 @@ def test_a_config_the_master_cannot_load_is_rolled_back_too(lab, apps_running, t
 
 
 def test_wait_old_workers_gone_waits_for_an_in_flight_request(lab, apps_running):
-    from releasy_deploy.tiers import proxy, proxy_render
-
     app1 = address(lab, "app1")
     ssh(lab, "app1", "rm -f /run/hold-arrived /run/hold-release;"
                      " cat > /usr/local/bin/proxytest-hold.py", input=HOLD_SERVER.encode())
@@ -357,8 +333,6 @@ def test_wait_old_workers_gone_waits_for_an_in_flight_request(lab, apps_running)
 
 def test_files_mode_uploads_the_pair_and_refuses_a_key_that_does_not_match(lab, apps_running,
                                                                             tmp_path):
-    from releasy_deploy.commands.nginx import self_signed_argv
-
     tls = tmp_path / "tls"
     tls.mkdir()
     for stem in ("site", "other"):

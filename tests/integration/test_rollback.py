@@ -7,46 +7,18 @@ One provisioned lab for the module: `fab site --version 1.0.0` on a fresh databa
 migrations 1-2, 1.1.0 and 1.1.1 add migration 3)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.integration.labtools import current, psql, rotation
+from tests.integration.labtools import AUDIT_LOG, assert_all_on, last_audit, psql
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2", "app3")
 
 
 def level(lab) -> int:
     return int(psql(lab, "SELECT max(version) FROM _sqlx_migrations WHERE success")[0][0])
-
-
-def version_served(lab, host) -> str:
-    """/version of the running process, asked on the host itself."""
-    url = f"http://10.77.{lab.ident.subnet_octet}.{20 + int(host[-1])}:8080/version"
-    return json.loads(lab.ssh(host, "curl", "-fsS", "--max-time", "3", url).stdout)["version"]
-
-
-def assert_all_on(lab, version):
-    assert {h: current(lab, h) for h in APPS} == {h: version for h in APPS}
-    assert {h: version_served(lab, h) for h in APPS} == {h: version for h in APPS}
-    assert rotation(lab) == list(APPS)
-
-
-def fab_without_terminal(lab, captured_outputs, *args) -> subprocess.CompletedProcess:
-    """Like lab.fab, with stdin that is not a terminal (as under cron)."""
-    env = {**os.environ, "RELEASY_INVENTORY": str(lab.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    captured_outputs.append(proc.stdout + proc.stderr)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +31,7 @@ def lab(lab_session):
             for h in APPS} == {h: "2" for h in APPS}
     for version in ("1.1.0", "1.1.1"):
         lab.fab("deploy.rolling", "--version", version, "--yes")
-    assert_all_on(lab, "1.1.1")
+    assert_all_on(lab, "1.1.1", APPS)
     assert level(lab) == 3
     return lab
 
@@ -68,7 +40,7 @@ def test_a_rollout_to_a_release_behind_the_database_is_refused_before_anything(l
     """1.0.0 ran against level 2 (recorded by `fab site`), the database is at 3: every task
     that would switch to it refuses in preflight, exit 2, pointing at --restore-db."""
     dumps_before = lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split()
-    audit_before = lab.sudo("app1", "wc", "-l", "/var/log/releasy-deploy/audit.log").stdout
+    audit_before = lab.sudo("app1", "wc", "-l", AUDIT_LOG).stdout
     for task in (("deploy.rolling", "--version", "1.0.0", "--yes"),
                  ("site", "--version", "1.0.0"), ("app.setup", "--version", "1.0.0")):
         proc = lab.fab(*task, check=False)
@@ -81,29 +53,27 @@ def test_a_rollout_to_a_release_behind_the_database_is_refused_before_anything(l
         assert "drain" not in out and " changed: " not in proc.stdout, out
     # Nothing touched: no dump taken, no host drained or switched, no audit record.
     assert lab.sudo("db1", "ls", "/var/backups/releasy").stdout.split() == dumps_before
-    assert lab.sudo("app1", "wc", "-l", "/var/log/releasy-deploy/audit.log").stdout == audit_before
-    assert_all_on(lab, "1.1.1")
+    assert lab.sudo("app1", "wc", "-l", AUDIT_LOG).stdout == audit_before
+    assert_all_on(lab, "1.1.1", APPS)
     assert level(lab) == 3
 
 
 def test_rollback_to_a_release_with_the_same_migrations(lab):
     proc = lab.fab("deploy.rollback", "--yes")  # default target: the previous release
     assert "rollback to 1.1.0 done: app1, app2, app3" in proc.stdout
-    assert_all_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
     assert level(lab) == 3
     # No dump is taken for a rollback that restores nothing.
     assert not any("from-1.1.1_to-1.1.0" in line for line in lab.sudo(
         "db1", "ls", "/var/backups/releasy").stdout.split())
-    record = json.loads(lab.sudo("app1", "tail", "-n1", "/var/log/releasy-deploy/audit.log"
-                             ).stdout)
+    record = last_audit(lab, "app1")
     assert (record["action"], record["to"], record["result"]) == ("deploy.rollback", "1.1.0",
                                                                  "ok")
     assert record["from_versions"] == {h: "1.1.1" for h in APPS}
 
 
-def test_rollback_across_a_migration_is_refused_then_restores_the_dump(lab,
-                                                                       captured_outputs):
-    assert_all_on(lab, "1.1.0")
+def test_rollback_across_a_migration_is_refused_then_restores_the_dump(lab):
+    assert_all_on(lab, "1.1.0", APPS)
     # A write after the deploy that added migration 3: the restore loses it.
     psql(lab, "INSERT INTO standin_m1 (id, label) VALUES (42, 'written after the dump')")
 
@@ -116,18 +86,18 @@ def test_rollback_across_a_migration_is_refused_then_restores_the_dump(lab,
     assert "_from-1.0.0_to-1.1.0_m2.dump" in out and "loses every write made since" in out
     assert "Nothing was changed." in out and " changed: " not in refused.stdout
 
-    unconfirmed = fab_without_terminal(lab, captured_outputs, "deploy.rollback", "--restore-db")
+    unconfirmed = lab.fab("deploy.rollback", "--restore-db", check=False, timeout=300)
     out = unconfirmed.stdout + unconfirmed.stderr
     assert unconfirmed.returncode == 2, out
     assert "every write made since" in out and "is LOST" in out
     assert "stdin is not a terminal, so nobody can answer: re-run with --yes" in out
     assert " changed: " not in unconfirmed.stdout
-    assert_all_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
     assert level(lab) == 3
 
     restored = lab.fab("deploy.rollback", "--restore-db", "--yes")
     assert "rollback to 1.0.0 done" in restored.stdout
-    assert_all_on(lab, "1.0.0")
+    assert_all_on(lab, "1.0.0", APPS)
     assert level(lab) == 2  # the database is back at 1.0.0's migrations
     assert psql(lab, "SELECT to_regclass('standin_m3') IS NULL,"
                      " count(*) FILTER (WHERE id = 42) FROM standin_m1") == [["t", "0"]]

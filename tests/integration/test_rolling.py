@@ -10,41 +10,32 @@ module's inventory is a copy of the lab's whose release source is a directory of
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from lab.standin.build import build_release
-from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
-                                       psql, ready, report_load, rotation)
+from tests.integration.labtools import (ROOT, assert_all_on, assert_no_failed_request, current,
+                                       fab_env, last_audit, load_through_proxy, psql, report_load,
+                                       rotation, start_fab)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
-ROOT = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 APPS = ("app1", "app2", "app3")
 SLOW_MIGRATION_S = 6
 LOCK_FREE_WITHIN_S = 15
 
 
 # ------------------------------------------------------------------------------ helpers
-def assert_all_on(lab, version):
-    assert {h: current(lab, h) for h in APPS} == {h: version for h in APPS}
-    assert all(ready(lab, h) for h in APPS)
-    assert rotation(lab) == list(APPS)
-
-
 def provision(lab, inventory: Path) -> None:
     """Every app host on 1.0.0 against a brand-new database, all in rotation, no dumps and
     no recorded migration levels left from earlier tests."""
     lab.reset("1.0.0", inventory=inventory)
-    assert_all_on(lab, "1.0.0")
+    assert_all_on(lab, "1.0.0", APPS)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
                                                                       tmp_path):
     dry = lab.fab("deploy.rolling", "--version", "1.1.0", "--dry-run", inventory=inventory)
     assert "would migrate: drain app1" in dry.stdout and "would create backup" in dry.stdout
-    assert_all_on(lab, "1.0.0")  # the dry run touched nothing
+    assert_all_on(lab, "1.0.0", APPS)  # the dry run touched nothing
     assert lab.sudo("db1", "ls", "/var/backups/releasy", check=False).stdout == ""
 
     events = tmp_path / "events.jsonl"
@@ -87,7 +78,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     # By second in time order: the JSON summary's keys may come back sorted as strings.
     seconds = [v for _, v in sorted(summary["per_second"].items(), key=lambda kv: int(kv[0]))]
     assert set(seconds[0]) == {"1.0.0"} and set(seconds[-1]) == {"1.1.0"}
-    assert_all_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
     assert "rolling deploy to 1.1.0 done: app1, app2, app3" in proc.stdout
 
     # Migration 3 was applied exactly once, by app1, before any other host started 1.1.0.
@@ -124,8 +115,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
     assert lab.ssh("app2", "cat", "/opt/releasy/releases/1.0.0/.schema-version",
                    "/opt/releasy/releases/1.1.0/.schema-version").stdout.split() == ["2", "3"]
     for host in ("proxy1", "app2", "db1"):
-        record = json.loads(lab.sudo(host, "tail", "-n1",
-                                 "/var/log/releasy-deploy/audit.log").stdout)
+        record = last_audit(lab, host)
         assert (record["action"], record["to"], record["result"], record["host"]) == (
             "deploy.rolling", "1.1.0", "ok", host)
 
@@ -143,7 +133,7 @@ def test_rolling_deploy_under_load_fails_no_request_and_migrates_once(lab, inven
 ])
 def test_a_bad_release_stops_at_the_first_host_and_no_request_fails(lab, inventory, tmp_path,
                                                                    bad, timeout, cause):
-    assert_all_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
     with load_through_proxy(lab, tmp_path / "load") as load:
         load.wait_until(lambda p: p["ok"] >= 100, timeout=60)
         proc = lab.fab("deploy.rolling", "--version", bad, "--yes", "--ready-timeout",
@@ -165,7 +155,7 @@ def test_a_bad_release_stops_at_the_first_host_and_no_request_fails(lab, invento
     assert "Last journal lines of releasy.service on app1:" in out
     paragraph = proc.stderr.split("error: ", 1)[1].split("\nLast journal lines")[0]
     assert "\n" not in paragraph
-    assert_all_on(lab, "1.1.0")
+    assert_all_on(lab, "1.1.0", APPS)
     if bad == "1.2.0-broken":
         assert "The failure came from a database migration." in out
         assert "_from-1.1.0_to-1.2.0-broken_m3.dump" in out
@@ -178,10 +168,8 @@ def test_a_bad_release_stops_at_the_first_host_and_no_request_fails(lab, invento
 
 def test_second_deploy_is_refused_and_a_killed_deploy_converges_from_cron(lab, inventory,
                                                                           tmp_path):
-    env = {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([FAB, "-r", str(ROOT / "fabfile"), "deploy.rolling", "--version",
-                              "1.3.0", "--yes"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_fab(inventory, "deploy.rolling", "--version", "1.3.0", "--yes",
+                      stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 120
@@ -214,14 +202,14 @@ def test_second_deploy_is_refused_and_a_killed_deploy_converges_from_cron(lab, i
 
     # The rerun: cron's wrapper upgrades to the newest release, 1.3.0, converging.
     logs = tmp_path / "cron"
-    cron_env = {**env, "RELEASY_CRON_LOG_DIR": str(logs)}
+    cron_env = fab_env(inventory, RELEASY_CRON_LOG_DIR=str(logs))
     cron = subprocess.run([str(ROOT / "scripts" / "cron-upgrade.sh")], env=cron_env,
                           capture_output=True, text=True, timeout=300)
     log = (logs / "cron.log").read_text()
     assert cron.returncode == 0, cron.stderr + log
     assert cron.stdout == cron.stderr == ""  # cron mails nothing when all went well
     assert "rolling deploy to 1.3.0 done" in log
-    assert_all_on(lab, "1.3.0")
+    assert_all_on(lab, "1.3.0", APPS)
     assert psql(lab, "SELECT host, binary_version FROM standin_migration_log"
                      " WHERE migration = 4") == [["app1", "1.3.0"]]
     events = [json.loads(line) for line in (logs / "cron.jsonl").read_text().splitlines()]

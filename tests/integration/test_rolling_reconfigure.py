@@ -5,32 +5,17 @@ task that changes hosts takes the deploy lock."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.labtools import (assert_no_failed_request, current, load_through_proxy,
-                                       ready, report_load, rotation, set_log_level)
+from tests.integration.labtools import (assert_no_failed_request, current, deploy_lock_held,
+                                       load_through_proxy, main_pid, main_pids, ready,
+                                       report_load, rotation, set_log_level)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
-ROOT = Path(__file__).resolve().parents[2]
 APPS = ("app1", "app2", "app3")
-
-# Takes the deploy lock through the library in its own process and holds it until stdin
-# closes, like a long rollout would.
-HOLDER_CODE = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from releasy_deploy.cli import session
-from releasy_deploy.lock import deploy_lock
-with session() as s, deploy_lock(s, version="9.9.9") as info:
-    print("held", info.describe(), flush=True)
-    sys.stdin.read()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +28,6 @@ def inventory(lab, tmp_path_factory) -> Path:
     path = lab.inventory_variant(tmp_path_factory.mktemp("reconfigure"))
     lab.reset("1.0.0", inventory=path)
     return path
-
-
-def main_pid(lab, host) -> str:
-    return lab.ssh(host, "systemctl", "show", "-p", "MainPID", "--value",
-                   "releasy.service").stdout.strip()
 
 
 def restart_window(lab, host, since_us: int) -> tuple[int, int]:
@@ -71,7 +51,7 @@ def restart_window(lab, host, since_us: int) -> tuple[int, int]:
 
 def test_a_changed_setting_is_rolled_host_by_host_without_a_failed_request(lab, inventory,
                                                                           tmp_path):
-    before = {h: main_pid(lab, h) for h in APPS}
+    before = main_pids(lab, APPS)
     set_log_level(lab, inventory, "debug")
     since_us = int(lab.ssh("db1", "date", "+%s%6N").stdout.strip())
     with load_through_proxy(lab, tmp_path / "load") as load:
@@ -101,17 +81,9 @@ def test_a_changed_setting_is_rolled_host_by_host_without_a_failed_request(lab, 
 
 
 def test_site_and_setups_wait_for_the_lock_held_by_another_task(lab, inventory):
-    env = {**os.environ, "RELEASY_INVENTORY": str(inventory), "PYTHONUNBUFFERED": "1"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER_CODE], env=env, cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(20):  # the reporter's lines come first
-            line = holder.stdout.readline()
-            if line.startswith("held ") or not line:
-                break
-        assert line.startswith("held "), f"the holder did not get the lock: {line!r}"
+    with deploy_lock_held(inventory, "9.9.9"):
         set_log_level(lab, inventory, "warn")
-        pids = {h: main_pid(lab, h) for h in APPS}
+        pids = main_pids(lab, APPS)
         for task in (["site"], ["app.setup"], ["proxy.setup"], ["firewall.apply"],
                      ["db.setup"]):
             proc = lab.fab(*task, inventory=inventory, check=False)
@@ -122,7 +94,4 @@ def test_site_and_setups_wait_for_the_lock_held_by_another_task(lab, inventory):
             env = lab.sudo(h, "cat", "/etc/releasy/releasy.env").stdout
             assert 'RELEASY_LOG_LEVEL="debug"' in env, env
             assert main_pid(lab, h) == pids[h]
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     set_log_level(lab, inventory, "debug")

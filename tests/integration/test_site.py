@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 import yaml
 
 from releasy_deploy.inventory import load_inventory
-from tests.integration.labtools import ready, rotation
+from tests.integration.labtools import (changed_total, outside_get, ready, rotation, start_fab,
+                                       via_proxy)
 
 
 def service_pids(lab, host: str) -> dict[str, str]:
@@ -21,19 +24,6 @@ def service_pids(lab, host: str) -> dict[str, str]:
                   "printf '%s=%s\\n' $u $(systemctl show -p MainPID --value $u 2>/dev/null); "
                   "done").stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def via_proxy(address: str, path: str) -> tuple[int, str]:
-    proc = subprocess.run(["curl", "-ksS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}",
-                           f"https://{address}{path}"], capture_output=True, text=True)
-    body, _, code = proc.stdout.rpartition("\n")
-    return int(code or 0), body
-
-
-def changed_total(output: str) -> int:
-    match = re.search(r"^site: (\d+) changed", output, re.MULTILINE)
-    assert match, output
-    return int(match.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -61,22 +51,12 @@ def test_download_link_is_reachable_from_the_internet(split):
     """Releasy builds download links from RELEASY_PUBLIC_BASE_URL: https:// + the served
     name, not upstream's default http://127.0.0.1:8080 (the app host's own loopback)."""
     inv = load_inventory(split.inventory)
-    proxy = inv.hosts_in("proxy")[0].address
-    name = inv.tls.server_name
-
-    def outside_get(url: str) -> tuple[int, str]:
-        proc = subprocess.run(
-            ["ip", "netns", "exec", split.ident.outside_ns, "curl", "-ksS", "--max-time", "10",
-             "--resolve", f"{name}:443:{proxy}", "-o", "-", "-w", "\n%{http_code}", url],
-            capture_output=True, text=True, timeout=30)
-        body, _, code = proc.stdout.rpartition("\n")
-        return int(code or 0), body
-
-    code, body = outside_get(f"https://{name}/api/download-link")
+    proxy, name = inv.hosts_in("proxy")[0].name, inv.tls.server_name
+    code, body = outside_get(split, f"https://{name}/api/download-link", proxy, name)
     assert code == 200, body
     url = json.loads(body)["url"]
     assert url.startswith(f"https://{name}/"), url
-    code, body = outside_get(url)
+    code, body = outside_get(split, url, proxy, name)
     assert code == 200 and json.loads(body)["version"] == "1.0.0", body
 
 
@@ -194,19 +174,9 @@ def test_host_secrets_are_masked_in_ad_hoc_output_and_the_json_log_is_private(sp
 
 
 def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
-    import os
-    import signal
-    import sys
-    import time
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    fab = str(Path(sys.executable).parent / "fab")
-    env = {**os.environ, "RELEASY_INVENTORY": str(split.inventory), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([fab, "-r", str(root / "fabfile"), "run", "--tier", "app", "--",
-                             "echo started; exec tail -f /dev/null"], cwd=root, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_fab(split.inventory, "run", "--tier", "app", "--",
+                     "echo started; exec tail -f /dev/null", stdin=subprocess.DEVNULL,
+                     stderr=subprocess.STDOUT)
     try:
         seen = []
         for line in proc.stdout:  # both hosts are running it

@@ -3,26 +3,16 @@ operator would; hosts are broken and inspected with plain OpenSSH."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from releasy_deploy import status as status_ops
 from releasy_deploy.cli import session
+from tests.integration.labtools import wait_ready
 
 pytestmark = pytest.mark.lab
 
 HOSTS = ["proxy1", "app1", "app2", "db1"]
-OCTET = {"app1": 21, "app2": 22}
-
-
-def wait_ready(lab, host: str, within: float = 60) -> None:
-    url = f"http://10.77.{lab.ident.subnet_octet}.{OCTET[host]}:8080/ready"
-    deadline = time.monotonic() + within
-    while lab.ssh(host, "curl", "-fsS", "--max-time", "2", url, check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{host} not ready within {within} s")
-        time.sleep(0.2)
 
 
 def rows(stdout: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.integration.labtools import NO_OP_SITE_ROUND_TRIPS, site_round_trips
+from tests.integration.labtools import NO_OP_SITE_ROUND_TRIPS, psql, site_round_trips
 
 APPS = ("app1", "app2")
 DUMP_RE = re.compile(r"lab_\d{8}T\d{6}Z_manual_at-1\.1\.0_m3\.dump")
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.lab_shape("split", 2, suite="trixie")
 @pytest.fixture(scope="module")
 def trixie(lab_session):
     return lab_session.fresh("split", 2, suite="trixie")
-
-
-def psql(lab, sql: str) -> list[str]:
-    out = lab.sudo("db1", "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
-                                       ' -v ON_ERROR_STOP=1 -d releasy -c "$1"', "psql", sql)
-    return out.stdout.splitlines()
 
 
 def installed_postgres(lab, host: str = "db1") -> list[str]:
@@ -97,7 +91,7 @@ def test_backup_and_restore_on_postgresql_17(trixie):
     assert len(names) == 1, names
     psql(lab, "DELETE FROM standin_m1 WHERE id = 4217")
     proc = lab.fab("db.restore", "--file", names.pop(), "--yes")
-    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4217") == ["kept by the dump"]
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4217") == [["kept by the dump"]]
     for host in APPS:
         assert f"[{host}] changed: stopped releasy.service (database restore)" in proc.stdout
 
