@@ -190,11 +190,9 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
         plan = plan_restore(st, dump, db=db, proxies=_proxies(inv))
         for line in [*plan.notes, "plan:", *plan.describe()]:
             session.reporter.info(pipe.name, line)
+        actions = RestoreActions(session, st, dump, db)
         if session.dry_run:
-            # What the safety dump would be called and which old ones it would prune.
-            backups.take_snapshot(session, running=st.running_release, level=st.level or 0,
-                                  purpose=PRE_RESTORE, existing=st.backups,
-                                  protect=[dump.name])
+            actions.take_dump()  # what the safety dump would be called, which it would prune
             return dump
         with session.reporter.paused():
             session.confirm(
@@ -202,7 +200,6 @@ def restore_task(session, name: str, *, yes: bool = False, wait: float = 0) -> B
                 f" {dump.when}, {dump.origin})? Every write made since then is LOST, and"
                 f" Releasy is DOWN until it is done:\n  " + "\n  ".join(plan.describe()),
                 yes=yes)
-        actions = RestoreActions(session, st, dump, db)
         run_sequence(plan, actions.table(), pipe=pipe, lock=lock, on_failure=actions.failed)
         for h, units in actions.running.items():
             if not units:
