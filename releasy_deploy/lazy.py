@@ -19,7 +19,7 @@ module through the import system, whose per-module lock makes a concurrent acces
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.machinery
 import sys
 from types import ModuleType
 from typing import Any
@@ -45,6 +45,27 @@ def lazy_module(name: str) -> ModuleType:
     itself when it is imported already. A missing module fails here, at once."""
     if name in sys.modules:
         return sys.modules[name]
-    if importlib.util.find_spec(name) is None:
+    if not _exists(name):
         raise ModuleNotFoundError(f"no module named {name!r}", name=name)
     return _Deferred(name)
+
+
+def _exists(name: str) -> bool:
+    """Whether module ``name`` can be found, without importing any package on its way:
+    ``importlib.util.find_spec("a.b.c")`` imports ``a.b`` (the whole status flow, for one).
+    Each part is looked up by the path finder in its parent's directories."""
+    path = None
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        module = sys.modules.get(prefix)
+        if module is not None:
+            path = getattr(module, "__path__", None)
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(prefix, path)
+        if spec is None:
+            return False
+        path = spec.submodule_search_locations
+        if path is None and depth < len(parts):
+            return False  # a plain module has no submodules
+    return True

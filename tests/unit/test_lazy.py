@@ -2,12 +2,16 @@
 whichever thread gets there first, and never stands in sys.modules for the library."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from releasy_deploy.lazy import lazy_module
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # A slow module body: a second thread arriving while the first one runs it must wait for
 # the whole module, not see it half-executed (what LazyLoader does on Python 3.11).
@@ -58,3 +62,30 @@ def test_threads_arriving_together_all_see_the_whole_module(slow_module):
 def test_a_missing_module_fails_at_once():
     with pytest.raises(ModuleNotFoundError):
         lazy_module("releasy_deploy.no_such_module")
+
+
+def test_a_submodule_is_found_without_importing_its_package(tmp_path, monkeypatch):
+    # importlib.util.find_spec("pkg.sub") imports pkg: for releasy_deploy.status.render that
+    # was the whole status flow on every `fab` run.
+    package = tmp_path / "releasy_lazy_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('package imported')\n")
+    (package / "sub.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy_module("releasy_lazy_pkg.sub")
+    assert "releasy_lazy_pkg" not in sys.modules
+    with pytest.raises(ModuleNotFoundError):
+        lazy_module("releasy_lazy_pkg.missing")
+    with pytest.raises(ModuleNotFoundError):
+        lazy_module("releasy_lazy_pkg.sub.deeper")  # a plain module has no submodules
+
+
+def test_loading_the_fabfile_imports_no_flow():
+    # What `fab --list` and every task's start-up pay before the task runs.
+    probe = ("import sys, fabfile; print(' '.join(sorted(m for m in sys.modules"
+             " if m.startswith(('releasy_deploy', 'jinja2', 'psycopg', 'rich')))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    assert set(loaded) <= {"releasy_deploy", "releasy_deploy.cli", "releasy_deploy.commands",
+                           "releasy_deploy.commands.systemd", "releasy_deploy.errors",
+                           "releasy_deploy.lazy"}, loaded
