@@ -21,10 +21,11 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
-__all__ = ["lazy_module"]
+__all__ = ["lazy_module", "import_in_background"]
 
 
 class _Deferred(ModuleType):
@@ -69,3 +70,21 @@ def _exists(name: str) -> bool:
         if path is None and depth < len(parts):
             return False  # a plain module has no submodules
     return True
+
+
+def import_in_background(name: str) -> None:
+    """Start importing module ``name`` in a daemon thread, for a caller that is about to
+    wait on its hosts and will need the module after: the import's CPU time then overlaps
+    that wait instead of following it. A later ordinary import finds the module done, or
+    waits for this one to finish (the import system's per-module lock). A failure is left
+    for that later import to raise, where it belongs."""
+    if name in sys.modules:
+        return
+
+    def load() -> None:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 -- raised again by the import that needs it
+            pass
+
+    threading.Thread(target=load, name=f"import {name}", daemon=True).start()

@@ -22,7 +22,7 @@ from .engine.runner import RollingRunner
 from .errors import DeployError
 from .facts import Fact, read_facts
 from .inventory import Inventory
-from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info
+from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info, prepare_lock
 from .pipeline import Pipeline
 from .releases import fetch_release
 from .rollout import preflight
@@ -205,6 +205,8 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     tier is touched."""
     started = time.monotonic()
     check_artifact(session, version)
+    if not session.dry_run:
+        prepare_lock(session)  # read, then taken, after the hosts answer the prefetch
     # Every tier's first look at every host, in one parallel read (read-only), with what
     # the database-level check below looks at.
     seen = prepare.prefetch_all(session, behind_database_facts(session.inventory, version))

@@ -79,12 +79,13 @@ from .info import (
     parse_label,
     upstream_migration_key,
 )
-from .postgres import postgres_holder, postgres_lock, postgres_unlock
+from .postgres import postgres_holder, postgres_lock, postgres_unlock, preload_driver
 
 __all__ = [
     "LOCK_CLASSID", "LockBusy", "LockUnavailable", "LockLost", "LockInfo", "DeployFrozen",
     "lock_key", "upstream_migration_key", "holder_label", "parse_label", "busy_message",
     "database_credentials", "deploy_lock", "lock_holder", "holder_info", "force_unlock",
+    "prepare_lock",
     "freeze", "unfreeze", "frozen", "check_reason", "SshTunnel",
 ]
 
@@ -94,6 +95,13 @@ def holder_info(session: Session) -> LockInfo | None:
     if session.inventory.database.kind == "sqlite":
         return flock_holder(session)
     return postgres_holder(session)
+
+
+def prepare_lock(session: Session) -> None:
+    """Call before a task's first wait on its hosts when it reads or takes the lock after:
+    the PostgreSQL driver (the heaviest import) loads meanwhile. Nothing for flock."""
+    if session.inventory.database.kind != "sqlite":
+        preload_driver()
 
 
 def force_unlock(session: Session) -> LockInfo | None:

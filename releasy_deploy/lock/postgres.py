@@ -32,6 +32,7 @@ from ..commands.lock import (
 from ..errors import DeployError
 from ..executor import HostConnection, with_sudo
 from ..inventory import POSTGRES_PORT
+from ..lazy import import_in_background
 from ..session import Session
 from ..tiers import db as db_tier
 from .info import (
@@ -119,6 +120,12 @@ def _psycopg() -> Any:
     import psycopg
 
     return psycopg
+
+
+def preload_driver() -> None:
+    """Start loading psycopg in the background: for a task that first waits on its hosts
+    (their facts) and then reads or takes the lock, the import overlaps that wait."""
+    import_in_background("psycopg")
 
 
 class _PgLockSession:

@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import DeployError
 from ..executor import HostConnection
 from ..facts import Fact, read_facts
-from ..lock import holder_info
+from ..lock import holder_info, prepare_lock
 from ..session import Session, select_hosts
 from .assess import build_report
 from .model import LockStatus, StatusReport
@@ -53,6 +53,7 @@ def gather(session: Session) -> tuple[dict[str, Mapping[Fact, Any] | BaseExcepti
     inv = session.inventory
     db = inv.db_host.name
     lock = [LockStatus(None, f"{db} could not be read")]
+    prepare_lock(session)
 
     def read(c: HostConnection) -> Mapping[Fact, Any] | BaseException:
         try:

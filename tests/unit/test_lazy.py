@@ -2,14 +2,16 @@
 whichever thread gets there first, and never stands in sys.modules for the library."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from releasy_deploy.lazy import lazy_module
+from releasy_deploy.lazy import import_in_background, lazy_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +91,25 @@ def test_loading_the_fabfile_imports_no_flow():
     assert set(loaded) <= {"releasy_deploy", "releasy_deploy.cli", "releasy_deploy.commands",
                            "releasy_deploy.commands.systemd", "releasy_deploy.errors",
                            "releasy_deploy.lazy"}, loaded
+
+
+def test_a_background_import_is_waited_for_by_the_import_that_needs_it(slow_module):
+    import_in_background(slow_module)
+    deadline = time.monotonic() + 10
+    while slow_module not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.01)  # the background thread has begun the module's body
+    assert slow_module in sys.modules
+    module = importlib.import_module(slow_module)  # arrives while that body sleeps
+    assert module.ANSWER == 42 and module.LOADS == 1
+
+
+def test_a_background_import_that_fails_leaves_the_error_to_the_next_import(tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "releasy_lazy_broken.py").write_text("raise ImportError('no driver')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    threads = set(threading.enumerate())
+    import_in_background("releasy_lazy_broken")
+    for thread in set(threading.enumerate()) - threads:
+        thread.join(timeout=10)
+    with pytest.raises(ImportError, match="no driver"):
+        importlib.import_module("releasy_lazy_broken")
