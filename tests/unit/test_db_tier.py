@@ -11,6 +11,7 @@ import pytest
 
 from releasy_deploy.errors import BadInput
 from releasy_deploy.session import Session
+from releasy_deploy.commands import pg_sql
 from releasy_deploy.commands import postgres as pg
 from releasy_deploy.executor import Executor
 from releasy_deploy.output import Reporter
@@ -430,3 +431,27 @@ def test_a_restart_is_asked_for_only_when_a_served_database_would_go_down():
     assert db_tier.restart_needed(inv, state({**wanted, "password_encryption": "md5"})) == ""
     assert db_tier.restart_needed(inv, state(narrowed, database_owner=None)) == ""
     assert db_tier.restart_needed(inv, state(narrowed, running=False)) == ""
+
+
+def test_the_probes_call_the_newest_majors_own_client_not_debians_perl_wrapper(tmp_path):
+    for major, tools in (("9.6", ("psql",)), ("15", ("psql", "pg_isready")),
+                         ("17", ("psql",)), ("old", ("psql",))):
+        bin_dir = tmp_path / major / "bin"
+        bin_dir.mkdir(parents=True)
+        for tool in tools:
+            (bin_dir / tool).write_text("#!/bin/sh\n")
+            (bin_dir / tool).chmod(0o755)
+
+    def chosen(tool, lib_dir=str(tmp_path)):
+        out = subprocess.run(["sh", "-c", f'{pg_sql.pg_client_shell(tool, lib_dir)};'
+                              f' echo "$pg_client"'], capture_output=True, text=True)
+        return out.stdout.strip()
+
+    assert chosen("psql") == f"{tmp_path}/17/bin/psql"  # 17 > 15 > 9.6, as numbers
+    assert chosen("pg_isready") == f"{tmp_path}/15/bin/pg_isready"  # 17 lacks it
+    assert chosen("psql", str(tmp_path / "none")) == "/usr/bin/psql"  # no client: the wrapper
+    with pytest.raises(ValueError):
+        pg_sql.pg_client_shell("psql; rm -rf /")
+    assert '-- "$pg_client" -X' in pg.server_state_shell("releasy", "releasy").splitlines()[0]
+    assert pg.pg_ready_shell("/var/run/postgresql").endswith(
+        '"$pg_client" -q -t 30 -h /var/run/postgresql -p 5432')
