@@ -25,4 +25,6 @@ def site(c, version=None, dry_run=False, wait=0, rotate_secret=None, limit=None,
                  args={"version": version, "rotate_secret": rotate_secret,
                        "limit": limit}) as s:
         s.limit_to(limit)
+        # Every target is read first: connect while the flow loads.
+        s.executor.connect_ahead(s.targets(s.inventory.hosts))
         site_ops.run(s, version, wait=float(wait), rotate=rotate_secret or (), yes=yes)

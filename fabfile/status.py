@@ -22,6 +22,7 @@ def status(c, json=False, host=None):
     down, a file system 90% full...; 2 bad inventory.
     """
     with session(need_secrets=False) as s:
+        s.executor.connect_ahead(s.inventory.hosts)  # every host is read: connect meanwhile
         report = status_ops.status(s, only=host)
     if json:
         print(status_text.to_json_text(report), flush=True)

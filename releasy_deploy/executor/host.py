@@ -62,6 +62,11 @@ class HostConnection:
         self._ex = executor
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        # `connect_ahead`: its failure, for the first use to raise (no second time-out);
+        # whether `close` came while it was still connecting (it then closes its own).
+        self._ahead_error: BaseException | None = None
+        self._ahead_running = False
+        self._closed_meanwhile = False
         #: host-changing commands sent on this connection (what makes remembered facts stale)
         self.mutations = 0
         self._remembered: tuple[int, bool, dict[Any, Any]] | None = None
@@ -244,6 +249,12 @@ class HostConnection:
         return True
 
     def close(self) -> None:
+        if self._ahead_running:
+            # Not behind a connect that may wait for its time-out: it closes its own.
+            self._closed_meanwhile = True
+            if not self._lock.acquire(blocking=False):
+                return
+            self._lock.release()
         with self._lock:
             if self._conn is not None:
                 try:
@@ -362,14 +373,47 @@ class HostConnection:
         """The connected Fabric `Connection` (connects first if needed); a jump host's is
         the ``gateway=`` of the hosts behind it."""
         with self._lock:
-            if self._conn is None or not self._conn.is_connected:
-                if self._conn is not None:
-                    self._conn.close()  # dropped since last use: reconnect once, cleanly
-                started = time.monotonic()
-                self._conn = open_connection(self.host, self._ex.inventory, self._ex.gateway)
-                self._ex._count(self._ex.connections_opened, self.name)
-                self._ex._trace(self.name, "(ssh connect)", started, None)
-            return self._conn
+            if self._ahead_error is not None:
+                error, self._ahead_error = self._ahead_error, None
+                raise error
+            return self._open()
+
+    def connect_ahead(self) -> None:
+        """Connect now, in a daemon thread, while the task still works locally (loads its
+        flow): the first use then finds the connection open, or waits for it. A failure is
+        raised by that first use, which does not try again (a dead host costs one time-out,
+        not two)."""
+        with self._lock:
+            if self._ahead_running or (self._conn is not None and self._conn.is_connected):
+                return
+            self._ahead_running = True
+            self._closed_meanwhile = False
+        threading.Thread(target=self._connect_ahead, name=f"connect {self.name}",
+                         daemon=True).start()
+
+    def _connect_ahead(self) -> None:
+        with self._ex.ahead_slots, self._lock:  # as many at once as `Executor.each` runs
+            try:
+                if not self._closed_meanwhile:
+                    self._open()
+            except Exception as exc:  # noqa: BLE001 -- for the first use to raise
+                self._ahead_error = exc
+            finally:
+                self._ahead_running = False
+                if self._closed_meanwhile and self._conn is not None:
+                    self._conn.close()  # the task ended while this connected
+                    self._conn = None
+
+    def _open(self) -> Connection:
+        """The open connection; the caller holds ``self._lock``."""
+        if self._conn is None or not self._conn.is_connected:
+            if self._conn is not None:
+                self._conn.close()  # dropped since last use: reconnect once, cleanly
+            started = time.monotonic()
+            self._conn = open_connection(self.host, self._ex.inventory, self._ex.gateway)
+            self._ex._count(self._ex.connections_opened, self.name)
+            self._ex._trace(self.name, "(ssh connect)", started, None)
+        return self._conn
 
     def _exec(
         self,

@@ -56,6 +56,7 @@ class Executor:
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
+        self.ahead_slots = threading.BoundedSemaphore(max_parallel)
         self.inventory = inventory
         self.dry_run = dry_run
         self.reporter = reporter if reporter is not None else Reporter()
@@ -110,6 +111,12 @@ class Executor:
             if hc is None:
                 hc = self._conns[host.name] = HostConnection(host, self)
             return hc
+
+    def connect_ahead(self, hosts: Iterable[Any]) -> None:
+        """Start connecting to ``hosts`` in the background (`HostConnection.connect_ahead`):
+        for a task that will work on all of them once it has loaded its flow."""
+        for h in hosts:
+            self.conn(h).connect_ahead()
 
     def gateway(self, jump: Any) -> Connection:
         """The connected `Connection` to a jump host, opened once per task and shared by

@@ -1,12 +1,14 @@
 """Executor: pure unit tests first, then tests against the real loopback sshd (conftest)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shlex
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -578,3 +580,88 @@ def test_non_root_host_goes_through_sudo(sshd, fake_sudo):
         fake_sudo.write_text("")
         with pytest.raises(SudoError, match="^nr: root cannot run commands as root without"):
             c.run(["systemctl", "reload", "nginx"], sudo=True)
+
+
+# --------------------------------------------------------------------------------------
+# connect_ahead: connecting while the task still loads its flow
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def silent_listener():
+    """A TCP port that accepts connections and never speaks (an SSH banner time-out); yields
+    (port, the number of connections accepted so far)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], lambda: len(accepted)
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        for s in accepted:
+            s.close()
+        server.close()
+
+
+def silent_inventory(sshd, port: int) -> FakeInventory:
+    return FakeInventory(path=sshd.dir / "hosts.yaml", known_hosts=sshd.known_hosts,
+                         ssh=FakeSSH(identity_file=sshd.client_key, connect_timeout=1.0),
+                         hosts=(FakeHost("mute", ssh_port=port),))
+
+
+def wait_for(condition, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.01)
+
+
+def ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("connect ")]
+
+
+def test_connect_ahead_opens_the_connection_the_first_use_then_finds(sshd):
+    with Executor(sshd.inventory("a", "b"), reporter=Reporter(io.StringIO())) as ex:
+        ex.connect_ahead(["a", "b"])
+        for thread in ahead_threads():
+            thread.join(timeout=30)
+        assert ex.connections_opened == {"a": 1, "b": 1}  # before any command
+        assert ex.conn("a").run(["echo", "ok"]).stdout == "ok\n"
+        ex.connect_ahead(["a"])  # connected already: nothing more
+        assert ex.connections_opened == {"a": 1, "b": 1}
+
+
+def test_a_failed_connect_ahead_is_raised_by_the_first_use_without_a_second_attempt(sshd):
+    with silent_listener() as (port, attempts):
+        with Executor(silent_inventory(sshd, port), reporter=Reporter(io.StringIO())) as ex:
+            ex.connect_ahead(["mute"])
+            with pytest.raises(UnreachableError, match=r"^mute \(root@127.0.0.1:\d+\)"):
+                ex.conn("mute").run(["true"])  # waits for the connect ahead, raises its error
+            assert attempts() == 1  # one time-out, not two
+            with pytest.raises(UnreachableError):
+                ex.conn("mute").run(["true"])  # a later use tries again
+            assert attempts() == 2
+
+
+def test_closing_does_not_wait_for_a_connect_ahead(sshd):
+    with silent_listener() as (port, attempts):
+        ex = Executor(silent_inventory(sshd, port), reporter=Reporter(io.StringIO()))
+        ex.connect_ahead(["mute"])
+        wait_for(lambda: attempts() == 1)  # connecting: the banner never comes
+        ex.close()
+        assert [t.is_alive() for t in ahead_threads()] == [True]  # close() did not wait
+        for thread in ahead_threads():
+            thread.join(timeout=30)
+        assert ex.connections_opened == {}
