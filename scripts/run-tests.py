@@ -4,7 +4,7 @@ each pytest on its own lab.
 
 The lab tests spend most of their time waiting on hosts (apt, timers, load windows), so
 labs side by side cut the wall time on the 2-core machine. Shard I runs the units of lab
-work (a module's tests of one lab shape) `tests/integration/conftest.py` assigns to it
+work (the tests of a lab shape) `tests/integration/conftest.py` assigns to it
 (`--lab-shard I/N`; shard 1 also runs the unit tests) with LAB_ID set so its hosts,
 addresses and state never meet another shard's; the image cache is shared (its builds
 take a lock). Each shard's output goes to .lab-logs/shard-I.log and, line by line with an

@@ -111,19 +111,18 @@ def pytest_runtest_setup(item):
     _RUNNING[:] = [item.nodeid, shape_of(item)]
 
 
-# What each module's tests cost (seconds, all its lab shapes together; the suite's own summary,
-# 2 shards on the 2-core machine): `--lab-shard` balances the shards on it. A module's tests
-# of one shape are one unit of work (they share that shape's lab in whichever shard runs
-# them); a module not listed counts as 60 s.
-MODULE_SECONDS = {
-    "test_faults": 180, "test_bluegreen": 173, "test_trixie": 164, "test_site": 153,
-    "test_dead_host": 143, "test_operator_flags": 135, "test_faults_bluegreen": 99,
-    "test_bastion_acme": 98, "test_egress": 81, "test_backups": 72, "test_rolling": 69,
-    "test_maintenance": 69, "test_operator_ops": 64, "test_db_tier": 62, "test_firewall": 62,
-    "test_rollback": 53, "test_lock": 53, "test_app_tier": 51, "test_output": 44,
-    "test_proxy_tier": 40, "test_rolling_reconfigure": 33, "test_failures": 29,
-    "test_lab": 21, "test_status": 19, "test_standin_lab": 12, "test_round_trips": 11,
-    "test_loadgen": 8, "test_executor_lab": 4,
+# What each lab shape's tests cost (seconds, from the suite's own summary, 2 shards on the
+# 2-core machine, 2026-12-07): `--lab-shard` balances the shards on it. A shape is one unit
+# of work: split between shards, its lab would come up (and be provisioned: a first
+# install, CPU-bound) in both, which cost more than the better balance saved (per
+# (shape, module) units: 18.7-20 min; whole shapes: 17.5 min). A shape not listed counts
+# as 60 s.
+SHAPE_SECONDS = {
+    SPLIT: 900, SPLIT3: 700, SINGLE_SQLITE: 320, SINGLE_POSTGRES: 150,
+    Shape("split", 2, bastion=True, acme=True, proxies=2).normalized(): 110,
+    Shape("split", 2, suite="trixie").normalized(): 75,
+    Shape("split", 2, suite="trixie", db_suite="bookworm").normalized(): 70,
+    Shape("single", suite="trixie").normalized(): 60,
 }
 # The unit tests run in shard 1: what they cost, for the balance.
 UNIT_SECONDS = 80
@@ -134,22 +133,15 @@ def _module(item) -> str:
 
 
 def shards(items, count: int) -> list[set]:
-    """The (lab shape, module) units of each of ``count`` shards: the costliest unit first,
-    each to the shard with the least so far (shard 1 starts with the unit tests)."""
-    units = list(dict.fromkeys((shape_of(i), _module(i)) for i in items))
-    shapes_of: defaultdict[str, int] = defaultdict(int)
-    for _shape, module in units:
-        shapes_of[module] += 1
-
-    def cost(unit) -> float:
-        return MODULE_SECONDS.get(unit[1], 60) / shapes_of[unit[1]]
-
-    load = [UNIT_SECONDS] + [0.0] * (count - 1)
+    """The lab shapes of each of ``count`` shards: the costliest shape first, each to the
+    shard with the least so far (shard 1 starts with the unit tests)."""
+    shapes = list(dict.fromkeys(shape_of(i) for i in items))
+    load = [UNIT_SECONDS] + [0] * (count - 1)
     chosen: list[set] = [set() for _ in range(count)]
-    for unit in sorted(units, key=lambda u: (-cost(u), u[1])):
+    for shape in sorted(shapes, key=lambda s: -SHAPE_SECONDS.get(s, 60)):
         least = load.index(min(load))
-        chosen[least].add(unit)
-        load[least] += cost(unit)
+        chosen[least].add(shape)
+        load[least] += SHAPE_SECONDS.get(shape, 60)
     return chosen
 
 
@@ -179,7 +171,7 @@ def pytest_collection_modifyitems(session, config, items):
     mine = shards(lab_items, count)[index - 1]
     # The last modules look at what the others left in this process: every shard runs them.
     keep = [i for i in items if here not in Path(str(i.path)).parents
-            or (shape_of(i), _module(i)) in mine or _module(i) in LAST_MODULES]
+            or shape_of(i) in mine or _module(i) in LAST_MODULES]
     if index > 1:  # the unit tests run once, in shard 1
         keep = [i for i in keep if here in Path(str(i.path)).parents]
     kept = {id(i) for i in keep}
@@ -420,6 +412,8 @@ _SESSION: list[LabSession] = []
 # Seconds per integration module: its tests' setup, call and teardown (module fixtures, and
 # so any lab bring-up or reset, count for the module that needed them).
 _MODULE_SECONDS: defaultdict[str, float] = defaultdict(float)
+# The same per lab shape (what `SHAPE_SECONDS` balances the shards on).
+_SHAPE_SECONDS: defaultdict[str, float] = defaultdict(float)
 # Seconds of each `LabHandle.reset_to` (a shared lab put back to a known state).
 _RESET_SECONDS: list[float] = []
 
@@ -428,6 +422,8 @@ def pytest_runtest_logreport(report):
     module = report.nodeid.split("::", 1)[0]
     if "tests/integration/" in module:
         _MODULE_SECONDS[module.rsplit("/", 1)[-1]] += report.duration
+        if _RUNNING and _RUNNING[0] == report.nodeid:
+            _SHAPE_SECONDS[_label(_RUNNING[1])] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -446,6 +442,9 @@ def pytest_terminal_summary(terminalreporter):
                                     f" {os.getloadavg()[0]:.1f}):")
         for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
             terminalreporter.write_line(f"  {seconds:7.0f} s  {module}")
+        terminalreporter.write_line("lab shapes (SHAPE_SECONDS):")
+        for shape, seconds in sorted(_SHAPE_SECONDS.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"  {seconds:7.0f} s  {shape}")
 
 
 @pytest.fixture(scope="session")
