@@ -15,6 +15,7 @@ from releasy_deploy.inventory import (
     TIERS, Host, Inventory, InventoryError, Problem, inventory_path, load_inventory,
     parse_inventory,
 )
+from releasy_deploy.inventory.loading import UNREADABLE, load_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INV_NAME = "prod-inventory.yaml"  # not the default name, so the file name check means something
@@ -658,3 +659,20 @@ def test_any_junk_value_gives_inventory_error_not_a_crash(inv_dir):
                 parse(data, inv_dir)
             except InventoryError:
                 pass
+
+
+def test_a_tab_is_named_in_the_syntax_error_and_problems_are_reported_once(tmp_path):
+    # libyaml reads the file (fast); a syntax error is read again by PyYAML's own parser,
+    # whose message names the character.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("environment: prod\n\tadmin_cidrs: []\n")
+    problems: list = []
+    assert load_yaml_file(bad, problems) is UNREADABLE
+    assert [(p.path, p.message) for p in problems] == [
+        ("line 2, column 1", "YAML syntax error: found character '\\t' that cannot start any"
+                             " token (while scanning for the next token)")]
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("a: 1\na: 2\nb: [1, 2\n")
+    problems = []
+    assert load_yaml_file(dup, problems) is UNREADABLE
+    assert len(problems) == 1 and "syntax error" in problems[0].message  # not twice
