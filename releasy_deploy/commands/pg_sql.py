@@ -246,8 +246,10 @@ def server_state_shell(database: str, user: str) -> str:
     sql = server_state_sql(database, user)
     if _SQL_DELIMITER in sql:
         raise ValueError("SQL contains the here-document delimiter")
-    argv = shlex.join(psql_argv("postgres")).replace(" -- psql ", ' -- "$pg_client" ', 1)
-    return (f"{pg_client_shell('psql')}; cd / && {argv} <<'{_SQL_DELIMITER}'\n"
+    words = psql_argv("postgres")
+    at = words.index("psql")
+    psql = f'{shlex.join(words[:at])} "$pg_client" {shlex.join(words[at + 1:])}'
+    return (f"{pg_client_shell('psql')}; cd / && {psql} <<'{_SQL_DELIMITER}'\n"
             f"{sql}\n{_SQL_DELIMITER}")
 
 

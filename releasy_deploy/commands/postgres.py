@@ -24,8 +24,7 @@ from .pg_sql import (MANAGED_SETTINGS, POSTMASTER_SETTINGS, RELOADABLE_SETTINGS,
                      ROLE_ATTRIBUTES, SCRAM_ITERATIONS, SCRAM_SALT_BYTES, RoleState,
                      ServerState, alter_database_owner_sql, alter_role_sql, check_names,
                      create_database_sql, create_role_sql, parse_server_state, pg_client_shell,
-                     psql_argv,
-                     quote_conf, quote_hba_name, quote_ident, quote_literal,
+                     psql_argv, quote_conf, quote_hba_name, quote_ident, quote_literal,
                      role_attribute_drift, role_clause, saslprep, scram_matches,
                      scram_verifier, server_state_shell, server_state_sql)
 
@@ -176,7 +175,6 @@ def parse_secret_file(out: str, code: int) -> SecretFile | None:
 def pg_ready_shell(host: str, timeout: int = 30) -> str:
     args = shlex.join(["-q", "-t", str(timeout), "-h", host, "-p", str(POSTGRES_PORT)])
     return f'{pg_client_shell("pg_isready")}; "$pg_client" {args}'
-
 
 
 def ready_hosts(inv: Inventory) -> list[str]:
