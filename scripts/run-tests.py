@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".lab-logs"
 # Measured on the 2-core machine with whole lab shapes as units: 2 shards 18 min, 3 shards
-# 15.4 min (the machine 87% busy); a fourth cannot beat the split lab's own ~14 min.
+# 13.7-15.4 min (the machine 87% busy); more cannot beat the split lab's own 13-15 min.
 DEFAULT_SHARDS = 3
 # Shard I > 1 runs on LAB_ID base + 100 + I - 2 (shard 2: 101 with no LAB_ID set); the
 # operator's own lab, LAB_ID or the default one, stays shard 1's.
