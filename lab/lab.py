@@ -124,6 +124,7 @@ def up(request: LabRequest = LabRequest()) -> Path:
               for suite in dict.fromkeys(request.suite_of(s) for s in specs)}
     ident.state_dir.mkdir(parents=True, exist_ok=True)
     ident.run_dir.mkdir(parents=True, exist_ok=True)
+    machine.mount_hosts_dir(ident)
     key = _ensure_ssh_key(ident)
     net.create_switch(ident)
     if request.bastion:
@@ -199,7 +200,7 @@ def down() -> None:
     machine.unmount_all(ident)
     net.destroy(ident)
     machine.remove_cgroups(ident)
-    names = list(state["hosts"]) or [p.name for p in (ident.run_dir / "hosts").glob("*")]
+    names = list(state["hosts"]) or [p.name for p in machine.hosts_dir(ident).glob("*")]
     machine.remove_nspawn_leftovers(ident, names)
     subprocess.run(["rm", "-rf", "--one-file-system", str(ident.run_dir)])
     log(f"lab: down in {time.monotonic() - started:.1f} s")

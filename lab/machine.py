@@ -19,8 +19,30 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_HIERARCHIES = ("systemd", "unified", "memory")
 
 
+# What each host writes (its overlay's upper layer) lives in RAM, in one tmpfs per lab. On
+# the machine's ext4, after thousands of labs made and removed, creating a file cost dpkg a
+# scan of recently deleted inodes: installing PostgreSQL took 19.7 s there, 13.4 s in RAM.
+# The cap bounds a runaway test, not what a lab uses (about 30 MB per app host, 310 MB for
+# a db host after the first install).
+HOSTS_TMPFS_SIZE = "25%"
+
+
+def hosts_dir(ident: LabIdentity) -> Path:
+    return ident.run_dir / "hosts"
+
+
 def host_dir(ident: LabIdentity, name: str) -> Path:
-    return ident.run_dir / "hosts" / name
+    return hosts_dir(ident) / name
+
+
+def mount_hosts_dir(ident: LabIdentity) -> None:
+    """A fresh tmpfs for the lab's hosts; what an earlier lab left on disk is removed
+    first. `unmount_all` takes it down with the hosts' overlays."""
+    top = hosts_dir(ident)
+    shutil.rmtree(top, ignore_errors=True)
+    top.mkdir(parents=True)
+    run(["mount", "-t", "tmpfs", "-o", f"mode=0755,size={HOSTS_TMPFS_SIZE}",
+         f"{ident.prefix}-hosts", str(top)])
 
 
 def cgroup_dirs(ident: LabIdentity, name: str | None = None) -> list[Path]:
