@@ -15,19 +15,24 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from contextlib import ExitStack, contextmanager
 
-from . import bluegreen, schema
-from .backups import BackupListing
-from .engine.plan import plan_reconfigure, plan_release_rollout
-from .engine.runner import RollingRunner
+from . import schema
 from .errors import DeployError
 from .facts import Fact, read_facts
 from .inventory import Inventory
+from .lazy import lazy_module
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info, prepare_lock
 from .pipeline import Pipeline
-from .releases import fetch_release
-from .rollout import preflight
 from .session import Session
 from .tiers import app_secrets, app_setup, db, firewall, prepare, proxy_setup
+
+# Only a run that restarts serving app hosts (blue/green, the rolling runner) or names a
+# version (its tarball, the backups) needs these: loading them costs a no-op run ~0.1 s.
+backups = lazy_module("releasy_deploy.backups")
+bluegreen = lazy_module("releasy_deploy.bluegreen")
+engine_plan = lazy_module("releasy_deploy.engine.plan")
+engine_runner = lazy_module("releasy_deploy.engine.runner")
+preflight = lazy_module("releasy_deploy.rollout.preflight")
+releases = lazy_module("releasy_deploy.releases")
 
 STEPS = ("db", "app", "proxy", "firewall")
 
@@ -58,7 +63,7 @@ def check_artifact(session: Session, version: str | None) -> None:
     """The release tarball found and its sha256 verified here, before any host is contacted
     (the lock included): a bad artifact is bad input with nothing touched (exit 2)."""
     if version is not None:
-        fetch_release(session.inventory, version)
+        releases.fetch_release(session.inventory, version)
 
 
 def refuse_if_locked(session: Session) -> None:
@@ -81,7 +86,7 @@ def behind_database_facts(inv: Inventory, version: str | None) -> dict[str, list
     wanted: dict[str, list[Fact]] = {h.name: [schema.RecordedLevels()]
                                      for h in inv.hosts_in("app")}
     wanted.setdefault(schema.level_host(inv).name, []).extend(
-        [schema.level_fact(inv), BackupListing()])
+        [schema.level_fact(inv), backups.BackupListing()])
     return wanted
 
 
@@ -101,7 +106,8 @@ def refuse_behind_database(session: Session, version: str | None) -> None:
     where = schema.level_host(inv).name
     schema.refuse_if_behind(version, [found[h.name][schema.RecordedLevels()]
                                       for h in inv.hosts_in("app")],
-                            found[where][BackupListing()], found[where][schema.level_fact(inv)])
+                            found[where][backups.BackupListing()],
+                            found[where][schema.level_fact(inv)])
 
 
 @contextmanager
@@ -174,23 +180,23 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
         if problems:
             raise DeployError("not switching the release (the new files are written):\n  "
                               + "\n  ".join(problems))
-        plan = plan_release_rollout(
+        plan = engine_plan.plan_release_rollout(
             states, version, 1, flow="site", title="Rolling deploy", backup=True,
             stage_release=False, only=session.limit,
             held_advice=f"The other app hosts keep their release: `fab deploy.rolling"
                         f" --version {version}` brings them to it.")
         pipe = Pipeline("site", session.reporter)
-        RollingRunner(session, pipe, lock, pre, plan, release=None,
-                      ready_timeout=timeout).run(yes=True)
+        engine_runner.RollingRunner(session, pipe, lock, pre, plan, release=None,
+                                    ready_timeout=timeout).run(yes=True)
         rolled = bool(plan.batches)
         deferred = {n: why for n, why in deferred.items() if n in plan.skipped}
         if not deferred:
             return rolled
         pre = preflight.gather(session)
-    plan = plan_reconfigure(list(deferred), pre.apps)
+    plan = engine_plan.plan_reconfigure(list(deferred), pre.apps)
     pipe = Pipeline("app_setup.setup", session.reporter)
-    RollingRunner(session, pipe, lock, pre, plan, release=None,
-                  ready_timeout=timeout).run(yes=True)
+    engine_runner.RollingRunner(session, pipe, lock, pre, plan, release=None,
+                                ready_timeout=timeout).run(yes=True)
     return rolled
 
 
