@@ -36,7 +36,7 @@ unit: setup
 # and a re-run converge. Run before submitting a change to a flow.
 faults: setup
 	RELEASY_FAULT_POINTS=all $(PY) -m pytest -s tests/integration/test_faults.py \
-		tests/integration/test_faults_bluegreen.py
+		tests/integration/test_faults_bluegreen.py tests/integration/test_faults_restore.py
 
 # Not part of `test`: brings up its own lab (LAB_ID like every lab command), measures what
 # the tasks cost against the SSH floor, prints a table, writes bench/results/latest.json.

@@ -11,7 +11,9 @@ The steps, in order::
     restore      the dump in (PostgreSQL: one transaction)            (no undo: the paragraph
                                                                        reads whether it committed)
     start        start the same units again, wait for /ready          (settles stop, maintenance)
-    page_off     the maintenance page off (as it was before)
+    page_off     the maintenance page off (as it was before); a proxy that keeps it
+                 fails the restore: its paragraph says the data WAS restored, and how to
+                 end the page
 
 After a failure before the dump is in, the runner starts again what ran (Ctrl-C/SIGTERM
 deferred), then takes the page off, but only once the hosts are back. Once `start` is
@@ -49,7 +51,7 @@ def plan_restore(st: DbState, dump: Backup, *, db: str, proxies: Sequence[str]) 
     if proxies:
         steps.append(Step("maintenance", "maintenance", tuple(proxies),
                           "maintenance page on for the downtime (503 with Retry-After)",
-                          undo="page_off",
+                          undo="page_back",
                           undo_what="maintenance page off as it was, once Releasy is back"))
     if busy:
         kinds = {tuple(units) for units in running.values() if units}
@@ -89,7 +91,8 @@ class RestoreActions:
 
     def table(self) -> dict[str, Any]:
         return {"backup": self.backup, "maintenance": self.page_on, "stop": self.stop,
-                "restore": self.restore, "start": self.start, "page_off": self.page_off}
+                "restore": self.restore, "start": self.start, "page_off": self.page_off,
+                "page_back": self.page_back}
 
     def backup(self, step: Step) -> Backup:
         self.safety = self.take_dump()
@@ -113,8 +116,14 @@ class RestoreActions:
             self.down = True
             raise
 
-    def page_off(self, step: Step) -> bool:
-        """Off once the hosts are back (as it was before); False: left on."""
+    def page_off(self, step: Step) -> None:
+        """The last step: the page off (kept on if it was on before). Raises when a proxy
+        keeps it: the restore must not end as a success while clients get 503s."""
+        self.end_page()
+
+    def page_back(self, step: Step) -> bool:
+        """The undo of `maintenance` after a failure: off once the hosts are back (as it
+        was before); False: left on. Never raises: the flow is failing already."""
         if self.down:
             return False
         self.switch_page(False)
@@ -131,6 +140,9 @@ class RestoreActions:
 
     def switch_page(self, on: bool) -> bool:
         return maintenance_page.switch_for_downtime(self.session, on, was_on=self.was_on)
+
+    def end_page(self) -> None:
+        maintenance_page.end_downtime(self.session, was_on=self.was_on)
 
     def stop_units(self, hosts: Sequence[str]) -> None:
         def one(c) -> None:

@@ -107,12 +107,14 @@ def not_back(f: Failure, *, db: str, dump: Any, safety: Any) -> DeployError:
         text = (f"the database WAS restored from {dump.name}, but Releasy did not come back"
                 f" on every app host:\n{said}\n  The data as it was before the restore is in"
                 f" {safety.path} on {db} (`fab db.restore --file {safety.name}` goes back to"
-                f" it). The maintenance page stays on until `fab proxy.maintenance --off`.")
+                f" it). Releasy stays stopped where it did not come back: once the cause is"
+                f" fixed, `fab site` starts it again. The maintenance page stays on until `fab"
+                f" proxy.maintenance --off`.")
     else:
         text = (f"the database WAS restored from {dump.name} and Releasy is back, but the"
-                f" maintenance page was not switched off: {first_line(exc)}\n  `fab"
-                f" proxy.maintenance --off` ends it; the data as it was before the restore is"
-                f" in {safety.path} on {db}.")
+                f" maintenance page was not switched off:\n{said}\n  `fab proxy.maintenance"
+                f" --off` ends it; the data as it was before the restore is in {safety.path}"
+                f" on {db}.")
     if isinstance(exc, DeployError) and f.step.kind == "start":
         return DeployError(text)
     return StepFailed(text, cause=exc)

@@ -41,7 +41,7 @@ __all__ = [
     "tidy_nginx_messages", "MAINTENANCE_FLAG", "MAINTENANCE_PAGE", "MAINTENANCE_URI",
     "MAINTENANCE_RETRY_AFTER_S", "EXIT_NO_MAINTENANCE_PAGE", "maintenance_argv",
     "SITE_FILE", "SITE_LINK", "DEFAULT_SITE", "CONF_DIR", "TLS_DIR", "UPSTREAM_FILE",
-    "UPSTREAM_NAME",
+    "UPSTREAM_NAME", "MAINTENANCE_ON", "ready_through_proxy_argv",
 ]
 
 SERVICE = "nginx"
@@ -547,3 +547,17 @@ def maintenance_argv(on: bool) -> list[str]:
         script = (f"if [ -e {flag} ]; then rm -f {flag} && echo @changed;"
                   f" else echo @unchanged; fi")
     return ["sh", "-c", script]
+
+
+#: What `ready_through_proxy_argv` prints instead of a status while the page is on.
+MAINTENANCE_ON = "maintenance"
+
+
+def ready_through_proxy_argv(server_name: str, flag: str = MAINTENANCE_FLAG) -> list[str]:
+    """On a proxy host: GET /ready through nginx's TLS site, as a client would; prints the
+    HTTP status, or `MAINTENANCE_ON` while the maintenance page is on (every request is a
+    503 then, by design, so there is nothing to learn from one)."""
+    return ["sh", "-c", 'if [ -e "$1" ]; then echo "$2"; exit 0; fi; shift 2; exec "$@"',
+            "releasy-ready", flag, MAINTENANCE_ON,
+            "curl", "-ksS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}",
+            "--resolve", f"{server_name}:443:127.0.0.1", f"https://{server_name}/ready"]

@@ -13,7 +13,7 @@ from ..commands import systemd
 from ..engine.recovery import first_line as _first_line
 from ..engine.recovery import names as _names
 from ..engine.runner import JOURNAL_LINES, RollingRunner, RolloutFailed
-from ..errors import ParallelError, RestoreFailed
+from ..errors import DeployError, ParallelError, RestoreFailed, StepFailed
 from ..executor import HostConnection
 from ..tiers import app_facts
 from ..tiers import app as app_tier
@@ -129,5 +129,12 @@ def restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) -> 
                 + (f"\nLast journal lines of {UNIT} on {host}:\n" + "\n".join(
                     f"    {line}" for line in journal.splitlines()) if journal else ""),
                 host=host, cause=failed[host]) from None
-    maintenance_page.switch_for_downtime(s, False, was_on=was_on)
     r.finish()
+    try:
+        maintenance_page.end_downtime(s, was_on=was_on)
+    except DeployError as exc:
+        raise StepFailed(
+            f"Rollback of {inv.environment} to {r.version} done (every app host runs it on the"
+            f" database restored from {dump.path}), but the maintenance page was not switched"
+            f" off:\n{exc}\n  `fab proxy.maintenance --off` ends it.",
+            host=exc.host, cause=exc) from None

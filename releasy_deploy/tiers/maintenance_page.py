@@ -13,7 +13,7 @@ from typing import Any
 from ..commands import nginx as cmd
 from ..errors import DeployError, RemoteCommandError, first_line
 
-__all__ = ["switch", "switch_for_downtime"]
+__all__ = ["switch", "switch_for_downtime", "end_downtime"]
 
 
 def switch(session: Any, on: bool) -> dict[str, bool]:
@@ -52,11 +52,10 @@ def switch_for_downtime(session: Any, on: bool, *, was_on: bool = False) -> bool
     """For a flow with downtime (a restore): on before Releasy stops, off once it is ready
     again, unless it was already on before the flow (an operator's choice: kept). Never
     raises: a proxy that cannot show the page is reported and the flow goes on (clients
-    then see 502s, as before the page existed). Returns whether it was on everywhere."""
+    then see 502s, as before the page existed). Returns whether it was on everywhere.
+    A flow that ends well takes the page off with `end_downtime` instead, which raises."""
     if not on and was_on:
-        for h in session.inventory.hosts_in("proxy"):
-            session.reporter.info(h.name, "maintenance page left on (it was on before;"
-                                          " `fab proxy.maintenance --off` ends it)")
+        _left_on(session)
         return True
     try:
         found = switch(session, on)
@@ -66,3 +65,19 @@ def switch_for_downtime(session: Any, on: bool, *, was_on: bool = False) -> bool
                                               f" {first_line(exc)}")
         return False
     return bool(found) and all(found.values())
+
+
+def end_downtime(session: Any, *, was_on: bool) -> None:
+    """The page off at the end of a flow with downtime, once Releasy is back (kept on when
+    it was on before the flow). Raises DeployError when a proxy keeps it: clients get 503s
+    there until `fab proxy.maintenance --off`, so the flow must not end as a success."""
+    if was_on:
+        _left_on(session)
+        return
+    switch(session, False)
+
+
+def _left_on(session: Any) -> None:
+    for h in session.inventory.hosts_in("proxy"):
+        session.reporter.info(h.name, "maintenance page left on (it was on before;"
+                                      " `fab proxy.maintenance --off` ends it)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lab import lab as lab_ops
 from lab.loadgen import LoadGenerator
+from releasy_deploy.commands.postgres import SQLITE_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).parent / "fab")
@@ -190,6 +191,13 @@ def psql(lab, sql: str, host: str = "db1", database: str = "releasy") -> list[li
     out = lab.sudo(host, "sh", "-c", 'cd / && exec runuser -u postgres -- psql -XAtq'
                                      ' -v ON_ERROR_STOP=1 -d "$2" -c "$1"', "psql", sql, database)
     return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def sqlite(lab, statement: str, host: str = SOLO) -> list[str]:
+    """The lines ``statement`` prints, run by sqlite3 on the SQLite topology's database as
+    the service account (whatever SQLite creates next to the file stays its own)."""
+    return lab.ssh(host, "runuser", "-u", "releasy", "--", "sqlite3", SQLITE_PATH,
+                   statement).stdout.splitlines()
 
 
 def main_pid(lab, host: str = SOLO) -> str:

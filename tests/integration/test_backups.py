@@ -18,8 +18,9 @@ import time
 
 import pytest
 
+from releasy_deploy.commands.postgres import SQLITE_PATH
 from tests.integration.labtools import (SOLO, FabTerminal, psql, ready, rotation,
-                                       serving_through_proxy, start_fab)
+                                       serving_through_proxy, sqlite, start_fab)
 
 pytestmark = pytest.mark.lab
 
@@ -174,21 +175,14 @@ def test_psql_in_a_real_terminal_as_the_app_role(split, captured_outputs):
 @pytest.mark.lab_shape("single", database="sqlite")
 def test_sqlite_single_host_backup_and_restore(lab_session, captured_outputs):
     lab = lab_session.use("single", database="sqlite").reset("1.0.0")
-    db = "/var/lib/releasy/releasy.db"
-
-    def sql(statement: str) -> list[str]:
-        # As the service account: whatever SQLite creates next to the file stays its own.
-        return lab.ssh("solo", "runuser", "-u", "releasy", "--", "sqlite3", db,
-                       statement).stdout.splitlines()
-
-    sql("INSERT INTO standin_m1 (id, label) VALUES (4242, 'kept by the dump')")
+    sqlite(lab, "INSERT INTO standin_m1 (id, label) VALUES (4242, 'kept by the dump')")
     name = dump_name(lab.fab("db.backup").stdout)
     assert name.endswith(".sqlite3")
-    sql("DELETE FROM standin_m1 WHERE id = 4242")
+    sqlite(lab, "DELETE FROM standin_m1 WHERE id = 4242")
     proc = lab.fab("db.restore", "--file", name, "--yes")
     assert "[solo] changed: stopped releasy.service (database restore)" in proc.stdout
-    assert sql("SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
-    owners = lab.ssh("solo", "sh", "-c", f"stat -c %U {db}*").stdout.split()
+    assert sqlite(lab, "SELECT label FROM standin_m1 WHERE id = 4242") == ["kept by the dump"]
+    owners = lab.ssh("solo", "sh", "-c", f"stat -c %U {SQLITE_PATH}*").stdout.split()
     assert set(owners) == {"releasy"}, owners
     assert serving_through_proxy(lab, SOLO)
     # The SQLite variant of db.psql: sqlite3 on the file, fed from a pipe.
@@ -204,7 +198,7 @@ def test_sqlite_backup_and_restore_never_follow_the_service_accounts_symlinks(la
     every name there a root step could touch (the database, -wal, -shm, -journal). Backup
     and restore either work or refuse; the root-owned file is untouched either way."""
     lab = lab_session.use("single", database="sqlite")
-    canary, db = "/etc/releasy-canary", "/var/lib/releasy/releasy.db"
+    canary, db = "/etc/releasy-canary", SQLITE_PATH
     lab.sudo("solo", "sh", "-c", f"printf 'root only\\n' > {canary} && chmod 0644 {canary}")
 
     def canary_state() -> str:

@@ -580,3 +580,18 @@ def test_acme_with_several_proxies_asks_the_others_once():
     assert named[1:4] == ["if ($http_x_releasy_acme_peer) {", "return 404;", "}"]
     assert "proxy_set_header X-Releasy-Acme-Peer 1;" in named
     assert "proxy_next_upstream_tries 1;" in named
+
+
+def test_ready_through_proxy_says_maintenance_while_the_page_is_on(tmp_path):
+    """Run here with the real sh and curl: with the flag file present it answers
+    MAINTENANCE_ON without asking nginx; without it, the status curl gets from this
+    machine's port 443 (000 when nothing listens there), never the flag's word."""
+    flag = tmp_path / "maintenance.on"
+    argv = cmd.ready_through_proxy_argv("releasy.invalid", flag=str(flag))
+    assert argv[-1] == "https://releasy.invalid/ready"
+    flag.write_text("on\n")
+    on = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert (on.returncode, on.stdout.strip()) == (0, cmd.MAINTENANCE_ON)
+    flag.unlink()
+    off = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert off.stdout.strip().isdigit(), (off.stdout, off.stderr)
