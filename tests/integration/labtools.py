@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lab import lab as lab_ops
 from lab.loadgen import LoadGenerator
+from releasy_deploy.commands.nginx import MAINTENANCE_FLAG
 from releasy_deploy.commands.postgres import SQLITE_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,6 +288,15 @@ def outside_get(lab, url: str, proxy: str = "proxy1",
 def serving_through_proxy(lab, proxy: str = "proxy1") -> bool:
     """GET /ready through ``proxy``'s TLS site from the outside namespace answers 200."""
     return outside_get(lab, f"https://{SERVER_NAME}/ready", proxy)[0] == 200
+
+
+def leave_serving(lab, proxy: str = SOLO) -> None:
+    """What a module leaves the next one: no maintenance page (taken off if a failure left
+    it on), the deploy lock free, the site serving through ``proxy``."""
+    lab.fab("proxy.maintenance", "--off", check=False)
+    assert lab.fab("deploy.lock").stdout.strip() == "deploy lock of lab: free"
+    assert lab.ssh(proxy, "test", "-e", MAINTENANCE_FLAG, check=False).returncode == 1
+    assert serving_through_proxy(lab, proxy)
 
 
 def via_proxy(address: str, path: str = "/", timeout: float = 10) -> tuple[int, str]:

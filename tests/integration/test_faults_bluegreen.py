@@ -19,10 +19,9 @@ import re
 import pytest
 
 from releasy_deploy.bluegreen import STAGES
-from releasy_deploy.commands.nginx import MAINTENANCE_FLAG
-from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, SOLO, fault_points, running,
-                                       serving_through_proxy, sh, steady_load, upstreams,
-                                       version_on)
+from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, SOLO, fault_points,
+                                       leave_serving, running, serving_through_proxy, sh,
+                                       steady_load, upstreams, version_on)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
@@ -60,11 +59,7 @@ def lab(lab_session):
     # instances live, which a reset does not undo. A bring-up from the cache takes seconds.
     handle = lab_session.fresh("single", database="sqlite").reset("1.0.0")
     yield handle
-    # What the next module finds: the site serving, nothing held, no maintenance page.
-    handle.fab("proxy.maintenance", "--off", check=False)
-    assert handle.fab("deploy.lock").stdout.strip() == "deploy lock of lab: free"
-    assert handle.ssh(SOLO, "test", "-e", MAINTENANCE_FLAG, check=False).returncode == 1
-    assert serving_through_proxy(handle, SOLO)
+    leave_serving(handle)
 
 
 @pytest.fixture(scope="module")

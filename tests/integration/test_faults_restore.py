@@ -22,9 +22,9 @@ import re
 
 import pytest
 
-from releasy_deploy.commands.nginx import MAINTENANCE_FLAG, maintenance_argv
+from releasy_deploy.commands.nginx import maintenance_argv
 from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, SOLO, fault_points,
-                                       serving_through_proxy, sqlite)
+                                       leave_serving, serving_through_proxy, sqlite)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
@@ -51,10 +51,7 @@ def lab(lab_session):
     if not serving_through_proxy(handle, SOLO):
         handle = handle.reset("1.0.0")
     yield handle
-    handle.fab("proxy.maintenance", "--off", check=False)
-    assert handle.fab("deploy.lock").stdout.strip() == "deploy lock of lab: free"
-    assert handle.ssh(SOLO, "test", "-e", MAINTENANCE_FLAG, check=False).returncode == 1
-    assert serving_through_proxy(handle, SOLO)
+    leave_serving(handle)
 
 
 @pytest.fixture(scope="module")
