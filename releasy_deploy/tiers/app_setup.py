@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from ..commands import app as cmd
 from ..commands import kept_secrets as kept
+from ..commands import systemd
 from ..commands.nginx import UPSTREAM_FILE
 from .. import schema
 from ..errors import BadInput, DeployError
@@ -218,9 +219,10 @@ def _converge(c: HostConnection, plan: _Plan, f: HostFacts, defer: bool = False)
 def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str,
                         live: int, defer: bool = False) -> list[str]:
     """Blue/green owns the release and the running instance: keep config files right, but
-    start, restart or switch nothing here. Returns the reasons for a fresh instance when
-    ``defer`` (the caller switches to one: `releasy_deploy.site`), else [] and says the
-    changes wait for the next `fab deploy.bluegreen`."""
+    restart or switch nothing here (a live instance found stopped is started as it is).
+    Returns the reasons for a fresh instance when ``defer`` (the caller switches to one:
+    `releasy_deploy.site`), else [] and says the changes wait for the next `fab
+    deploy.bluegreen`."""
     unit = cmd.instance_unit(live)
     if plan.version and plan.version != f.releases.current:
         raise BadInput(f"{c.name}: {unit} serves {f.releases.current} (blue/green): change "
@@ -244,10 +246,22 @@ def _converge_bluegreen(c: HostConnection, plan: _Plan, f: HostFacts, group: str
         c.reporter.info(c.name, f"{unit} is live (blue/green): the changes take effect at the "
                                 "next `fab deploy.bluegreen`, which starts a fresh instance")
     report(c, Change(False, f"{SERVICE_UNIT} left stopped: {unit} is live (blue/green)"))
-    if c.dry_run or (reasons and defer):
-        return reasons if defer else []
+    if reasons and defer:
+        return reasons
+    state = f.instances.get(live, {}).get("ActiveState")
+    if state != "active":
+        # The proxy routes to it, but it died or was stopped (a restore that could not bring
+        # it back): started as it is, never restarted or switched here.
+        if not c.dry_run:
+            run_script(c, cmd.script_of([systemd.systemctl("start", unit)]),
+                       f"systemctl start {unit}",
+                       hint=f"see `journalctl -u {unit}` and `systemctl status {unit}` on"
+                            f" {c.name}")
+        report(c, Change(True, f"{unit} started (was {state or 'unknown'})"))
+    if c.dry_run:
+        return []
     bind = cmd.instance_bind(live)
-    if not f.instances_ready.get(live):
+    if state != "active" or not f.instances_ready.get(live):
         wait_ready(c, bind, plan.inv.app.ready_timeout, unit=unit)
     c.reporter.info(c.name, f"{unit} ready at http://{bind}/ready "
                             f"(release {f.releases.current})")
