@@ -24,7 +24,7 @@ import pytest
 
 from releasy_deploy.commands.nginx import maintenance_argv
 from tests.integration.labtools import (FAULT_COUNT, FAULT_MODES, SOLO, fault_points,
-                                       leave_serving, serving_through_proxy, sqlite)
+                                       leave_serving, serving_through_proxy, sh, sqlite)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("single", database="sqlite")]
 
@@ -125,3 +125,16 @@ def test_every_injected_fault_in_a_restore_is_told_truly_and_a_rerun_restores(
     print(f"\nfault injection ({mode}): {len(tried)} of {total} points of a restore tried;"
           f" each told the truth about the data and a re-run restored it:\n  "
           + "\n  ".join(tried))
+
+
+def test_site_starts_the_live_unit_a_restore_left_stopped(lab, dump):
+    """What the paragraph of a restore whose `start` failed tells the operator to run, on
+    whichever unit serves (releasy.service, or a blue/green releasy@PORT after the blue/green
+    sweep): `fab site` starts it as it is."""
+    live = sh(lab, "systemctl", "list-units", "--state=active", "--plain", "--no-legend",
+              "releasy.service", "releasy@*.service").split()[0]
+    lab.sudo(SOLO, "systemctl", "stop", live)
+    assert not serving_through_proxy(lab, SOLO)
+    site = lab.fab("site")
+    assert f"[{SOLO}] changed: {live} started (was inactive)" in site.stdout, site.stdout
+    assert serving_through_proxy(lab, SOLO)
