@@ -39,6 +39,7 @@ the names' pattern are built in `commands/backup.py`.
 """
 from __future__ import annotations
 
+import secrets as _random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -325,19 +326,22 @@ def restore(session, backup: Backup) -> None:
     if conn.dry_run:
         conn.reporter.would(conn.name, f"restore the database from {backup.path}")
         return
+    # This restore's own id: what became of it is read from its transaction only, never
+    # from one an earlier restore left behind.
+    run = _random.token_hex(8)
     argv = backupcmd.restore_argv(backup.kind, _target(inv), backup.name,
-                                  user=inv.app.service_user)
+                                  user=inv.app.service_user, run=run)
     try:
         res = conn.run(argv, sudo=True, check=False, timeout=DUMP_TIMEOUT_S)
     except (KeyboardInterrupt, CommandTimeoutError, UnreachableError) as exc:
         what = f"restoring {backup.path} stopped: {first_line(exc, conn.name)}"
         raise restores.stopped(conn, backup.kind, _target(inv), backup.path, what,
-                                  exc) from None
+                               exc, run) from None
     if not res.ok:
         said = tail(conn.mask(res.stderr.strip() or res.stdout.strip())) or "(no output)"
         what = (f"restoring {backup.path} failed (exit code {res.exit_code}):\n"
                 + "\n".join(f"    {line}" for line in said.splitlines()))
-        raise restores.stopped(conn, backup.kind, _target(inv), backup.path, what, None)
+        raise restores.stopped(conn, backup.kind, _target(inv), backup.path, what, None, run)
     conn.reporter.changed(conn.name, f"database {inv.database.name} restored from"
                                      f" {backup.path} (migration level {backup.level})")
 

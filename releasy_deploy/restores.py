@@ -22,10 +22,10 @@ __all__ = ["stopped", "outcome_text", "not_restored", "not_back"]
 
 
 def stopped(conn, kind: str, target: str, backup_path: str, what: str,
-            cause: BaseException | None) -> RestoreFailed:
-    """End what is left of a restore into ``target`` that did not finish and read its
-    outcome (PostgreSQL: on the database; SQLite: its backup API replaces the file in one
-    step, so a failure it reported changed nothing)."""
+            cause: BaseException | None, run: str) -> RestoreFailed:
+    """End what is left of the restore ``run`` into ``target`` that did not finish and read
+    its outcome (PostgreSQL: on the database; SQLite: its backup API replaces the file in
+    one step, so a failure it reported changed nothing)."""
     if kind != "postgres":
         if cause is None:
             return RestoreFailed(f"{conn.name}: {what}\n  SQLite's restore replaces the file"
@@ -38,7 +38,7 @@ def stopped(conn, kind: str, target: str, backup_path: str, what: str,
     with interrupts.deferred(f"ending the restore of {backup_path} on {conn.name} and"
                              f" reading its outcome"):
         try:
-            res = conn.run(restorecmd.stop_argv(target), sudo=True, check=False,
+            res = conn.run(restorecmd.stop_argv(target, run), sudo=True, check=False,
                            mutates=False, timeout=restorecmd.STOP_WAIT_TENTHS / 10 + 30)
             outcome = restorecmd.parse_outcome(res.stdout)
         except DeployError as exc:

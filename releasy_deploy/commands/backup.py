@@ -115,13 +115,15 @@ def dump_argv(kind: str, target: str, name: str, prune: Sequence[str] = (), *,
     return ["sh", "-c", _PG_DUMP_SCRIPT, "releasy-backup", BACKUP_DIR, name, target, *prune]
 
 
-def restore_argv(kind: str, target: str, name: str, *, user: str | None = None) -> list[str]:
-    """Restore BACKUP_DIR/NAME into ``target`` (PostgreSQL: `commands.restore`)."""
+def restore_argv(kind: str, target: str, name: str, *, user: str | None = None,
+                 run: str | None = None) -> list[str]:
+    """Restore BACKUP_DIR/NAME into ``target`` (PostgreSQL: `commands.restore`, under the
+    run id ``run``)."""
     check_name(name)
     if kind == "sqlite":
         return ["sh", "-c", _SQLITE_RESTORE_SCRIPT, "releasy-restore", f"{BACKUP_DIR}/{name}",
                 target, _service_user(user)]
-    return restorecmd.restore_argv(f"{BACKUP_DIR}/{name}", target)
+    return restorecmd.restore_argv(f"{BACKUP_DIR}/{name}", target, run or "")
 
 
 def _service_user(user: str | None) -> str:

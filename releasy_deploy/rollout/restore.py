@@ -95,8 +95,8 @@ def restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) -> 
         r.audit("failed", stage="restore", reason=_first_line(exc))
         outcome = (str(exc).splitlines()[-1].strip() if isinstance(exc, RestoreFailed)
                    else "The restore had not begun: the database is unchanged.")
-        where = (f"every app host was started on {r.version}" if applied else
-                 "every app host was restarted on the release it ran before")
+        where = (f"Every app host was started on {r.version}" if applied else
+                 "Every app host was restarted on the release it ran before")
         raise RolloutFailed(
             f"Rollback of {inv.environment} to {r.version} stopped while restoring"
             f" {dump.path} on {db}: {_first_line(exc, db)}. {outcome} {where}.{note}",
@@ -124,8 +124,11 @@ def restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) -> 
                 f" {dump.path}; the data as it was just before is in {r.backup.path}"
                 f" (`fab deploy.rollback --to {newest_current} --restore-db --backup"
                 f" {r.backup.name}` goes back to it). Started fine: {_names(r.done)}; the"
-                f" other app hosts are stopped. The maintenance page stays on until `fab"
-                f" proxy.maintenance --off`."
+                f" other app hosts are stopped: once the cause is fixed, `fab app.setup"
+                f" --version {r.version}` starts them on {r.version}, which the restored"
+                f" database suits (a plain `fab app.setup` starts the release each host points"
+                f" at, which may migrate it forward again). The maintenance page stays on"
+                f" until `fab proxy.maintenance --off`."
                 + (f"\nLast journal lines of {UNIT} on {host}:\n" + "\n".join(
                     f"    {line}" for line in journal.splitlines()) if journal else ""),
                 host=host, cause=failed[host]) from None

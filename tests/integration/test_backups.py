@@ -77,6 +77,27 @@ def test_backup_then_restore_brings_back_a_row_deleted_in_between(split, tmp_pat
                      r" running\)$", listing, re.MULTILINE), listing
 
 
+def test_a_restore_that_fails_before_it_begins_is_not_taken_for_the_last_one(split):
+    """The restore above committed, and its transaction id stays on db1. A restore whose
+    command fails before its own transaction begins (here it never runs: RELEASY_FAULT
+    replaces it) must read "not started", never that older id: it once said "WAS fully
+    applied" and started Releasy on data that was never restored."""
+    lab = split
+    name = dump_name(lab.fab("db.backup").stdout)
+    psql(lab, "INSERT INTO standin_m1 (id, label) VALUES (4343, 'written after the dump')")
+    # backup (1), the page on proxy1 (2), stop on app1 and app2 (3, 4), the restore (5)
+    proc = lab.fab("db.restore", "--file", name, "--yes", check=False,
+                   env={"RELEASY_FAULT": "5"})
+    said = proc.stdout + proc.stderr
+    assert "#5 failed on purpose: db1: setsid -w sh -c" in proc.stderr, said
+    assert proc.returncode == 1, said
+    assert "Nothing of the restore was applied" in proc.stderr and "WAS" not in said, said
+    assert psql(lab, "SELECT label FROM standin_m1 WHERE id = 4343") == [
+        ["written after the dump"]]
+    assert all(ready(lab, host) for host in APPS) and serving_through_proxy(lab)
+    psql(lab, "DELETE FROM standin_m1 WHERE id = 4343")
+
+
 def test_restore_asks_and_without_a_terminal_refuses(split):
     name = dump_name(split.fab("db.backup").stdout)
     before = psql(split, "SELECT count(*) FROM standin_m1")

@@ -12,20 +12,33 @@ from releasy_deploy.errors import (DeployError, RestoreFailed, StepFailed, Termi
                                    first_line, interruption)
 
 
+RUN = "0123456789abcdef"
+
+
 def test_the_restore_runs_in_its_own_session_with_its_state_directory():
-    argv = restorecmd.restore_argv("/var/backups/releasy/x.dump", "releasy")
+    argv = restorecmd.restore_argv("/var/backups/releasy/x.dump", "releasy", RUN)
     assert argv[:4] == ["setsid", "-w", "sh", "-c"]
-    assert argv[-3:] == ["/var/backups/releasy/x.dump", "releasy", "/run/releasy-restore-releasy"]
+    assert argv[-4:] == ["/var/backups/releasy/x.dump", "releasy",
+                         "/run/releasy-restore-releasy", RUN]
     script = argv[4]
     assert "--single-transaction" in script and "PGAPPNAME=releasy-restore" in script
     assert 'echo "$$" > "$state/pgid"' in script and "txid_current()" in script
+    # The id goes under this run's name, in postgres's own directory inside root's.
+    assert '"$state/tx/xid-$run"' in script and 'chown root:root "$state"' in script
     with pytest.raises(ValueError):
-        restorecmd.restore_argv("/x.dump", "releasy; rm -rf /")
-    stop = restorecmd.stop_argv("releasy", 50)
-    assert stop[-3:] == ["releasy", "/run/releasy-restore-releasy", "50"]
+        restorecmd.restore_argv("/x.dump", "releasy; rm -rf /", RUN)
+    stop = restorecmd.stop_argv("releasy", RUN, 50)
+    assert stop[-4:] == ["releasy", "/run/releasy-restore-releasy", "50", RUN]
     assert "pg_terminate_backend" in stop[2] and "txid_status" in stop[2]
+    # Only this run's id counts, read as postgres: none -> "not started".
+    assert 'runuser -u postgres -- cat -- "$state/tx/xid-$run"' in stop[2]
     with pytest.raises(ValueError):
-        restorecmd.stop_argv("releasy", -1)
+        restorecmd.stop_argv("releasy", RUN, -1)
+    for bad in ("", "../../etc", "0123456789ABCDEF", "0123456789abcdef0"):
+        with pytest.raises(ValueError, match="run id"):
+            restorecmd.stop_argv("releasy", bad)
+        with pytest.raises(ValueError, match="run id"):
+            restorecmd.restore_argv("/x.dump", "releasy", bad)
 
 
 @pytest.mark.parametrize("out,outcome", [
