@@ -132,12 +132,17 @@ def restore_and_start(r: RollingRunner, verdict: RollbackVerdict, yes: bool) -> 
                 + (f"\nLast journal lines of {UNIT} on {host}:\n" + "\n".join(
                     f"    {line}" for line in journal.splitlines()) if journal else ""),
                 host=host, cause=failed[host]) from None
-    r.finish()
+    # The page off as soon as every host is back (before the records of `finish`); a
+    # proxy that keeps it fails the rollback once those are written.
     try:
         maintenance_page.end_downtime(s, was_on=was_on)
+        left_on = None
     except DeployError as exc:
+        left_on = exc
+    r.finish()
+    if left_on is not None:
         raise StepFailed(
             f"Rollback of {inv.environment} to {r.version} done (every app host runs it on the"
             f" database restored from {dump.path}), but the maintenance page was not switched"
-            f" off:\n{exc}\n  `fab proxy.maintenance --off` ends it.",
-            host=exc.host, cause=exc) from None
+            f" off:\n{left_on}\n  `fab proxy.maintenance --off` ends it.",
+            host=left_on.host, cause=left_on)
