@@ -9,6 +9,11 @@ code into a typed value. The fact object is its own key: equal by value, hashabl
 The generic facts live here; a fact whose meaning belongs to a tier or a flow lives next to
 that code (``tiers/app_facts.py: ReleasyReady``, ``schema.py: SchemaLevel``, ...). Nothing is
 registered anywhere: a caller imports the class it reads.
+
+Facts of one kind can share a command: a class whose ``batch`` is set (`Batch`) is read
+with one `stat`, one `dpkg-query` or one `systemctl show` for all of a script's facts of
+that kind, and ``batch.split`` hands each fact its own part. A fact read alone is a batch
+of one, so its ``parse`` always sees the same shape.
 """
 from __future__ import annotations
 
@@ -22,11 +27,11 @@ from .errors import DeployError, UnreachableError
 from .executor import HostConnection
 
 __all__ = [
-    "Fact", "read_facts", "read_fact", "tolerant_reader", "prefetch", "build_facts_script",
+    "Fact", "Batch", "read_facts", "read_fact", "tolerant_reader", "prefetch", "build_facts_script",
     "parse_facts_output",
     "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
     "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "LinkTarget", "PathExists", "UserExists",
-    "GroupExists", "CommandExists", "PackageVersion",
+    "GroupExists", "CommandExists", "PackageVersion", "SYSTEMD_SHOW",
 ]
 
 
@@ -45,8 +50,13 @@ class Fact:
             if isinstance(value, str) and "\x00" in value:
                 raise ValueError(f"{type(self).__name__}.{f.name} contains a NUL byte")
 
+    #: A `Batch` reading all of a script's facts of this class with one command, or None.
+    batch = None
+
     def shell(self) -> str:
         """The read-only snippet (one or more lines) printing what `parse` reads."""
+        if self.batch is not None:
+            return self.batch.shell([self])
         raise NotImplementedError(f"{type(self).__name__}.shell")
 
     def parse(self, out: str, code: int) -> Any:
@@ -58,11 +68,41 @@ class Fact:
         return f"{type(self).__name__}({args})" if args else type(self).__name__
 
 
+class Batch:
+    """One command reading several facts of one kind (a class's ``batch``)."""
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        """The read-only snippet for all of ``facts`` (at least one, no duplicates)."""
+        raise NotImplementedError(f"{type(self).__name__}.shell")
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        """Each fact's own (stdout, exit code), in order, from the snippet's; ValueError
+        when the output does not fit."""
+        raise NotImplementedError(f"{type(self).__name__}.split")
+
+
 # --------------------------------------------------------------------------------------
 # The reader: every fact of a host in one script, outputs framed by nonce'd markers
 # --------------------------------------------------------------------------------------
 def _markers(nonce: str, i: int) -> tuple[str, str]:
     return f"@@releasy:{nonce}:{i}:begin@@", f"@@releasy:{nonce}:{i}:end:"
+
+
+def _frames(facts: Sequence[Fact]) -> list[list[Fact]]:
+    """The script's frames in order: a fact alone, or every fact sharing its class's batch
+    (at the place of the first of them; the probes only read, so the order is free)."""
+    frames: list[list[Fact]] = []
+    batched: dict[Batch, list[Fact]] = {}
+    for fact in dict.fromkeys(facts):
+        batch = fact.batch
+        if batch is None:
+            frames.append([fact])
+        elif batch in batched:
+            batched[batch].append(fact)
+        else:
+            batched[batch] = [fact]
+            frames.append(batched[batch])
+    return frames
 
 
 def build_facts_script(facts: Sequence[Fact], nonce: str) -> str:
@@ -72,10 +112,12 @@ def build_facts_script(facts: Sequence[Fact], nonce: str) -> str:
     stdin, which a probe must not eat) and stderr discarded; its exit code is recorded.
     """
     parts = []
-    for i, fact in enumerate(facts):
+    for i, frame in enumerate(_frames(facts)):
         begin, end = _markers(nonce, i)
+        batch = frame[0].batch
+        snippet = frame[0].shell() if batch is None else batch.shell(frame)
         parts.append(f"printf '%s\\n' {shlex.quote(begin)}")
-        parts.append(f"( {fact.shell()}\n) </dev/null 2>/dev/null")
+        parts.append(f"( {snippet}\n) </dev/null 2>/dev/null")
         # The leading \n guarantees the end marker starts a line; the parser removes it.
         parts.append(f"printf '\\n%s%s@@\\n' {shlex.quote(end)} \"$?\"")
     return "\n".join(parts) + "\n"
@@ -85,7 +127,8 @@ def parse_facts_output(facts: Sequence[Fact], nonce: str, stdout: str) -> dict[F
     """{fact: value} from the script's stdout; ValueError when a frame is missing or cut."""
     values: dict[Fact, Any] = {}
     pos = 0
-    for i, fact in enumerate(facts):
+    for i, frame in enumerate(_frames(facts)):
+        fact = frame[0]
         begin, end = _markers(nonce, i)
         b = stdout.find(begin + "\n", pos)
         if b < 0:
@@ -100,9 +143,12 @@ def parse_facts_output(facts: Sequence[Fact], nonce: str, stdout: str) -> dict[F
             raise ValueError(f"exit code of fact {fact} is missing")
         body = stdout[start:e]
         code = int(stdout[code_start:code_end])
-        values[fact] = fact.parse(body, code)
+        parts = [(body, code)] if fact.batch is None else fact.batch.split(frame, body, code)
+        for member, (out, member_code) in zip(frame, parts, strict=True):
+            values[member] = member.parse(out, member_code)
         pos = code_end + 3
-    return values
+    # In the order asked (a batch's later members were parsed at its first's place).
+    return {fact: values[fact] for fact in facts}
 
 
 def read_facts(c: HostConnection, facts: Iterable[Fact], *,
@@ -263,28 +309,73 @@ class DiskFree(Fact):
         return int(fields_[3]) * 1024 if len(fields_) >= 6 else None
 
 
+class _UnitBatch(Batch):
+    """One ``systemctl show`` for every unit; a fact names its ``unit`` and the
+    ``properties`` it reads, and gets those lines (KEY=VALUE) of its unit's block.
+
+    systemctl prints a block per unit asked, in order, a blank line between; with
+    ``--property`` every property asked is printed, even empty. LoadState is always asked
+    (never empty), so no block is empty and the blocks can be counted."""
+
+    def _units(self, facts: Sequence[Fact]) -> list[str]:
+        return list(dict.fromkeys(f.unit for f in facts))  # type: ignore[attr-defined]
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        wanted = {"LoadState", *(p for f in facts for p in f.properties)}  # type: ignore[attr-defined]
+        units = " ".join(shlex.quote(u) for u in self._units(facts))
+        return f"systemctl show --property={','.join(sorted(wanted))} -- {units}"
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        if code != 0:  # no systemd to ask: every fact reads as nothing known
+            return [("", code)] * len(facts)
+        units = self._units(facts)
+        blocks = out.strip("\n").split("\n\n")
+        if len(blocks) != len(units):
+            raise ValueError(f"systemctl show printed {len(blocks)} units for {len(units)}")
+        by_unit = dict(zip(units, blocks))
+        parts = []
+        for f in facts:
+            wanted = set(f.properties)  # type: ignore[attr-defined]
+            lines = by_unit[f.unit].splitlines()  # type: ignore[attr-defined]
+            parts.append(("\n".join(x for x in lines if x.partition("=")[0] in wanted), 0))
+        return parts
+
+
+SYSTEMD_SHOW = _UnitBatch()
+
+
+def unit_property(out: str, name: str) -> str:
+    """A property's value in a unit fact's KEY=VALUE lines ("" when absent)."""
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key == name:
+            return value
+    return ""
+
+
 @dataclass(frozen=True)
 class ServiceActive(Fact):
-    unit: str
+    """The unit is active (``systemctl is-active``)."""
 
-    def shell(self) -> str:
-        return f"systemctl is-active -- {shlex.quote(self.unit)}"
+    unit: str
+    batch = SYSTEMD_SHOW
+    properties = ("ActiveState",)
 
     def parse(self, out: str, code: int) -> bool:
-        return out.strip() == "active"
+        return unit_property(out, "ActiveState") == "active"
 
 
 @dataclass(frozen=True)
 class ServiceEnabled(Fact):
-    """``systemctl is-enabled`` output ("enabled", "disabled", ...), or None."""
+    """The unit file's state as ``systemctl is-enabled`` says it ("enabled", "disabled",
+    ...), or None (no such unit)."""
 
     unit: str
-
-    def shell(self) -> str:
-        return f"systemctl is-enabled -- {shlex.quote(self.unit)}"
+    batch = SYSTEMD_SHOW
+    properties = ("UnitFileState",)
 
     def parse(self, out: str, code: int) -> str | None:
-        return out.strip() or None
+        return unit_property(out, "UnitFileState") or None
 
 
 @dataclass(frozen=True)
@@ -301,14 +392,42 @@ class FileSha256(Fact):
         return out.split()[0] if code == 0 and out.strip() else None
 
 
+class _StatBatch(Batch):
+    """One ``stat`` for every path. It prints a record per path it can stat, in order,
+    each ending in the path itself, so a record is matched to its fact by that ending (a
+    path may hold a newline); the first five fields (type, names, numbers) hold no "|"."""
+
+    FORMAT = "%F|%U|%G|%a|%s|%n"
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        paths = " ".join(shlex.quote(f.path) for f in facts)  # type: ignore[attr-defined]
+        return f"stat -L -c '{self.FORMAT}' -- {paths}"
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        parts, pos = [], 0
+        for fact in facts:
+            head = pos
+            for _ in range(5):
+                head = out.find("|", head) + 1
+                if head == 0:
+                    break
+            tail = fact.path + "\n"  # type: ignore[attr-defined]
+            if head and out.startswith(tail, head):
+                parts.append((out[pos:head - 1], 0))
+                pos = head + len(tail)
+            else:  # no record: stat could not read this path
+                parts.append(("", 1))
+        if pos != len(out):
+            raise ValueError(f"stat printed what no path asked for: {out[pos:pos + 80]!r}")
+        return parts
+
+
 @dataclass(frozen=True)
 class FileStat(Fact):
     """{"type", "owner", "group", "mode", "size"} of ``path`` (symlinks followed), or None."""
 
     path: str
-
-    def shell(self) -> str:
-        return f"stat -L -c '%F|%U|%G|%a|%s' -- {shlex.quote(self.path)}"
+    batch = _StatBatch()
 
     def parse(self, out: str, code: int) -> dict[str, Any] | None:
         if code != 0 or not out.strip():
@@ -378,14 +497,31 @@ class CommandExists(Fact):
         return _stripped(out, code)
 
 
+class _DpkgBatch(Batch):
+    """One ``dpkg-query`` for every package: a line per package dpkg knows (name, then
+    status and version); none for a package it has never heard of."""
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        names = " ".join(shlex.quote(f.package) for f in facts)  # type: ignore[attr-defined]
+        return ("dpkg-query -W -f='${Package}\\t${binary:Package}\\t${db:Status-Abbrev}"
+                f" ${{Version}}\\n' -- {names}")
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        known: dict[str, str] = {}
+        for line in out.splitlines():
+            name, arch_name, status_version = (line.split("\t", 2) + ["", ""])[:3]
+            known.setdefault(name, status_version)
+            known.setdefault(arch_name, status_version)
+        return [(known[f.package], 0) if f.package in known else ("", 1)  # type: ignore[attr-defined]
+                for f in facts]
+
+
 @dataclass(frozen=True)
 class PackageVersion(Fact):
     """The installed version of a Debian package, or None when not installed."""
 
     package: str
-
-    def shell(self) -> str:
-        return f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Version}}' -- {shlex.quote(self.package)}"
+    batch = _DpkgBatch()
 
     def parse(self, out: str, code: int) -> str | None:
         # "${db:Status-Abbrev}" is three characters wide ("ii "), then the version.

@@ -18,7 +18,7 @@ from .fleet import TOOL_STATE_DIR
 
 __all__ = [
     "REVERT_UNIT", "REVERT_SCRIPT", "REVERT_SOURCE", "STATE_DIR", "SAVED_DIR", "OLD_STATE_DIR",
-    "REVERT_PENDING_PROBE", "OLD_STATE_PROBE", "apply_script", "disarm_script",
+    "REVERT_TIMER", "OLD_STATE_PROBE", "apply_script", "disarm_script",
     "revert_now_argv", "remove_old_state_argv",
 ]
 
@@ -29,8 +29,7 @@ SAVED_DIR = f"{STATE_DIR}/previous"
 OLD_STATE_DIR = "/var/lib/releasy/firewall"  # the earlier version's, in the service's directory
 REVERT_SOURCE = FILES_DIR / "firewall" / "releasy-firewall-revert"
 
-# Prints "active" (or "activating") while the revert timer is armed.
-REVERT_PENDING_PROBE = f"systemctl is-active {shlex.quote(REVERT_UNIT + '.timer')}"
+REVERT_TIMER = f"{REVERT_UNIT}.timer"  # "active" (or "activating") while it is armed
 # "root": a real directory root owns (ours to remove); "foreign": anything else there;
 # nothing when absent.
 OLD_STATE_PROBE = (f"d={shlex.quote(OLD_STATE_DIR)}; if [ -L \"$d\" ]; then echo foreign; "

@@ -12,7 +12,7 @@ from ..commands import kept_secrets as kept
 from ..commands import systemd
 from ..commands.nginx import UPSTREAM_FILE
 from .. import schema
-from ..facts import Fact, FileSha256, FileStat, OsRelease, PackageVersion
+from ..facts import SYSTEMD_SHOW, Fact, FileSha256, FileStat, OsRelease, PackageVersion
 from ..inventory import Inventory
 from ..packages import APP_PACKAGES
 from . import db as db_tier
@@ -58,9 +58,12 @@ class ReleasyUnit(Fact):
     """``systemctl show`` of a Releasy unit, as {property: value}."""
 
     unit: str
+    batch = SYSTEMD_SHOW
+    properties = systemd.SHOW_PROPERTIES
 
-    def shell(self) -> str:
-        return shlex.join(systemd.show_argv(self.unit))
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        systemd.check_unit(self.unit)
 
     def parse(self, out: str, code: int) -> dict[str, str]:
         return systemd.parse_show(out)

@@ -20,7 +20,7 @@ from ..commands.ufw import Address, LiveRule, Rule
 from ..commands.ufw_state import UfwDefaults, UfwStatus
 from ..errors import DeployError
 from ..executor import HostConnection
-from ..facts import Fact, OsRelease, PackageVersion, read_facts
+from ..facts import SYSTEMD_SHOW, Fact, OsRelease, PackageVersion, read_facts, unit_property
 from ..firewall import plan_rules
 from ..firewall_egress import EgressError, HostNet, egress_rules, names_to_resolve
 from ..hostos import check_release
@@ -96,11 +96,12 @@ class TcpListeners(Fact):
 class RevertPending(Fact):
     """The lockout-revert timer is armed."""
 
-    def shell(self) -> str:
-        return revert.REVERT_PENDING_PROBE
+    batch = SYSTEMD_SHOW
+    unit = revert.REVERT_TIMER
+    properties = ("ActiveState",)
 
     def parse(self, out: str, code: int) -> bool:
-        return out.strip() in ("active", "activating")
+        return unit_property(out, "ActiveState") in ("active", "activating")
 
 
 @dataclass(frozen=True)

@@ -454,4 +454,4 @@ def test_the_probes_call_the_newest_majors_own_client_not_debians_perl_wrapper(t
         pg_sql.pg_client_shell("psql; rm -rf /")
     assert '-- "$pg_client" -X' in pg.server_state_shell("releasy", "releasy").splitlines()[0]
     assert pg.pg_ready_shell("/var/run/postgresql").endswith(
-        '"$pg_client" -q -t 30 -h /var/run/postgresql -p 5432')
+        '"$pg_client" -q -d sslmode=disable -t 30 -h /var/run/postgresql -p 5432')

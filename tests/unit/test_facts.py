@@ -28,7 +28,11 @@ from releasy_deploy.facts import (
     Hostname,
     Kernel,
     OsRelease,
+    PackageVersion,
     PathExists,
+    ServiceActive,
+    ServiceEnabled,
+    SYSTEMD_SHOW,
     UserExists,
     build_facts_script,
     parse_facts_output,
@@ -90,7 +94,8 @@ def test_every_fact_class_is_a_frozen_dataclass_with_both_methods():
     for cls in classes:
         assert dataclasses.is_dataclass(cls), cls
         assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]
-        assert cls.shell is not Fact.shell and cls.parse is not Fact.parse, cls
+        assert cls.shell is not Fact.shell or cls.batch is not None, cls
+        assert cls.parse is not Fact.parse, cls
     names = [c.__name__ for c in classes]
     assert len(names) == len(set(names)), "two fact classes share a name"
 
@@ -202,6 +207,59 @@ def test_the_script_runs_in_a_real_shell_and_parses_exactly(tmp_path):
     assert values[UserExists("no-such-user-xyz")] is False
     assert values[OsRelease()].get("ID")
     assert isinstance(values[DiskFree(str(tmp_path))], int)
+
+
+def test_facts_of_one_kind_share_one_command_and_each_gets_its_own_part(tmp_path):
+    """Every FileStat of a script is one `stat`, every PackageVersion one `dpkg-query`
+    (real ones, here); a path stat cannot read has no record, so the records are matched
+    by the path they end with, even one holding a newline or a "|"."""
+    first, odd, last = tmp_path / "a", tmp_path / "odd|na\nme", tmp_path / "z"
+    first.write_text("1")
+    odd.write_text("22")
+    last.mkdir()
+    facts = [FileStat(str(first)), Arch(), FileStat(f"{tmp_path}/absent"),
+             PackageVersion("dpkg"), FileStat(str(odd)), PackageVersion("no-such-package-xyz"),
+             FileStat(str(last))]
+    host = LocalHost()
+    values = read_facts(host, facts)  # type: ignore[arg-type]
+    script = host.scripts[0]
+    assert script.count("stat -L") == 1 and script.count("dpkg-query") == 1
+    assert list(values) == facts  # in the order asked
+    assert values[FileStat(str(first))]["size"] == 1
+    assert values[FileStat(f"{tmp_path}/absent")] is None
+    assert values[FileStat(str(odd))]["size"] == 2
+    assert values[FileStat(str(last))]["type"] == "directory"
+    assert values[Arch()] == os.uname().machine
+    dpkg = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpkg"], capture_output=True,
+                          text=True, check=True).stdout
+    assert values[PackageVersion("dpkg")] == dpkg
+    assert values[PackageVersion("no-such-package-xyz")] is None
+    # Alone, a fact is a batch of one: the same command, the same parse.
+    assert read_fact(host, FileStat(str(odd)))["size"] == 2  # type: ignore[arg-type]
+    assert read_fact(host, PackageVersion("dpkg")) == dpkg  # type: ignore[arg-type]
+
+
+def test_unit_facts_share_one_systemctl_show_and_read_their_own_properties():
+    facts = [ServiceActive("nginx"), ServiceEnabled("nginx"), firewall_state.RevertPending(),
+             app_facts.ReleasyUnit("releasy.service")]
+    shell = SYSTEMD_SHOW.shell(facts)
+    assert shell.count("systemctl") == 1
+    assert shell.endswith(" -- nginx releasy-firewall-revert.timer releasy.service")
+    out = ("ActiveState=active\nLoadState=loaded\nUnitFileState=enabled\n\n"
+           "ActiveState=inactive\nLoadState=not-found\nUnitFileState=\n\n"
+           "ActiveState=active\nLoadState=loaded\nMainPID=42\nUnitFileState=disabled\n")
+    parts = SYSTEMD_SHOW.split(facts, out, 0)
+    values = [f.parse(o, c) for f, (o, c) in zip(facts, parts)]
+    assert values[:3] == [True, "enabled", False]
+    assert values[3]["MainPID"] == "42" and values[3]["UnitFileState"] == "disabled"
+    assert parts[0][0] == "ActiveState=active"  # only the properties the fact reads
+    # No unit file: no state, like `systemctl is-enabled` printing nothing.
+    assert ServiceEnabled("x").parse("UnitFileState=", 0) is None
+    # systemctl failing (no systemd): nothing known, for every fact.
+    assert [f.parse(o, c) for f, (o, c) in zip(facts, SYSTEMD_SHOW.split(facts, "", 1))][:3] \
+        == [False, None, False]
+    with pytest.raises(ValueError, match="2 units for 3"):
+        SYSTEMD_SHOW.split(facts, out.rsplit("\n\n", 1)[0], 0)
 
 
 def test_read_facts_is_one_round_trip_and_asks_each_fact_once(tmp_path):
