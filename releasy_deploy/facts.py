@@ -31,7 +31,7 @@ __all__ = [
     "parse_facts_output",
     "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
     "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "LinkTarget", "PathExists", "UserExists",
-    "GroupExists", "CommandExists", "PackageVersion", "SYSTEMD_SHOW",
+    "GroupExists", "CommandExists", "PackageVersion", "SYSTEMD_SHOW", "unit_property",
 ]
 
 
