@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .commands.systemd import parse_show
 from .errors import DeployError, UnreachableError
 from .executor import HostConnection
 
@@ -31,7 +32,7 @@ __all__ = [
     "parse_facts_output",
     "OsRelease", "Arch", "Hostname", "Kernel", "MemTotal", "Systemd", "DiskFree",
     "ServiceActive", "ServiceEnabled", "FileSha256", "FileStat", "LinkTarget", "PathExists", "UserExists",
-    "GroupExists", "CommandExists", "PackageVersion", "SYSTEMD_SHOW", "unit_property",
+    "GroupExists", "CommandExists", "PackageVersion", "SYSTEMD_SHOW",
 ]
 
 
@@ -344,15 +345,6 @@ class _UnitBatch(Batch):
 SYSTEMD_SHOW = _UnitBatch()
 
 
-def unit_property(out: str, name: str) -> str:
-    """A property's value in a unit fact's KEY=VALUE lines ("" when absent)."""
-    for line in out.splitlines():
-        key, _, value = line.partition("=")
-        if key == name:
-            return value
-    return ""
-
-
 @dataclass(frozen=True)
 class ServiceActive(Fact):
     """The unit is active (``systemctl is-active``)."""
@@ -362,7 +354,7 @@ class ServiceActive(Fact):
     properties = ("ActiveState",)
 
     def parse(self, out: str, code: int) -> bool:
-        return unit_property(out, "ActiveState") == "active"
+        return parse_show(out).get("ActiveState") == "active"
 
 
 @dataclass(frozen=True)
@@ -375,7 +367,7 @@ class ServiceEnabled(Fact):
     properties = ("UnitFileState",)
 
     def parse(self, out: str, code: int) -> str | None:
-        return unit_property(out, "UnitFileState") or None
+        return parse_show(out).get("UnitFileState") or None
 
 
 @dataclass(frozen=True)

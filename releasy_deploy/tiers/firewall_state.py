@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from ..commands import apt_proxy, netprobe, ufw, ufw_state
 from ..commands import firewall_revert as revert
+from ..commands.systemd import parse_show
 from ..commands.ufw import Address, LiveRule, Rule
 from ..commands.ufw_state import UfwDefaults, UfwStatus
 from ..errors import DeployError
 from ..executor import HostConnection
-from ..facts import SYSTEMD_SHOW, Fact, OsRelease, PackageVersion, read_facts, unit_property
+from ..facts import SYSTEMD_SHOW, Fact, OsRelease, PackageVersion, read_facts
 from ..firewall import plan_rules
 from ..firewall_egress import EgressError, HostNet, egress_rules, names_to_resolve
 from ..hostos import check_release
@@ -101,7 +102,7 @@ class RevertPending(Fact):
     properties = ("ActiveState",)
 
     def parse(self, out: str, code: int) -> bool:
-        return unit_property(out, "ActiveState") in ("active", "activating")
+        return parse_show(out).get("ActiveState") in ("active", "activating")
 
 
 @dataclass(frozen=True)
