@@ -72,7 +72,7 @@ def apply_script(commands: list[list[str]], *, token: str, revert_after: int) ->
         'mv "$saved.new" "$saved"',
         'rm -f "$state/reverted"',
         # A finished revert can leave a failed unit behind; its name must be free.
-        f"systemctl reset-failed {q(REVERT_UNIT + '.timer')} {q(REVERT_UNIT + '.service')}"
+        f"systemctl reset-failed {q(REVERT_TIMER)} {q(REVERT_UNIT + '.service')}"
         " 2>/dev/null || true",
         # AccuracySec: the default (1 min) would let the timer fire up to a minute late.
         # RemainAfterElapse=no: the transient timer unloads after firing, freeing its name.
@@ -103,7 +103,7 @@ def disarm_script(token: str) -> str:
     """Stop the revert timer; print ``@disarmed``, or ``@fired`` if the revert already ran."""
     q = shlex.quote
     return "\n".join([
-        f"systemctl stop {q(REVERT_UNIT + '.timer')} 2>/dev/null || true",
+        f"systemctl stop {q(REVERT_TIMER)} 2>/dev/null || true",
         f"if grep -qxF {q(token)} {q(STATE_DIR + '/reverted')} 2>/dev/null"
         f" || systemctl is-active --quiet {q(REVERT_UNIT + '.service')}; then",
         "  echo @fired",
@@ -116,7 +116,7 @@ def disarm_script(token: str) -> str:
 def revert_now_argv(token: str) -> list[str]:
     """Restore the saved firewall at once, then stop the timer (which would do the same)."""
     return ["sh", "-c", '"$1" "$2" && systemctl stop "$3"', "releasy-fw-revert",
-            REVERT_SCRIPT, token, REVERT_UNIT + ".timer"]
+            REVERT_SCRIPT, token, REVERT_TIMER]
 
 
 def remove_old_state_argv() -> list[str]:

@@ -20,7 +20,7 @@ import time
 from ..commands.firewall_revert import (
     REVERT_SCRIPT,
     REVERT_SOURCE,
-    REVERT_UNIT,
+    REVERT_TIMER,
     apply_script,
     disarm_script,
     revert_now_argv,
@@ -104,11 +104,11 @@ def check_no_revert_pending(host: Host, state: HostState) -> None:
     """Refuse (FirewallRefused) while a revert armed earlier is still pending."""
     if state.revert_pending:
         raise FirewallRefused(
-            f"{host.name}: a firewall revert is pending ({REVERT_UNIT}.timer, armed by an "
+            f"{host.name}: a firewall revert is pending ({REVERT_TIMER}, armed by an "
             f"apply whose new-connection check failed or was interrupted). Wait for it to "
-            f"restore the previous rules (`systemctl list-timers {REVERT_UNIT}.timer` on the "
+            f"restore the previous rules (`systemctl list-timers {REVERT_TIMER}` on the "
             f"host), fix the cause and re-run; to keep the current rules instead, run "
-            f"`systemctl stop {REVERT_UNIT}.timer` there. Nothing was changed.",
+            f"`systemctl stop {REVERT_TIMER}` there. Nothing was changed.",
             host=host.name)
 
 
@@ -141,7 +141,7 @@ def run_armed(c: HostConnection, commands: list[list[str]], revert_after: int
             restored = "the previous firewall was restored"
         except DeployError:
             restored = (f"restoring the previous firewall failed too; the revert timer "
-                        f"({REVERT_UNIT}.timer) restores it within {revert_after} s")
+                        f"({REVERT_TIMER}) restores it within {revert_after} s")
         said = "\n".join(f"    {line}" for line in exc.stderr_tail.splitlines()[-6:])
         raise DeployError(
             f"{host.name}: changing the firewall failed; {restored}. ufw said:\n{said}\n"
@@ -178,7 +178,7 @@ def confirm_fresh(fresh: Executor, host: Host, token: str, revert_after: int,
             f"{host.name}: after the firewall change a NEW SSH connection to "
             f"{host.ssh_user}@{host.address}:{host.ssh_port} failed ({first}).\n"
             f"  New connections may be locked out. The revert timer "
-            f"({REVERT_UNIT}.timer) stays armed: {host.name} restores its previous firewall by "
+            f"({REVERT_TIMER}) stays armed: {host.name} restores its previous firewall by "
             f"itself {revert_after} s after the change (by about {by}).\n"
             f"  Check admin_cidrs and the host's SSH port, then re-run `fab firewall.apply`.",
             host=host.name) from None
@@ -189,5 +189,5 @@ def confirm_fresh(fresh: Executor, host: Host, token: str, revert_after: int,
             f"firewall. Re-run with a larger --revert-after.", host=host.name)
     if "@disarmed" not in res.stdout:
         raise DeployError(f"{host.name}: unexpected answer while disarming the revert timer; "
-                          f"check `systemctl status {REVERT_UNIT}.timer` on the host",
+                          f"check `systemctl status {REVERT_TIMER}` on the host",
                           host=host.name)

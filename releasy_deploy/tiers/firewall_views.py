@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..commands.firewall_revert import OLD_STATE_DIR, REVERT_UNIT
+from ..commands.firewall_revert import OLD_STATE_DIR, REVERT_TIMER
 from ..commands.ufw import Rule
 from ..executor import HostConnection
 from ..firewall_diff import HostDiff, diff_host, wanted_defaults
@@ -115,7 +115,7 @@ def plan(session: Session) -> dict[str, HostPlan]:
         if hp.refused:
             c.reporter.info(c.name, "WARNING: apply would refuse this host:\n" + hp.refused)
         if hp.state.revert_pending:
-            c.reporter.info(c.name, f"WARNING: a firewall revert is pending ({REVERT_UNIT}.timer)")
+            c.reporter.info(c.name, f"WARNING: a firewall revert is pending ({REVERT_TIMER})")
         return hp
 
     return session.executor.each(inv.hosts, one)
@@ -156,7 +156,7 @@ def status(session: Session) -> dict[str, HostPlan]:
         if diff.ipv6:
             say(c.name, "  policy      IPv6 filtering is off (IPV6=no), planned on")
         if st.revert_pending:
-            say(c.name, f"WARNING: a firewall revert is pending ({REVERT_UNIT}.timer)")
+            say(c.name, f"WARNING: a firewall revert is pending ({REVERT_TIMER})")
         return hp
 
     return session.executor.each(inv.hosts, one)
