@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from benchlib import Budget, FabRun, fab, median, parse_ts, say
+from benchlib import Budget, FabRun, fab, median, parse_ts, say, settle
 
 from lab import lab as lab_ops
 from lab import machine
@@ -18,6 +18,7 @@ FIRST_VERSION, NEXT_VERSION = "1.0.0", "1.1.0"
 
 def cli_start(inventory: Path, budget: Budget, runs: int = 5) -> dict:
     """`fab --list` and `fab inventory.check` (no connection), median wall time."""
+    settle(budget)
     listing = [fab(inventory, "--list", budget=budget, timeout=60).seconds for _ in range(runs)]
     check = [fab(inventory, "inventory.check", budget=budget, timeout=60).seconds
              for _ in range(runs)]
@@ -75,6 +76,7 @@ def scale_point(inventory: Path, budget: Budget, runs: int = 3) -> dict:
     # On a firewalled fleet `fab site` opens the db's 5432 for the new app hosts before its
     # app tier starts them (`firewall.open_ahead`): no separate firewall step needed.
     fab(inventory, "site", "--version", FIRST_VERSION, budget=budget, timeout=900)
+    settled = settle(budget)
     noop = [fab(inventory, "site", budget=budget, timeout=300) for _ in range(runs)]
     for r in noop:
         if not re.search(r"^site: 0 changed", r.proc.stdout, re.MULTILINE):
@@ -83,7 +85,7 @@ def scale_point(inventory: Path, budget: Budget, runs: int = 3) -> dict:
               for _ in range(runs)]
     return {"noop_site_s": round(median([r.seconds for r in noop]), 3),
             "status_s": round(median([r.seconds for r in status]), 3),
-            "round_trips_max": max(noop[-1].round_trips().values())}
+            "round_trips_max": max(noop[-1].round_trips().values()), "settled_s": settled}
 
 
 def _batch_floor(run: FabRun, start: float, end: float, apps: set[str],

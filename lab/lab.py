@@ -376,6 +376,13 @@ def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
     (sd / "topology").write_text(f"{request.topology}\n")
 
 
+# Debian's PostgreSQL takes 97 connections from the app role (max_connections 100 less 3
+# reserved); the app's default pool is 5 per host. A big lab shares the 97 out rather than
+# leave `fab site` warning that the pools do not fit (as it would an operator).
+LAB_PG_ROOM = 97
+DEFAULT_APP_POOL = 5
+
+
 def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabRequest) -> str:
     """The inventory for exactly these hosts, in the schema of the example hosts.yaml."""
     hosts = {}
@@ -412,6 +419,8 @@ def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabR
         "hosts": hosts,
         "tiers": tiers,
         "database": {"kind": request.database},
+        **({"app": {"database_max_connections": LAB_PG_ROOM // len(tiers["app"])}}
+           if len(tiers["app"]) * DEFAULT_APP_POOL > LAB_PG_ROOM else {}),
         "release": {"source": "releases", "arch": "x86_64"},
         "tls": {"mode": "self-signed", "server_name": "releasy.lab.test"},
         **({"tls": {"mode": "acme", "server_name": "releasy.lab.test", "acme": {

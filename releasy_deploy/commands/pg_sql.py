@@ -26,6 +26,9 @@ SCRAM_SALT_BYTES = 16
 POSTMASTER_SETTINGS = ("listen_addresses", "port")
 RELOADABLE_SETTINGS = ("password_encryption",)
 MANAGED_SETTINGS = POSTMASTER_SETTINGS + RELOADABLE_SETTINGS
+# Read, not managed: how many connections the app's pools can have (`pool_shortfall`).
+CONNECTION_SETTINGS = ("max_connections", "superuser_reserved_connections",
+                       "reserved_connections")
 
 # The application role: may log in, nothing more.
 ROLE_ATTRIBUTES: Mapping[str, bool] = {
@@ -212,6 +215,7 @@ _SQL_DELIMITER = "RELEASY_SQL_END"
 def server_state_sql(database: str, user: str) -> str:
     role_cols = ", ".join(f"{col}::int" for col in _ROLE_COLUMNS.values())
     names = ", ".join(quote_literal(n) for n in MANAGED_SETTINGS)
+    limits = ", ".join(quote_literal(n) for n in CONNECTION_SETTINGS)
     return "\n".join([
         f"SELECT 'role', {role_cols}, coalesce(rolpassword, '') FROM pg_authid "
         f"WHERE rolname = {quote_literal(user)};",
@@ -219,6 +223,7 @@ def server_state_sql(database: str, user: str) -> str:
         f"WHERE datname = {quote_literal(database)};",
         f"SELECT 'setting', name, setting FROM pg_settings WHERE name IN ({names});",
         "SELECT 'conf_loaded', extract(epoch FROM pg_conf_load_time());",
+        f"SELECT 'limit', name, setting FROM pg_settings WHERE name IN ({limits});",
     ])
 
 
@@ -265,6 +270,8 @@ class ServerState:
     database_owner: str | None  # None: the database does not exist
     settings: Mapping[str, str]
     conf_loaded_at: float
+    # CONNECTION_SETTINGS the server has (reserved_connections only from PostgreSQL 16)
+    limits: Mapping[str, int] = field(default_factory=dict)
 
 
 def parse_server_state(out: str, code: int) -> ServerState | None:
@@ -274,6 +281,7 @@ def parse_server_state(out: str, code: int) -> ServerState | None:
     role = None
     owner = None
     settings: dict[str, str] = {}
+    limits: dict[str, int] = {}
     loaded = None
     for line in out.splitlines():
         tag, _, rest = line.partition("|")
@@ -290,12 +298,41 @@ def parse_server_state(out: str, code: int) -> ServerState | None:
             settings[name] = value
         elif tag == "conf_loaded":
             loaded = float(rest)
+        elif tag == "limit":
+            name, _, value = rest.partition("|")
+            limits[name] = int(value)
     if loaded is None:
         raise ValueError("the server state is incomplete (no pg_conf_load_time)")
-    return ServerState(role, owner, settings, loaded)
+    return ServerState(role, owner, settings, loaded, limits)
 
 
 # --------------------------------------------------------------------------- decisions
+
+
+def connections_left_for_roles(limits: Mapping[str, int]) -> int | None:
+    """How many connections the server accepts from roles that are not superusers
+    (max_connections less the slots reserved for superusers and, from PostgreSQL 16,
+    pg_use_reserved_connections); None when max_connections was not read."""
+    if "max_connections" not in limits:
+        return None
+    return (limits["max_connections"] - limits.get("superuser_reserved_connections", 0)
+            - limits.get("reserved_connections", 0))
+
+
+def pool_shortfall(limits: Mapping[str, int], app_instances: int, pool: int) -> str | None:
+    """Why ``app_instances`` Releasy processes, each with a pool of up to ``pool``
+    connections, may be refused connections by this server (a request then waits for a
+    connection or fails), or None when they all fit."""
+    room = connections_left_for_roles(limits)
+    wanted = app_instances * pool
+    if room is None or wanted <= room:
+        return None
+    return (f"the app's connection pools may open {wanted} connections ({app_instances} x"
+            f" app.database_max_connections {pool}), but PostgreSQL accepts {room} from"
+            f" non-superusers (max_connections {limits['max_connections']} less the reserved"
+            f" slots): under load requests would wait or fail. Lower"
+            f" app.database_max_connections, or raise max_connections in a conf.d file of"
+            f" your own (it takes a PostgreSQL restart, which is downtime)")
 
 
 def role_attribute_drift(attributes: Mapping[str, bool]) -> list[str]:

@@ -24,8 +24,8 @@ from .pg_sql import (MANAGED_SETTINGS, POSTMASTER_SETTINGS, RELOADABLE_SETTINGS,
                      ROLE_ATTRIBUTES, SCRAM_ITERATIONS, SCRAM_SALT_BYTES, RoleState,
                      ServerState, alter_database_owner_sql, alter_role_sql, check_names,
                      create_database_sql, create_role_sql, parse_server_state, pg_client_shell,
-                     psql_argv, quote_conf, quote_hba_name, quote_ident, quote_literal,
-                     role_attribute_drift, role_clause, saslprep, scram_matches,
+                     pool_shortfall, psql_argv, quote_conf, quote_hba_name, quote_ident,
+                     quote_literal, role_attribute_drift, role_clause, saslprep, scram_matches,
                      scram_verifier, server_state_shell, server_state_sql)
 
 SECRETS_DIR = "/etc/releasy"

@@ -298,7 +298,7 @@ def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
     password = _ensure_password(c, state)
     files_changed = _ensure_config_files(c, inv, state)
     state = _ensure_service(c, inv, state, files_changed)
-    _check_ready(c, state)
+    _check_ready(c, inv, state)
     _ensure_role_and_database(c, inv, state.server, password)
 
 
@@ -437,7 +437,7 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
     return after
 
 
-def _check_ready(c: HostConnection, state: HostState) -> None:
+def _check_ready(c: HostConnection, inv: Inventory, state: HostState) -> None:
     if c.dry_run:
         return  # nothing was changed, so the current answers say nothing about the result
     silent = [h for h, ok in state.ready.items() if not ok]
@@ -450,6 +450,11 @@ def _check_ready(c: HostConnection, state: HostState) -> None:
             f"{c.name}, fix the cause and re-run.", host=c.name)
     c.reporter.info(c.name, f"{layout.service} accepting connections on "
                             f"{', '.join(state.ready)}")
+    # A single host runs two instances while blue/green switches.
+    instances = 2 if inv.is_single_host else len(inv.hosts_in("app"))
+    short = pg.pool_shortfall(state.server.limits, instances, inv.app.database_max_connections)
+    if short:
+        c.reporter.info(c.name, f"WARNING: {short}")
 
 
 def _ensure_role_and_database(c: HostConnection, inv: Inventory,

@@ -22,7 +22,7 @@ from ..remote import FILES_DIR, render_template
 
 __all__ = [
     "FILES_DIR_ENV", "SITE_TEMPLATE", "UPSTREAM_TEMPLATE", "MAINTENANCE_TEMPLATE",
-    "templates_dir", "tls_paths", "upstreams_for", "acme_peers", "render_site",
+    "templates_dir", "tls_paths", "upstreams_for", "split_by_inventory", "acme_peers", "render_site",
     "render_maintenance_page", "render_upstream", "describe", "staged_path",
 ]
 
@@ -76,6 +76,19 @@ def upstreams_for(inv: Inventory) -> list[tuple[str, int]]:
     if inv.is_single_host:
         return [("127.0.0.1", port)]
     return cmd.check_servers([(h.private_address, port) for h in inv.hosts_in("app")])
+
+
+def split_by_inventory(inv: Inventory, servers: Sequence[tuple[str, int]]
+                       ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """``servers`` (checked, as `cmd.check_servers` returns them) split into those on an
+    inventory app host, matched by address (a rollout's port choice is kept), and the rest:
+    hosts taken out of the inventory, which the firewall and pg_hba no longer let reach the
+    database. On a single host the one app host is every server's."""
+    if inv.is_single_host:
+        return list(servers), []
+    known = {address for address, _ in upstreams_for(inv)}
+    kept = [s for s in servers if s[0] in known]
+    return kept, [s for s in servers if s[0] not in known]
 
 
 def acme_peers(inv: Inventory, host: str | None) -> list[str]:

@@ -22,8 +22,9 @@ something changed. A no-op run costs one round trip per host (one facts probe,
 The upstream servers are the inventory's app hosts (`upstreams_for`) when the upstream file
 is first written. After that, `setup` keeps the servers the live file lists (re-rendered
 with the current template), because rollouts own the rotation: re-running setup in the
-middle of a blue/green switch or after a host was taken out must not undo that.
-``reset_upstreams=True`` (``fab proxy.setup --reset-upstreams``) restores the default.
+middle of a blue/green switch or after a host was taken out must not undo that. A listed
+server that is no longer an app host of the inventory is taken out (the database no
+longer lets it in); none left: the inventory's app hosts. ``reset_upstreams=True`` (``fab proxy.setup --reset-upstreams``) restores the default.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from . import acme as acme_tier
 from .proxy_apply import Item, Upload, apply, report_item, upload
 from .proxy_render import (FILES_DIR_ENV, MAINTENANCE_TEMPLATE, SELF_SIGNED_DAYS, SITE_TEMPLATE,
                            UPSTREAM_TEMPLATE, describe, render_maintenance_page, render_site,
-                           render_upstream, staged_path, templates_dir, tls_paths, upstreams_for)
+                           render_upstream, split_by_inventory, staged_path, templates_dir,
+                           tls_paths, upstreams_for)
 from .proxy_state import HostState, assume_installed, read_state
 
 __all__ = ["setup"]
@@ -146,6 +148,14 @@ def _upstream_servers_to_write(c: HostConnection, inv: Inventory, live_text: str
         c.reporter.info(c.name, f"{cmd.UPSTREAM_FILE} lists no usable servers: rewriting it with"
                                 f" the inventory's app hosts")
         return default
+    live, gone = split_by_inventory(inv, live)
+    if gone:
+        # This run's pg_hba and firewall no longer let them reach the database, so requests
+        # sent there would fail. Taking them out is a reload, like a drain.
+        c.reporter.info(c.name, f"upstream servers that are no longer app hosts in the"
+                                f" inventory taken out of rotation: {describe(gone)}")
+        if not live:
+            return default
     if live != default:
         c.reporter.info(c.name, (
             f"upstream servers kept as the last rollout left them: {describe(live)}"

@@ -142,6 +142,17 @@ def test_second_run_changes_nothing_and_neither_restarts_nor_reloads(lab):
     assert server_clock(lab) == before
 
 
+def test_app_pools_larger_than_the_server_takes_are_a_warning_not_a_change(lab, tmp_path):
+    # 2 app hosts x 50 = 100 connections; Debian's PostgreSQL takes 97 from the app role.
+    big = lab.inventory_variant(tmp_path, lambda d: d.setdefault("app", {}).update(
+        database_max_connections=50))
+    proc = lab.fab("db.setup", inventory=big)
+    assert ("WARNING: the app's connection pools may open 100 connections (2 x"
+            " app.database_max_connections 50), but PostgreSQL accepts 97") in proc.stdout
+    assert summary_line(proc.stdout, "db1").startswith("db1  0 changed /")
+    assert "WARNING" not in lab.fab("db.setup").stdout
+
+
 def test_database_url_reads_the_password_in_one_round_trip_and_masks_it(lab, monkeypatch,
                                                                           capsys):
     monkeypatch.setenv("RELEASY_INVENTORY", str(lab.inventory))

@@ -279,6 +279,30 @@ def test_set_upstreams_to_one_server_and_back(lab, apps_running):
         assert hosts_answering(lab) == {"app1", "app2"}
 
 
+def test_setup_takes_a_host_no_longer_in_the_inventory_out_of_rotation(lab, apps_running):
+    # A host removed from hosts.yaml: this run's pg_hba and firewall shut it out of the
+    # database, so the proxies must stop sending it requests (the rest of the rotation
+    # a rollout left stays as it is).
+    app1 = (address(lab, "app1"), PORT)
+    removed = (lab.ident.address(99), PORT)  # no lab host has it
+    with lab_session_env(lab) as s:
+        proxy.set_upstreams(s, [app1, removed])
+    run = lab.fab("proxy.setup").stdout
+    assert ("inventory taken out of rotation: " + proxy_render.describe([removed])) in run
+    assert "upstream servers kept as the last rollout left them: " + proxy_render.describe(
+        [app1]) in run
+    with lab_session_env(lab) as s:
+        assert proxy.current_upstreams(s.executor.conn("proxy1")) == [app1]
+        assert hosts_answering(lab) == {"app1"}
+        # Only removed hosts listed: the inventory's app hosts instead.
+        proxy.set_upstreams(s, [removed])
+    lab.fab("proxy.setup")
+    with lab_session_env(lab) as s:
+        assert proxy.current_upstreams(s.executor.conn("proxy1")) == proxy_render.upstreams_for(
+            s.inventory)
+    assert hosts_answering(lab) == {"app1", "app2"}
+
+
 def test_a_config_the_master_cannot_load_is_rolled_back_too(lab, apps_running, tmp_path):
     # nginx -t does not bind ports: port 22 (sshd) passes the test, then fails the reload.
     shutil.copytree(ROOT / "files" / "nginx", tmp_path / "nginx")

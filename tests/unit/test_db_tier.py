@@ -279,7 +279,9 @@ def test_parse_server_state():
            "setting|listen_addresses|localhost,10.0.0.30\n"
            "setting|password_encryption|scram-sha-256\n"
            "setting|port|5432\n"
-           "conf_loaded|1795679434.718487\n")
+           "conf_loaded|1795679434.718487\n"
+           "limit|max_connections|100\n"
+           "limit|superuser_reserved_connections|3\n")
     state = pg.parse_server_state(out, 0)
     assert state.role.attributes == {"LOGIN": True, "SUPERUSER": False, "CREATEDB": False,
                                      "CREATEROLE": False, "REPLICATION": False,
@@ -290,6 +292,18 @@ def test_parse_server_state():
     assert state.settings == {"listen_addresses": "localhost,10.0.0.30",
                               "password_encryption": "scram-sha-256", "port": "5432"}
     assert state.conf_loaded_at == pytest.approx(1795679434.718487)
+    assert state.limits == {"max_connections": 100, "superuser_reserved_connections": 3}
+
+
+def test_pool_shortfall_counts_every_pool_against_the_non_superuser_slots():
+    limits = {"max_connections": 100, "superuser_reserved_connections": 3}
+    assert pg.pool_shortfall(limits, 19, 5) is None  # 95 of 97
+    short = pg.pool_shortfall(limits, 40, 5)
+    assert "open 200 connections (40 x app.database_max_connections 5)" in short
+    assert "accepts 97 from non-superusers (max_connections 100" in short
+    # PostgreSQL 16's reserved_connections count too; nothing read: nothing to say
+    assert pg.pool_shortfall({**limits, "reserved_connections": 5}, 19, 5) is not None
+    assert pg.pool_shortfall({}, 400, 5) is None
 
 
 def test_parse_server_state_absent_objects_and_no_server():

@@ -118,6 +118,22 @@ def test_upstreams_for_single_host_is_loopback():
     assert proxy_render.upstreams_for(inventory(SINGLE)) == [("127.0.0.1", 9090)]
 
 
+def test_split_by_inventory_takes_out_servers_of_hosts_no_longer_in_the_inventory():
+    live = cmd.check_servers([("10.0.0.21", 8081), ("10.0.0.31", 8080),
+                              ("2001:db8:0:0::22", 8080)])
+    kept, gone = proxy_render.split_by_inventory(inventory(), live)
+    # matched by address (the port a rollout chose stays), IPv6 in any spelling
+    assert kept == [("10.0.0.21", 8081), ("2001:db8::22", 8080)]
+    assert gone == [("10.0.0.31", 8080)]
+    assert proxy_render.split_by_inventory(inventory(), [("10.0.0.31", 8080)]) == (
+        [], [("10.0.0.31", 8080)])
+
+
+def test_split_by_inventory_keeps_everything_on_a_single_host():
+    servers = [("127.0.0.1", 9091)]
+    assert proxy_render.split_by_inventory(inventory(SINGLE), servers) == (servers, [])
+
+
 @pytest.mark.parametrize("text", [SPLIT, SINGLE])
 def test_render_upstream_round_trips_through_the_parser(text):
     servers = proxy_render.upstreams_for(inventory(text))
