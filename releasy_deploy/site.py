@@ -140,12 +140,13 @@ def change_lock(session: Session, *, version: str | None = None,
 
 def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
               rotate: Iterable[str] = (),
-              secrets: tuple[Any, Any] | None = None) -> None:
+              secrets: tuple[Any, Any] | None = None) -> tuple[str, ...]:
     """The app tier, safe on an environment that serves: files are written everywhere in
     parallel, but a host that serves and must restart (a changed env file or unit, another
     release) is restarted by the change engine, one batch at a time, drained first, with
     the first host alone when the release changes (migrations once) -- never all at once.
-    First installs (nothing serves yet) and single hosts start in parallel as before."""
+    First installs (nothing serves yet) and single hosts start in parallel as before.
+    Returns the app hosts installed for the first time (ready now, not in rotation yet)."""
     inv = session.inventory
     rolling = not inv.is_single_host and len(inv.hosts_in("app")) >= 2
     done = app_setup.setup(session, version,
@@ -164,6 +165,7 @@ def setup_app(session: Session, version: str | None, lock: LockInfo | None, *,
             # The rollout recorded the level of the release it rolled out everywhere.
             unrecorded = {h: v for h, v in unrecorded.items() if v != version}
     app_setup.record_levels(session, unrecorded)
+    return done.first_installs
 
 
 def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
@@ -223,6 +225,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
         refuse_if_locked(session)
     refuse_behind_database(session, version)
     secrets = app_secrets.resolve_secrets(session, rotate)
+    joining: tuple[str, ...] = ()  # app hosts installed for the first time: into rotation
     with ExitStack() as stack:
         step_started = time.monotonic()
         installed = prepare.install_packages(session, seen)
@@ -240,9 +243,9 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
                 # A grown fleet behind a firewall that is on: its new hosts' allow rules
                 # (the db's PostgreSQL rule for a new app host) before the app tier.
                 firewall.open_ahead(session, seen)
-                setup_app(session, version, lock, rotate=rotate, secrets=secrets)
+                joining = setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
-                proxy_setup.setup(session)
+                proxy_setup.setup(session, joining=joining)
             else:
                 firewall.apply(session)
             session.reporter.info("site", f"{step} done in"

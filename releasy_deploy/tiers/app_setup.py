@@ -100,7 +100,7 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
     inv = session.inventory
     hosts = session.targets(inv.hosts_in("app"))
     if not hosts:
-        return {}
+        return AppSetup({}, {})
     if secrets is None and len(hosts) < len(inv.hosts_in("app")):
         # --limit: the secrets are the fleet's, read from every app host (a host set up
         # alone must not generate a pepper of its own).
@@ -121,16 +121,20 @@ def setup(session: Session, version: str | None = None, *, defer_restarts: bool 
     unrecorded = schema.levels_to_record(
         {h.name: version or found[h.name].releases.current for h in hosts},
         {h.name: found[h.name].levels for h in hosts})
-    return AppSetup({h.name: done[h.name] for h in hosts if done[h.name]}, unrecorded)
+    return AppSetup({h.name: done[h.name] for h in hosts if done[h.name]}, unrecorded,
+                    tuple(h.name for h in hosts if found[h.name].releases.current is None))
 
 
 @dataclass(frozen=True)
 class AppSetup:
-    """What `setup` leaves to its caller: restarts to roll (host -> reasons), and the hosts
-    whose release has no migration level recorded (host -> release; `record_levels`)."""
+    """What `setup` leaves to its caller: restarts to roll (host -> reasons), the hosts
+    whose release has no migration level recorded (host -> release; `record_levels`), and
+    the hosts that had no release before (first installs: never in rotation, so never
+    drained by hand; `fab site` puts them in)."""
 
     deferred: dict[str, list[str]]
     unrecorded: dict[str, str]
+    first_installs: tuple[str, ...] = ()
 
 
 def record_levels(session: Session, unrecorded: Mapping[str, str]) -> None:

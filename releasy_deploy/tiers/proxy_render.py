@@ -22,8 +22,9 @@ from ..remote import FILES_DIR, render_template
 
 __all__ = [
     "FILES_DIR_ENV", "SITE_TEMPLATE", "UPSTREAM_TEMPLATE", "MAINTENANCE_TEMPLATE",
-    "templates_dir", "tls_paths", "upstreams_for", "split_by_inventory", "acme_peers", "render_site",
-    "render_maintenance_page", "render_upstream", "describe", "staged_path",
+    "templates_dir", "tls_paths", "upstreams_for", "split_by_inventory", "with_joining",
+    "acme_peers", "render_site", "render_maintenance_page", "render_upstream", "describe",
+    "staged_path",
 ]
 
 FILES_DIR_ENV = "RELEASY_FILES_DIR"
@@ -89,6 +90,19 @@ def split_by_inventory(inv: Inventory, servers: Sequence[tuple[str, int]]
     known = {address for address, _ in upstreams_for(inv)}
     kept = [s for s in servers if s[0] in known]
     return kept, [s for s in servers if s[0] not in known]
+
+
+def with_joining(inv: Inventory, servers: Sequence[tuple[str, int]], joining: Sequence[str]
+                 ) -> tuple[list[tuple[str, int]], list[str]]:
+    """``servers`` with the app hosts named in ``joining`` added (their default server, at
+    the end), and the names of those added (a host listed already, on any port, stays as
+    it is). On a single host, ``servers`` unchanged."""
+    if inv.is_single_host or not joining:
+        return list(servers), []
+    listed = {address for address, _ in servers}
+    added = [(h.name, server) for h, server in zip(inv.hosts_in("app"), upstreams_for(inv))
+             if h.name in joining and server[0] not in listed]
+    return [*servers, *(server for _, server in added)], [name for name, _ in added]
 
 
 def acme_peers(inv: Inventory, host: str | None) -> list[str]:

@@ -24,7 +24,9 @@ is first written. After that, `setup` keeps the servers the live file lists (re-
 with the current template), because rollouts own the rotation: re-running setup in the
 middle of a blue/green switch or after a host was taken out must not undo that. A listed
 server that is no longer an app host of the inventory is taken out (the database no
-longer lets it in); none left: the inventory's app hosts. ``reset_upstreams=True`` (``fab proxy.setup --reset-upstreams``) restores the default.
+longer lets it in); none left: the inventory's app hosts. An app host `fab site` installed
+for the first time (``joining``) is added: it cannot have been drained by hand.
+``reset_upstreams=True`` (``fab proxy.setup --reset-upstreams``) restores the default.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from .proxy_apply import Item, Upload, apply, report_item, upload
 from .proxy_render import (FILES_DIR_ENV, MAINTENANCE_TEMPLATE, SELF_SIGNED_DAYS, SITE_TEMPLATE,
                            UPSTREAM_TEMPLATE, describe, render_maintenance_page, render_site,
                            render_upstream, split_by_inventory, staged_path, templates_dir,
-                           tls_paths, upstreams_for)
+                           tls_paths, upstreams_for, with_joining)
 from .proxy_state import HostState, assume_installed, read_state
 
 __all__ = ["setup"]
@@ -138,7 +140,8 @@ def _tls_items(inv: Inventory, st: HostState, token: str,
 
 
 def _upstream_servers_to_write(c: HostConnection, inv: Inventory, live_text: str | None,
-                               reset: bool) -> list[tuple[str, int]]:
+                               reset: bool, joining: Sequence[str] = ()
+                               ) -> list[tuple[str, int]]:
     default = upstreams_for(inv)
     if live_text is None or reset:
         return default
@@ -156,6 +159,9 @@ def _upstream_servers_to_write(c: HostConnection, inv: Inventory, live_text: str
                                 f" inventory taken out of rotation: {describe(gone)}")
         if not live:
             return default
+    live, added = with_joining(inv, live, joining)
+    if added:
+        c.reporter.info(c.name, f"first install on {', '.join(added)}: put in rotation")
     if live != default:
         c.reporter.info(c.name, (
             f"upstream servers kept as the last rollout left them: {describe(live)}"
@@ -165,7 +171,8 @@ def _upstream_servers_to_write(c: HostConnection, inv: Inventory, live_text: str
 
 
 def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
-                tls_material: tuple[bytes, bytes] | None, environ: Mapping[str, str]) -> None:
+                joining: Sequence[str], tls_material: tuple[bytes, bytes] | None,
+                environ: Mapping[str, str]) -> None:
     st = read_state(c, inv)
     if st.packages_installed:
         c.reporter.unchanged(c.name, f"packages {' '.join(PROXY_PACKAGES)}")
@@ -182,7 +189,8 @@ def _setup_host(c: HostConnection, inv: Inventory, *, reset_upstreams: bool,
 
     token = _random.token_hex(4)
     site = render_site(inv, ipv6=st.ipv6, host=c.name, environ=environ).encode()
-    servers = _upstream_servers_to_write(c, inv, st.texts[cmd.UPSTREAM_FILE], reset_upstreams)
+    servers = _upstream_servers_to_write(c, inv, st.texts[cmd.UPSTREAM_FILE], reset_upstreams,
+                                         joining)
     upstream = render_upstream(servers, environ=environ).encode()
     page = render_maintenance_page(inv, environ=environ).encode()
     items = [
@@ -270,10 +278,11 @@ def _read_tls_material(inv: Inventory, session: Any) -> tuple[bytes, bytes] | No
     return cert, key
 
 
-def setup(session: Any, *, reset_upstreams: bool = False,
+def setup(session: Any, *, reset_upstreams: bool = False, joining: Sequence[str] = (),
           environ: Mapping[str, str] = os.environ) -> None:
     """Install and configure nginx on every proxy host (those of ``session.limit``), in
-    parallel (see module doc)."""
+    parallel (see module doc). ``joining``: app hosts `fab site` has just installed for the
+    first time (ready): they go into the rotation the proxies keep."""
     inv: Inventory = session.inventory
     templates_dir(SITE_TEMPLATE, environ)  # a bad RELEASY_FILES_DIR fails before any SSH
     override = environ.get(FILES_DIR_ENV)
@@ -287,7 +296,7 @@ def setup(session: Any, *, reset_upstreams: bool = False,
                                           f" then {FILES_DIR}")
 
     def one(c: HostConnection) -> None:
-        _setup_host(c, inv, reset_upstreams=reset_upstreams, tls_material=material,
-                    environ=environ)
+        _setup_host(c, inv, reset_upstreams=reset_upstreams, joining=joining,
+                    tls_material=material, environ=environ)
 
     session.executor.each(hosts, one)

@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from tests.integration.labtools import assert_all_on, current, main_pids, ready, rotation
+from tests.integration.labtools import (assert_all_on, changed_total, current, main_pids, ready,
+                                      rotation)
 
 pytestmark = [pytest.mark.lab, pytest.mark.lab_shape("split", 3)]
 
@@ -142,6 +143,9 @@ def test_limit_converges_only_the_named_hosts(lab):
     assert "edited by hand" not in lab.sudo("app2", "cat", ENV_FILE).stdout
     assert "(--limit)" in proc.stdout
     assert rotation(lab) == list(APPS) and all(ready(lab, h) for h in APPS)
+    # No app host among them: the app step has nothing to do (it used to fail there).
+    proc = lab.fab("site", "--limit", "db1,proxy1")
+    assert changed_total(proc.stdout) == 0 and "(--limit)" in proc.stdout
 
 
 # ------------------------------------------------------------------------------ consistency

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from releasy_deploy.inventory import load_inventory
-from tests.integration.labtools import (changed_total, outside_get, ready, rotation, start_fab,
-                                       via_proxy)
+from tests.integration.labtools import (changed_total, current, outside_get, ready, rotation,
+                                        start_fab, via_proxy)
 
 
 def service_pids(lab, host: str) -> dict[str, str]:
@@ -191,22 +191,28 @@ def test_one_ctrl_c_ends_an_endless_ad_hoc_command(split):
 
 
 def test_an_app_host_joining_a_firewalled_fleet_reaches_the_database(split, tmp_path):
-    """The fleet grows behind a firewall that is on. app2 leaves the inventory (`fab site`
-    closes db1's PostgreSQL port to it, takes it out of pg_hba and the proxy) and stops;
-    back in, `fab site` opens db1's rule for it before the app tier starts it (its /ready
-    runs SELECT 1 on db1), not in the firewall step at the end."""
+    """The fleet shrinks, then grows behind a firewall that is on. app2 leaves the
+    inventory: `fab site` closes db1's PostgreSQL port to it and takes it out of pg_hba and
+    of the proxy's rotation. It is stopped and wiped (a host re-imaged). Back in, `fab site`
+    opens db1's rule for it before the app tier installs it (its /ready runs SELECT 1 on
+    db1), not in the firewall step at the end, and puts it in rotation: a first install
+    cannot have been drained by hand."""
     def without_app2(data):
         del data["hosts"]["app2"]
         data["tiers"]["app"].remove("app2")
 
+    release = current(split, "app1")
     small = split.inventory_variant(tmp_path, without_app2)
-    # Out of the proxy's upstreams first (site keeps them as the last rollout left them).
-    split.fab("proxy.setup", "--reset-upstreams", inventory=small)
-    split.fab("site", inventory=small)
-    split.sudo("app2", "systemctl", "stop", "releasy.service")
+    shrunk = split.fab("site", inventory=small).stdout
+    assert "no longer app hosts in the inventory taken out of rotation" in shrunk, shrunk
+    assert rotation(split) == ["app1"]
     assert "postgres from app2" not in split.sudo("db1", "ufw", "show", "added").stdout
+    split.sudo("app2", "systemctl", "stop", "releasy.service")
+    split.sudo("app2", "rm", "-rf", "/opt/releasy", "/etc/systemd/system/releasy.service")
+    split.sudo("app2", "systemctl", "daemon-reload")
     try:
-        out = split.fab("site").stdout
+        out = split.fab("site", "--version", release).stdout
+        joined = rotation(split)
     finally:  # whatever happened: the lab back to its whole inventory for the next tests
         split.fab("proxy.setup", "--reset-upstreams", check=False)
         again = split.fab("site", check=False)
@@ -214,7 +220,8 @@ def test_an_app_host_joining_a_firewalled_fleet_reaches_the_database(split, tmp_
     assert opened, out
     # during the app step: after the db tier, before the proxy and the firewall steps
     assert out.index("--- app ---") < opened.start() < out.index("--- proxy ---"), out
-    assert ready(split, "app2") and "app2" in rotation(split)
+    assert "[proxy1] first install on app2: put in rotation" in out, out
+    assert joined == ["app1", "app2"] and ready(split, "app2")
     assert changed_total(again.stdout) == 0, again.stdout
 
 

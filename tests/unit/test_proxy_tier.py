@@ -129,6 +129,20 @@ def test_split_by_inventory_takes_out_servers_of_hosts_no_longer_in_the_inventor
         [], [("10.0.0.31", 8080)])
 
 
+def test_with_joining_adds_first_installs_once_at_the_end():
+    inv = inventory()
+    names = [h.name for h in inv.hosts_in("app")]
+    live = [("2001:db8::22", 8080)]
+    assert proxy_render.with_joining(inv, live, names) == (
+        [("2001:db8::22", 8080), ("10.0.0.21", 8080)], [names[0]])
+    # listed already (a rollout's port kept), or nobody joining: unchanged
+    assert proxy_render.with_joining(inv, [("10.0.0.21", 8081)], names[:1]) == (
+        [("10.0.0.21", 8081)], [])
+    assert proxy_render.with_joining(inv, live, ()) == (live, [])
+    assert proxy_render.with_joining(inventory(SINGLE), [("127.0.0.1", 9091)], ["solo"]) == (
+        [("127.0.0.1", 9091)], [])
+
+
 def test_split_by_inventory_keeps_everything_on_a_single_host():
     servers = [("127.0.0.1", 9091)]
     assert proxy_render.split_by_inventory(inventory(SINGLE), servers) == (servers, [])
