@@ -21,9 +21,11 @@ from .host import HostConnection
 
 T = TypeVar("T")
 
-# Hosts worked on at once. Past the bound hosts wait for a free worker, a second wave:
-# 20 lab hosts took 0.39 s with 16 workers, 0.29 s with 32; at 43 hosts (40 app hosts,
-# 2 proxies, the db) 32 left 11 hosts' reads for a second wave, ~0.5 s after the first.
+# Hosts worked on at once. Past the bound hosts wait for a free worker, a second wave of
+# round trips: 20 lab hosts took 0.39 s with 16 workers, 0.29 s with 32. At 43 hosts (40
+# app hosts, 2 proxies, the db) 32 workers left 11 reads for a second wave; on the lab,
+# where every host shares the same 2 cores, one wave took as long (3.0-3.1 s for a no-op
+# site), but on real hosts a wave is a network round trip each.
 MAX_PARALLEL = 64
 
 
