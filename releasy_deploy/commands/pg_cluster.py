@@ -20,6 +20,9 @@ HBA_REL = "pg_hba.conf"
 MANAGED_RELS = (DROPIN_REL, HBA_REL)
 
 
+# Where postgresql-common keeps every cluster's configuration.
+ETC_DIR = "/etc/postgresql"
+
 # --------------------------------------------------------------------------- layout
 
 
@@ -35,7 +38,7 @@ class Layout:
 
     @property
     def conf_dir(self) -> str:
-        return f"/etc/postgresql/{self.major}/{CLUSTER}"
+        return f"{ETC_DIR}/{self.major}/{CLUSTER}"
 
     @property
     def main_conf(self) -> str:
@@ -240,3 +243,22 @@ def select_major(host: str, release: str, pg: PgHost, pin: str | None) -> str | 
             "PostgreSQL major is unknown. Check the host's apt sources (apt-cache policy "
             "postgresql), or set database.postgres_version.", host=host)
     return pg.default
+
+
+# --------------------------------------------------------------------------- first install
+
+# $1: ETC_DIR, $2: the drop-in's directory, $3: the drop-in; its content on stdin.
+_SEED_SCRIPT = ('umask 022; if [ -e "$1" ] || [ -L "$1" ]; then exit 0; fi;'
+                ' mkdir -p -- "$2" && cat > "$3.releasy-new" && mv -f -- "$3.releasy-new" "$3"')
+
+
+def seed_dropin_argv(layout: Layout) -> list[str]:
+    """Before PostgreSQL's first install: our drop-in (content on stdin) where the cluster
+    the package creates will read it. pg_createcluster keeps a conf.d it finds, so the
+    cluster's first start already has the managed settings, instead of a restart for
+    them right after (Debian's pg_ctlcluster spends 2 s or more in any start: it polls in
+    0.5 s steps until three connections in a row succeed). Only where ETC_DIR does not
+    exist at all: root creates nothing inside a directory the postgres account may own.
+    Root-owned; the db tier gives it the owner Debian gives its neighbours."""
+    conf_d = layout.dropin_path.rsplit("/", 1)[0]
+    return ["sh", "-c", _SEED_SCRIPT, "releasy-seed", ETC_DIR, conf_d, layout.dropin_path]

@@ -19,7 +19,7 @@ from ..templates import render_template
 # Re-exported: the callers know one module, `commands.postgres`.
 from .pg_cluster import (CLUSTER, DROPIN_REL, HBA_REL, MANAGED_RELS, PG_HOST_SHELL, SOCKET_DIR,
                          FileState, Layout, PgHost, PgMajorRefused, file_state_shell,
-                         parse_file_state, parse_pg_host, select_major)
+                         parse_file_state, parse_pg_host, seed_dropin_argv, select_major)
 from .pg_sql import (MANAGED_SETTINGS, POSTMASTER_SETTINGS, RELOADABLE_SETTINGS,
                      ROLE_ATTRIBUTES, SCRAM_ITERATIONS, SCRAM_SALT_BYTES, RoleState,
                      ServerState, alter_database_owner_sql, alter_role_sql, check_names,

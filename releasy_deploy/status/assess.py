@@ -129,11 +129,14 @@ def host_status(inv: Inventory, host: Host, found: Mapping[Fact, Any] | BaseExce
         if note:
             problems.append(note)
         elif inv.topology == "split":
-            known = {app_server(inv, h) for h in inv.hosts_in("app")}
-            unknown = [nginxcmd.format_server(a, p) for a, p in servers or () if (a, p) not in known]
+            # By address, as `fab proxy.setup` takes them out (a known host on another port
+            # shows as out of rotation instead).
+            unknown = [nginxcmd.format_server(a, p)
+                       for a, p in proxy_render.split_by_inventory(inv, servers or ())[1]]
             if unknown:
                 problems.append(f"the upstream lists servers that are no app host of the"
-                                f" inventory: {', '.join(unknown)}")
+                                f" inventory: {', '.join(unknown)} (`fab proxy.setup` takes"
+                                f" them out)")
     if host.has("db"):
         if inv.database.kind == "postgres":
             pg = found[StatusPg(inv.database.name)]

@@ -33,8 +33,9 @@ from ..inventory import Inventory
 from ..remote import APT_UPDATE_ARGV, ensure_dir, ensure_packages, put_file
 from ..session import Session
 
-__all__ = ["setup", "database_url", "psql", "state_facts", "wanted_packages", "SQLITE_URL",
-           "PgServerState", "PgFileState", "PgSecretFile", "PgReady", "PgInstallation"]
+__all__ = ["setup", "database_url", "psql", "state_facts", "wanted_packages", "seed_config",
+           "SQLITE_URL", "PgServerState", "PgFileState", "PgSecretFile", "PgReady",
+           "PgInstallation"]
 
 PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
 SQLITE_URL = pg.SQLITE_URL  # database.kind sqlite: the URL every app host gets
@@ -140,16 +141,27 @@ def state_facts(inv: Inventory) -> list[Fact]:
             *(PgReady(h) for h in pg.ready_hosts(inv)), PgServerState(db.name, db.user)]
 
 
-def wanted_packages(c: HostConnection, inv: Inventory) -> tuple[tuple[str, ...], bool]:
-    """(the PostgreSQL packages the db host needs, whether any is missing), from the facts
-    `fab site` prefetched. A host whose apt lists were never loaded gets `apt-get update`
-    first (not in a dry-run: it predicts from the release, like `setup`). When packages are
-    missing, the major and why are said here, where they are decided (after the install
-    the db tier finds the cluster that exists)."""
+def wanted_packages(c: HostConnection, inv: Inventory) -> HostState:
+    """The db host's state with the PostgreSQL packages it needs (``layout.packages``) and
+    those missing, from the facts `fab site` prefetched. A host whose apt lists were never
+    loaded gets `apt-get update` first (not in a dry-run: it predicts from the release,
+    like `setup`). When packages are missing, the major and why are said here, where they
+    are decided (after the install the db tier finds the cluster that exists)."""
     state = _first_look(c, inv)
     if state.missing_packages:
         _report_major(c, inv, state)
-    return state.layout.packages, bool(state.missing_packages)
+    return state
+
+
+def seed_config(c: HostConnection, inv: Inventory, state: HostState) -> None:
+    """Right before PostgreSQL's first install on this host (``state``: its state before
+    it): our drop-in where the new cluster reads it (`commands.pg_cluster.seed_dropin_argv`),
+    so it starts listening where the app hosts connect and needs no restart."""
+    if c.dry_run or not state.missing_packages or state.cluster_exists:
+        return
+    c.run(pg.seed_dropin_argv(state.layout), sudo=True, stdin=pg.render_dropin(inv).encode())
+    c.reporter.changed(c.name, f"file {state.layout.dropin_path} (before the install: the"
+                               f" new cluster starts with it)")
 
 
 def _first_look(c: HostConnection, inv: Inventory) -> HostState:
@@ -287,6 +299,7 @@ def restart_needed(inv: Inventory, state: HostState) -> str:
 def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
     layout = state.layout
     _report_major(c, inv, state)
+    seed_config(c, inv, state)
     if _ensure_packages(c, state):
         state = _read_state(c, inv)  # the package created and started the cluster
     if not state.missing_packages and not state.cluster_exists:

@@ -95,12 +95,14 @@ def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list
     def one(c: HostConnection) -> bool:
         wanted = list(host_packages(inv, c.host))
         lacking = [p for p in wanted if not seen[c.name].get(PackageVersion(p))]
-        if c.name in postgres:
-            pg_packages, pg_missing = postgres[c.name]
-            wanted = [*pg_packages, *wanted]
-            lacking += list(pg_packages) if pg_missing else []
+        pg_state = postgres.get(c.name)
+        if pg_state is not None:
+            wanted = [*pg_state.layout.packages, *wanted]
+            lacking += list(pg_state.missing_packages)
         if not lacking:
             return False
+        if pg_state is not None:
+            db.seed_config(c, inv, pg_state)
         ensure_packages(c, wanted)
         return True
 

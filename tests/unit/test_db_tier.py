@@ -469,3 +469,18 @@ def test_the_probes_call_the_newest_majors_own_client_not_debians_perl_wrapper(t
     assert '-- "$pg_client" -X' in pg.server_state_shell("releasy", "releasy").splitlines()[0]
     assert pg.pg_ready_shell("/var/run/postgresql").endswith(
         '"$pg_client" -q -d sslmode=disable -t 30 -h /var/run/postgresql -p 5432')
+
+
+def test_seed_dropin_writes_only_where_postgresql_has_no_directory_yet(tmp_path: Path):
+    argv = pg.seed_dropin_argv(pg.Layout("15"))
+    assert argv[4:] == ["/etc/postgresql", "/etc/postgresql/15/main/conf.d",
+                        "/etc/postgresql/15/main/conf.d/releasy.conf"]
+    etc = tmp_path / "postgresql"
+    dropin = etc / "15/main/conf.d/releasy.conf"
+    local = [*argv[:4], str(etc), str(dropin.parent), str(dropin)]
+    assert subprocess.run(local, input=b"port = 5432\n").returncode == 0
+    assert dropin.read_bytes() == b"port = 5432\n"
+    assert [p.name for p in dropin.parent.iterdir()] == ["releasy.conf"]
+    # The directory exists now (as it would once postgresql-common is installed): untouched.
+    assert subprocess.run(local, input=b"port = 1\n").returncode == 0
+    assert dropin.read_bytes() == b"port = 5432\n"
