@@ -33,7 +33,7 @@ from ..inventory import Inventory
 from ..remote import APT_UPDATE_ARGV, ensure_dir, ensure_packages, put_file
 from ..session import Session
 
-__all__ = ["setup", "database_url", "psql", "state_facts", "wanted_packages", "seed_config",
+__all__ = ["setup", "database_url", "psql", "state_facts", "install_state", "seed_config",
            "SQLITE_URL", "PgServerState", "PgFileState", "PgSecretFile", "PgReady",
            "PgInstallation"]
 
@@ -141,7 +141,7 @@ def state_facts(inv: Inventory) -> list[Fact]:
             *(PgReady(h) for h in pg.ready_hosts(inv)), PgServerState(db.name, db.user)]
 
 
-def wanted_packages(c: HostConnection, inv: Inventory) -> HostState:
+def install_state(c: HostConnection, inv: Inventory) -> HostState:
     """The db host's state with the PostgreSQL packages it needs (``layout.packages``) and
     those missing, from the facts `fab site` prefetched. A host whose apt lists were never
     loaded gets `apt-get update` first (not in a dry-run: it predicts from the release,

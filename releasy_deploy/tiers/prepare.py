@@ -40,7 +40,7 @@ def _uses_postgres(inv: Inventory, host: Host) -> bool:
 
 def host_packages(inv: Inventory, host: Host) -> tuple[str, ...]:
     """The Debian packages of the host's tiers other than PostgreSQL's (whose major is read
-    from the host: `db.wanted_packages`), in the tiers' order."""
+    from the host: `db.install_state`), in the tiers' order."""
     wanted: list[str] = []
     if host.has("app"):
         wanted += APP_PACKAGES
@@ -89,7 +89,7 @@ def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list
         return []
     # PostgreSQL's major is read from the db host first: a pin its release does not offer
     # is refused (exit 2) before any host installs anything.
-    postgres = {h.name: db.wanted_packages(session.executor.conn(h), inv)
+    postgres = {h.name: db.install_state(session.executor.conn(h), inv)
                 for h in hosts if _uses_postgres(inv, h)}
 
     def one(c: HostConnection) -> bool:
