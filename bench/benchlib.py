@@ -61,12 +61,6 @@ def parse_ts(ts: str) -> float:
     return datetime.fromisoformat(ts).timestamp()
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(idle, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)
-
-
 def settle(budget: Budget, idle: float = 0.85, window: float = 1.0, most: float = 30.0) -> float:
     """Wait until the machine is idle (``idle`` of its CPU time over ``window`` seconds),
     at most ``most`` seconds; returns the seconds waited. Timed runs start from here: after
@@ -75,10 +69,10 @@ def settle(budget: Budget, idle: float = 0.85, window: float = 1.0, most: float 
     start = time.monotonic()
     deadline = start + min(most, max(0.0, budget.end - start - 10))
     while True:
-        idle0, total0 = _cpu_times()
+        busy0, total0 = cpu_busy_sample()
         time.sleep(window)
-        idle1, total1 = _cpu_times()
-        done = (idle1 - idle0) >= idle * max(1, total1 - total0)
+        busy1, total1 = cpu_busy_sample()
+        done = (total1 - total0) - (busy1 - busy0) >= idle * max(1, total1 - total0)
         if done or time.monotonic() >= deadline:
             return round(time.monotonic() - start, 1)
 
