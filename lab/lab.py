@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from releasy_deploy.inventory.model import DEFAULT_DATABASE_MAX_CONNECTIONS
+
 from . import acme, image, machine, net
 from .config import (BASTION, PRIVATE, PUBLIC, SUITE, HostSpec, LabIdentity, check_suite,
                      current_identity, topology_hosts)
@@ -377,10 +379,10 @@ def _write_client_files(ident: LabIdentity, specs: tuple[HostSpec, ...],
 
 
 # Debian's PostgreSQL takes 97 connections from the app role (max_connections 100 less 3
-# reserved); the app's default pool is 5 per host. A big lab shares the 97 out rather than
-# leave `fab site` warning that the pools do not fit (as it would an operator).
+# reserved); the app's default pool is DEFAULT_DATABASE_MAX_CONNECTIONS per host. A big lab
+# shares the 97 out rather than leave `fab site` warning that the pools do not fit (as it
+# would an operator).
 LAB_PG_ROOM = 97
-DEFAULT_APP_POOL = 5
 
 
 def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabRequest) -> str:
@@ -420,7 +422,7 @@ def lab_inventory(ident: LabIdentity, specs: tuple[HostSpec, ...], request: LabR
         "tiers": tiers,
         "database": {"kind": request.database},
         **({"app": {"database_max_connections": LAB_PG_ROOM // len(tiers["app"])}}
-           if len(tiers["app"]) * DEFAULT_APP_POOL > LAB_PG_ROOM else {}),
+           if len(tiers["app"]) * DEFAULT_DATABASE_MAX_CONNECTIONS > LAB_PG_ROOM else {}),
         "release": {"source": "releases", "arch": "x86_64"},
         "tls": {"mode": "self-signed", "server_name": "releasy.lab.test"},
         **({"tls": {"mode": "acme", "server_name": "releasy.lab.test", "acme": {

@@ -36,6 +36,7 @@ LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 POSTGRES_PORT = 5432
+DEFAULT_DATABASE_MAX_CONNECTIONS = 5  # app.database_max_connections: upstream's pool default
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 
 from .fields import (_DB_EXPECT, _USER_EXPECT, ACME_KEYS, APP_KEYS, DB_KEYS, EGRESS_ALLOW_KEYS,
                      EGRESS_KEYS, JWT_KEYS, RELEASE_KEYS, STORAGE_KEYS, TLS_KEYS, _Fields)
-from .model import (ARCHES, BUCKET_RE, DB_IDENT_RE, DB_KINDS, EGRESS_PINS, EMAIL_RE,
-                    LETSENCRYPT, LETSENCRYPT_STAGING, LOG_LEVELS, REGION_RE, SHA256_RE, TIERS,
-                    TLS_MODES, USER_RE, VERSION_RE, AcmeSettings, AppSettings, ArtifactStorage,
-                    DatabaseSettings, EgressAllow, EgressSettings, OperatorJwt, ReleaseSource,
-                    TlsSettings)
+from .model import (ARCHES, BUCKET_RE, DB_IDENT_RE, DB_KINDS, DEFAULT_DATABASE_MAX_CONNECTIONS,
+                    EGRESS_PINS, EMAIL_RE, LETSENCRYPT, LETSENCRYPT_STAGING, LOG_LEVELS,
+                    REGION_RE, SHA256_RE, TIERS, TLS_MODES, USER_RE, VERSION_RE, AcmeSettings,
+                    AppSettings, ArtifactStorage, DatabaseSettings, EgressAllow, EgressSettings,
+                    OperatorJwt, ReleaseSource, TlsSettings)
 from .problems import InventoryError, Problem
 from .sums import _parse_sums, _read_text
 from .values import (_Bad, _bool, _choice, _dns_name, _int, _join, _kind, _pg_major, _regex,
@@ -120,7 +120,7 @@ class _SettingsParser(_Fields):
             log_level=self.field(a, "app", "log_level", _choice(LOG_LEVELS), "info"),
             public_base_url=self.field(a, "app", "public_base_url", _url, None),
             database_max_connections=self.field(a, "app", "database_max_connections",
-                                                 _int(1, 1000), 5),
+                                                 _int(1, 1000), DEFAULT_DATABASE_MAX_CONNECTIONS),
             download_token_ttl_seconds=self.field(a, "app", "download_token_ttl_seconds",
                                                   _int(1, 4294967295), 600),
             releases_keep=self.field(a, "app", "releases_keep", _int(2, 100), 5),
