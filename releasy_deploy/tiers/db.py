@@ -311,7 +311,9 @@ def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
     password = _ensure_password(c, state)
     files_changed = _ensure_config_files(c, inv, state)
     state = _ensure_service(c, inv, state, files_changed)
-    _check_ready(c, inv, state)
+    _check_ready(c, state)
+    if not c.dry_run:  # a dry run may have no server to ask yet
+        _warn_pool_shortfall(c, inv, state.server)
     _ensure_role_and_database(c, inv, state.server, password)
 
 
@@ -450,7 +452,7 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
     return after
 
 
-def _check_ready(c: HostConnection, inv: Inventory, state: HostState) -> None:
+def _check_ready(c: HostConnection, state: HostState) -> None:
     if c.dry_run:
         return  # nothing was changed, so the current answers say nothing about the result
     silent = [h for h, ok in state.ready.items() if not ok]
@@ -463,9 +465,13 @@ def _check_ready(c: HostConnection, inv: Inventory, state: HostState) -> None:
             f"{c.name}, fix the cause and re-run.", host=c.name)
     c.reporter.info(c.name, f"{layout.service} accepting connections on "
                             f"{', '.join(state.ready)}")
+
+
+def _warn_pool_shortfall(c: HostConnection, inv: Inventory, server: pg.ServerState) -> None:
+    """A warning when the app's pools may open more connections than the server takes."""
     # A single host runs two instances while blue/green switches.
     instances = 2 if inv.is_single_host else len(inv.hosts_in("app"))
-    short = pg.pool_shortfall(state.server.limits, instances, inv.app.database_max_connections)
+    short = pg.pool_shortfall(server.limits, instances, inv.app.database_max_connections)
     if short:
         c.reporter.info(c.name, f"WARNING: {short}")
 
