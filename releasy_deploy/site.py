@@ -7,19 +7,29 @@ upstreams must answer), then proxy, then the firewall last so a rule mistake can
 the earlier steps from finishing. On a fleet whose firewall is on already, the allow rules
 new hosts need (the db's PostgreSQL rule for a new app host) are opened before the app
 tier (`firewall.open_ahead`): only the closing waits for the end. Hosts of one tier run in
-parallel inside each tier's setup."""
+parallel inside each tier's setup.
+
+A host whose firewall was off (ufw absent or inactive: a first install) gets its firewall
+as soon as its own packages are in, beside the other steps (`beside.Beside`): its plan is
+the one every later run works under and depends on no tier's result, and the app hosts
+and proxies would otherwise sit idle while the db host installs PostgreSQL. It starts, as
+the packages do, before the deploy lock is taken (a first install has no database to hold
+it in yet). The firewall step waits for those; a run that fails elsewhere waits for them
+too, before it releases the lock, and reports their failures as well."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from contextlib import ExitStack, contextmanager
 
 from . import schema
+from .beside import Beside
 from .commands.nginx import MAINTENANCE_ON, ready_through_proxy_argv
 from .errors import DeployError
+from .executor import HostConnection
 from .facts import Fact, read_facts
-from .inventory import Inventory
+from .inventory import Host, Inventory
 from .lazy import lazy_module
 from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info, prepare_lock
 from .pipeline import Pipeline
@@ -205,6 +215,23 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
     return rolled
 
 
+def _firewall_beside(session: Session, hosts: list[Host]
+                     ) -> tuple[Beside, Callable[[HostConnection], None]]:
+    """The firewall of ``hosts`` (theirs was off), each begun once its packages are in:
+    the `Beside` that runs them, and the packages step's ``then`` that starts one."""
+    names = [h.name for h in hosts]
+    off = set(names)
+    session.reporter.info("site", f"firewall off on {', '.join(names)}: each host's is"
+                                  f" converged once its packages are in, beside the other"
+                                  f" steps")
+    beside = Beside(what="the firewall", label="site", reporter=session.reporter)
+
+    def then(c: HostConnection) -> None:
+        if c.name in off:
+            beside.start(c.name, lambda: firewall.apply(session, hosts=[c.host]))
+    return beside, then
+
+
 def run(session: Session, version: str | None = None, *, wait: float = 0,
         rotate: Iterable[str] = (), yes: bool = False) -> dict[str, int]:
     """Converge the whole inventory (or the hosts of ``session.limit``, in the same tier
@@ -226,9 +253,14 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     refuse_behind_database(session, version)
     secrets = app_secrets.resolve_secrets(session, rotate)
     joining: tuple[str, ...] = ()  # app hosts installed for the first time: into rotation
+    firewall_on, firewall_off = firewall.split_by_seen(session, seen)
     with ExitStack() as stack:
+        beside = then = None  # the firewall of the hosts where it was off
+        if firewall_off and not session.dry_run:
+            beside, then = _firewall_beside(session, firewall_off)
+            stack.callback(beside.finish)
         step_started = time.monotonic()
-        installed = prepare.install_packages(session, seen)
+        installed = prepare.install_packages(session, seen, then=then)
         if installed:
             session.reporter.info("site", f"packages done in"
                                           f" {time.monotonic() - step_started:.1f} s"
@@ -239,6 +271,8 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
             if step == "db":
                 db.setup(session, yes=yes)  # a PostgreSQL restart (downtime) asks first
                 lock = stack.enter_context(change_lock(session, version=version, wait=wait))
+                if beside is not None:
+                    stack.callback(beside.finish)  # unwinding: wait for it, then the lock
             elif step == "app":
                 # A grown fleet behind a firewall that is on: its new hosts' allow rules
                 # (the db's PostgreSQL rule for a new app host) before the app tier.
@@ -246,8 +280,12 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
                 joining = setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
                 proxy_setup.setup(session, joining=joining)
-            else:
+            elif beside is None:
                 firewall.apply(session)
+            else:
+                beside.wait()
+                if firewall_on:
+                    firewall.apply(session, hosts=firewall_on)
             session.reporter.info("site", f"{step} done in"
                                           f" {time.monotonic() - step_started:.1f} s")
     if not session.dry_run:

@@ -45,7 +45,7 @@ from .firewall_guard import (
 from .firewall_state import HostState, UfwConf, host_rules, read_state
 from .firewall_views import report_diff
 
-__all__ = ["apply", "open_ahead", "converge"]
+__all__ = ["apply", "open_ahead", "converge", "split_by_seen"]
 
 RulesFor = Callable[[HostState], list[Rule]]
 
@@ -148,9 +148,10 @@ def _ensure_apt_proxy(c: HostConnection, inv: Inventory, state: HostState) -> No
         put_file(c, apt_proxy.APT_PROXY_CONF, want, mode=0o644)
 
 
-def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = False) -> None:
-    """Converge every host's firewall (those of ``session.limit``) to the plan, hosts in
-    parallel (dry-run: report only)."""
+def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = False,
+          hosts: Sequence[Host] | None = None) -> None:
+    """Converge every host's firewall (those of ``session.limit``; only ``hosts`` when
+    given) to the plan, hosts in parallel (dry-run: report only)."""
     check_revert_after(revert_after)
     inv = session.inventory
     if revert_after <= inv.ssh.connect_timeout:
@@ -159,8 +160,20 @@ def apply(session: Session, *, revert_after: int = 60, prune_unmanaged: bool = F
                        f"ssh.connect_timeout ({inv.ssh.connect_timeout:g} s)")
     # --limit: only those hosts change; every host's rules still derive from the whole
     # inventory (the topology), as without it.
-    _converge_all(session, session.targets(inv.hosts), revert_after=revert_after,
-                  prune_unmanaged=prune_unmanaged)
+    _converge_all(session, session.targets(inv.hosts) if hosts is None else hosts,
+                  revert_after=revert_after, prune_unmanaged=prune_unmanaged)
+
+
+def split_by_seen(session: Session, seen: Mapping[str, Mapping[Fact, Any]]
+                  ) -> tuple[list[Host], list[Host]]:
+    """The targets as (firewall on, firewall off) by what `prepare.prefetch_all` read
+    (``seen``): off means ufw absent or inactive, nothing enforced yet."""
+    on: list[Host] = []
+    off: list[Host] = []
+    for h in session.targets(session.inventory.hosts):
+        ufw = seen[h.name].get(UfwConf())
+        (on if ufw is not None and ufw.active else off).append(h)
+    return on, off
 
 
 def open_ahead(session: Session, seen: Mapping[str, Mapping[Fact, Any]]) -> None:
@@ -170,8 +183,7 @@ def open_ahead(session: Session, seen: Mapping[str, Mapping[Fact, Any]]) -> None
     reach each other before `apply` runs last. Only opening: removals, policies and
     enabling stay with `apply`. No round trip where nothing changed since the prefetch;
     a dry run does nothing."""
-    hosts = [h for h in session.targets(session.inventory.hosts)
-             if (ufw := seen[h.name].get(UfwConf())) is not None and ufw.active]
+    hosts, _ = split_by_seen(session, seen)
     if hosts and not session.dry_run:
         _converge_all(session, hosts, revert_after=60, add_only=True)
 

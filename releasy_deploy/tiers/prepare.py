@@ -19,7 +19,7 @@ read and installed.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..executor import HostConnection
@@ -78,9 +78,12 @@ def prefetch_all(session: Session, extra: Mapping[str, Iterable[Fact]] | None = 
         lambda c: prefetch(c, [*host_facts(inv, c.host), *more.get(c.name, ())], sudo=True))
 
 
-def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list[str]:
+def install_packages(session: Session, seen: dict[str, dict[Fact, Any]], *,
+                     then: Callable[[HostConnection], None] | None = None) -> list[str]:
     """Install what each host lacks, every host at once, its whole set in one apt call.
-    ``seen``: what `prefetch_all` read. Returns the hosts that installed something."""
+    ``seen``: what `prefetch_all` read; ``then``: called with each host's connection as
+    soon as its packages are in (the host's own thread; not in a dry run). Returns the
+    hosts that installed something."""
     inv = session.inventory
     hosts = session.targets(inv.hosts)
     for host in hosts:  # an unsupported host stops the run before any host is changed
@@ -99,12 +102,13 @@ def install_packages(session: Session, seen: dict[str, dict[Fact, Any]]) -> list
         if pg_state is not None:
             wanted = [*pg_state.layout.packages, *wanted]
             lacking += list(pg_state.missing_packages)
-        if not lacking:
-            return False
-        if pg_state is not None:
-            db.seed_config(c, inv, pg_state)
-        ensure_packages(c, wanted)
-        return True
+        if lacking:
+            if pg_state is not None:
+                db.seed_config(c, inv, pg_state)
+            ensure_packages(c, wanted)
+        if then is not None:
+            then(c)
+        return bool(lacking)
 
     done = session.executor.each(hosts, one)
     return [name for name, installed in done.items() if installed]

@@ -3,10 +3,15 @@ gets in its one apt call, and that the one prefetch read of a host covers every 
 first look at it (otherwise that tier would pay its own round trip)."""
 from __future__ import annotations
 
+from releasy_deploy.commands.ufw_state import UfwStatus
+from releasy_deploy.executor import Executor
 from releasy_deploy.facts import OsRelease, PackageVersion
 from releasy_deploy.inventory import parse_inventory
+from releasy_deploy.output import Reporter
 from releasy_deploy.packages import APP_PACKAGES, FIREWALL_PACKAGES, PROXY_PACKAGES
-from releasy_deploy.tiers import app_facts, db, firewall_state, prepare, proxy_state
+from releasy_deploy.secrets import Secrets
+from releasy_deploy.session import Session
+from releasy_deploy.tiers import app_facts, db, firewall, firewall_state, prepare, proxy_state
 
 BASE = {"admin_cidrs": ["10.9.0.1/32"], "known_hosts": "known_hosts",
         "release": {"source": "releases"},
@@ -51,3 +56,18 @@ def test_the_prefetch_covers_every_tiers_first_look():
     # sqlite: no PostgreSQL facts on the single host
     solo = prepare.host_facts(SINGLE, host(SINGLE, "solo"))
     assert not set(db.state_facts(SPLIT)) - {OsRelease()} & set(solo)
+
+
+def test_hosts_whose_firewall_is_off_are_told_apart_from_those_where_it_is_on():
+    """`fab site` converges the firewall of the hosts where it was off beside its other
+    steps; absent ufw (None) counts as off. --limit narrows both."""
+    reporter = Reporter()
+    session = Session(SPLIT, Secrets(), Executor(SPLIT, reporter=reporter), reporter)
+    seen = {"proxy1": {firewall_state.UfwConf(): UfwStatus(active=True)},
+            "app1": {firewall_state.UfwConf(): UfwStatus(active=False)},
+            "db1": {firewall_state.UfwConf(): None}}
+    on, off = firewall.split_by_seen(session, seen)
+    assert [h.name for h in on] == ["proxy1"] and [h.name for h in off] == ["app1", "db1"]
+    session.limit_to("db1")
+    on, off = firewall.split_by_seen(session, seen)
+    assert on == [] and [h.name for h in off] == ["db1"]
