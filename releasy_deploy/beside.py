@@ -51,10 +51,15 @@ class Beside:
             with self._lock:
                 self._failures[host] = exc
 
-    def _join(self) -> dict[str, BaseException]:
+    def _join(self, *, say: bool = False) -> dict[str, BaseException]:
         with self._lock:
-            threads = list(self._threads.values())
-        for thread in threads:
+            threads = list(self._threads.items())
+        running = [host for host, t in threads if t.is_alive()]
+        if say and running:
+            self._reporter.info(self._label, f"waiting for {self.what} of"
+                                             f" {', '.join(running)} to end (begun beside the"
+                                             f" other steps; its steps are bounded)")
+        for _, thread in threads:
             thread.join()
         with self._lock:
             failures, self._failures = self._failures, {}
@@ -69,8 +74,9 @@ class Beside:
             raise ParallelError(failures, ok, mask=self._reporter.masker)
 
     def finish(self) -> None:
-        """Join every step still running; report (not raise) their failures."""
-        failures = self._join()
+        """Join every step still running (saying which); report (not raise) their
+        failures."""
+        failures = self._join(say=True)
         for host, exc in failures.items():
             said = str(exc).removeprefix(f"{host}: ") or type(exc).__name__
             self._reporter.error(host, f"{self.what}, begun beside the other steps, failed"

@@ -9,18 +9,21 @@ new hosts need (the db's PostgreSQL rule for a new app host) are opened before t
 tier (`firewall.open_ahead`): only the closing waits for the end. Hosts of one tier run in
 parallel inside each tier's setup.
 
-A host whose firewall was off (ufw absent or inactive: a first install) gets its firewall
-as soon as its own packages are in, beside the other steps (`beside.Beside`): its plan is
-the one every later run works under and depends on no tier's result, and the app hosts
-and proxies would otherwise sit idle while the db host installs PostgreSQL. It starts, as
-the packages do, before the deploy lock is taken (a first install has no database to hold
-it in yet). The firewall step waits for those; a run that fails elsewhere waits for them
-too, before it releases the lock, and reports their failures as well."""
+Only the database must wait for the db host's install; the app hosts and proxies would
+otherwise sit idle meanwhile. So a host goes on as soon as its own packages are in
+(`_after_packages`): where its firewall was off (ufw absent or inactive: a first install)
+it gets its firewall, beside the other steps (`beside.Beside`): its plan is the one every
+later run works under and depends on no tier's result. An app host with no release yet
+gets its account, directories and release (not the env file: it needs the database's
+password). Both start, as the packages do, before the deploy lock is taken (a first
+install has no database to hold it in yet). The firewall step waits for the firewalls; a
+run that fails elsewhere waits for them too, before it releases the lock, and reports
+their failures as well."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from contextlib import ExitStack, contextmanager
 
 from . import schema
@@ -35,6 +38,10 @@ from .lock import LockBusy, LockInfo, busy_message, deploy_lock, holder_info, pr
 from .pipeline import Pipeline
 from .session import Session
 from .tiers import app_secrets, app_setup, db, firewall, prepare, proxy_setup
+from .tiers.app_facts import ReleasyReleases
+
+if TYPE_CHECKING:
+    from .releases import LocalRelease
 
 # Only a run that restarts serving app hosts (blue/green, the rolling runner) or names a
 # version (its tarball, the backups) needs these: loading them costs a no-op run ~0.1 s.
@@ -72,11 +79,10 @@ def smoke_test(session: Session) -> None:
     session.executor.each(session.inventory.hosts_in("proxy"), check)
 
 
-def check_artifact(session: Session, version: str | None) -> None:
+def check_artifact(session: Session, version: str | None) -> LocalRelease | None:
     """The release tarball found and its sha256 verified here, before any host is contacted
     (the lock included): a bad artifact is bad input with nothing touched (exit 2)."""
-    if version is not None:
-        releases.fetch_release(session.inventory, version)
+    return None if version is None else releases.fetch_release(session.inventory, version)
 
 
 def refuse_if_locked(session: Session) -> None:
@@ -215,20 +221,32 @@ def _roll_restarts(session: Session, version: str | None, lock: LockInfo,
     return rolled
 
 
-def _firewall_beside(session: Session, hosts: list[Host]
-                     ) -> tuple[Beside, Callable[[HostConnection], None]]:
-    """The firewall of ``hosts`` (theirs was off), each begun once its packages are in:
-    the `Beside` that runs them, and the packages step's ``then`` that starts one."""
-    names = [h.name for h in hosts]
-    off = set(names)
-    session.reporter.info("site", f"firewall off on {', '.join(names)}: each host's is"
-                                  f" converged once its packages are in, beside the other"
-                                  f" steps")
-    beside = Beside(what="the firewall", label="site", reporter=session.reporter)
+def _after_packages(session: Session, seen: dict[str, dict[Fact, Any]],
+                    firewall_off: list[Host], release: LocalRelease | None
+                    ) -> tuple[Beside | None, Callable[[HostConnection], None] | None]:
+    """What a host does as soon as its packages are in (the packages step's ``then``), not
+    waiting for the db host's install: its firewall, where it was off, begun beside the
+    other steps (the `Beside` returned runs them), and on an app host with no release
+    yet, the account, directories and release (`app_setup.stage_first_install`). Nothing
+    in a dry run."""
+    if session.dry_run:
+        return None, None
+    inv = session.inventory
+    first = {h.name for h in session.targets(inv.hosts_in("app"))
+             if seen[h.name][ReleasyReleases()].current is None}
+    off = {h.name for h in firewall_off}
+    beside = None
+    if off:
+        session.reporter.info("site", f"firewall off on {', '.join(h.name for h in firewall_off)}"
+                                      f": each host's is converged once its packages are in,"
+                                      f" beside the other steps")
+        beside = Beside(what="the firewall", label="site", reporter=session.reporter)
 
     def then(c: HostConnection) -> None:
-        if c.name in off:
+        if beside is not None and c.name in off:
             beside.start(c.name, lambda: firewall.apply(session, hosts=[c.host]))
+        if c.name in first:
+            app_setup.stage_first_install(c, inv, release)
     return beside, then
 
 
@@ -242,7 +260,7 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     secrets are checked first too: one that would drift is refused (exit 2) before any
     tier is touched."""
     started = time.monotonic()
-    check_artifact(session, version)
+    release = check_artifact(session, version)
     if not session.dry_run:
         prepare_lock(session)  # read, then taken, after the hosts answer the prefetch
     # Every tier's first look at every host, in one parallel read (read-only), with what
@@ -255,9 +273,8 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
     joining: tuple[str, ...] = ()  # app hosts installed for the first time: into rotation
     firewall_on, firewall_off = firewall.split_by_seen(session, seen)
     with ExitStack() as stack:
-        beside = then = None  # the firewall of the hosts where it was off
-        if firewall_off and not session.dry_run:
-            beside, then = _firewall_beside(session, firewall_off)
+        beside, then = _after_packages(session, seen, firewall_off, release)
+        if beside is not None:
             stack.callback(beside.finish)
         step_started = time.monotonic()
         installed = prepare.install_packages(session, seen, then=then)

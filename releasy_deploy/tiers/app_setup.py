@@ -39,7 +39,7 @@ from .app_facts import (PACKAGES, SERVICE_UNIT, HostFacts, KeptSecrets, ReleasyA
                         live_instance)
 from .app_secrets import database_url, resolve_secrets, resolve_states
 
-__all__ = ["setup", "AppSetup", "record_levels"]
+__all__ = ["setup", "stage_first_install", "AppSetup", "record_levels"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,25 @@ def _gather(c: HostConnection, plan: _Plan, *, with_secrets: bool = False) -> Ho
         instances_ready={p: found[ReleasyReady(cmd.ready_url(cmd.instance_bind(p)))]
                          for p in plan.inv.app.bluegreen_ports if plan.inv.is_single_host},
     )
+
+
+def stage_first_install(c: HostConnection, inv: Inventory,
+                        release: LocalRelease | None) -> None:
+    """On an app host with no release yet, what `setup` does there that needs nothing from
+    the database: the service account, the directories, ``release`` uploaded (not
+    switched). `fab site` runs it as soon as the host's packages are in, while the db host
+    may still be installing PostgreSQL; `setup` then finds it all in place. Not in a dry
+    run (nothing is installed then either)."""
+    if c.dry_run:
+        return
+    plan = _Plan(inv, {}, None, release, database_url="")  # the URL: the db step's
+    f = _gather(c, plan)
+    if f.releases.current is not None:
+        return  # serving, or about to: its changes belong to `setup` and its rollout
+    group = _ensure_account(c, plan.user, f.account)
+    _ensure_dirs(c, plan.user, group, f)
+    if release is not None:
+        stage_with(c, release, f.releases)
 
 
 def setup(session: Session, version: str | None = None, *, defer_restarts: bool = False,

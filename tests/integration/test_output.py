@@ -91,3 +91,18 @@ def test_on_a_terminal_the_live_block_goes_and_the_plain_lines_stay(fresh_site):
         assert (m and m.group(1) in LABELS) or SUMMARY_LINE.fullmatch(line), \
             f"left on the screen: {line!r}"
     assert not any(line.startswith("-- ") for line in final)
+
+
+def test_hosts_go_on_as_soon_as_their_packages_are_in(fresh_site):
+    """Only the database waits for the db host's install of PostgreSQL: each app host has
+    its release uploaded before the db step begins, and every host's firewall (off on fresh
+    hosts) is converged beside the other steps, done before the firewall step ends."""
+    _, proc, _ = fresh_site
+    out = proc.stdout
+    assert f"[site] firewall off on {', '.join(HOSTS)}: each host's is converged" in out, out
+    db_step = out.index("[site] --- db ---")
+    for app in ("app1", "app2"):
+        assert out.index(f"[{app}] changed: release 1.0.0 (uploaded") < db_step, out
+    firewall_done = out.index("[site] firewall done in")
+    for host in HOSTS:
+        assert out.index(f"[{host}] changed: ufw enabled") < firewall_done, out

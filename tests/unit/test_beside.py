@@ -52,3 +52,12 @@ def test_finish_reports_failures_instead_of_raising_them():
            "refused" in out.getvalue()
     steps.finish()  # idempotent: a flow's unwinding may call it twice
     assert out.getvalue().count("ERROR") == 1
+
+
+def test_finish_says_which_steps_it_waits_for():
+    steps, out = beside()
+    release = threading.Event()
+    steps.start("db1", lambda: release.wait(5))
+    threading.Timer(0.05, release.set).start()
+    steps.finish()
+    assert "[site] waiting for the firewall of db1 to end" in out.getvalue()
