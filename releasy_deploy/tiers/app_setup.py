@@ -88,7 +88,7 @@ def stage_first_install(c: HostConnection, inv: Inventory,
     run (nothing is installed then either)."""
     if c.dry_run:
         return
-    plan = _Plan(inv, {}, None, release, database_url="")  # the URL: the db step's
+    plan = _Plan(inv, {}, None, release, database_url="")  # no URL yet: the db step's
     f = _gather(c, plan)
     if f.releases.current is not None:
         return  # serving, or about to: its changes belong to `setup` and its rollout
