@@ -243,6 +243,8 @@ def _after_packages(session: Session, seen: dict[str, dict[Fact, Any]],
         beside = Beside(what="the firewall", label="site", reporter=session.reporter)
 
     def then(c: HostConnection) -> None:
+        if session.executor.interrupted:
+            return  # Ctrl-C: this host's install ran to its end, nothing more begins
         if beside is not None and c.name in off:
             beside.start(c.name, lambda: firewall.apply(session, hosts=[c.host]))
         if c.name in first:

@@ -82,6 +82,9 @@ class Executor:
         self._conns: dict[str, HostConnection] = {}
         self._jumps: dict[str, HostConnection] = {}  # jump hosts that are not inventory hosts
         self._lock = threading.Lock()
+        #: set once a Ctrl-C reached `each`: its hosts' functions still run to the end
+        #: (the pool waits for them), but should begin nothing new (`interrupted`).
+        self._interrupted = threading.Event()
 
     def _count(self, counter: dict[str, int], name: str) -> None:
         with self._lock:
@@ -150,8 +153,10 @@ class Executor:
         failures: dict[str, BaseException] = {}
         workers = min(self.max_parallel, len(targets))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="releasy-host") as pool:
-            futures = {pool.submit(fn, self.conn(h)): h.name for h in targets}
+            futures: dict[Any, str] = {}
             try:
+                for h in targets:
+                    futures[pool.submit(fn, self.conn(h))] = h.name
                 for fut in self._completed(futures):
                     name = futures[fut]
                     try:
@@ -165,6 +170,7 @@ class Executor:
                         self.reporter.error(name, first + (" (details below)" if "\n" in msg
                                                            else ""))
             except KeyboardInterrupt:
+                self._interrupted.set()
                 if close_on_interrupt:
                     for fut in futures:
                         fut.cancel()
@@ -174,6 +180,12 @@ class Executor:
         if failures:
             raise ParallelError(failures, results, mask=self.masker)
         return {h.name: results[h.name] for h in targets}
+
+    @property
+    def interrupted(self) -> bool:
+        """A Ctrl-C reached `each` in this task: a host's function that is still running
+        (the pool waits for it) checks this before it begins another step."""
+        return self._interrupted.is_set()
 
     @staticmethod
     def _completed(futures):

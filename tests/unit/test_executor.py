@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import socket
+import _thread
 import threading
 import time
 from dataclasses import dataclass
@@ -665,3 +666,30 @@ def test_closing_does_not_wait_for_a_connect_ahead(sshd):
         for thread in ahead_threads():
             thread.join(timeout=30)
         assert ex.connections_opened == {}
+
+
+def test_a_ctrl_c_in_each_tells_the_hosts_still_running_to_begin_nothing_new():
+    """The pool waits for every host's function after a Ctrl-C (an apt run is not cut
+    off); `interrupted` lets such a function skip its next step (`fab site` then begins no
+    firewall on a host whose install ended after the Ctrl-C)."""
+    inv = offline_inventory(FakeHost("a", ssh_port=1), FakeHost("b", ssh_port=1))
+    ex = Executor(inv, reporter=Reporter(io.StringIO()))
+    seen_after = []
+    interrupted = threading.Event()
+    both_running = threading.Barrier(2, timeout=5)
+
+    def task(c: HostConnection) -> None:  # no connection is opened
+        both_running.wait()
+        if c.name == "a":
+            time.sleep(0.2)  # the main thread is past starting the workers, waiting on them
+            _thread.interrupt_main()  # what a Ctrl-C does to the main thread
+            interrupted.set()
+            return
+        interrupted.wait(5)
+        time.sleep(0.5)  # the main thread meanwhile turned the signal into KeyboardInterrupt
+        seen_after.append(ex.interrupted)
+
+    assert not ex.interrupted
+    with pytest.raises(KeyboardInterrupt):
+        ex.each(["a", "b"], task)
+    assert seen_after == [True]
