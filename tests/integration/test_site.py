@@ -248,6 +248,36 @@ def test_a_firewall_failing_beside_the_other_steps_fails_the_run_after_them(spli
     assert "Status: active" in split.sudo("app2", "ufw", "status").stdout
 
 
+def test_a_ctrl_c_while_the_db_host_installs_begins_nothing_new(lab_session):
+    """A first install (a fresh lab, so the module's own lab ends here), one Ctrl-C once
+    app1's packages are in (its firewall begun beside) and while db1 still installs
+    PostgreSQL: db1's install runs to its end (apt is never cut off), but nothing new
+    begins after the Ctrl-C (no firewall on db1, no db step); exit 130; a re-run
+    converges the rest."""
+    lab = lab_session.fresh("split", 2)
+    proc = start_fab(lab.inventory, "site", "--version", "1.0.0", stdin=subprocess.DEVNULL,
+                     stderr=subprocess.STDOUT)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[app1] changed: packages: installed"):
+                break
+        proc.send_signal(signal.SIGINT)  # once
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # only the process this test started
+            proc.wait()
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    assert "[db1] changed: packages: installed postgresql-" in out, out
+    assert "[db1] changed: firewall rule added" not in out and "--- db ---" not in out, out
+    again = lab.fab("site", "--version", "1.0.0").stdout
+    assert "[db1] changed: ufw enabled" in again, again
+    assert "[proxy1] https /ready through the proxy: 200" in again, again
+
+
 @pytest.mark.parametrize("database", [
     pytest.param(db, marks=pytest.mark.lab_shape("single", database=db))
     for db in ("postgres", "sqlite")])
