@@ -25,9 +25,9 @@ from ..commands.firewall_revert import (
     disarm_script,
     revert_now_argv,
 )
-from ..errors import (BadInput, ConnectionDropped, DeployError, RemoteCommandError,
-                      UnreachableError, first_line)
-from ..executor import Executor, HostConnection
+from ..errors import (BadInput, ConnectionDropped, DeployError, UnreachableError,
+                      first_line)
+from ..executor import Executor, HostConnection, tail
 from ..firewall import ssh_sources
 from ..inventory import Host
 from ..remote import put_file
@@ -118,7 +118,8 @@ def check_no_revert_pending(host: Host, state: HostState) -> None:
 def run_armed(c: HostConnection, commands: list[list[str]], revert_after: int
               ) -> tuple[str, float]:
     """Save ufw's files, arm the revert timer and run ``commands`` in one script; returns
-    (the revert token, when the timer was armed). A failing command puts the previous
+    (the revert token, when the timer was armed). A failure before the timer was armed
+    changed nothing (DeployError saying so); a failing ufw command puts the previous
     firewall back at once (DeployError); a lost connection leaves it to the timer
     (FirewallLockout)."""
     host = c.host
@@ -127,27 +128,36 @@ def run_armed(c: HostConnection, commands: list[list[str]], revert_after: int
     script = apply_script(commands, token=token, revert_after=revert_after)
     armed_at = time.time()
     try:
-        c.run_script(script, sudo=True, label="firewall: save, arm revert, apply ufw rules")
+        res = c.run_script(script, sudo=True, check=False,
+                           label="firewall: save, arm revert, apply ufw rules")
     except UnreachableError as exc:
         raise FirewallLockout(
             f"{host.name}: lost the SSH connection while changing the firewall "
             f"({first_line(exc)}). If the revert timer was armed, {host.name} "
             f"restores its previous firewall by itself within {revert_after} s. Check the "
             f"host, then re-run.", host=host.name) from None
-    except RemoteCommandError as exc:
-        # The change failed half-way: put the previous firewall back now.
-        try:
-            c.run(revert_now_argv(token), sudo=True)
-            restored = "the previous firewall was restored"
-        except DeployError:
-            restored = (f"restoring the previous firewall failed too; the revert timer "
-                        f"({REVERT_TIMER}) restores it within {revert_after} s")
-        said = "\n".join(f"    {line}" for line in exc.stderr_tail.splitlines()[-6:])
+    if res.ok:
+        return token, armed_at
+    said = "\n".join(f"    {line}" for line in
+                     tail(c.mask(res.stderr or res.stdout), 6).splitlines())
+    if "@armed" not in res.stdout.splitlines():
+        # The script stops before its first ufw command until the timer is armed.
         raise DeployError(
-            f"{host.name}: changing the firewall failed; {restored}. ufw said:\n{said}\n"
-            f"  Fix the cause on {host.name} (`sudo ufw show added`) and re-run.",
-            host=host.name) from None
-    return token, armed_at
+            f"{host.name}: changing the firewall failed before any ufw command ran (while "
+            f"saving ufw's files or arming the revert timer {REVERT_TIMER}); nothing was "
+            f"changed. It said:\n{said}\n  Fix the cause on {host.name} and re-run.",
+            host=host.name)
+    # The change failed half-way: put the previous firewall back now.
+    try:
+        c.run(revert_now_argv(token), sudo=True)
+        restored = "the previous firewall was restored"
+    except DeployError:
+        restored = (f"restoring the previous firewall failed too; the revert timer "
+                    f"({REVERT_TIMER}) restores it within {revert_after} s")
+    raise DeployError(
+        f"{host.name}: changing the firewall failed; {restored}. ufw said:\n{said}\n"
+        f"  Fix the cause on {host.name} (`sudo ufw show added`) and re-run.",
+        host=host.name)
 
 
 def _disarm(fresh: Executor, host: Host, token: str, *, again: bool = True):
