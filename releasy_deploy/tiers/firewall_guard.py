@@ -25,8 +25,8 @@ from ..commands.firewall_revert import (
     disarm_script,
     revert_now_argv,
 )
-from ..errors import (BadInput, ConnectionDropped, DeployError, UnreachableError,
-                      first_line)
+from ..errors import (BadInput, CommandTimeoutError, ConnectionDropped, DeployError,
+                      UnreachableError, first_line)
 from ..executor import Executor, HostConnection, tail
 from ..firewall import ssh_sources
 from ..inventory import Host
@@ -130,17 +130,20 @@ def run_armed(c: HostConnection, commands: list[list[str]], revert_after: int
     try:
         res = c.run_script(script, sudo=True, check=False,
                            label="firewall: save, arm revert, apply ufw rules")
+        if res.ok:
+            return token, armed_at
+        armed = "@armed" in res.stdout.splitlines()
+        text = c.mask(res.stderr or res.stdout)
     except UnreachableError as exc:
         raise FirewallLockout(
             f"{host.name}: lost the SSH connection while changing the firewall "
             f"({first_line(exc)}). If the revert timer was armed, {host.name} "
             f"restores its previous firewall by itself within {revert_after} s. Check the "
             f"host, then re-run.", host=host.name) from None
-    if res.ok:
-        return token, armed_at
-    said = "\n".join(f"    {line}" for line in
-                     tail(c.mask(res.stderr or res.stdout), 6).splitlines())
-    if "@armed" not in res.stdout.splitlines():
+    except CommandTimeoutError as exc:
+        armed, text = True, exc.stderr_tail  # no exit status: how far it got is unknown
+    said = "\n".join(f"    {line}" for line in tail(text, 6).splitlines())
+    if not armed:
         # The script stops before its first ufw command until the timer is armed.
         raise DeployError(
             f"{host.name}: changing the firewall failed before any ufw command ran (while "
