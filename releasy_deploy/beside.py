@@ -30,7 +30,6 @@ class Beside:
         self._reporter = reporter
         self._threads: dict[str, threading.Thread] = {}
         self._failures: dict[str, BaseException] = {}
-        self._joined: list[str] = []  # the hosts whose steps the last join waited for
         self._lock = threading.Lock()
 
     def start(self, host: str, step: Callable[[], object]) -> None:
@@ -51,7 +50,8 @@ class Beside:
             with self._lock:
                 self._failures[host] = exc
 
-    def _join(self, *, say: bool = False) -> dict[str, BaseException]:
+    def _join(self, *, say: bool = False) -> tuple[list[str], dict[str, BaseException]]:
+        """Wait for every step started so far; (their hosts, their failures), once."""
         with self._lock:
             threads = list(self._threads.items())
         running = [host for host, t in threads if t.is_alive()]
@@ -63,20 +63,20 @@ class Beside:
             thread.join()
         with self._lock:
             failures, self._failures = self._failures, {}
-            self._joined, self._threads = list(self._threads), {}
-        return failures
+            joined, self._threads = list(self._threads), {}
+        return joined, failures
 
     def wait(self) -> None:
         """Join every step; raise their failures (`ParallelError`), once."""
-        failures = self._join()
+        joined, failures = self._join()
         if failures:
-            ok = {h: None for h in self._joined if h not in failures}
+            ok = {h: None for h in joined if h not in failures}
             raise ParallelError(failures, ok, mask=self._reporter.masker)
 
     def finish(self) -> None:
         """Join every step still running (saying which); report (not raise) their
         failures."""
-        failures = self._join(say=True)
+        _, failures = self._join(say=True)
         for host, exc in failures.items():
             said = str(exc).removeprefix(f"{host}: ") or type(exc).__name__
             self._reporter.error(host, f"{self.what}, begun beside the other steps, failed"
