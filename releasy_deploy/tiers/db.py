@@ -312,8 +312,7 @@ def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
     files_changed = _ensure_config_files(c, inv, state)
     state = _ensure_service(c, inv, state, files_changed)
     _check_ready(c, state)
-    if not c.dry_run:  # a dry run may have no server to ask yet
-        _warn_pool_shortfall(c, inv, state.server)
+    _warn_pool_shortfall(c, inv, state.server)
     _ensure_role_and_database(c, inv, state.server, password)
 
 
@@ -469,6 +468,8 @@ def _check_ready(c: HostConnection, state: HostState) -> None:
 
 def _warn_pool_shortfall(c: HostConnection, inv: Inventory, server: pg.ServerState) -> None:
     """A warning when the app's pools may open more connections than the server takes."""
+    if c.dry_run:
+        return  # a dry run may have no server to ask yet
     # A single host runs two instances while blue/green switches.
     instances = 2 if inv.is_single_host else len(inv.hosts_in("app"))
     short = pg.pool_shortfall(server.limits, instances, inv.app.database_max_connections)
