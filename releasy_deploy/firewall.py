@@ -27,7 +27,7 @@ from .commands.ufw import Address, LiveRule, Network, Rule
 from .inventory import POSTGRES_PORT, Host, Inventory
 
 __all__ = [
-    "HTTP_PORTS", "host_network", "ssh_sources", "ssh_rules", "plan_rules",
+    "HTTP_PORTS", "host_network", "ssh_sources", "ssh_rules", "plan_rules", "host_plan",
     "reachable_by_plan", "audit_ports",
 ]
 
@@ -61,30 +61,29 @@ def ssh_rules(host: Host, admin_cidrs: Iterable[Network]) -> list[Rule]:
 
 def plan_rules(inv: Inventory) -> dict[str, list[Rule]]:
     """Host name -> the rules that host should have, in a stable order (inventory order)."""
-    proxies = inv.hosts_in("proxy")
-    apps = inv.hosts_in("app")
-    plan: dict[str, list[Rule]] = {}
-    for host in inv.hosts:
-        rules = ssh_rules(host, inv.admin_cidrs)
-        if host.has("proxy"):
-            rules += [Rule(80, "tcp", None, "http"), Rule(443, "tcp", None, "https")]
-        if host.has("app"):
-            for proxy in proxies:
-                if proxy.name != host.name:  # same host: loopback, always accepted
-                    source = host_network(proxy.private_address, proxy.name, "the app tier")
-                    rules.append(Rule(inv.app.bind_port, "tcp", source,
-                                      f"app from {proxy.name}"))
-        if host.has("db") and inv.database.kind == "postgres":
-            for app in apps:
-                if app.name != host.name:
-                    source = host_network(app.private_address, app.name, "the db tier")
-                    rules.append(Rule(POSTGRES_PORT, "tcp", source,
-                                      f"postgres from {app.name}"))
-        unique: dict[tuple, Rule] = {}
-        for rule in rules:
-            unique.setdefault(rule.key, rule)  # overlapping inputs: first reason wins
-        plan[host.name] = list(unique.values())
-    return plan
+    return {host.name: host_plan(inv, host) for host in inv.hosts}
+
+
+def host_plan(inv: Inventory, host: Host) -> list[Rule]:
+    """The rules ``host`` should have (its entry of `plan_rules`), without planning the
+    other hosts: a per-host caller over a fleet stays linear in its size."""
+    rules = ssh_rules(host, inv.admin_cidrs)
+    if host.has("proxy"):
+        rules += [Rule(80, "tcp", None, "http"), Rule(443, "tcp", None, "https")]
+    if host.has("app"):
+        for proxy in inv.hosts_in("proxy"):
+            if proxy.name != host.name:  # same host: loopback, always accepted
+                source = host_network(proxy.private_address, proxy.name, "the app tier")
+                rules.append(Rule(inv.app.bind_port, "tcp", source, f"app from {proxy.name}"))
+    if host.has("db") and inv.database.kind == "postgres":
+        for app in inv.hosts_in("app"):
+            if app.name != host.name:
+                source = host_network(app.private_address, app.name, "the db tier")
+                rules.append(Rule(POSTGRES_PORT, "tcp", source, f"postgres from {app.name}"))
+    unique: dict[tuple, Rule] = {}
+    for rule in rules:
+        unique.setdefault(rule.key, rule)  # overlapping inputs: first reason wins
+    return list(unique.values())
 
 
 # --------------------------------------------------------------------------- what it lets in

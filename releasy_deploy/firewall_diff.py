@@ -25,7 +25,7 @@ from .commands.ufw import (
     delete_argv,
 )
 from .commands.ufw_state import UfwDefaults
-from .firewall import plan_rules
+from .firewall import host_plan
 from .inventory import Host, Inventory
 
 __all__ = [
@@ -136,7 +136,7 @@ def summary_diff(inv: Inventory, host: Host, live: Sequence[LiveRule], *, active
     """The diff `fab status` shows without probing DNS: ingress against the plan; with
     egress.restrict, our own outgoing rules count as planned (their addresses depend on
     the host's resolvers, which `firewall.status` reads)."""
-    planned = list(plan_rules(inv)[host.name])
+    planned = host_plan(inv, host)
     if inv.egress.restrict:
         keys = {r.key for r in planned}
         for rule in live:

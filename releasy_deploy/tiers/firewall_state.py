@@ -22,7 +22,7 @@ from ..commands.ufw_state import UfwDefaults, UfwStatus
 from ..errors import DeployError
 from ..executor import HostConnection
 from ..facts import SYSTEMD_SHOW, Fact, OsRelease, PackageVersion, read_facts
-from ..firewall import plan_rules
+from ..firewall import host_plan
 from ..firewall_egress import EgressError, HostNet, egress_rules, names_to_resolve
 from ..hostos import check_release
 from ..inventory import Host, Inventory
@@ -223,4 +223,4 @@ def host_rules(inv: Inventory, host: Host, state: HostState) -> list[Rule]:
         egress = egress_rules(inv, host, state.net)
     except EgressError as exc:
         raise DeployError(str(exc), host=exc.host) from None
-    return plan_rules(inv)[host.name] + egress
+    return host_plan(inv, host) + egress
