@@ -83,7 +83,7 @@ def ready_url(bind: str) -> str:
 # -------------------------------------------------------------------------- service account
 @dataclass(frozen=True)
 class Account:
-    """What the host says about the service account (see ACCOUNT_PROBE)."""
+    """What the host says about the service account (`account_probe`)."""
 
     uid: int | None = None  # None: no such user
     group: str | None = None  # the user's primary group name
@@ -97,32 +97,39 @@ class Account:
         return self.uid is not None
 
 
+# The account ``{q}`` and whatever holds PREFERRED_UID, in two getent calls: passwd entries
+# (the user's and uid PREFERRED_UID's), "@group", then group entries (the group of that
+# name, gid PREFERRED_UID and the user's primary group). The parser reads the columns.
+_ACCOUNT_PROBE = """p=$(getent passwd -- {q} {uid})
+printf '%s\\n@group\\n' "$p"
+g=
+while IFS=: read -r n _ _ gid _; do [ "$n" = {q} ] && g=$gid; done <<RELEASY_PASSWD
+$p
+RELEASY_PASSWD
+case $g in *[!0-9]*) g=;; esac
+getent group -- {q} {uid} $g"""
+
+
 def account_probe(name: str) -> str:
-    q = shlex.quote(name)
-    return "\n".join([
-        f"if entry=$(getent passwd {q}); then echo \"user $entry\"; fi",
-        f"if g=$(id -gn {q} 2>/dev/null); then echo \"group $g\"; fi",
-        f"if getent group {q} >/dev/null; then echo group-exists; fi",
-        f"if getent passwd {PREFERRED_UID} >/dev/null; then echo uid-taken; fi",
-        f"if getent group {PREFERRED_UID} >/dev/null; then echo gid-taken; fi",
-    ])
+    return _ACCOUNT_PROBE.format(q=shlex.quote(name), uid=PREFERRED_UID)
 
 
-def parse_account(stdout: str) -> Account:
-    uid = group = shell = None
-    flags: set[str] = set()
-    for line in stdout.splitlines():
-        kind, _, rest = line.partition(" ")
-        if kind == "user":
-            fields = rest.split(":")
-            if len(fields) >= 7 and fields[2].isdigit():
-                uid, shell = int(fields[2]), fields[6]
-        elif kind == "group" and rest:
-            group = rest.strip()
-        elif kind in ("group-exists", "uid-taken", "gid-taken"):
-            flags.add(kind)
-    return Account(uid, group, shell, "group-exists" in flags, "uid-taken" in flags,
-                   "gid-taken" in flags)
+def parse_account(stdout: str, name: str) -> Account:
+    """`Account` of ``name`` from `account_probe`'s output."""
+    passwd, _, groups = stdout.partition("@group\n")
+    users = [line.split(":") for line in passwd.splitlines()]
+    group_rows = [line.split(":") for line in groups.splitlines()]
+    uid = gid = shell = None
+    for fields in users:
+        if len(fields) >= 7 and fields[0] == name and fields[2].isdigit():
+            uid, gid, shell = int(fields[2]), fields[3], fields[6]
+    preferred = str(PREFERRED_UID)
+    group = next((g[0] for g in group_rows if uid is not None and len(g) >= 3
+                  and g[2] == gid), None)
+    return Account(uid, group, shell,
+                   group_exists=any(g[0] == name for g in group_rows),
+                   uid_taken=any(len(u) >= 3 and u[2] == preferred for u in users),
+                   gid_taken=any(len(g) >= 3 and g[2] == preferred for g in group_rows))
 
 
 def account_commands(name: str, account: Account) -> list[list[str]]:

@@ -39,7 +39,7 @@ d={shlex.quote(KEPT_DIR)}; f={shlex.quote(KEPT_FILE)}; e={shlex.quote(appcmd.ENV
 if [ -L "$d" ] || {{ [ -e "$d" ] && [ ! -d "$d" ]; }}; then echo "state: bad-dir"
 elif [ -L "$f" ] || {{ [ -e "$f" ] && [ ! -f "$f" ]; }}; then echo "state: bad-file"
 elif [ -f "$f" ]; then
-  echo "state: $(stat -c '%U:%G %a' -- "$d") $(stat -c '%U:%G %a' -- "$f")"
+  printf 'state: %s %s %s %s\n' $(stat -c '%U:%G %a' -- "$d" "$f")
   cat -- "$f"
 elif [ -d "$d" ]; then echo "state: $(stat -c '%U:%G %a' -- "$d") absent"
 else echo "state: absent"

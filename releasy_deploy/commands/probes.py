@@ -8,6 +8,7 @@ their output sit with the facts that read them (`releasy_deploy.status.probes`,
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 
 from . import app as appcmd
 from . import postgres as pgcmd
@@ -17,10 +18,14 @@ PG_DATA_DIR = "/var/lib/postgresql"
 #: seconds each network probe (curl, pg_isready) may take: status must stay quick.
 PROBE_TIMEOUT_S = 3
 
-# $PATH -> "KB PERCENT": du of the directory, use% of its file system; exit 3 if absent.
-_DISK_SHELL = """[ -d {q} ] || exit 3
-set -- $(du -sk -- {q} 2>/dev/null | cut -f1) $(df -Pk -- {q} | awk 'NR == 2 {{ print $5 }}')
-echo "${{1:-?}} ${{2:-?}}\""""
+# Every directory asked, in one frame: a line "y" or "n" per path (it is a directory or not;
+# after "y", du's "KB<TAB>PATH" line unless du failed), then "@df" and ONE df of the
+# directories found. One du per path keeps the sizes apart (a single du counts a file hard
+# linked into two of them once); no cut or awk: the parser reads the columns.
+_DISK_HEAD = "set --"
+_DISK_PATH = """if [ -d {q} ]; then set -- "$@" {q}; echo y; du -sk -- {q} 2>/dev/null; else echo n; fi"""
+_DISK_TAIL = """echo @df
+[ "$#" -eq 0 ] || df -Pk -- "$@" 2>/dev/null"""
 
 # The executable of the unit's main process (its release dir for a compiled binary).
 _EXE_SHELL = """pid=$(systemctl show --property=MainPID --value -- {q})
@@ -28,9 +33,46 @@ _EXE_SHELL = """pid=$(systemctl show --property=MainPID --value -- {q})
 readlink "/proc/$pid/exe\""""
 
 
-def disk_shell(path: str) -> str:
-    """Prints "KB PERCENT" for directory ``path``; exit 3 when it does not exist."""
-    return _DISK_SHELL.format(q=shlex.quote(path))
+def disk_shell(paths: Sequence[str]) -> str:
+    """For each directory of ``paths``: "y" and du's line, or "n" when it is not a directory;
+    then "@df" and df's lines for those found (`split_disk_output` reads it)."""
+    lines = [_DISK_HEAD, *(_DISK_PATH.format(q=shlex.quote(p)) for p in paths), _DISK_TAIL]
+    return "\n".join(lines)
+
+
+def split_disk_output(paths: Sequence[str], out: str) -> list[str | None]:
+    """Per path of `disk_shell`: "KB PERCENT" ("?" for what could not be read), or None
+    when it is not a directory. ValueError when the output does not fit the paths."""
+    head, sep, df = out.partition("@df\n")
+    if not sep:
+        raise ValueError("the disk probe printed no @df line")
+    lines = head.splitlines()
+    found: list[tuple[int, str]] = []  # (index in paths, KB or "?")
+    pos = 0
+    for i, path in enumerate(paths):
+        if pos >= len(lines) or lines[pos] not in ("y", "n"):
+            raise ValueError(f"the disk probe printed nothing for {path}")
+        pos += 1
+        if lines[pos - 1] == "n":
+            continue
+        kb = "?"
+        if pos < len(lines) and lines[pos] not in ("y", "n"):
+            size, tab, where = lines[pos].partition("\t")
+            if tab and where == path and size.isdigit():
+                kb = size
+            pos += 1
+        found.append((i, kb))
+    if pos != len(lines):
+        raise ValueError(f"the disk probe printed what no path asked for: {lines[pos]!r}")
+    # df: its header, then a line per directory found, in order; the fifth column is use%.
+    # A line missing (df failed on one) leaves which is which unknown: "?" for all.
+    rows = [r.split() for r in df.splitlines()[1:]]
+    pcts = ([r[4].rstrip("%") if len(r) >= 6 else "?" for r in rows]
+            if len(rows) == len(found) else ["?"] * len(found))
+    result: list[str | None] = [None] * len(paths)
+    for (i, kb), pct in zip(found, pcts):
+        result[i] = f"{kb} {pct if pct.isdigit() else '?'}"
+    return result
 
 
 def exe_shell(unit: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import bluegreen
@@ -14,7 +15,7 @@ from ..commands import app as appcmd
 from ..commands import postgres as pgcmd
 from ..commands import probes
 from ..engine.runner import parse_version_probe, version_probe_argv
-from ..facts import Fact, FileStat, OsRelease, PackageVersion, ServiceActive
+from ..facts import Batch, Fact, FileStat, OsRelease, PackageVersion, ServiceActive
 from ..fleet import FleetFile
 from ..inventory import VERSION_RE, Host, Inventory
 from ..packages import FIREWALL_PACKAGES
@@ -62,14 +63,28 @@ def parse_pg(out: str, code: int) -> tuple[bool, int | None] | None:
     return (True, int(size) if size.isdigit() else None)
 
 
+class _DiskBatch(Batch):
+    """Every `StatusDisk` of a script in one frame: a du per directory, one df for all."""
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        return probes.disk_shell([f.path for f in facts])  # type: ignore[attr-defined]
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        parts = probes.split_disk_output([f.path for f in facts], out)  # type: ignore[attr-defined]
+        return [(p, 0) if p is not None else ("", 3) for p in parts]
+
+
 @dataclass(frozen=True)
 class StatusDisk(Fact):
     """(bytes used by the directory ``path``, use% of its file system), or None."""
 
     path: str
+    batch = _DiskBatch()
 
-    def shell(self) -> str:
-        return probes.disk_shell(self.path)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path.startswith("/") or "\n" in self.path:
+            raise ValueError(f"StatusDisk needs an absolute path on one line, not {self.path!r}")
 
     def parse(self, out: str, code: int) -> tuple[int | None, int | None] | None:
         return parse_disk(out, code)

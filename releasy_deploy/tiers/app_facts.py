@@ -39,7 +39,7 @@ class ReleasyAccount(Fact):
         return cmd.account_probe(self.name)
 
     def parse(self, out: str, code: int) -> cmd.Account:
-        return cmd.parse_account(out)
+        return cmd.parse_account(out, self.name)
 
 
 @dataclass(frozen=True)

@@ -252,17 +252,36 @@ def test_account_commands(account, expected):
     assert cmd.account_commands("releasy", account) == expected
 
 
-def test_parse_account():
-    out = ("user releasy:x:10001:10001:Releasy server:/var/lib/releasy:/usr/sbin/nologin\n"
-           "group releasy\ngroup-exists\nuid-taken\ngid-taken\n")
-    assert cmd.parse_account(out) == cmd.Account(10001, "releasy", "/usr/sbin/nologin",
-                                                 True, True, True)
-    assert cmd.parse_account("") == cmd.Account()
-    assert not cmd.parse_account("").exists
+@pytest.mark.parametrize("out, expected", [
+    # the account exists with upstream's uid/gid: getent prints its entries once per key
+    ("releasy:x:10001:10001:Releasy server:/var/lib/releasy:/usr/sbin/nologin\n" * 2
+     + "@group\n" + "releasy:x:10001:\n" * 3,
+     cmd.Account(10001, "releasy", "/usr/sbin/nologin", True, True, True)),
+    # another user holds 10001; the group of that name exists with another gid
+    ("releasy:x:998:996::/var/lib/releasy:/bin/false\nother:x:10001:10001::/:/bin/sh\n"
+     "@group\nreleasy:x:995:\nother:x:10001:\nsvc:x:996:\n",
+     cmd.Account(998, "svc", "/bin/false", True, True, True)),
+    # the user's primary gid has no group entry: no group name (as `id -gn` fails)
+    ("releasy:x:998:4242::/:/bin/false\n@group\n",
+     cmd.Account(998, None, "/bin/false", False, False, False)),
+    ("\n@group\n", cmd.Account()),
+    ("", cmd.Account()),
+])
+def test_parse_account(out, expected):
+    assert cmd.parse_account(out, "releasy") == expected
 
 
-def test_account_probe_quotes_the_name():
-    assert "getent passwd releasy" in cmd.account_probe("releasy")
+def test_the_account_probe_runs_in_a_real_shell():
+    """The probe itself, under sh, for this machine's root (it exists, group root) and a
+    name nobody has; a name with a space stays one word."""
+    def probe(name: str) -> cmd.Account:
+        res = subprocess.run(["sh", "-c", cmd.account_probe(name)], capture_output=True,
+                             text=True, check=False)
+        return cmd.parse_account(res.stdout, name)
+    root = probe("root")
+    assert (root.uid, root.group, root.group_exists) == (0, "root", True)
+    assert not probe("no-such-user-releasy").exists
+    assert not probe("a b").exists
     assert "'a b'" in cmd.account_probe("a b")
 
 

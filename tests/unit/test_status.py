@@ -20,6 +20,7 @@ from releasy_deploy.facts import LinkTarget
 from releasy_deploy.commands import acme as acmecmd
 from releasy_deploy.commands import app as appcmd
 from releasy_deploy.commands import postgres as pg
+from releasy_deploy.commands import probes
 from releasy_deploy.commands import ufw, ufw_state
 from releasy_deploy.errors import HostKeyError, RemoteCommandError, UnreachableError
 from releasy_deploy.facts import (FileSha256, FileStat, OsRelease, PackageVersion, ServiceActive,
@@ -112,17 +113,52 @@ def test_parse_pg(out, code, expected):
 
 
 def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
-    """The snippet itself (du + df) against a real directory, with a space in its name."""
-    d = tmp_path / "data dir"
-    d.mkdir()
+    """The probe itself (one frame: a du per directory, one df) under sh, against real
+    directories (one with a space in its name) and one that does not exist."""
+    d, other = tmp_path / "data dir", tmp_path / "other"
+    for x in (d, other):
+        x.mkdir()
     (d / "f").write_bytes(b"x" * 40000)
-    probe = StatusDisk(str(d))
-    res = subprocess.run(["sh", "-c", probe.shell()], capture_output=True, text=True)
-    used, pct = probe.parse(res.stdout, res.returncode)
+    facts = [StatusDisk(str(d)), StatusDisk(f"{d}-missing"), StatusDisk(str(other))]
+    script = build_facts_script(facts, "n0nce")
+    assert script.count("df -Pk") == 1
+    res = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True)
+    found = parse_facts_output(facts, "n0nce", res.stdout)
+    used, pct = found[facts[0]]
     assert used >= 40000 and 0 <= pct <= 100
-    gone = subprocess.run(["sh", "-c", StatusDisk(f"{d}-missing").shell()],
-                          capture_output=True, text=True)
-    assert probe.parse(gone.stdout, gone.returncode) is None
+    assert found[facts[1]] is None
+    assert found[facts[2]][0] < used and found[facts[2]][1] == pct
+
+
+DF_HEAD = "Filesystem 1024-blocks Used Available Capacity Mounted on\n"
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("y\n68\t/a\nn\ny\n4\t/c d\n@df\n" + DF_HEAD
+     + "/dev/vda 100 50 50 23% /\n/dev/vdb 100 9 91 9% /srv\n", ["68 23", None, "4 9"]),
+    # du failed on /a (no line): its size is unknown, the rest still lines up
+    ("y\ny\n1\t/b\nn\n@df\n" + DF_HEAD + "x 1 1 1 5% /\nx 1 1 1 6% /b\n",
+     ["? 5", "1 6", None]),
+    # df printed one line for two directories: which is which is unknown
+    ("y\n1\t/a\ny\n2\t/b\nn\n@df\n" + DF_HEAD + "x 1 1 1 5% /\n",
+     ["1 ?", "2 ?", None]),
+    ("n\nn\nn\n@df\n", [None, None, None]),
+])
+def test_split_disk_output(out, expected):
+    assert probes.split_disk_output(["/a", "/b", "/c d"], out) == expected
+
+
+@pytest.mark.parametrize("out", ["y\n1\t/a\n", "y\n1\t/a\n@df\n", "z\n@df\n",
+                                 "n\nn\nn\nn\n@df\n"])
+def test_split_disk_output_refuses_what_does_not_fit(out):
+    with pytest.raises(ValueError):
+        probes.split_disk_output(["/a", "/b", "/c"], out)
+
+
+def test_a_disk_path_must_be_absolute_and_on_one_line():
+    for bad in ("relative", "/a\nb"):
+        with pytest.raises(ValueError):
+            StatusDisk(bad)
 
 
 def test_every_fact_has_a_probe_and_values_are_quoted():
