@@ -16,9 +16,11 @@ it gets its firewall, beside the other steps (`beside.Beside`): its plan is the 
 later run works under and depends on no tier's result. An app host with no release yet
 gets its account, directories and release (not the env file: it needs the database's
 password). Both start, as the packages do, before the deploy lock is taken (a first
-install has no database to hold it in yet). The firewall step waits for the firewalls; a
-run that fails elsewhere waits for them too, before it releases the lock, and reports
-their failures as well."""
+install has no database to hold it in yet). On a first install the db step also makes
+the cluster itself (the package is told not to) and goes on once it accepts connections:
+the end of its start, Debian's own 2 s of checks, runs beside too. The firewall step
+waits for what runs beside; a run that fails elsewhere waits for it too, before it
+releases the lock, and reports its failures as well."""
 from __future__ import annotations
 
 import time
@@ -278,6 +280,10 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
         beside, then = _after_packages(session, seen, firewall_off, release)
         if beside is not None:
             stack.callback(beside.finish)
+        # A cluster made by this run: its start ends beside the app and proxy steps.
+        pg_start = Beside(what="the first start of PostgreSQL", label="site",
+                          reporter=session.reporter)
+        stack.callback(pg_start.finish)
         step_started = time.monotonic()
         installed = prepare.install_packages(session, seen, then=then)
         if installed:
@@ -288,10 +294,12 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
             step_started = time.monotonic()
             session.reporter.info("site", f"--- {step} ---")
             if step == "db":
-                db.setup(session, yes=yes)  # a PostgreSQL restart (downtime) asks first
+                # A PostgreSQL restart (downtime) asks first.
+                db.setup(session, yes=yes, beside=pg_start)
                 lock = stack.enter_context(change_lock(session, version=version, wait=wait))
+                stack.callback(pg_start.finish)  # unwinding: wait for these, then the lock
                 if beside is not None:
-                    stack.callback(beside.finish)  # unwinding: wait for it, then the lock
+                    stack.callback(beside.finish)
             elif step == "app":
                 # A grown fleet behind a firewall that is on: its new hosts' allow rules
                 # (the db's PostgreSQL rule for a new app host) before the app tier.
@@ -299,12 +307,14 @@ def run(session: Session, version: str | None = None, *, wait: float = 0,
                 joining = setup_app(session, version, lock, rotate=rotate, secrets=secrets)
             elif step == "proxy":
                 proxy_setup.setup(session, joining=joining)
-            elif beside is None:
-                firewall.apply(session)
             else:
-                beside.wait()
-                if firewall_on:
-                    firewall.apply(session, hosts=firewall_on)
+                pg_start.wait()
+                if beside is None:
+                    firewall.apply(session)
+                else:
+                    beside.wait()
+                    if firewall_on:
+                        firewall.apply(session, hosts=firewall_on)
             session.reporter.info("site", f"{step} done in"
                                           f" {time.monotonic() - step_started:.1f} s")
     if not session.dry_run:

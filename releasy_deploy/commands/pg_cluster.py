@@ -22,6 +22,11 @@ MANAGED_RELS = (DROPIN_REL, HBA_REL)
 
 # Where postgresql-common keeps every cluster's configuration.
 ETC_DIR = "/etc/postgresql"
+# postgresql-common's own settings for the clusters it creates (read in ascending order).
+# Ours, present only during a first install, says that the server package creates no main
+# cluster: the db tier creates it once the packages are in (`create_cluster_argv`).
+CREATECLUSTER_DIR = "/etc/postgresql-common/createcluster.d"
+DEFER_FILE = f"{CREATECLUSTER_DIR}/zz-releasy-first-install.conf"
 
 # --------------------------------------------------------------------------- layout
 
@@ -107,7 +112,9 @@ _DEPENDS_RE = re.compile(r"(?:^|[\s,|])postgresql-([1-9][0-9]?)(?:$|[\s,(|])")
 # dpkg has installed, and, only on a host without any cluster, what apt offers: the
 # `postgresql` metapackage's dependency (the release's default major) and every
 # postgresql-N server package. apt is not asked when a cluster exists: it then has no say.
+# "deferred": our DEFER_FILE is there (a first install whose cluster is still ours to make).
 PG_HOST_SHELL = r"""found=
+[ -e DEFER_FILE ] && echo 'deferred|'
 for f in /etc/postgresql/*/*/postgresql.conf; do
   [ -f "$f" ] || continue
   found=1; d=${f%/postgresql.conf}; c=${d##*/}; v=${d%/*}; v=${v##*/}
@@ -127,7 +134,8 @@ ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || exit 0
 echo lists
 apt-cache show --no-all-versions postgresql 2>/dev/null | sed -n 's/^Depends: */default|/p'
 apt-cache search --names-only '^postgresql-[0-9]+$' 2>/dev/null | sed 's/ .*//; s/^/offered|/'
-""".replace("REL_LIST", " ".join(shlex.quote(r) for r in MANAGED_RELS))
+""".replace("REL_LIST", " ".join(shlex.quote(r) for r in MANAGED_RELS)).replace(
+    "DEFER_FILE", shlex.quote(DEFER_FILE))
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class PgHost:
     default: str | None = None  # the release's default major (the metapackage's dependency)
     offered: tuple[str, ...] = ()  # majors apt can install
     files: Mapping[tuple[str, str], FileState] = field(default_factory=dict)  # (major, rel)
+    deferred: bool = False  # DEFER_FILE exists: the main cluster is the db tier's to create
 
     @property
     def cluster_majors(self) -> list[str]:
@@ -155,7 +164,7 @@ def parse_pg_host(out: str, code: int) -> PgHost:
     clusters: set[tuple[str, str]] = set()
     installed: set[str] = set()
     files: dict[tuple[str, str], FileState] = {}
-    lists = False
+    lists = deferred = False
     default = None
     offered: set[str] = set()
     for line in out.splitlines():
@@ -174,6 +183,8 @@ def parse_pg_host(out: str, code: int) -> PgHost:
             installed.add(rest.strip())
         elif tag == "lists":
             lists = True
+        elif tag == "deferred":
+            deferred = True
         elif tag == "default":
             found = _DEPENDS_RE.search(rest)
             default = found.group(1) if found else default
@@ -182,7 +193,8 @@ def parse_pg_host(out: str, code: int) -> PgHost:
             if found:
                 offered.add(found.group(1))
     return PgHost(tuple(sorted(clusters, key=lambda c: (int(c[0]), c[1]))),
-                  frozenset(installed), lists, default, tuple(sorted(offered, key=int)), files)
+                  frozenset(installed), lists, default, tuple(sorted(offered, key=int)), files,
+                  deferred)
 
 
 class PgMajorRefused(HostRefusedError):
@@ -247,18 +259,59 @@ def select_major(host: str, release: str, pg: PgHost, pin: str | None) -> str | 
 
 # --------------------------------------------------------------------------- first install
 
-# $1: ETC_DIR, $2: the drop-in's directory, $3: the drop-in; its content on stdin.
-_SEED_SCRIPT = ('umask 022; if [ -e "$1" ] || [ -L "$1" ]; then exit 0; fi;'
-                ' mkdir -p -- "$2" && cat > "$3.releasy-new" && mv -f -- "$3.releasy-new" "$3"')
+# $1: ETC_DIR, $2: the drop-in's directory, $3: the drop-in (its content on stdin),
+# $4: CREATECLUSTER_DIR, $5: DEFER_FILE. The deferral is written first: a run cut off
+# before the drop-in seeds both again (ETC_DIR does not exist yet).
+_SEED_SCRIPT = """umask 022; if [ -e "$1" ] || [ -L "$1" ]; then exit 0; fi
+mkdir -p -- "$4" && printf '%s\\n' '# releasy-deploy: the db tier creates the main cluster once the' \\
+  '# packages are in, then removes this file.' 'create_main_cluster = false' > "$5.releasy-new" \\
+  && mv -f -- "$5.releasy-new" "$5"
+mkdir -p -- "$2" && cat > "$3.releasy-new" && mv -f -- "$3.releasy-new" "$3"
+"""
 
 
 def seed_dropin_argv(layout: Layout) -> list[str]:
     """Before PostgreSQL's first install: our drop-in (content on stdin) where the cluster
-    the package creates will read it. pg_createcluster keeps a conf.d it finds, so the
-    cluster's first start already has the managed settings, instead of a restart for
-    them right after (Debian's pg_ctlcluster spends 2 s or more in any start: it polls in
-    0.5 s steps until three connections in a row succeed). Only where ETC_DIR does not
-    exist at all: root creates nothing inside a directory the postgres account may own.
-    Root-owned; the db tier gives it the owner Debian gives its neighbours."""
+    will read it, and DEFER_FILE, which tells the server package not to create the main
+    cluster itself (`create_main_cluster`, read by its postinst only).
+
+    pg_createcluster keeps a conf.d it finds, so the cluster's first start already has the
+    managed settings, instead of a restart for them. The cluster is created by the db tier
+    right after the install (`create_cluster_argv`), and started once its files are in
+    place, beside the steps that only need it to accept connections: the package's own
+    start, inside the install, waited for Debian's pg_ctlcluster, which polls in 0.5 s
+    steps until three connections in a row succeed (2 s or more on every first install).
+    Only where ETC_DIR does not exist at all: root creates nothing inside a directory the
+    postgres account may own. Root-owned; the db tier gives the drop-in the owner Debian
+    gives its neighbours."""
     conf_d = layout.dropin_path.rsplit("/", 1)[0]
-    return ["sh", "-c", _SEED_SCRIPT, "releasy-seed", ETC_DIR, conf_d, layout.dropin_path]
+    return ["sh", "-c", _SEED_SCRIPT, "releasy-seed", ETC_DIR, conf_d, layout.dropin_path,
+            CREATECLUSTER_DIR, DEFER_FILE]
+
+
+# $1: the major, $2: DEFER_FILE. The locale is the one Debian's postinst gives a new
+# cluster: its own set_system_locale (the system's locale, else C.UTF-8) where the host
+# has it. cd /: pg_createcluster runs initdb as postgres, which may not enter root's cwd.
+_CREATE_SCRIPT = """set -e
+cd /
+f=/usr/share/postgresql-common/maintscripts-functions
+if [ -r "$f" ] && . "$f" && command -v set_system_locale >/dev/null 2>&1; then
+  set_system_locale
+else
+  LANG=C.UTF-8; export LANG
+fi
+pg_createcluster -u postgres --no-status "$1" main
+rm -f -- "$2"
+rmdir -- "${2%/*}" 2>/dev/null || true"""
+
+
+def create_cluster_argv(layout: Layout) -> list[str]:
+    """Create the main cluster of ``layout.major`` as Debian's postinst would have (the
+    same pg_createcluster call and locale; not started), then remove DEFER_FILE."""
+    return ["sh", "-c", _CREATE_SCRIPT, "releasy-create-cluster", layout.major, DEFER_FILE]
+
+
+def remove_defer_argv() -> list[str]:
+    """DEFER_FILE left by a run cut off after the cluster was made: removed."""
+    return ["sh", "-c", 'rm -f -- "$1"; rmdir -- "${1%/*}" 2>/dev/null || true',
+            "releasy-defer-done", DEFER_FILE]

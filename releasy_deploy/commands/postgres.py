@@ -17,9 +17,10 @@ from urllib.parse import quote
 from ..inventory import POSTGRES_PORT, Inventory
 from ..templates import render_template
 # Re-exported: the callers know one module, `commands.postgres`.
-from .pg_cluster import (CLUSTER, DROPIN_REL, HBA_REL, MANAGED_RELS, PG_HOST_SHELL, SOCKET_DIR,
-                         FileState, Layout, PgHost, PgMajorRefused, file_state_shell,
-                         parse_file_state, parse_pg_host, seed_dropin_argv, select_major)
+from .pg_cluster import (CLUSTER, DEFER_FILE, DROPIN_REL, HBA_REL, MANAGED_RELS, PG_HOST_SHELL,
+                         SOCKET_DIR, FileState, Layout, PgHost, PgMajorRefused,
+                         create_cluster_argv, file_state_shell, parse_file_state, parse_pg_host,
+                         remove_defer_argv, seed_dropin_argv, select_major)
 from .pg_sql import (MANAGED_SETTINGS, POSTMASTER_SETTINGS, RELOADABLE_SETTINGS,
                      ROLE_ATTRIBUTES, SCRAM_ITERATIONS, SCRAM_SALT_BYTES, RoleState,
                      ServerState, alter_database_owner_sql, alter_role_sql, check_names,
@@ -178,6 +179,26 @@ def pg_ready_shell(host: str, timeout: int = 30) -> str:
     args = shlex.join(["-q", "-d", "sslmode=disable", "-t", str(timeout), "-h", host,
                        "-p", str(POSTGRES_PORT)])
     return f'{pg_client_shell("pg_isready")}; "$pg_client" {args}'
+
+
+# $1: the unit, $2: seconds. Until pg_isready answers on the socket (every 0.05 s); exit 4
+# as soon as the unit failed, 3 at the deadline.
+_WAIT_ACCEPTING = """{client}
+end=$(( $(date +%s) + $2 ))
+until "$pg_client" {args}; do
+  if systemctl is-failed --quiet -- "$1"; then echo "$1 failed to start"; exit 4; fi
+  if [ "$(date +%s)" -ge "$end" ]; then echo "not accepting connections after $2 s"; exit 3; fi
+  sleep 0.05
+done"""
+
+
+def wait_accepting_argv(layout: Layout, timeout: int) -> list[str]:
+    """Wait until the cluster of ``layout`` accepts connections on its socket (its start
+    may still be running: Debian's pg_ctlcluster keeps checking for 2 s more)."""
+    args = shlex.join(["-q", "-d", "sslmode=disable", "-t", "1", "-h", SOCKET_DIR,
+                       "-p", str(POSTGRES_PORT)])
+    script = _WAIT_ACCEPTING.format(client=pg_client_shell("pg_isready"), args=args)
+    return ["sh", "-c", script, "releasy-pg-accepting", layout.service, str(int(timeout))]
 
 
 def ready_hosts(inv: Inventory) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import secrets as _random
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 from urllib.parse import quote
 
 from ..commands import postgres as pg
@@ -33,11 +33,15 @@ from ..inventory import Inventory
 from ..remote import APT_UPDATE_ARGV, ensure_dir, ensure_packages, put_file
 from ..session import Session
 
+if TYPE_CHECKING:
+    from ..beside import Beside
+
 __all__ = ["setup", "database_url", "psql", "state_facts", "install_state", "seed_config",
            "SQLITE_URL", "PgServerState", "PgFileState", "PgSecretFile", "PgReady",
            "PgInstallation"]
 
 PASSWORD_PLACEHOLDER = "PASSWORD-NOT-GENERATED-YET"
+FIRST_START_TIMEOUT = 60  # seconds until a new, empty cluster must accept connections
 SQLITE_URL = pg.SQLITE_URL  # database.kind sqlite: the URL every app host gets
 
 
@@ -117,6 +121,7 @@ class HostState:
     layout: pg.Layout | None  # None: a fresh host whose apt lists are not loaded yet
     missing_packages: tuple[str, ...]
     cluster_exists: bool
+    cluster_deferred: bool  # our first-install file says: the main cluster is ours to create
     secrets_dir_exists: bool
     password_file: pg.SecretFile | None = field(repr=False)
     files: Mapping[str, pg.FileState | None]
@@ -203,6 +208,7 @@ def _read_state(c: HostConnection, inv: Inventory, *, reuse: bool = False) -> Ho
         missing_packages=() if layout is None else tuple(
             p for p in layout.packages if p not in host.installed),
         cluster_exists=major is not None and (major, pg.CLUSTER) in host.clusters,
+        cluster_deferred=host.deferred,
         secrets_dir_exists=seen[PathExists(pg.SECRETS_DIR)],
         password_file=secret,
         files={} if layout is None else {
@@ -252,13 +258,18 @@ def database_url(session: Session) -> str:
     return url
 
 
-def setup(session: Session, *, yes: bool = False) -> None:
+def setup(session: Session, *, yes: bool = False, beside: Beside | None = None) -> None:
     """PostgreSQL (the major read from the host) installed and configured on the db host;
     role, database and password in place; the cluster answering on every listen address.
     Honours session.dry_run. A running server whose change needs a restart (a
     postmaster-context setting: downtime for every app host) is restarted only once the
     operator agreed (``yes``, or the question on a terminal), asked before anything is
-    written; a change that a reload applies is reloaded without asking."""
+    written; a change that a reload applies is reloaded without asking.
+
+    ``beside``: where the first start of a cluster made just now may end (`fab site`):
+    this returns once the server accepts connections, and the caller waits for the
+    start's end (Debian's pg_ctlcluster checks for 2 s more) with its later steps. Without
+    it the start is waited for here."""
     inv = session.inventory
     host = inv.db_host
     if not session.targets([host]):
@@ -280,7 +291,7 @@ def setup(session: Session, *, yes: bool = False) -> None:
         session.confirm(f"{host.name}: PostgreSQL must be RESTARTED to apply {restart}. That"
                         f" is DOWNTIME: Releasy cannot reach its database for the length of the"
                         f" restart (requests fail meanwhile). Restart it now?", yes=yes)
-    ex.each([host], lambda c: _setup_host(c, inv, state))
+    ex.each([host], lambda c: _setup_host(c, inv, state, beside))
 
 
 def restart_needed(inv: Inventory, state: HostState) -> str:
@@ -296,12 +307,18 @@ def restart_needed(inv: Inventory, state: HostState) -> str:
 # --------------------------------------------------------------------------- steps
 
 
-def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
+def _setup_host(c: HostConnection, inv: Inventory, state: HostState,
+                beside: Beside | None = None) -> None:
     layout = state.layout
     _report_major(c, inv, state)
     seed_config(c, inv, state)
     if _ensure_packages(c, state):
-        state = _read_state(c, inv)  # the package created and started the cluster
+        state = _read_state(c, inv)
+    created = False
+    if not state.missing_packages and not state.cluster_exists and state.cluster_deferred:
+        state, created = _create_cluster(c, state), True
+    elif state.cluster_deferred and state.cluster_exists:
+        _finish_deferral(c)
     if not state.missing_packages and not state.cluster_exists:
         raise DeployError(
             f"{c.name}: PostgreSQL {layout.major} is installed but its cluster "
@@ -310,10 +327,37 @@ def _setup_host(c: HostConnection, inv: Inventory, state: HostState) -> None:
             "(or restore it), then re-run.", host=c.name)
     password = _ensure_password(c, state)
     files_changed = _ensure_config_files(c, inv, state)
-    state = _ensure_service(c, inv, state, files_changed)
+    state = _ensure_service(c, inv, state, files_changed,
+                            beside=beside if created else None)
     _check_ready(c, state)
     _warn_pool_shortfall(c, inv, state.server)
     _ensure_role_and_database(c, inv, state.server, password)
+
+
+def _create_cluster(c: HostConnection, state: HostState) -> HostState:
+    """The main cluster, made after a first install whose package was told not to
+    (`commands.pg_cluster.seed_dropin_argv`), or after a run cut off in between. Not
+    started: its files go in first. Returns the state from then on (its managed files are
+    Debian's new ones or our seeded drop-in: all written next, whatever they hold)."""
+    layout = state.layout
+    files = {path: None for path in state.files}
+    if c.dry_run:
+        c.reporter.would(c.name, f"create cluster {layout.cluster} (pg_createcluster)")
+        return replace(state, cluster_exists=True, files=files)
+    c.run(pg.create_cluster_argv(layout), sudo=True)
+    c.reporter.changed(c.name, f"cluster {layout.cluster} created (pg_createcluster, as the"
+                               " package would have; started once its files are in)")
+    return replace(state, cluster_exists=True, cluster_deferred=False, files=files)
+
+
+def _finish_deferral(c: HostConnection) -> None:
+    """Our first-install file outlived the cluster's creation (a run cut off right after
+    it): removed, so that later installs of PostgreSQL behave as Debian's again."""
+    if c.dry_run:
+        c.reporter.would(c.name, f"remove {pg.DEFER_FILE} (left by a first install)")
+        return
+    c.run(pg.remove_defer_argv(), sudo=True)
+    c.reporter.changed(c.name, f"removed {pg.DEFER_FILE} (left by a first install)")
 
 
 def _predicted(c: HostConnection, inv: Inventory, state: HostState) -> HostState:
@@ -397,8 +441,9 @@ def _ensure_config_files(c: HostConnection, inv: Inventory, state: HostState) ->
 
 
 def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
-                    files_changed: bool) -> HostState:
-    """Restart, reload, start or leave the server; returns the state after any action."""
+                    files_changed: bool, *, beside: Beside | None = None) -> HostState:
+    """Restart, reload, start or leave the server; returns the state after any action.
+    ``beside``: a new cluster's first start ends there, once it accepts connections."""
     wanted = pg.desired_settings(inv)
     server = state.server
     service = state.layout.service
@@ -414,8 +459,14 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
         if c.dry_run:
             c.reporter.would(c.name, f"start {service} (it does not answer now)")
             return state
-        c.run(pg.service_argv("start", state.layout), sudo=True)
-        c.reporter.changed(c.name, f"service {service} started (it was not answering)")
+        if beside is None:
+            c.run(pg.service_argv("start", state.layout), sudo=True)
+            c.reporter.changed(c.name, f"service {service} started (it was not answering)")
+            return _read_state(c, inv)
+        beside.start(c.name, lambda: c.run(pg.service_argv("start", state.layout), sudo=True))
+        c.run(pg.wait_accepting_argv(state.layout, FIRST_START_TIMEOUT), sudo=True)
+        c.reporter.changed(c.name, f"service {service} started (a new cluster: accepting"
+                                   " connections; its start ends beside the next steps)")
         return _read_state(c, inv)
 
     action = pg.service_action(server.settings, wanted, files_changed=files_changed,

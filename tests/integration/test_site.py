@@ -255,7 +255,7 @@ def test_a_ctrl_c_while_the_db_host_installs_begins_nothing_new(lab_session):
     app1's packages are in (its firewall begun beside) and while db1 still installs
     PostgreSQL: db1's install runs to its end (apt is never cut off), but nothing new
     begins after the Ctrl-C (no firewall on db1, no db step); exit 130; a re-run
-    converges the rest."""
+    converges the rest, starting with the cluster the package was told not to make."""
     lab = lab_session.fresh("split", 2)
     proc = start_fab(lab.inventory, "site", "--version", "1.0.0", stdin=subprocess.DEVNULL,
                      stderr=subprocess.STDOUT)
@@ -275,7 +275,12 @@ def test_a_ctrl_c_while_the_db_host_installs_begins_nothing_new(lab_session):
     assert proc.returncode == 130, out
     assert "[db1] changed: packages: installed postgresql-" in out, out
     assert "[db1] changed: firewall rule added" not in out and "--- db ---" not in out, out
+    assert "cluster 15/main created" not in out, out
+    assert lab.ssh("db1", "ls", "/etc/postgresql/15/main").stdout.split() == ["conf.d"]
     again = lab.fab("site", "--version", "1.0.0").stdout
+    assert "[db1] changed: cluster 15/main created" in again, again
+    assert lab.ssh("db1", "ls", "/etc/postgresql-common/createcluster.d",
+                   check=False).returncode != 0
     assert "[db1] changed: ufw enabled" in again, again
     assert "[proxy1] https /ready through the proxy: 200" in again, again
 

@@ -435,7 +435,8 @@ def test_a_restart_is_asked_for_only_when_a_served_database_would_go_down():
         server = pg.ServerState(role=None, database_owner=database_owner,
                                 settings=settings, conf_loaded_at=0.0) if running else None
         return db_tier.HostState(release=None, layout=None, missing_packages=(),
-                                 cluster_exists=True, secrets_dir_exists=True,
+                                 cluster_exists=True, cluster_deferred=False,
+                                 secrets_dir_exists=True,
                                  password_file=None, files={}, ready={}, server=server)
 
     narrowed = {**wanted, "listen_addresses": "localhost"}
@@ -474,13 +475,68 @@ def test_the_probes_call_the_newest_majors_own_client_not_debians_perl_wrapper(t
 def test_seed_dropin_writes_only_where_postgresql_has_no_directory_yet(tmp_path: Path):
     argv = pg.seed_dropin_argv(pg.Layout("15"))
     assert argv[4:] == ["/etc/postgresql", "/etc/postgresql/15/main/conf.d",
-                        "/etc/postgresql/15/main/conf.d/releasy.conf"]
+                        "/etc/postgresql/15/main/conf.d/releasy.conf",
+                        "/etc/postgresql-common/createcluster.d",
+                        "/etc/postgresql-common/createcluster.d/zz-releasy-first-install.conf"]
     etc = tmp_path / "postgresql"
     dropin = etc / "15/main/conf.d/releasy.conf"
-    local = [*argv[:4], str(etc), str(dropin.parent), str(dropin)]
+    defer = tmp_path / "postgresql-common/createcluster.d/zz-releasy-first-install.conf"
+    local = [*argv[:4], str(etc), str(dropin.parent), str(dropin), str(defer.parent), str(defer)]
     assert subprocess.run(local, input=b"port = 5432\n").returncode == 0
     assert dropin.read_bytes() == b"port = 5432\n"
     assert [p.name for p in dropin.parent.iterdir()] == ["releasy.conf"]
+    # postgresql-common's own parser (pg_conftool) reads "key = value" lines; the server
+    # package's postinst creates no main cluster when this one is false.
+    settings = [line for line in defer.read_text().splitlines() if not line.startswith("#")]
+    assert settings == ["create_main_cluster = false"]
+    assert [p.name for p in defer.parent.iterdir()] == [defer.name]
     # The directory exists now (as it would once postgresql-common is installed): untouched.
+    defer.unlink()
     assert subprocess.run(local, input=b"port = 1\n").returncode == 0
-    assert dropin.read_bytes() == b"port = 5432\n"
+    assert dropin.read_bytes() == b"port = 5432\n" and not defer.exists()
+
+
+def test_the_host_probe_says_when_the_cluster_is_ours_to_create():
+    assert pg.DEFER_FILE in pg.PG_HOST_SHELL
+    assert pg.parse_pg_host("deferred|\ninstalled|postgresql-15\n", 0).deferred
+    assert not pg.parse_pg_host("installed|postgresql-15\n", 0).deferred
+
+
+def test_create_cluster_makes_it_as_debian_would_then_removes_the_deferral(tmp_path: Path):
+    """The script under sh with a stand-in pg_createcluster on PATH (it records its
+    arguments and LANG): Debian's call, C.UTF-8 without set_system_locale, then the
+    deferral file and its then empty directory removed."""
+    argv = pg.create_cluster_argv(pg.Layout("17"))
+    assert argv[3:] == ["releasy-create-cluster", "17", pg.DEFER_FILE]
+    bin_dir, seen = tmp_path / "bin", tmp_path / "seen"
+    bin_dir.mkdir()
+    fake = bin_dir / "pg_createcluster"
+    fake.write_text(f'#!/bin/sh\nprintf "%s|" "$LANG" "$@" > {seen}\n')
+    fake.chmod(0o755)
+    defer = tmp_path / "createcluster.d/zz-releasy-first-install.conf"
+    defer.parent.mkdir()
+    defer.write_text("create_main_cluster = false\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    res = subprocess.run([*argv[:4], "17", str(defer)], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    lang, _, args = seen.read_text().partition("|")
+    assert args == "-u|postgres|--no-status|17|main|"
+    if not Path("/usr/share/postgresql-common/maintscripts-functions").exists():
+        assert lang == "C.UTF-8"  # else the machine's own set_system_locale chose it
+    assert not defer.exists() and not defer.parent.exists()
+    # pg_createcluster failing: the deferral stays (a re-run creates the cluster then).
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    defer.parent.mkdir()
+    defer.write_text("create_main_cluster = false\n")
+    res = subprocess.run([*argv[:4], "17", str(defer)], env=env, capture_output=True)
+    assert res.returncode != 0 and defer.exists()
+
+
+def test_waiting_for_a_new_cluster_polls_pg_isready_with_a_deadline():
+    argv = pg.wait_accepting_argv(pg.Layout("15"), 60)
+    assert argv[3:] == ["releasy-pg-accepting", "postgresql@15-main", "60"]
+    assert '-h /var/run/postgresql -p 5432; do' in argv[2]
+    assert "systemctl is-failed --quiet" in argv[2]
+
+
