@@ -464,7 +464,15 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
             c.reporter.changed(c.name, f"service {service} started (it was not answering)")
             return _read_state(c, inv)
         beside.start(c.name, lambda: c.run(pg.service_argv("start", state.layout), sudo=True))
-        c.run(pg.wait_accepting_argv(state.layout, FIRST_START_TIMEOUT), sudo=True)
+        waited = c.run(pg.wait_accepting_argv(state.layout, FIRST_START_TIMEOUT), sudo=True,
+                       check=False)
+        if not waited.ok:
+            why = waited.stdout.strip() or f"exit code {waited.exit_code}"
+            raise DeployError(
+                f"{c.name}: PostgreSQL {state.layout.cluster}, made and started just now: {why}."
+                f" Check `systemctl status {service}` and {state.layout.log_file} on {c.name},"
+                " fix the cause and re-run (the cluster stays; the re-run starts it).",
+                host=c.name)
         c.reporter.changed(c.name, f"service {service} started (a new cluster: accepting"
                                    " connections; its start ends beside the next steps)")
         return _read_state(c, inv)

@@ -27,6 +27,7 @@ PASSWORD_FILE = "/etc/releasy/database-password"
 DB = current_identity().address(100)
 HBA = "/etc/postgresql/15/main/pg_hba.conf"
 DROPIN = "/etc/postgresql/15/main/conf.d/releasy.conf"
+DEFER = "/etc/postgresql-common/createcluster.d/zz-releasy-first-install.conf"
 VERIFIER = "SELECT rolpassword FROM pg_authid WHERE rolname = 'releasy';"
 
 # Runs on an app host: password on stdin, never in argv.
@@ -199,6 +200,29 @@ def test_a_listen_addresses_change_restarts(lab):
     assert server_clock(lab)[0] != pid
     assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", f"{DB}:5432"}
     assert connect(lab, "app2", password(lab)) == "connected as releasy"
+
+
+def test_a_cluster_cut_off_before_it_was_made_is_made_by_the_next_run(lab):
+    """A first install cut off between the package and the cluster leaves our
+    createcluster.d file: the next run makes the cluster (Debian's way), writes its files,
+    starts it and removes the file. Without that file a missing cluster is refused, never
+    re-created: an empty cluster would hide lost data."""
+    on(lab, "db1", "pg_dropcluster", "--stop", "15", "main")
+    refused = lab.fab("db.setup", check=False)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert ("PostgreSQL 15 is installed but its cluster 15/main does not exist"
+            in refused.stdout + refused.stderr)
+    on(lab, "db1", "sh", "-c", f"mkdir -p {DEFER.rsplit('/', 1)[0]} &&"
+                               f" echo 'create_main_cluster = false' > {DEFER}")
+    proc = lab.fab("db.setup")
+    for said in ("cluster 15/main created", "service postgresql@15-main started",
+                 "role releasy (created", "database releasy (created"):
+        assert f"[db1] changed: {said}" in proc.stdout, proc.stdout
+    assert on(lab, "db1", "test", "-e", DEFER, check=False).returncode != 0
+    assert on(lab, "db1", "systemctl", "is-active", "postgresql@15-main").stdout.strip() == "active"
+    assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", f"{DB}:5432"}
+    assert connect(lab, "app1", password(lab)) == "connected as releasy"
+    assert "0 changed" in summary_line(lab.fab("db.setup").stdout, "db1")
 
 
 def test_password_and_verifier_never_appear_in_any_output(lab, captured_outputs):
