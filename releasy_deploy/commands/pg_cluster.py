@@ -263,8 +263,9 @@ def select_major(host: str, release: str, pg: PgHost, pin: str | None) -> str | 
 # $4: CREATECLUSTER_DIR, $5: DEFER_FILE. The deferral is written first: a run cut off
 # before the drop-in seeds both again (ETC_DIR does not exist yet).
 _SEED_SCRIPT = """umask 022; if [ -e "$1" ] || [ -L "$1" ]; then exit 0; fi
-mkdir -p -- "$4" && printf '%s\\n' '# releasy-deploy: the db tier creates the main cluster once the' \\
-  '# packages are in, then removes this file.' 'create_main_cluster = false' > "$5.releasy-new" \\
+mkdir -p -- "$4" && printf '%s\\n' \\
+  '# releasy-deploy: the db tier creates the main cluster once the packages are in,' \\
+  '# then removes this file.' 'create_main_cluster = false' > "$5.releasy-new" \\
   && mv -f -- "$5.releasy-new" "$5"
 mkdir -p -- "$2" && cat > "$3.releasy-new" && mv -f -- "$3.releasy-new" "$3"
 """

@@ -23,7 +23,8 @@ PROBE_TIMEOUT_S = 3
 # directories found. One du per path keeps the sizes apart (a single du counts a file hard
 # linked into two of them once); no cut or awk: the parser reads the columns.
 _DISK_HEAD = "set --"
-_DISK_PATH = """if [ -d {q} ]; then set -- "$@" {q}; echo y; du -sk -- {q} 2>/dev/null; else echo n; fi"""
+_DISK_PATH = ('if [ -d {q} ]; then set -- "$@" {q}; echo y; du -sk -- {q} 2>/dev/null;'
+              ' else echo n; fi')
 _DISK_TAIL = """echo @df
 [ "$#" -eq 0 ] || df -Pk -- "$@" 2>/dev/null"""
 

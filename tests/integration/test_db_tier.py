@@ -219,7 +219,8 @@ def test_a_cluster_cut_off_before_it_was_made_is_made_by_the_next_run(lab):
                  "role releasy (created", "database releasy (created"):
         assert f"[db1] changed: {said}" in proc.stdout, proc.stdout
     assert on(lab, "db1", "test", "-e", DEFER, check=False).returncode != 0
-    assert on(lab, "db1", "systemctl", "is-active", "postgresql@15-main").stdout.strip() == "active"
+    active = on(lab, "db1", "systemctl", "is-active", "postgresql@15-main").stdout
+    assert active.strip() == "active"
     assert listeners(lab, "db1") - {"[::1]:5432"} == {"127.0.0.1:5432", f"{DB}:5432"}
     assert connect(lab, "app1", password(lab)) == "connected as releasy"
     assert "0 changed" in summary_line(lab.fab("db.setup").stdout, "db1")
