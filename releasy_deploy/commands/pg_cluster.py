@@ -112,9 +112,11 @@ _DEPENDS_RE = re.compile(r"(?:^|[\s,|])postgresql-([1-9][0-9]?)(?:$|[\s,(|])")
 # dpkg has installed, and, only on a host without any cluster, what apt offers: the
 # `postgresql` metapackage's dependency (the release's default major) and every
 # postgresql-N server package. apt is not asked when a cluster exists: it then has no say.
-# "deferred": our DEFER_FILE is there (a first install whose cluster is still ours to make).
+# "deferred": our DEFER_FILE is there (a first install whose cluster is still ours to make);
+# "fresh": not even ETC_DIR exists (a first install seeds our files and makes the cluster).
 PG_HOST_SHELL = r"""found=
 [ -e DEFER_FILE ] && echo 'deferred|'
+[ -e ETC_DIR ] || [ -L ETC_DIR ] || echo 'fresh|'
 for f in /etc/postgresql/*/*/postgresql.conf; do
   [ -f "$f" ] || continue
   found=1; d=${f%/postgresql.conf}; c=${d##*/}; v=${d%/*}; v=${v##*/}
@@ -135,7 +137,7 @@ echo lists
 apt-cache show --no-all-versions postgresql 2>/dev/null | sed -n 's/^Depends: */default|/p'
 apt-cache search --names-only '^postgresql-[0-9]+$' 2>/dev/null | sed 's/ .*//; s/^/offered|/'
 """.replace("REL_LIST", " ".join(shlex.quote(r) for r in MANAGED_RELS)).replace(
-    "DEFER_FILE", shlex.quote(DEFER_FILE))
+    "DEFER_FILE", shlex.quote(DEFER_FILE)).replace("ETC_DIR", shlex.quote(ETC_DIR))
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class PgHost:
     offered: tuple[str, ...] = ()  # majors apt can install
     files: Mapping[tuple[str, str], FileState] = field(default_factory=dict)  # (major, rel)
     deferred: bool = False  # DEFER_FILE exists: the main cluster is the db tier's to create
+    fresh: bool = False  # ETC_DIR does not exist: a first install seeds and defers
 
     @property
     def cluster_majors(self) -> list[str]:
@@ -164,7 +167,7 @@ def parse_pg_host(out: str, code: int) -> PgHost:
     clusters: set[tuple[str, str]] = set()
     installed: set[str] = set()
     files: dict[tuple[str, str], FileState] = {}
-    lists = deferred = False
+    lists = deferred = fresh = False
     default = None
     offered: set[str] = set()
     for line in out.splitlines():
@@ -185,6 +188,8 @@ def parse_pg_host(out: str, code: int) -> PgHost:
             lists = True
         elif tag == "deferred":
             deferred = True
+        elif tag == "fresh":
+            fresh = True
         elif tag == "default":
             found = _DEPENDS_RE.search(rest)
             default = found.group(1) if found else default
@@ -194,7 +199,7 @@ def parse_pg_host(out: str, code: int) -> PgHost:
                 offered.add(found.group(1))
     return PgHost(tuple(sorted(clusters, key=lambda c: (int(c[0]), c[1]))),
                   frozenset(installed), lists, default, tuple(sorted(offered, key=int)), files,
-                  deferred)
+                  deferred, fresh)
 
 
 class PgMajorRefused(HostRefusedError):

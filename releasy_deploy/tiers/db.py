@@ -122,6 +122,7 @@ class HostState:
     missing_packages: tuple[str, ...]
     cluster_exists: bool
     cluster_deferred: bool  # our first-install file says: the main cluster is ours to create
+    fresh: bool  # no /etc/postgresql at all: a first install makes the cluster itself
     secrets_dir_exists: bool
     password_file: pg.SecretFile | None = field(repr=False)
     files: Mapping[str, pg.FileState | None]
@@ -209,6 +210,7 @@ def _read_state(c: HostConnection, inv: Inventory, *, reuse: bool = False) -> Ho
             p for p in layout.packages if p not in host.installed),
         cluster_exists=major is not None and (major, pg.CLUSTER) in host.clusters,
         cluster_deferred=host.deferred,
+        fresh=host.fresh,
         secrets_dir_exists=seen[PathExists(pg.SECRETS_DIR)],
         password_file=secret,
         files={} if layout is None else {
@@ -447,6 +449,11 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
     wanted = pg.desired_settings(inv)
     server = state.server
     service = state.layout.service
+    if server is None and c.dry_run and state.missing_packages and state.fresh:
+        c.reporter.would(c.name, f"create cluster {state.layout.cluster} after installing"
+                                 f" (the package is told not to), then start {service} with"
+                                 " the managed settings")
+        return state
     if server is None and c.dry_run and state.missing_packages:
         # The package would start the cluster with Debian's defaults; predict from those.
         action = pg.service_action(pg.DEBIAN_DEFAULTS, wanted, files_changed=True,

@@ -100,7 +100,8 @@ def test_dry_run_on_a_fresh_lab_reports_and_changes_nothing(lab, monkeypatch, ca
     assert f"[db1] would change: file {PASSWORD_FILE} (created" in out
     assert "secret content changed (not shown)" in out
     assert f"+++ {DROPIN} (new)" in out and f"+listen_addresses = 'localhost,{DB}'" in out
-    assert "would restart postgresql@15-main" in out
+    assert ("[db1] would create cluster 15/main after installing (the package is told not"
+            " to), then start postgresql@15-main with the managed settings") in out
     assert "would change: role releasy (created" in out
     assert "would change: database releasy (created" in out
     assert "0 changed" in summary_line(out, "db1")

@@ -435,7 +435,7 @@ def test_a_restart_is_asked_for_only_when_a_served_database_would_go_down():
         server = pg.ServerState(role=None, database_owner=database_owner,
                                 settings=settings, conf_loaded_at=0.0) if running else None
         return db_tier.HostState(release=None, layout=None, missing_packages=(),
-                                 cluster_exists=True, cluster_deferred=False,
+                                 cluster_exists=True, cluster_deferred=False, fresh=False,
                                  secrets_dir_exists=True,
                                  password_file=None, files={}, ready={}, server=server)
 
@@ -497,9 +497,11 @@ def test_seed_dropin_writes_only_where_postgresql_has_no_directory_yet(tmp_path:
 
 
 def test_the_host_probe_says_when_the_cluster_is_ours_to_create():
-    assert pg.DEFER_FILE in pg.PG_HOST_SHELL
+    assert pg.DEFER_FILE in pg.PG_HOST_SHELL and "[ -e /etc/postgresql ]" in pg.PG_HOST_SHELL
     assert pg.parse_pg_host("deferred|\ninstalled|postgresql-15\n", 0).deferred
     assert not pg.parse_pg_host("installed|postgresql-15\n", 0).deferred
+    assert pg.parse_pg_host("fresh|\nlists\n", 0).fresh
+    assert not pg.parse_pg_host("cluster|15|main\n", 0).fresh
 
 
 def test_create_cluster_makes_it_as_debian_would_then_removes_the_deferral(tmp_path: Path):
