@@ -173,12 +173,17 @@ def parse_secret_file(out: str, code: int) -> SecretFile | None:
     return SecretFile(owner, group, int(mode, 8), content)
 
 
-def pg_ready_shell(host: str, timeout: int = 30) -> str:
-    """pg_isready on ``host``. It sends no password and reads no data, so it asks for no TLS:
-    over TCP the handshake with Debian's ``ssl = on`` doubled the probe's cost (23 -> 11 ms)."""
-    args = shlex.join(["-q", "-d", "sslmode=disable", "-t", str(timeout), "-h", host,
+def _pg_isready_args(host: str, timeout: int) -> str:
+    """pg_isready's words after the program. It sends no password and reads no data, so it
+    asks for no TLS: over TCP the handshake with Debian's ``ssl = on`` doubled the probe's
+    cost (23 -> 11 ms)."""
+    return shlex.join(["-q", "-d", "sslmode=disable", "-t", str(timeout), "-h", host,
                        "-p", str(POSTGRES_PORT)])
-    return f'{pg_client_shell("pg_isready")}; "$pg_client" {args}'
+
+
+def pg_ready_shell(host: str, timeout: int = 30) -> str:
+    """pg_isready on ``host`` (`_pg_isready_args`)."""
+    return f'{pg_client_shell("pg_isready")}; "$pg_client" {_pg_isready_args(host, timeout)}'
 
 
 # $1: the unit, $2: seconds. Until pg_isready answers on the socket (every 0.05 s); exit 4
@@ -195,9 +200,8 @@ done"""
 def wait_accepting_argv(layout: Layout, timeout: int) -> list[str]:
     """Wait until the cluster of ``layout`` accepts connections on its socket (its start
     may still be running: Debian's pg_ctlcluster keeps checking for 2 s more)."""
-    args = shlex.join(["-q", "-d", "sslmode=disable", "-t", "1", "-h", SOCKET_DIR,
-                       "-p", str(POSTGRES_PORT)])
-    script = _WAIT_ACCEPTING.format(client=pg_client_shell("pg_isready"), args=args)
+    script = _WAIT_ACCEPTING.format(client=pg_client_shell("pg_isready"),
+                                    args=_pg_isready_args(SOCKET_DIR, 1))
     return ["sh", "-c", script, "releasy-pg-accepting", layout.service, str(int(timeout))]
 
 

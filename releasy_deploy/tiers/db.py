@@ -162,7 +162,8 @@ def install_state(c: HostConnection, inv: Inventory) -> HostState:
 def seed_config(c: HostConnection, inv: Inventory, state: HostState) -> None:
     """Right before PostgreSQL's first install on this host (``state``: its state before
     it): our drop-in where the new cluster reads it (`commands.pg_cluster.seed_dropin_argv`),
-    so it starts listening where the app hosts connect and needs no restart."""
+    so it starts listening where the app hosts connect and needs no restart, and the file
+    that keeps the package from making the cluster (`_create_cluster` makes it, after)."""
     if c.dry_run or not state.missing_packages or state.cluster_exists:
         return
     c.run(pg.seed_dropin_argv(state.layout), sudo=True, stdin=pg.render_dropin(inv).encode())
@@ -466,11 +467,13 @@ def _ensure_service(c: HostConnection, inv: Inventory, state: HostState,
         if c.dry_run:
             c.reporter.would(c.name, f"start {service} (it does not answer now)")
             return state
-        if beside is None:
+        def start() -> None:
             c.run(pg.service_argv("start", state.layout), sudo=True)
+        if beside is None:
+            start()
             c.reporter.changed(c.name, f"service {service} started (it was not answering)")
             return _read_state(c, inv)
-        beside.start(c.name, lambda: c.run(pg.service_argv("start", state.layout), sudo=True))
+        beside.start(c.name, start)
         waited = c.run(pg.wait_accepting_argv(state.layout, FIRST_START_TIMEOUT), sudo=True,
                        check=False)
         if not waited.ok:
