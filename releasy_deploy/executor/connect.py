@@ -2,13 +2,20 @@
 SSH or Fabric config files, the inventory's own key only, the host key checked against the
 inventory's known_hosts (unknown or changed keys refused with the fingerprint and what to
 do), a jump host's shared connection as the gateway, and the transport tuned (no Nagle,
-keepalive, channel time-out). Every failure is a typed error naming the host."""
+keepalive, channel time-out). Every failure is a typed error naming the host.
+
+The known_hosts file and the private key are parsed once per process (again when the file
+changes), not once per connection: paramiko's own loading re-reads the whole known_hosts
+for every host, checking each line against the ones before it, which made the client's
+share of a 40-host run grow with the square of the fleet."""
 from __future__ import annotations
 
 import socket
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paramiko
 from fabric import Config, Connection
@@ -16,6 +23,47 @@ from fabric import Config, Connection
 from ..errors import HostKeyError, UnreachableError
 
 KEEPALIVE_S = 15
+
+T = TypeVar("T")
+
+# PKey.from_path tells key types apart with an isinstance check on cryptography's DSA class,
+# which warns that DSA is deprecated even when the key is not DSA.
+warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"paramiko\.pkey")
+
+_parsed: dict[tuple[str, str], tuple[tuple[int, int, int], Any]] = {}
+_parsed_lock = threading.Lock()
+
+
+def _parsed_file(kind: str, path: Path, parse: Callable[[Path], T]) -> T:
+    """``parse(path)``, kept while the file's inode, mtime and size stay the same. The
+    first caller parses; the hosts connecting at the same time wait for it and share it."""
+    st = path.stat()
+    state = (st.st_ino, st.st_mtime_ns, st.st_size)
+    with _parsed_lock:
+        hit = _parsed.get((kind, str(path)))
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        value = parse(path)
+        _parsed[(kind, str(path))] = (state, value)
+        return value
+
+
+def known_host_keys(known_hosts: Path, name: str) -> list[tuple[str, paramiko.PKey]]:
+    """(key type, key) of every known_hosts entry for ``name`` (``address``, or
+    ``[address]:port`` off port 22, as paramiko looks it up; hashed entries included)."""
+    table = _parsed_file("known_hosts", known_hosts, lambda p: paramiko.HostKeys(str(p)))
+    found = table.lookup(name)
+    return [] if found is None else [(kind, found[kind]) for kind in found.keys()]
+
+
+def identity_key(path: Path) -> paramiko.PKey | None:
+    """The private key at ``path`` (with its ``-cert.pub`` if there is one), or None when
+    it cannot be loaded unattended (encrypted, unknown type): paramiko then loads it
+    itself and says why it cannot."""
+    try:
+        return _parsed_file("identity", path, paramiko.PKey.from_path)
+    except Exception:  # noqa: BLE001 -- cryptography's errors vary by key type
+        return None
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
@@ -82,7 +130,12 @@ def open_connection(host: Any, inv: Any, gateway_of: Callable[[Any], Connection]
                 host=h.name,
             )
         # Only the inventory's key: no agent, no ~/.ssh/id_* guessing.
-        kwargs.update(key_filename=str(identity), look_for_keys=False, allow_agent=False)
+        kwargs.update(look_for_keys=False, allow_agent=False)
+        key = identity_key(Path(identity))
+        if key is not None:
+            kwargs["pkey"] = key
+        else:
+            kwargs["key_filename"] = str(identity)
     # Explicit empty SSHConfig + lazy: no ~/.ssh/config, /etc/ssh/ssh_config or
     # invoke/fabric config files can change where or how we connect.
     config = Config(
@@ -103,8 +156,11 @@ def open_connection(host: Any, inv: Any, gateway_of: Callable[[Any], Connection]
         gateway=gateway,
     )
     conn.client.set_missing_host_key_policy(_RejectUnknownHost(h, known_hosts))
+    # The name paramiko looks the server's key up by.
+    pattern = h.address if int(h.ssh_port) == 22 else f"[{h.address}]:{h.ssh_port}"
     try:
-        conn.client.load_host_keys(str(known_hosts))
+        for kind, key in known_host_keys(known_hosts, pattern):
+            conn.client.get_host_keys().add(pattern, kind, key)
     except OSError as exc:
         raise HostKeyError(f"{h.name}: cannot read {known_hosts}: {exc}", host=h.name) from None
     try:
@@ -114,7 +170,6 @@ def open_connection(host: Any, inv: Any, gateway_of: Callable[[Any], Connection]
         raise
     except paramiko.BadHostKeyException as exc:
         conn.client.close()
-        pattern = h.address if int(h.ssh_port) == 22 else f"[{h.address}]:{h.ssh_port}"
         raise HostKeyError(
             f"HOST KEY CHANGED for {h.name} ({h.address}:{h.ssh_port}): {known_hosts}"
             f" expected {_fingerprint(exc.expected_key)} got"

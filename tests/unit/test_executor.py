@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import shlex
 import socket
+import subprocess
 import _thread
 import threading
 import time
@@ -441,6 +443,47 @@ def test_changed_host_key_is_rejected(sshd, tmp_path):
     assert msg.startswith(f"HOST KEY CHANGED for loop (127.0.0.1:{sshd.port})")
     assert "expected ssh-ed25519 SHA256:" in msg and "got ssh-ed25519 SHA256:" in msg
     assert f"remove the old line from {changed}" in msg
+
+
+def test_an_edited_known_hosts_is_read_again_by_the_next_connection(sshd, tmp_path):
+    """known_hosts is parsed once per process and reused: an edit (a key replaced, the
+    file the same size) is seen by the next connection, in both directions."""
+    other_pub = keygen(tmp_path / "other_host_key")
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts.read_text())
+    inv = sshd.inventory(known_hosts=known)
+    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    known.write_text(f"[127.0.0.1]:{sshd.port} {other_pub}\n")
+    with pytest.raises(HostKeyError, match="HOST KEY CHANGED"):
+        Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"])
+    known.write_text(sshd.known_hosts.read_text())
+    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    # Hashed entries (ssh-keygen -H) are found too.
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(known)], check=True,
+                   capture_output=True)
+    assert known.read_text().startswith("|1|")
+    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+
+
+def test_a_replaced_or_encrypted_identity_is_loaded_again(sshd, tmp_path):
+    """The private key is loaded once per process and reused until the file changes: a
+    key replaced by one the host does not know fails as before, and so does an encrypted
+    one (paramiko loads it and says why)."""
+    key = tmp_path / "id"
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o600)
+    inv = sshd.inventory()
+    inv = dataclasses.replace(inv, ssh=dataclasses.replace(inv.ssh, identity_file=key))
+    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    key.unlink()
+    keygen(key)  # a new key, not in authorized_keys
+    with pytest.raises(UnreachableError, match="authentication failed"):
+        Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"])
+    key.unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(key)],
+                   check=True, capture_output=True)
+    with pytest.raises(UnreachableError, match="authentication failed"):
+        Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"])
 
 
 def test_missing_known_hosts_and_unreachable_port(sshd, tmp_path):
