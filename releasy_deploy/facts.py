@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .commands.systemd import parse_show
+from .commands.systemd import parse_show, show_with_main_exe_shell, split_main_exes
 from .errors import DeployError, UnreachableError
 from .executor import HostConnection
 
@@ -316,28 +316,43 @@ class _UnitBatch(Batch):
 
     systemctl prints a block per unit asked, in order, a blank line between; with
     ``--property`` every property asked is printed, even empty. LoadState is always asked
-    (never empty), so no block is empty and the blocks can be counted."""
+    (never empty), so no block is empty and the blocks can be counted.
+
+    A fact whose class sets ``main_exe`` gets, instead of its lines, the executable of the
+    unit's main process (exit 3 when it has none), read in the same frame
+    (`commands.systemd.show_with_main_exe_shell`): no second systemctl for it."""
 
     def _units(self, facts: Sequence[Fact]) -> list[str]:
         return list(dict.fromkeys(f.unit for f in facts))  # type: ignore[attr-defined]
 
     def shell(self, facts: Sequence[Fact]) -> str:
         wanted = {"LoadState", *(p for f in facts for p in f.properties)}  # type: ignore[attr-defined]
+        if any(getattr(f, "main_exe", False) for f in facts):
+            wanted.add("MainPID")
         units = " ".join(shlex.quote(u) for u in self._units(facts))
-        return f"systemctl show --property={','.join(sorted(wanted))} -- {units}"
+        show = f"systemctl show --property={','.join(sorted(wanted))} -- {units}"
+        if any(getattr(f, "main_exe", False) for f in facts):
+            return show_with_main_exe_shell(show)
+        return show
 
     def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
         if code != 0:  # no systemd to ask: every fact reads as nothing known
             return [("", code)] * len(facts)
         units = self._units(facts)
+        out, exes = split_main_exes(out)
         blocks = out.strip("\n").split("\n\n")
         if len(blocks) != len(units):
             raise ValueError(f"systemctl show printed {len(blocks)} units for {len(units)}")
         by_unit = dict(zip(units, blocks))
         parts = []
         for f in facts:
-            wanted = set(f.properties)  # type: ignore[attr-defined]
             lines = by_unit[f.unit].splitlines()  # type: ignore[attr-defined]
+            if getattr(f, "main_exe", False):
+                pid = parse_show("\n".join(lines)).get("MainPID", "")
+                exe = exes.get(pid, "")
+                parts.append((exe, 0) if exe else ("", 3))
+                continue
+            wanted = set(f.properties)  # type: ignore[attr-defined]
             parts.append(("\n".join(x for x in lines if x.partition("=")[0] in wanted), 0))
         return parts
 

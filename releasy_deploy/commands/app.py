@@ -76,8 +76,28 @@ def bind_address(inv: Inventory, host: Host) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
+def http_origin(bind: str) -> str:
+    return f"http://{bind}"
+
+
 def ready_url(bind: str) -> str:
-    return f"http://{bind}/ready"
+    return f"{http_origin(bind)}/ready"
+
+
+def ready_transfer(url: str) -> list[str]:
+    """curl's arguments for one readiness transfer: the body dropped, ``-f`` failing on
+    HTTP >= 400, and one ``ready EXITCODE`` line written out (0: answered 2xx)."""
+    # A --write-out format starting with "@" would name a file: this one must not.
+    return ["-fsS", "--max-time", "2", "-o", "/dev/null", "-w", "ready %{exitcode}\n", url]
+
+
+def parse_ready_line(line: str, code: int) -> int:
+    """The exit status of a readiness transfer from its ``ready EXITCODE`` line; any other
+    line (curl missing or cut off) is a failure (curl's own status, else 1)."""
+    word, _, status = line.partition(" ")
+    if word == "ready" and status.isdigit():
+        return int(status)
+    return code or 1
 
 
 # -------------------------------------------------------------------------- service account

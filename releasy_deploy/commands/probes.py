@@ -28,11 +28,6 @@ _DISK_PATH = ('if [ -d {q} ]; then set -- "$@" {q}; echo y; du -sk -- {q} 2>/dev
 _DISK_TAIL = """echo @df
 [ "$#" -eq 0 ] || df -Pk -- "$@" 2>/dev/null"""
 
-# The executable of the unit's main process (its release dir for a compiled binary).
-_EXE_SHELL = """pid=$(systemctl show --property=MainPID --value -- {q})
-[ "${{pid:-0}}" -gt 0 ] || exit 3
-readlink "/proc/$pid/exe\""""
-
 
 def disk_shell(paths: Sequence[str]) -> str:
     """For each directory of ``paths``: "y" and du's line, or "n" when it is not a directory;
@@ -74,11 +69,6 @@ def split_disk_output(paths: Sequence[str], out: str) -> list[str | None]:
     for (i, kb), pct in zip(found, pcts):
         result[i] = f"{kb} {pct if pct.isdigit() else '?'}"
     return result
-
-
-def exe_shell(unit: str) -> str:
-    """Prints the executable of ``unit``'s main process; exit 3 when it has none."""
-    return _EXE_SHELL.format(q=shlex.quote(unit))
 
 
 def pg_shell(database: str) -> str:

@@ -86,6 +86,34 @@ def parse_show(stdout: str) -> dict[str, str]:
     return out
 
 
+_MAIN_EXE_TAIL = r"""printf '%s\n@exe\n' "$s"
+printf '%s\n' "$s" | while IFS= read -r l; do
+  case $l in
+    MainPID=|MainPID=0|MainPID=*[!0-9]*) ;;
+    MainPID=*) p=${l#MainPID=}; printf '%s %s\n' "$p" "$(readlink "/proc/$p/exe")" ;;
+  esac
+done"""
+
+
+def show_with_main_exe_shell(show: str) -> str:
+    """``show`` (a ``systemctl show`` command line asking MainPID) printed as is, then a
+    line ``@exe`` and ``PID EXECUTABLE`` for every main process it names
+    (`split_main_exes`); a process gone meanwhile has an empty executable. Exits with
+    systemctl's status when that fails."""
+    return f"s=$({show}) || exit\n{_MAIN_EXE_TAIL}"
+
+
+def split_main_exes(out: str) -> tuple[str, dict[str, str]]:
+    """(systemctl's output, {PID: executable}) from `show_with_main_exe_shell`'s output."""
+    show, _, exes = out.partition("\n@exe\n")
+    found = {}
+    for line in exes.splitlines():
+        pid, _, exe = line.partition(" ")
+        if pid.isdigit() and exe:
+            found[pid] = exe
+    return show, found
+
+
 # `fab app.logs`: journal lines per host unless --lines says otherwise.
 DEFAULT_LOG_LINES = 50
 

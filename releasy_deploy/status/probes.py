@@ -5,7 +5,6 @@ and the firewall's facts included)."""
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +14,8 @@ from ..commands import app as appcmd
 from ..commands import postgres as pgcmd
 from ..commands import probes
 from ..engine.runner import parse_version_probe, version_probe_argv
-from ..facts import Batch, Fact, FileStat, OsRelease, PackageVersion, ServiceActive
+from ..facts import (SYSTEMD_SHOW, Batch, Fact, FileStat, OsRelease, PackageVersion,
+                     ServiceActive)
 from ..fleet import FleetFile
 from ..inventory import VERSION_RE, Host, Inventory
 from ..packages import FIREWALL_PACKAGES
@@ -92,12 +92,13 @@ class StatusDisk(Fact):
 
 @dataclass(frozen=True)
 class StatusExe(Fact):
-    """The release the unit's main process runs, from its executable, or None."""
+    """The release the unit's main process runs, from its executable, or None; read by the
+    host's one ``systemctl show`` (`facts.SYSTEMD_SHOW`)."""
 
     unit: str
-
-    def shell(self) -> str:
-        return probes.exe_shell(self.unit)
+    batch = SYSTEMD_SHOW
+    properties = ("MainPID",)
+    main_exe = True
 
     def parse(self, out: str, code: int) -> str | None:
         return parse_exe_release(out, code)
@@ -105,12 +106,18 @@ class StatusExe(Fact):
 
 @dataclass(frozen=True)
 class StatusVersion(Fact):
-    """The ``version`` GET /version on ``bind`` answers, or None."""
+    """The ``version`` GET /version on ``bind`` answers, or None; read by the same curl as
+    the host's readiness (`app_facts.HttpGets`)."""
 
     bind: str
 
-    def shell(self) -> str:
-        return shlex.join(version_probe_argv(self.bind))
+    @property
+    def batch(self) -> app_facts.HttpGets:  # type: ignore[override]
+        return app_facts.HttpGets(appcmd.http_origin(self.bind))
+
+    def transfer(self) -> list[str]:
+        """curl's arguments for this probe's transfer (`version_probe_argv`, without curl)."""
+        return version_probe_argv(self.bind)[1:]
 
     def parse(self, out: str, code: int) -> str | None:
         return parse_version_probe(out)[1]

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..commands import app as cmd
 from ..commands import kept_secrets as kept
 from ..commands import systemd
 from ..commands.nginx import UPSTREAM_FILE
 from .. import schema
-from ..facts import SYSTEMD_SHOW, Fact, FileSha256, FileStat, OsRelease, PackageVersion
+from ..facts import (SYSTEMD_SHOW, Batch, Fact, FileSha256, FileStat, OsRelease,
+                     PackageVersion)
 from ..inventory import Inventory
 from ..packages import APP_PACKAGES
 from . import db as db_tier
 
 __all__ = [
     "SERVICE_UNIT", "bind_address", "PACKAGES", "ReleasyAccount", "ReleasyReleases",
-    "ReleasyUnit", "ReleasyReady", "KeptSecrets", "HostFacts", "state_facts", "fact_names",
+    "ReleasyUnit", "ReleasyReady", "HttpGets", "KeptSecrets", "HostFacts", "state_facts",
+    "fact_names",
     "live_instance",
 ]
 
@@ -70,13 +72,46 @@ class ReleasyUnit(Fact):
 
 
 @dataclass(frozen=True)
+class HttpGets(Batch):
+    """The HTTP probes of one ``origin`` (``http://BIND``) in ONE curl, a transfer each
+    (``--next``): one curl start on the host instead of one per probe.
+
+    The readiness transfers come first and print only their ``ready EXITCODE`` line; at
+    most one other transfer (`fab status`'s /version) prints a body, last, so its output
+    is the rest, as if it had run alone."""
+
+    origin: str
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        ready = [f for f in facts if isinstance(f, ReleasyReady)]
+        bodied = [f for f in facts if not isinstance(f, ReleasyReady)]
+        if len(bodied) > 1:
+            raise ValueError(f"one HTTP probe with a body per curl, not {len(bodied)}")
+        transfers = [cmd.ready_transfer(f.url) for f in ready]
+        transfers += [f.transfer() for f in bodied]  # type: ignore[attr-defined]
+        return "curl " + " --next ".join(shlex.join(t) for t in transfers)
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        n = sum(isinstance(f, ReleasyReady) for f in facts)
+        *lines, rest = out.split("\n", n) if n else [out]
+        # A line missing or not curl's (no curl: exit 127, nothing printed) is not ready.
+        codes = iter(cmd.parse_ready_line(line, code) for line in
+                     [*lines, *[""] * (n - len(lines))])
+        if len(lines) < n:
+            rest = ""
+        return [("", next(codes)) if isinstance(f, ReleasyReady) else (rest, code)
+                for f in facts]
+
+
+@dataclass(frozen=True)
 class ReleasyReady(Fact):
     """GET ``url`` (a /ready URL) answered 2xx from the host itself."""
 
     url: str
 
-    def shell(self) -> str:
-        return f"curl -fsS --max-time 2 -o /dev/null {shlex.quote(self.url)}"
+    @property
+    def batch(self) -> HttpGets:  # type: ignore[override]
+        return HttpGets(self.url.rpartition("/")[0] or self.url)
 
     def parse(self, out: str, code: int) -> bool:
         return code == 0

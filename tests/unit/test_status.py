@@ -130,6 +130,111 @@ def test_the_disk_probe_runs_in_a_real_shell(tmp_path):
     assert found[facts[2]][0] < used and found[facts[2]][1] == pct
 
 
+@pytest.fixture()
+def http_app():
+    """A local HTTP server standing in for Releasy: /ready answers 200 or 503 as
+    ``state["ready"]`` says, /version a JSON body; its ``bind`` is ``127.0.0.1:PORT``."""
+    import http.server
+    import threading
+
+    state = {"ready": True}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            if self.path == "/ready":
+                code, body = (200, b'{"status":"ok"}') if state["ready"] else (503, b"no")
+            elif self.path == "/version":
+                code, body = 200, b'{"version": "1.2.3"}'
+            else:
+                code, body = 404, b"nothing here"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["bind"] = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _read_in_sh(facts, env=None):
+    script = build_facts_script(facts, "n0nce")
+    res = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True, env=env,
+                         timeout=30)
+    return script, parse_facts_output(facts, "n0nce", res.stdout)
+
+
+def test_readiness_and_version_are_one_curl_of_real_transfers(http_app):
+    """/ready and /version of one address: ONE curl (``--next``), read by real curl from
+    a real server; readiness follows the HTTP status, the version the body."""
+    bind = http_app["bind"]
+    facts = [StatusVersion(bind), ReleasyReady(appcmd.ready_url(bind))]
+    script, found = _read_in_sh(facts)
+    assert script.count("curl ") == 1 and "--next" in script
+    assert found == {facts[0]: "1.2.3", facts[1]: True}
+    http_app["ready"] = False  # 503: curl -f fails that transfer, the next one still runs
+    assert _read_in_sh(facts)[1] == {facts[0]: "1.2.3", facts[1]: False}
+    # Nothing listening: neither; alone, readiness reads the same as before.
+    gone = "127.0.0.1:9"
+    assert _read_in_sh([StatusVersion(gone), ReleasyReady(appcmd.ready_url(gone))])[1] == {
+        StatusVersion(gone): None, ReleasyReady(appcmd.ready_url(gone)): False}
+    http_app["ready"] = True
+    assert _read_in_sh([ReleasyReady(appcmd.ready_url(bind))])[1] == {
+        ReleasyReady(appcmd.ready_url(bind)): True}
+
+
+def test_http_probes_of_different_addresses_are_separate_curls():
+    """Each address has its own curl: only one transfer per curl prints a body."""
+    facts = [ReleasyReady("http://127.0.0.1:8080/ready"), StatusVersion("127.0.0.1:8080"),
+             ReleasyReady("http://127.0.0.1:8081/ready"), StatusVersion("127.0.0.1:8081")]
+    assert build_facts_script(facts, "n0nce").count("curl ") == 2
+
+
+@pytest.mark.parametrize("out, code, expected", [
+    ("ready 0\n{\"version\": \"1.0.0\"}\n@status 200\n", 0, (True, "1.0.0")),
+    ("ready 22\n{\"version\": \"1.0.0\"}\n@status 200\n", 0, (False, "1.0.0")),
+    ("ready 7\n\n@status 000\n", 7, (False, None)),
+    ("", 127, (False, None)),  # no curl on the host
+    ("ready x\n", 0, (False, None)),  # not curl's line: not ready
+])
+def test_split_of_the_http_probes(out, code, expected):
+    ready, version = ReleasyReady("http://h:1/ready"), StatusVersion("h:1")
+    parts = ready.batch.split([version, ready], out, code)
+    assert (ready.parse(*parts[1]), version.parse(*parts[0])) == expected
+
+
+def test_the_main_process_executable_is_read_in_the_systemctl_frame(tmp_path):
+    """StatusExe joins the one ``systemctl show`` (no second systemctl): the real snippet
+    under sh, a stand-in systemctl printing a running and a stopped unit."""
+    fake = tmp_path / "systemctl"
+    blocks = r"LoadState=loaded\nMainPID=%s\n\nLoadState=loaded\nMainPID=0\n"
+    fake.write_text(f"#!/bin/sh\nprintf '{blocks}' {os.getpid()}\n"
+                    f"echo called >> {tmp_path}/calls\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    facts = [ReleasyUnit("releasy.service"), StatusExe("releasy.service"),
+             StatusExe("releasy@8081.service")]
+    script, found = _read_in_sh(facts, env=env)
+    assert (tmp_path / "calls").read_text() == "called\n"
+    assert found[facts[0]]["MainPID"] == str(os.getpid())
+    assert found[facts[1]] is None  # python, not a release's releasy-server
+    assert found[facts[2]] is None
+    exe = os.path.realpath(f"/proc/{os.getpid()}/exe")
+    parts = facts[1].batch.split(facts, f"MainPID={os.getpid()}\n\nMainPID=0\n@exe\n"
+                                 f"{os.getpid()} {exe}\n", 0)
+    assert parts[1:] == [(exe, 0), ("", 3)]
+
+
 DF_HEAD = "Filesystem 1024-blocks Used Available Capacity Mounted on\n"
 
 
@@ -197,8 +302,8 @@ def test_facts_output_round_trip_of_the_status_probes():
     """The parsers get what the facts framework frames: stdout and exit code."""
     names = [StatusPg("releasy"), StatusExe("releasy.service")]
     out = ("@@releasy:n:0:begin@@\nup 123\n\n@@releasy:n:0:end:0@@\n"
-           "@@releasy:n:1:begin@@\n/opt/releasy/releases/1.1.0/releasy-server\n\n"
-           "@@releasy:n:1:end:0@@\n")
+           "@@releasy:n:1:begin@@\nLoadState=loaded\nMainPID=812\n@exe\n"
+           "812 /opt/releasy/releases/1.1.0/releasy-server\n\n@@releasy:n:1:end:0@@\n")
     assert parse_facts_output(names, "n", out) == {
         StatusPg("releasy"): (True, 123), StatusExe("releasy.service"): "1.1.0"}
 
