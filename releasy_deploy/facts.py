@@ -327,13 +327,12 @@ class _UnitBatch(Batch):
 
     def shell(self, facts: Sequence[Fact]) -> str:
         wanted = {"LoadState", *(p for f in facts for p in f.properties)}  # type: ignore[attr-defined]
-        if any(getattr(f, "main_exe", False) for f in facts):
+        main_exe = any(getattr(f, "main_exe", False) for f in facts)
+        if main_exe:
             wanted.add("MainPID")
         units = " ".join(shlex.quote(u) for u in self._units(facts))
         show = f"systemctl show --property={','.join(sorted(wanted))} -- {units}"
-        if any(getattr(f, "main_exe", False) for f in facts):
-            return show_with_main_exe_shell(show)
-        return show
+        return show_with_main_exe_shell(show) if main_exe else show
 
     def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
         if code != 0:  # no systemd to ask: every fact reads as nothing known

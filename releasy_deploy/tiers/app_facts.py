@@ -93,12 +93,11 @@ class HttpGets(Batch):
 
     def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
         n = sum(isinstance(f, ReleasyReady) for f in facts)
-        *lines, rest = out.split("\n", n) if n else [out]
+        parts = out.split("\n", n)
+        lines, rest = (parts[:n], parts[n]) if len(parts) > n else (parts, "")
         # A line missing or not curl's (no curl: exit 127, nothing printed) is not ready.
         codes = iter(cmd.parse_ready_line(line, code) for line in
                      [*lines, *[""] * (n - len(lines))])
-        if len(lines) < n:
-            rest = ""
         return [("", next(codes)) if isinstance(f, ReleasyReady) else (rest, code)
                 for f in facts]
 
