@@ -445,6 +445,12 @@ def test_changed_host_key_is_rejected(sshd, tmp_path):
     assert f"remove the old line from {changed}" in msg
 
 
+def _true_on(inv) -> bool:
+    """`true` on the inventory's host "loop" with a new executor, closed after."""
+    with Executor(inv, reporter=Reporter(io.StringIO())) as ex:
+        return ex.conn("loop").run(["true"]).ok
+
+
 def test_an_edited_known_hosts_is_read_again_by_the_next_connection(sshd, tmp_path):
     """known_hosts is parsed once per process and reused: an edit (a key replaced, the
     file the same size) is seen by the next connection, in both directions."""
@@ -452,17 +458,17 @@ def test_an_edited_known_hosts_is_read_again_by_the_next_connection(sshd, tmp_pa
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_hosts.read_text())
     inv = sshd.inventory(known_hosts=known)
-    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    assert _true_on(inv)
     known.write_text(f"[127.0.0.1]:{sshd.port} {other_pub}\n")
     with pytest.raises(HostKeyError, match="HOST KEY CHANGED"):
-        Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"])
+        _true_on(inv)
     known.write_text(sshd.known_hosts.read_text())
-    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    assert _true_on(inv)
     # Hashed entries (ssh-keygen -H) are found too.
     subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(known)], check=True,
                    capture_output=True)
     assert known.read_text().startswith("|1|")
-    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    assert _true_on(inv)
 
 
 def test_a_replaced_or_encrypted_identity_is_loaded_again(sshd, tmp_path):
@@ -474,16 +480,16 @@ def test_a_replaced_or_encrypted_identity_is_loaded_again(sshd, tmp_path):
     key.chmod(0o600)
     inv = sshd.inventory()
     inv = dataclasses.replace(inv, ssh=dataclasses.replace(inv.ssh, identity_file=key))
-    assert Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"]).ok
+    assert _true_on(inv)
     key.unlink()
     keygen(key)  # a new key, not in authorized_keys
     with pytest.raises(UnreachableError, match="authentication failed"):
-        Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"])
+        _true_on(inv)
     key.unlink()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(key)],
                    check=True, capture_output=True)
     with pytest.raises(UnreachableError, match="authentication failed"):
-        Executor(inv, reporter=Reporter(io.StringIO())).conn("loop").run(["true"])
+        _true_on(inv)
 
 
 def test_missing_known_hosts_and_unreachable_port(sshd, tmp_path):
