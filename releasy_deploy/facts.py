@@ -318,8 +318,9 @@ class _UnitBatch(Batch):
     ``--property`` every property asked is printed, even empty. LoadState is always asked
     (never empty), so no block is empty and the blocks can be counted.
 
-    A fact whose class sets ``main_exe`` gets, instead of its lines, the executable of the
-    unit's main process (exit 3 when it has none), read in the same frame
+    A fact whose class sets ``main_exe`` (and asks MainPID among its ``properties``) gets,
+    instead of its lines, the executable of the unit's main process (exit 3 when it has
+    none), read in the same frame
     (`commands.systemd.show_with_main_exe_shell`): no second systemctl for it."""
 
     def _units(self, facts: Sequence[Fact]) -> list[str]:
@@ -327,12 +328,11 @@ class _UnitBatch(Batch):
 
     def shell(self, facts: Sequence[Fact]) -> str:
         wanted = {"LoadState", *(p for f in facts for p in f.properties)}  # type: ignore[attr-defined]
-        main_exe = any(getattr(f, "main_exe", False) for f in facts)
-        if main_exe:
-            wanted.add("MainPID")
         units = " ".join(shlex.quote(u) for u in self._units(facts))
         show = f"systemctl show --property={','.join(sorted(wanted))} -- {units}"
-        return show_with_main_exe_shell(show) if main_exe else show
+        if any(getattr(f, "main_exe", False) for f in facts):
+            return show_with_main_exe_shell(show)
+        return show
 
     def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
         if code != 0:  # no systemd to ask: every fact reads as nothing known
@@ -345,14 +345,14 @@ class _UnitBatch(Batch):
         by_unit = dict(zip(units, blocks))
         parts = []
         for f in facts:
-            lines = by_unit[f.unit].splitlines()  # type: ignore[attr-defined]
+            block = by_unit[f.unit]  # type: ignore[attr-defined]
             if getattr(f, "main_exe", False):
-                pid = parse_show("\n".join(lines)).get("MainPID", "")
-                exe = exes.get(pid, "")
+                exe = exes.get(parse_show(block).get("MainPID", ""), "")
                 parts.append((exe, 0) if exe else ("", 3))
                 continue
             wanted = set(f.properties)  # type: ignore[attr-defined]
-            parts.append(("\n".join(x for x in lines if x.partition("=")[0] in wanted), 0))
+            parts.append(("\n".join(x for x in block.splitlines()
+                                     if x.partition("=")[0] in wanted), 0))
         return parts
 
 

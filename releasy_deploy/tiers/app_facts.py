@@ -87,9 +87,8 @@ class HttpGets(Batch):
         bodied = [f for f in facts if not isinstance(f, ReleasyReady)]
         if len(bodied) > 1:
             raise ValueError(f"one HTTP probe with a body per curl, not {len(bodied)}")
-        transfers = [cmd.ready_transfer(f.url) for f in ready]
-        transfers += [f.transfer() for f in bodied]  # type: ignore[attr-defined]
-        return "curl " + " --next ".join(shlex.join(t) for t in transfers)
+        return "curl " + " --next ".join(
+            shlex.join(f.transfer()) for f in [*ready, *bodied])  # type: ignore[attr-defined]
 
     def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
         n = sum(isinstance(f, ReleasyReady) for f in facts)
@@ -111,6 +110,10 @@ class ReleasyReady(Fact):
     @property
     def batch(self) -> HttpGets:  # type: ignore[override]
         return HttpGets(self.url.rpartition("/")[0] or self.url)
+
+    def transfer(self) -> list[str]:
+        """curl's arguments for this probe's transfer (`commands.app.ready_transfer`)."""
+        return cmd.ready_transfer(self.url)
 
     def parse(self, out: str, code: int) -> bool:
         return code == 0
