@@ -1,8 +1,9 @@
 """Opening one host's SSH connection: Fabric's `Connection` with nothing taken from local
 SSH or Fabric config files, the inventory's own key only, the host key checked against the
 inventory's known_hosts (unknown or changed keys refused with the fingerprint and what to
-do), a jump host's shared connection as the gateway, and the transport tuned (no Nagle,
-keepalive, channel time-out). Every failure is a typed error naming the host.
+do), a jump host's shared connection as the gateway, and the transport tuned (no Nagle
+and no delayed acknowledgements from the first packet, keepalive, channel time-out). Every
+failure is a typed error naming the host.
 
 The known_hosts file and the private key are parsed once per process (again when the file
 changes), not once per connection: paramiko's own loading re-reads the whole known_hosts
@@ -10,6 +11,7 @@ for every host, checking each line against the ones before it, which made the cl
 share of a 40-host run grow with the square of the fleet."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import warnings
@@ -66,6 +68,36 @@ def identity_key(path: Path) -> paramiko.PKey | None:
         return None
 
 
+class _AckingSocket(socket.socket):
+    """A TCP socket that acknowledges what it reads at once (TCP_QUICKACK after each read).
+
+    Right after authentication sshd sends a message of its own (OpenSSH's host key list)
+    and, with Nagle on its side, holds its answer to our first channel open until that
+    message is acknowledged; Linux delays the acknowledgement by 40 ms. TCP_QUICKACK does
+    not stay set, so it is set again after every read."""
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        with contextlib.suppress(OSError):  # closed meanwhile: the next read says so
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+
+def _tuned_transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """paramiko's Transport on ``sock``, tuned before the handshake: without Nagle (our
+    authentication request otherwise waits ~40 ms for an acknowledgement) and, where the
+    OS has TCP_QUICKACK (Linux), acknowledging at once (see `_AckingSocket`). Measured on
+    the lab: connect to first command 125 -> 41 ms. Behind a jump host ``sock`` is a
+    channel of the jump host's (tuned) connection and is used as it is."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_QUICKACK"):
+            timeout = sock.gettimeout()
+            sock = _AckingSocket(fileno=sock.detach())
+            sock.settimeout(timeout)
+    return paramiko.Transport(sock, **kwargs)
+
+
 def _fingerprint(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.fingerprint}"
 
@@ -119,6 +151,7 @@ def open_connection(host: Any, inv: Any, gateway_of: Callable[[Any], Connection]
         "timeout": timeout,
         "banner_timeout": timeout,
         "auth_timeout": timeout,
+        "transport_factory": _tuned_transport,
     }
     # A jump host may have its own key; every other host uses the inventory's.
     identity = getattr(h, "identity_file", inv.ssh.identity_file)
@@ -203,10 +236,7 @@ def open_connection(host: Any, inv: Any, gateway_of: Callable[[Any], Connection]
             + (f" (and reachable from {jump.name})?" if jump is not None else "?"),
             host=h.name,
         ) from None
-    # Without this every round trip stalls ~40 ms on Nagle + delayed ACK (48 -> 13 ms).
     transport = conn.client.get_transport()
-    if isinstance(transport.sock, socket.socket):  # behind a jump host: a channel
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Opening a channel (a host behind this one, the lock's tunnel) fails within the
     # connect timeout instead of paramiko's default hour.
     transport.channel_timeout = timeout

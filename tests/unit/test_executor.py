@@ -33,6 +33,7 @@ from releasy_deploy.executor import (
     render_masked,
     with_sudo,
 )
+from releasy_deploy.executor import connect
 from releasy_deploy.executor.channel import Raw
 from releasy_deploy.output import Masker, Reporter
 
@@ -389,11 +390,36 @@ def test_run_prefixes_output_and_reuses_one_connection(sshd):
         assert ex.connections_opened == {"app1": 1}
         sock = c._conn.client.get_transport().sock
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert isinstance(sock, connect._AckingSocket) == hasattr(socket, "TCP_QUICKACK")
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[app1] $ sh -c ")
     assert set(lines[1:]) == {"[app1] | one", "[app1] ! two", "[app1] | no newline"}
     # stdout lines keep their order
     assert lines.index("[app1] | one") < lines.index("[app1] | no newline")
+
+
+def test_transport_is_tuned_before_the_handshake_and_reads_as_before():
+    # paramiko calls the factory on the connected socket, before key exchange and
+    # authentication: the ones that stalled on Nagle and delayed acknowledgements.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname(), timeout=7.5)
+        peer, _ = server.accept()
+        transport = connect._tuned_transport(client)
+        sock = transport.sock
+        try:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert sock.gettimeout() == transport._active_check_timeout  # paramiko's poll
+            if hasattr(socket, "TCP_QUICKACK"):
+                assert isinstance(sock, connect._AckingSocket) and client.fileno() == -1
+            peer.sendall(b"SSH-2.0-x\r\n")
+            assert sock.recv(64) == b"SSH-2.0-x\r\n"
+            peer.close()
+            assert sock.recv(64) == b""  # the peer's close reads as EOF, no error
+        finally:
+            sock.close()  # the transport never started, so it owns nothing to close
+            peer.close()
+        with pytest.raises(OSError):
+            sock.recv(64)  # closed here: an error, as with a plain socket
 
 
 def test_tricky_argv_reaches_the_remote_intact(sshd):
