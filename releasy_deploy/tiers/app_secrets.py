@@ -3,6 +3,7 @@ against what the hosts keep (`secret_policy`), and registered with the masker be
 anything could print them."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable
 from urllib.parse import quote
 
@@ -47,30 +48,32 @@ def resolve_secrets(session: Session, rotate: Iterable[str] = ()
 def mask_host_secrets(session: Session, hosts: Iterable[Any] = ()) -> None:
     """Register the secrets that live only on hosts with the masker before a task that
     prints what hosts say (`fab app.logs`, `fab run`): the database password (PostgreSQL)
-    and the secrets kept on those of ``hosts`` that are app hosts (one round trip each,
-    in parallel). A host that cannot be read is skipped: the task itself will say why."""
+    and the secrets kept on those of ``hosts`` that are app hosts. One round trip per host
+    read, the db host's and the app hosts' all in parallel. A host that cannot be read is
+    skipped: the task itself will say why."""
     inv = session.inventory
-    if inv.database.kind == "postgres":
-        try:
-            database_url(session)
-        except DeployError:
-            pass
     app_names = {h.name for h in inv.hosts_in("app")}
     targets = [h for h in hosts if getattr(h, "name", h) in app_names]
-    if not targets:
-        return
+    target_names = {getattr(h, "name", h) for h in targets}
+    db_host = inv.db_host if inv.database.kind == "postgres" else None
+    readers = list(targets)
+    if db_host is not None and db_host.name not in target_names:
+        readers.append(db_host)
 
     def read(c: HostConnection) -> None:
+        if db_host is not None and c.name == db_host.name:
+            with contextlib.suppress(DeployError):
+                database_url(session)
+        if c.name not in target_names:
+            return
         try:
             state = read_fact(c, KeptSecrets(), sudo=True)
         except DeployError:
             return
         session.executor.masker.add([*(state.kept or {}).values(), *state.env.values()])
 
-    try:
-        session.executor.each(targets, read)
-    except DeployError:
-        pass
+    with contextlib.suppress(DeployError):
+        session.executor.each(readers, read)
 
 
 def resolve_states(session: Session, states: dict[str, kept.KeptState],
