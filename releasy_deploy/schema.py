@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .commands import app as appcmd
+from .commands.pg_sql import psql_stdin_shell
 from .errors import BadInput, DeployError
 from .facts import Fact, read_fact
 from .inventory import VERSION_RE, Host, Inventory, check_version
@@ -39,6 +40,13 @@ SCHEMA_FILE = ".schema-version"
 # Only successful rows count: sqlx marks a failed non-transactional migration success=false.
 LEVEL_SQL = "SELECT coalesce(max(version), 0) FROM public._sqlx_migrations WHERE success"
 TABLE_SQL = "SELECT to_regclass('public._sqlx_migrations') IS NOT NULL"
+# One psql run: the level when the table exists, else 0 (psql's \gset and \if, psql >= 10).
+LEVEL_SCRIPT = (f"{TABLE_SQL} AS releasy_has_migrations \\gset\n"
+                "\\if :releasy_has_migrations\n"
+                f"{LEVEL_SQL};\n"
+                "\\else\n"
+                "SELECT 0;\n"
+                "\\endif")
 SQLITE_LEVEL_SQL = "SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success"
 SQLITE_TABLE_SQL = ("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
                     " AND name = '_sqlx_migrations'")
@@ -50,13 +58,9 @@ def schema_path(version: str) -> str:
 
 # ------------------------------------------------------------------------------ the database
 def postgres_level_shell(database: str) -> str:
-    """Prints the level (0 without a migrations table) as the postgres superuser."""
-    def psql(sql: str) -> str:
-        return shlex.join(["runuser", "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-q",
-                           "-v", "ON_ERROR_STOP=1", "-d", database, "-c", sql])
-    # cd /: runuser keeps root's cwd, which postgres may not enter (psql warns).
-    return (f"cd / && t=$({psql(TABLE_SQL)}) || exit 4\n"
-            f"if [ \"$t\" = t ]; then {psql(LEVEL_SQL)}; else echo 0; fi")
+    """Prints the level (0 without a migrations table) as the postgres superuser: one psql
+    call (the major's own binary, not Debian's Perl wrapper), the SQL on its stdin."""
+    return psql_stdin_shell(database, LEVEL_SCRIPT)
 
 
 def sqlite_level_shell(path: str, user: str) -> str:

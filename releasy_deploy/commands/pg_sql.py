@@ -246,16 +246,23 @@ def pg_client_shell(tool: str, lib_dir: str = PG_LIB_DIR) -> str:
             f" done")
 
 
-def server_state_shell(database: str, user: str) -> str:
-    """Shell snippet printing the server's state; fails (non-zero) when it does not answer."""
-    sql = server_state_sql(database, user)
+def psql_stdin_shell(database: str, sql: str) -> str:
+    """Shell running ``sql`` on ``database`` as the postgres superuser with the newest
+    installed major's own psql (`pg_client_shell`), the SQL in a here-document on its
+    stdin (never in argv); fails (non-zero) when the server does not answer or a statement
+    fails."""
     if _SQL_DELIMITER in sql:
         raise ValueError("SQL contains the here-document delimiter")
-    words = psql_argv("postgres")
+    words = psql_argv(database)
     at = words.index("psql")
     psql = f'{shlex.join(words[:at])} "$pg_client" {shlex.join(words[at + 1:])}'
     return (f"{pg_client_shell('psql')}; cd / && {psql} <<'{_SQL_DELIMITER}'\n"
             f"{sql}\n{_SQL_DELIMITER}")
+
+
+def server_state_shell(database: str, user: str) -> str:
+    """Shell snippet printing the server's state; fails (non-zero) when it does not answer."""
+    return psql_stdin_shell("postgres", server_state_sql(database, user))
 
 
 @dataclass(frozen=True)

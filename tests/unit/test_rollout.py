@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -330,9 +331,9 @@ def test_parse_level(out, code, level):
     assert schema.parse_level(out, code) == level
 
 
-def fake_runuser(tmp: Path, answers: list[str]) -> dict:
-    """A `runuser` that records its argv (NUL-separated, one call per line) and prints the
-    next canned answer."""
+def fake_runuser(tmp: Path, answer: str) -> dict:
+    """A `runuser` that records its argv (NUL-separated, one call per line) and its stdin,
+    and prints ``answer``."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
     log = tmp / "calls"
@@ -340,31 +341,24 @@ def fake_runuser(tmp: Path, answers: list[str]) -> dict:
     script.write_text("#!/bin/sh\n"
                       f"for a in \"$@\"; do printf '%s\\0' \"$a\"; done >> {log}\n"
                       f"echo >> {log}\n"
-                      f"n=$(wc -l < {log})\n"
-                      f"sed -n \"${{n}}p\" {tmp / 'answers'}\n")
+                      f"cat > {tmp / 'stdin'}\n"
+                      f"echo {shlex.quote(answer)}\n")
     script.chmod(0o755)
-    (tmp / "answers").write_text("\n".join(answers) + "\n")
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
 @pytest.mark.parametrize("database", ["releasy", "my 'odd' db; $(reboot) é"])
-def test_postgres_level_shell_passes_values_as_single_words(tmp_path, database):
-    env = fake_runuser(tmp_path, ["t", "7"])
+def test_postgres_level_shell_is_one_psql_with_the_sql_on_stdin(tmp_path, database):
+    env = fake_runuser(tmp_path, "7")
     res = subprocess.run(["sh", "-c", schema.postgres_level_shell(database)], env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0 and schema.parse_level(res.stdout, 0) == 7
-    calls = [line.split("\0")[:-1] for line in
-             (tmp_path / "calls").read_text().splitlines()]
-    assert calls[0][:5] == ["-u", "postgres", "--", "psql", "-X"]
-    assert calls[0][calls[0].index("-d") + 1] == database
-    assert calls[1][-1] == schema.LEVEL_SQL
-
-
-def test_postgres_level_without_a_migrations_table_is_zero(tmp_path):
-    env = fake_runuser(tmp_path, ["f"])
-    res = subprocess.run(["sh", "-c", schema.postgres_level_shell("releasy")], env=env,
-                         capture_output=True, text=True)
-    assert schema.parse_level(res.stdout, res.returncode) == 0
+    [call] = [line.split("\0")[:-1] for line in
+              (tmp_path / "calls").read_text().splitlines()]
+    assert call[:3] == ["-u", "postgres", "--"] and call[3].endswith("/psql")
+    assert call[4] == "-X" and call[call.index("-d") + 1] == database
+    assert not any("SELECT" in word for word in call)  # SQL travels on stdin only
+    assert (tmp_path / "stdin").read_text() == schema.LEVEL_SCRIPT + "\n"
 
 
 @needs_sqlite3

@@ -30,6 +30,7 @@ import pytest
 
 from lab.standin import build
 from lab.standin import releasy_server as rs
+from releasy_deploy import schema
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -543,6 +544,29 @@ def pg():
         subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True, timeout=60, cwd=base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_migration_level_script_under_real_psql(pg):
+    # What `schema.postgres_level_shell` feeds psql (here for this module's throwaway
+    # cluster): 0 without the table, else the highest successful version (a failed
+    # non-transactional migration does not count).
+    psql = shutil.which("psql")
+    if not psql:
+        pytest.skip("psql not installed")
+    db = pg["new_db"]()
+
+    def level() -> tuple[int, str]:
+        res = subprocess.run([psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h",
+                              "127.0.0.1", "-p", str(pg["port"]), "-U", "postgres", "-d", db],
+                             input=schema.LEVEL_SCRIPT + "\n", capture_output=True,
+                             text=True, timeout=30)
+        return res.returncode, res.stdout
+
+    assert schema.parse_level(*reversed(level())) == 0
+    with pg["admin"](db) as conn:
+        conn.execute("CREATE TABLE _sqlx_migrations (version bigint, success boolean)")
+        conn.execute("INSERT INTO _sqlx_migrations VALUES (1, true), (2, true), (3, false)")
+    assert schema.parse_level(*reversed(level())) == 2
 
 
 def test_pg_start_migrate_refuse_and_broken(pg, releases, procs):
