@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,7 @@ class FabRun:
         self.seconds = seconds
         self.events = events
         self.launched = 0.0  # epoch seconds when the process was started
+        self.cpu_s = 0.0  # the fab process's own CPU time (user + system)
 
     def startup_s(self) -> float | None:
         """From launching `fab` to its first SSH connection (needs trace=True): Python,
@@ -117,6 +119,7 @@ def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
             env[TRACE_ENV] = "1"
         argv = [FAB, "-r", str(ROOT / "fabfile"), *args]
         launched = time.time()
+        before = _children_cpu()
         started = time.perf_counter()
         try:
             proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -124,6 +127,7 @@ def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"fab {' '.join(args)} did not finish within its deadline")
         seconds = time.perf_counter() - started
+        cpu = _children_cpu() - before
         events = ([json.loads(line) for line in log.read_text().splitlines() if line.strip()]
                   if log.exists() else [])
     if check and proc.returncode != 0:
@@ -131,7 +135,16 @@ def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
         raise RuntimeError(f"fab {' '.join(args)} exited {proc.returncode}:\n{tail}")
     run = FabRun(args, proc, seconds, events)
     run.launched = launched
+    run.cpu_s = cpu
     return run
+
+
+def _children_cpu() -> float:
+    """CPU time of this process's waited-for children: the bench runs one `fab` at a time
+    and `fab` starts no programs of its own (SSH is in-process), so a difference around one
+    run is that run's client CPU."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def fab_tasks() -> set[str]:

@@ -380,6 +380,7 @@ def measure_fanout(budget: Budget, use_cli: bool, reps: int = 7, cli_reps: int =
     result["in_process_max_parallel_16_s"] = round(median(narrow), 3) if narrow else None
     if use_cli:
         walls: dict[int, list[float]] = {n: [] for n in FANOUT_SIZES}
+        cpus: dict[int, list[float]] = {n: [] for n in FANOUT_SIZES}
         trips: dict[int, dict[str, int]] = {}
         startup = [fab(inventories[1], "inventory.check", budget=budget, timeout=60).seconds
                    for _ in range(2)]
@@ -388,10 +389,11 @@ def measure_fanout(budget: Budget, use_cli: bool, reps: int = 7, cli_reps: int =
                 r = fab(inventories[n], "run", "--tier", "app", "--", "true", budget=budget,
                         timeout=60)
                 walls[n].append(r.seconds)
+                cpus[n].append(r.cpu_s)
                 trips[n] = r.round_trips()
         result["cli"] = {
             str(n): {"wall_s": round(median(walls[n]), 3), "min_wall_s": round(min(walls[n]), 3),
-                     "samples": len(walls[n]),
+                     "cpu_s": round(median(cpus[n]), 3), "samples": len(walls[n]),
                      "max_round_trips_per_host": max(trips[n].values(), default=None)}
             for n in FANOUT_SIZES}
         result["cli_startup_s"] = round(median(startup), 3)
@@ -574,6 +576,12 @@ def notes(results: dict) -> list[str]:
             f" {os.cpu_count()} cores (our client used {ip[most]['client_cpu_s']} s of CPU for"
             f" all {most}), so the server side of the handshakes queues here in a way it does"
             f" not on real hosts")
+    growth = client_cpu_growth(results.get("scale") or {})
+    if growth:
+        out.append("the client's own CPU time (the fab process) from the smallest to the largest"
+                   " scale point: " + ", ".join(f"{k} {v}x" for k, v in growth.items())
+                   + "; the rest of each host's cost is its sshd and probes, which on this lab"
+                   " share the runner's cores")
     if "fanout" in m and not {"error", "skipped"} & set(m["fanout"]) and not m["fanout"]["cli"]:
         out.append("fan-out was measured in-process: `fab run` (fabfile/adhoc.py) does not"
                    " exist yet")
@@ -582,6 +590,18 @@ def notes(results: dict) -> list[str]:
     for name, res in m.items():
         if "error" in res:
             out.append(f"{name}: failed: {res['error'].splitlines()[0]}")
+    return out
+
+
+def client_cpu_growth(points: dict) -> dict[str, float]:
+    """Metric -> the client CPU time at the largest scale point over the smallest."""
+    sizes = sorted(points, key=int)
+    out = {}
+    for metric in ("noop_site", "status", "fanout"):
+        first, last = (points[sizes[0]].get(f"{metric}_cpu_s"),
+                       points[sizes[-1]].get(f"{metric}_cpu_s")) if len(sizes) >= 2 else (0, 0)
+        if first and last:
+            out[metric] = round(last / first, 2)
     return out
 
 
@@ -692,10 +712,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab_ops.down()
     results["total_s"] = round(time.monotonic() - started, 1)
     results["machine"]["load_avg_at_end"] = os.getloadavg()
-    results["notes"] = notes(results)
     results.update(scale.summary(m, SCALE_SIZES))  # the fixed names, at the top level
     results["targets"] = scale.check_targets(results)
     results["missed"] = [t["name"] for t in results["targets"] if t["met"] is False]
+    results["notes"] = notes(results)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -707,10 +727,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    verdict(t["met"])) for t in results["targets"]],
                  ("target", "value", "limit", "verdict")))
     print(f"missed: {', '.join(results['missed']) or 'none'}")
-    print("\nscale curve (seconds; fan-out = `fab run --tier app -- true`):")
-    print(render([(n, p["noop_site_s"], p["status_s"], p["fanout_s"])
+    print("\nscale curve (seconds; fan-out = `fab run --tier app -- true`; client CPU = the"
+          " fab process's own CPU time):")
+    print(render([(n, p["noop_site_s"], p["status_s"], p["fanout_s"], p.get("noop_site_cpu_s"),
+                   p.get("status_cpu_s"), p.get("fanout_cpu_s"))
                   for n, p in results["scale"].items()],
-                 ("app hosts", "no-op site", "status", "fan-out")))
+                 ("app hosts", "no-op site", "status", "fan-out", "client CPU: no-op site",
+                  "status", "fan-out")))
     print(f"status {results['status_s']} s, rolling over {max(SCALE_SIZES)} hosts (batch"
           f" {ROLLING_BATCH}) {results['rolling_s']} s, lab memory per host"
           f" {results['lab_mem_per_host_mb']} MB")

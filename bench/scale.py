@@ -85,6 +85,8 @@ def scale_point(inventory: Path, budget: Budget, runs: int = 3) -> dict:
               for _ in range(runs)]
     return {"noop_site_s": round(median([r.seconds for r in noop]), 3),
             "status_s": round(median([r.seconds for r in status]), 3),
+            "noop_site_cpu_s": round(median([r.cpu_s for r in noop]), 3),
+            "status_cpu_s": round(median([r.cpu_s for r in status]), 3),
             "round_trips_max": max(noop[-1].round_trips().values()), "settled_s": settled}
 
 
@@ -150,8 +152,12 @@ def summary(m: dict, sizes: tuple[int, ...]) -> dict:
     for n in sizes:
         point = m.get(f"scale_{n}") or {}
         if "noop_site_s" in point:
+            # The *_cpu_s: the fab process's own CPU time (the client's share of the curve).
             scale_[str(n)] = {"noop_site_s": point["noop_site_s"], "status_s": point["status_s"],
-                              "fanout_s": fanout.get(str(n))}
+                              "fanout_s": fanout.get(str(n)),
+                              "noop_site_cpu_s": point.get("noop_site_cpu_s"),
+                              "status_cpu_s": point.get("status_cpu_s"),
+                              "fanout_cpu_s": (fanout_cli.get(str(n)) or {}).get("cpu_s")}
     starts = [v for v in (cli.get("list_s"), cli.get("inventory_check_s")) if v is not None]
     return {
         "first_site_s": _get(m, "first_site", "wall_s"),
