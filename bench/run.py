@@ -595,14 +595,8 @@ def notes(results: dict) -> list[str]:
 
 def client_cpu_growth(points: dict) -> dict[str, float]:
     """Metric -> the client CPU time at the largest scale point over the smallest."""
-    sizes = sorted(points, key=int)
-    out = {}
-    for metric in ("noop_site", "status", "fanout"):
-        first, last = (points[sizes[0]].get(f"{metric}_cpu_s"),
-                       points[sizes[-1]].get(f"{metric}_cpu_s")) if len(sizes) >= 2 else (0, 0)
-        if first and last:
-            out[metric] = round(last / first, 2)
-    return out
+    found = {m: scale.growth(points, f"{m}_cpu_s") for m in ("noop_site", "status", "fanout")}
+    return {m: g for m, g in found.items() if g is not None}
 
 
 # --------------------------------------------------------------------------------------

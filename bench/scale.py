@@ -174,6 +174,15 @@ def summary(m: dict, sizes: tuple[int, ...]) -> dict:
     }
 
 
+def growth(points: dict, metric: str) -> float | None:
+    """``metric`` at the largest scale point over the smallest (None: not measured)."""
+    sizes = sorted(points, key=int)
+    if len(sizes) < 2:
+        return None
+    first, last = points[sizes[0]].get(metric), points[sizes[-1]].get(metric)
+    return round(last / first, 2) if first and last else None
+
+
 def check_targets(s: dict) -> list[dict]:
     """Every target with its value and verdict (None: not measured)."""
     out = []
@@ -183,9 +192,7 @@ def check_targets(s: dict) -> list[dict]:
                     "met": None if v is None else v <= limit})
     sizes = sorted(s["scale"], key=int)
     for metric in ("noop_site_s", "status_s", "fanout_s"):
-        pts = [s["scale"][n].get(metric) for n in sizes] if len(sizes) >= 2 else []
-        ratio = (round(pts[-1] / pts[0], 2) if len(pts) >= 2 and pts[0] and pts[-1]
-                 else None)
+        ratio = growth(s["scale"], metric)
         out.append({"name": f"scale.{metric} {sizes[0] if sizes else '?'}->"
                             f"{sizes[-1] if sizes else '?'} hosts",
                     "value": ratio, "target": f"<= {MAX_GROWTH:g}x",
