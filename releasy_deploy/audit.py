@@ -15,11 +15,14 @@ import socket
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
+from .commands.shell_read import copy_stdin
+
 AUDIT_DIR = "/var/log/releasy-deploy"
 AUDIT_LOG = f"{AUDIT_DIR}/audit.log"
 
-# The record arrives on stdin: nothing of it is in the command line.
-_APPEND = ('umask 027; mkdir -p "$1" && cat >> "$2"')
+# The record arrives on stdin: nothing of it is in the command line. One line, appended by
+# the shell itself (no mkdir or cat process once the directory is there).
+_APPEND = f'umask 027; [ -d "$1" ] || mkdir -p "$1" || exit; {copy_stdin()} >> "$2"'
 
 
 def operator_identity() -> str:

@@ -11,18 +11,20 @@ that code (``tiers/app_facts.py: ReleasyReady``, ``schema.py: SchemaLevel``, ...
 registered anywhere: a caller imports the class it reads.
 
 Facts of one kind can share a command: a class whose ``batch`` is set (`Batch`) is read
-with one `stat`, one `dpkg-query` or one `systemctl show` for all of a script's facts of
-that kind, and ``batch.split`` hands each fact its own part. A fact read alone is a batch
-of one, so its ``parse`` always sees the same shape.
+with one `stat`, one `sha256sum`, one `dpkg-query` or one `systemctl show` for all of a
+script's facts of that kind, and ``batch.split`` hands each fact its own part. A fact read
+alone is a batch of one, so its ``parse`` always sees the same shape.
 """
 from __future__ import annotations
 
+import re
 import secrets as _random
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .commands.shell_read import print_text
 from .commands.systemd import parse_show, show_with_main_exe_shell, split_main_exes
 from .errors import DeployError, UnreachableError
 from .executor import HostConnection
@@ -222,7 +224,7 @@ class OsRelease(Fact):
     """/etc/os-release as {KEY: value} ({} when unreadable)."""
 
     def shell(self) -> str:
-        return "cat /etc/os-release"
+        return print_text("/etc/os-release")
 
     def parse(self, out: str, code: int) -> dict[str, str]:
         result: dict[str, str] = {}
@@ -384,15 +386,49 @@ class ServiceEnabled(Fact):
         return parse_show(out).get("UnitFileState") or None
 
 
+class _Sha256Batch(Batch):
+    """One ``sha256sum`` for every path that is a regular file (symlinks followed). A line
+    "y" or "n" per path says which are, then sha256sum's records follow, in order: "HASH  PATH"
+    ended by a NUL (``-z`` also leaves the path unescaped), so a record is matched to its
+    path by its ending. A path that is not a regular file gets exit code 3; one that
+    sha256sum could not read has no record and gets 1."""
+
+    _HASH = re.compile(r"[0-9a-f]{64}(  | \*)")
+
+    def shell(self, facts: Sequence[Fact]) -> str:
+        lines = ["set --"]
+        for fact in facts:
+            q = shlex.quote(fact.path)  # type: ignore[attr-defined]
+            lines.append(f'if [ -f {q} ]; then set -- "$@" {q}; echo y; else echo n; fi')
+        lines.append('[ "$#" -eq 0 ] || sha256sum -z -- "$@"')
+        return "\n".join(lines)
+
+    def split(self, facts: Sequence[Fact], out: str, code: int) -> list[tuple[str, int]]:
+        flags = out[:2 * len(facts)]
+        if flags.replace("y\n", "").replace("n\n", "") or len(flags) != 2 * len(facts):
+            raise ValueError(f"the sha256 probe printed {out[:80]!r}")
+        parts, pos = [], len(flags)
+        for fact, flag in zip(facts, flags[::2]):
+            record = self._HASH.match(out, pos)
+            tail = fact.path + "\0"  # type: ignore[attr-defined]
+            if flag == "n":
+                parts.append(("", 3))
+            elif record and out.startswith(tail, record.end()):
+                parts.append((out[pos:pos + 64], 0))
+                pos = record.end() + len(tail)
+            else:  # no record: sha256sum could not read it
+                parts.append(("", 1))
+        if pos != len(out):
+            raise ValueError(f"sha256sum printed what no path asked for: {out[pos:pos + 80]!r}")
+        return parts
+
+
 @dataclass(frozen=True)
 class FileSha256(Fact):
     """sha256 of a regular file, or None when it is not one."""
 
     path: str
-
-    def shell(self) -> str:
-        q = shlex.quote(self.path)
-        return f"[ -f {q} ] || exit 3; sha256sum < {q}"
+    batch = _Sha256Batch()
 
     def parse(self, out: str, code: int) -> str | None:
         return out.split()[0] if code == 0 and out.strip() else None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from .commands import app as appcmd
 from .commands.pg_sql import psql_stdin_shell
+from .commands.shell_read import read_first_word
 from .errors import BadInput, DeployError
 from .facts import Fact, read_fact
 from .inventory import VERSION_RE, Host, Inventory, check_version
@@ -139,7 +140,8 @@ def read_level(session) -> int:
 RECORDED_PROBE = f"""cd {shlex.quote(appcmd.RELEASES_DIR)} 2>/dev/null || exit 0
 for f in */{SCHEMA_FILE}; do
   [ -f "$f" ] || continue
-  printf '%s %s\\n' "${{f%%/*}}" "$(head -c 32 "$f" | tr -d '\\n')"
+  {read_first_word("level", '"$f"')}
+  printf '%s %s\\n' "${{f%%/*}}" "$level"
 done"""
 
 

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..inventory import VERSION_RE, Host, Inventory
 from ..templates import render_template
+from .shell_read import read_first_word
 from .systemd import ENV_NAME_RE, check_unit, daemon_reload_argv, env_assignment, systemctl
 
 # -------------------------------------------------------------------------- layout
@@ -424,7 +425,7 @@ if t=$(readlink current); then printf 'current %s\\n' "$t"; fi
 for d in releases/*/; do
   [ -d "$d" ] || continue
   v=${{d#releases/}}; v=${{v%/}}
-  sum=$(head -c 64 "${{d}}{MARKER}" 2>/dev/null) || sum=
+  {read_first_word("sum", f'"${{d}}{MARKER}"')}
   if [ -x "${{d}}{BINARY_NAME}" ] && [ -f "${{d}}{BINARY_NAME}" ]; then bin=yes; else bin=no; fi
   printf 'release %s %s %s\\n' "$v" "${{sum:--}}" "$bin"
 done"""

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import shlex
 
+from .shell_read import print_text
+
 __all__ = ["APT_PROXY_CONF", "APT_PROXY_PROBE", "apt_proxy_conf", "remove_argv"]
 
 APT_PROXY_CONF = "/etc/apt/apt.conf.d/80releasy-egress-proxy"
-APT_PROXY_PROBE = f"cat -- {shlex.quote(APT_PROXY_CONF)}"
+APT_PROXY_PROBE = print_text(shlex.quote(APT_PROXY_CONF))
 
 
 def apt_proxy_conf(url: str | None) -> bytes | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import app as appcmd
+from .shell_read import print_lines_starting, print_text
 
 KEPT_DIR = "/etc/releasy-deploy"
 KEPT_FILE = f"{KEPT_DIR}/secrets.json"
@@ -40,13 +41,13 @@ if [ -L "$d" ] || {{ [ -e "$d" ] && [ ! -d "$d" ]; }}; then echo "state: bad-dir
 elif [ -L "$f" ] || {{ [ -e "$f" ] && [ ! -f "$f" ]; }}; then echo "state: bad-file"
 elif [ -f "$f" ]; then
   printf 'state: %s %s %s %s\n' $(stat -c '%U:%G %a' -- "$d" "$f")
-  cat -- "$f"
+  {print_text('"$f"')}
 elif [ -d "$d" ]; then echo "state: $(stat -c '%U:%G %a' -- "$d") absent"
 else echo "state: absent"
 fi
 echo {_MARK}
 if [ -f "$e" ] && [ ! -L "$e" ]; then
-  grep -E '^(RELEASY_ADMIN_API_KEY|RELEASY_API_KEY_PEPPER|RELEASY_ARTIFACT_ACCESS_KEY|RELEASY_ARTIFACT_SECRET_KEY)=' -- "$e" || true
+  {print_lines_starting('"$e"', [f"{name}=" for name in VARIABLES.values()])}
 fi
 """
 

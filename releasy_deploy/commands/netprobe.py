@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shlex
 import sys
 
+from .shell_read import print_text
 from .ufw import Address
 
 __all__ = [
@@ -37,9 +39,10 @@ done
 exit 1"""
 LISTENERS_PROBE = "ss -ltnH"
 # resolv.conf, then systemd-resolved's upstreams (for when resolv.conf points at its stub).
-RESOLVERS_PROBE = ("cat /etc/resolv.conf; echo; echo @resolved;"
-                   " cat /run/systemd/resolve/resolv.conf")
-IPV6_PROBE = "ip -6 -o addr show scope global"
+RESOLVERS_PROBE = (f"{print_text('/etc/resolv.conf')}; echo; echo @resolved;"
+                   f" {print_text('/run/systemd/resolve/resolv.conf')}")
+# The kernel's own list (no `ip` process); absent when IPv6 is off.
+IPV6_PROBE = print_text("/proc/net/if_inet6")
 
 
 def resolve_shell(name: str) -> str:
@@ -120,15 +123,14 @@ def parse_getent_hosts(text: str) -> tuple[Address, ...]:
 
 
 def parse_ipv6_addresses(text: str) -> tuple[ipaddress.IPv6Address, ...]:
-    """``ip -6 -o addr show scope global`` -> the host's global IPv6 addresses."""
+    """/proc/net/if_inet6 -> the host's global IPv6 addresses (what ``ip -6 addr show scope
+    global`` lists). Each line: the address as 32 hex digits, the interface index, the prefix
+    length, the scope (00: global), flags, the interface name."""
     found = []
     for line in text.splitlines():
         words = line.split()
-        if "inet6" in words:
-            value = words[words.index("inet6") + 1].split("/", 1)[0]
-            ip = ip_literal(value)
-            if isinstance(ip, ipaddress.IPv6Address):
-                found.append(ip)
+        if len(words) == 6 and words[3] == "00" and re.fullmatch(r"[0-9a-fA-F]{32}", words[0]):
+            found.append(ipaddress.IPv6Address(int(words[0], 16)))
     return tuple(dict.fromkeys(found))
 
 

@@ -17,6 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from .shell_read import has_line_starting
 from .ufw_state import UFW_DEFAULTS
 
 __all__ = [
@@ -33,10 +34,12 @@ MANAGED_TAG = "releasy"
 _ACTIONS = ("allow", "deny", "reject", "limit")
 
 UFW_RULES, UFW_RULES6 = "/etc/ufw/user.rules", "/etc/ufw/user6.rules"
-# The rules added to ufw: user.rules, and user6.rules when ufw filters IPv6; ufw not
-# installed: exit 3.
-RULES_PROBE = (f"[ -f {UFW_RULES} ] || exit 3; cat -- {UFW_RULES} &&"
-               f" if ! grep -qi '^IPV6=no' {UFW_DEFAULTS}; then cat -- {UFW_RULES6}; fi")
+# The rules added to ufw: user.rules, and user6.rules when ufw filters IPv6 (one `cat`:
+# these files grow with the fleet); ufw not installed: exit 3.
+_IPV6_OFF = has_line_starting(UFW_DEFAULTS, "IPV6=no", ignore_case=True)
+RULES_PROBE = (f"[ -f {UFW_RULES} ] || exit 3\n"
+               f"if {_IPV6_OFF}; then cat -- {UFW_RULES}\n"
+               f"else cat -- {UFW_RULES} {UFW_RULES6}; fi")
 
 
 # --------------------------------------------------------------------------- planned rules

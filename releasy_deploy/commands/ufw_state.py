@@ -3,15 +3,18 @@ whether it filters IPv6. The files that hold them, the shells that read them, an
 parsers of those files and of ``ufw status`` (pure).
 
 ufw's own files are read, not the `ufw` command: each ``ufw status`` starts Python (~0.25 s
-per host on a busy machine), a ``cat`` costs nothing. ``ufw status verbose``/``numbered``
-list the IPv6 twin of an "Anywhere" rule as a separate "(v6)" row; `parse_status` folds it
-back into one row with both families. Output is read with ``LANG=C``.
+per host on a busy machine), while the shell prints these small files with its builtins
+(`shell_read`). ``ufw status verbose``/``numbered`` list the IPv6 twin of an "Anywhere" rule
+as a separate "(v6)" row; `parse_status` folds it back into one row with both families.
+Output is read with ``LANG=C``.
 """
 from __future__ import annotations
 
 import ipaddress
 import re
 from dataclasses import dataclass, field
+
+from .shell_read import print_text
 
 __all__ = [
     "UFW_CONF", "UFW_DEFAULTS", "CONF_PROBE", "DEFAULTS_PROBE", "StatusRow", "UfwStatus",
@@ -20,9 +23,9 @@ __all__ = [
 
 UFW_CONF, UFW_DEFAULTS = "/etc/ufw/ufw.conf", "/etc/default/ufw"
 # Enabled, logging and the default policies; ufw not installed: exit 3.
-CONF_PROBE = (f"[ -f {UFW_CONF} ] || exit 3; cat -- {UFW_CONF} && echo @defaults &&"
-              f" cat -- {UFW_DEFAULTS}")
-DEFAULTS_PROBE = f"cat {UFW_DEFAULTS}"
+CONF_PROBE = (f"[ -f {UFW_CONF} ] || exit 3; {print_text(UFW_CONF)} && echo @defaults &&"
+              f" {print_text(UFW_DEFAULTS)}")
+DEFAULTS_PROBE = print_text(UFW_DEFAULTS)
 # What `ufw default` takes, by the policy names /etc/default/ufw stores.
 _POLICY_NAMES = {"DROP": "deny", "ACCEPT": "allow", "REJECT": "reject"}
 

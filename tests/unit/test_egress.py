@@ -263,9 +263,15 @@ def test_getent_and_ip_outputs():
     getent = ("192.0.2.80      STREAM s3.example.com\n192.0.2.80      DGRAM  \n"
               "192.0.2.80      RAW    \n2001:db8::80    STREAM \n")
     assert netprobe.parse_getent_hosts(getent) == (addr("192.0.2.80"), addr("2001:db8::80"))
-    ip6 = ("83: eth0    inet6 fd77:0:16::21/64 scope global nodad \\       valid_lft forever "
-           "preferred_lft forever\n")
-    assert netprobe.parse_ipv6_addresses(ip6) == (addr("fd77:0:16::21"),)
+    if_inet6 = ("fe8000000000000000770afffe4d2a15 1c50 40 20 80     eth0\n"
+                "00000000000000000000000000000001 01 80 10 80       lo\n"
+                "fd770000001600000000000000000021 1c50 40 00 82     eth0\n"
+                "20010db8000000000000000000000001 1c50 40 00 80     eth0\n"
+                "fd770000001600000000000000000021 1c51 40 00 82     eth1\n"
+                "not a line\n")
+    assert netprobe.parse_ipv6_addresses(if_inet6) == (addr("fd77:0:16::21"),
+                                                       addr("2001:db8::1"))
+    assert netprobe.parse_ipv6_addresses("") == ()
 
 
 def test_listener_argument():

@@ -145,7 +145,7 @@ def test_quoting_of_hostile_arguments_in_the_script():
     hostile = "/tmp/it's here; rm -rf /"
     script = build_facts_script([FileSha256(hostile)], "n0nce")
     assert "'/tmp/it'\"'\"'s here; rm -rf /'" in script
-    assert f"sha256sum < {shlex.quote(hostile)}" in script
+    assert f'set -- "$@" {shlex.quote(hostile)}' in script
 
 
 def _stubs(d: Path) -> dict[str, str]:
@@ -237,6 +237,39 @@ def test_facts_of_one_kind_share_one_command_and_each_gets_its_own_part(tmp_path
     # Alone, a fact is a batch of one: the same command, the same parse.
     assert read_fact(host, FileStat(str(odd)))["size"] == 2  # type: ignore[arg-type]
     assert read_fact(host, PackageVersion("dpkg")) == dpkg  # type: ignore[arg-type]
+
+
+def test_every_sha256_of_a_script_is_one_sha256sum_matched_by_path(tmp_path):
+    """Real sha256sum: records end with their path unescaped (``-z``), so odd names match;
+    not a regular file: None; a file sha256sum cannot read has no record: None too."""
+    odd, plain, gone = tmp_path / "odd\\na\nme  *x", tmp_path / "plain", tmp_path / "gone"
+    odd.write_bytes(b"no trailing newline")
+    plain.write_bytes(b"")
+    unreadable = tmp_path / "unreadable"
+    unreadable.write_bytes(b"x")
+    unreadable.chmod(0)
+    facts = [FileSha256(str(odd)), FileSha256(f"{tmp_path}/absent"), FileSha256(str(tmp_path)),
+             FileSha256(str(unreadable)), Arch(), FileSha256(str(plain)), FileSha256(str(gone))]
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    host = LocalHost()
+    values = read_facts(host, facts)  # type: ignore[arg-type]
+    assert host.scripts[0].count("sha256sum") == 1
+    assert values[FileSha256(str(odd))] == hashlib.sha256(b"no trailing newline").hexdigest()
+    assert values[FileSha256(str(plain))] == hashlib.sha256(b"").hexdigest()
+    assert values[FileSha256(f"{tmp_path}/absent")] is None
+    assert values[FileSha256(str(tmp_path))] is None and values[FileSha256(str(gone))] is None
+    # root reads a mode-0 file anyway; anyone else gets no record for it
+    expected = hashlib.sha256(b"x").hexdigest() if os.geteuid() == 0 else None
+    assert values[FileSha256(str(unreadable))] == expected
+    alone = read_fact(host, FileSha256(str(plain)))  # type: ignore[arg-type]
+    assert alone == hashlib.sha256(b"").hexdigest()
+    batch = FileSha256.batch
+    two = [FileSha256("/a"), FileSha256("/b")]
+    assert batch.split(two, "n\ny\n" + "0" * 64 + "  /b\0", 0) == [("", 3), ("0" * 64, 0)]
+    assert batch.split(two, "y\ny\n" + "0" * 64 + "  /b\0", 1) == [("", 1), ("0" * 64, 0)]
+    for bad in ("y\n", "y\nx\n", "n\nn\n" + "0" * 64 + "  /c\0"):
+        with pytest.raises(ValueError):
+            batch.split(two, bad, 0)
 
 
 def test_unit_facts_share_one_systemctl_show_and_read_their_own_properties():
