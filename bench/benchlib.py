@@ -90,6 +90,7 @@ class FabRun:
         self.events = events
         self.launched = 0.0  # epoch seconds when the process was started
         self.cpu_s = 0.0  # the fab process's own CPU time (user + system)
+        self.machine_cpu_s = 0.0  # the whole machine's busy CPU time meanwhile (every core)
 
     def startup_s(self) -> float | None:
         """From launching `fab` to its first SSH connection (needs trace=True): Python,
@@ -120,6 +121,7 @@ def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
         argv = [FAB, "-r", str(ROOT / "fabfile"), *args]
         launched = time.time()
         before = _children_cpu()
+        machine_before = cpu_busy_sample()[0]
         started = time.perf_counter()
         try:
             proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -127,6 +129,7 @@ def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"fab {' '.join(args)} did not finish within its deadline")
         seconds = time.perf_counter() - started
+        machine = (cpu_busy_sample()[0] - machine_before) / CLOCK_TICKS
         cpu = _children_cpu() - before
         events = ([json.loads(line) for line in log.read_text().splitlines() if line.strip()]
                   if log.exists() else [])
@@ -136,6 +139,7 @@ def fab(inventory: Path, *args: str, budget: Budget, timeout: float = 120,
     run = FabRun(args, proc, seconds, events)
     run.launched = launched
     run.cpu_s = cpu
+    run.machine_cpu_s = machine
     return run
 
 
@@ -151,6 +155,9 @@ def fab_tasks() -> set[str]:
     proc = subprocess.run([FAB, "-r", str(ROOT / "fabfile"), "--list"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     return {m.group(1) for m in re.finditer(r"^\s+([\w.-]+)", proc.stdout, re.MULTILINE)}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/stat's unit, per second
 
 
 def cpu_busy_sample() -> tuple[int, int]:

@@ -381,6 +381,7 @@ def measure_fanout(budget: Budget, use_cli: bool, reps: int = 7, cli_reps: int =
     if use_cli:
         walls: dict[int, list[float]] = {n: [] for n in FANOUT_SIZES}
         cpus: dict[int, list[float]] = {n: [] for n in FANOUT_SIZES}
+        machine: dict[int, list[float]] = {n: [] for n in FANOUT_SIZES}
         trips: dict[int, dict[str, int]] = {}
         startup = [fab(inventories[1], "inventory.check", budget=budget, timeout=60).seconds
                    for _ in range(2)]
@@ -390,10 +391,12 @@ def measure_fanout(budget: Budget, use_cli: bool, reps: int = 7, cli_reps: int =
                         timeout=60)
                 walls[n].append(r.seconds)
                 cpus[n].append(r.cpu_s)
+                machine[n].append(r.machine_cpu_s)
                 trips[n] = r.round_trips()
         result["cli"] = {
             str(n): {"wall_s": round(median(walls[n]), 3), "min_wall_s": round(min(walls[n]), 3),
-                     "cpu_s": round(median(cpus[n]), 3), "samples": len(walls[n]),
+                     "cpu_s": round(median(cpus[n]), 3),
+                     "machine_cpu_s": round(median(machine[n]), 2), "samples": len(walls[n]),
                      "max_round_trips_per_host": max(trips[n].values(), default=None)}
             for n in FANOUT_SIZES}
         result["cli_startup_s"] = round(median(startup), 3)
@@ -582,6 +585,17 @@ def notes(results: dict) -> list[str]:
                    " scale point: " + ", ".join(f"{k} {v}x" for k, v in growth.items())
                    + "; the rest of each host's cost is its sshd and probes, which on this lab"
                    " share the runner's cores")
+    busy = machine_busy(results.get("scale") or {})
+    if busy:
+        out.append("the whole machine's CPU time per run (every core: our client and the lab's"
+                   " hosts) from the smallest to the largest scale point: "
+                   + ", ".join(f"{k} {v['growth']}x" for k, v in busy.items())
+                   + "; at the largest point the cores were "
+                   + ", ".join(f"{v['busy']:.0%}" for v in busy.values())
+                   + " busy and our client's share of that CPU was "
+                   + ", ".join(f"{v['client_share']:.0%}" for v in busy.values())
+                   + (": with the cores saturated, the wall time follows the CPU the lab's"
+                      " hosts need" if min(v["busy"] for v in busy.values()) >= 0.9 else ""))
     if "fanout" in m and not {"error", "skipped"} & set(m["fanout"]) and not m["fanout"]["cli"]:
         out.append("fan-out was measured in-process: `fab run` (fabfile/adhoc.py) does not"
                    " exist yet")
@@ -597,6 +611,22 @@ def client_cpu_growth(points: dict) -> dict[str, float]:
     """Metric -> the client CPU time at the largest scale point over the smallest."""
     found = {m: scale.growth(points, f"{m}_cpu_s") for m in ("noop_site", "status", "fanout")}
     return {m: g for m, g in found.items() if g is not None}
+
+
+def machine_busy(points: dict) -> dict[str, dict]:
+    """Metric -> the machine's CPU growth over the scale curve and, at its largest point,
+    how busy the cores were and the client's share of that CPU."""
+    found = {}
+    largest = points.get(max(points, key=int)) if points else None
+    for m in ("noop_site", "status", "fanout"):
+        grown = scale.growth(points, f"{m}_machine_cpu_s")
+        machine, wall = (largest or {}).get(f"{m}_machine_cpu_s"), (largest or {}).get(f"{m}_s")
+        client = (largest or {}).get(f"{m}_cpu_s")
+        if grown is None or not machine or not wall or client is None:
+            continue
+        found[m] = {"growth": grown, "busy": machine / (wall * (os.cpu_count() or 1)),
+                    "client_share": client / machine}
+    return found
 
 
 # --------------------------------------------------------------------------------------
@@ -728,6 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   for n, p in results["scale"].items()],
                  ("app hosts", "no-op site", "status", "fan-out", "client CPU: no-op site",
                   "status", "fan-out")))
+    print("\nCPU time per run (seconds; machine = every core's busy time: our client and the"
+          " lab's hosts):")
+    print(render([(n, p.get("noop_site_machine_cpu_s"), p.get("status_machine_cpu_s"),
+                   p.get("fanout_machine_cpu_s")) for n, p in results["scale"].items()],
+                 ("app hosts", "machine: no-op site", "status", "fan-out")))
     print(f"status {results['status_s']} s, rolling over {max(SCALE_SIZES)} hosts (batch"
           f" {ROLLING_BATCH}) {results['rolling_s']} s, lab memory per host"
           f" {results['lab_mem_per_host_mb']} MB")

@@ -87,6 +87,8 @@ def scale_point(inventory: Path, budget: Budget, runs: int = 3) -> dict:
             "status_s": round(median([r.seconds for r in status]), 3),
             "noop_site_cpu_s": round(median([r.cpu_s for r in noop]), 3),
             "status_cpu_s": round(median([r.cpu_s for r in status]), 3),
+            "noop_site_machine_cpu_s": round(median([r.machine_cpu_s for r in noop]), 2),
+            "status_machine_cpu_s": round(median([r.machine_cpu_s for r in status]), 2),
             "round_trips_max": max(noop[-1].round_trips().values()), "settled_s": settled}
 
 
@@ -152,12 +154,17 @@ def summary(m: dict, sizes: tuple[int, ...]) -> dict:
     for n in sizes:
         point = m.get(f"scale_{n}") or {}
         if "noop_site_s" in point:
-            # The *_cpu_s: the fab process's own CPU time (the client's share of the curve).
+            # The *_cpu_s: the fab process's own CPU time (the client's share of the curve);
+            # *_machine_cpu_s: every core's busy time meanwhile (the client and the lab).
+            fan = fanout_cli.get(str(n)) or {}
             scale_[str(n)] = {"noop_site_s": point["noop_site_s"], "status_s": point["status_s"],
                               "fanout_s": fanout.get(str(n)),
                               "noop_site_cpu_s": point.get("noop_site_cpu_s"),
                               "status_cpu_s": point.get("status_cpu_s"),
-                              "fanout_cpu_s": (fanout_cli.get(str(n)) or {}).get("cpu_s")}
+                              "fanout_cpu_s": fan.get("cpu_s"),
+                              "noop_site_machine_cpu_s": point.get("noop_site_machine_cpu_s"),
+                              "status_machine_cpu_s": point.get("status_machine_cpu_s"),
+                              "fanout_machine_cpu_s": fan.get("machine_cpu_s")}
     starts = [v for v in (cli.get("list_s"), cli.get("inventory_check_s")) if v is not None]
     return {
         "first_site_s": _get(m, "first_site", "wall_s"),
