@@ -248,9 +248,9 @@ def test_every_sha256_of_a_script_is_one_sha256sum_matched_by_path(tmp_path):
     unreadable = tmp_path / "unreadable"
     unreadable.write_bytes(b"x")
     unreadable.chmod(0)
+    gone.symlink_to(tmp_path / "nowhere")
     facts = [FileSha256(str(odd)), FileSha256(f"{tmp_path}/absent"), FileSha256(str(tmp_path)),
              FileSha256(str(unreadable)), Arch(), FileSha256(str(plain)), FileSha256(str(gone))]
-    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     host = LocalHost()
     values = read_facts(host, facts)  # type: ignore[arg-type]
     assert host.scripts[0].count("sha256sum") == 1
