@@ -409,11 +409,12 @@ class _Sha256Batch(Batch):
             raise ValueError(f"the sha256 probe printed {out[:80]!r}")
         parts, pos = [], len(flags)
         for fact, flag in zip(facts, flags[::2]):
-            record = self._HASH.match(out, pos)
-            tail = fact.path + "\0"  # type: ignore[attr-defined]
             if flag == "n":
                 parts.append(("", 3))
-            elif record and out.startswith(tail, record.end()):
+                continue
+            record = self._HASH.match(out, pos)
+            tail = fact.path + "\0"  # type: ignore[attr-defined]
+            if record and out.startswith(tail, record.end()):
                 parts.append((out[pos:pos + 64], 0))
                 pos = record.end() + len(tail)
             else:  # no record: sha256sum could not read it
