@@ -596,6 +596,18 @@ def notes(results: dict) -> list[str]:
                    + ", ".join(f"{v['client_share']:.0%}" for v in busy.values())
                    + (": with the cores saturated, the wall time follows the CPU the lab's"
                       " hosts need" if min(v["busy"] for v in busy.values()) >= 0.9 else ""))
+    floor = results.get("ssh_floor")
+    if floor and floor["metrics"]:
+        names = {"noop_site_s": "no-op site", "status_s": "status", "fanout_s": "fan-out"}
+        parts = floor["metrics"].items()
+        out.append(
+            f"the SSH floor (our executor connecting to each app host and running `true`,"
+            f" in-process: no CLI, no reads) grew {floor['floor_growth_s']} s from"
+            f" {floor['from_hosts']} to {floor['to_hosts']} app hosts. <= {scale.MAX_GROWTH:g}x"
+            f" lets " + ", ".join(f"{names[k]} grow {v['allowed_growth_s']} s" for k, v in parts)
+            + "; they grew " + ", ".join(f"{v['growth_s']} s" for _, v in parts)
+            + ". The floor alone takes " + ", ".join(
+                f"{v['floor_share_of_allowed']:.0%}" for _, v in parts) + " of those budgets")
     if "fanout" in m and not {"error", "skipped"} & set(m["fanout"]) and not m["fanout"]["cli"]:
         out.append("fan-out was measured in-process: `fab run` (fabfile/adhoc.py) does not"
                    " exist yet")
@@ -738,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     results.update(scale.summary(m, SCALE_SIZES))  # the fixed names, at the top level
     results["targets"] = scale.check_targets(results)
+    results["ssh_floor"] = scale.floor_budget(
+        ((m.get("fanout") or {}).get("in_process") or {}), results["scale"])
     results["missed"] = [t["name"] for t in results["targets"] if t["met"] is False]
     results["notes"] = notes(results)
     out = Path(args.output)

@@ -190,6 +190,29 @@ def growth(points: dict, metric: str) -> float | None:
     return round(last / first, 2) if first and last else None
 
 
+def floor_budget(floor: dict, points: dict) -> dict | None:
+    """What the SSH floor takes of the growth budget. The floor is our executor connecting
+    to each app host and running `true`, in-process (no CLI start-up, no reads: the fan-out
+    measurement's ``in_process``, by host count). ``MAX_GROWTH`` lets each metric grow
+    from the smallest to the largest scale point by its value at the smallest times
+    ``MAX_GROWTH - 1``; the floor's own growth over the same points is part of that."""
+    sizes = sorted(points, key=int)
+    if len(sizes) < 2 or sizes[0] not in floor or sizes[-1] not in floor:
+        return None
+    lo, hi = sizes[0], sizes[-1]
+    grown = floor[hi]["wall_s"] - floor[lo]["wall_s"]
+    metrics = {}
+    for metric in ("noop_site_s", "status_s", "fanout_s"):
+        a, b = points[lo].get(metric), points[hi].get(metric)
+        if a and b:
+            allowed = a * (MAX_GROWTH - 1)
+            metrics[metric] = {"allowed_growth_s": round(allowed, 3),
+                               "growth_s": round(b - a, 3),
+                               "floor_share_of_allowed": round(grown / allowed, 2)}
+    return {"from_hosts": int(lo), "to_hosts": int(hi), "floor_growth_s": round(grown, 3),
+            "metrics": metrics}
+
+
 def check_targets(s: dict) -> list[dict]:
     """Every target with its value and verdict (None: not measured)."""
     out = []

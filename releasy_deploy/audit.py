@@ -2,7 +2,8 @@
 ended. One JSON object per line in AUDIT_LOG (root-only), one round trip per host, all
 hosts in parallel. Every task that changes a host appends one: the rollouts (with their
 versions, written by the runner and blue/green), and `task_entry` for the others (site,
-the setups, firewall.apply, db.restore, freeze/unfreeze, proxy.maintenance...).
+the setups, firewall.apply, db.restore, freeze/unfreeze, proxy.maintenance...), on the
+hosts `entry_hosts` picks.
 
 `fab audit` reads the logs back (read-only, no lock): every host's tail, the records of
 this environment, the copies of one record on several hosts shown once, newest first."""
@@ -48,6 +49,17 @@ def task_entry(action: str, environment: str, *, result: str, seconds: float,
     return record(action, environment, result=result, seconds=round(seconds, 1),
                   changed={h: n for h, n in changed.items() if n},
                   **{k: v for k, v in args.items() if v not in (None, False, (), [])})
+
+
+def entry_hosts(inventory, changed: Mapping[str, int], ok: bool) -> list:
+    """Where a `task_entry` goes: every host of the inventory, except for a run that ended
+    ok without changing anything, which is recorded on the database host only (where the
+    deploy lock lives). The trail still shows every run, and a no-op convergence (a
+    second `fab site`, a cron-driven check) costs the app hosts their read and nothing
+    more: their logs stay as they were."""
+    if ok and not any(changed.values()):
+        return [inventory.db_host]
+    return list(inventory.hosts)
 
 
 def append_argv() -> list[str]:

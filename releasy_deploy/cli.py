@@ -220,10 +220,12 @@ def _task_ended(s: _session.Session, audit_action: str | None,
     if audit_action and not s.dry_run and result != "refused":
         text = result if exc is None else f"{result}: {s.reporter.masker(first_line(exc))}"
         changed = {h: t.changed for h, t in s.reporter.tally().items()}
+        entry = _audit.task_entry(audit_action, s.inventory.environment, result=text,
+                                  seconds=time.monotonic() - started, changed=changed,
+                                  args=args or {})
         try:
-            _audit.write(s.executor, s.inventory.hosts, _audit.task_entry(
-                audit_action, s.inventory.environment, result=text,
-                seconds=time.monotonic() - started, changed=changed, args=args or {}))
+            _audit.write(s.executor, _audit.entry_hosts(s.inventory, changed, exc is None),
+                         entry)
         except DeployError as werr:
             s.reporter.error(s.inventory.environment,
                              f"audit record not written everywhere: {first_line(werr)}")

@@ -12,7 +12,7 @@ site --version 1.0.0`, shared by every test here (they run in file order):
   deploy.rollback --restore-db` sees 200s, then 503s carrying Retry-After (the page), then
   200s: never a 502; `fab proxy.maintenance --on/--off` by hand, idempotent;
 - audit: `fab audit` shows the records of the tasks above merged across hosts, newest
-  first, and reads only;
+  first (a run that changed nothing only from the database host), and reads only;
 - environments: `RELEASY_ENV=lab` with inventories/base.yaml + inventories/lab.yaml runs the
   real tasks on the lab; a bad value is reported with the file it came from.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.labtools import AUDIT_LOG, current, load_through_proxy, main_pids
+from tests.integration.labtools import audit_line_counts, current, load_through_proxy, main_pids
 from releasy_deploy.cli import session
 from releasy_deploy.lock import deploy_lock
 
@@ -55,8 +55,7 @@ def env_file(path: Path) -> dict[str, str]:
 
 
 def audit_lines(lab) -> dict[str, int]:
-    return {h: int(lab.sudo(h, "sh", "-c", f"wc -l < {AUDIT_LOG} 2>/dev/null || echo 0")
-                   .stdout.strip()) for h in HOSTS}
+    return audit_line_counts(lab, HOSTS)
 
 
 def lab_secrets(lab) -> list[str]:
@@ -221,10 +220,13 @@ def test_audit_trail_merges_every_task(lab):
     newest = records[0]
     assert newest["action"] == "firewall.apply" and newest["result"] == "ok"
     assert newest["by"] == f"{getpass.getuser()}@{socket.gethostname()}"
-    assert sorted(newest["hosts"]) == sorted(HOSTS)  # on every host, shown once
+    # The firewall was already as planned: a run that changed nothing is recorded on the
+    # database host only; one that changed hosts is on every host, shown once.
+    assert newest["changed"] == {} and newest["hosts"] == ["db1"], newest
     restore = next(r for r in records if r["action"] == "db.restore")
     assert restore["result"] == "ok" and DUMP_RE.fullmatch(restore["file"])
     assert restore["changed"]  # which hosts it changed, and how much
+    assert sorted(restore["hosts"]) == sorted(HOSTS), restore
     freeze = next(r for r in records if r["action"] == "deploy.freeze")
     assert freeze["reason"] == "audit trail test"
 

@@ -217,6 +217,24 @@ def test_task_entry_keeps_flags_and_changed_hosts_only():
     assert entry["on"] is True and "off" not in entry and "file" not in entry
 
 
+def test_a_run_that_changed_nothing_is_recorded_on_the_database_host_only(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    (tmp_path / "releases").mkdir()
+    (tmp_path / "inv.yaml").write_text(SPLIT)
+    inv = load_inventory(tmp_path / "inv.yaml")
+
+    def names(hosts):
+        return [h.name for h in hosts]
+
+    everyone = names(inv.hosts)
+    nothing = {"proxy1": 0, "app1": 0, "app2": 0, "db1": 0}
+    assert names(audit.entry_hosts(inv, nothing, ok=True)) == ["db1"]
+    assert names(audit.entry_hosts(inv, {}, ok=True)) == ["db1"]
+    # A change anywhere, or a run that did not end ok: every host keeps the record.
+    assert names(audit.entry_hosts(inv, {**nothing, "app2": 1}, ok=True)) == everyone
+    assert names(audit.entry_hosts(inv, nothing, ok=False)) == everyone
+
+
 # ------------------------------------------------------------------- maintenance page
 def test_maintenance_switch_script_is_idempotent(tmp_path):
     def run(on: bool) -> subprocess.CompletedProcess:
