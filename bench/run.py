@@ -621,19 +621,22 @@ def notes(results: dict) -> list[str]:
 
 def client_cpu_growth(points: dict) -> dict[str, float]:
     """Metric -> the client CPU time at the largest scale point over the smallest."""
-    found = {m: scale.growth(points, f"{m}_cpu_s") for m in ("noop_site", "status", "fanout")}
+    found = {m: scale.growth(points, f"{m}_cpu_s") for m in scale.CURVE_METRICS}
     return {m: g for m, g in found.items() if g is not None}
 
 
 def machine_busy(points: dict) -> dict[str, dict]:
     """Metric -> the machine's CPU growth over the scale curve and, at its largest point,
     how busy the cores were and the client's share of that CPU."""
-    found = {}
-    largest = points.get(max(points, key=int)) if points else None
-    for m in ("noop_site", "status", "fanout"):
+    found: dict[str, dict] = {}
+    ends = scale.curve_ends(points)
+    if ends is None:
+        return found
+    largest = points[ends[1]]
+    for m in scale.CURVE_METRICS:
         grown = scale.growth(points, f"{m}_machine_cpu_s")
-        machine, wall = (largest or {}).get(f"{m}_machine_cpu_s"), (largest or {}).get(f"{m}_s")
-        client = (largest or {}).get(f"{m}_cpu_s")
+        machine, wall = largest.get(f"{m}_machine_cpu_s"), largest.get(f"{m}_s")
+        client = largest.get(f"{m}_cpu_s")
         if grown is None or not machine or not wall or client is None:
             continue
         found[m] = {"growth": grown, "busy": machine / (wall * (os.cpu_count() or 1)),

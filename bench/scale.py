@@ -181,12 +181,22 @@ def summary(m: dict, sizes: tuple[int, ...]) -> dict:
     }
 
 
+# The scale curve's metrics, as their names start (``noop_site_s``, ``noop_site_cpu_s``...).
+CURVE_METRICS = ("noop_site", "status", "fanout")
+
+
+def curve_ends(points: dict) -> tuple[str, str] | None:
+    """The keys of the smallest and the largest scale point (None: fewer than two)."""
+    sizes = sorted(points, key=int)
+    return (sizes[0], sizes[-1]) if len(sizes) >= 2 else None
+
+
 def growth(points: dict, metric: str) -> float | None:
     """``metric`` at the largest scale point over the smallest (None: not measured)."""
-    sizes = sorted(points, key=int)
-    if len(sizes) < 2:
+    ends = curve_ends(points)
+    if ends is None:
         return None
-    first, last = points[sizes[0]].get(metric), points[sizes[-1]].get(metric)
+    first, last = points[ends[0]].get(metric), points[ends[1]].get(metric)
     return round(last / first, 2) if first and last else None
 
 
@@ -196,13 +206,13 @@ def floor_budget(floor: dict, points: dict) -> dict | None:
     measurement's ``in_process``, by host count). ``MAX_GROWTH`` lets each metric grow
     from the smallest to the largest scale point by its value at the smallest times
     ``MAX_GROWTH - 1``; the floor's own growth over the same points is part of that."""
-    sizes = sorted(points, key=int)
-    if len(sizes) < 2 or sizes[0] not in floor or sizes[-1] not in floor:
+    ends = curve_ends(points)
+    if ends is None or ends[0] not in floor or ends[1] not in floor:
         return None
-    lo, hi = sizes[0], sizes[-1]
+    lo, hi = ends
     grown = floor[hi]["wall_s"] - floor[lo]["wall_s"]
     metrics = {}
-    for metric in ("noop_site_s", "status_s", "fanout_s"):
+    for metric in (f"{m}_s" for m in CURVE_METRICS):
         a, b = points[lo].get(metric), points[hi].get(metric)
         if a and b:
             allowed = a * (MAX_GROWTH - 1)
@@ -221,7 +231,7 @@ def check_targets(s: dict) -> list[dict]:
         out.append({"name": name, "value": v, "target": f"<= {limit:g}",
                     "met": None if v is None else v <= limit})
     sizes = sorted(s["scale"], key=int)
-    for metric in ("noop_site_s", "status_s", "fanout_s"):
+    for metric in (f"{m}_s" for m in CURVE_METRICS):
         ratio = growth(s["scale"], metric)
         out.append({"name": f"scale.{metric} {sizes[0] if sizes else '?'}->"
                             f"{sizes[-1] if sizes else '?'} hosts",
